@@ -1,0 +1,1 @@
+"""Command-line layer of toptheta-export (installed as topthetaexport.cli)."""

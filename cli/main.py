@@ -1,0 +1,298 @@
+"""Command line: ``topθ-export MODEL --calib DATA -o OUT`` and one subcommand per stage."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from topthetaexport import __version__
+from topthetaexport._errors import TopThetaError
+
+console = Console(stderr=True)
+out_console = Console()
+
+HELP = """Top-θ sparse attention for ONNX Runtime.
+
+Main job (calibrate → export → rewrite → validate):
+
+    topθ-export MODEL --calib DATA -o OUT/
+
+MODEL is a local Hugging Face folder or a built-in alias (smollm2-135m, all-minilm-l6-v2).
+DATA is a .txt/.jsonl file, a folder of them, or builtin:pydoc (Python's own documentation).
+OUT/ receives model.onnx, thresholds.safetensors + thresholds.json, library.json and report.json.
+"""
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+
+K_OPT = typer.Option(64, "--k", help="target number of kept attention elements per row")
+SEQ_OPT = typer.Option(512, "--seq-len", help="calibration / evaluation window length in tokens")
+SAMPLES_OPT = typer.Option(16, "--samples", help="number of calibration windows")
+DENSE_OPT = typer.Option(2, "--dense-layers", help="number of first layers kept dense")
+COMP_OPT = typer.Option(1, "--comp-mode", help="compensation: 0 none, 1 softmax denominator (SDC), 2 SDC + V-mean")
+DEVICE_OPT = typer.Option("cpu", "--device", help="onnxruntime device: cpu, cuda or auto (cuda falls back to cpu with a warning)")
+
+
+def _progress() -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("[bold]{task.description:<10}"), BarColumn(),
+                    TextColumn("{task.fields[msg]}"), TimeElapsedColumn(), console=console, transient=False)
+
+
+class _StageBars:
+    """Maps (stage, message, fraction) callbacks onto one rich progress bar per stage."""
+
+    def __init__(self, progress: Progress, stages: list[str]):
+        self.p = progress
+        self.tasks = {s: progress.add_task(s, total=1.0, msg="", start=False) for s in stages}
+
+    def __call__(self, stage: str, msg: str, frac: float):
+        tid = self.tasks.get(stage)
+        if tid is None:
+            tid = self.tasks[stage] = self.p.add_task(stage, total=1.0, msg="")
+        self.p.start_task(tid)
+        self.p.update(tid, completed=max(0.0, min(1.0, frac)), msg=msg[:60])
+
+
+def _fmt(x, spec=".3g"):
+    return "n/a" if x is None else format(x, spec)
+
+
+def summary_table(report: dict) -> Table:
+    v = report.get("validation", report)
+    t = Table(title=f"Top-θ summary: {report.get('model', v.get('model', ''))}", show_lines=False)
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    ae = v.get("attention_elements", {})
+    if ae:
+        t.add_row("attention elements / row (dense)", _fmt(ae.get("dense_per_row"), ".1f"))
+        t.add_row("attention elements / row (Top-θ)", _fmt(ae.get("kept_per_row"), ".1f"))
+        t.add_row("reduction, all layers", f"{ae.get('reduction', 0):.2f}x")
+        t.add_row("reduction, sparse layers", f"{ae.get('sparse_layers_reduction', 0):.2f}x")
+    dec = v.get("decode")
+    if dec:
+        t.add_row("decode V rows read / step (dense)", _fmt(dec["v_rows_dense_per_step"], ".1f"))
+        t.add_row("decode V rows read / step (Top-θ)", _fmt(dec["v_rows_kept_per_step"], ".1f"))
+        t.add_row("decode V rows reduction", f"{dec['v_rows_reduction']:.2f}x")
+    par = v.get("parity")
+    if par:
+        t.add_row("parity max |Δ| vs PyTorch Top-θ", f"{par['max_abs_diff_vs_torch_toptheta']:.2e}"
+                  + (" ok" if par["pass"] else f" > {par['tolerance']:.0e}"))
+        t.add_row("max |Δ| vs PyTorch dense", f"{par['max_abs_diff_vs_torch_dense']:.2e}")
+    ppl = v.get("perplexity")
+    if ppl:
+        t.add_row("perplexity dense", f"{ppl['dense']:.3f}")
+        t.add_row("perplexity Top-θ (onnxruntime)", f"{ppl['toptheta_onnx']:.3f}")
+        t.add_row("accuracy delta (perplexity)", f"{100 * ppl['relative_change']:+.2f}%")
+    if "top1_agreement_vs_dense" in v:
+        t.add_row("top-1 agreement with dense", f"{100 * v['top1_agreement_vs_dense']:.2f}%")
+    if "embedding_cosine_vs_dense" in v:
+        t.add_row("embedding cosine vs dense (mean)", f"{v['embedding_cosine_vs_dense']['mean']:.5f}")
+    return t
+
+
+@app.command("pipeline", help="calibrate → export → rewrite → validate into OUT/ (the default command).")
+def pipeline_cmd(
+    model: str = typer.Argument(..., help="HF model folder or alias (smollm2-135m, all-minilm-l6-v2)"),
+    calib: str = typer.Option(..., "--calib", help="calibration text: .txt, .jsonl, folder, or builtin:pydoc"),
+    out: Path = typer.Option(..., "-o", "--out", help="output folder"),
+    k: int = K_OPT, seq_len: int = SEQ_OPT, samples: int = SAMPLES_OPT, dense_layers: int = DENSE_OPT,
+    comp_mode: int = COMP_OPT,
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="held-out text (default: later windows of --calib)"),
+    eval_windows: int = typer.Option(4, "--eval-windows", help="number of held-out windows to validate on"),
+    no_validate: bool = typer.Option(False, "--no-validate", help="skip validation"),
+    device: str = DEVICE_OPT,
+):
+    from topthetaexport.pipeline import run_pipeline
+
+    with _progress() as p:
+        bars = _StageBars(p, ["load", "calibrate", "export", "validate"])
+        report = run_pipeline(model, calib, out, k=k, seq_len=seq_len, num_samples=samples,
+                              dense_layers=dense_layers, comp_mode=comp_mode, eval_data=eval_data,
+                              eval_windows=eval_windows, do_validate=not no_validate, device=device,
+                              progress=bars)
+    out_console.print(summary_table(report))
+    out_console.print(f"wrote {out}/ ({', '.join(report['files'])})")
+
+
+@app.command("calibrate", help="Calibrate Top-θ thresholds in PyTorch; writes OUT/thresholds.{safetensors,json}.")
+def calibrate_cmd(
+    model: str = typer.Argument(..., help="HF model folder or alias"),
+    calib: str = typer.Option(..., "--calib", help="calibration text"),
+    out: Path = typer.Option(..., "-o", "--out", help="output folder for the thresholds"),
+    k: int = K_OPT, seq_len: int = SEQ_OPT, samples: int = SAMPLES_OPT, dense_layers: int = DENSE_OPT,
+):
+    from topthetaexport.calibrate import calibrate
+    from topthetaexport.models import load_model
+
+    loaded = load_model(model)
+    th = calibrate(loaded, calib, k=k, seq_len=seq_len, num_samples=samples, dense_layers=dense_layers,
+                   progress=True)
+    th.meta["model_path"] = model
+    path = th.save(out)
+    out_console.print(json.dumps(th.stats(), indent=2, default=str))
+    out_console.print(f"wrote {path}")
+
+
+@app.command("export", help="Export MODEL to a dense ONNX graph (opset 23 Attention nodes), the input of 'rewrite'.")
+def export_cmd(
+    model: str = typer.Argument(..., help="HF model folder or alias"),
+    out: Path = typer.Option(..., "-o", "--out", help="output .onnx file"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="decoder LMs: export without KV-cache inputs/outputs"),
+):
+    from topthetaexport.export import export_onnx
+    from topthetaexport.models import load_model
+
+    loaded = load_model(model)
+    with _progress() as p:
+        tid = p.add_task("export", total=1.0, msg="")
+        path = export_onnx(loaded, out, with_cache=False if no_cache else None,
+                           progress=lambda msg, frac: p.update(tid, completed=frac, msg=msg[:60]))
+    out_console.print(f"wrote {path}")
+
+
+@app.command("rewrite", help="Replace every attention block of a dense export by TopThetaAttention.")
+def rewrite_cmd(
+    dense: Path = typer.Argument(..., help="dense ONNX file from 'export'"),
+    thresholds: Path = typer.Option(..., "--thresholds", help="folder or .safetensors from 'calibrate'"),
+    out: Path = typer.Option(..., "-o", "--out", help="output .onnx file"),
+    comp_mode: int = COMP_OPT,
+):
+    from topthetaexport.rewrite import rewrite
+    from topthetaexport.thresholds import Thresholds
+
+    th = Thresholds.load(thresholds)
+    rep = rewrite(dense, th, out, comp_mode=comp_mode)
+    n = len(rep.get("layers", []))
+    out_console.print(f"rewrote {n} attention blocks into TopThetaAttention; wrote {out}")
+
+
+@app.command("validate", help="Parity, perplexity and measured sparsity of OUT/model.onnx in onnxruntime; writes OUT/report.json.")
+def validate_cmd(
+    out: Path = typer.Argument(..., help="folder written by topθ-export (model.onnx + thresholds)"),
+    data: str = typer.Option("builtin:pydoc", "--data", help="evaluation text"),
+    windows: int = typer.Option(4, "--windows", help="number of evaluation windows"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="window length (default: calibration length)"),
+    model: Optional[str] = typer.Option(None, "--model", help="PyTorch model (default: the one named in the thresholds)"),
+    device: str = DEVICE_OPT,
+):
+    from topthetaexport._io import write_json
+    from topthetaexport.validate import validate
+
+    with _progress() as p:
+        tid = p.add_task("validate", total=1.0, msg="")
+        rep = validate(out, model=model, data=data, num_windows=windows, seq_len=seq_len, device=device,
+                       progress=lambda msg, frac: p.update(tid, completed=frac, msg=msg[:60]))
+    report_path = out / "report.json"
+    full = json.loads(report_path.read_text()) if report_path.is_file() else {"model": rep["model"]}
+    full["validation"] = rep
+    write_json(report_path, full)
+    out_console.print(summary_table(full))
+    out_console.print(f"wrote {report_path}")
+
+
+@app.command("run", help="Greedy generation with OUT/model.onnx in onnxruntime (KV cache), printing kept-row stats.")
+def run_cmd(
+    out: Path = typer.Argument(..., help="folder written by topθ-export"),
+    prompt: str = typer.Option(..., "--prompt", help="prompt text"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
+    device: str = DEVICE_OPT,
+):
+    import numpy as np
+
+    from topthetaexport.pipeline import tokenizer_for
+    from topthetaexport.onnx_model import OnnxModel
+
+    tok = tokenizer_for(out)
+    om = OnnxModel(out / "model.onnx", device=device, with_kept=True)
+    ids = np.asarray(tok(prompt)["input_ids"], dtype=np.int64)[None, :]
+    stats = []
+
+    def on_step(step):
+        if step.output.shape[1] == 1:
+            stats.append(np.mean([k.mean() for k in step.kept.values()]))
+
+    new = om.generate(ids, max_new_tokens, eos_token_id=tok.eos_token_id, on_step=on_step)
+    out_console.print(prompt + tok.decode(new[0], skip_special_tokens=True))
+    if stats:
+        console.print(f"[dim]providers {om.providers}; mean V rows read per decode step: {np.mean(stats):.1f} "
+                      f"of {ids.shape[1] + len(stats) / 2:.0f} on average[/dim]")
+
+
+@app.command("inspect", help="Summarise an ONNX file or output folder: I/O, op counts, TopThetaAttention nodes.")
+def inspect_cmd(path: Path = typer.Argument(..., help=".onnx file or output folder"),
+                as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    from topthetaexport.graph_inspect import format_summary, summarize
+
+    target = path / "model.onnx" if path.is_dir() else path
+    info = summarize(target)
+    out_console.print(json.dumps(info, indent=2, default=str) if as_json else format_summary(info))
+
+
+@app.command("bench", help="Time TopThetaAttention against dense attention (ONNX Attention) in onnxruntime.")
+def bench_cmd(
+    device: str = DEVICE_OPT,
+    heads: int = typer.Option(8, "--heads"), kv_heads: int = typer.Option(2, "--kv-heads"),
+    head_dim: int = typer.Option(64, "--head-dim"),
+    seq: str = typer.Option("512,2048", "--seq", help="comma-separated context lengths"),
+    keep: float = typer.Option(0.125, "--keep", help="fraction of keys the thresholds keep"),
+    repeats: int = typer.Option(20, "--repeats"),
+):
+    from topthetaexport.bench import run_bench
+
+    rows = run_bench(device=device, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                     seqs=[int(s) for s in seq.split(",")], keep=keep, repeats=repeats)
+    t = Table(title=f"TopThetaAttention vs dense Attention ({device}), median of {repeats}")
+    for c in ("phase", "context", "dense ms", "Top-θ ms", "speed-up", "kept"):
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(r["phase"], str(r["context"]), f"{r['dense_ms']:.3f}", f"{r['toptheta_ms']:.3f}",
+                  f"{r['dense_ms'] / r['toptheta_ms']:.2f}x", f"{r['kept_fraction']:.3f}")
+    out_console.print(t)
+
+
+def _version_callback(value: bool):
+    if value:
+        out_console.print(f"toptheta-export {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                       help="print the version")):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {c.name for c in app.registered_commands}
+    if argv and argv[0] not in commands and not argv[0].startswith("-"):
+        argv = ["pipeline", *argv]  # topθ-export MODEL --calib DATA -o OUT
+    try:
+        app(args=argv, prog_name="topθ-export", standalone_mode=False)
+    except TopThetaError as e:
+        console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        return 2
+    except (typer.Exit, SystemExit) as e:
+        return int(getattr(e, "exit_code", getattr(e, "code", 0)) or 0)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            return e.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

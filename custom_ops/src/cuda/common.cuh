@@ -1,0 +1,185 @@
+// Device helpers shared by the TopThetaAttention CUDA kernels: element types, tensor-core MMA
+// (m16n8k16, fp32 accumulate), ldmatrix, cp.async, masks and per-row constants. Semantics: docs/op.md.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels.h"
+
+namespace toptheta {
+namespace cuda {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr unsigned kFull = 0xffffffffu;
+
+// ---- element types ------------------------------------------------------------------------
+
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+  static __device__ __forceinline__ float ToF(float x) { return x; }
+  static __device__ __forceinline__ float FromF(float x) { return x; }
+};
+
+template <>
+struct Elem<__half> {
+  static __device__ __forceinline__ float ToF(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half FromF(float x) { return __float2half_rn(x); }
+  // Two floats packed into one 32-bit register (low half = a).
+  static __device__ __forceinline__ uint32_t Pack(float a, float b) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+template <>
+struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ float ToF(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 FromF(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ uint32_t Pack(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+// ---- tensor cores -------------------------------------------------------------------------
+
+// D = A(16x16, row) * B(16x8, col) + D, fp32 accumulate.
+template <typename T>
+__device__ __forceinline__ void Mma16816(float* d, const uint32_t* a, const uint32_t* b);
+
+template <>
+__device__ __forceinline__ void Mma16816<__half>(float* d, const uint32_t* a, const uint32_t* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+template <>
+__device__ __forceinline__ void Mma16816<__nv_bfloat16>(float* d, const uint32_t* a, const uint32_t* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 b16 matrices; lane l gives the row address of matrix l/8, row l%8.
+__device__ __forceinline__ void LdMatrixX4(uint32_t* r, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t* r, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// 16-byte global -> shared copy; when `full` is false nothing is read and the 16 bytes are zeroed.
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool full) {
+  const int n = full ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ float Exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Byte offset of the 16-byte chunk `chunk` of row `row` in a tile of rows of CHUNKS chunks,
+// XOR-swizzled so that ldmatrix over 8 consecutive rows hits 8 different bank groups.
+template <int CHUNKS>
+__device__ __forceinline__ uint32_t Swz(int row, int chunk) {
+  return static_cast<uint32_t>((row * CHUNKS + (chunk ^ (row & 7))) * 16);
+}
+
+// ---- masks and per-row constants ----------------------------------------------------------
+
+// Reads one mask element; returns whether the key may be attended and sets the additive value.
+__device__ __forceinline__ bool MaskAt(const KernelArgs& a, const char* row, int64_t j, float* add) {
+  switch (a.mask_kind) {
+    case 1: *add = 0.f; return reinterpret_cast<const uint8_t*>(row)[j] != 0;
+    case 2:
+      if (a.dtype == 1) {
+        *add = __half2float(reinterpret_cast<const __half*>(row)[j]);
+        return *add > -65504.f;
+      }
+      if (a.dtype == 2) {
+        *add = __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(row)[j]);
+        return *add > -1e30f;
+      }
+      *add = reinterpret_cast<const float*>(row)[j];
+      return *add > -1e30f;
+    case 3: *add = reinterpret_cast<const float*>(row)[j]; return *add > -1e30f;
+    default: *add = 0.f; return true;
+  }
+}
+
+// Start of the mask row of (b, h, i) (element size folded in), or null without a mask.
+__device__ __forceinline__ const char* MaskRow(const KernelArgs& a, int64_t b, int64_t h, int64_t i) {
+  if (a.mask_kind == 0) return nullptr;
+  const int64_t esz = a.mask_kind == 1 ? 1 : (a.mask_kind == 2 && a.dtype != 0) ? 2 : 4;
+  return static_cast<const char*>(a.mask) + (b * a.mask_sb + h * a.mask_sh + i * a.mask_sq) * esz;
+}
+
+struct RowConst {
+  int64_t pos;  // row position r
+  float theta;
+  float rho;
+};
+
+__device__ __forceinline__ RowConst RowConstants(const KernelArgs& a, int64_t h, int64_t i) {
+  RowConst c;
+  c.pos = a.Ktot - a.Sq + i;
+  int64_t rr = c.pos < a.R - 1 ? c.pos : a.R - 1;
+  rr = rr < 0 ? 0 : rr;
+  c.theta = a.theta[h * a.R + rr];
+  c.rho = a.sdc ? a.sdc[h * a.R + rr] : 0.f;
+  return c;
+}
+
+// Final value of one row (docs/op.md): the compensation Dp from the counts, then
+// (N + Dp * vbar) / (Dk + Dp). `num` is N[d] and `vbar` the V mean (comp_mode 2) or null.
+struct RowFinal {
+  float inv;      // 1 / (Dk + Dp), 0 when the denominator is 0
+  float dp_inv;   // Dp / (Dk + Dp) when V-mean compensation applies, else 0
+};
+
+__device__ __forceinline__ RowFinal FinishRow(const KernelArgs& a, float dk, float m, float theta, float rho,
+                                              int n_kept, int n_valid) {
+  const int n_pruned = n_valid - n_kept;
+  float dp = 0.f;
+  if (a.comp_mode >= 1 && a.sdc != nullptr && n_pruned > 0) {
+    dp = static_cast<float>(n_pruned) * rho * (n_kept > 0 ? expf(theta - m) : 1.f);
+  }
+  const float den = dk + dp;
+  RowFinal f;
+  f.inv = den > 0.f ? 1.f / den : 0.f;
+  f.dp_inv = (a.comp_mode == 2 && dp > 0.f) ? dp * f.inv : 0.f;
+  return f;
+}
+
+}  // namespace cuda
+}  // namespace toptheta

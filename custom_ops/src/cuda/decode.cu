@@ -1,0 +1,373 @@
+// Decode kernels of TopThetaAttention: few query rows (the Hq/Hkv heads of one kv head times Sq <= 16
+// rows in all) against a long K/V cache. Split-K: a block owns one (batch, kv head, key range) and its
+// 4 warps take 16-key steps of that range in turn, each warp on its own (no block barriers):
+//   K step t (cp.async, 3 stages) -> S = Q K^T on tensor cores -> threshold, online softmax ->
+//   gather the V rows of step t that some row kept (cp.async; pruned rows are never read, their
+//   shared-memory rows are zero-filled) -> P·V of step t-1 (one step behind, to hide the gather).
+// Every warp writes a partial (m, l, n_kept, n_valid, O) per row; DecodeCombine merges the partials
+// of a row into the output (and the V mean of comp_mode 2, mean_pass = 1: all valid V rows, P = 1).
+#include "common.cuh"
+
+namespace toptheta {
+namespace cuda {
+namespace {
+
+constexpr int kWarps = kDecodeWarps;
+constexpr int kThreads = kWarps * 32;
+constexpr int kSub = kDecodeSubKeys;
+constexpr int kKStages = 3;
+constexpr int kVStages = 2;
+
+__device__ __forceinline__ float Rescale(float from, float to) {
+  return isfinite(to) ? Exp2((from - to) * kLog2e) : 1.f;
+}
+
+// Warp-level copy of 16 K or V rows (keys k0..k0+15) into a swizzled tile; rows whose bit in `rows`
+// is clear (or past Ktot) are zero-filled without reading memory.
+template <typename T, int D>
+__device__ __forceinline__ void LoadRows(const KernelArgs& a, const T* base, int64_t k0, uint32_t dst, uint32_t rows,
+                                         int lane) {
+  constexpr int CH = D / 8;
+#pragma unroll
+  for (int c = lane; c < kSub * CH; c += 32) {
+    const int r = c / CH, ch = c % CH;
+    const int64_t key = k0 + r;
+    const bool ok = ((rows >> r) & 1u) && key < a.Ktot;
+    CpAsync16(dst + Swz<CH>(r, ch), base + (ok ? key : 0) * D + ch * 8, ok);
+  }
+}
+
+template <typename T, int D, bool MASK>
+__global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
+  constexpr int CH = D / 8, KS = D / 16, NO = D / 8;
+  constexpr uint32_t kTileBytes = kSub * D * 2;
+  extern __shared__ __align__(128) unsigned char smem[];
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const int64_t split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  const bool mean = a.mean_pass != 0;
+  const int nrows = static_cast<int>(a.G * a.Sq);
+  const T* Kg = static_cast<const T*>(a.k) + (b * a.Hkv + kvh) * a.Ktot * D;
+  const T* Vg = static_cast<const T*>(a.v) + (b * a.Hkv + kvh) * a.Ktot * D;
+  const uint32_t wbase = SmemAddr(smem) + warp * (kKStages + kVStages) * kTileBytes;
+  const uint32_t vbase = wbase + kKStages * kTileBytes;
+
+  // Rows of this thread: local rows g and g + 8 (local row = head-in-group * Sq + query index).
+  int64_t pos[2], hq[2], qi[2];
+  float theta[2], rho[2];
+  bool row_ok[2];
+  const char* mrow[2];
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int rl = g + 8 * e;
+    row_ok[e] = rl < nrows;
+    hq[e] = kvh * a.G + (row_ok[e] ? rl / a.Sq : 0);
+    qi[e] = row_ok[e] ? rl % a.Sq : 0;
+    const RowConst rc = RowConstants(a, hq[e], qi[e]);
+    pos[e] = row_ok[e] ? rc.pos : -1;
+    theta[e] = !row_ok[e] ? INFINITY : (mean ? -INFINITY : rc.theta);
+    rho[e] = rc.rho;
+    mrow[e] = (MASK && row_ok[e]) ? MaskRow(a, b, hq[e], qi[e]) : nullptr;
+  }
+
+  uint32_t qf[KS][4];
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const T* p = static_cast<const T*>(a.q) + ((b * a.Hq + hq[e]) * a.Sq + qi[e]) * D + ks * 16 + 2 * t;
+      qf[ks][e] = row_ok[e] ? *reinterpret_cast<const uint32_t*>(p) : 0u;
+      qf[ks][2 + e] = row_ok[e] ? *reinterpret_cast<const uint32_t*>(p + 8) : 0u;
+    }
+  }
+
+  // This warp's key steps: block range [s_begin, s_end) of 16-key steps, warp w takes s_begin + w + 4i.
+  const int64_t nsub = (a.Ktot + kSub - 1) / kSub;
+  const int64_t per = (nsub + a.splits - 1) / a.splits;
+  const int64_t s_begin = split * per, s_end = min(nsub, s_begin + per);
+  const int64_t first = s_begin + warp;
+  const int steps = first < s_end ? static_cast<int>((s_end - first + kWarps - 1) / kWarps) : 0;
+  const int64_t min_pos = a.Ktot - a.Sq;  // smallest row position of the block
+
+  float o[NO][4];
+#pragma unroll
+  for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m[2] = {mean ? 0.f : theta[0], mean ? 0.f : theta[1]};
+  float mo[2] = {m[0], m[1]};  // reference max of o
+  float mp[2] = {m[0], m[1]};  // reference max of the pending P
+  float l[2] = {0.f, 0.f};
+  int nk[2] = {0, 0}, nv[2] = {0, 0};
+  uint32_t pend[4] = {0u, 0u, 0u, 0u};  // P of the pending step (A operand)
+  bool pending = false;
+
+  auto key0 = [&](int step) { return (first + static_cast<int64_t>(step) * kWarps) * kSub; };
+  auto pv = [&](int step) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (!mean) {
+        const float alpha = Rescale(mo[r], mp[r]);
+        mo[r] = mp[r];
+#pragma unroll
+        for (int n = 0; n < NO; ++n) {
+          o[n][2 * r] *= alpha;
+          o[n][2 * r + 1] *= alpha;
+        }
+      }
+    }
+    const uint32_t vb = vbase + (step % kVStages) * kTileBytes;
+#pragma unroll
+    for (int np = 0; np < NO / 2; ++np) {
+      uint32_t bf[4];
+      LdMatrixX4Trans(bf, vb + Swz<CH>(((lane >> 3) & 1) * 8 + (lane & 7), np * 2 + (lane >> 4)));
+      Mma16816<T>(o[2 * np], pend, bf);
+      Mma16816<T>(o[2 * np + 1], pend, bf + 2);
+    }
+  };
+
+  // Prologue: K of steps 0 and 1, with an empty group standing for "V of step -1".
+  if (steps > 0 && !mean) LoadRows<T, D>(a, Kg, key0(0), wbase, 0xffffu, lane);
+  CpAsyncCommit();
+  CpAsyncCommit();
+  if (steps > 1 && !mean) LoadRows<T, D>(a, Kg, key0(1), wbase + kTileBytes, 0xffffu, lane);
+  CpAsyncCommit();
+
+  for (int step = 0; step < steps; ++step) {
+    const int64_t k0 = key0(step);
+    CpAsyncWait<2>();  // K of this step
+    __syncwarp();
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    if (!mean) {
+      const uint32_t kb = wbase + (step % kKStages) * kTileBytes;
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        uint32_t bf[4];
+        LdMatrixX4(bf, kb + Swz<CH>((lane >> 4) * 8 + (lane & 7), ks * 2 + ((lane >> 3) & 1)));
+        Mma16816<T>(s[0], qf[ks], bf);
+        Mma16816<T>(s[1], qf[ks], bf + 2);
+      }
+    }
+
+    // Threshold test; bit c of `keys` = some row keeps key k0 + c.
+    const bool full = !MASK && k0 + kSub <= a.Ktot && (!a.causal || k0 + kSub - 1 <= min_pos);
+    uint32_t keys = 0;
+    float tmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1, c = n * 8 + 2 * t + (e & 1);
+        const int64_t j = k0 + c;
+        float x = s[n][e] * a.scale, add = 0.f;
+        bool valid = row_ok[r];
+        if (!full) {
+          valid = valid && j < a.Ktot && (!a.causal || j <= pos[r]);
+          if (MASK && valid) valid = MaskAt(a, mrow[r], j, &add);
+        }
+        x += add;
+        const bool kept = valid && (mean || x >= theta[r]);
+        nv[r] += valid;
+        nk[r] += kept;
+        s[n][e] = kept ? x : -INFINITY;
+        tmax[r] = fmaxf(tmax[r], s[n][e]);
+        keys |= static_cast<uint32_t>(kept) << c;
+      }
+    }
+    keys = __reduce_or_sync(kFull, keys);
+
+    uint32_t pnew[4] = {0u, 0u, 0u, 0u};
+    if (keys != 0) {
+      float ml[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        if (!mean) {
+          tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(kFull, tmax[r], 1));
+          tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(kFull, tmax[r], 2));
+          const float mn = fmaxf(m[r], tmax[r]);
+          l[r] *= Rescale(m[r], mn);
+          m[r] = mn;
+        }
+        ml[r] = isfinite(m[r]) ? m[r] * kLog2e : 0.f;
+      }
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const bool kept = s[n][e] != -INFINITY;
+          const float p = kept ? (mean ? 1.f : Exp2(fmaf(s[n][e], kLog2e, -ml[e >> 1]))) : 0.f;
+          l[e >> 1] += p;
+          s[n][e] = p;
+        }
+      }
+      pnew[0] = Elem<T>::Pack(s[0][0], s[0][1]);
+      pnew[1] = Elem<T>::Pack(s[0][2], s[0][3]);
+      pnew[2] = Elem<T>::Pack(s[1][0], s[1][1]);
+      pnew[3] = Elem<T>::Pack(s[1][2], s[1][3]);
+    }
+
+    __syncwarp();
+    if (keys != 0) LoadRows<T, D>(a, Vg, k0, vbase + (step % kVStages) * kTileBytes, keys, lane);
+    CpAsyncCommit();
+    if (step + 2 < steps && !mean) {
+      LoadRows<T, D>(a, Kg, key0(step + 2), wbase + ((step + 2) % kKStages) * kTileBytes, 0xffffu, lane);
+    }
+    CpAsyncCommit();
+
+    CpAsyncWait<3>();  // V of the previous step
+    __syncwarp();
+    if (pending) pv(step - 1);
+    pending = keys != 0;
+    if (pending) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pend[i] = pnew[i];
+      mp[0] = m[0];
+      mp[1] = m[1];
+    }
+  }
+  CpAsyncWait<0>();
+  __syncwarp();
+  if (pending) pv(steps - 1);
+
+  // Partial of this warp: o relative to m, l, counts.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float alpha = mean ? 1.f : Rescale(mo[r], m[r]);
+    l[r] += __shfl_xor_sync(kFull, l[r], 1);
+    l[r] += __shfl_xor_sync(kFull, l[r], 2);
+    nk[r] += __shfl_xor_sync(kFull, nk[r], 1);
+    nk[r] += __shfl_xor_sync(kFull, nk[r], 2);
+    nv[r] += __shfl_xor_sync(kFull, nv[r], 1);
+    nv[r] += __shfl_xor_sync(kFull, nv[r], 2);
+    if (!row_ok[r]) continue;
+    const int64_t row = (b * a.Hq + hq[r]) * a.Sq + qi[r];
+    const int64_t part = row * a.parts + split * kWarps + warp;
+    float* po = a.part_o + part * D;
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+      *reinterpret_cast<float2*>(po + n * 8 + 2 * t) = make_float2(o[n][2 * r] * alpha, o[n][2 * r + 1] * alpha);
+    }
+    if (t == 0) a.part_stats[part] = make_float4(m[r], l[r], __int_as_float(nk[r]), __int_as_float(nv[r]));
+  }
+}
+
+// One block per output row: merges the row's partials (and applies the compensation).
+constexpr int kCombineThreads = 128;
+
+__global__ void __launch_bounds__(kCombineThreads) CombineKernel(const KernelArgs a) {
+  extern __shared__ float w[];  // [parts] weights
+  __shared__ float red_f[kCombineThreads / 32];
+  __shared__ int red_k[kCombineThreads / 32], red_v[kCombineThreads / 32];
+  __shared__ float s_max;
+  const int64_t row = blockIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31, wid = tid / 32;
+  const float4* st = a.part_stats + row * a.parts;
+
+  float mx = -INFINITY;
+  for (int p = tid; p < a.parts; p += kCombineThreads) mx = fmaxf(mx, st[p].x);
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, o));
+  if (lane == 0) red_f[wid] = mx;
+  __syncthreads();
+  if (tid == 0) {
+    float r = -INFINITY;
+    for (int i = 0; i < kCombineThreads / 32; ++i) r = fmaxf(r, red_f[i]);
+    s_max = r;
+  }
+  __syncthreads();
+  const float M = s_max;
+
+  float dk = 0.f;
+  int nk = 0, nv = 0;
+  for (int p = tid; p < a.parts; p += kCombineThreads) {
+    const float4 v = st[p];
+    const float wp = isfinite(M) ? expf(v.x - M) : 1.f;
+    w[p] = wp;
+    dk += wp * v.y;
+    nk += __float_as_int(v.z);
+    nv += __float_as_int(v.w);
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    dk += __shfl_xor_sync(kFull, dk, o);
+    nk += __shfl_xor_sync(kFull, nk, o);
+    nv += __shfl_xor_sync(kFull, nv, o);
+  }
+  __syncthreads();
+  if (lane == 0) {
+    red_f[wid] = dk;
+    red_k[wid] = nk;
+    red_v[wid] = nv;
+  }
+  __syncthreads();
+  dk = 0.f;
+  nk = nv = 0;
+  for (int i = 0; i < kCombineThreads / 32; ++i) {
+    dk += red_f[i];
+    nk += red_k[i];
+    nv += red_v[i];
+  }
+
+  const int64_t D = a.Dv;
+  const float* po = a.part_o + row * a.parts * D;
+  if (a.mean_pass) {
+    const float inv = dk > 0.f ? 1.f / dk : 0.f;
+    for (int64_t d = tid; d < D; d += kCombineThreads) {
+      float n = 0.f;
+      for (int p = 0; p < a.parts; ++p) n = fmaf(w[p], po[p * D + d], n);
+      a.vbar[row * D + d] = n * inv;
+    }
+    return;
+  }
+  const int64_t i = row % a.Sq, h = (row / a.Sq) % a.Hq;
+  const RowConst rc = RowConstants(a, h, i);
+  const RowFinal f = FinishRow(a, dk, M, rc.theta, rc.rho, nk, nv);
+  for (int64_t d = tid; d < D; d += kCombineThreads) {
+    float n = 0.f;
+    for (int p = 0; p < a.parts; ++p) n = fmaf(w[p], po[p * D + d], n);
+    float x = n * f.inv;
+    if (f.dp_inv != 0.f) x = fmaf(f.dp_inv, a.vbar[row * D + d], x);
+    if (a.dtype == 2) {
+      static_cast<__nv_bfloat16*>(a.out)[row * D + d] = __float2bfloat16_rn(x);
+    } else {
+      static_cast<__half*>(a.out)[row * D + d] = __float2half_rn(x);
+    }
+  }
+  if (a.kept && tid == 0) a.kept[row] = nk;
+}
+
+template <typename T, int D, bool MASK>
+cudaError_t Run(const KernelArgs& a, cudaStream_t stream) {
+  constexpr int smem = kWarps * (kKStages + kVStages) * kSub * D * 2;
+  if (smem > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(DecodeKernel<T, D, MASK>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return e;
+  }
+  dim3 grid(static_cast<unsigned>(a.splits), static_cast<unsigned>(a.Hkv), static_cast<unsigned>(a.B));
+  DecodeKernel<T, D, MASK><<<grid, kThreads, smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t RunT(const KernelArgs& a, cudaStream_t stream) {
+  const bool mask = a.mask_kind != 0;
+  if (a.D == 64) return mask ? Run<T, 64, true>(a, stream) : Run<T, 64, false>(a, stream);
+  return mask ? Run<T, 128, true>(a, stream) : Run<T, 128, false>(a, stream);
+}
+
+}  // namespace
+
+cudaError_t LaunchDecode(const KernelArgs& a, cudaStream_t stream) {
+  return a.dtype == 2 ? RunT<__nv_bfloat16>(a, stream) : RunT<__half>(a, stream);
+}
+
+cudaError_t LaunchDecodeCombine(const KernelArgs& a, cudaStream_t stream) {
+  const size_t smem = static_cast<size_t>(a.parts) * sizeof(float);
+  if (smem > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(CombineKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+  }
+  const int64_t rows = a.B * a.Hq * a.Sq;
+  CombineKernel<<<static_cast<unsigned>(rows), kCombineThreads, smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace toptheta

@@ -1,0 +1,299 @@
+// Attribute reading, input validation and output allocation for TopThetaAttention (docs/op.md).
+#include "op_common.h"
+
+#include <cmath>
+#include <sstream>
+#include <type_traits>
+
+namespace toptheta {
+namespace {
+
+using Shape = std::vector<int64_t>;
+
+std::string ShapeStr(const Shape& s) {
+  std::ostringstream o;
+  o << "[";
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << "]";
+  return o.str();
+}
+
+const char* TypeName(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return "bfloat16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL: return "bool";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "float64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+    default: return "unsupported type";
+  }
+}
+
+// Builds "TopThetaAttention node 'x': <msg>" errors.
+class Checker {
+ public:
+  explicit Checker(const std::string& node) : prefix_(std::string(kOpName) + " node '" + node + "': ") {}
+
+  [[noreturn]] void Fail(const std::string& msg) const { throw OpError(prefix_ + msg); }
+  void Check(bool ok, const std::string& msg) const {
+    if (!ok) Fail(msg);
+  }
+
+ private:
+  std::string prefix_;
+};
+
+// Shape, type and data pointer of one (possibly absent) input.
+struct InputInfo {
+  bool present = false;
+  Shape shape;
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  const void* data = nullptr;
+};
+
+InputInfo GetInput(const Ort::KernelContext& ctx, size_t index) {
+  InputInfo r;
+  if (index >= ctx.GetInputCount()) return r;
+  Ort::ConstValue v = ctx.GetInput(index);
+  if (!v) return r;
+  auto info = v.GetTensorTypeAndShapeInfo();
+  r.present = true;
+  r.shape = info.GetShape();
+  r.type = info.GetElementType();
+  r.data = v.GetTensorRawData();
+  return r;
+}
+
+void* AllocOutput(const Ort::KernelContext& ctx, size_t index, const Shape& shape, bool required) {
+  if (index >= ctx.GetOutputCount()) return nullptr;
+  Ort::UnownedValue v = ctx.GetOutput(index, shape);
+  if (!v) {
+    if (required) throw OpError(std::string(kOpName) + ": could not allocate output " + std::to_string(index));
+    return nullptr;
+  }
+  return v.GetTensorMutableRawData();
+}
+
+void CheckRank(const Checker& c, const InputInfo& in, const char* name, size_t rank, const char* layout) {
+  c.Check(in.shape.size() == rank, std::string(name) + " must be " + layout + ", got shape " + ShapeStr(in.shape));
+}
+
+void CheckType(const Checker& c, const InputInfo& in, const char* name, ONNXTensorElementDataType want) {
+  c.Check(in.type == want, std::string(name) + " must be " + TypeName(want) + ", got " + TypeName(in.type));
+}
+
+// Fills the mask fields of p from input 4 (absent, [B, Ktot], or 4-D broadcastable to [B, Hq, Sq, Ktot]).
+void ParseMask(const Checker& c, const InputInfo& m, DType dtype, AttnParams& p) {
+  if (!m.present) return;
+  if (m.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL) {
+    p.mask_kind = MaskKind::kBool;
+  } else if (m.type == OnnxType(dtype)) {
+    p.mask_kind = MaskKind::kAdditive;
+  } else if (m.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+    p.mask_kind = MaskKind::kAdditiveF32;
+  } else {
+    c.Fail(std::string("attn_mask must be bool, float32 or the query type (") + TypeName(OnnxType(dtype)) +
+           "), got " + TypeName(m.type));
+  }
+  const Shape& s = m.shape;
+  const std::string want = "[B, Ktot] = [" + std::to_string(p.B) + ", " + std::to_string(p.Ktot) +
+                           "] or 4-D broadcastable to [B, Hq, Sq, Ktot] = [" + std::to_string(p.B) + ", " +
+                           std::to_string(p.Hq) + ", " + std::to_string(p.Sq) + ", " + std::to_string(p.Ktot) + "]";
+  auto fits = [](int64_t d, int64_t full) { return d == full || d == 1; };
+  if (s.size() == 2) {
+    c.Check(fits(s[0], p.B) && s[1] == p.Ktot, "attn_mask shape " + ShapeStr(s) + " does not fit: expected " + want);
+    p.mask_sb = s[0] == 1 ? 0 : p.Ktot;
+    p.mask_sh = p.mask_sq = 0;
+  } else if (s.size() == 4) {
+    c.Check(fits(s[0], p.B) && fits(s[1], p.Hq) && fits(s[2], p.Sq) && s[3] == p.Ktot,
+            "attn_mask shape " + ShapeStr(s) + " does not fit: expected " + want);
+    p.mask_sq = s[2] == 1 ? 0 : s[3];
+    p.mask_sh = s[1] == 1 ? 0 : s[2] * s[3];
+    p.mask_sb = s[0] == 1 ? 0 : s[1] * s[2] * s[3];
+  } else {
+    c.Fail("attn_mask must be " + want + ", got rank-" + std::to_string(s.size()) + " shape " + ShapeStr(s));
+  }
+  p.mask = m.data;
+}
+
+// Reads an optional attribute through the C API (absent: keeps *out).
+template <typename V>
+void OptionalAttr(const OrtKernelInfo* info, const char* name, V* out) {
+  const OrtApi& api = Ort::GetApi();
+  OrtStatus* st;
+  if constexpr (std::is_same_v<V, float>) {
+    st = api.KernelInfoGetAttribute_float(info, name, out);
+  } else {
+    st = api.KernelInfoGetAttribute_int64(info, name, out);
+  }
+  if (st) api.ReleaseStatus(st);
+}
+
+}  // namespace
+
+ONNXTensorElementDataType OnnxType(DType t) {
+  switch (t) {
+    case DType::kF16: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    case DType::kBF16: return ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
+    default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+}
+
+size_t ElementBytes(DType t) { return t == DType::kF32 ? 4 : 2; }
+
+OpAttributes ReadAttributes(const OrtKernelInfo* info) {
+  OpAttributes a;
+  try {
+    a.node_name = Ort::ConstKernelInfo(info).GetNodeName();
+  } catch (const Ort::Exception&) {
+  }
+  Checker c(a.node_name);
+  int64_t causal = 0, comp_mode = 0;
+  OptionalAttr(info, "scale", &a.scale);
+  OptionalAttr(info, "causal", &causal);
+  OptionalAttr(info, "num_heads", &a.num_heads);
+  OptionalAttr(info, "num_kv_heads", &a.num_kv_heads);
+  OptionalAttr(info, "comp_mode", &comp_mode);
+  c.Check(causal == 0 || causal == 1, "attribute causal must be 0 or 1, got " + std::to_string(causal));
+  c.Check(comp_mode >= 0 && comp_mode <= 2,
+          "attribute comp_mode must be 0 (none), 1 (SDC) or 2 (SDC + VMC), got " + std::to_string(comp_mode));
+  c.Check(a.num_heads >= 0 && a.num_kv_heads >= 0, "attributes num_heads / num_kv_heads must be >= 0");
+  c.Check(std::isfinite(a.scale), "attribute scale must be finite");
+  a.causal = causal == 1;
+  a.comp_mode = static_cast<int>(comp_mode);
+  return a;
+}
+
+size_t PreparedCall::RowBytes(int t) const {
+  return static_cast<size_t>(t == 0 ? params.D : params.Dv) * elem_bytes;
+}
+
+size_t PreparedCall::KVBytes(int t) const {
+  return static_cast<size_t>(params.B * params.Hkv * params.Ktot) * RowBytes(t);
+}
+
+std::vector<Copy2D> PreparedCall::KVCopies(int t, void* dst) const {
+  std::vector<Copy2D> out;
+  const size_t row = RowBytes(t);
+  const size_t height = static_cast<size_t>(params.B * params.Hkv);
+  const size_t dpitch = static_cast<size_t>(params.Ktot) * row;
+  char* d = static_cast<char*>(dst);
+  auto add = [&](char* to, const void* from, int64_t rows) {
+    if (rows <= 0 || height == 0 || row == 0) return;
+    Copy2D cp{to, dpitch, from, static_cast<size_t>(rows) * row, static_cast<size_t>(rows) * row, height};
+    if (cp.width == cp.dst_pitch) {  // contiguous: one flat copy
+      cp.width *= height;
+      cp.dst_pitch = cp.src_pitch = cp.width;
+      cp.height = 1;
+    }
+    out.push_back(cp);
+  };
+  if (past[t]) add(d, past[t], past_len);
+  add(d + static_cast<size_t>(past_len) * row, fresh[t], new_len);
+  return out;
+}
+
+void PreparedCall::SetKV(int t, const void* buf) {
+  if (t == 0) {
+    params.k = buf;
+  } else {
+    params.v = buf;
+  }
+}
+
+PreparedCall PrepareCall(const Ort::KernelContext& ctx, const OpAttributes& attrs, DType dtype) {
+  const Checker c(attrs.node_name);
+  const ONNXTensorElementDataType T = OnnxType(dtype);
+  const InputInfo q = GetInput(ctx, kQuery), k = GetInput(ctx, kKey), v = GetInput(ctx, kValue);
+  const InputInfo th = GetInput(ctx, kThresholds), mask = GetInput(ctx, kMask);
+  const InputInfo pk = GetInput(ctx, kPastKey), pv = GetInput(ctx, kPastValue), sdc = GetInput(ctx, kSdc);
+  c.Check(q.present && k.present && v.present && th.present, "query, key, value and thresholds are required");
+
+  CheckRank(c, q, "query", 4, "[B, Hq, Sq, D]");
+  CheckRank(c, k, "key", 4, "[B, Hkv, Sk, D]");
+  CheckRank(c, v, "value", 4, "[B, Hkv, Sk, Dv]");
+  CheckType(c, q, "query", T);
+  CheckType(c, k, "key", T);
+  CheckType(c, v, "value", T);
+
+  PreparedCall call;
+  AttnParams& p = call.params;
+  p.dtype = dtype;
+  call.elem_bytes = ElementBytes(dtype);
+  p.B = q.shape[0];
+  p.Hq = q.shape[1];
+  p.Sq = q.shape[2];
+  p.D = q.shape[3];
+  p.Hkv = k.shape[1];
+  p.Dv = v.shape[3];
+  call.new_len = k.shape[2];
+  c.Check(p.D > 0 && p.Hq > 0, "query " + ShapeStr(q.shape) + " must have Hq > 0 and D > 0");
+  c.Check(k.shape[0] == p.B && k.shape[3] == p.D,
+          "key shape " + ShapeStr(k.shape) + " does not match query " + ShapeStr(q.shape) + " (B and D must agree)");
+  c.Check(v.shape[0] == p.B && v.shape[1] == p.Hkv && v.shape[2] == call.new_len,
+          "value shape " + ShapeStr(v.shape) + " does not match key " + ShapeStr(k.shape) + " in B, Hkv, Sk");
+  c.Check(p.Hkv > 0 && p.Hq % p.Hkv == 0, "query heads Hq=" + std::to_string(p.Hq) +
+                                              " must be a multiple of key/value heads Hkv=" + std::to_string(p.Hkv));
+  c.Check(attrs.num_heads == 0 || attrs.num_heads == p.Hq, "attribute num_heads=" + std::to_string(attrs.num_heads) +
+                                                               " disagrees with query heads Hq=" + std::to_string(p.Hq));
+  c.Check(attrs.num_kv_heads == 0 || attrs.num_kv_heads == p.Hkv,
+          "attribute num_kv_heads=" + std::to_string(attrs.num_kv_heads) +
+              " disagrees with key/value heads Hkv=" + std::to_string(p.Hkv));
+
+  // thresholds / sdc: float32 [Hq, R], R >= 1
+  CheckType(c, th, "thresholds", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  c.Check(th.shape.size() == 2 && th.shape[0] == p.Hq && th.shape[1] >= 1,
+          "thresholds must be float32 [Hq, R] = [" + std::to_string(p.Hq) + ", R>=1], got shape " +
+              ShapeStr(th.shape));
+  p.R = th.shape[1];
+  p.theta = static_cast<const float*>(th.data);
+  if (sdc.present) {
+    CheckType(c, sdc, "sdc", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    c.Check(sdc.shape == th.shape, "sdc shape " + ShapeStr(sdc.shape) + " must equal thresholds shape " +
+                                       ShapeStr(th.shape));
+    p.sdc = static_cast<const float*>(sdc.data);
+  }
+
+  // past key/value
+  c.Check(pk.present == pv.present, "past_key and past_value must be given together");
+  if (pk.present) {
+    CheckType(c, pk, "past_key", T);
+    CheckType(c, pv, "past_value", T);
+    c.Check(pk.shape.size() == 4 && pk.shape[0] == p.B && pk.shape[1] == p.Hkv && pk.shape[3] == p.D,
+            "past_key must be [B, Hkv, P, D] = [" + std::to_string(p.B) + ", " + std::to_string(p.Hkv) + ", P, " +
+                std::to_string(p.D) + "], got " + ShapeStr(pk.shape));
+    call.past_len = pk.shape[2];
+    c.Check(pv.shape.size() == 4 && pv.shape[0] == p.B && pv.shape[1] == p.Hkv && pv.shape[2] == call.past_len &&
+                pv.shape[3] == p.Dv,
+            "past_value must be [B, Hkv, P, Dv] = [" + std::to_string(p.B) + ", " + std::to_string(p.Hkv) + ", " +
+                std::to_string(call.past_len) + ", " + std::to_string(p.Dv) + "], got " + ShapeStr(pv.shape));
+    if (call.past_len > 0) {
+      call.past[0] = pk.data;
+      call.past[1] = pv.data;
+    }
+  }
+  p.Ktot = call.past_len + call.new_len;
+  c.Check(p.Sq <= p.Ktot, "query length Sq=" + std::to_string(p.Sq) + " exceeds key length Ktot=P+Sk=" +
+                              std::to_string(p.Ktot) + " (rows are bottom-right aligned; pass past_key/past_value)");
+
+  ParseMask(c, mask, dtype, p);
+
+  p.scale = attrs.scale != 0.f ? attrs.scale : 1.0f / std::sqrt(static_cast<float>(p.D));
+  p.causal = attrs.causal;
+  p.comp_mode = attrs.comp_mode;
+  p.q = q.data;
+  call.fresh[0] = k.data;
+  call.fresh[1] = v.data;
+  p.k = k.data;
+  p.v = v.data;
+
+  p.out = AllocOutput(ctx, kOut, {p.B, p.Hq, p.Sq, p.Dv}, true);
+  call.present[0] = AllocOutput(ctx, kPresentKey, {p.B, p.Hkv, p.Ktot, p.D}, false);
+  call.present[1] = AllocOutput(ctx, kPresentValue, {p.B, p.Hkv, p.Ktot, p.Dv}, false);
+  p.kept = static_cast<int32_t*>(AllocOutput(ctx, kKept, {p.B, p.Hq, p.Sq}, false));
+  return call;
+}
+
+}  // namespace toptheta

@@ -1,0 +1,111 @@
+"""Shared fixtures: tiny random-weight HF models (saved with save_pretrained) and the real SmolLM2 (slow).
+
+Tiny model fixtures return the model directory (a ``Path``); ``load_model(path)`` turns it into a LoadedModel
+in well under a second. They have no tokenizer: feed them token tensors (``tiny_tokens``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# persistent model cache (the de-quantised SmolLM2 is written there once, later loads take seconds)
+os.environ.setdefault("TOPTHETA_CACHE", str(Path.home() / ".cache" / "toptheta-export"))
+
+TINY_VOCAB = 128
+TINY_POSITIONS = 256
+
+
+def _tiny_config(kind: str):
+    from transformers import BertConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=TINY_VOCAB, initializer_range=0.1)
+    if kind == "llama":  # GQA: 4 query heads on 2 kv heads
+        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=TINY_POSITIONS, bos_token_id=1,
+                           eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, **common)
+    if kind == "qwen2":
+        return Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=TINY_POSITIONS, bos_token_id=1,
+                           eos_token_id=2, pad_token_id=0, use_sliding_window=False, **common)
+    if kind == "mistral":
+        return MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                             num_key_value_heads=1, max_position_embeddings=TINY_POSITIONS, sliding_window=None,
+                             bos_token_id=1, eos_token_id=2, pad_token_id=0, **common)
+    if kind == "gpt2":
+        return GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=TINY_POSITIONS, bos_token_id=1,
+                          eos_token_id=2, **common)
+    if kind == "bert":
+        return BertConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
+                          max_position_embeddings=TINY_POSITIONS, pad_token_id=0, **common)
+    raise ValueError(kind)
+
+
+def build_tiny_model(kind: str, seed: int = 0):
+    """A tiny random-weight model of ``kind`` (llama/qwen2/mistral/gpt2/bert), eval mode, sdpa attention."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = _tiny_config(kind)
+    cfg._attn_implementation = "sdpa"
+    cls = AutoModel if kind == "bert" else AutoModelForCausalLM
+    return cls.from_config(cfg).eval()
+
+
+def save_tiny_model(kind: str, root: Path, seed: int = 0) -> Path:
+    out = root / f"tiny-{kind}"
+    if not (out / "config.json").is_file():
+        build_tiny_model(kind, seed).save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny_models")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models_dir) -> Path:
+    return save_tiny_model("llama", tiny_models_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tiny_models_dir) -> Path:
+    return save_tiny_model("qwen2", tiny_models_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(tiny_models_dir) -> Path:
+    return save_tiny_model("mistral", tiny_models_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_models_dir) -> Path:
+    return save_tiny_model("gpt2", tiny_models_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tiny_models_dir) -> Path:
+    return save_tiny_model("bert", tiny_models_dir)
+
+
+def make_tokens(n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """Random token ids [n, seq_len] in the tiny vocabulary (ids 3.. to avoid pad/bos/eos)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, TINY_VOCAB, (n, seq_len), generator=g)
+
+
+@pytest.fixture
+def tiny_tokens():
+    return make_tokens
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M (LoadedModel), loaded once per session through the persistent cache."""
+    from topthetaexport.models import load_model
+
+    return load_model("smollm2-135m")

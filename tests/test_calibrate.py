@@ -1,0 +1,217 @@
+"""Attention patching (dense / Top-θ / top-k) on tiny HF models, calibration, and the real SmolLM2 (slow)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from topthetaexport._errors import TopThetaError
+from topthetaexport.calibrate import calibrate
+from topthetaexport.models import load_model
+from topthetaexport.thresholds import Thresholds
+from topthetaexport.torch_attention import KeptRecorder, attention_mode
+
+KINDS = ["llama", "qwen2", "mistral", "gpt2", "bert"]
+
+
+def _out(lm, ids, mask=None):
+    mask = torch.ones_like(ids) if mask is None else mask
+    o = lm.model(input_ids=ids, attention_mask=mask)
+    return o.logits if lm.is_lm else o.last_hidden_state
+
+
+def _all_dense(lm, rows=8):
+    shape = (lm.num_layers, lm.num_heads, rows)
+    return Thresholds(torch.full(shape, float("-inf")), torch.zeros(shape), {})
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dense_and_inf_toptheta_match_sdpa(kind, request, tiny_tokens):
+    lm = load_model(request.getfixturevalue(f"tiny_{kind}"))
+    ids = tiny_tokens(2, 24)
+    pad = torch.ones_like(ids)
+    pad[1, :4] = 0  # left padding of the second sequence
+    with torch.no_grad():
+        before = _out(lm, ids)
+        for mask in (None, pad):
+            ref = _out(lm, ids, mask)
+            with attention_mode(lm, "dense"):
+                dense = _out(lm, ids, mask)
+            with attention_mode(lm, "toptheta", thresholds=_all_dense(lm), comp_mode=1):
+                inf = _out(lm, ids, mask)
+            rows = slice(None) if mask is None else slice(4, None)  # padded query rows are undefined
+            assert (dense[1, rows] - ref[1, rows]).abs().max() < 1e-5
+            assert (dense[0] - ref[0]).abs().max() < 1e-5
+            assert torch.equal(inf, dense)
+        assert lm.model.config._attn_implementation == "sdpa"  # restored
+        assert torch.equal(_out(lm, ids), before)
+
+
+def test_mode_errors(tiny_llama):
+    lm = load_model(tiny_llama)
+    with pytest.raises(TopThetaError, match="unknown attention mode"):
+        with attention_mode(lm, "sparse"):
+            pass
+    with pytest.raises(TopThetaError, match="needs thresholds"):
+        with attention_mode(lm, "toptheta"):
+            pass
+    wrong = Thresholds(torch.zeros(5, 4, 3), torch.zeros(5, 4, 3), {})
+    with pytest.raises(TopThetaError, match="5 layers"):
+        with attention_mode(lm, "toptheta", thresholds=wrong):
+            pass
+    wrong_heads = Thresholds(torch.zeros(3, 2, 3), torch.zeros(3, 2, 3), {})
+    with pytest.raises(TopThetaError, match="2 heads"):
+        with attention_mode(lm, "toptheta", thresholds=wrong_heads):
+            pass
+    with pytest.raises(TopThetaError, match="needs k"):
+        with attention_mode(lm, "topk"):
+            pass
+    # nesting: the inner mode applies inside, the outer one again after it
+    ids = torch.arange(3, 19)[None]
+    with torch.no_grad(), attention_mode(lm, "dense"):
+        dense = _out(lm, ids)
+        with attention_mode(lm, "topk", k=2):
+            topk = _out(lm, ids)
+        again = _out(lm, ids)
+    assert torch.equal(dense, again) and (topk - dense).abs().max() > 1e-4
+    # an exception inside the block still restores the implementation
+    with pytest.raises(RuntimeError):
+        with attention_mode(lm, "dense"):
+            raise RuntimeError("boom")
+    assert lm.model.config._attn_implementation == "sdpa"
+
+
+def test_topk_mode_counts(tiny_gpt2, tiny_tokens):
+    lm = load_model(tiny_gpt2)
+    ids = tiny_tokens(2, 32)
+    rec = KeptRecorder()
+    with torch.no_grad(), attention_mode(lm, "topk", k=5, recorder=rec):
+        _out(lm, ids)
+    # causal row r has r+1 keys: kept = min(5, r+1)
+    want = sum(min(5, r + 1) for r in range(32)) / 32
+    assert set(rec.rows) == {0, 1, 2}
+    assert all(abs(p["mean_kept"] - want) < 1e-9 and abs(p["mean_valid"] - 16.5) < 1e-9 for p in rec.per_layer())
+
+
+def test_kv_cache_decode_matches_prefill(tiny_llama, tiny_tokens):
+    """Top-θ with a DynamicCache: decode row positions are bottom-right aligned (r = P for the new token)."""
+    lm = load_model(tiny_llama)
+    ids = tiny_tokens(1, 40, seed=3)
+    th = calibrate(lm, tiny_tokens(4, 40, seed=4), k=6, dense_layers=1, progress=False)
+    with torch.no_grad(), attention_mode(lm, "toptheta", thresholds=th, comp_mode=1):
+        full = lm.model(input_ids=ids).logits
+        pre = lm.model(input_ids=ids[:, :36], use_cache=True)
+        cache, steps = pre.past_key_values, []
+        for t in range(36, 40):
+            o = lm.model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            cache = o.past_key_values
+            steps.append(o.logits[:, -1])
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 36:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2", "bert"])
+def test_calibrate_tiny(kind, request, tiny_tokens, tmp_path):
+    lm = load_model(request.getfixturevalue(f"tiny_{kind}"))
+    k, seq = 12, 96
+    toks = tiny_tokens(6, seq, seed=1)
+    th = calibrate(lm, toks, k=k, seq_len=seq, num_samples=6, dense_layers=1, progress=False)
+    assert th.theta.shape == th.sdc.shape == (3, 4, seq)
+    assert th.theta.dtype == torch.float32
+    assert torch.all(th.theta[0] == float("-inf")) and th.dense_layers == [0]
+    if lm.causal:  # rows with r + 1 <= k keep everything
+        assert torch.all(th.theta[1:, :, :k] == float("-inf"))
+        assert torch.isfinite(th.theta[1:, :, k:]).all()
+    else:
+        assert torch.isfinite(th.theta[1:]).all()
+    assert torch.all(th.sdc >= 0) and torch.all(th.sdc < 1) and th.sdc[1:].max() > 0
+    assert torch.all(th.sdc[th.theta == float("-inf")] == 0)
+    m = th.meta
+    assert (m["k"], m["seq_len"], m["num_samples"], m["num_layers"], m["num_heads"]) == (k, seq, 6, 3, 4)
+    assert m["causal"] == lm.causal and m["model_type"] == kind and m["format_version"] == 1
+    assert {"toptheta_version", "num_kv_heads", "head_dim", "calib_source", "created", "model"} <= set(m)
+
+    # on the calibration data itself, rows with many keys keep about k elements
+    rec = KeptRecorder(min_valid=2 * k)
+    with torch.no_grad(), attention_mode(lm, "toptheta", thresholds=th, recorder=rec):
+        _out(lm, toks)
+    kept = rec.mean_kept(layers=[1, 2])
+    assert k / 1.5 < kept < k * 1.5, kept
+    assert rec.mean_kept(layers=[0]) == rec.mean_valid(layers=[0])  # dense layer keeps all
+
+    # file round trip and compatibility
+    th.save(tmp_path)
+    back = Thresholds.load(tmp_path)
+    assert torch.equal(back.theta, th.theta) and back.meta == th.meta
+    back.check_compatible(lm)
+
+
+def test_calibrate_sdc_changes_output(tiny_llama, tiny_tokens):
+    lm = load_model(tiny_llama)
+    toks = tiny_tokens(4, 64, seed=2)
+    th = calibrate(lm, toks, k=8, dense_layers=0, progress=False)
+    outs = {}
+    with torch.no_grad():
+        for mode in (0, 1, 2):
+            with attention_mode(lm, "toptheta", thresholds=th, comp_mode=mode):
+                outs[mode] = _out(lm, toks)
+        with attention_mode(lm, "dense"):
+            dense = _out(lm, toks)
+    assert all(torch.isfinite(o).all() for o in outs.values())
+    assert (outs[0] - outs[1]).abs().max() > 1e-4 and (outs[1] - outs[2]).abs().max() > 1e-4
+    assert (outs[0] - dense).abs().max() > 1e-4
+
+
+def test_calibrate_errors(tmp_path, tiny_llama, tiny_tokens):
+    lm = load_model(tiny_llama)
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(TopThetaError, match="no text found"):
+        calibrate(lm, tmp_path / "empty.txt", progress=False)
+    with pytest.raises(TopThetaError, match="does not exist"):
+        calibrate(lm, tmp_path / "missing.txt", progress=False)
+    with pytest.raises(TopThetaError, match="no tokenizer"):
+        calibrate(lm, ["some text"], seq_len=8, progress=False)
+    with pytest.raises(TopThetaError, match="dense_layers=9"):
+        calibrate(lm, tiny_tokens(2, 16), dense_layers=9, progress=False)
+    with pytest.raises(TopThetaError, match="exceeds the model's 256 positions"):
+        calibrate(lm, tiny_tokens(1, 300), progress=False)
+    from transformers import T5Config, T5Model
+
+    T5Model(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)).save_pretrained(
+        str(tmp_path / "t5"))
+    with pytest.raises(TopThetaError, match="unsupported architecture 't5'"):
+        calibrate(str(tmp_path / "t5"), tiny_tokens(2, 16), progress=False)
+
+
+def test_calibrate_progress_output(tiny_gpt2, tiny_tokens, capsys):
+    lm = load_model(tiny_gpt2)
+    th = calibrate(lm, tiny_tokens(2, 16), k=4, batch_size=2, progress=True)
+    assert th.theta.shape == (3, 4, 16)
+
+
+# -- the real model ----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_smollm2_toptheta_perplexity(smollm2):
+    from topthetaexport.data import token_batches
+
+    lm = smollm2
+    assert (lm.num_layers, lm.num_heads, lm.num_kv_heads, lm.head_dim, lm.model_type) == (30, 9, 3, 64, "llama")
+    th = calibrate(lm, "builtin:pydoc", k=64, seq_len=256, num_samples=4, progress=False)
+    assert th.dense_layers == [0, 1] and th.theta.shape == (30, 9, 256)
+    held_out = token_batches(lm.tokenizer, "builtin:pydoc", seq_len=256, num_samples=2, skip=4)
+
+    def ppl(mode, **kw):
+        rec = KeptRecorder(min_valid=64)
+        with torch.no_grad(), attention_mode(lm, mode, recorder=rec, **kw):
+            logits = lm.model(input_ids=held_out).logits
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), held_out[:, 1:].flatten())
+        return math.exp(float(nll)), rec.mean_kept(layers=range(2, 30)), rec.mean_valid(layers=range(2, 30))
+
+    dense, _, valid = ppl("dense")
+    assert 3 < dense < 60  # a working language model on Python docs
+    for comp in (0, 1):
+        sparse, kept, _ = ppl("toptheta", thresholds=th, comp_mode=comp)
+        assert abs(sparse / dense - 1) < 0.05, (comp, sparse, dense)
+        assert 40 < kept < 100 and kept < valid / 1.5, kept  # about k=64 of ~160 valid keys per row

@@ -1,0 +1,341 @@
+"""CPU kernel of ai.toptheta::TopThetaAttention in real onnxruntime sessions, against the float64
+NumPy reference of tests/_onnx_single.py (docs/op.md)."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+import _onnx_single as S
+from topthetaexport import runtime
+from topthetaexport._errors import TopThetaError
+
+F32_TOL = 1e-5
+F16_REL_TOL = 1e-2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def library():
+    """The built library; missing means the product is broken, so this errors instead of skipping."""
+    path = runtime.library_path()
+    assert path.is_file()
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _session(dtype="float32", threads=None, **kw):
+    return S.session(S.make_model(dtype, **kw), threads=threads)
+
+
+def sess(dtype="float32", threads=None, **kw):
+    """Cached session of a single-node model (see _onnx_single.make_model)."""
+    return _session(dtype, threads, **kw)
+
+
+def randn(rng, shape, dtype=np.float32):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def make_case(rng, B, Hq, Hkv, Sq, P, D, Dv, R, dtype=np.float32, dense_rows=0):
+    """Random inputs; θ drawn around the score scale (≈ N(0, 1)), first `dense_rows` rows -inf."""
+    q, k, v = randn(rng, (B, Hq, Sq, D), dtype), randn(rng, (B, Hkv, Sq, D), dtype), randn(rng, (B, Hkv, Sq, Dv), dtype)
+    pk = randn(rng, (B, Hkv, P, D), dtype) if P else None
+    pv = randn(rng, (B, Hkv, P, Dv), dtype) if P else None
+    th = rng.uniform(-0.5, 1.5, (Hq, R)).astype(np.float32)
+    th[:, :dense_rows] = -np.inf
+    sdc = rng.uniform(0.05, 0.9, (Hq, R)).astype(np.float32)
+    return dict(query=q, key=k, value=v, thresholds=th, past_key=pk, past_value=pv, sdc=sdc)
+
+
+def untie(f, causal, mask=None):
+    """θ moved away from every score it is compared with, so fp32 and fp64 keep the same keys."""
+    _, _, scores = S.reference(f["query"], f["key"], f["value"], f["thresholds"], mask, f["past_key"],
+                               f["past_value"], causal=causal)
+    return S.untie_thresholds(f["thresholds"], scores)
+
+
+def ref(f, mask=None, sdc=True, **attrs):
+    return S.reference(f["query"], f["key"], f["value"], f["thresholds"], mask, f["past_key"], f["past_value"],
+                       f["sdc"] if sdc else None, **attrs)
+
+
+def test_library_registers_in_onnxruntime(library):
+    assert library.name == "libtoptheta_ops.so"
+    so = runtime.session_options(library=library)
+    assert so is not None
+
+
+@pytest.mark.parametrize(
+    "B,Hq,Hkv,Sq,P,D,Dv,R,causal,comp_mode",
+    [
+        (1, 4, 4, 13, 0, 16, 16, 13, 1, 0),   # MHA, causal prefill
+        (2, 6, 2, 33, 0, 24, 8, 40, 1, 1),    # GQA, Dv != D, R > Ktot
+        (2, 3, 1, 20, 0, 8, 8, 5, 0, 2),      # MQA, non-causal, rows past R reuse the last row
+        (1, 4, 2, 7, 9, 16, 16, 64, 1, 2),    # chunked prefill on top of a cache
+        (3, 2, 2, 17, 0, 64, 64, 17, 1, 1),   # D = 64 (vector path), several batches
+    ],
+)
+def test_random_shapes_fp32(B, Hq, Hkv, Sq, P, D, Dv, R, causal, comp_mode):
+    rng = np.random.default_rng(B * 1000 + Sq * 10 + P)
+    f = make_case(rng, B, Hq, Hkv, Sq, P, D, Dv, R, dense_rows=3)
+    f["thresholds"] = untie(f, causal)
+    want, want_kept, _ = ref(f, causal=causal, comp_mode=comp_mode)
+    got = S.run(sess(past=bool(P), sdc=True, causal=causal, comp_mode=comp_mode, num_heads=Hq, num_kv_heads=Hkv), **f)
+    assert np.abs(got["output"] - want).max() <= F32_TOL
+    np.testing.assert_array_equal(got["kept"], want_kept)
+    # the case prunes something and keeps something
+    assert 0 < want_kept.sum() < (want_kept.size * (P + Sq))
+
+
+def test_dense_when_theta_is_minus_inf():
+    """θ = -inf everywhere is plain causal softmax attention (checked against a direct softmax)."""
+    rng = np.random.default_rng(1)
+    B, H, S_, D = 2, 3, 19, 16
+    f = make_case(rng, B, H, H, S_, 0, D, D, 4)
+    f["thresholds"][:] = -np.inf
+    got = S.run(sess(sdc=True, causal=1, comp_mode=2), **f)
+    s = np.einsum("bhid,bhjd->bhij", f["query"].astype(np.float64), f["key"].astype(np.float64)) / np.sqrt(D)
+    s = np.where(np.tril(np.ones((S_, S_), bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    dense = (p / p.sum(-1, keepdims=True)) @ f["value"].astype(np.float64)
+    assert np.abs(got["output"] - dense).max() <= F32_TOL
+    np.testing.assert_array_equal(got["kept"], np.broadcast_to(np.arange(1, S_ + 1), (B, H, S_)))
+
+
+def test_scale_attribute():
+    rng = np.random.default_rng(2)
+    f = make_case(rng, 1, 2, 2, 9, 0, 8, 8, 9)
+    f["thresholds"][:] = -np.inf
+    a = S.run(sess(causal=0, scale=0.7), **f)["output"]
+    want, _, _ = ref(f, sdc=False, scale=0.7, causal=0)
+    assert np.abs(a - want).max() <= F32_TOL
+    default = S.run(sess(causal=0), **f)["output"]
+    assert np.abs(a - default).max() > 1e-3  # the attribute is honoured
+
+
+def test_decode_with_past_matches_prefill():
+    """One decode step (Sq=1 with past) equals the last row of the full causal prefill; presents are
+    the concatenations."""
+    rng = np.random.default_rng(3)
+    B, Hq, Hkv, N, D = 2, 6, 2, 25, 16
+    full = make_case(rng, B, Hq, Hkv, N, 0, D, D, 32, dense_rows=2)
+    full["thresholds"] = untie(full, 1)
+    pre = S.run(sess(sdc=True, causal=1, comp_mode=1), **full)
+    step = dict(full, query=full["query"][:, :, -1:], key=full["key"][:, :, -1:], value=full["value"][:, :, -1:],
+                past_key=full["key"][:, :, :-1], past_value=full["value"][:, :, :-1])
+    got = S.run(sess(past=True, present=True, sdc=True, causal=1, comp_mode=1), **step)
+    np.testing.assert_array_equal(got["present_key"], full["key"])
+    np.testing.assert_array_equal(got["present_value"], full["value"])
+    assert np.abs(got["output"][:, :, 0] - pre["output"][:, :, -1]).max() <= F32_TOL
+    np.testing.assert_array_equal(got["kept"][:, :, 0], pre["kept"][:, :, -1])
+    want, want_kept, _ = ref(step, causal=1, comp_mode=1)
+    assert np.abs(got["output"] - want).max() <= F32_TOL
+    np.testing.assert_array_equal(got["kept"], want_kept)
+
+
+def test_decode_without_present_outputs_and_empty_past():
+    rng = np.random.default_rng(4)
+    f = make_case(rng, 1, 4, 2, 1, 12, 8, 8, 16)
+    f["thresholds"] = untie(f, 1)
+    got = S.run(sess(past=True, sdc=True, causal=1, comp_mode=2), **f)   # past given, presents not requested
+    want, want_kept, _ = ref(f, causal=1, comp_mode=2)
+    assert np.abs(got["output"] - want).max() <= F32_TOL
+    np.testing.assert_array_equal(got["kept"], want_kept)
+    # zero-length past: present = the new keys
+    g = make_case(rng, 1, 4, 2, 5, 0, 8, 8, 16)
+    g["past_key"] = np.zeros((1, 2, 0, 8), np.float32)
+    g["past_value"] = np.zeros((1, 2, 0, 8), np.float32)
+    out = S.run(sess(past=True, present=True, causal=1), **g)
+    np.testing.assert_array_equal(out["present_key"], g["key"])
+    want, _, _ = ref(g, sdc=False, causal=1)
+    assert np.abs(out["output"] - want).max() <= F32_TOL
+
+
+def test_short_rows_keep_everything():
+    """Rows calibrated as shorter than k carry θ = -inf and keep all their valid keys."""
+    rng = np.random.default_rng(5)
+    f = make_case(rng, 1, 3, 3, 12, 0, 8, 8, 12, dense_rows=6)
+    f["thresholds"] = untie(f, 1)
+    got = S.run(sess(sdc=True, causal=1, comp_mode=1), **f)
+    np.testing.assert_array_equal(got["kept"][:, :, :6], np.broadcast_to(np.arange(1, 7), (1, 3, 6)))
+    assert (got["kept"][:, :, 6:] < np.arange(7, 13)).any()
+    want, _, _ = ref(f, causal=1, comp_mode=1)
+    assert np.abs(got["output"] - want).max() <= F32_TOL
+
+
+@pytest.mark.parametrize("comp_mode", [0, 1, 2])
+def test_all_pruned_rows(comp_mode):
+    """θ = +inf prunes everything: zeros, except VMC which returns the mean of the valid V rows."""
+    rng = np.random.default_rng(6)
+    B, H, Sq, D = 2, 2, 6, 8
+    f = make_case(rng, B, H, H, Sq, 0, D, D, Sq)
+    f["thresholds"][:] = np.inf
+    got = S.run(sess(sdc=True, causal=1, comp_mode=comp_mode), **f)
+    assert (got["kept"] == 0).all()
+    if comp_mode < 2:
+        assert (got["output"] == 0).all()
+    else:
+        v = f["value"].astype(np.float64)
+        vbar = np.cumsum(v, axis=2) / np.arange(1, Sq + 1)[None, None, :, None]
+        assert np.abs(got["output"] - vbar).max() <= F32_TOL
+    # without sdc there is nothing to compensate with: zeros in every mode
+    nosdc = S.run(sess(causal=1, comp_mode=comp_mode), **{**f, "sdc": None})
+    assert (nosdc["output"] == 0).all()
+    # sdc of zero: denominator 0 -> zeros
+    zero = S.run(sess(sdc=True, causal=1, comp_mode=comp_mode), **{**f, "sdc": np.zeros_like(f["sdc"])})
+    assert (zero["output"] == 0).all()
+
+
+def _masks(rng, B, Hq, Sq, Ktot):
+    pad = rng.random((B, Ktot)) > 0.25
+    pad[:, -1] = True
+    pad[0, :] = False                         # batch 0 fully masked: zero rows
+    m4 = rng.random((B, 1, Sq, Ktot)) > 0.3
+    mh = rng.random((1, Hq, 1, Ktot)) > 0.3
+    add = rng.uniform(-1.0, 0.0, (B, 1, Sq, Ktot)).astype(np.float32)
+    add[rng.random(add.shape) < 0.2] = -np.inf
+    add[rng.random(add.shape) < 0.1] = -1e30
+    add[:, :, :, :2] = -3e38
+    return {"bool2d": pad, "bool4d": m4, "bool4d_heads": mh, "additive": add}
+
+
+@pytest.mark.parametrize("kind", ["bool2d", "bool4d", "bool4d_heads", "additive"])
+@pytest.mark.parametrize("causal", [0, 1])
+def test_masks_fp32(kind, causal):
+    rng = np.random.default_rng(7 + causal)
+    B, Hq, Hkv, Sq, P, D = 2, 4, 2, 10, 3, 16
+    f = make_case(rng, B, Hq, Hkv, Sq, P, D, D, 16, dense_rows=2)
+    mask = _masks(rng, B, Hq, Sq, P + Sq)[kind]
+    f["thresholds"] = untie(f, causal, mask)
+    mtype = "bool" if mask.dtype == np.bool_ else "float32"
+    got = S.run(sess(mask=mtype, past=True, sdc=True, causal=causal, comp_mode=2), attn_mask=mask, **f)
+    want, want_kept, _ = ref(f, mask, causal=causal, comp_mode=2)
+    assert np.abs(got["output"] - want).max() <= F32_TOL
+    np.testing.assert_array_equal(got["kept"], want_kept)
+    if kind == "bool2d":
+        assert (got["output"][0] == 0).all() and (got["kept"][0] == 0).all()
+
+
+@pytest.mark.parametrize("mask_type", [None, "bool", "float16", "float32"])
+def test_fp16(mask_type):
+    rng = np.random.default_rng(8)
+    B, Hq, Hkv, Sq, P, D = 2, 6, 2, 9, 14, 32
+    f = make_case(rng, B, Hq, Hkv, Sq, P, D, D, 32, dtype=np.float16, dense_rows=4)
+    mask = None
+    if mask_type == "bool":
+        mask = rng.random((B, P + Sq)) > 0.2
+    elif mask_type:
+        mask = rng.uniform(-1, 0, (B, 1, Sq, P + Sq)).astype(mask_type)
+        mask[rng.random(mask.shape) < 0.2] = -65504.0 if mask_type == "float16" else -np.inf
+    f["thresholds"] = untie(f, 1, mask)
+    got = S.run(sess("float16", mask=mask_type, past=True, present=True, sdc=True, causal=1, comp_mode=2),
+                attn_mask=mask, **f)
+    assert got["output"].dtype == np.float16 and got["present_key"].dtype == np.float16
+    want, want_kept, _ = ref(f, mask, causal=1, comp_mode=2)
+    err = np.abs(got["output"].astype(np.float64) - want).max() / np.abs(want).max()
+    assert err <= F16_REL_TOL
+    np.testing.assert_array_equal(got["kept"], want_kept)
+    np.testing.assert_array_equal(got["present_value"][:, :, :P], f["past_value"])
+
+
+def test_float16_mask_cutoff_only_for_float16_masks():
+    """-65504 excludes a key in a float16 mask but is an ordinary (large negative) bias in a float32 mask."""
+    rng = np.random.default_rng(9)
+    f = make_case(rng, 1, 2, 2, 1, 4, 8, 8, 8, dtype=np.float16)
+    f["thresholds"][:] = -np.inf
+    m16 = np.zeros((1, 5), np.float16)
+    m16[0, 0] = -65504
+    k16 = S.run(sess("float16", mask="float16", past=True), attn_mask=m16, **f)["kept"]
+    k32 = S.run(sess("float16", mask="float32", past=True), attn_mask=m16.astype(np.float32), **f)["kept"]
+    assert (k16 == 4).all() and (k32 == 5).all()
+
+
+def test_threads_agree():
+    rng = np.random.default_rng(10)
+    f = make_case(rng, 2, 4, 2, 40, 0, 16, 16, 40, dense_rows=3)
+    one = S.run(sess(sdc=True, causal=1, comp_mode=2, threads=1), **f)
+    two = S.run(sess(sdc=True, causal=1, comp_mode=2, threads=2), **f)
+    np.testing.assert_array_equal(one["output"], two["output"])
+    np.testing.assert_array_equal(one["kept"], two["kept"])
+
+
+def test_optional_outputs_can_be_omitted():
+    rng = np.random.default_rng(11)
+    f = make_case(rng, 1, 2, 1, 5, 0, 8, 8, 5)
+    got = S.run(sess(kept=False, causal=1), **f)
+    assert list(got) == ["output"]
+    want, _, _ = ref(f, sdc=False, causal=1)
+    assert np.abs(got["output"] - want).max() <= F32_TOL
+
+
+def _base(rng):
+    return dict(query=randn(rng, (1, 4, 5, 8)), key=randn(rng, (1, 2, 5, 8)), value=randn(rng, (1, 2, 5, 8)),
+                thresholds=np.zeros((4, 3), np.float32))
+
+
+@pytest.mark.parametrize(
+    "change,model_kw,message",
+    [
+        ({"thresholds": np.zeros((3, 3), np.float32)}, {}, "thresholds must be float32 [Hq, R] = [4, R>=1]"),
+        ({"thresholds": np.zeros((4, 0), np.float32)}, {}, "thresholds must be float32 [Hq, R]"),
+        ({"query": np.zeros((4, 5, 8), np.float32)}, {}, "query must be [B, Hq, Sq, D]"),
+        ({"key": np.zeros((1, 3, 5, 8), np.float32), "value": np.zeros((1, 3, 5, 8), np.float32)}, {},
+         "must be a multiple of key/value heads Hkv=3"),
+        ({"key": np.zeros((1, 2, 5, 4), np.float32)}, {}, "key shape [1, 2, 5, 4] does not match query"),
+        ({"value": np.zeros((1, 2, 4, 8), np.float32)}, {}, "value shape [1, 2, 4, 8] does not match key"),
+        ({"sdc": np.zeros((4, 2), np.float32)}, {"sdc": True}, "sdc shape [4, 2] must equal thresholds shape [4, 3]"),
+        ({}, {"num_heads": 8}, "attribute num_heads=8 disagrees with query heads Hq=4"),
+        ({}, {"num_kv_heads": 1}, "attribute num_kv_heads=1 disagrees with key/value heads Hkv=2"),
+        ({"attn_mask": np.ones((1, 4), bool)}, {"mask": "bool"}, "attn_mask shape [1, 4] does not fit"),
+        ({"attn_mask": np.ones((1, 5, 5), bool)}, {"mask": "bool"}, "got rank-3 shape"),
+        ({"attn_mask": np.ones((2, 1, 5, 5), bool)}, {"mask": "bool"}, "attn_mask shape [2, 1, 5, 5] does not fit"),
+        ({"past_key": np.zeros((1, 2, 3, 8), np.float32), "past_value": np.zeros((1, 2, 2, 8), np.float32)},
+         {"past": True}, "past_value must be [B, Hkv, P, Dv] = [1, 2, 3, 8]"),
+        ({"past_key": np.zeros((1, 1, 3, 8), np.float32), "past_value": np.zeros((1, 1, 3, 8), np.float32)},
+         {"past": True}, "past_key must be [B, Hkv, P, D]"),
+        ({"query": np.zeros((1, 4, 6, 8), np.float32)}, {}, "query length Sq=6 exceeds key length Ktot=P+Sk=5"),
+    ],
+)
+def test_bad_inputs_give_clear_errors(change, model_kw, message):
+    rng = np.random.default_rng(12)
+    feeds = {**_base(rng), **change}
+    if model_kw.get("sdc") and "sdc" not in feeds:
+        feeds["sdc"] = np.zeros((4, 3), np.float32)
+    with pytest.raises(Exception) as e:
+        S.run(sess(**model_kw), **feeds)
+    assert message in str(e.value)
+    assert "TopThetaAttention node 'tt0'" in str(e.value)
+
+
+@pytest.mark.parametrize("attrs,message", [({"comp_mode": 3}, "comp_mode must be 0 (none), 1 (SDC) or 2"),
+                                           ({"causal": 2}, "attribute causal must be 0 or 1")])
+def test_bad_attributes_fail_at_session_creation(attrs, message):
+    with pytest.raises(Exception) as e:
+        S.session(S.make_model(**attrs))
+    assert message in str(e.value)
+
+
+def test_missing_library_is_a_toptheta_error(tmp_path, monkeypatch):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(S.make_model().SerializeToString())
+    monkeypatch.setenv(runtime.LIBRARY_ENV, str(tmp_path / "nope" / "libtoptheta_ops.so"))
+    with pytest.raises(TopThetaError, match="does not exist"):
+        runtime.session(model, device="cpu")
+    bogus = tmp_path / "libtoptheta_ops.so"
+    bogus.write_bytes(b"not a shared library")
+    monkeypatch.setenv(runtime.LIBRARY_ENV, str(bogus))
+    with pytest.raises(TopThetaError, match="could not load the custom-op library"):
+        runtime.session(model, device="cpu")
+
+
+def test_runtime_session_runs_the_op(tmp_path, library):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(S.make_model(causal=1).SerializeToString())
+    s = runtime.session(model, device="cpu", library=library)
+    rng = np.random.default_rng(13)
+    f = make_case(rng, 1, 2, 2, 4, 0, 8, 8, 4)
+    f["thresholds"][:] = -np.inf
+    out = S.run(s, **{k: f[k] for k in ("query", "key", "value", "thresholds")})
+    np.testing.assert_array_equal(out["kept"], [[[1, 2, 3, 4]] * 2])

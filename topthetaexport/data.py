@@ -1,0 +1,150 @@
+"""Calibration / evaluation text and fixed-length token windows."""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from ._errors import TopThetaError
+
+__all__ = ["BUILTIN_PYDOC", "load_texts", "token_batches", "as_token_tensor"]
+
+BUILTIN_PYDOC = "builtin:pydoc"
+_DOC_SPLIT = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")  # two or more blank lines separate documents
+
+
+def load_texts(source) -> list[str]:
+    """Documents from ``source``.
+
+    ``"builtin:pydoc"`` (Python's pydoc_data topics), a ``.txt`` file (documents separated by two or more
+    blank lines; a file without such gaps is one document), a ``.jsonl`` file (a ``"text"`` field per line),
+    a directory of ``.txt``/``.jsonl`` files, or a list of strings.
+    """
+    if isinstance(source, (list, tuple)):
+        texts = [str(t) for t in source]
+        where = "the given list of texts"
+    elif str(source) == BUILTIN_PYDOC:
+        texts, where = _pydoc_texts(), BUILTIN_PYDOC
+    else:
+        path = Path(source).expanduser()
+        texts, where = _path_texts(path), str(path)
+    texts = [t for t in (t.strip() for t in texts) if t]
+    if not texts:
+        raise TopThetaError(f"no text found in {where}: pass a non-empty .txt/.jsonl file, a folder of them, "
+                            f"or {BUILTIN_PYDOC}")
+    return texts
+
+
+def _pydoc_texts() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)]
+
+
+def _path_texts(path: Path) -> list[str]:
+    if not path.exists():
+        raise TopThetaError(f"data path {path} does not exist: pass a .txt/.jsonl file, a folder of them, "
+                            f"or {BUILTIN_PYDOC}")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in (".txt", ".jsonl"))
+        if not files:
+            raise TopThetaError(f"folder {path} holds no .txt or .jsonl files: add some or pass a file")
+        return [t for f in files for t in _file_texts(f)]
+    return _file_texts(path)
+
+
+def _file_texts(path: Path) -> list[str]:
+    suffix = path.suffix.lower()
+    if suffix not in (".txt", ".jsonl"):
+        raise TopThetaError(f"unsupported data file {path}: use a .txt or .jsonl file (or {BUILTIN_PYDOC})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TopThetaError(f"{path} is not UTF-8 text (byte {e.start}): convert it to UTF-8") from None
+    except OSError as e:
+        raise TopThetaError(f"cannot read {path} ({e.strerror}): check the path and permissions") from None
+    if suffix == ".txt":
+        return _DOC_SPLIT.split(text)
+    return _jsonl_texts(path, text)
+
+
+def _jsonl_texts(path: Path, text: str) -> list[str]:
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TopThetaError(f"{path} line {n} is not valid JSON ({e.msg}): fix or remove it") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise TopThetaError(f"{path} line {n} has no string field \"text\": give every line a \"text\"")
+        out.append(obj["text"])
+    return out
+
+
+# -- tokens ------------------------------------------------------------------------------------------
+
+def _separator(tokenizer) -> int | None:
+    for attr in ("eos_token_id", "sep_token_id"):
+        tid = getattr(tokenizer, attr, None)
+        if isinstance(tid, int):
+            return tid
+    return None
+
+
+def _token_stream(tokenizer, texts: list[str]) -> list[int]:
+    sep = _separator(tokenizer)
+    ids: list[int] = []
+    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    for doc in enc:
+        ids.extend(doc)
+        if sep is not None:
+            ids.append(sep)
+    return ids
+
+
+def token_batches(tokenizer, source_or_texts, *, seq_len: int, num_samples: int, skip: int = 0) -> torch.Tensor:
+    """Non-overlapping token windows [N, seq_len] (LongTensor) cut from the concatenated documents.
+
+    Documents are joined with EOS (or SEP). For encoder tokenizers with CLS/SEP (BERT) every window is
+    ``[CLS] ... [SEP]``. The first ``skip`` windows are skipped (held-out evaluation after calibration).
+    """
+    if seq_len < 2 or num_samples < 1 or skip < 0:
+        raise TopThetaError(f"need seq_len >= 2, num_samples >= 1 and skip >= 0 (got {seq_len}, {num_samples}, "
+                            f"{skip})")
+    texts = load_texts(source_or_texts)
+    if tokenizer is None:
+        raise TopThetaError("this model has no tokenizer, so text cannot be tokenized: pass token ids "
+                            "(a LongTensor [N, seq_len]) or a model directory with a tokenizer")
+    stream = _token_stream(tokenizer, texts)
+    cls, sep = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
+    wrap = isinstance(cls, int) and isinstance(sep, int) and getattr(tokenizer, "eos_token_id", None) is None
+    body = seq_len - 2 if wrap else seq_len
+    available = len(stream) // body
+    n = min(num_samples, available - skip)
+    if n < 1:
+        raise TopThetaError(f"the text gives {len(stream)} tokens = {available} windows of {seq_len}, but "
+                            f"{skip} are skipped and at least one more is needed: use more text or a "
+                            "smaller seq_len / num_samples")
+    if n < num_samples:
+        warnings.warn(f"only {n} windows of {seq_len} tokens available after skipping {skip} "
+                      f"(asked for {num_samples})", RuntimeWarning, stacklevel=2)
+    windows = torch.tensor(stream[skip * body:(skip + n) * body], dtype=torch.long).view(n, body)
+    if wrap:
+        windows = torch.cat([torch.full((n, 1), cls), windows, torch.full((n, 1), sep)], dim=1)
+    return windows
+
+
+def as_token_tensor(data, tokenizer, *, seq_len: int, num_samples: int, skip: int = 0) -> torch.Tensor:
+    """``data`` if it already is a token tensor [N, S], else ``token_batches(tokenizer, data, ...)``."""
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 2 or data.dtype not in (torch.int64, torch.int32) or data.numel() == 0:
+            raise TopThetaError(f"token data must be a non-empty integer tensor [N, seq_len], got "
+                                f"{data.dtype} {list(data.shape)}")
+        return data.long()
+    return token_batches(tokenizer, data, seq_len=seq_len, num_samples=num_samples, skip=skip)

@@ -1,0 +1,287 @@
+"""Dense ONNX export of a Hugging Face model (torch.onnx dynamo exporter, opset 23).
+
+Every attention block comes out as one ONNX ``Attention`` node (the model runs with
+``attn_implementation="sdpa"`` during export); ``topthetaexport.rewrite`` later replaces those nodes.
+Graph inputs/outputs are described in docs/graph.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ._errors import TopThetaError
+from ._io import atomic_path
+
+__all__ = ["export_onnx", "input_names", "output_names", "EXTERNAL_DATA_THRESHOLD", "META_PREFIX"]
+
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of parameters above which weights go to model.onnx.data
+META_PREFIX = "toptheta."
+_SAMPLE_BATCH, _SAMPLE_SEQ, _SAMPLE_PAST = 2, 5, 3
+
+Progress = Callable[[str, float], None]
+
+
+# -- graph signature ---------------------------------------------------------------------------------
+
+def input_names(num_layers: int, *, lm: bool, with_cache: bool) -> list[str]:
+    names = ["input_ids", "attention_mask"]
+    if lm and with_cache:
+        names += [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return names
+
+
+def output_names(num_layers: int, *, lm: bool, with_cache: bool) -> list[str]:
+    if not lm:
+        return ["last_hidden_state"]
+    names = ["logits"]
+    if with_cache:
+        names += [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return names
+
+
+# -- wrappers that give the model a flat tensor signature --------------------------------------------
+
+def _positions(input_ids, past_len):
+    """position_ids ``past_len .. past_len+S-1`` for every row (HF's default), materialised per batch row.
+
+    onnxruntime's RotaryEmbedding wants cos/sin caches with the batch size of its input, so the positions
+    must not be a broadcast [1, S] tensor.
+    """
+    b, s = input_ids.shape
+    return (torch.arange(s, device=input_ids.device) + past_len).unsqueeze(0).expand(b, s)
+
+
+class _DecoderWithCache(torch.nn.Module):
+    """(input_ids, attention_mask, (k0, v0, k1, v1, ...)) -> (logits, present k0, v0, ...)."""
+
+    def __init__(self, model: torch.nn.Module, num_layers: int):
+        super().__init__()
+        self.model = model
+        self.num_layers = num_layers
+
+    def forward(self, input_ids, attention_mask, past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i in range(self.num_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                         position_ids=_positions(input_ids, past[0].shape[2]), use_cache=True)
+        flat = []
+        for layer in out.past_key_values.layers:
+            flat += [layer.keys, layer.values]
+        return (out.logits, *flat)
+
+
+class _DecoderNoCache(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                          position_ids=_positions(input_ids, 0)).logits
+
+
+class _Encoder(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def _sample_inputs(loaded, lm: bool, with_cache: bool, batch_dynamic: bool = True):
+    """Example tensors and ``dynamic_shapes`` for torch.export."""
+    from torch.export import Dim
+
+    vocab = int(getattr(loaded.model.config, "vocab_size", 2) or 2)
+    g = torch.Generator().manual_seed(0)
+    b, s, p = (_SAMPLE_BATCH if batch_dynamic else 1), _SAMPLE_SEQ, (_SAMPLE_PAST if with_cache else 0)
+    ids = torch.randint(0, vocab, (b, s), generator=g, dtype=torch.long)
+    mask = torch.ones(b, p + s, dtype=torch.long)
+    batch, seq = Dim("batch"), Dim("sequence")
+    if not (lm and with_cache):
+        return (ids, mask), {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    past_len, total = Dim("past_sequence"), Dim("total_sequence")
+    shape = (b, loaded.num_kv_heads, p, loaded.head_dim)
+    dtype = next(loaded.model.parameters()).dtype
+    past = tuple(torch.randn(shape, generator=g).to(dtype) for _ in range(2 * loaded.num_layers))
+    dyn = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
+           "past": tuple({0: batch, 2: past_len} for _ in past)}
+    return (ids, mask, past), dyn
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporter's warnings and log chatter for the duration."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, lv in zip(loggers, levels):
+                lg.setLevel(lv)
+
+
+@contextlib.contextmanager
+def _sdpa(model: torch.nn.Module):
+    """Run ``model`` with ``attn_implementation='sdpa'`` for the duration (restored afterwards)."""
+    cfg = model.config
+    before = getattr(cfg, "_attn_implementation", None)
+    if before != "sdpa":
+        model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        if before is not None and before != "sdpa":
+            model.set_attn_implementation(before)
+
+
+def _param_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + \
+        sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
+def _model_metadata(loaded, lm: bool, with_cache: bool) -> dict[str, str]:
+    from . import __version__
+
+    cfg = loaded.model.config
+    window = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "use_sliding_window", True) is False:
+        window = None
+    layer_types = getattr(cfg, "layer_types", None) or []
+    if window and layer_types and all(t == "full_attention" for t in layer_types):
+        window = None
+    meta = {
+        "version": __version__, "model": loaded.name, "model_type": loaded.model_type,
+        "causal": int(bool(loaded.causal)), "is_lm": int(lm), "with_cache": int(with_cache),
+        "num_layers": loaded.num_layers, "num_heads": loaded.num_heads, "num_kv_heads": loaded.num_kv_heads,
+        "head_dim": loaded.head_dim, "sliding_window": int(window or 0),
+    }
+    return {META_PREFIX + k: str(v) for k, v in meta.items()}
+
+
+# -- the export --------------------------------------------------------------------------------------
+
+def export_onnx(loaded, out_path, *, with_cache: bool | None = None, opset: int = 23,
+                batch_dynamic: bool = True, progress: Progress | None = None) -> Path:
+    """Export ``loaded`` (a ``LoadedModel``) densely to ``out_path`` and return the path.
+
+    Decoder LMs get a KV-cache signature (``with_cache`` defaults to True); encoders get
+    ``input_ids``/``attention_mask`` -> ``last_hidden_state``. Weights go to ``<name>.data`` when the model
+    is larger than 1 GB. The file is written atomically and checked with ``onnx.checker``.
+    """
+    from .models import load_model
+
+    loaded = load_model(loaded)
+    prog = progress or (lambda msg, frac: None)
+    out_path = Path(out_path)
+    if out_path.is_dir() or out_path.suffix != ".onnx":
+        raise TopThetaError(f"ONNX output path {out_path} must be a file ending in .onnx: pass e.g. "
+                            f"{out_path / 'model.onnx' if out_path.is_dir() else out_path.with_suffix('.onnx')}")
+    if opset < 23:
+        raise TopThetaError(f"opset {opset} has no Attention operator: use opset 23 or newer")
+    lm = bool(loaded.causal and loaded.is_lm)
+    if with_cache is None:
+        with_cache = lm
+    if with_cache and not lm:
+        raise TopThetaError(f"{loaded.name} is not a causal language model, so it has no KV cache to export: "
+                            "export it with with_cache=False")
+    model = loaded.model.eval()
+    if lm:
+        wrapper = _DecoderWithCache(model, loaded.num_layers) if with_cache else _DecoderNoCache(model)
+    else:
+        wrapper = _Encoder(model)
+    wrapper.eval()
+    args, dyn = _sample_inputs(loaded, lm, with_cache, batch_dynamic)
+    if not batch_dynamic:
+        dyn = _fix_batch(dyn)
+    names_in = input_names(loaded.num_layers, lm=lm, with_cache=with_cache)
+    names_out = output_names(loaded.num_layers, lm=lm, with_cache=with_cache)
+    external = _param_bytes(model) > EXTERNAL_DATA_THRESHOLD
+
+    prog(f"exporting {loaded.name} to ONNX (opset {opset})", 0.0)
+    t0 = time.perf_counter()
+    program = _run_exporter(wrapper, args, dyn, opset, names_in, names_out, loaded.name)
+    prog(f"traced in {time.perf_counter() - t0:.0f} s; saving", 0.8)
+    program.model.metadata_props.update(_model_metadata(loaded, lm, with_cache))
+    write_onnx(program.model, out_path, external)
+    prog(f"exported {out_path} in {time.perf_counter() - t0:.0f} s", 1.0)
+    return out_path
+
+
+def _fix_batch(dyn):
+    def fix(d):
+        if isinstance(d, tuple):
+            return tuple(fix(x) for x in d)
+        return {k: v for k, v in d.items() if k != 0}
+    return {k: fix(v) for k, v in dyn.items()}
+
+
+def _run_exporter(wrapper, args, dyn, opset, names_in, names_out, name):
+    with _quiet(), _sdpa(wrapper.model), torch.no_grad():
+        try:
+            return torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, dynamic_shapes=dyn,
+                                     input_names=names_in, output_names=names_out, verbose=False,
+                                     report=False, optimize=True)
+        except TopThetaError:
+            raise
+        except Exception as e:
+            raise TopThetaError(f"torch.onnx.export failed for {name} ({type(e).__name__}: {_first_line(e)}): "
+                                "check that the model runs in PyTorch with attn_implementation='sdpa'") from None
+
+
+def write_onnx(model, out_path: Path, external: bool) -> Path:
+    """Save an ``onnx_ir.Model`` atomically (``<name>.data`` holds the weights when ``external``), then check it.
+
+    The files are written in a temporary directory under their final names, so the external-data reference
+    stays right; the data file is moved into place first and the ``.onnx`` last.
+    """
+    import onnx_ir as ir
+
+    out_path = Path(out_path)
+    data_name = out_path.name + ".data"
+    with atomic_path(out_path) as tmp:
+        if external:
+            ir.save(model, tmp, external_data=data_name)
+        else:
+            ir.save(model, tmp)
+        check_onnx(tmp, external)
+        if external:
+            os.replace(tmp.with_name(data_name), out_path.with_name(data_name))
+        else:
+            out_path.with_name(data_name).unlink(missing_ok=True)  # stale weights of an earlier export
+    return out_path
+
+
+def check_onnx(path: Path, external: bool) -> None:
+    """onnx.checker: full check for single files, path-based check with external data."""
+    import onnx
+
+    try:
+        if external:
+            onnx.checker.check_model(str(path))
+        else:
+            onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    except Exception as e:
+        raise TopThetaError(f"the exported ONNX model failed onnx.checker ({_first_line(e)}): this is a bug, "
+                            "please report it with the model config") from None

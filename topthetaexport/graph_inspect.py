@@ -1,0 +1,147 @@
+"""A summary of an ONNX file (for ``topθ-export inspect``): signature, op counts, TopThetaAttention nodes."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .rewrite import SDC_PREFIX, THETA_PREFIX, layer_of, load_onnx
+from .runtime import DOMAIN, OP_TYPE
+
+__all__ = ["summarize", "format_summary"]
+
+
+def _dims(value) -> list:
+    if value.shape is None:
+        return []
+    return [d if isinstance(d, int) else str(d) for d in value.shape]
+
+
+def _io(value) -> dict[str, Any]:
+    dtype = value.dtype.name.lower() if value.dtype is not None else "?"
+    return {"name": value.name, "dtype": dtype, "shape": _dims(value)}
+
+
+def _array(value) -> np.ndarray | None:
+    if value is None or value.const_value is None:
+        return None
+    return np.asarray(value.const_value.numpy(), dtype=np.float64)
+
+
+def _theta_stats(theta: np.ndarray | None, sdc: np.ndarray | None) -> dict[str, Any]:
+    if theta is None:
+        return {}
+    finite = np.isfinite(theta)
+    out: dict[str, Any] = {"rows": int(theta.shape[-1]) if theta.ndim == 2 else None,
+                           "finite_fraction": float(finite.mean()) if theta.size else 0.0,
+                           "dense": bool(not finite.any())}
+    if finite.any():
+        vals = theta[finite]
+        out.update(theta_min=float(vals.min()), theta_mean=float(vals.mean()), theta_max=float(vals.max()))
+    if sdc is not None and sdc.size:
+        out["sdc_mean"] = float(sdc[finite].mean()) if finite.any() else 0.0
+    return out
+
+
+def _attention_node(node) -> dict[str, Any]:
+    attrs = {name: a.value for name, a in node.attributes.items()}
+    layer_meta = node.metadata_props.get("toptheta.layer")
+    layer, name = layer_of(node)
+    if layer_meta is not None:
+        layer = int(layer_meta)
+    theta = node.inputs[3] if len(node.inputs) > 3 else None
+    sdc = node.inputs[7] if len(node.inputs) > 7 else None
+    mask = node.inputs[4] if len(node.inputs) > 4 else None
+    info = {"layer": layer, "name": name, "node": node.name,
+            "num_heads": int(attrs.get("num_heads", 0)), "num_kv_heads": int(attrs.get("num_kv_heads", 0)),
+            "comp_mode": int(attrs.get("comp_mode", 0)), "causal": int(attrs.get("causal", 0)),
+            "scale": float(attrs.get("scale", 0.0)),
+            "mask": None if mask is None else ("key_padding" if mask.shape is not None and len(mask.shape) == 2
+                                               else "4d"),
+            "thresholds": theta.name if theta is not None else None}
+    info.update(_theta_stats(_array(theta), _array(sdc)))
+    return info
+
+
+def summarize(path) -> dict[str, Any]:
+    """Opset, inputs/outputs, op counts, metadata and one entry per TopThetaAttention node."""
+    path = Path(path)
+    model = load_onnx(path)
+    graph = model.graph
+    counts = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}"
+                     for n in graph.all_nodes())
+    nodes = [_attention_node(n) for n in graph.all_nodes() if n.op_type == OP_TYPE and n.domain == DOMAIN]
+    nodes.sort(key=lambda d: (d["layer"] is None, d["layer"]))
+    data_file = path.with_name(path.name + ".data")
+    return {
+        "path": str(path),
+        "size_bytes": path.stat().st_size + (data_file.stat().st_size if data_file.is_file() else 0),
+        "external_data": data_file.is_file(),
+        "ir_version": model.ir_version,
+        "opset": dict(model.opset_imports),
+        "producer": f"{model.producer_name or ''} {model.producer_version or ''}".strip(),
+        "inputs": [_io(v) for v in graph.inputs],
+        "outputs": [_io(v) for v in graph.outputs],
+        "num_nodes": sum(counts.values()),
+        "op_counts": dict(counts.most_common()),
+        "dense_attention_nodes": counts.get("Attention", 0),
+        "metadata": dict(model.metadata_props),
+        "toptheta_nodes": nodes,
+        "thresholds": _overall(nodes),
+    }
+
+
+def _overall(nodes: list[dict]) -> dict[str, Any]:
+    if not nodes:
+        return {}
+    sparse = [n for n in nodes if not n.get("dense", True)]
+    means = [n["theta_mean"] for n in sparse if "theta_mean" in n]
+    return {
+        "layers": len(nodes), "dense_layers": [n["layer"] for n in nodes if n.get("dense")],
+        "rows": sorted({n.get("rows") for n in nodes if n.get("rows") is not None}),
+        "comp_modes": sorted({n["comp_mode"] for n in nodes}),
+        "theta_min": min((n["theta_min"] for n in sparse), default=None),
+        "theta_max": max((n["theta_max"] for n in sparse), default=None),
+        "theta_mean": float(np.mean(means)) if means else None,
+    }
+
+
+def _fmt_shape(shape: list) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _num(x) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def format_summary(s: dict[str, Any], *, max_ops: int = 12) -> str:
+    """Plain-text rendering of ``summarize()`` (one fact per line)."""
+    opsets = ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in s["opset"].items())
+    lines = [f"{s['path']}  ({s['size_bytes'] / 1e6:.1f} MB{', external data' if s['external_data'] else ''})",
+             f"opsets: {opsets}; {s['num_nodes']} nodes"]
+    lines.append("inputs:")
+    lines += [f"  {v['name']}: {v['dtype']} {_fmt_shape(v['shape'])}" for v in s["inputs"]]
+    lines.append("outputs:")
+    lines += [f"  {v['name']}: {v['dtype']} {_fmt_shape(v['shape'])}" for v in s["outputs"]]
+    ops = list(s["op_counts"].items())
+    lines.append("ops: " + ", ".join(f"{k} {v}" for k, v in ops[:max_ops]) +
+                 (f", ... ({len(ops) - max_ops} more types)" if len(ops) > max_ops else ""))
+    nodes = s["toptheta_nodes"]
+    if not nodes:
+        lines.append(f"no TopThetaAttention nodes ({s['dense_attention_nodes']} dense Attention nodes)")
+        return "\n".join(lines)
+    lines.append(f"TopThetaAttention: {len(nodes)} nodes")
+    for n in nodes:
+        theta = "dense (θ=-inf)" if n.get("dense") else \
+            f"θ min/mean/max {_num(n.get('theta_min'))}/{_num(n.get('theta_mean'))}/{_num(n.get('theta_max'))}"
+        lines.append(f"  layer {n['layer']:>3} {n['name']}: heads {n['num_heads']}, kv heads {n['num_kv_heads']}, "
+                     f"R {n.get('rows')}, comp_mode {n['comp_mode']}, causal {n['causal']}, mask {n['mask']}, "
+                     f"{theta}")
+    meta = {k: v for k, v in s["metadata"].items() if k.startswith("toptheta.")}
+    if meta:
+        lines.append("metadata: " + ", ".join(f"{k[len('toptheta.'):]}={v}" for k, v in meta.items()))
+    return "\n".join(lines)

@@ -1,0 +1,143 @@
+"""Run an exported (Top-θ or dense) model in onnxruntime: prefill, KV-cache decode, greedy generation.
+
+Graph I/O follows docs/graph.md: ``input_ids`` [B,S], ``attention_mask`` [B,P+S],
+``past_key_values.{i}.key|value`` → ``logits`` (or ``last_hidden_state``), ``present.{i}.key|value``.
+With ``with_kept=True`` the 4th output (``kept`` counts) of every TopThetaAttention node is exposed,
+so callers can measure how many attention elements / V rows each row really used.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import runtime
+from ._errors import TopThetaError
+
+_PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_THETA_RE = re.compile(r"toptheta\.theta\.(\d+)$")
+KEPT_PREFIX = "toptheta.kept."
+
+
+@dataclass
+class StepResult:
+    output: np.ndarray                       # logits [B,S,V] or last_hidden_state [B,S,H]
+    present: list[np.ndarray] = field(default_factory=list)   # flat [k0, v0, k1, v1, ...]
+    kept: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> int32 [B,Hq,S]
+
+
+def _with_kept_outputs(model_path: Path) -> Path:
+    """A copy of the model (next to it, so external data still resolves) exposing kept counts."""
+    import onnx
+
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as e:
+        raise TopThetaError(f"{model_path} is not a valid ONNX model ({str(e).splitlines()[0][:200]}): re-export it") from None
+    graph_outputs = {o.name for o in model.graph.output}
+    found = 0
+    for node in model.graph.node:
+        if node.op_type != runtime.OP_TYPE or node.domain != runtime.DOMAIN:
+            continue
+        m = _THETA_RE.search(node.input[3]) if len(node.input) > 3 else None
+        layer = int(m.group(1)) if m else found
+        found += 1
+        outs = list(node.output) + [""] * (4 - len(node.output))
+        if not outs[3]:
+            outs[3] = f"{KEPT_PREFIX}{layer}"
+        del node.output[:]
+        node.output.extend(outs)
+        if outs[3] not in graph_outputs:
+            vi = onnx.helper.make_tensor_value_info(outs[3], onnx.TensorProto.INT32, None)
+            model.graph.output.append(vi)
+    if not found:
+        raise TopThetaError(f"{model_path} has no TopThetaAttention node: run 'topθ-export rewrite' on it first")
+    fd, tmp = tempfile.mkstemp(prefix=".kept-", suffix=".onnx", dir=model_path.parent)
+    os.close(fd)
+    onnx.save(model, tmp)
+    return Path(tmp)
+
+
+class OnnxModel:
+    """An onnxruntime session over an exported model, with helpers for the KV cache."""
+
+    def __init__(self, path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
+                 with_kept: bool = False):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise TopThetaError(f"ONNX model {self.path} does not exist: run 'topθ-export export' first")
+        load_path = _with_kept_outputs(self.path) if with_kept else self.path
+        try:
+            self.sess = runtime.session(load_path, device=device, threads=threads)
+        finally:
+            if load_path != self.path:
+                load_path.unlink(missing_ok=True)
+        self.providers = self.sess.get_providers()
+        ins = self.sess.get_inputs()
+        self.input_names = [i.name for i in ins]
+        past = sorted(((int(m.group(1)), m.group(2), i) for i in ins if (m := _PAST_RE.match(i.name))),
+                      key=lambda t: (t[0], t[1] != "key"))
+        self.past_inputs = [i for _, _, i in past]
+        self.num_layers = len(self.past_inputs) // 2
+        if self.past_inputs:
+            shape = self.past_inputs[0].shape
+            self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+            self.dtype = np.float16 if "float16" in self.past_inputs[0].type else np.float32
+        outs = [o.name for o in self.sess.get_outputs()]
+        self.output_name = outs[0]
+        self.present_names = [o for o in outs if o.startswith("present.")]
+        self.kept_names = {int(o[len(KEPT_PREFIX):]): o for o in outs if o.startswith(KEPT_PREFIX)}
+
+    @property
+    def has_cache(self) -> bool:
+        return bool(self.past_inputs)
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), self.dtype) for _ in self.past_inputs]
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+            past: list[np.ndarray] | None = None) -> StepResult:
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        if input_ids.ndim != 2:
+            raise TopThetaError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
+        b, s = input_ids.shape
+        feeds = {"input_ids": input_ids}
+        if self.has_cache:
+            past = past if past is not None else self.empty_past(b)
+            p = past[0].shape[2]
+            for inp, arr in zip(self.past_inputs, past):
+                feeds[inp.name] = arr
+        else:
+            p = 0
+        if "attention_mask" in self.input_names:
+            feeds["attention_mask"] = (np.ones((b, p + s), np.int64) if attention_mask is None
+                                       else np.ascontiguousarray(attention_mask, dtype=np.int64))
+        names = [self.output_name] + self.present_names + list(self.kept_names.values())
+        res = self.sess.run(names, feeds)
+        n_present = len(self.present_names)
+        kept = {layer: res[1 + n_present + j] for j, layer in enumerate(self.kept_names)}
+        return StepResult(res[0], list(res[1:1 + n_present]), kept)
+
+    def generate(self, input_ids: np.ndarray, max_new_tokens: int, eos_token_id: int | None = None,
+                 on_step=None) -> np.ndarray:
+        """Greedy decoding with the KV cache; returns the new tokens [B, n]."""
+        if not self.has_cache:
+            raise TopThetaError(f"{self.path} was exported without a KV cache: re-export a decoder LM with the cache")
+        step = self.run(input_ids)
+        new = []
+        mask = np.ones_like(input_ids, dtype=np.int64)
+        for _ in range(max_new_tokens):
+            nxt = step.output[:, -1, :].argmax(-1).astype(np.int64)[:, None]
+            new.append(nxt)
+            if on_step:
+                on_step(step)
+            if eos_token_id is not None and bool((nxt == eos_token_id).all()):
+                break
+            mask = np.concatenate([mask, np.ones_like(nxt)], axis=1)
+            step = self.run(nxt, mask, step.present)
+        return np.concatenate(new, axis=1) if new else np.zeros((input_ids.shape[0], 0), np.int64)

@@ -1,0 +1,105 @@
+"""Locate the custom-op library and open onnxruntime sessions with it registered."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+from ._errors import TopThetaError
+
+LIBRARY_ENV = "TOPTHETA_OPS_LIBRARY"
+LIBRARY_NAME = "libtoptheta_ops.so"
+DOMAIN = "ai.toptheta"
+OP_TYPE = "TopThetaAttention"
+OP_VERSION = 1
+
+
+def library_path(required: bool = True) -> Path | None:
+    """Path of the custom-op shared library.
+
+    Looked up in ``$TOPTHETA_OPS_LIBRARY`` first, then next to this package (``_lib/``), where
+    ``pip install .`` puts it.
+    """
+    env = os.environ.get(LIBRARY_ENV)
+    if env:
+        p = Path(env)
+        if not p.is_file():
+            raise TopThetaError(
+                f"{LIBRARY_ENV}={env} does not exist: point it at a built {LIBRARY_NAME} or unset it"
+            )
+        return p
+    p = Path(__file__).resolve().parent / "_lib" / LIBRARY_NAME
+    if p.is_file():
+        return p
+    if required:
+        raise TopThetaError(
+            f"custom-op library {LIBRARY_NAME} not found next to {Path(__file__).parent}: "
+            f"build it with 'pip install .' (needs cmake and a C++ compiler) or set {LIBRARY_ENV}"
+        )
+    return None
+
+
+def cuda_available() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def providers_for(device: str = "auto") -> list[str]:
+    """Execution providers for ``device`` in {'auto', 'cpu', 'cuda'}.
+
+    'cuda' without onnxruntime-gpu (or without a GPU) falls back to CPU with a warning.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise TopThetaError(f"unknown device '{device}': use auto, cpu or cuda")
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if cuda_available():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        warnings.warn(
+            "CUDA requested but onnxruntime has no CUDAExecutionProvider here "
+            "(install onnxruntime-gpu on a machine with an NVIDIA GPU); running on CPU",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return ["CPUExecutionProvider"]
+
+
+def session_options(threads: int | None = None, library: str | os.PathLike | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    lib = Path(library) if library else library_path()
+    try:
+        so.register_custom_ops_library(str(lib))
+    except Exception as e:  # onnxruntime raises a bare RuntimeError/Fail
+        raise TopThetaError(
+            f"onnxruntime could not load the custom-op library {lib} ({str(e).splitlines()[0]}): "
+            "rebuild it with 'pip install .'"
+        ) from None
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    return so
+
+
+def session(model_path: str | os.PathLike, *, device: str = "auto", threads: int | None = None,
+            library: str | os.PathLike | None = None):
+    """An ``onnxruntime.InferenceSession`` for ``model_path`` with the Top-θ library registered.
+
+    ``device='auto'`` uses CUDA when onnxruntime-gpu sees a GPU, else CPU.
+    """
+    import onnxruntime as ort
+
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise TopThetaError(f"ONNX model {model_path} does not exist: run 'topθ-export export' first")
+    so = session_options(threads, library)
+    try:
+        return ort.InferenceSession(str(model_path), sess_options=so, providers=providers_for(device))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TopThetaError(
+            f"onnxruntime cannot load {model_path}: {first[:300]} (is it a complete ONNX file? re-export it)"
+        ) from None

@@ -1,0 +1,196 @@
+"""Calibrated Top-θ constants: θ and ρ per (layer, head, row), saved as safetensors + JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._errors import TopThetaError
+from ._io import atomic_path, write_json
+
+__all__ = ["Thresholds", "FORMAT_VERSION", "TENSORS_FILE", "META_FILE"]
+
+FORMAT_VERSION = 1
+TENSORS_FILE = "thresholds.safetensors"
+META_FILE = "thresholds.json"
+_META_KEY = "toptheta_meta"
+_REQUIRED_META = ("format_version", "num_layers", "num_heads")
+
+
+@dataclass
+class Thresholds:
+    """θ [L, Hq, R] and ρ (SDC) [L, Hq, R], float32, plus metadata (see docs/op.md)."""
+
+    theta: torch.Tensor
+    sdc: torch.Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.theta = torch.as_tensor(self.theta).detach().to("cpu", torch.float32).contiguous()
+        self.sdc = torch.as_tensor(self.sdc).detach().to("cpu", torch.float32).contiguous()
+        problem = _shape_problem(self.theta, self.sdc, self.meta)
+        if problem:
+            raise TopThetaError(f"inconsistent thresholds: {problem}: recalibrate with 'topθ-export calibrate'")
+        self.meta.setdefault("format_version", FORMAT_VERSION)
+        self.meta.setdefault("num_layers", self.num_layers)
+        self.meta.setdefault("num_heads", self.num_heads)
+
+    # -- shape -------------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return int(self.theta.shape[0])
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.theta.shape[1])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.theta.shape[2])
+
+    @property
+    def dense_layers(self) -> list[int]:
+        return [int(i) for i in self.meta.get("dense_layers", [])]
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(θ [Hq, R], ρ [Hq, R]) of layer ``i``."""
+        if not 0 <= i < self.num_layers:
+            raise TopThetaError(f"layer {i} is out of range: the thresholds have {self.num_layers} layers")
+        return self.theta[i], self.sdc[i]
+
+    # -- io ----------------------------------------------------------------------------------------
+    def save(self, out_dir) -> Path:
+        """Write ``thresholds.safetensors`` and ``thresholds.json`` into ``out_dir`` (each atomically)."""
+        from safetensors.torch import save_file
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        meta = dict(self.meta)
+        path = out_dir / TENSORS_FILE
+        with atomic_path(path) as tmp:
+            save_file({"theta": self.theta, "sdc": self.sdc}, str(tmp),
+                      metadata={_META_KEY: json.dumps(meta, default=str)})
+        write_json(out_dir / META_FILE, meta)
+        return path
+
+    @classmethod
+    def load(cls, path) -> "Thresholds":
+        """Load from a directory holding ``thresholds.safetensors`` or from that file itself."""
+        from safetensors import safe_open
+
+        p = Path(path)
+        file = p / TENSORS_FILE if p.is_dir() else p
+        if not file.is_file():
+            raise TopThetaError(f"thresholds file {file} does not exist: run 'topθ-export calibrate' first")
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                names = set(f.keys())
+                missing = {"theta", "sdc"} - names
+                if missing:
+                    raise TopThetaError(f"thresholds file {file} lacks tensor(s) {sorted(missing)}: recalibrate")
+                theta, sdc = f.get_tensor("theta"), f.get_tensor("sdc")
+                raw = (f.metadata() or {}).get(_META_KEY)
+        except TopThetaError:
+            raise
+        except Exception as e:
+            raise TopThetaError(f"cannot read thresholds file {file} ({_first_line(e)}): recalibrate") from None
+        meta = _read_meta(file, raw)
+        try:
+            return cls(theta, sdc, meta)
+        except TopThetaError as e:
+            raise TopThetaError(f"{file}: {e}") from None
+
+    # -- checks ------------------------------------------------------------------------------------
+    def check_compatible(self, loaded) -> None:
+        """Raise TopThetaError if these thresholds do not fit ``loaded`` (a LoadedModel)."""
+        checks = [("layers", self.num_layers, getattr(loaded, "num_layers", None)),
+                  ("query heads", self.num_heads, getattr(loaded, "num_heads", None)),
+                  ("kv heads", self.meta.get("num_kv_heads"), getattr(loaded, "num_kv_heads", None)),
+                  ("head dim", self.meta.get("head_dim"), getattr(loaded, "head_dim", None))]
+        for what, mine, theirs in checks:
+            if mine is not None and theirs is not None and int(mine) != int(theirs):
+                name = getattr(loaded, "name", "the model")
+                raise TopThetaError(
+                    f"thresholds were calibrated for {mine} {what} (model {self.meta.get('model', '?')}) but "
+                    f"{name} has {theirs}: calibrate thresholds for this model")
+
+    def stats(self) -> dict[str, Any]:
+        """Summary numbers for reports."""
+        th = self.theta
+        finite = torch.isfinite(th)
+        fin_vals = th[finite]
+        per_layer = []
+        for i in range(self.num_layers):
+            f = torch.isfinite(th[i])
+            per_layer.append({
+                "layer": i,
+                "dense": bool(not f.any()),
+                "theta_mean": float(th[i][f].mean()) if f.any() else None,
+                "sdc_mean": float(self.sdc[i][f].mean()) if f.any() else None,
+            })
+        return {
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "num_rows": self.num_rows,
+            "k": self.meta.get("k"),
+            "dense_layers": self.dense_layers,
+            "finite_fraction": float(finite.float().mean()) if th.numel() else 0.0,
+            "theta_min": float(fin_vals.min()) if fin_vals.numel() else None,
+            "theta_max": float(fin_vals.max()) if fin_vals.numel() else None,
+            "theta_mean": float(fin_vals.mean()) if fin_vals.numel() else None,
+            "sdc_mean": float(self.sdc[finite].mean()) if fin_vals.numel() else None,
+            "sdc_max": float(self.sdc.max()) if self.sdc.numel() else None,
+            "per_layer": per_layer,
+        }
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def _read_meta(file: Path, raw: str | None) -> dict:
+    side = file.with_name(META_FILE)
+    source = None
+    if side.is_file():
+        source = side.read_text(errors="replace")
+    elif raw:
+        source = raw
+    if source is None:
+        raise TopThetaError(f"thresholds metadata is missing ({side} and the file's own metadata): recalibrate")
+    try:
+        meta = json.loads(source)
+    except json.JSONDecodeError as e:
+        raise TopThetaError(f"thresholds metadata in {side if side.is_file() else file} is not valid JSON "
+                            f"({e.msg} at line {e.lineno}): recalibrate") from None
+    if not isinstance(meta, dict):
+        raise TopThetaError(f"thresholds metadata of {file} is not a JSON object: recalibrate")
+    missing = [key for key in _REQUIRED_META if key not in meta]
+    if missing:
+        raise TopThetaError(f"thresholds metadata of {file} lacks {missing}: recalibrate")
+    if int(meta["format_version"]) != FORMAT_VERSION:
+        raise TopThetaError(f"thresholds format_version {meta['format_version']} is not supported "
+                            f"(this version reads {FORMAT_VERSION}): recalibrate")
+    return meta
+
+
+def _shape_problem(theta: torch.Tensor, sdc: torch.Tensor, meta: dict) -> str | None:
+    if theta.dim() != 3:
+        return f"theta must be [layers, heads, rows], got shape {list(theta.shape)}"
+    if tuple(sdc.shape) != tuple(theta.shape):
+        return f"sdc shape {list(sdc.shape)} differs from theta shape {list(theta.shape)}"
+    if theta.shape[2] < 1:
+        return "theta has no rows"
+    if torch.isnan(theta).any() or (theta == math.inf).any():
+        return "theta contains NaN or +inf"
+    if not torch.isfinite(sdc).all() or (sdc < 0).any():
+        return "sdc must be finite and >= 0"
+    for key, dim in (("num_layers", 0), ("num_heads", 1)):
+        if key in meta and int(meta[key]) != int(theta.shape[dim]):
+            return f"meta {key}={meta[key]} but theta has {theta.shape[dim]}"
+    return None

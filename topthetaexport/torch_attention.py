@@ -1,0 +1,208 @@
+"""Run a Hugging Face model with dense / Top-θ / top-k attention in PyTorch.
+
+``attention_mode(model, mode, ...)`` registers one attention function with ``transformers.AttentionInterface``
+(and a matching mask function that always builds an explicit boolean mask), switches the model to it for the
+duration of the ``with`` block and restores the previous implementation afterwards. Every attention call goes
+through ``topthetaexport.reference``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ._errors import TopThetaError
+from . import reference
+
+__all__ = ["attention_mode", "KeptRecorder", "attention_modules", "IMPL_NAME", "MODES"]
+
+IMPL_NAME = "toptheta_torch"
+MODES = ("dense", "toptheta", "topk")
+_STATE_ATTR = "_toptheta_state"
+_LAYER_ATTR = "_toptheta_layer"
+
+
+@dataclass
+class KeptRecorder:
+    """Collects per-layer kept / valid element counts (rows with ``n_valid <= min_valid`` are skipped)."""
+
+    min_valid: int = 0
+    kept: dict[int, float] = field(default_factory=dict)
+    valid: dict[int, float] = field(default_factory=dict)
+    rows: dict[int, int] = field(default_factory=dict)
+
+    def record(self, layer: int, kept: torch.Tensor, n_valid: torch.Tensor) -> None:
+        """``kept`` and ``n_valid``: [B, Hq, Sq] counts of one attention call of ``layer``."""
+        sel = n_valid > self.min_valid
+        self.kept[layer] = self.kept.get(layer, 0.0) + float(kept[sel].double().sum())
+        self.valid[layer] = self.valid.get(layer, 0.0) + float(n_valid[sel].double().sum())
+        self.rows[layer] = self.rows.get(layer, 0) + int(sel.sum())
+
+    def mean_kept(self, layers=None) -> float:
+        """Mean kept elements per row over ``layers`` (default: all recorded)."""
+        layers = sorted(self.rows) if layers is None else list(layers)
+        rows = sum(self.rows.get(i, 0) for i in layers)
+        return sum(self.kept.get(i, 0.0) for i in layers) / rows if rows else float("nan")
+
+    def mean_valid(self, layers=None) -> float:
+        layers = sorted(self.rows) if layers is None else list(layers)
+        rows = sum(self.rows.get(i, 0) for i in layers)
+        return sum(self.valid.get(i, 0.0) for i in layers) / rows if rows else float("nan")
+
+    def kept_fraction(self, layers=None) -> float:
+        layers = sorted(self.rows) if layers is None else list(layers)
+        valid = sum(self.valid.get(i, 0.0) for i in layers)
+        return sum(self.kept.get(i, 0.0) for i in layers) / valid if valid else float("nan")
+
+    def per_layer(self) -> list[dict[str, Any]]:
+        return [{"layer": i, "mean_kept": self.kept[i] / self.rows[i] if self.rows[i] else float("nan"),
+                 "mean_valid": self.valid[i] / self.rows[i] if self.rows[i] else float("nan")}
+                for i in sorted(self.rows)]
+
+
+@dataclass
+class _State:
+    mode: str
+    thresholds: Any = None
+    comp_mode: int = 0
+    k: int | None = None
+    recorder: Any = None
+    score_hook: Callable | None = None
+
+
+# -- the registered functions --------------------------------------------------------------------------
+
+def _mask_fn(*args, **kwargs):
+    """Boolean [B, 1, Sq, Kv] mask, never skipped for causal models (the reference needs it explicit)."""
+    from transformers.masking_utils import sdpa_mask
+
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+def _attention_fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention function registered as ``IMPL_NAME``; returns ([B, Sq, Hq, Dv], None) like HF's."""
+    state: _State | None = getattr(module, _STATE_ATTR, None)
+    if state is None:
+        raise TopThetaError(f"attention implementation '{IMPL_NAME}' used outside topthetaexport.attention_mode: "
+                            "wrap the forward pass in 'with attention_mode(model, ...)'")
+    layer = getattr(module, _LAYER_ATTR)
+    mask = attention_mask
+    if mask is not None and mask.dtype != torch.bool and mask.dim() == 4 and mask.shape[-1] != key.shape[2]:
+        mask = mask[..., : key.shape[2]]
+    causal = bool(getattr(module, "is_causal", False)) and mask is None and query.shape[2] > 1
+    out, kept = _dispatch(state, layer, query, key, value, mask, scaling, causal)
+    if state.recorder is not None:
+        state.recorder.record(layer, kept, _valid_counts(query, key, mask, causal))
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _dispatch(state: _State, layer, q, k, v, mask, scale, causal):
+    if state.score_hook is not None:
+        s, valid = reference.valid_and_scores(q, k, scale=scale, causal=causal, attn_mask=mask)
+        state.score_hook(layer, s, valid)
+    if state.mode == "dense":
+        return reference.dense_attention(q, k, v, scale=scale, causal=causal, attn_mask=mask, return_kept=True)
+    if state.mode == "topk":
+        return reference.topk_attention(q, k, v, state.k, scale=scale, causal=causal, attn_mask=mask,
+                                        return_kept=True)
+    theta, sdc = state.thresholds.layer(layer)
+    return reference.toptheta_attention(q, k, v, theta, scale=scale, causal=causal, attn_mask=mask, sdc=sdc,
+                                        comp_mode=state.comp_mode, return_kept=True)
+
+
+def _valid_counts(q, k, mask, causal) -> torch.Tensor:
+    b, hq, sq, _ = q.shape
+    ktot = k.shape[2]
+    if mask is None:
+        r = torch.arange(sq, device=q.device) + (ktot - sq)
+        n = (r + 1).clamp(max=ktot) if causal else torch.full((sq,), ktot, device=q.device)
+        return n.expand(b, hq, sq)
+    if mask.dtype != torch.bool:
+        limit = -65504.0 if mask.dtype == torch.float16 else -1e30
+        mask = mask > limit
+    return mask.sum(-1).expand(b, hq, sq)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(IMPL_NAME, _attention_fn)
+    AttentionMaskInterface.register(IMPL_NAME, _mask_fn)
+
+
+# -- switching a model ---------------------------------------------------------------------------------
+
+def attention_modules(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
+    """(layer index, module) of every self-attention module that calls the attention interface."""
+    found = []
+    for _, mod in model.named_modules():
+        if hasattr(mod, "scaling") and hasattr(mod, "layer_idx") and hasattr(mod, "config") \
+                and type(mod).__name__.endswith("Attention") and not getattr(mod, "is_cross_attention", False):
+            found.append(mod)
+    out = []
+    for i, mod in enumerate(found):
+        idx = mod.layer_idx if isinstance(mod.layer_idx, int) else i
+        out.append((idx, mod))
+    return out
+
+
+def _unwrap(model):
+    return getattr(model, "model", model) if not isinstance(model, torch.nn.Module) else model
+
+
+@contextlib.contextmanager
+def attention_mode(model, mode: str, *, thresholds=None, comp_mode: int = 0, k: int | None = None,
+                   recorder=None, score_hook: Callable | None = None) -> Iterator[None]:
+    """Run ``model`` (nn.Module or LoadedModel) with ``mode`` attention inside the ``with`` block.
+
+    mode: "dense" (exact masked softmax), "toptheta" (needs ``thresholds``; ``comp_mode`` 0/1/2), "topk" (needs
+    ``k``). ``recorder.record(layer, kept, n_valid)`` receives per-call counts. ``score_hook(layer, scores,
+    valid)`` sees the scaled, masked scores (used by calibration).
+    """
+    if mode not in MODES:
+        raise TopThetaError(f"unknown attention mode '{mode}': use one of {', '.join(MODES)}")
+    if mode == "toptheta" and thresholds is None:
+        raise TopThetaError("attention mode 'toptheta' needs thresholds: run calibrate first")
+    if mode == "topk" and (k is None or int(k) < 1):
+        raise TopThetaError("attention mode 'topk' needs k >= 1")
+    if comp_mode not in (0, 1, 2):
+        raise TopThetaError(f"comp_mode must be 0 (none), 1 (SDC) or 2 (SDC + VMC), got {comp_mode}")
+    net = _unwrap(model)
+    mods = attention_modules(net)
+    if not mods:
+        raise TopThetaError(f"no attention modules found in {type(net).__name__}: unsupported architecture")
+    if mode == "toptheta":
+        _check_thresholds(net, mods, thresholds)
+    _register()
+    state = _State(mode, thresholds, comp_mode, None if k is None else int(k), recorder, score_hook)
+    previous = net.config._attn_implementation
+    saved = [(mod, getattr(mod, _STATE_ATTR, None)) for _, mod in mods]  # allows nesting
+    for idx, mod in mods:
+        setattr(mod, _STATE_ATTR, state)
+        setattr(mod, _LAYER_ATTR, idx)
+    try:
+        net.set_attn_implementation(IMPL_NAME)
+        yield
+    finally:
+        net.set_attn_implementation(previous or "sdpa")
+        for mod, old in saved:
+            if old is not None:
+                setattr(mod, _STATE_ATTR, old)
+            else:
+                for attr in (_STATE_ATTR, _LAYER_ATTR):
+                    if hasattr(mod, attr):
+                        delattr(mod, attr)
+
+
+def _check_thresholds(net, mods, thresholds) -> None:
+    n_layers = max(i for i, _ in mods) + 1
+    heads = getattr(net.config, "num_attention_heads", thresholds.num_heads)
+    for what, mine, theirs in (("layers", thresholds.num_layers, n_layers), ("heads", thresholds.num_heads, heads)):
+        if mine != theirs:
+            raise TopThetaError(f"thresholds have {mine} {what} but the model has {theirs}: "
+                                "calibrate thresholds for this model")

@@ -1,0 +1,227 @@
+"""Validate an exported Top-θ model: parity with PyTorch, accuracy against dense, measured sparsity.
+
+Everything about the ONNX model is measured by running it in onnxruntime with the custom-op library:
+logits come from the real session, kept counts from the operator's own ``kept`` output.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ._errors import TopThetaError
+from .onnx_model import OnnxModel
+
+PARITY_TOL = 1e-4
+
+
+def _read_op_attrs(model_path: Path) -> dict[str, Any]:
+    import onnx
+
+    try:
+        m = onnx.load(str(model_path), load_external_data=False)
+    except Exception as e:
+        raise TopThetaError(f"{model_path} is not a valid ONNX model ({str(e).splitlines()[0][:200]}): re-export it") from None
+    for node in m.graph.node:
+        if node.op_type == "TopThetaAttention":
+            return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    raise TopThetaError(f"{model_path} has no TopThetaAttention node: run 'topθ-export rewrite' on it first")
+
+
+def _nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
+    """Sum of next-token negative log-likelihoods and the token count (float64)."""
+    lg = logits[:, :-1, :].astype(np.float64)
+    tgt = ids[:, 1:]
+    mx = lg.max(-1, keepdims=True)
+    lse = (np.log(np.exp(lg - mx).sum(-1, keepdims=True)) + mx)[..., 0]
+    picked = np.take_along_axis(lg, tgt[..., None], -1)[..., 0]
+    return float((lse - picked).sum()), int(tgt.size)
+
+
+def _valid_counts(seq: int, causal: bool, past: int = 0) -> np.ndarray:
+    """Number of valid keys for each query row of an unpadded sequence."""
+    rows = np.arange(past, past + seq)
+    return rows + 1 if causal else np.full(seq, past + seq)
+
+
+class _Sparsity:
+    def __init__(self, num_layers: int, dense_layers: list[int]):
+        self.kept = np.zeros(num_layers)
+        self.valid = np.zeros(num_layers)
+        self.dense_layers = set(dense_layers)
+
+    def add(self, kept: dict[int, np.ndarray], valid_per_row: np.ndarray):
+        for layer, k in kept.items():  # k: [B, Hq, S]
+            self.kept[layer] += float(k.astype(np.float64).sum())
+            self.valid[layer] += float(valid_per_row.sum()) * k.shape[0] * k.shape[1]
+
+    def summary(self) -> dict[str, Any]:
+        sparse = [i for i in range(len(self.kept)) if i not in self.dense_layers]
+        tot_k, tot_v = self.kept.sum(), self.valid.sum()
+        sk, sv = self.kept[sparse].sum(), self.valid[sparse].sum()
+        return {
+            "kept_fraction": float(tot_k / max(tot_v, 1)),
+            "reduction": float(tot_v / max(tot_k, 1)),
+            "sparse_layers_kept_fraction": float(sk / max(sv, 1)),
+            "sparse_layers_reduction": float(sv / max(sk, 1)),
+            "per_layer_kept_fraction": [float(k / max(v, 1)) for k, v in zip(self.kept, self.valid)],
+        }
+
+
+def validate(out_dir: str | os.PathLike | None = None, *, model=None, onnx_path=None, thresholds=None,
+             data="builtin:pydoc", seq_len: int | None = None, num_windows: int = 4, skip: int | None = None,
+             decode_steps: int = 16, device: str = "cpu", threads: int | None = None,
+             progress: Callable[[str, float], None] | None = None) -> dict[str, Any]:
+    """Run the Top-θ ONNX model and its PyTorch counterparts on held-out windows; return the report dict.
+
+    ``out_dir`` is a folder written by the pipeline (model.onnx + thresholds.*); the explicit arguments
+    override its parts. ``skip`` defaults to the number of calibration windows so that evaluation text is
+    held out from calibration.
+    """
+    import torch
+
+    from .data import as_token_tensor
+    from .models import load_model
+    from .thresholds import Thresholds
+    from .torch_attention import attention_mode
+
+    step = progress or (lambda msg, frac: None)
+    out_dir = Path(out_dir) if out_dir else None
+    onnx_path = Path(onnx_path) if onnx_path else (out_dir / "model.onnx" if out_dir else None)
+    if onnx_path is None:
+        raise TopThetaError("validate needs an output folder or --onnx: pass the folder written by topθ-export")
+    th = thresholds if isinstance(thresholds, Thresholds) else Thresholds.load(thresholds or out_dir)
+    attrs = _read_op_attrs(onnx_path)
+    comp_mode = int(attrs.get("comp_mode", 0))
+    loaded = model if model is not None and not isinstance(model, (str, os.PathLike)) else load_model(
+        model or th.meta.get("model_path") or th.meta.get("model"))
+    th.check_compatible(loaded)
+    seq_len = int(seq_len or th.meta.get("seq_len") or 512)
+    skip = int(th.meta.get("num_samples", 0) if skip is None else skip)
+
+    step("loading held-out text", 0.0)
+    tokens = as_token_tensor(data, loaded.tokenizer, seq_len=seq_len, num_samples=num_windows, skip=skip)
+    step("opening onnxruntime session", 0.05)
+    t0 = time.perf_counter()
+    om = OnnxModel(onnx_path, device=device, threads=threads, with_kept=True)
+    causal = bool(loaded.causal)
+    sp = _Sparsity(th.num_layers, th.dense_layers)
+    d_ref = d_dense = 0.0
+    agree = n_pos = 0
+    nll = {"dense": 0.0, "toptheta_onnx": 0.0, "toptheta_torch": 0.0}
+    n_tok = 0
+    cos = []
+    t_ort = 0.0
+    model_t = loaded.model
+    for w in range(tokens.shape[0]):
+        ids = tokens[w:w + 1]
+        step(f"window {w + 1}/{tokens.shape[0]}", 0.1 + 0.7 * w / tokens.shape[0])
+        with torch.no_grad():
+            with attention_mode(model_t, "dense"):
+                dense = _model_output(model_t, ids, loaded.is_lm)
+            with attention_mode(model_t, "toptheta", thresholds=th, comp_mode=comp_mode):
+                ref = _model_output(model_t, ids, loaded.is_lm)
+        t1 = time.perf_counter()
+        res = om.run(ids.numpy())
+        t_ort += time.perf_counter() - t1
+        out = res.output.astype(np.float32)
+        d_ref = max(d_ref, float(np.abs(out - ref).max()))
+        d_dense = max(d_dense, float(np.abs(out - dense).max()))
+        sp.add(res.kept, _valid_counts(seq_len, causal))
+        if loaded.is_lm:
+            agree += int((out.argmax(-1) == dense.argmax(-1)).sum())
+            n_pos += out.shape[1]
+            for key, lg in (("dense", dense), ("toptheta_onnx", out), ("toptheta_torch", ref)):
+                s, n = _nll(lg, ids.numpy())
+                nll[key] += s
+            n_tok += n
+        else:
+            a, b = out.mean(1), dense.mean(1)
+            cos.append(float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b))))
+
+    report: dict[str, Any] = {
+        "model": loaded.name,
+        "onnx": str(onnx_path),
+        "providers": om.providers,
+        "data": str(data) if not isinstance(data, torch.Tensor) else "tensor",
+        "seq_len": seq_len,
+        "windows": int(tokens.shape[0]),
+        "held_out_skip": skip,
+        "k": th.meta.get("k"),
+        "comp_mode": comp_mode,
+        "dense_layers": th.dense_layers,
+        "parity": {
+            "max_abs_diff_vs_torch_toptheta": d_ref,
+            "max_abs_diff_vs_torch_dense": d_dense,
+            "tolerance": PARITY_TOL,
+            "pass": d_ref <= PARITY_TOL,
+        },
+        "attention_elements": sp.summary(),
+        "onnx_seconds_per_window": t_ort / max(tokens.shape[0], 1),
+    }
+    report["attention_elements"]["dense_per_row"] = float(_valid_counts(seq_len, causal).mean())
+    report["attention_elements"]["kept_per_row"] = (
+        report["attention_elements"]["dense_per_row"] * report["attention_elements"]["kept_fraction"])
+    if loaded.is_lm:
+        ppl = {k: math.exp(v / max(n_tok, 1)) for k, v in nll.items()}
+        report["top1_agreement_vs_dense"] = agree / max(n_pos, 1)
+        report["perplexity"] = {
+            "dense": ppl["dense"],
+            "toptheta_onnx": ppl["toptheta_onnx"],
+            "toptheta_torch": ppl["toptheta_torch"],
+            "relative_change": ppl["toptheta_onnx"] / ppl["dense"] - 1.0,
+            "tokens": n_tok,
+        }
+    else:
+        report["embedding_cosine_vs_dense"] = {"mean": float(np.mean(cos)), "min": float(np.min(cos))}
+    if loaded.is_lm and om.has_cache and decode_steps > 0:
+        step("decode with the KV cache", 0.85)
+        report["decode"] = _decode_check(om, tokens[0].numpy()[None, :], decode_steps, th.dense_layers)
+    step("done", 1.0)
+    return report
+
+
+def _model_output(model, ids, is_lm: bool) -> np.ndarray:
+    out = model(input_ids=ids, attention_mask=ids.new_ones(ids.shape))
+    t = out.logits if is_lm else out.last_hidden_state
+    return t.float().numpy()
+
+
+def _decode_check(om: OnnxModel, ids: np.ndarray, steps: int, dense_layers: list[int]) -> dict[str, Any]:
+    """Prefill all but the last ``steps`` tokens, then decode them one by one through the KV cache.
+
+    Returns V rows read per decode step (the kept count of the single query row) against dense, and the
+    largest difference between decode-step logits and the full-prefill logits at the same positions.
+    """
+    full = om.run(ids)
+    s = ids.shape[1]
+    pre = s - steps
+    res = om.run(ids[:, :pre])
+    kept_rows = np.zeros(om.num_layers)
+    dense_rows = 0.0
+    max_diff = 0.0
+    mask = np.ones((1, pre), np.int64)
+    for t in range(pre, s):
+        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+        res = om.run(ids[:, t:t + 1], mask, res.present)
+        max_diff = max(max_diff, float(np.abs(res.output[:, -1] - full.output[:, t]).max()))
+        for layer, k in res.kept.items():
+            kept_rows[layer] += float(k.astype(np.float64).mean())
+        dense_rows += t + 1
+    sparse = [i for i in range(om.num_layers) if i not in set(dense_layers)]
+    kept_all = kept_rows.sum() / om.num_layers
+    kept_sparse = kept_rows[sparse].sum() / max(len(sparse), 1)
+    return {
+        "context_start": pre,
+        "steps": steps,
+        "v_rows_dense_per_step": dense_rows / steps,
+        "v_rows_kept_per_step": kept_all / steps,
+        "v_rows_reduction": dense_rows / max(kept_all, 1e-9),
+        "sparse_layers_v_rows_reduction": dense_rows / max(kept_sparse, 1e-9),
+        "max_abs_diff_decode_vs_prefill": max_diff,
+    }
