@@ -82,9 +82,14 @@ def summary_table(report: dict) -> Table:
         t.add_row("decode V rows reduction", f"{dec['v_rows_reduction']:.2f}x")
     par = v.get("parity")
     if par:
-        t.add_row("parity max |Δ| vs PyTorch Top-θ", f"{par['max_abs_diff_vs_torch_toptheta']:.2e}"
+        t.add_row("parity: model max |Δ| vs PyTorch Top-θ", f"{par['max_abs_diff_vs_torch_toptheta']:.2e}"
                   + (" ok" if par["pass"] else f" > {par['tolerance']:.0e}"))
-        t.add_row("max |Δ| vs PyTorch dense", f"{par['max_abs_diff_vs_torch_dense']:.2e}")
+        if "dense_fp32_floor" in par:
+            t.add_row("  same with θ=-inf vs PyTorch dense (fp32 floor)", f"{par['dense_fp32_floor']:.2e}")
+            t.add_row("parity: operator max |Δ| vs fp64 reference",
+                      f"{par['operator_max_abs_diff_vs_fp64_reference']:.2e}"
+                      + (" ok" if par["operator_pass"] else f" > {par['tolerance']:.0e}"))
+        t.add_row("model max |Δ| vs PyTorch dense", f"{par['max_abs_diff_vs_torch_dense']:.2e}")
     ppl = v.get("perplexity")
     if ppl:
         t.add_row("perplexity dense", f"{ppl['dense']:.3f}")

@@ -61,17 +61,24 @@ def ref(f, mask=None, sdc=True, **attrs):
                        f["sdc"] if sdc else None, **attrs)
 
 
-def test_library_registers_in_onnxruntime(library):
-    assert library.name == "libtoptheta_ops.so"
-    so = runtime.session_options(library=library)
-    assert so is not None
+def test_library_registers_the_op(library):
+    """Without the library onnxruntime does not know the op; with it the session opens."""
+    import onnxruntime as ort
+
+    model = S.make_model(causal=1).SerializeToString()
+    with pytest.raises(Exception, match="TopThetaAttention"):
+        ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    s = ort.InferenceSession(model, sess_options=runtime.session_options(library=library),
+                             providers=["CPUExecutionProvider"])
+    assert [i.name for i in s.get_inputs()] == ["query", "key", "value", "thresholds"]
+    assert [o.name for o in s.get_outputs()] == ["output", "kept"]
 
 
 @pytest.mark.parametrize(
     "B,Hq,Hkv,Sq,P,D,Dv,R,causal,comp_mode",
     [
         (1, 4, 4, 13, 0, 16, 16, 13, 1, 0),   # MHA, causal prefill
-        (2, 6, 2, 33, 0, 24, 8, 40, 1, 1),    # GQA, Dv != D, R > Ktot
+        (2, 6, 2, 33, 0, 20, 12, 40, 1, 1),   # GQA, Dv != D, D not a multiple of 8, R > Ktot
         (2, 3, 1, 20, 0, 8, 8, 5, 0, 2),      # MQA, non-causal, rows past R reuse the last row
         (1, 4, 2, 7, 9, 16, 16, 64, 1, 2),    # chunked prefill on top of a cache
         (3, 2, 2, 17, 0, 64, 64, 17, 1, 1),   # D = 64 (vector path), several batches

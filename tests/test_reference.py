@@ -54,10 +54,11 @@ def loop_reference(q, k, v, thr, *, scale=None, causal=False, mask=None, past_k=
                 npr = nv - len(kept)
                 m = max([th] + [s[j] for j in kept])
                 dk = sum(math.exp(s[j] - m) for j in kept)
-                num = sum((math.exp(s[j] - m) * v[b, g, j].double() for j in kept), torch.zeros(dv, dtype=torch.float64))
+                zero = torch.zeros(dv, dtype=torch.float64)
+                num = sum((math.exp(s[j] - m) * v[b, g, j].double() for j in kept), zero)
                 dp = npr * rho * math.exp(th - m) if (comp_mode >= 1 and sdc is not None and npr > 0) else 0.0
                 if comp_mode == 2 and nv:
-                    vbar = sum((v[b, g, j].double() for j in range(ktot) if valid[j]), torch.zeros(dv, dtype=torch.float64)) / nv
+                    vbar = sum((v[b, g, j].double() for j in range(ktot) if valid[j]), zero) / nv
                     num = num + dp * vbar
                 den = dk + dp
                 if den > 0:

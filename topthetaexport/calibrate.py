@@ -70,10 +70,11 @@ def _progress(enabled: bool, total: int):
 
 
 def _run(model, tokens: torch.Tensor, batch_size: int, hook, step, label: str) -> None:
+    body = getattr(model, "base_model", model)  # no LM head: calibration needs attention scores only
     with torch.no_grad(), attention_mode(model, "dense", score_hook=hook):
         for start in range(0, tokens.shape[0], batch_size):
             ids = tokens[start:start + batch_size]
-            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            body(input_ids=ids, attention_mask=torch.ones_like(ids))
             step(f"{label} {min(start + batch_size, tokens.shape[0])}/{tokens.shape[0]}")
 
 

@@ -29,35 +29,76 @@ class StepResult:
     output: np.ndarray                       # logits [B,S,V] or last_hidden_state [B,S,H]
     present: list[np.ndarray] = field(default_factory=list)   # flat [k0, v0, k1, v1, ...]
     kept: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> int32 [B,Hq,S]
+    io: dict[str, np.ndarray] = field(default_factory=dict)    # toptheta.io.{layer}.{q,k,v,mask,y}
 
 
-def _with_kept_outputs(model_path: Path) -> Path:
-    """A copy of the model (next to it, so external data still resolves) exposing kept counts."""
+OP_IO_PREFIX = "toptheta.io."
+
+
+def prepare_variant(model_path: Path, *, expose_kept: bool = True, expose_io: bool = False,
+                    theta_fill: float | None = None, comp_mode: int | None = None) -> Path:
+    """A modified copy of a Top-θ model, saved next to it (so external data still resolves).
+
+    ``expose_kept``: the 4th output (kept counts) of every TopThetaAttention node becomes a graph output
+    ``toptheta.kept.{layer}``. ``expose_io``: the op's Q, K, V, mask and output become graph outputs
+    ``toptheta.io.{layer}.{q,k,v,mask,y}`` (for operator-level parity checks). ``theta_fill``: every
+    threshold replaced by this value (``-inf`` gives dense attention through the same operator).
+    ``comp_mode``: overrides the compensation mode of every node. The caller deletes the file.
+    """
     import onnx
+    from onnx import numpy_helper
 
     try:
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception as e:
         raise TopThetaError(f"{model_path} is not a valid ONNX model ({str(e).splitlines()[0][:200]}): re-export it") from None
-    graph_outputs = {o.name for o in model.graph.output}
+    graph = model.graph
+    graph_outputs = {o.name for o in graph.output}
+    inits = {t.name: i for i, t in enumerate(graph.initializer)}
+    known_types = {v.name: v.type.tensor_type.elem_type for v in list(graph.value_info) + list(graph.input)}
+    float_type = next((t for n, t in known_types.items() if n.startswith("past_key_values")),
+                      onnx.TensorProto.FLOAT)
+
+    def add_output(name: str, elem_type=None):
+        if name and name not in graph_outputs:
+            graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type or 0, None))
+            graph_outputs.add(name)
+
     found = 0
-    for node in model.graph.node:
+    for node in graph.node:
         if node.op_type != runtime.OP_TYPE or node.domain != runtime.DOMAIN:
             continue
         m = _THETA_RE.search(node.input[3]) if len(node.input) > 3 else None
         layer = int(m.group(1)) if m else found
         found += 1
-        outs = list(node.output) + [""] * (4 - len(node.output))
-        if not outs[3]:
-            outs[3] = f"{KEPT_PREFIX}{layer}"
-        del node.output[:]
-        node.output.extend(outs)
-        if outs[3] not in graph_outputs:
-            vi = onnx.helper.make_tensor_value_info(outs[3], onnx.TensorProto.INT32, None)
-            model.graph.output.append(vi)
+        if expose_kept:
+            outs = list(node.output) + [""] * (4 - len(node.output))
+            if not outs[3]:
+                outs[3] = f"{KEPT_PREFIX}{layer}"
+            del node.output[:]
+            node.output.extend(outs)
+            add_output(outs[3], onnx.TensorProto.INT32)
+        if expose_io:
+            for slot, idx in (("q", 0), ("k", 1), ("v", 2), ("mask", 4)):
+                if len(node.input) > idx and node.input[idx]:
+                    alias = f"{OP_IO_PREFIX}{layer}.{slot}"
+                    default = onnx.TensorProto.BOOL if slot == "mask" else float_type
+                    graph.node.append(onnx.helper.make_node("Identity", [node.input[idx]], [alias]))
+                    add_output(alias, known_types.get(node.input[idx]) or default)
+            alias = f"{OP_IO_PREFIX}{layer}.y"
+            graph.node.append(onnx.helper.make_node("Identity", [node.output[0]], [alias]))
+            add_output(alias, float_type)
+        if theta_fill is not None and node.input[3] in inits:
+            old = graph.initializer[inits[node.input[3]]]
+            arr = np.full(tuple(old.dims), theta_fill, np.float32)
+            graph.initializer[inits[node.input[3]]].CopyFrom(numpy_helper.from_array(arr, old.name))
+        if comp_mode is not None:
+            for a in node.attribute:
+                if a.name == "comp_mode":
+                    a.i = int(comp_mode)
     if not found:
         raise TopThetaError(f"{model_path} has no TopThetaAttention node: run 'topθ-export rewrite' on it first")
-    fd, tmp = tempfile.mkstemp(prefix=".kept-", suffix=".onnx", dir=model_path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".variant-", suffix=".onnx", dir=model_path.parent)
     os.close(fd)
     onnx.save(model, tmp)
     return Path(tmp)
@@ -67,11 +108,14 @@ class OnnxModel:
     """An onnxruntime session over an exported model, with helpers for the KV cache."""
 
     def __init__(self, path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
-                 with_kept: bool = False):
+                 with_kept: bool = False, expose_io: bool = False, theta_fill: float | None = None,
+                 comp_mode: int | None = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise TopThetaError(f"ONNX model {self.path} does not exist: run 'topθ-export export' first")
-        load_path = _with_kept_outputs(self.path) if with_kept else self.path
+        variant = with_kept or expose_io or theta_fill is not None or comp_mode is not None
+        load_path = (prepare_variant(self.path, expose_kept=with_kept, expose_io=expose_io,
+                                     theta_fill=theta_fill, comp_mode=comp_mode) if variant else self.path)
         try:
             self.sess = runtime.session(load_path, device=device, threads=threads)
         finally:
@@ -92,6 +136,7 @@ class OnnxModel:
         self.output_name = outs[0]
         self.present_names = [o for o in outs if o.startswith("present.")]
         self.kept_names = {int(o[len(KEPT_PREFIX):]): o for o in outs if o.startswith(KEPT_PREFIX)}
+        self.io_names = [o for o in outs if o.startswith(OP_IO_PREFIX)]
 
     @property
     def has_cache(self) -> bool:
@@ -117,11 +162,12 @@ class OnnxModel:
         if "attention_mask" in self.input_names:
             feeds["attention_mask"] = (np.ones((b, p + s), np.int64) if attention_mask is None
                                        else np.ascontiguousarray(attention_mask, dtype=np.int64))
-        names = [self.output_name] + self.present_names + list(self.kept_names.values())
+        names = [self.output_name] + self.present_names + list(self.kept_names.values()) + self.io_names
         res = self.sess.run(names, feeds)
-        n_present = len(self.present_names)
+        n_present, n_kept = len(self.present_names), len(self.kept_names)
         kept = {layer: res[1 + n_present + j] for j, layer in enumerate(self.kept_names)}
-        return StepResult(res[0], list(res[1:1 + n_present]), kept)
+        io = dict(zip(self.io_names, res[1 + n_present + n_kept:]))
+        return StepResult(res[0], list(res[1:1 + n_present]), kept, io)
 
     def generate(self, input_ids: np.ndarray, max_new_tokens: int, eos_token_id: int | None = None,
                  on_step=None) -> np.ndarray:

@@ -9,6 +9,7 @@ through ``topthetaexport.reference``.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -91,12 +92,11 @@ def _attention_fn(module, query, key, value, attention_mask, scaling=None, dropo
                             "wrap the forward pass in 'with attention_mode(model, ...)'")
     layer = getattr(module, _LAYER_ATTR)
     mask = attention_mask
-    if mask is not None and mask.dtype != torch.bool and mask.dim() == 4 and mask.shape[-1] != key.shape[2]:
-        mask = mask[..., : key.shape[2]]
     causal = bool(getattr(module, "is_causal", False)) and mask is None and query.shape[2] > 1
     out, kept = _dispatch(state, layer, query, key, value, mask, scaling, causal)
     if state.recorder is not None:
-        state.recorder.record(layer, kept, _valid_counts(query, key, mask, causal))
+        n_valid = _valid_counts(query, key, mask, causal)
+        state.recorder.record(layer, n_valid if kept is None else kept, n_valid)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -105,13 +105,34 @@ def _dispatch(state: _State, layer, q, k, v, mask, scale, causal):
         s, valid = reference.valid_and_scores(q, k, scale=scale, causal=causal, attn_mask=mask)
         state.score_hook(layer, s, valid)
     if state.mode == "dense":
-        return reference.dense_attention(q, k, v, scale=scale, causal=causal, attn_mask=mask, return_kept=True)
+        return _sdpa_dense(q, k, v, mask, scale, causal), None
     if state.mode == "topk":
         return reference.topk_attention(q, k, v, state.k, scale=scale, causal=causal, attn_mask=mask,
                                         return_kept=True)
     theta, sdc = state.thresholds.layer(layer)
     return reference.toptheta_attention(q, k, v, theta, scale=scale, causal=causal, attn_mask=mask, sdc=sdc,
                                         comp_mode=state.comp_mode, return_kept=True)
+
+
+def _sdpa_dense(q, k, v, mask, scale, causal) -> torch.Tensor:
+    """Dense masked softmax attention through torch SDPA; rows without a valid key give zeros (docs/op.md)."""
+    import torch.nn.functional as F
+
+    hq = q.shape[1]
+    if k.shape[1] != hq:
+        k, v = k.repeat_interleave(hq // k.shape[1], 1), v.repeat_interleave(hq // v.shape[1], 1)
+    if mask is not None and mask.dtype != torch.bool:
+        limit = -65504.0 if mask.dtype == torch.float16 else -1e30
+        mask = torch.where(mask > limit, mask.to(q.dtype), float("-inf"))
+    if causal:  # bottom-right aligned (SDPA's is_causal is top-left)
+        sq, ktot = q.shape[2], k.shape[2]
+        tri = torch.ones(sq, ktot, dtype=torch.bool, device=q.device).tril(ktot - sq)
+        mask = tri if mask is None else (mask & tri if mask.dtype == torch.bool else mask.masked_fill(~tri, -math.inf))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if mask is not None:
+        empty = ~(mask if mask.dtype == torch.bool else torch.isfinite(mask)).any(-1, keepdim=True)
+        out = out.masked_fill(empty, 0.0)
+    return out
 
 
 def _valid_counts(q, k, mask, causal) -> torch.Tensor:
@@ -160,9 +181,10 @@ def attention_mode(model, mode: str, *, thresholds=None, comp_mode: int = 0, k: 
                    recorder=None, score_hook: Callable | None = None) -> Iterator[None]:
     """Run ``model`` (nn.Module or LoadedModel) with ``mode`` attention inside the ``with`` block.
 
-    mode: "dense" (exact masked softmax), "toptheta" (needs ``thresholds``; ``comp_mode`` 0/1/2), "topk" (needs
-    ``k``). ``recorder.record(layer, kept, n_valid)`` receives per-call counts. ``score_hook(layer, scores,
-    valid)`` sees the scaled, masked scores (used by calibration).
+    mode: "dense" (exact masked softmax, through torch SDPA), "toptheta" (reference Top-θ; needs
+    ``thresholds``; ``comp_mode`` 0/1/2), "topk" (needs ``k``). ``recorder.record(layer, kept, n_valid)``
+    receives per-call counts [B, Hq, Sq]. ``score_hook(layer, scores, valid)`` sees the scaled, masked scores
+    (used by calibration).
     """
     if mode not in MODES:
         raise TopThetaError(f"unknown attention mode '{mode}': use one of {', '.join(MODES)}")

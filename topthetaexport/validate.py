@@ -20,17 +20,43 @@ from .onnx_model import OnnxModel
 PARITY_TOL = 1e-4
 
 
-def _read_op_attrs(model_path: Path) -> dict[str, Any]:
+def _read_op_attrs(model_path: Path) -> dict[int, dict[str, Any]]:
+    """Attributes of every TopThetaAttention node, by layer (from its threshold initializer's name)."""
     import onnx
 
     try:
         m = onnx.load(str(model_path), load_external_data=False)
     except Exception as e:
         raise TopThetaError(f"{model_path} is not a valid ONNX model ({str(e).splitlines()[0][:200]}): re-export it") from None
+    attrs = {}
     for node in m.graph.node:
         if node.op_type == "TopThetaAttention":
-            return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    raise TopThetaError(f"{model_path} has no TopThetaAttention node: run 'topθ-export rewrite' on it first")
+            layer = int(node.input[3].rsplit(".", 1)[-1]) if "." in node.input[3] else len(attrs)
+            attrs[layer] = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if not attrs:
+        raise TopThetaError(f"{model_path} has no TopThetaAttention node: run 'topθ-export rewrite' on it first")
+    return attrs
+
+
+def _op_parity(io: dict[str, np.ndarray], attrs: dict[int, dict[str, Any]], th) -> dict[str, Any]:
+    """Each TopThetaAttention's output in onnxruntime vs the float64 PyTorch reference on the same inputs."""
+    import torch
+
+    from .reference import toptheta_attention
+
+    per_layer = {}
+    for layer, a in sorted(attrs.items()):
+        pre = f"toptheta.io.{layer}."
+        if pre + "y" not in io:
+            continue
+        t = {n: torch.from_numpy(io[pre + n]) for n in ("q", "k", "v", "mask", "y") if pre + n in io}
+        theta, sdc = th.layer(layer)
+        ref = toptheta_attention(t["q"].double(), t["k"].double(), t["v"].double(), theta,
+                                 scale=float(a.get("scale", 0.0)) or None, causal=bool(a.get("causal", 0)),
+                                 attn_mask=t.get("mask"), sdc=sdc, comp_mode=int(a.get("comp_mode", 0)))
+        per_layer[layer] = float((ref - t["y"].double()).abs().max())
+    worst = max(per_layer.values()) if per_layer else float("nan")
+    return {"max_abs_diff": worst, "per_layer": [per_layer[k] for k in sorted(per_layer)]}
 
 
 def _nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
@@ -97,7 +123,7 @@ def validate(out_dir: str | os.PathLike | None = None, *, model=None, onnx_path=
         raise TopThetaError("validate needs an output folder or --onnx: pass the folder written by topθ-export")
     th = thresholds if isinstance(thresholds, Thresholds) else Thresholds.load(thresholds or out_dir)
     attrs = _read_op_attrs(onnx_path)
-    comp_mode = int(attrs.get("comp_mode", 0))
+    comp_mode = int(next(iter(attrs.values())).get("comp_mode", 0))
     loaded = model if model is not None and not isinstance(model, (str, os.PathLike)) else load_model(
         model or th.meta.get("model_path") or th.meta.get("model"))
     th.check_compatible(loaded)
@@ -108,7 +134,7 @@ def validate(out_dir: str | os.PathLike | None = None, *, model=None, onnx_path=
     tokens = as_token_tensor(data, loaded.tokenizer, seq_len=seq_len, num_samples=num_windows, skip=skip)
     step("opening onnxruntime session", 0.05)
     t0 = time.perf_counter()
-    om = OnnxModel(onnx_path, device=device, threads=threads, with_kept=True)
+    om = OnnxModel(onnx_path, device=device, threads=threads, with_kept=True, expose_io=True)
     causal = bool(loaded.causal)
     sp = _Sparsity(th.num_layers, th.dense_layers)
     d_ref = d_dense = 0.0
@@ -130,6 +156,10 @@ def validate(out_dir: str | os.PathLike | None = None, *, model=None, onnx_path=
         res = om.run(ids.numpy())
         t_ort += time.perf_counter() - t1
         out = res.output.astype(np.float32)
+        if w == 0:
+            op_par = _op_parity(res.io, attrs, th)
+            res.io.clear()
+            floor = _dense_floor(onnx_path, ids.numpy(), dense, device, threads)
         d_ref = max(d_ref, float(np.abs(out - ref).max()))
         d_dense = max(d_dense, float(np.abs(out - dense).max()))
         sp.add(res.kept, _valid_counts(seq_len, causal))
@@ -158,8 +188,12 @@ def validate(out_dir: str | os.PathLike | None = None, *, model=None, onnx_path=
         "parity": {
             "max_abs_diff_vs_torch_toptheta": d_ref,
             "max_abs_diff_vs_torch_dense": d_dense,
+            "dense_fp32_floor": floor,
+            "operator_max_abs_diff_vs_fp64_reference": op_par["max_abs_diff"],
+            "operator_per_layer": op_par["per_layer"],
             "tolerance": PARITY_TOL,
             "pass": d_ref <= PARITY_TOL,
+            "operator_pass": op_par["max_abs_diff"] <= PARITY_TOL,
         },
         "attention_elements": sp.summary(),
         "onnx_seconds_per_window": t_ort / max(tokens.shape[0], 1),
@@ -184,6 +218,16 @@ def validate(out_dir: str | os.PathLike | None = None, *, model=None, onnx_path=
         report["decode"] = _decode_check(om, tokens[0].numpy()[None, :], decode_steps, th.dense_layers)
     step("done", 1.0)
     return report
+
+
+def _dense_floor(onnx_path: Path, ids: np.ndarray, dense: np.ndarray, device: str, threads) -> float:
+    """max |Δ| between onnxruntime and PyTorch with every θ = -inf (dense attention through our operator).
+
+    This is the fp32 disagreement of the two runtimes on this model with no sparsity at all: the floor
+    under which Top-θ parity cannot be expected to go.
+    """
+    om = OnnxModel(onnx_path, device=device, threads=threads, theta_fill=float("-inf"))
+    return float(np.abs(om.run(ids).output.astype(np.float32) - dense).max())
 
 
 def _model_output(model, ids, is_lm: bool) -> np.ndarray:

@@ -67,14 +67,39 @@ struct MaskRow {
   }
 };
 
+// 4 query rows (contiguous, stride d) against one key row: out[r] = <q_r, k>.
+inline void Dot4(const float* q, const float* k, int64_t n, float* out) {
+  float acc[4][8] = {};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) {
+    for (int r = 0; r < 4; ++r) {
+      for (int u = 0; u < 8; ++u) acc[r][u] += q[r * n + d + u] * k[d + u];
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    const float* a = acc[r];
+    float s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+    for (int64_t e = d; e < n; ++e) s += q[r * n + e] * k[e];
+    out[r] = s;
+  }
+}
+
 struct Scratch {
-  std::vector<float> q, acc, vbar, score, row;  // row: one K or V row converted to float
+  std::vector<float> q;     // [kRowsPerTask, D] query rows as float
+  std::vector<float> dots;  // [kRowsPerTask, Ktot] <q_i, k_j>
+  std::vector<float> acc, vbar, score, row;  // row: one K or V row converted to float
   std::vector<int32_t> idx;
   void Fit(const AttnParams& p) {
-    if (static_cast<int64_t>(q.size()) < p.D) q.resize(p.D);
-    if (static_cast<int64_t>(row.size()) < std::max(p.D, p.Dv)) row.resize(std::max(p.D, p.Dv));
-    if (static_cast<int64_t>(acc.size()) < p.Dv) acc.resize(p.Dv), vbar.resize(p.Dv);
-    if (static_cast<int64_t>(score.size()) < p.Ktot) score.resize(p.Ktot), idx.resize(p.Ktot);
+    auto fit = [](auto& v, int64_t n) {
+      if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+    };
+    fit(q, kRowsPerTask * p.D);
+    fit(dots, kRowsPerTask * p.Ktot);
+    fit(row, std::max(p.D, p.Dv));
+    fit(acc, p.Dv);
+    fit(vbar, p.Dv);
+    fit(score, p.Ktot);
+    fit(idx, p.Ktot);
   }
 };
 
@@ -83,11 +108,31 @@ Scratch& ThreadScratch() {
   return s;
 }
 
+// s.dots[r * Ktot + j] = <q_{i0+r}, k_j> for r < nrows, j < jmax: each K row is read (and converted)
+// once for the whole block of query rows.
 template <typename T>
-void ComputeRow(const AttnParams& p, int64_t b, int64_t h, int64_t i, Scratch& s) {
+void BlockDots(const AttnParams& p, const T* Q, const T* K, int64_t nrows, int64_t jmax, Scratch& s) {
+  for (int64_t r = 0; r < nrows; ++r) {
+    const float* qf = AsFloat(Q + r * p.D, p.D, s.q.data() + r * p.D);
+    if (qf != s.q.data() + r * p.D) std::memcpy(s.q.data() + r * p.D, qf, sizeof(float) * p.D);
+  }
+  const float* qf = s.q.data();
+  float four[4];
+  for (int64_t j = 0; j < jmax; ++j) {
+    const float* k = AsFloat(K + j * p.D, p.D, s.row.data());
+    int64_t r = 0;
+    for (; r + 4 <= nrows; r += 4) {
+      Dot4(qf + r * p.D, k, p.D, four);
+      for (int u = 0; u < 4; ++u) s.dots[(r + u) * p.Ktot + j] = four[u];
+    }
+    for (; r < nrows; ++r) s.dots[r * p.Ktot + j] = Dot(qf + r * p.D, k, p.D);
+  }
+}
+
+// One query row i of (b, h); dots = <q_i, k_j> for the row's keys.
+template <typename T>
+void ComputeRow(const AttnParams& p, int64_t b, int64_t h, int64_t i, const float* dots, Scratch& s) {
   const int64_t g = h / (p.Hq / p.Hkv);
-  const T* q = static_cast<const T*>(p.q) + ((b * p.Hq + h) * p.Sq + i) * p.D;
-  const T* K = static_cast<const T*>(p.k) + (b * p.Hkv + g) * p.Ktot * p.D;
   const T* V = static_cast<const T*>(p.v) + (b * p.Hkv + g) * p.Ktot * p.Dv;
   T* out = static_cast<T*>(p.out) + ((b * p.Hq + h) * p.Sq + i) * p.Dv;
 
@@ -99,14 +144,13 @@ void ComputeRow(const AttnParams& p, int64_t b, int64_t h, int64_t i, Scratch& s
 
   MaskRow mask;
   if (p.mask_kind != MaskKind::kNone) {
-    const size_t esz = p.mask_kind == MaskKind::kBool ? 1 : (p.mask_kind == MaskKind::kAdditive && p.dtype != DType::kF32) ? 2 : 4;
+    const bool half_mask = p.mask_kind == MaskKind::kAdditive && p.dtype != DType::kF32;
+    const int64_t esz = p.mask_kind == MaskKind::kBool ? 1 : half_mask ? 2 : 4;
     const int64_t off = b * p.mask_sb + h * p.mask_sh + i * p.mask_sq;
     mask.kind = p.mask_kind;
-    mask.row = static_cast<const char*>(p.mask) + off * static_cast<int64_t>(esz);
-    mask.f16 = p.mask_kind == MaskKind::kAdditive && p.dtype == DType::kF16;
+    mask.row = static_cast<const char*>(p.mask) + off * esz;
+    mask.f16 = half_mask;
   }
-
-  const float* qf = AsFloat(q, p.D, s.q.data());
   float* row = s.row.data();
 
   // Pass 1: scores of valid keys; remember the kept ones.
@@ -116,7 +160,7 @@ void ComputeRow(const AttnParams& p, int64_t b, int64_t h, int64_t i, Scratch& s
     float add;
     if (mask.Excluded(j, &add)) continue;
     ++n_valid;
-    const float sc = p.scale * Dot(qf, AsFloat(K + j * p.D, p.D, row), p.D) + add;
+    const float sc = p.scale * dots[j] + add;
     if (sc >= theta) {
       s.idx[n_kept] = static_cast<int32_t>(j);
       s.score[n_kept] = sc;
@@ -142,7 +186,7 @@ void ComputeRow(const AttnParams& p, int64_t b, int64_t h, int64_t i, Scratch& s
   if (p.comp_mode >= 1 && p.sdc && n_pruned > 0) {
     dp = static_cast<float>(n_pruned) * rho * (n_kept > 0 ? std::exp(theta - m) : 1.f);
   }
-  if (p.comp_mode == 2 && dp > 0.f) {
+  if (p.comp_mode == 2 && dp > 0.f) {  // VMC: mean of the row's valid V rows
     float* vbar = s.vbar.data();
     std::fill(vbar, vbar + p.Dv, 0.f);
     for (int64_t j = 0; j < jend; ++j) {
@@ -155,7 +199,7 @@ void ComputeRow(const AttnParams& p, int64_t b, int64_t h, int64_t i, Scratch& s
 
   const float denom = dk + dp;
   const float inv = denom > 0.f ? 1.f / denom : 0.f;
-  for (int64_t d = 0; d < p.Dv; ++d) Store(out, d, denom > 0.f ? acc[d] * inv : 0.f);
+  for (int64_t d = 0; d < p.Dv; ++d) Store(out, d, acc[d] * inv);
   if (p.kept) p.kept[(b * p.Hq + h) * p.Sq + i] = static_cast<int32_t>(n_kept);
 }
 
@@ -165,11 +209,16 @@ void RunTask(void* data, size_t task) {
   const int64_t blocks = (p.Sq + kRowsPerTask - 1) / kRowsPerTask;
   const int64_t bh = static_cast<int64_t>(task) / blocks;
   const int64_t i0 = (static_cast<int64_t>(task) % blocks) * kRowsPerTask;
-  const int64_t b = bh / p.Hq, h = bh % p.Hq;
+  const int64_t i1 = std::min(p.Sq, i0 + kRowsPerTask);
+  const int64_t b = bh / p.Hq, h = bh % p.Hq, g = h / (p.Hq / p.Hkv);
   Scratch& s = ThreadScratch();
   s.Fit(p);
-  const int64_t i1 = std::min(p.Sq, i0 + kRowsPerTask);
-  for (int64_t i = i0; i < i1; ++i) ComputeRow<T>(p, b, h, i, s);
+  const T* Q = static_cast<const T*>(p.q) + ((b * p.Hq + h) * p.Sq + i0) * p.D;
+  const T* K = static_cast<const T*>(p.k) + (b * p.Hkv + g) * p.Ktot * p.D;
+  // Keys any row of the block can see (causal: up to the last row's position).
+  const int64_t jmax = p.causal ? std::min(p.Ktot, RowPosition(p, i1 - 1) + 1) : p.Ktot;
+  BlockDots(p, Q, K, i1 - i0, jmax, s);
+  for (int64_t i = i0; i < i1; ++i) ComputeRow<T>(p, b, h, i, s.dots.data() + (i - i0) * p.Ktot, s);
 }
 
 }  // namespace

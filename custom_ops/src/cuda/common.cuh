@@ -115,6 +115,22 @@ __device__ __forceinline__ uint32_t Swz(int row, int chunk) {
   return static_cast<uint32_t>((row * CHUNKS + (chunk ^ (row & 7))) * 16);
 }
 
+// Raises a kernel's dynamic shared-memory limit once per device (not a stream operation, so it is also
+// safe while a CUDA graph is being captured after the first call).
+template <auto kKernel>
+inline cudaError_t AllowSmem(int bytes) {
+  static unsigned long long done = 0;  // bit per device; racing first calls only repeat the call
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  const unsigned long long bit = 1ull << (dev & 63);
+  if (__atomic_load_n(&done, __ATOMIC_ACQUIRE) & bit) return cudaSuccess;
+  e = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e == cudaSuccess) __atomic_fetch_or(&done, bit, __ATOMIC_ACQ_REL);
+  return e;
+}
+
 // ---- masks and per-row constants ----------------------------------------------------------
 
 // Reads one mask element; returns whether the key may be attended and sets the additive value.

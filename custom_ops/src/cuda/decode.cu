@@ -335,10 +335,8 @@ __global__ void __launch_bounds__(kCombineThreads) CombineKernel(const KernelArg
 template <typename T, int D, bool MASK>
 cudaError_t Run(const KernelArgs& a, cudaStream_t stream) {
   constexpr int smem = kWarps * (kKStages + kVStages) * kSub * D * 2;
-  if (smem > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(DecodeKernel<T, D, MASK>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return e;
-  }
+  cudaError_t e = AllowSmem<DecodeKernel<T, D, MASK>>(smem);
+  if (e != cudaSuccess) return e;
   dim3 grid(static_cast<unsigned>(a.splits), static_cast<unsigned>(a.Hkv), static_cast<unsigned>(a.B));
   DecodeKernel<T, D, MASK><<<grid, kThreads, smem, stream>>>(a);
   return cudaGetLastError();
@@ -359,7 +357,7 @@ cudaError_t LaunchDecode(const KernelArgs& a, cudaStream_t stream) {
 
 cudaError_t LaunchDecodeCombine(const KernelArgs& a, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(a.parts) * sizeof(float);
-  if (smem > 48 * 1024) {
+  if (smem > 48 * 1024) {  // more than 12k partials: rare, set the limit each time
     cudaError_t e = cudaFuncSetAttribute(CombineKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
     if (e != cudaSuccess) return e;

@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(kThreads) GenericKernel(const KernelArgs a) {
 template <typename T>
 cudaError_t Run(const KernelArgs& a, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(a.D + 2 * a.Dv + 2 * kThreads) * sizeof(float);
-  if (smem > 48 * 1024) {
+  if (smem > 48 * 1024) {  // very large head dims only
     cudaError_t e = cudaFuncSetAttribute(GenericKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
     if (e != cudaSuccess) return e;

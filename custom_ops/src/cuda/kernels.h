@@ -22,6 +22,7 @@ enum class Path : int {
 struct Plan {
   Path path = Path::kGeneric;
   int splits = 1;          // decode: key splits per (batch, kv head)
+  int prefill_mt = 1;      // prefill: m-tiles of 16 rows per warp (TOPTHETA_PREFILL_MT overrides)
   size_t workspace = 0;    // device scratch bytes Launch needs
 };
 
@@ -48,10 +49,11 @@ struct KernelArgs {
   float* part_o;       // [B*Hq*Sq, parts, Dv]
   int parts;
   int splits;
+  int prefill_mt;  // prefill variant: 1 (8 warps x 16 rows) or 2 (4 warps x 32 rows)
 };
 
-// Chooses the kernel family and scratch size for p on `device` (TOPTHETA_CUDA_PATH=generic and
-// TOPTHETA_DECODE_SPLITS=N override, for tests and benchmarks).
+// Chooses the kernel family and scratch size for p on `device` (TOPTHETA_CUDA_PATH=generic,
+// TOPTHETA_DECODE_SPLITS=N and TOPTHETA_PREFILL_MT=1|2 override, for tests and benchmarks).
 Plan MakePlan(const AttnParams& p, int device);
 
 // Enqueues the kernels of one call on `stream` (no host synchronisation). `workspace` must hold

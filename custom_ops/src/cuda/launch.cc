@@ -11,6 +11,7 @@ namespace cuda {
 namespace {
 
 constexpr size_t kAlign = 256;
+constexpr int kDefaultPrefillMT = 1;
 
 size_t AlignUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
@@ -118,6 +119,7 @@ Plan MakePlan(const AttnParams& p, int device) {
     plan.path = (p.Hq / p.Hkv) * p.Sq <= kDecodeRows ? Path::kDecode : Path::kPrefill;
   }
   if (plan.path == Path::kDecode) plan.splits = DecodeSplits(p, device);
+  if (plan.path == Path::kPrefill) plan.prefill_mt = EnvInt("TOPTHETA_PREFILL_MT", kDefaultPrefillMT) == 2 ? 2 : 1;
   plan.workspace = MakeLayout(p, plan).total;
   return plan;
 }
@@ -131,6 +133,7 @@ cudaError_t Launch(const AttnParams& p, const Plan& plan, void* workspace, cudaS
   char* ws = static_cast<char*>(workspace);
   a.vbar = NeedsVMean(p) ? reinterpret_cast<float*>(ws + l.vbar) : nullptr;
   a.splits = plan.splits;
+  a.prefill_mt = plan.prefill_mt;
   a.parts = plan.splits * kDecodeWarps;
   if (plan.path == Path::kDecode) {
     a.part_stats = reinterpret_cast<float4*>(ws + l.stats);

@@ -53,7 +53,7 @@ class Scratch {
     if (use_ort->load()) {
       try {
         Ort::MemoryInfo info("Cuda", OrtArenaAllocator, device, OrtMemTypeDefault);
-        alloc_ = ctx.GetAllocator(info);
+        alloc_ = ctx.GetAllocator(*static_cast<const OrtMemoryInfo*>(info));
         if (alloc_) ptr_ = alloc_->Alloc(alloc_, bytes);
       } catch (const Ort::Exception&) {
         ptr_ = nullptr;

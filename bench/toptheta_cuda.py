@@ -1,0 +1,83 @@
+"""ctypes access to the CUDA kernels of libtoptheta_ops (``toptheta_cuda_attention``), on torch tensors.
+
+Used by the GPU tests and the benchmark to run the kernels without an onnxruntime session. K/V are the
+full ``[B, Hkv, Ktot, *]`` tensors (no past concatenation). Semantics: docs/op.md.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from pathlib import Path
+
+import torch
+
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+PATHS = {0: "generic", 1: "prefill", 2: "decode"}
+
+
+class _Args(ctypes.Structure):
+    _fields_ = [
+        *[(n, ctypes.c_int64) for n in ("B", "Hq", "Hkv", "Sq", "Ktot", "D", "Dv", "R")],
+        ("scale", ctypes.c_float),
+        *[(n, ctypes.c_int32) for n in ("causal", "comp_mode", "dtype", "mask_kind")],
+        *[(n, ctypes.c_void_p) for n in ("q", "k", "v", "theta", "sdc", "mask")],
+        *[(n, ctypes.c_int64) for n in ("mask_sb", "mask_sh", "mask_sq")],
+        ("out", ctypes.c_void_p),
+        ("kept", ctypes.c_void_p),
+        ("path_out", ctypes.c_int32),
+        ("splits_out", ctypes.c_int32),
+    ]
+
+
+class Kernels:
+    """The library's C entry point; ``available`` is False for a CPU-only build."""
+
+    def __init__(self, library: str | Path):
+        self.lib = ctypes.CDLL(str(library))
+        self.available = hasattr(self.lib, "toptheta_cuda_attention")
+        if self.available:
+            fn = self.lib.toptheta_cuda_attention
+            fn.argtypes = [ctypes.POINTER(_Args), ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+            fn.restype = ctypes.c_int
+        self.last_path = None
+        self.last_splits = None
+
+    def attention(self, q, k, v, thresholds, *, scale=None, causal=False, attn_mask=None, sdc=None,
+                  comp_mode=0, out=None, kept=None, stream=None):
+        """Top-θ attention on the current CUDA stream; returns (out, kept)."""
+        B, Hq, Sq, D = q.shape
+        Hkv, Ktot, Dv = k.shape[1], k.shape[2], v.shape[3]
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not (t.is_cuda and t.is_contiguous() and t.dtype == q.dtype and t.data_ptr() % 16 == 0):
+                raise ValueError(f"{name} must be a contiguous, 16-byte aligned CUDA tensor of q's dtype")
+        th = thresholds.to(device=q.device, dtype=torch.float32).contiguous()
+        rho = None if sdc is None else sdc.to(device=q.device, dtype=torch.float32).contiguous()
+        if out is None:
+            out = torch.empty(B, Hq, Sq, Dv, device=q.device, dtype=q.dtype)
+        if kept is None:
+            kept = torch.empty(B, Hq, Sq, device=q.device, dtype=torch.int32)
+        a = _Args(B=B, Hq=Hq, Hkv=Hkv, Sq=Sq, Ktot=Ktot, D=D, Dv=Dv, R=th.shape[1],
+                  scale=scale if scale else 1.0 / math.sqrt(D), causal=int(causal), comp_mode=comp_mode,
+                  dtype=_DTYPES[q.dtype], q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), theta=th.data_ptr(),
+                  sdc=rho.data_ptr() if rho is not None else None, out=out.data_ptr(), kept=kept.data_ptr())
+        mask = None
+        if attn_mask is not None:
+            mask = attn_mask.contiguous()
+            a.mask_kind = 1 if mask.dtype == torch.bool else (2 if mask.dtype == q.dtype else 3)
+            a.mask = mask.data_ptr()
+            a.mask_sb, a.mask_sh, a.mask_sq = _mask_strides(mask.shape, Ktot)
+        err = ctypes.create_string_buffer(256)
+        s = stream if stream is not None else torch.cuda.current_stream(q.device).cuda_stream
+        if self.lib.toptheta_cuda_attention(ctypes.byref(a), ctypes.c_void_p(s), err, 256) != 0:
+            raise RuntimeError(err.value.decode())
+        self.last_path, self.last_splits = PATHS[a.path_out], a.splits_out
+        self._keep = (th, rho, mask)  # alive until the next call (the launch is asynchronous)
+        return out, kept
+
+
+def _mask_strides(shape, ktot):
+    if len(shape) == 2:
+        return (0 if shape[0] == 1 else ktot), 0, 0
+    b, h, s, _ = shape
+    return (0 if b == 1 else h * s * ktot), (0 if h == 1 else s * ktot), (0 if s == 1 else ktot)
