@@ -22,6 +22,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -235,7 +236,8 @@ def _np_type(t):
 
 # -- decode -------------------------------------------------------------------------------------------------
 
-def bench_decode(kern: Kernels, ort: Ort | None, B: int, L: int, structured: bool = False) -> list[dict]:
+def bench_decode(kern: Kernels, ort: Ort | None, B: int, L: int, structured: bool = False,
+                 sweep: bool = False) -> list[dict]:
     g = torch.Generator(device="cuda").manual_seed(B * 100003 + L)
     kv_bytes = 2 * B * HKV * L * D * 2
     ns = n_sets(kv_bytes)
@@ -296,6 +298,16 @@ def bench_decode(kern: Kernels, ort: Ort | None, B: int, L: int, structured: boo
         t = time_graph(lambda i: kern.attention(*sets[i], th, causal=True, out=out, kept=kept), ns)
         row(f"Top-θ kernel, {name}", t, fk, fv, f"splits={kern.last_splits}")
 
+    if sweep and not structured:
+        th = settings[-1][1]
+        for sp in (4, 8, 16, 33, 66, 132):
+            os.environ["TOPTHETA_DECODE_SPLITS"] = str(sp)
+            try:
+                t = time_graph(lambda i: kern.attention(*sets[i], th, causal=True, out=out, kept=kept), ns)
+            finally:
+                del os.environ["TOPTHETA_DECODE_SPLITS"]
+            row(f"Top-θ kernel, V rows 1/3, splits={kern.last_splits}", t, rows[-1]["keep_keys"],
+                rows[-1]["v_rows"], "split sweep")
     if ort is not None and ort.ok and not structured:
         rows += ort_decode(ort, sets, B, L, theta_for_vrows(s0, 1 / 3), s0, label)
     return rows
@@ -399,6 +411,8 @@ def bench_prefill(kern: Kernels, ort: Ort | None, B: int, S: int, structured: bo
     v = torch.randn(B, HKV, S, D, device="cuda", generator=g, dtype=DT)
     out = torch.empty_like(q)
     kept = torch.empty(B, HQ, S, device="cuda", dtype=torch.int32)
+    pad = torch.ones(B, S, device="cuda", dtype=torch.bool)
+    pad[:, :5] = False
     fl = causal_flops(B, S)
     label = "prefill-local (structured)" if structured else "prefill"
     rows = []
@@ -428,7 +442,29 @@ def bench_prefill(kern: Kernels, ort: Ort | None, B: int, S: int, structured: bo
         t = time_graph(lambda i: kern.attention(q, k, v, th, causal=True, out=out, kept=kept), 1, inner, reps)
         name = f"keep 1/{round(1 / keep)} per head" if keep else "θ=3.5 (local band)"
         row(f"Top-θ kernel, {name}", t, frac, f"PV chunks skipped (est.) {skip_estimate(q, k, th):.1%}")
-
+    # the prefill variants (see kernels.h), same thresholds as the last row
+    cur = os.environ.get("TOPTHETA_PREFILL_VARIANT")
+    for alt in ("0", "1", "2"):
+        os.environ["TOPTHETA_PREFILL_VARIANT"] = alt
+        try:
+            t = time_graph(lambda i: kern.attention(q, k, v, dense_th, causal=True, out=out, kept=kept), 1, inner,
+                           reps)
+            row(f"Top-θ kernel variant {alt}, θ=-inf (dense)", t)
+            t = time_graph(lambda i: kern.attention(q, k, v, th, causal=True, out=out, kept=kept), 1, inner, reps)
+            row(f"Top-θ kernel variant {alt}, {name}", t, frac)
+            if not structured:  # with a [B, S] key-padding mask (5 padded keys per row of the batch)
+                t = time_graph(lambda i: kern.attention(q, k, v, th, causal=True, attn_mask=pad, out=out,
+                                                        kept=kept), 1, inner, reps)
+                row(f"Top-θ kernel variant {alt}, {name}, key-padding mask", t, frac)
+        finally:
+            if cur is None:
+                del os.environ["TOPTHETA_PREFILL_VARIANT"]
+            else:
+                os.environ["TOPTHETA_PREFILL_VARIANT"] = cur
+    if not structured:
+        t = time_graph(lambda i: kern.attention(q, k, v, th, causal=True, attn_mask=pad, out=out, kept=kept), 1,
+                       inner, reps)
+        row(f"Top-θ kernel, {name}, key-padding mask", t, frac)
     if ort is not None and ort.ok and not structured:
         gqa = ort.session(ort_gqa_model(past=False), custom=False)
         qs = q.transpose(1, 2).reshape(B, S, HQ * D).contiguous()
@@ -478,7 +514,7 @@ def speedups(rows):
     for key, rs in groups.items():
         dense = {r["method"]: r["time_us"] for r in rs if "(dense)" in r["method"] and "Top-θ" not in r["method"]}
         for r in rs:
-            if r["method"].startswith("Top-θ") and "θ=-inf" not in r["method"]:
+            if r["method"].startswith("Top-θ") and "θ=-inf" not in r["method"] and "splits=" not in r["method"]:
                 sp = {m: t / r["time_us"] for m, t in dense.items()}
                 out.append((key, r["method"], sp))
     return out
@@ -489,6 +525,7 @@ def main():
     ap.add_argument("--library", required=True)
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
+    ap.add_argument("--no-ort", action="store_true", help="skip the onnxruntime baselines")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -497,6 +534,8 @@ def main():
         sys.exit(f"{args.library} has no CUDA kernels")
     ort = None
     try:
+        if args.no_ort:
+            raise RuntimeError("--no-ort")
         ort = Ort(args.library)
     except Exception as e:  # onnxruntime missing: torch-only numbers
         print("onnxruntime unavailable:", e)
@@ -511,17 +550,18 @@ def main():
     decode_shapes = [(1, 1024), (1, 4096), (1, 16384), (1, 32768), (8, 1024), (8, 4096), (8, 16384), (8, 32768)]
     prefill_shapes = [(1, 1024), (1, 4096), (1, 8192), (1, 16384), (8, 1024), (8, 4096)]
     if args.quick:
-        decode_shapes, prefill_shapes = [(1, 16384), (8, 32768)], [(1, 4096)]
+        decode_shapes = [(1, 16384), (1, 32768), (8, 16384), (8, 32768)]
+        prefill_shapes = [(1, 4096), (1, 16384)]
     dec, pre = [], []
     for B, L in decode_shapes:
-        dec += bench_decode(kern, ort, B, L)
+        dec += bench_decode(kern, ort, B, L, sweep=(B, L) in ((1, 16384), (1, 32768), (8, 32768)))
         print(fmt_table(dec[-6:], "decode").split("\n", 2)[-1], flush=True)
     for B, L in [(8, 16384)]:
         dec += bench_decode(kern, ort, B, L, structured=True)
     for B, S in prefill_shapes:
         pre += bench_prefill(kern, ort, B, S)
-        print(fmt_table(pre[-5:], "prefill").split("\n", 2)[-1], flush=True)
-    for B, S in [(1, 4096), (1, 16384)]:
+        print(fmt_table(pre[-14:], "prefill").split("\n", 2)[-1], flush=True)
+    for B, S in [(1, 4096)] if args.quick else [(1, 4096), (1, 16384)]:
         pre += bench_prefill(kern, ort, B, S, structured=True)
     info["bench_seconds"] = time.time() - t0
     (out_dir / "bench.json").write_text(json.dumps({"info": info, "decode": dec, "prefill": pre}, indent=1))

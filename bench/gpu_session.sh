@@ -7,10 +7,13 @@
 #   .whl/*.whl                     pytest and its dependencies, used only if pytest is missing
 #   onnxruntime-gpu: /root/ortgpu already installed, or the wheel's parts in /root/ortgpu-parts/part.*
 #                    plus the last part(s) in .ortgpu/p*/part.* (sha256 in ORTGPU_SHA256)
-# Usage: bash bench/gpu_session.sh [tests|bench|all] [bench args...]
+# Usage: bash bench/gpu_session.sh [STEPS] [bench args...]   STEPS: comma list of tests, bench, profile
+#        (default tests,bench; "all" = tests,bench)
 set -uo pipefail
 what=${1:-all}
 shift || true
+[ "$what" = all ] && what=tests,bench
+has() { [[ ",$what," == *",$1,"* ]]; }
 OUT=${OUT:-/tmp/toptheta-out}
 mkdir -p "$OUT"
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,7 +23,7 @@ LIB="$ROOT/.gpubuild/libtoptheta_ops.so"
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 
-if [ ! -d /root/ortgpu/onnxruntime ]; then
+if [ ! -d /root/ortgpu/onnxruntime ] && ls /root/ortgpu-parts/part.* .ortgpu/p*/part.* >/dev/null 2>&1; then
   whl=/tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
   mkdir -p /root/ortgpu-parts
   cp .ortgpu/p*/part.* /root/ortgpu-parts/ 2>/dev/null
@@ -47,12 +50,22 @@ if command -v cuobjdump >/dev/null; then
 fi
 
 rc_tests=0
-if [ "$what" = tests ] || [ "$what" = all ]; then
-  timeout 330 python3 -m pytest tests/test_cuda.py -q -rfEs -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
+if has tests; then
+  timeout 330 python3 -m pytest tests/test_cuda.py -q -rfEs -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \
+    | tee "$OUT/pytest.log"
   rc_tests=${PIPESTATUS[0]}
 fi
-if [ "$what" = bench ] || [ "$what" = all ]; then
+if has bench; then
   timeout 400 python3 bench/attention_bench.py --library "$LIB" --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+fi
+if has profile; then
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  timeout 300 "$NCU" --target-processes all -k "regex:PrefillKernel|flash_fwd|DecodeKernel|CombineKernel" \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis -c 10 \
+    python3 bench/profile_kernels.py "$LIB" > "$OUT/ncu.txt" 2>&1
+  grep -E "PrefillKernel|flash_fwd|DecodeKernel|CombineKernel|Duration|Achieved Occupancy|Block Limit|Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|No Eligible|Theoretical Occupancy|Registers Per|Stall|Waves Per SM" \
+    "$OUT/ncu.txt" | cut -c1-150 | head -150
 fi
 echo "== summary =="
 [ -f "$OUT/pytest.log" ] && tail -1 "$OUT/pytest.log"

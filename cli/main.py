@@ -36,7 +36,7 @@ K_OPT = typer.Option(64, "--k", help="target number of kept attention elements p
 SEQ_OPT = typer.Option(512, "--seq-len", help="calibration / evaluation window length in tokens")
 SAMPLES_OPT = typer.Option(16, "--samples", help="number of calibration windows")
 DENSE_OPT = typer.Option(2, "--dense-layers", help="number of first layers kept dense")
-COMP_OPT = typer.Option(1, "--comp-mode", help="compensation: 0 none, 1 softmax denominator (SDC), 2 SDC + V-mean")
+COMP_OPT = typer.Option(0, "--comp-mode", help="compensation: 0 none, 1 softmax denominator (SDC), 2 SDC + V-mean")
 DEVICE_OPT = typer.Option("cpu", "--device", help="onnxruntime device: cpu, cuda or auto (cuda falls back to cpu with a warning)")
 
 
@@ -95,6 +95,8 @@ def summary_table(report: dict) -> Table:
         t.add_row("perplexity dense", f"{ppl['dense']:.3f}")
         t.add_row("perplexity Top-θ (onnxruntime)", f"{ppl['toptheta_onnx']:.3f}")
         t.add_row("accuracy delta (perplexity)", f"{100 * ppl['relative_change']:+.2f}%")
+    for name, c in (v.get("compensation") or {}).items():
+        t.add_row(f"perplexity delta, compensation {name}", f"{100 * c['relative_change']:+.2f}%")
     if "top1_agreement_vs_dense" in v:
         t.add_row("top-1 agreement with dense", f"{100 * v['top1_agreement_vs_dense']:.2f}%")
     if "embedding_cosine_vs_dense" in v:

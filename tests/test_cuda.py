@@ -191,8 +191,10 @@ PREFILL = [
 ]
 
 
+@pytest.mark.parametrize("variant", ["0", "1", "2"])
 @pytest.mark.parametrize("cfg", PREFILL, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_prefill_kernel_matches_reference(kernels, cfg):
+def test_prefill_kernel_matches_reference(kernels, env, cfg, variant):
+    env("TOPTHETA_PREFILL_VARIANT", variant)  # 8 warps x 16 rows, 4 x 16, 4 x 32
     check(kernels, make_case(**cfg, seed=1), "prefill")
 
 

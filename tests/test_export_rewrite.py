@@ -106,14 +106,20 @@ def max_diff(a: np.ndarray, b: np.ndarray, rows: torch.Tensor | None = None) -> 
     return float(d.max())
 
 
-def compare_steps(loaded, sess, *, mode_ctx, steps: int = 2, batch: int = 2, seq: int = 8, seed: int = 0):
-    """Prefill + ``steps`` decode steps in ORT and PyTorch; returns the max |Δ| of each call."""
+def compare_steps(loaded, sess, *, mode_ctx, steps: int = 2, batch: int = 2, seq: int = 8, seed: int = 0,
+                  first: list | None = None):
+    """Prefill + ``steps`` decode steps in ORT and PyTorch; returns the max |Δ| of each call.
+
+    ``first``, if given, receives the ORT prefill output.
+    """
     model = loaded.model
     ids, mask = padded_batch(batch, seq, seed)
     diffs = []
     with torch.no_grad(), mode_ctx():
         ref = model(input_ids=ids, attention_mask=mask, use_cache=loaded.causal)
     outs = ort_run(sess, ids, mask)
+    if first is not None:
+        first.append(main_output(outs))
     diffs.append(max_diff(main_output(outs), torch_out(ref), mask if loaded.causal else None))
     if not loaded.causal:
         return diffs
@@ -339,8 +345,13 @@ def test_rewrite_toptheta_matches_reference(exported, tmp_path, kind, comp_mode)
     def ctx():
         return attention_mode(ex.loaded.model, "toptheta", thresholds=th, comp_mode=comp_mode)
 
-    diffs = compare_steps(ex.loaded, session(out), mode_ctx=ctx, steps=3)
+    got = []
+    diffs = compare_steps(ex.loaded, session(out), mode_ctx=ctx, steps=3, first=got)
     assert max(diffs) <= TOL, diffs
+    ids, mask = padded_batch(2, 8, 0)
+    with torch.no_grad():
+        dense = torch_out(ex.loaded.model(input_ids=ids, attention_mask=mask))
+    assert max_diff(got[0], dense, mask) > 1e-3  # the pruning really changes the result
 
 
 @pytest.mark.parametrize("kind", ("llama", "bert"))

@@ -57,7 +57,17 @@ def _sdc_hook(acc: _Accumulator, theta: torch.Tensor):
 
 
 @contextlib.contextmanager
-def _progress(enabled: bool, total: int):
+def _progress(enabled, total: int):
+    """``enabled``: False, True (a rich progress bar) or a callable ``(description, fraction)``."""
+    if callable(enabled):
+        done = [0]
+
+        def report(desc):
+            done[0] += 1
+            enabled(desc, done[0] / max(total, 1))
+
+        yield report
+        return
     if not enabled:
         yield lambda desc: None
         return

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .rewrite import SDC_PREFIX, THETA_PREFIX, layer_of, load_onnx
+from .rewrite import layer_of, load_onnx
 from .runtime import DOMAIN, OP_TYPE
 
 __all__ = ["summarize", "format_summary"]

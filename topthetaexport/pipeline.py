@@ -60,7 +60,7 @@ def staged_output_dir(out: str | os.PathLike) -> Any:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def export(model, thresholds, out_dir: str | os.PathLike, *, comp_mode: int = 1,
+def export(model, thresholds, out_dir: str | os.PathLike, *, comp_mode: int = 0,
            progress: Callable[[str, float], None] | None = None) -> Path:
     """Export ``model`` to ONNX and rewrite its attention into TopThetaAttention: ``out_dir/model.onnx``.
 
@@ -85,7 +85,7 @@ def export(model, thresholds, out_dir: str | os.PathLike, *, comp_mode: int = 1,
 
 
 def run_pipeline(model: str, calib, out: str | os.PathLike, *, k: int = 64, seq_len: int = 512,
-                 num_samples: int = 16, dense_layers: int = 2, comp_mode: int = 1, eval_data=None,
+                 num_samples: int = 16, dense_layers: int = 2, comp_mode: int = 0, eval_data=None,
                  eval_windows: int = 4, decode_steps: int = 16, do_validate: bool = True,
                  device: str = "cpu", progress: Progress | None = None) -> dict[str, Any]:
     """calibrate → export → rewrite → validate into ``out``; returns the report (also ``out/report.json``)."""
@@ -104,7 +104,7 @@ def run_pipeline(model: str, calib, out: str | os.PathLike, *, k: int = 64, seq_
 
         t = time.perf_counter()
         th = calibrate(loaded, calib, k=k, seq_len=seq_len, num_samples=num_samples,
-                       dense_layers=dense_layers, progress=False)
+                       dense_layers=dense_layers, progress=lambda msg, frac: prog("calibrate", msg, frac))
         th.meta["model_path"] = str(model)
         timings["calibrate_s"] = time.perf_counter() - t
         prog("calibrate", "thresholds ready", 1.0)

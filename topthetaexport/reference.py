@@ -124,8 +124,11 @@ def toptheta_attention(q, k, v, thresholds, *, scale=None, causal=False, attn_ma
         rho = _row_table(sdc.to(q.device), sq, ktot, dt)[..., 0]
         th, ms = theta.expand_as(m)[..., 0], m_safe[..., 0]
         use = n_pruned > 0
-        dp = torch.where(use, n_pruned * rho * torch.exp(torch.where(use, th - ms, torch.zeros_like(ms))),
-                         torch.zeros_like(ms))
+        # exp(θ - m) with m = θ when nothing is kept (docs/op.md): 1 there, also for θ = +inf.
+        any_kept = n_kept > 0
+        factor = torch.where(use & any_kept, torch.exp(torch.where(use & any_kept, th - ms, torch.zeros_like(ms))),
+                             torch.ones_like(ms))
+        dp = torch.where(use, n_pruned * rho * factor, torch.zeros_like(ms))
         if comp_mode == 2:
             vf = valid.to(dt)
             vbar = torch.matmul(vf, vv) / n_valid.clamp(min=1).to(dt)[..., None]

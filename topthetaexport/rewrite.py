@@ -6,16 +6,15 @@ See docs/graph.md for what is matched and what the rewritten graph looks like, d
 from __future__ import annotations
 
 import math
-import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ._errors import TopThetaError
 from . import export as _export
+from ._errors import TopThetaError
 from .export import META_PREFIX, write_onnx
 from .runtime import DOMAIN, OP_TYPE, OP_VERSION
 
@@ -124,7 +123,6 @@ class _Block:
     gqa_peeled: bool = False
     mask_kind: str = "4d"
     causal: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _find_blocks(graph) -> list[_Block]:
@@ -242,27 +240,18 @@ def _depends_on(value, target, limit: int = 2000) -> bool:
     return False
 
 
-def _meta_flag(meta: dict, key: str):
-    v = meta.get(key)
-    return None if v is None or v == "" else v
-
-
 def _sliding_window(th_meta: dict, onnx_meta: dict) -> int | None:
     """The model's sliding window (0 = none) from the thresholds or the export metadata; None if unknown."""
-    for key in ("sliding_window",):
-        v = _meta_flag(th_meta, key)
-        if v is not None:
-            if th_meta.get("use_sliding_window") is False:
-                return 0
-            return int(v or 0)
+    if "sliding_window" in th_meta:
+        if th_meta.get("use_sliding_window") is False:
+            return 0
+        return int(th_meta["sliding_window"] or 0)
     v = onnx_meta.get(META_PREFIX + "sliding_window")
-    if v is not None:
-        return int(v or 0)
-    return None
+    return None if v in (None, "") else int(v or 0)
 
 
 def _mask_plan(graph, th_meta: dict, onnx_meta: dict) -> tuple[str, Any]:
-    """('key_padding', attention_mask input, causal) or ('4d', None) for the whole graph."""
+    """('key_padding', the attention_mask input) or ('4d', None), decided once for the whole graph."""
     am = _graph_input(graph, "attention_mask")
     if am is None or am.shape is None or len(am.shape) != 2:
         return "4d", None
@@ -327,9 +316,10 @@ def _replace(graph, block: _Block, theta, sdc, mask, comp_mode: int, expose_kept
     q_shape = node.inputs[0].shape
     scale = float(_attr(node, "scale", 0.0)) or 1.0 / math.sqrt(block.head_dim)
     th_v = _initializer(graph, f"{THETA_PREFIX}{block.layer}", theta)
-    inputs = [node.inputs[0], block.key, block.value, th_v, mask, None, None]
-    if comp_mode > 0:
-        inputs.append(_initializer(graph, f"{SDC_PREFIX}{block.layer}", sdc))
+    # ρ is always attached (a few KB per layer) so that a deployment can switch comp_mode without
+    # re-exporting; with comp_mode 0 the operator ignores it.
+    inputs = [node.inputs[0], block.key, block.value, th_v, mask, None, None,
+              _initializer(graph, f"{SDC_PREFIX}{block.layer}", sdc)]
     while inputs and inputs[-1] is None:
         inputs.pop()
     attrs = [ir.AttrFloat32("scale", scale), ir.AttrInt64("causal", block.causal),

@@ -118,9 +118,6 @@ def _sdpa_dense(q, k, v, mask, scale, causal) -> torch.Tensor:
     """Dense masked softmax attention through torch SDPA; rows without a valid key give zeros (docs/op.md)."""
     import torch.nn.functional as F
 
-    hq = q.shape[1]
-    if k.shape[1] != hq:
-        k, v = k.repeat_interleave(hq // k.shape[1], 1), v.repeat_interleave(hq // v.shape[1], 1)
     if mask is not None and mask.dtype != torch.bool:
         limit = -65504.0 if mask.dtype == torch.float16 else -1e30
         mask = torch.where(mask > limit, mask.to(q.dtype), float("-inf"))
@@ -128,10 +125,11 @@ def _sdpa_dense(q, k, v, mask, scale, causal) -> torch.Tensor:
         sq, ktot = q.shape[2], k.shape[2]
         tri = torch.ones(sq, ktot, dtype=torch.bool, device=q.device).tril(ktot - sq)
         mask = tri if mask is None else (mask & tri if mask.dtype == torch.bool else mask.masked_fill(~tri, -math.inf))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     if mask is not None:
         empty = ~(mask if mask.dtype == torch.bool else torch.isfinite(mask)).any(-1, keepdim=True)
-        out = out.masked_fill(empty, 0.0)
+        if empty.any():
+            out = out.masked_fill(empty, 0.0)
     return out
 
 

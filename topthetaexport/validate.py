@@ -75,6 +75,32 @@ def _valid_counts(seq: int, causal: bool, past: int = 0) -> np.ndarray:
     return rows + 1 if causal else np.full(seq, past + seq)
 
 
+class _RowRecorder:
+    """Keeps the per-row kept counts of the last PyTorch Top-θ forward, by layer."""
+
+    def __init__(self):
+        self.kept: dict[int, np.ndarray] = {}
+
+    def record(self, layer: int, kept, n_valid) -> None:
+        self.kept[layer] = kept.detach().cpu().numpy().astype(np.int64)
+
+
+def _decision_diff(ort_kept: dict[int, np.ndarray], torch_kept: dict[int, np.ndarray]) -> dict[str, Any]:
+    """Rows whose kept count differs between onnxruntime and PyTorch (borderline keep decisions)."""
+    rows = diff = 0
+    first = None
+    for layer in sorted(ort_kept):
+        a, b = ort_kept[layer].astype(np.int64), torch_kept.get(layer)
+        if b is None or a.shape != b.shape:
+            continue
+        d = int((a != b).sum())
+        rows += a.size
+        diff += d
+        if d and first is None:
+            first = layer
+    return {"rows_compared": rows, "rows_with_different_kept_count": diff, "first_layer_differing": first}
+
+
 class _Sparsity:
     def __init__(self, num_layers: int, dense_layers: list[int]):
         self.kept = np.zeros(num_layers)
@@ -150,13 +176,15 @@ def validate(out_dir: str | os.PathLike | None = None, *, model=None, onnx_path=
         with torch.no_grad():
             with attention_mode(model_t, "dense"):
                 dense = _model_output(model_t, ids, loaded.is_lm)
-            with attention_mode(model_t, "toptheta", thresholds=th, comp_mode=comp_mode):
+            rec = _RowRecorder()
+            with attention_mode(model_t, "toptheta", thresholds=th, comp_mode=comp_mode, recorder=rec):
                 ref = _model_output(model_t, ids, loaded.is_lm)
         t1 = time.perf_counter()
         res = om.run(ids.numpy())
         t_ort += time.perf_counter() - t1
         out = res.output.astype(np.float32)
         if w == 0:
+            decisions = _decision_diff(res.kept, rec.kept)
             op_par = _op_parity(res.io, attrs, th)
             res.io.clear()
             floor = _dense_floor(onnx_path, ids.numpy(), dense, device, threads)
@@ -194,6 +222,7 @@ def validate(out_dir: str | os.PathLike | None = None, *, model=None, onnx_path=
             "tolerance": PARITY_TOL,
             "pass": d_ref <= PARITY_TOL,
             "operator_pass": op_par["max_abs_diff"] <= PARITY_TOL,
+            "keep_decisions_window0": decisions,
         },
         "attention_elements": sp.summary(),
         "onnx_seconds_per_window": t_ort / max(tokens.shape[0], 1),
@@ -213,11 +242,35 @@ def validate(out_dir: str | os.PathLike | None = None, *, model=None, onnx_path=
         }
     else:
         report["embedding_cosine_vs_dense"] = {"mean": float(np.mean(cos)), "min": float(np.min(cos))}
+    if loaded.is_lm:
+        step("compensation variants", 0.8)
+        report["compensation"] = _compensation_variants(onnx_path, tokens.numpy(), comp_mode,
+                                                        report["perplexity"]["toptheta_onnx"],
+                                                        ppl["dense"], device, threads)
     if loaded.is_lm and om.has_cache and decode_steps > 0:
         step("decode with the KV cache", 0.85)
         report["decode"] = _decode_check(om, tokens[0].numpy()[None, :], decode_steps, th.dense_layers)
     step("done", 1.0)
     return report
+
+
+def _compensation_variants(onnx_path: Path, tokens: np.ndarray, comp_mode: int, ppl_main: float,
+                           ppl_dense: float, device: str, threads) -> dict[str, Any]:
+    """Perplexity through onnxruntime for every compensation mode (same graph, comp_mode overridden)."""
+    names = {0: "none", 1: "sdc", 2: "sdc+vmc"}
+    out = {}
+    for mode in (0, 1, 2):
+        if mode == comp_mode:
+            ppl = ppl_main
+        else:
+            om = OnnxModel(onnx_path, device=device, threads=threads, comp_mode=mode)
+            s = n = 0
+            for w in range(tokens.shape[0]):
+                a, b = _nll(om.run(tokens[w:w + 1]).output, tokens[w:w + 1])
+                s, n = s + a, n + b
+            ppl = math.exp(s / max(n, 1))
+        out[names[mode]] = {"comp_mode": mode, "perplexity": ppl, "relative_change": ppl / ppl_dense - 1.0}
+    return out
 
 
 def _dense_floor(onnx_path: Path, ids: np.ndarray, dense: np.ndarray, device: str, threads) -> float:

@@ -27,15 +27,17 @@ inline const float* AsFloat(const uint16_t* row, int64_t n, float* buf) {
   return buf;
 }
 
-// <q, k>; 8 independent partial sums so the compiler can vectorize.
-inline float Dot(const float* q, const float* k, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+// <q, k> accumulated in double; 8 independent partial sums so the compiler can vectorize.
+// Scores are compared with θ in double so that the keep decision equals the float64 reference's
+// (topthetaexport.reference) except for exact ties: see docs/op.md, "Numerics".
+inline double Dot(const float* q, const float* k, int64_t n) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t d = 0;
   for (; d + 8 <= n; d += 8) {
-    for (int u = 0; u < 8; ++u) acc[u] += q[d + u] * k[d + u];
+    for (int u = 0; u < 8; ++u) acc[u] += static_cast<double>(q[d + u]) * k[d + u];
   }
-  float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-  for (; d < n; ++d) s += q[d] * k[d];
+  double s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  for (; d < n; ++d) s += static_cast<double>(q[d]) * k[d];
   return s;
 }
 
@@ -68,25 +70,25 @@ struct MaskRow {
 };
 
 // 4 query rows (contiguous, stride d) against one key row: out[r] = <q_r, k>.
-inline void Dot4(const float* q, const float* k, int64_t n, float* out) {
-  float acc[4][8] = {};
+inline void Dot4(const float* q, const float* k, int64_t n, double* out) {
+  double acc[4][8] = {};
   int64_t d = 0;
   for (; d + 8 <= n; d += 8) {
     for (int r = 0; r < 4; ++r) {
-      for (int u = 0; u < 8; ++u) acc[r][u] += q[r * n + d + u] * k[d + u];
+      for (int u = 0; u < 8; ++u) acc[r][u] += static_cast<double>(q[r * n + d + u]) * k[d + u];
     }
   }
   for (int r = 0; r < 4; ++r) {
-    const float* a = acc[r];
-    float s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
-    for (int64_t e = d; e < n; ++e) s += q[r * n + e] * k[e];
+    const double* a = acc[r];
+    double s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+    for (int64_t e = d; e < n; ++e) s += static_cast<double>(q[r * n + e]) * k[e];
     out[r] = s;
   }
 }
 
 struct Scratch {
   std::vector<float> q;     // [kRowsPerTask, D] query rows as float
-  std::vector<float> dots;  // [kRowsPerTask, Ktot] <q_i, k_j>
+  std::vector<double> dots;  // [kRowsPerTask, Ktot] <q_i, k_j>
   std::vector<float> acc, vbar, score, row;  // row: one K or V row converted to float
   std::vector<int32_t> idx;
   void Fit(const AttnParams& p) {
@@ -117,7 +119,7 @@ void BlockDots(const AttnParams& p, const T* Q, const T* K, int64_t nrows, int64
     if (qf != s.q.data() + r * p.D) std::memcpy(s.q.data() + r * p.D, qf, sizeof(float) * p.D);
   }
   const float* qf = s.q.data();
-  float four[4];
+  double four[4];
   for (int64_t j = 0; j < jmax; ++j) {
     const float* k = AsFloat(K + j * p.D, p.D, s.row.data());
     int64_t r = 0;
@@ -131,7 +133,7 @@ void BlockDots(const AttnParams& p, const T* Q, const T* K, int64_t nrows, int64
 
 // One query row i of (b, h); dots = <q_i, k_j> for the row's keys.
 template <typename T>
-void ComputeRow(const AttnParams& p, int64_t b, int64_t h, int64_t i, const float* dots, Scratch& s) {
+void ComputeRow(const AttnParams& p, int64_t b, int64_t h, int64_t i, const double* dots, Scratch& s) {
   const int64_t g = h / (p.Hq / p.Hkv);
   const T* V = static_cast<const T*>(p.v) + (b * p.Hkv + g) * p.Ktot * p.Dv;
   T* out = static_cast<T*>(p.out) + ((b * p.Hq + h) * p.Sq + i) * p.Dv;
@@ -160,12 +162,12 @@ void ComputeRow(const AttnParams& p, int64_t b, int64_t h, int64_t i, const floa
     float add;
     if (mask.Excluded(j, &add)) continue;
     ++n_valid;
-    const float sc = p.scale * dots[j] + add;
-    if (sc >= theta) {
+    const double sc = static_cast<double>(p.scale) * dots[j] + add;
+    if (sc >= static_cast<double>(theta)) {
       s.idx[n_kept] = static_cast<int32_t>(j);
-      s.score[n_kept] = sc;
+      s.score[n_kept] = static_cast<float>(sc);
       ++n_kept;
-      smax = std::max(smax, sc);
+      smax = std::max(smax, static_cast<float>(sc));
     }
   }
 

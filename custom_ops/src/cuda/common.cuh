@@ -119,16 +119,31 @@ __device__ __forceinline__ uint32_t Swz(int row, int chunk) {
 // safe while a CUDA graph is being captured after the first call).
 template <auto kKernel>
 inline cudaError_t AllowSmem(int bytes) {
-  static unsigned long long done = 0;  // bit per device; racing first calls only repeat the call
-  if (bytes <= 48 * 1024) return cudaSuccess;
+  static unsigned long long done = 0;  // bit per device; racing first calls only repeat the calls
   int dev = 0;
   cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return e;
   const unsigned long long bit = 1ull << (dev & 63);
   if (__atomic_load_n(&done, __ATOMIC_ACQUIRE) & bit) return cudaSuccess;
-  e = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (bytes > 48 * 1024) e = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  // Ask for the largest shared-memory carveout so that several blocks fit on one SM.
+  if (e == cudaSuccess) {
+    e = cudaFuncSetAttribute(kKernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+  }
   if (e == cudaSuccess) __atomic_fetch_or(&done, bit, __ATOMIC_ACQ_REL);
   return e;
+}
+
+// Resident blocks per SM of a kernel (after AllowSmem), 1 when the query fails.
+template <auto kKernel>
+inline int BlocksPerSm(int threads, int smem) {
+  if (AllowSmem<kKernel>(smem) != cudaSuccess) return 1;
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kKernel, threads, smem) != cudaSuccess || n < 1) {
+    cudaGetLastError();
+    return 1;
+  }
+  return n;
 }
 
 // ---- masks and per-row constants ----------------------------------------------------------
@@ -158,6 +173,21 @@ __device__ __forceinline__ const char* MaskRow(const KernelArgs& a, int64_t b, i
   if (a.mask_kind == 0) return nullptr;
   const int64_t esz = a.mask_kind == 1 ? 1 : (a.mask_kind == 2 && a.dtype != 0) ? 2 : 4;
   return static_cast<const char*>(a.mask) + (b * a.mask_sb + h * a.mask_sh + i * a.mask_sq) * esz;
+}
+
+// Key-padding masks ([B, Ktot] bool) are the same for every row: the kernels then treat a tile whose
+// keys are all allowed like an unmasked one. Returns that batch's mask row, or null for other masks.
+__device__ __forceinline__ const uint8_t* KeyPaddingRow(const KernelArgs& a, int64_t b) {
+  if (a.mask_kind != 1 || a.mask_sh != 0 || a.mask_sq != 0) return nullptr;
+  return static_cast<const uint8_t*>(a.mask) + b * a.mask_sb;
+}
+
+// True (in every lane) when keys [k0, k0 + n) are all < Ktot and allowed by the key-padding row kp
+// (n <= 64; each lane reads at most two bytes).
+__device__ __forceinline__ bool KeysAllAllowed(const uint8_t* kp, int64_t k0, int n, int64_t ktot, int lane) {
+  bool ok = true;
+  for (int c = lane; c < n; c += 32) ok = ok && k0 + c < ktot && kp[k0 + c] != 0;
+  return __all_sync(kFull, ok);
 }
 
 struct RowConst {

@@ -3,9 +3,10 @@
 // 4 warps take 16-key steps of that range in turn, each warp on its own (no block barriers):
 //   K step t (cp.async, 3 stages) -> S = Q K^T on tensor cores -> threshold, online softmax ->
 //   gather the V rows of step t that some row kept (cp.async; pruned rows are never read, their
-//   shared-memory rows are zero-filled) -> P·V of step t-1 (one step behind, to hide the gather).
-// Every warp writes a partial (m, l, n_kept, n_valid, O) per row; DecodeCombine merges the partials
-// of a row into the output (and the V mean of comp_mode 2, mean_pass = 1: all valid V rows, P = 1).
+//   shared-memory rows are zero-filled) -> P·V of step t-2 (two steps behind, to hide the gather).
+// The block merges its warps' (m, l, n_kept, n_valid, O) in shared memory and writes one partial per
+// row; CombineKernel merges the partials of a row into the output (and the V mean of comp_mode 2,
+// mean_pass = 1: all valid V rows, P = 1).
 #include "common.cuh"
 
 namespace toptheta {
@@ -16,7 +17,7 @@ constexpr int kWarps = kDecodeWarps;
 constexpr int kThreads = kWarps * 32;
 constexpr int kSub = kDecodeSubKeys;
 constexpr int kKStages = 3;
-constexpr int kVStages = 2;
+constexpr int kVStages = 3;
 
 __device__ __forceinline__ float Rescale(float from, float to) {
   return isfinite(to) ? Exp2((from - to) * kLog2e) : 1.f;
@@ -57,6 +58,7 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
   float theta[2], rho[2];
   bool row_ok[2];
   const char* mrow[2];
+  const uint8_t* kpad = MASK ? KeyPaddingRow(a, b) : nullptr;
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
     const int rl = g + 8 * e;
@@ -94,19 +96,20 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
   for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m[2] = {mean ? 0.f : theta[0], mean ? 0.f : theta[1]};
   float mo[2] = {m[0], m[1]};  // reference max of o
-  float mp[2] = {m[0], m[1]};  // reference max of the pending P
   float l[2] = {0.f, 0.f};
   int nk[2] = {0, 0}, nv[2] = {0, 0};
-  uint32_t pend[4] = {0u, 0u, 0u, 0u};  // P of the pending step (A operand)
-  bool pending = false;
+  // P (A operand) of the two steps whose P·V is still pending: [0] = step t-2, [1] = step t-1.
+  uint32_t pend[2][4] = {{0u, 0u, 0u, 0u}, {0u, 0u, 0u, 0u}};
+  float mp[2][2] = {{m[0], m[1]}, {m[0], m[1]}};  // reference max of each pending P
+  bool pending[2] = {false, false};
 
   auto key0 = [&](int step) { return (first + static_cast<int64_t>(step) * kWarps) * kSub; };
-  auto pv = [&](int step) {
+  auto pv = [&](int step, const uint32_t* pa, const float* mref) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       if (!mean) {
-        const float alpha = Rescale(mo[r], mp[r]);
-        mo[r] = mp[r];
+        const float alpha = Rescale(mo[r], mref[r]);
+        mo[r] = mref[r];
 #pragma unroll
         for (int n = 0; n < NO; ++n) {
           o[n][2 * r] *= alpha;
@@ -119,12 +122,13 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
     for (int np = 0; np < NO / 2; ++np) {
       uint32_t bf[4];
       LdMatrixX4Trans(bf, vb + Swz<CH>(((lane >> 3) & 1) * 8 + (lane & 7), np * 2 + (lane >> 4)));
-      Mma16816<T>(o[2 * np], pend, bf);
-      Mma16816<T>(o[2 * np + 1], pend, bf + 2);
+      Mma16816<T>(o[2 * np], pa, bf);
+      Mma16816<T>(o[2 * np + 1], pa, bf + 2);
     }
   };
 
-  // Prologue: K of steps 0 and 1, with an empty group standing for "V of step -1".
+  // Prologue: groups in the order the loop expects (V of step -2, K0, V of step -1, K1); V ones empty.
+  CpAsyncCommit();
   if (steps > 0 && !mean) LoadRows<T, D>(a, Kg, key0(0), wbase, 0xffffu, lane);
   CpAsyncCommit();
   CpAsyncCommit();
@@ -133,7 +137,7 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
 
   for (int step = 0; step < steps; ++step) {
     const int64_t k0 = key0(step);
-    CpAsyncWait<2>();  // K of this step
+    CpAsyncWait<2>();  // K of this step and V of step - 2 (only V(step-1) and K(step+1) may be in flight)
     __syncwarp();
     float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
     if (!mean) {
@@ -148,7 +152,8 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
     }
 
     // Threshold test; bit c of `keys` = some row keeps key k0 + c.
-    const bool full = !MASK && k0 + kSub <= a.Ktot && (!a.causal || k0 + kSub - 1 <= min_pos);
+    bool full = k0 + kSub <= a.Ktot && (!a.causal || k0 + kSub - 1 <= min_pos);
+    if (MASK) full = full && kpad != nullptr && KeysAllAllowed(kpad, k0, kSub, a.Ktot, lane);
     uint32_t keys = 0;
     float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -212,22 +217,30 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
     }
     CpAsyncCommit();
 
-    CpAsyncWait<3>();  // V of the previous step
-    __syncwarp();
-    if (pending) pv(step - 1);
-    pending = keys != 0;
-    if (pending) {
+    if (pending[0]) pv(step - 2, pend[0], mp[0]);
+    pending[0] = pending[1];
+    pending[1] = keys != 0;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) pend[i] = pnew[i];
-      mp[0] = m[0];
-      mp[1] = m[1];
+    for (int i = 0; i < 4; ++i) {
+      pend[0][i] = pend[1][i];
+      pend[1][i] = pnew[i];
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mp[0][r] = mp[1][r];
+      mp[1][r] = m[r];
     }
   }
   CpAsyncWait<0>();
   __syncwarp();
-  if (pending) pv(steps - 1);
+  if (pending[0]) pv(steps - 2, pend[0], mp[0]);
+  if (pending[1]) pv(steps - 1, pend[1], mp[1]);
 
-  // Partial of this warp: o relative to m, l, counts.
+  // This warp's rows: o relative to m, sums over the quad; then the block merges its 4 warps in
+  // shared memory (the staging tiles are free once every warp is here) and writes one partial per row.
+  __syncthreads();
+  float* so = reinterpret_cast<float*>(smem);                // [warps][16][D]
+  float4* sst = reinterpret_cast<float4*>(so + kWarps * 16 * D);  // [warps][16]
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float alpha = mean ? 1.f : Rescale(mo[r], m[r]);
@@ -237,15 +250,35 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
     nk[r] += __shfl_xor_sync(kFull, nk[r], 2);
     nv[r] += __shfl_xor_sync(kFull, nv[r], 1);
     nv[r] += __shfl_xor_sync(kFull, nv[r], 2);
-    if (!row_ok[r]) continue;
-    const int64_t row = (b * a.Hq + hq[r]) * a.Sq + qi[r];
-    const int64_t part = row * a.parts + split * kWarps + warp;
-    float* po = a.part_o + part * D;
+    const int rl = g + 8 * r;
+    float* wo = so + (warp * 16 + rl) * D;
 #pragma unroll
     for (int n = 0; n < NO; ++n) {
-      *reinterpret_cast<float2*>(po + n * 8 + 2 * t) = make_float2(o[n][2 * r] * alpha, o[n][2 * r + 1] * alpha);
+      *reinterpret_cast<float2*>(wo + n * 8 + 2 * t) = make_float2(o[n][2 * r] * alpha, o[n][2 * r + 1] * alpha);
     }
-    if (t == 0) a.part_stats[part] = make_float4(m[r], l[r], __int_as_float(nk[r]), __int_as_float(nv[r]));
+    if (t == 0) sst[warp * 16 + rl] = make_float4(m[r], l[r], __int_as_float(nk[r]), __int_as_float(nv[r]));
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < nrows * D; idx += kThreads) {
+    const int rl = idx / D, d = idx % D;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, sst[w * 16 + rl].x);
+    float acc = 0.f, lsum = 0.f;
+    int ksum = 0, vsum = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float4 st = sst[w * 16 + rl];
+      const float wt = isfinite(M) ? Exp2((st.x - M) * kLog2e) : 1.f;
+      acc = fmaf(wt, so[(w * 16 + rl) * D + d], acc);
+      lsum = fmaf(wt, st.y, lsum);
+      ksum += __float_as_int(st.z);
+      vsum += __float_as_int(st.w);
+    }
+    const int64_t hqr = kvh * a.G + rl / a.Sq, qir = rl % a.Sq;
+    const int64_t part = ((b * a.Hq + hqr) * a.Sq + qir) * a.parts + split;
+    a.part_o[part * D + d] = acc;
+    if (d == 0) a.part_stats[part] = make_float4(M, lsum, __int_as_float(ksum), __int_as_float(vsum));
   }
 }
 
@@ -310,6 +343,7 @@ __global__ void __launch_bounds__(kCombineThreads) CombineKernel(const KernelArg
     const float inv = dk > 0.f ? 1.f / dk : 0.f;
     for (int64_t d = tid; d < D; d += kCombineThreads) {
       float n = 0.f;
+#pragma unroll 8
       for (int p = 0; p < a.parts; ++p) n = fmaf(w[p], po[p * D + d], n);
       a.vbar[row * D + d] = n * inv;
     }
@@ -320,6 +354,7 @@ __global__ void __launch_bounds__(kCombineThreads) CombineKernel(const KernelArg
   const RowFinal f = FinishRow(a, dk, M, rc.theta, rc.rho, nk, nv);
   for (int64_t d = tid; d < D; d += kCombineThreads) {
     float n = 0.f;
+#pragma unroll 8
     for (int p = 0; p < a.parts; ++p) n = fmaf(w[p], po[p * D + d], n);
     float x = n * f.inv;
     if (f.dp_inv != 0.f) x = fmaf(f.dp_inv, a.vbar[row * D + d], x);
@@ -332,9 +367,14 @@ __global__ void __launch_bounds__(kCombineThreads) CombineKernel(const KernelArg
   if (a.kept && tid == 0) a.kept[row] = nk;
 }
 
+template <int D>
+constexpr int DecodeSmem() {
+  return kWarps * (kKStages + kVStages) * kSub * D * 2;
+}
+
 template <typename T, int D, bool MASK>
 cudaError_t Run(const KernelArgs& a, cudaStream_t stream) {
-  constexpr int smem = kWarps * (kKStages + kVStages) * kSub * D * 2;
+  constexpr int smem = DecodeSmem<D>();
   cudaError_t e = AllowSmem<DecodeKernel<T, D, MASK>>(smem);
   if (e != cudaSuccess) return e;
   dim3 grid(static_cast<unsigned>(a.splits), static_cast<unsigned>(a.Hkv), static_cast<unsigned>(a.B));
@@ -350,6 +390,16 @@ cudaError_t RunT(const KernelArgs& a, cudaStream_t stream) {
 }
 
 }  // namespace
+
+int DecodeBlocksPerSm(int D) {
+  static int cached[2] = {0, 0};  // D = 64, 128 (same for every T / mask instantiation)
+  int& c = cached[D == 64 ? 0 : 1];
+  if (c <= 0) {
+    c = D == 64 ? BlocksPerSm<DecodeKernel<__half, 64, false>>(kThreads, DecodeSmem<64>())
+                : BlocksPerSm<DecodeKernel<__half, 128, false>>(kThreads, DecodeSmem<128>());
+  }
+  return c;
+}
 
 cudaError_t LaunchDecode(const KernelArgs& a, cudaStream_t stream) {
   return a.dtype == 2 ? RunT<__nv_bfloat16>(a, stream) : RunT<__half>(a, stream);

@@ -22,7 +22,8 @@ enum class Path : int {
 struct Plan {
   Path path = Path::kGeneric;
   int splits = 1;          // decode: key splits per (batch, kv head)
-  int prefill_mt = 1;      // prefill: m-tiles of 16 rows per warp (TOPTHETA_PREFILL_MT overrides)
+  int prefill_variant = -1; // prefill: 0 = 8 warps x 16 rows, 1 = 4 x 16, 2 = 4 x 32, -1 = by mask kind
+                            // (TOPTHETA_PREFILL_VARIANT overrides)
   size_t workspace = 0;    // device scratch bytes Launch needs
 };
 
@@ -49,11 +50,11 @@ struct KernelArgs {
   float* part_o;       // [B*Hq*Sq, parts, Dv]
   int parts;
   int splits;
-  int prefill_mt;  // prefill variant: 1 (8 warps x 16 rows) or 2 (4 warps x 32 rows)
+  int prefill_variant;  // see Plan
 };
 
 // Chooses the kernel family and scratch size for p on `device` (TOPTHETA_CUDA_PATH=generic,
-// TOPTHETA_DECODE_SPLITS=N and TOPTHETA_PREFILL_MT=1|2 override, for tests and benchmarks).
+// TOPTHETA_DECODE_SPLITS=N and TOPTHETA_PREFILL_VARIANT=0|1|2 override, for tests and benchmarks).
 Plan MakePlan(const AttnParams& p, int device);
 
 // Enqueues the kernels of one call on `stream` (no host synchronisation). `workspace` must hold
@@ -65,6 +66,8 @@ cudaError_t LaunchGeneric(const KernelArgs& a, cudaStream_t stream);
 cudaError_t LaunchPrefill(const KernelArgs& a, cudaStream_t stream);
 cudaError_t LaunchDecode(const KernelArgs& a, cudaStream_t stream);
 cudaError_t LaunchDecodeCombine(const KernelArgs& a, cudaStream_t stream);
+// Decode blocks that fit on one SM at once (head dim 64 or 128).
+int DecodeBlocksPerSm(int D);
 
 // Rows per decode block tile (query heads of one kv head times query tokens).
 constexpr int kDecodeRows = 16;

@@ -11,7 +11,7 @@ namespace cuda {
 namespace {
 
 constexpr size_t kAlign = 256;
-constexpr int kDefaultPrefillMT = 1;
+constexpr int kDefaultPrefillVariant = -1;  // per mask kind, see prefill.cu
 
 size_t AlignUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
@@ -43,13 +43,14 @@ bool NeedsVMean(const AttnParams& p) { return p.comp_mode == 2 && p.sdc != nullp
 
 int64_t Rows(const AttnParams& p) { return p.B * p.Hq * p.Sq; }
 
-// Decode split count: enough blocks for ~4 per SM, at least 16 key steps (256 keys) per block.
+// Decode split count: one wave of blocks (resident blocks per SM x SMs) over the (batch, kv head)
+// pairs, at least 16 key steps (256 keys) per block; several waves only when the pairs alone fill one.
 int DecodeSplits(const AttnParams& p, int device) {
   const int64_t nsub = (p.Ktot + kDecodeSubKeys - 1) / kDecodeSubKeys;
   const int64_t pairs = std::max<int64_t>(1, p.B * p.Hkv);
-  int64_t want = (4 * static_cast<int64_t>(SmCount(device)) + pairs - 1) / pairs;
-  const int64_t cap = std::max<int64_t>(1, nsub / 16);
-  int64_t s = std::min(want, cap);
+  const int64_t slots = static_cast<int64_t>(SmCount(device)) * DecodeBlocksPerSm(static_cast<int>(p.D));
+  int64_t s = std::max<int64_t>(1, slots / pairs);
+  s = std::min(s, std::max<int64_t>(1, nsub / 16));
   const int env = EnvInt("TOPTHETA_DECODE_SPLITS", 0);
   if (env > 0) s = std::min<int64_t>(env, nsub);
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(s, 65535)));
@@ -68,7 +69,7 @@ Layout MakeLayout(const AttnParams& p, const Plan& plan) {
     off += AlignUp(static_cast<size_t>(Rows(p) * p.Dv) * sizeof(float));
   }
   if (plan.path == Path::kDecode) {
-    const size_t parts = static_cast<size_t>(plan.splits) * kDecodeWarps;
+    const size_t parts = static_cast<size_t>(plan.splits);
     l.stats = off;
     off += AlignUp(static_cast<size_t>(Rows(p)) * parts * 16);
     l.part_o = off;
@@ -119,7 +120,10 @@ Plan MakePlan(const AttnParams& p, int device) {
     plan.path = (p.Hq / p.Hkv) * p.Sq <= kDecodeRows ? Path::kDecode : Path::kPrefill;
   }
   if (plan.path == Path::kDecode) plan.splits = DecodeSplits(p, device);
-  if (plan.path == Path::kPrefill) plan.prefill_mt = EnvInt("TOPTHETA_PREFILL_MT", kDefaultPrefillMT) == 2 ? 2 : 1;
+  if (plan.path == Path::kPrefill) {
+    const int v = EnvInt("TOPTHETA_PREFILL_VARIANT", kDefaultPrefillVariant);
+    plan.prefill_variant = v >= -1 && v <= 2 ? v : kDefaultPrefillVariant;
+  }
   plan.workspace = MakeLayout(p, plan).total;
   return plan;
 }
@@ -133,8 +137,8 @@ cudaError_t Launch(const AttnParams& p, const Plan& plan, void* workspace, cudaS
   char* ws = static_cast<char*>(workspace);
   a.vbar = NeedsVMean(p) ? reinterpret_cast<float*>(ws + l.vbar) : nullptr;
   a.splits = plan.splits;
-  a.prefill_mt = plan.prefill_mt;
-  a.parts = plan.splits * kDecodeWarps;
+  a.prefill_variant = plan.prefill_variant;
+  a.parts = plan.splits;  // one partial per decode block
   if (plan.path == Path::kDecode) {
     a.part_stats = reinterpret_cast<float4*>(ws + l.stats);
     a.part_o = reinterpret_cast<float*>(ws + l.part_o);

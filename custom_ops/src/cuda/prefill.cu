@@ -1,7 +1,7 @@
 // Prefill kernel of TopThetaAttention: flash-style tiles on tensor cores (mma.sync m16n8k16, fp32
-// accumulate). A block owns 128 query rows of one (batch, query head): 8 warps x 16 rows (MT = 1, Q
-// fragments in registers) or 4 warps x 32 rows (MT = 2, Q in shared memory; every K/V fragment read
-// from shared memory feeds two MMAs). K/V tiles of 64 keys stream through shared memory (cp.async,
+// accumulate). A block owns BM = 16 * MT * WARPS query rows of one (batch, query head); each warp owns
+// MT m-tiles of 16 rows (MT = 1: Q fragments in registers; MT = 2: Q in shared memory and every K/V
+// fragment read from shared memory feeds two MMAs). K/V tiles of 64 keys stream through shared memory (cp.async,
 // double buffered). Per tile and warp: S = Q K^T, the threshold test s >= theta on the fp32 scores,
 // online softmax over the kept scores (running max starts at theta), kept/valid counts, and P·V only
 // for the 16-row x 16-key chunks in which some score survived (a tile with nothing kept skips the
@@ -13,80 +13,86 @@ namespace toptheta {
 namespace cuda {
 namespace {
 
-constexpr int kBM = 128;  // query rows per block
 constexpr int kBN = 64;   // keys per tile
 
-__device__ __forceinline__ float Rescale(float from, float to) {
-  return isfinite(to) ? Exp2((from - to) * kLog2e) : 1.f;
-}
-
 template <typename T, int D, int THREADS>
-__device__ __forceinline__ void LoadTile(const KernelArgs& a, const T* Kg, const T* Vg, int64_t k0, uint32_t ks,
+__device__ __forceinline__ void LoadTile(const KernelArgs& a, const T* Kg, const T* Vg, int k0, uint32_t ks,
                                          uint32_t vs, bool with_k) {
   constexpr int CH = D / 8;
   for (int c = threadIdx.x; c < kBN * CH; c += THREADS) {
     const int r = c / CH, ch = c % CH;
-    const int64_t key = k0 + r;
+    const int key = k0 + r;
     const bool ok = key < a.Ktot;
-    const int64_t off = (ok ? key : 0) * D + ch * 8;
+    const int off = (ok ? key : 0) * D + ch * 8;  // within one head: Ktot * D < 2^31
     if (with_k) CpAsync16(ks + Swz<CH>(r, ch), Kg + off, ok);
     CpAsync16(vs + Swz<CH>(r, ch), Vg + off, ok);
   }
 }
 
-template <int MT>
-constexpr int Threads() {
-  return (kBM / (16 * MT)) * 32;
+template <int MT, int WARPS>
+constexpr int RowsPerBlock() {
+  return 16 * MT * WARPS;
 }
 
-template <typename T, int D, int MT>
+template <int D, int MT, int WARPS>
 constexpr int SmemBytes() {
-  return (MT == 2 ? kBM * D * 2 : 0) + 4 * kBN * D * 2;
+  return (MT == 2 ? RowsPerBlock<MT, WARPS>() * D * 2 : 0) + 4 * kBN * D * 2;
 }
 
 // MT m-tiles of 16 rows per warp; thread rows r = 2 * mt + e are w0 + 16 * mt + g + 8 * e.
-template <typename T, int D, bool MASK, int MT>
-__global__ void __launch_bounds__(Threads<MT>(), 1) PrefillKernel(const KernelArgs a) {
-  constexpr int THREADS = Threads<MT>();
+// Scores are kept in raw units (q.k, before the scale): theta and the running max m are divided by the
+// (positive) scale once, so the threshold test is one compare and exp(s - m) one FFMA + EX2.
+template <typename T, int D, bool MASK, int MT, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs a) {
+  constexpr int THREADS = WARPS * 32;
+  constexpr int kBM = RowsPerBlock<MT, WARPS>();
   constexpr int CH = D / 8;       // 16-byte chunks per K/V row
   constexpr int KS = D / 16;      // k-steps of Q K^T
   constexpr int NS = kBN / 8;     // n-blocks of S (8 keys each)
   constexpr int NO = D / 8;       // n-blocks of O (8 columns each)
   constexpr int RT = 2 * MT;      // rows per thread
-  constexpr uint32_t kTileBytes = kBN * D * 2;
-  constexpr uint32_t kQBytes = MT == 2 ? kBM * D * 2 : 0;
+  constexpr int NA = MT == 1 ? 2 : 1;  // independent max / sum chains per row (MT = 2 has ILP already)
+  constexpr uint32_t kRowBytes = CH * 16;
+  constexpr uint32_t kTileBytes = kBN * kRowBytes;
+  constexpr uint32_t kQBytes = MT == 2 ? kBM * kRowBytes : 0;
   extern __shared__ __align__(128) unsigned char smem[];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   const int64_t h = blockIdx.x, b = blockIdx.z;
-  const int64_t i0 = (static_cast<int64_t>(gridDim.y) - 1 - blockIdx.y) * kBM;  // longest (causal) first
+  // Row and key indices fit in int (a head's K alone would otherwise exceed any GPU's memory).
+  const int i0 = (static_cast<int>(gridDim.y) - 1 - static_cast<int>(blockIdx.y)) * kBM;  // longest first
   const int64_t kvh = h / a.G;
   const bool mean = a.mean_pass != 0;
+  const float inv_scale = 1.f / a.scale;
+  const float c2 = a.scale * kLog2e;  // raw score -> log2 units
   const T* Qg = static_cast<const T*>(a.q) + (b * a.Hq + h) * a.Sq * D;
   const T* Kg = static_cast<const T*>(a.k) + (b * a.Hkv + kvh) * a.Ktot * D;
   const T* Vg = static_cast<const T*>(a.v) + (b * a.Hkv + kvh) * a.Ktot * D;
   const uint32_t qbase = SmemAddr(smem), sbase = qbase + kQBytes;
 
-  const int64_t w0 = i0 + warp * 16 * MT;  // first row of this warp
-  int64_t pos[RT];
-  float theta[RT], rho[RT];
-  bool row_ok[RT];
+  // Per-lane ldmatrix offsets in a swizzled tile (Swz): physical chunk = chunk ^ (row & 7), and since a
+  // row is a multiple of 128 bytes, offset(row, 2 * step + x) = lane_base ^ (step << 5).
+  const int r7 = lane & 7;
+  const uint32_t lane_k = (((lane >> 4) * 8 + r7) * kRowBytes) | (((((lane >> 3) & 1) ^ r7)) << 4);
+  const uint32_t lane_v = ((((lane >> 3) & 1) * 8 + r7) * kRowBytes) | ((((lane >> 4) ^ r7)) << 4);
+  const uint32_t lane_q = ((warp * 16 * MT + ((lane >> 3) & 1) * 8 + r7) * kRowBytes) | ((((lane >> 4) ^ r7)) << 4);
+
+  const int Sq = static_cast<int>(a.Sq), Ktot = static_cast<int>(a.Ktot);
+  const int w0 = i0 + warp * 16 * MT;  // first row of this warp
+  const int off = Ktot - Sq;           // row position = off + row index
+  auto row_of = [&](int r) { return w0 + 16 * (r >> 1) + g + 8 * (r & 1); };
+  float th[RT];  // raw-unit thresholds (+inf for padding rows: never kept)
   const char* mrow[RT];
+  const uint8_t* kpad = MASK ? KeyPaddingRow(a, b) : nullptr;
 #pragma unroll
   for (int r = 0; r < RT; ++r) {
-    const int64_t i = w0 + 16 * (r >> 1) + g + 8 * (r & 1);
-    row_ok[r] = i < a.Sq;
+    const int i = row_of(r);
     mrow[r] = nullptr;
-    if (row_ok[r]) {
-      const RowConst rc = RowConstants(a, h, i);
-      pos[r] = rc.pos;
-      theta[r] = mean ? -INFINITY : rc.theta;
-      rho[r] = rc.rho;
+    if (i < Sq) {
+      th[r] = mean ? -INFINITY : RowConstants(a, h, i).theta * inv_scale;
       if (MASK) mrow[r] = MaskRow(a, b, h, i);
     } else {
-      pos[r] = -1;
-      theta[r] = INFINITY;  // never kept
-      rho[r] = 0.f;
+      th[r] = INFINITY;
     }
   }
 
@@ -97,28 +103,27 @@ __global__ void __launch_bounds__(Threads<MT>(), 1) PrefillKernel(const KernelAr
     for (int ks = 0; ks < KS; ++ks) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int64_t i = w0 + g + 8 * e;
-        const T* p = Qg + (i < a.Sq ? i : 0) * D + ks * 16 + 2 * t;
-        qf[ks][e] = i < a.Sq ? *reinterpret_cast<const uint32_t*>(p) : 0u;
-        qf[ks][2 + e] = i < a.Sq ? *reinterpret_cast<const uint32_t*>(p + 8) : 0u;
+        const int i = w0 + g + 8 * e;
+        const T* p = Qg + static_cast<int64_t>(i < Sq ? i : 0) * D + ks * 16 + 2 * t;
+        qf[ks][e] = i < Sq ? *reinterpret_cast<const uint32_t*>(p) : 0u;
+        qf[ks][2 + e] = i < Sq ? *reinterpret_cast<const uint32_t*>(p + 8) : 0u;
       }
     }
   } else if (!mean) {
     for (int c = threadIdx.x; c < kBM * CH; c += THREADS) {
       const int r = c / CH, ch = c % CH;
-      const bool ok = i0 + r < a.Sq;
-      CpAsync16(qbase + Swz<CH>(r, ch), Qg + (ok ? i0 + r : 0) * D + ch * 8, ok);
+      const bool ok = i0 + r < Sq;
+      CpAsync16(qbase + Swz<CH>(r, ch), Qg + static_cast<int64_t>(ok ? i0 + r : 0) * D + ch * 8, ok);
     }
   }
 
   // Key ranges: the block's (causal: up to its last row) and this warp's.
-  const int64_t last_row = min(i0 + kBM, a.Sq) - 1;
-  const int64_t off = a.Ktot - a.Sq;
-  const int64_t kend = a.causal ? min(a.Ktot, off + last_row + 1) : a.Ktot;
-  const int ntiles = static_cast<int>((kend + kBN - 1) / kBN);
-  const int64_t wlast = min(w0 + 16 * MT - 1, a.Sq - 1);
-  const int64_t wkend = w0 >= a.Sq ? 0 : (a.causal ? min(a.Ktot, off + wlast + 1) : a.Ktot);
-  const int64_t wfirst_pos = off + w0;  // smallest row position of the warp
+  const int last_row = min(i0 + kBM, Sq) - 1;
+  const int kend = a.causal ? min(Ktot, off + last_row + 1) : Ktot;
+  const int ntiles = (kend + kBN - 1) / kBN;
+  const int wlast = min(w0 + 16 * MT - 1, Sq - 1);
+  const int wkend = w0 >= Sq ? 0 : (a.causal ? min(Ktot, off + wlast + 1) : Ktot);
+  const int wfirst_pos = off + w0;  // smallest row position of the warp
 
   float o[MT][NO][4];
 #pragma unroll
@@ -126,12 +131,13 @@ __global__ void __launch_bounds__(Threads<MT>(), 1) PrefillKernel(const KernelAr
 #pragma unroll
     for (int n = 0; n < NO; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
   }
-  float m[RT], l[RT];
+  float m[RT], l[RT][NA];
   int nk[RT], nv[RT];
 #pragma unroll
   for (int r = 0; r < RT; ++r) {
-    m[r] = mean ? 0.f : theta[r];
-    l[r] = 0.f;
+    m[r] = mean ? 0.f : th[r];
+#pragma unroll
+    for (int x = 0; x < NA; ++x) l[r][x] = 0.f;
     nk[r] = nv[r] = 0;
   }
 
@@ -140,14 +146,14 @@ __global__ void __launch_bounds__(Threads<MT>(), 1) PrefillKernel(const KernelAr
   for (int tile = 0; tile < ntiles; ++tile) {
     const int buf = tile & 1;
     if (tile + 1 < ntiles) {
-      LoadTile<T, D, THREADS>(a, Kg, Vg, static_cast<int64_t>(tile + 1) * kBN, sbase + (buf ^ 1) * kTileBytes,
+      LoadTile<T, D, THREADS>(a, Kg, Vg, (tile + 1) * kBN, sbase + (buf ^ 1) * kTileBytes,
                               sbase + (2 + (buf ^ 1)) * kTileBytes, !mean);
     }
     CpAsyncCommit();
     CpAsyncWait<1>();
     __syncthreads();
 
-    const int64_t k0 = static_cast<int64_t>(tile) * kBN;
+    const int k0 = tile * kBN;
     if (k0 < wkend) {
       const uint32_t kb = sbase + buf * kTileBytes, vb = sbase + (2 + buf) * kTileBytes;
       float s[MT][NS][4];
@@ -164,16 +170,15 @@ __global__ void __launch_bounds__(Threads<MT>(), 1) PrefillKernel(const KernelAr
 #pragma unroll
             for (int x = 0; x < 4; ++x) qa[0][x] = qf[ks][x];
           } else {
+            const uint32_t qaddr = qbase + (lane_q ^ (ks << 5));
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-              LdMatrixX4(qa[mt], qbase + Swz<CH>(warp * 16 * MT + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
-                                                 ks * 2 + (lane >> 4)));
-            }
+            for (int mt = 0; mt < MT; ++mt) LdMatrixX4(qa[mt], qaddr + mt * 16 * kRowBytes);
           }
+          const uint32_t kaddr = kb + (lane_k ^ (ks << 5));
 #pragma unroll
           for (int np = 0; np < NS / 2; ++np) {
             uint32_t bf[4];
-            LdMatrixX4(bf, kb + Swz<CH>(np * 16 + (lane >> 4) * 8 + (lane & 7), ks * 2 + ((lane >> 3) & 1)));
+            LdMatrixX4(bf, kaddr + np * 16 * kRowBytes);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
               Mma16816<T>(s[mt][2 * np], qa[mt], bf);
@@ -183,62 +188,96 @@ __global__ void __launch_bounds__(Threads<MT>(), 1) PrefillKernel(const KernelAr
         }
       }
 
-      // Threshold test; s keeps the score of kept keys and -inf elsewhere. Bit mt * 4 + c of `chunks`:
-      // some row of m-tile mt keeps a key of the 16-key chunk c.
-      const bool full = !MASK && k0 + kBN <= a.Ktot && (!a.causal || k0 + kBN - 1 <= wfirst_pos);
-      uint32_t chunks = 0;
-      float tmax[RT];
+      // Threshold test: s keeps kept raw scores and -inf elsewhere; bit 4n+e of km[mt] = kept.
+      bool full = k0 + kBN <= Ktot && (!a.causal || k0 + kBN - 1 <= wfirst_pos);
+      if (MASK) full = full && kpad != nullptr && KeysAllAllowed(kpad, k0, kBN, Ktot, lane);
+      uint32_t km[MT] = {};
+      float tmax[RT][NA];
 #pragma unroll
-      for (int r = 0; r < RT; ++r) tmax[r] = -INFINITY;
+      for (int r = 0; r < RT; ++r) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
+        for (int x = 0; x < NA; ++x) tmax[r][x] = -INFINITY;
+      }
+      // One straight-line loop per case (a per-element branch would cost more than the test itself).
+      auto mark = [&](int mt, int n, int e, bool kept) {
+        const int r = 2 * mt + (e >> 1);
+        const float x = kept ? s[mt][n][e] : -INFINITY;
+        s[mt][n][e] = x;
+        tmax[r][n % NA] = fmaxf(tmax[r][n % NA], x);
+        km[mt] |= kept ? (1u << (4 * n + e)) : 0u;
+      };
+      if (full) {
 #pragma unroll
-        for (int n = 0; n < NS; ++n) {
+        for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int r = 2 * mt + (e >> 1);
-            float x = s[mt][n][e] * a.scale;
-            bool valid = true;
-            if (!full) {
-              const int64_t j = k0 + n * 8 + 2 * t + (e & 1);
+          for (int n = 0; n < NS; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) mark(mt, n, e, s[mt][n][e] >= th[2 * mt + (e >> 1)]);
+          }
+        }
+        if (MASK) {
+#pragma unroll
+          for (int r = 0; r < RT; ++r) nv[r] += 2 * NS;
+        }
+      } else {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+          for (int n = 0; n < NS; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int r = 2 * mt + (e >> 1);
+              const int j = k0 + n * 8 + 2 * t + (e & 1);
+              const int i = row_of(r);
               float add = 0.f;
-              valid = row_ok[r] && j < a.Ktot && (!a.causal || j <= pos[r]);
+              bool valid = i < Sq && j < Ktot && (!a.causal || j <= off + i);
               if (MASK && valid) valid = MaskAt(a, mrow[r], j, &add);
-              x += add;
-              nv[r] += valid;
+              if (MASK) {
+                if (!mean) s[mt][n][e] = fmaf(add, inv_scale, s[mt][n][e]);  // mean pass: P = 1
+                nv[r] += valid;
+              }
+              mark(mt, n, e, valid && s[mt][n][e] >= th[r]);
             }
-            const bool kept = valid && (mean || x >= theta[r]);
-            nk[r] += kept;
-            s[mt][n][e] = kept ? x : -INFINITY;
-            tmax[r] = fmaxf(tmax[r], s[mt][n][e]);
-            chunks |= static_cast<uint32_t>(kept) << (mt * 4 + (n >> 1));
           }
         }
       }
-      if (full) {
+      uint32_t chunks = 0;  // bit mt * 4 + c: m-tile mt keeps a key of 16-key chunk c
 #pragma unroll
-        for (int r = 0; r < RT; ++r) nv[r] += 2 * NS;
+      for (int mt = 0; mt < MT; ++mt) {
+        nk[2 * mt] += __popc(km[mt] & 0x33333333u);
+        nk[2 * mt + 1] += __popc(km[mt] & 0xccccccccu);
+#pragma unroll
+        for (int c = 0; c < kBN / 16; ++c) chunks |= (((km[mt] >> (8 * c)) & 0xffu) != 0u ? 1u : 0u) << (mt * 4 + c);
       }
       chunks = __reduce_or_sync(kFull, chunks);
 
       if (chunks != 0) {  // else nothing of this warp survived in the tile: no softmax update, no P·V
-        float ml[RT];
+        float mc[RT], alpha[RT];
+        bool rescale = false;
 #pragma unroll
         for (int r = 0; r < RT; ++r) {
-          if (!mean) {
-            tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(kFull, tmax[r], 1));
-            tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(kFull, tmax[r], 2));
-            const float mn = fmaxf(m[r], tmax[r]);
-            const float alpha = Rescale(m[r], mn);
-            m[r] = mn;
-            l[r] *= alpha;
+          float tm = tmax[r][0];
+#pragma unroll
+          for (int x = 1; x < NA; ++x) tm = fmaxf(tm, tmax[r][x]);
+          tm = fmaxf(tm, __shfl_xor_sync(kFull, tm, 1));
+          tm = fmaxf(tm, __shfl_xor_sync(kFull, tm, 2));
+          const float mn = fmaxf(m[r], tm);
+          alpha[r] = isfinite(mn) ? Exp2((m[r] - mn) * c2) : 1.f;
+          rescale = rescale || alpha[r] != 1.f;
+          m[r] = mn;
+          mc[r] = isfinite(mn) ? mn * c2 : 0.f;
+        }
+        if (__any_sync(kFull, rescale)) {
+#pragma unroll
+          for (int r = 0; r < RT; ++r) {
+#pragma unroll
+            for (int x = 0; x < NA; ++x) l[r][x] *= alpha[r];
 #pragma unroll
             for (int n = 0; n < NO; ++n) {
-              o[r >> 1][n][2 * (r & 1)] *= alpha;
-              o[r >> 1][n][2 * (r & 1) + 1] *= alpha;
+              o[r >> 1][n][2 * (r & 1)] *= alpha[r];
+              o[r >> 1][n][2 * (r & 1) + 1] *= alpha[r];
             }
           }
-          ml[r] = isfinite(m[r]) ? m[r] * kLog2e : 0.f;
         }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
@@ -247,16 +286,15 @@ __global__ void __launch_bounds__(Threads<MT>(), 1) PrefillKernel(const KernelAr
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               const int r = 2 * mt + (e >> 1);
-              const bool kept = s[mt][n][e] != -INFINITY;
-              const float p = kept ? (mean ? 1.f : Exp2(fmaf(s[mt][n][e], kLog2e, -ml[r]))) : 0.f;
-              l[r] += p;
+              const float p = Exp2(fmaf(s[mt][n][e], c2, -mc[r]));  // exp2(-inf) = 0 for pruned
+              l[r][n % NA] += p;
               s[mt][n][e] = p;
             }
           }
         }
 #pragma unroll
         for (int kk = 0; kk < kBN / 16; ++kk) {
-          uint32_t need[MT];
+          bool need[MT];
           bool any = false;
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
@@ -272,10 +310,11 @@ __global__ void __launch_bounds__(Threads<MT>(), 1) PrefillKernel(const KernelAr
             pa[mt][2] = Elem<T>::Pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
             pa[mt][3] = Elem<T>::Pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
           }
+          const uint32_t vrow = vb + kk * 16 * kRowBytes;
 #pragma unroll
           for (int np = 0; np < NO / 2; ++np) {
             uint32_t bf[4];
-            LdMatrixX4Trans(bf, vb + Swz<CH>(kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7), np * 2 + (lane >> 4)));
+            LdMatrixX4Trans(bf, vrow + (lane_v ^ (np << 5)));
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
               if (!need[mt]) continue;
@@ -291,10 +330,14 @@ __global__ void __launch_bounds__(Threads<MT>(), 1) PrefillKernel(const KernelAr
   CpAsyncWait<0>();
 
   // Epilogue: row sums and counts over the quad, compensation, store.
+  float lsum[RT];
 #pragma unroll
   for (int r = 0; r < RT; ++r) {
-    l[r] += __shfl_xor_sync(kFull, l[r], 1);
-    l[r] += __shfl_xor_sync(kFull, l[r], 2);
+    lsum[r] = l[r][0];
+#pragma unroll
+    for (int x = 1; x < NA; ++x) lsum[r] += l[r][x];
+    lsum[r] += __shfl_xor_sync(kFull, lsum[r], 1);
+    lsum[r] += __shfl_xor_sync(kFull, lsum[r], 2);
     nk[r] += __shfl_xor_sync(kFull, nk[r], 1);
     nk[r] += __shfl_xor_sync(kFull, nk[r], 2);
     nv[r] += __shfl_xor_sync(kFull, nv[r], 1);
@@ -302,12 +345,12 @@ __global__ void __launch_bounds__(Threads<MT>(), 1) PrefillKernel(const KernelAr
   }
 #pragma unroll
   for (int r = 0; r < RT; ++r) {
-    if (!row_ok[r]) continue;
+    const int i = row_of(r);
+    if (i >= Sq) continue;
     const int mt = r >> 1, e2 = 2 * (r & 1);
-    const int64_t i = w0 + 16 * mt + g + 8 * (r & 1);
     const int64_t row = (b * a.Hq + h) * a.Sq + i;
     if (mean) {
-      const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+      const float inv = lsum[r] > 0.f ? 1.f / lsum[r] : 0.f;
       float* vb = a.vbar + row * D;
 #pragma unroll
       for (int n = 0; n < NO; ++n) {
@@ -315,7 +358,9 @@ __global__ void __launch_bounds__(Threads<MT>(), 1) PrefillKernel(const KernelAr
       }
       continue;
     }
-    const RowFinal f = FinishRow(a, l[r], m[r], theta[r], rho[r], nk[r], nv[r]);
+    const RowConst rc = RowConstants(a, h, i);
+    const int n_valid = MASK ? nv[r] : static_cast<int>(a.causal ? min(rc.pos + 1, a.Ktot) : a.Ktot);
+    const RowFinal f = FinishRow(a, lsum[r], m[r] * a.scale, rc.theta, rc.rho, nk[r], n_valid);
     const float* vbar = f.dp_inv != 0.f ? a.vbar + row * D : nullptr;
     T* out = static_cast<T*>(a.out) + row * D;
 #pragma unroll
@@ -332,28 +377,37 @@ __global__ void __launch_bounds__(Threads<MT>(), 1) PrefillKernel(const KernelAr
   }
 }
 
-template <typename T, int D, bool MASK, int MT>
+template <typename T, int D, bool MASK, int MT, int WARPS>
 cudaError_t Run(const KernelArgs& a, cudaStream_t stream) {
-  constexpr int smem = SmemBytes<T, D, MT>();
+  constexpr int smem = SmemBytes<D, MT, WARPS>();
+  constexpr int bm = RowsPerBlock<MT, WARPS>();
   static_assert(smem <= 227 * 1024, "shared memory");
-  cudaError_t e = AllowSmem<PrefillKernel<T, D, MASK, MT>>(smem);
+  cudaError_t e = AllowSmem<PrefillKernel<T, D, MASK, MT, WARPS>>(smem);
   if (e != cudaSuccess) return e;
-  const int64_t ntq = (a.Sq + kBM - 1) / kBM;
+  const int64_t ntq = (a.Sq + bm - 1) / bm;
   dim3 grid(static_cast<unsigned>(a.Hq), static_cast<unsigned>(ntq), static_cast<unsigned>(a.B));
-  PrefillKernel<T, D, MASK, MT><<<grid, Threads<MT>(), smem, stream>>>(a);
+  PrefillKernel<T, D, MASK, MT, WARPS><<<grid, WARPS * 32, smem, stream>>>(a);
   return cudaGetLastError();
 }
 
-template <typename T, int MT>
-cudaError_t RunM(const KernelArgs& a, cudaStream_t stream) {
+template <typename T, int MT, int WARPS>
+cudaError_t RunV(const KernelArgs& a, cudaStream_t stream) {
   const bool mask = a.mask_kind != 0;
-  if (a.D == 64) return mask ? Run<T, 64, true, MT>(a, stream) : Run<T, 64, false, MT>(a, stream);
-  return mask ? Run<T, 128, true, MT>(a, stream) : Run<T, 128, false, MT>(a, stream);
+  if (a.D == 64) return mask ? Run<T, 64, true, MT, WARPS>(a, stream) : Run<T, 64, false, MT, WARPS>(a, stream);
+  return mask ? Run<T, 128, true, MT, WARPS>(a, stream) : Run<T, 128, false, MT, WARPS>(a, stream);
 }
 
+// Variants (KernelArgs::prefill_variant): 0 = 8 warps x 16 rows, 1 = 4 warps x 16 rows,
+// 2 = 4 warps x 32 rows.
 template <typename T>
 cudaError_t RunT(const KernelArgs& a, cudaStream_t stream) {
-  return a.prefill_mt == 2 ? RunM<T, 2>(a, stream) : RunM<T, 1>(a, stream);
+  // Default (-1): 4 warps x 32 rows; with a mask 4 x 16 (the masked 32-row kernel spills registers).
+  const int v = a.prefill_variant >= 0 ? a.prefill_variant : (a.mask_kind != 0 ? 1 : 2);
+  switch (v) {
+    case 1: return RunV<T, 1, 4>(a, stream);
+    case 2: return RunV<T, 2, 4>(a, stream);
+    default: return RunV<T, 1, 8>(a, stream);
+  }
 }
 
 }  // namespace
