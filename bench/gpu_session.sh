@@ -51,12 +51,12 @@ fi
 
 rc_tests=0
 if has tests; then
-  timeout 330 python3 -m pytest tests/test_cuda.py -q -rfEs -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \
+  timeout 240 python3 -m pytest tests/test_cuda.py -q -rfEs -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \
     | tee "$OUT/pytest.log"
   rc_tests=${PIPESTATUS[0]}
 fi
 if has bench; then
-  timeout 400 python3 bench/attention_bench.py --library "$LIB" --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+  timeout 320 python3 bench/attention_bench.py --library "$LIB" --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
 fi
 if has profile; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)

@@ -21,6 +21,16 @@ OUR_FILES = {"model.onnx", "model.onnx.data", "thresholds.safetensors", "thresho
              "library.json"}
 
 
+def describe_data(data) -> str:
+    """A short description of a data argument for reports (tensors are not printed whole)."""
+    shape = getattr(data, "shape", None)
+    if shape is not None:
+        return f"token tensor {list(shape)}"
+    if isinstance(data, (list, tuple)):
+        return f"{len(data)} texts"
+    return str(data)
+
+
 def library_info() -> dict[str, Any]:
     import onnxruntime as ort
 
@@ -119,7 +129,7 @@ def run_pipeline(model: str, calib, out: str | os.PathLike, *, k: int = 64, seq_
             "toptheta_export_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "model": loaded.name,
-            "calibration": {"data": str(calib), "k": k, "seq_len": seq_len, "num_samples": num_samples,
+            "calibration": {"data": describe_data(calib), "k": k, "seq_len": seq_len, "num_samples": num_samples,
                             "dense_layers": th.dense_layers, "comp_mode": comp_mode},
             "files": sorted(p.name for p in stage.iterdir()),
             "library": library_info(),
@@ -129,7 +139,7 @@ def run_pipeline(model: str, calib, out: str | os.PathLike, *, k: int = 64, seq_
             from .validate import validate
 
             report["validation"] = validate(
-                stage, model=loaded, thresholds=th, data=eval_data or calib, seq_len=seq_len,
+                stage, model=loaded, thresholds=th, data=calib if eval_data is None else eval_data, seq_len=seq_len,
                 num_windows=eval_windows, skip=num_samples if eval_data is None else 0,
                 decode_steps=decode_steps, device=device,
                 progress=lambda msg, frac: prog("validate", msg, frac))

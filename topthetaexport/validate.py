@@ -16,6 +16,7 @@ import numpy as np
 
 from ._errors import TopThetaError
 from .onnx_model import OnnxModel
+from .pipeline import describe_data
 
 PARITY_TOL = 1e-4
 
@@ -206,7 +207,7 @@ def validate(out_dir: str | os.PathLike | None = None, *, model=None, onnx_path=
         "model": loaded.name,
         "onnx": str(onnx_path),
         "providers": om.providers,
-        "data": str(data) if not isinstance(data, torch.Tensor) else "tensor",
+        "data": describe_data(data),
         "seq_len": seq_len,
         "windows": int(tokens.shape[0]),
         "held_out_skip": skip,

@@ -1,0 +1,202 @@
+"""The whole job through the Python API and the command line: outputs, report, errors, no partial output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_tokens
+
+try:  # installed layout: the CLI lives in topthetaexport.cli
+    from topthetaexport.cli.main import main as cli_main
+except ImportError:  # running from a source checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from cli.main import main as cli_main
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def _run_cli(capsys, *args) -> tuple[int, str, str]:
+    rc = cli_main([str(a) for a in args])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_pipeline_tiny_llama_writes_everything(tmp_path, tiny_llama):
+    from topthetaexport.pipeline import run_pipeline
+
+    out = tmp_path / "out"
+    report = run_pipeline(str(tiny_llama), make_tokens(3, 48, seed=1), out, k=6, seq_len=48, num_samples=3,
+                          dense_layers=1, comp_mode=2, eval_data=make_tokens(2, 48, seed=2), eval_windows=2,
+                          decode_steps=4)
+    names = {p.name for p in out.iterdir()}
+    assert {"model.onnx", "thresholds.safetensors", "thresholds.json", "library.json", "report.json"} <= names
+    assert _leftovers(tmp_path) == []
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["validation"]["parity"] == report["validation"]["parity"]
+    v = report["validation"]
+    # exported Top-θ model vs the PyTorch Top-θ reference, fp32
+    assert v["parity"]["max_abs_diff_vs_torch_toptheta"] <= 1e-4
+    assert v["parity"]["operator_max_abs_diff_vs_fp64_reference"] <= 1e-5
+    assert v["parity"]["dense_fp32_floor"] <= 1e-4
+    assert v["parity"]["keep_decisions_window0"]["rows_with_different_kept_count"] == 0
+    # the thresholds prune: fewer kept elements than dense, layer 0 stays dense
+    ae = v["attention_elements"]
+    assert ae["per_layer_kept_fraction"][0] == 1.0
+    assert 0.0 < ae["sparse_layers_kept_fraction"] < 0.8
+    assert ae["reduction"] > 1.2
+    # decode through the KV cache reproduces prefill logits and reads fewer V rows
+    assert v["decode"]["max_abs_diff_decode_vs_prefill"] <= 1e-4
+    assert v["decode"]["v_rows_kept_per_step"] < v["decode"]["v_rows_dense_per_step"]
+    assert set(v["compensation"]) == {"none", "sdc", "sdc+vmc"}
+    assert v["compensation"]["sdc+vmc"]["perplexity"] == pytest.approx(v["perplexity"]["toptheta_onnx"])
+    lib = json.loads((out / "library.json").read_text())
+    from topthetaexport.runtime import library_path
+
+    assert Path(lib["path"]) == library_path()
+
+
+def test_cli_stages_and_inspect(tmp_path, tiny_gpt2, capsys):
+    """export → rewrite → inspect through the CLI on a tiny GPT-2 with thresholds from the API."""
+    from topthetaexport.calibrate import calibrate
+
+    th = calibrate(str(tiny_gpt2), make_tokens(2, 40), k=5, seq_len=40, num_samples=2, dense_layers=0,
+                   progress=False)
+    th_dir = tmp_path / "th"
+    th.save(th_dir)
+    dense = tmp_path / "dense.onnx"
+    rc, _, err = _run_cli(capsys, "export", tiny_gpt2, "-o", dense)
+    assert rc == 0, err
+    final = tmp_path / "model.onnx"
+    rc, out, err = _run_cli(capsys, "rewrite", dense, "--thresholds", th_dir, "-o", final, "--comp-mode", "1")
+    assert rc == 0, err
+    assert "3 attention blocks" in out
+    rc, out, err = _run_cli(capsys, "inspect", final, "--json")
+    assert rc == 0, err
+    info = json.loads(out)
+    assert json.dumps(info).count("TopThetaAttention") >= 1
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(final)).graph.node]
+    assert ops.count("TopThetaAttention") == 3 and "Attention" not in ops
+
+
+def _one_error_line(err: str) -> str:
+    """The error message: one line starting with 'error:' (progress bars may precede it on stderr)."""
+    assert "error:" in err, f"no error printed: {err!r}"
+    tail = err[err.rindex("error:"):].strip()
+    assert "\n" not in tail, f"error spans several lines: {tail!r}"
+    assert "Traceback" not in err
+    return tail
+
+
+def test_cli_missing_model(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, _, err = _run_cli(capsys, tmp_path / "no-such-model", "--calib", "builtin:pydoc", "-o", out)
+    assert rc == 2
+    assert "nor an existing directory" in _one_error_line(err)
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_cli_empty_calibration_data(tmp_path, tiny_llama, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    out = tmp_path / "out"
+    rc, _, err = _run_cli(capsys, tiny_llama, "--calib", empty, "-o", out)
+    assert rc == 2
+    _one_error_line(err)
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_cli_corrupt_onnx(tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"this is not a protobuf" * 10)
+    th_dir = tmp_path / "th"
+    import torch
+
+    from topthetaexport.thresholds import Thresholds
+
+    Thresholds(torch.zeros(2, 4, 8), torch.zeros(2, 4, 8), {"num_layers": 2, "num_heads": 4}).save(th_dir)
+    out = tmp_path / "model.onnx"
+    rc, _, err = _run_cli(capsys, "rewrite", bad, "--thresholds", th_dir, "-o", out)
+    assert rc == 2
+    assert "not a valid ONNX model" in _one_error_line(err)
+    assert not out.exists()
+    rc, _, err = _run_cli(capsys, "inspect", bad)
+    assert rc == 2
+    _one_error_line(err)
+
+
+def test_cli_thresholds_of_wrong_shape(tmp_path, tiny_llama, capsys):
+    import torch
+
+    from topthetaexport.thresholds import Thresholds
+
+    dense = tmp_path / "dense.onnx"
+    assert _run_cli(capsys, "export", tiny_llama, "-o", dense)[0] == 0
+    th_dir = tmp_path / "th"
+    Thresholds(torch.zeros(3, 7, 16), torch.zeros(3, 7, 16), {"num_layers": 3, "num_heads": 7}).save(th_dir)
+    out = tmp_path / "model.onnx"
+    rc, _, err = _run_cli(capsys, "rewrite", dense, "--thresholds", th_dir, "-o", out)
+    assert rc == 2
+    line = _one_error_line(err)
+    assert "layer" in line and "7" in line
+    assert not out.exists()
+
+
+def test_cli_library_missing(tmp_path, tiny_llama, capsys, monkeypatch):
+    monkeypatch.setenv("TOPTHETA_OPS_LIBRARY", str(tmp_path / "libnothing.so"))
+    out = tmp_path / "out"
+    rc, _, err = _run_cli(capsys, tiny_llama, "--calib", "builtin:pydoc", "-o", out)
+    assert rc == 2
+    assert "TOPTHETA_OPS_LIBRARY" in _one_error_line(err)
+    assert not out.exists()
+
+
+def test_refuses_foreign_output_folder(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    rc, _, err = _run_cli(capsys, "smollm2-135m", "--calib", "builtin:pydoc", "-o", out)
+    assert rc == 2
+    assert "not empty" in _one_error_line(err)
+    assert (out / "thesis.tex").read_text() == "precious"
+
+
+def test_cuda_request_falls_back_to_cpu_with_warning():
+    import onnxruntime as ort
+
+    from topthetaexport.runtime import providers_for
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.warns(RuntimeWarning, match="running on CPU"):
+        assert providers_for("cuda") == ["CPUExecutionProvider"]
+
+
+@pytest.mark.slow
+def test_default_model_pipeline_and_run(tmp_path, capsys, smollm2):
+    """The real SmolLM2-135M through the CLI at a small size, then generation and inspect on its output."""
+    out = tmp_path / "smol"
+    rc, stdout, err = _run_cli(capsys, "smollm2-135m", "--calib", "builtin:pydoc", "-o", out, "--k", "32",
+                               "--seq-len", "128", "--samples", "2", "--eval-windows", "1")
+    assert rc == 0, err
+    assert "Top-θ summary" in stdout
+    v = json.loads((out / "report.json").read_text())["validation"]
+    assert v["parity"]["operator_max_abs_diff_vs_fp64_reference"] <= 1e-4
+    assert v["parity"]["dense_fp32_floor"] <= 5e-4
+    assert v["attention_elements"]["reduction"] > 1.5
+    assert v["decode"]["v_rows_reduction"] > 1.5
+    assert abs(v["perplexity"]["relative_change"]) < 0.25
+    rc, stdout, err = _run_cli(capsys, "run", out, "--prompt", "def fibonacci(n):", "--max-new-tokens", "8")
+    assert rc == 0, err
+    assert stdout.startswith("def fibonacci(n):") and len(stdout.strip()) > len("def fibonacci(n):")
+    rc, stdout, err = _run_cli(capsys, "inspect", out)
+    assert rc == 0, err
+    assert "30" in stdout
