@@ -55,8 +55,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "toptheta-export")
 
 
+def _offline() -> None:
+    """Models are only ever read from local folders and packages: never let transformers reach a hub."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
 def load_model(name_or_path, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load an alias from ``KNOWN_MODELS``, a local HF directory, or wrap a ``PreTrainedModel``."""
+    _offline()
     from transformers import PreTrainedModel
 
     if isinstance(name_or_path, LoadedModel):
