@@ -81,6 +81,13 @@ def test_cli_stages_and_inspect(tmp_path, tiny_gpt2, capsys):
     assert rc == 0, err
     info = json.loads(out)
     assert json.dumps(info).count("TopThetaAttention") >= 1
+    assert [n["layer"] for n in info["toptheta_nodes"]] == [0, 1, 2]
+    rc, out, err = _run_cli(capsys, "inspect", final)
+    assert rc == 0, err
+    # shapes keep their brackets (no console markup), the 3 layers' caches collapse into one line each
+    assert "input_ids: int64 [batch, sequence]" in out
+    assert "past_key_values.{0..2}.key: float [batch, " in out
+    assert "TopThetaAttention: 3 nodes" in out and out.count("comp_mode 1") == 3
     import onnx
 
     ops = [n.op_type for n in onnx.load(str(final)).graph.node]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -118,15 +119,43 @@ def _num(x) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
+def _io_lines(values: list[dict]) -> list[str]:
+    """One line per graph input/output; numbered families (``present.0.key`` ... ``present.29.key``) with one
+    dtype and shape are collapsed into ``present.{0..29}.key``."""
+    groups: dict[tuple, list[int]] = {}
+    order: list[tuple] = []
+    for v in values:
+        m = re.fullmatch(r"(.*?)\.(\d+)\.(.*)", v["name"])
+        key = (m.group(1), m.group(3), v["dtype"], tuple(v["shape"])) if m else (v["name"], None, v["dtype"],
+                                                                                 tuple(v["shape"]))
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        if m:
+            groups[key].append(int(m.group(2)))
+    lines = []
+    for key in order:
+        prefix, suffix, dtype, shape = key
+        idx = sorted(groups[key])
+        if suffix is None:
+            name = prefix
+        elif len(idx) > 1 and idx == list(range(idx[0], idx[-1] + 1)):
+            name = f"{prefix}.{{{idx[0]}..{idx[-1]}}}.{suffix}"
+        else:
+            name = ", ".join(f"{prefix}.{i}.{suffix}" for i in idx)
+        lines.append(f"  {name}: {dtype} {_fmt_shape(list(shape))}")
+    return lines
+
+
 def format_summary(s: dict[str, Any], *, max_ops: int = 12) -> str:
     """Plain-text rendering of ``summarize()`` (one fact per line)."""
     opsets = ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in s["opset"].items())
     lines = [f"{s['path']}  ({s['size_bytes'] / 1e6:.1f} MB{', external data' if s['external_data'] else ''})",
              f"opsets: {opsets}; {s['num_nodes']} nodes"]
     lines.append("inputs:")
-    lines += [f"  {v['name']}: {v['dtype']} {_fmt_shape(v['shape'])}" for v in s["inputs"]]
+    lines += _io_lines(s["inputs"])
     lines.append("outputs:")
-    lines += [f"  {v['name']}: {v['dtype']} {_fmt_shape(v['shape'])}" for v in s["outputs"]]
+    lines += _io_lines(s["outputs"])
     ops = list(s["op_counts"].items())
     lines.append("ops: " + ", ".join(f"{k} {v}" for k, v in ops[:max_ops]) +
                  (f", ... ({len(ops) - max_ops} more types)" if len(ops) > max_ops else ""))
