@@ -204,6 +204,70 @@ def validate_cmd(
     out_console.print(f"wrote {report_path}")
 
 
+def _eval_command(out, output, **opts) -> str:
+    """The eval command line equivalent to these options (recorded in eval.json)."""
+    parts = ["topθ-export", "eval", str(out), "-o", str(output)]
+    for name, value in opts.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        elif value not in (None, False):
+            parts += [flag, str(value)]
+    return " ".join(parts)
+
+
+@app.command("eval", help="Accuracy of OUT/model.onnx vs dense and top-k through onnxruntime: perplexity, "
+                          "tasks, cross-domain text, a sweep over k; writes eval.json, sweep.md/.csv, accuracy.png.")
+def eval_cmd(
+    out: Path = typer.Argument(..., help="folder written by topθ-export (model.onnx + thresholds)"),
+    output: Path = typer.Option(..., "-o", "--out", help="folder for the results (eval.json, sweep.*, accuracy.png)"),
+    data: Optional[str] = typer.Option(None, "--data", help="in-domain text (default: the calibration text, "
+                                                            "windows after the calibration ones)"),
+    cross_data: Optional[str] = typer.Option(None, "--cross-data", help="second text for the cross-domain "
+                                                                        "check, e.g. builtin:licenses"),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated: cloze:DATA or a HellaSwag-style "
+                                                              ".jsonl (decoders), retrieval:DATA (encoders); "
+                                                              "default: one on --data"),
+    task_items: int = typer.Option(100, "--task-items", help="items per task (cloze / jsonl: the first N)"),
+    windows: int = typer.Option(8, "--windows", help="evaluation windows per text"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="window length (default: calibration length)"),
+    sweep: Optional[str] = typer.Option(None, "--sweep", help="comma-separated k values to calibrate and "
+                                                              "evaluate besides the model's own k"),
+    comp_modes: str = typer.Option("0,1,2", "--comp-modes", help="Top-θ compensation modes at the model's k"),
+    sweep_comp_modes: Optional[str] = typer.Option(None, "--sweep-comp-modes",
+                                                   help="compensation modes at the other k (default: --comp-modes)"),
+    no_topk: bool = typer.Option(False, "--no-topk", help="skip the top-k baseline"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads"),
+    device: str = DEVICE_OPT,
+):
+    from topthetaexport.evaluate import evaluate, markdown_table
+
+    def ints(text, what):
+        try:
+            return [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise TopThetaError(f"{what} must be comma-separated integers, got '{text}'") from None
+
+    with _progress() as p:
+        tid = p.add_task("eval", total=1.0, msg="")
+        rep = evaluate(out, data=data, windows=windows, seq_len=seq_len, cross_data=cross_data,
+                       tasks=[t for t in tasks.split(",") if t.strip()] if tasks else None, task_items=task_items,
+                       sweep=ints(sweep, "--sweep") if sweep else None, comp_modes=ints(comp_modes, "--comp-modes"),
+                       sweep_comp_modes=ints(sweep_comp_modes, "--sweep-comp-modes") if sweep_comp_modes else None,
+                       topk=not no_topk, device=device, threads=threads, output=output,
+                       command=_eval_command(out, output, data=data, cross_data=cross_data, tasks=tasks,
+                                             task_items=task_items, windows=windows, seq_len=seq_len, sweep=sweep,
+                                             comp_modes=comp_modes, sweep_comp_modes=sweep_comp_modes,
+                                             no_topk=no_topk, threads=threads, device=device),
+                       progress=lambda msg, frac: p.update(tid, completed=frac, msg=msg[:60]))
+    out_console.print(markdown_table(rep), soft_wrap=True)
+    met = rep["criterion"]["met_by"]
+    if rep["criterion"]["variants"]:
+        out_console.print(f"within 1% ppl and 1 point accuracy of dense at >= 3x fewer V rows: "
+                          f"{', '.join(met) if met else 'none'}")
+    out_console.print(f"wrote {output}/ (eval.json, sweep.md, sweep.csv, accuracy.png)", soft_wrap=True)
+
+
 @app.command("run", help="Greedy generation with OUT/model.onnx in onnxruntime (KV cache), printing kept-row stats.")
 def run_cmd(
     out: Path = typer.Argument(..., help="folder written by topθ-export"),

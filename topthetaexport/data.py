@@ -11,16 +11,19 @@ import torch
 
 from ._errors import TopThetaError
 
-__all__ = ["BUILTIN_PYDOC", "load_texts", "token_batches", "as_token_tensor"]
+__all__ = ["BUILTIN_PYDOC", "BUILTIN_LICENSES", "load_texts", "token_batches", "as_token_tensor"]
 
 BUILTIN_PYDOC = "builtin:pydoc"
+BUILTIN_LICENSES = "builtin:licenses"  # /usr/share/common-licenses (base-files, on every Debian/Ubuntu)
+LICENSES_DIR = Path("/usr/share/common-licenses")
 _DOC_SPLIT = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")  # two or more blank lines separate documents
 
 
 def load_texts(source) -> list[str]:
     """Documents from ``source``.
 
-    ``"builtin:pydoc"`` (Python's pydoc_data topics), a ``.txt`` file (documents separated by two or more
+    ``"builtin:pydoc"`` (Python's pydoc_data topics), ``"builtin:licenses"`` (the license texts of
+    /usr/share/common-licenses, one document per file, symlinked duplicates skipped), a ``.txt`` file (documents separated by two or more
     blank lines; a file without such gaps is one document), a ``.jsonl`` file (a ``"text"`` field per line),
     a directory of ``.txt``/``.jsonl`` files, or a list of strings.
     """
@@ -29,6 +32,8 @@ def load_texts(source) -> list[str]:
         where = "the given list of texts"
     elif str(source) == BUILTIN_PYDOC:
         texts, where = _pydoc_texts(), BUILTIN_PYDOC
+    elif str(source) == BUILTIN_LICENSES:
+        texts, where = _license_texts(), BUILTIN_LICENSES
     else:
         path = Path(source).expanduser()
         texts, where = _path_texts(path), str(path)
@@ -43,6 +48,14 @@ def _pydoc_texts() -> list[str]:
     from pydoc_data.topics import topics
 
     return [topics[key] for key in sorted(topics)]
+
+
+def _license_texts() -> list[str]:
+    if not LICENSES_DIR.is_dir():
+        raise TopThetaError(f"{BUILTIN_LICENSES} needs {LICENSES_DIR} (Debian/Ubuntu package base-files), which "
+                            "this machine lacks: pass a .txt/.jsonl file or folder instead")
+    files = sorted(p for p in LICENSES_DIR.iterdir() if p.is_file() and not p.is_symlink())
+    return [f.read_text(encoding="utf-8", errors="replace") for f in files]
 
 
 def _path_texts(path: Path) -> list[str]:

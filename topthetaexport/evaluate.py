@@ -1,0 +1,661 @@
+"""Accuracy of an exported Top-θ model against dense and top-k attention, all through onnxruntime.
+
+``evaluate(out_dir, ...)`` takes a folder written by the pipeline (model.onnx + thresholds) and runs one graph
+in several *variants* (``topk_onnx.write_variant``; no re-export):
+
+* ``dense``: every θ = -inf (dense attention through the same operator),
+* ``topk@k``: exact per-row top-k attention in standard ONNX ops, same k and same dense layers,
+* ``toptheta@k/comp{0,1,2}``: the calibrated θ (and ρ) with each compensation mode,
+
+for the model's own k and for every k of a sweep (thresholds calibrated on the same text with the same
+settings, swapped into the graph). Each variant is measured on
+
+* held-out windows of the calibration text (perplexity for decoder LMs; for encoders the cosine of the
+  mean-pooled embeddings with dense) and on windows of a second text (cross-domain),
+* multiple-choice tasks (decoders: HellaSwag-style jsonl or the constructed cloze task of ``tasks.py``,
+  length-normalised log-likelihood); retrieval of the second half of a passage from its first half
+  (encoders),
+* attention elements kept (the operator's ``kept`` output, or the top-k replacement's) per query row, and
+  V rows read per decoded token: in causal attention with the KV cache, decoding the token at position t
+  reads exactly the V rows that query row t keeps in a prefill (same θ row, same keys), so it is measured
+  on the last ``decode_rows`` rows of each window (and checked once against a real KV-cache decode).
+
+Writes ``eval.json``, ``sweep.csv``, ``sweep.md``, ``accuracy.png`` and the task files used (``tasks/``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ._errors import TopThetaError
+from ._io import write_json
+
+__all__ = ["evaluate", "Variant", "score_choices", "EVAL_FILES"]
+
+EVAL_FILES = {"eval.json", "sweep.csv", "sweep.md", "accuracy.png", "tasks"}
+COMP_NAMES = {0: "none", 1: "sdc", 2: "sdc+vmc"}
+
+
+class Variant:
+    def __init__(self, kind: str, k: int | None = None, comp_mode: int | None = None, thresholds=None):
+        self.kind, self.k, self.comp_mode, self.thresholds = kind, k, comp_mode, thresholds
+
+    @property
+    def name(self) -> str:
+        if self.kind == "dense":
+            return "dense"
+        if self.kind == "topk":
+            return f"topk@{self.k}"
+        return f"toptheta@{self.k}/comp{self.comp_mode}"
+
+
+# -- measuring -------------------------------------------------------------------------------------------
+
+class _Counts:
+    """Kept / valid attention elements per layer (prefill), and V rows of the last rows (decode)."""
+
+    def __init__(self, num_layers: int):
+        self.kept = np.zeros(num_layers)
+        self.valid = np.zeros(num_layers)
+        self.rows = 0
+        self.valid_rows = 0.0
+        self.dec_kept = np.zeros(num_layers)
+        self.dec_dense = 0.0
+        self.dec_rows = 0
+
+    def add(self, kept: dict[int, np.ndarray], valid_per_row: np.ndarray, decode_rows: int = 0):
+        b = None
+        for layer, k in kept.items():  # [B, Hq, S]
+            k = k.astype(np.float64)
+            b, h = k.shape[0], k.shape[1]
+            self.kept[layer] += k.sum()
+            self.valid[layer] += valid_per_row.sum() * b * h
+            if decode_rows:
+                self.dec_kept[layer] += k[:, :, -decode_rows:].mean(1).sum()
+        if b is None:
+            return
+        self.rows += b * len(valid_per_row)
+        self.valid_rows += float(valid_per_row.sum()) * b
+        if decode_rows:
+            self.dec_dense += float(valid_per_row[-decode_rows:].sum()) * b
+            self.dec_rows += decode_rows * b
+
+    def summary(self, dense_layers) -> dict[str, Any]:
+        n = len(self.kept)
+        sparse = [i for i in range(n) if i not in set(dense_layers)]
+        out = {
+            "dense_per_row": self.valid_rows / max(self.rows, 1),
+            "kept_fraction": float(self.kept.sum() / max(self.valid.sum(), 1)),
+            "sparse_layers_kept_fraction": float(self.kept[sparse].sum() / max(self.valid[sparse].sum(), 1)),
+            "per_layer_kept_fraction": [float(k / max(v, 1)) for k, v in zip(self.kept, self.valid)],
+        }
+        out["kept_per_row"] = out["dense_per_row"] * out["kept_fraction"]
+        out["reduction"] = 1.0 / max(out["kept_fraction"], 1e-12)
+        out["sparse_layers_reduction"] = 1.0 / max(out["sparse_layers_kept_fraction"], 1e-12)
+        if self.dec_rows:
+            dense = self.dec_dense / self.dec_rows
+            kept_all = self.dec_kept.sum() / n / self.dec_rows
+            kept_sparse = self.dec_kept[sparse].sum() / max(len(sparse), 1) / self.dec_rows
+            out["decode"] = {"rows": self.dec_rows, "v_rows_dense_per_token": dense,
+                             "v_rows_kept_per_token": kept_all, "v_rows_reduction": dense / max(kept_all, 1e-12),
+                             "sparse_layers_v_rows_kept_per_token": kept_sparse,
+                             "sparse_layers_v_rows_reduction": dense / max(kept_sparse, 1e-12)}
+        return out
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - (np.log(np.exp(x - m).sum(-1, keepdims=True)) + m)
+
+
+def score_choices(om, ctx_ids, endings: list[list[int]], pad_id: int = 0, prefix=None) -> np.ndarray:
+    """Log-likelihood of each ending given the context, through onnxruntime with the KV cache.
+
+    The context is prefilled once (or ``prefix = (logits of its last token [V], present cache)`` is given,
+    e.g. sliced from a longer window's forward pass: with causal attention the cache of a prefix does not
+    depend on what follows); the endings then run as one right-padded batch on copies of that cache
+    (padding is masked out and, being after the real tokens, never visible to them).
+    """
+    if prefix is None:
+        pre = om.run(np.asarray([ctx_ids], np.int64))
+        prefix = (pre.output[0, -1], pre.present)
+    last, present = prefix
+    first = _log_softmax(last)
+    n, le, lc = len(endings), max(len(e) for e in endings), int(present[0].shape[2])
+    scores = np.array([first[e[0]] for e in endings])
+    if le == 1:
+        return scores
+    ids = np.full((n, le), pad_id, np.int64)
+    mask = np.zeros((n, lc + le), np.int64)
+    mask[:, :lc] = 1
+    for i, e in enumerate(endings):
+        ids[i, :len(e)] = e
+        mask[i, lc:lc + len(e)] = 1
+    past = [np.repeat(p, n, axis=0) for p in present]
+    res = om.run(ids, mask, past)
+    for i, e in enumerate(endings):
+        if len(e) > 1:
+            lp = _log_softmax(res.output[i, :len(e) - 1])
+            scores[i] += float(lp[np.arange(len(e) - 1), e[1:]].sum())
+    return scores
+
+
+def _accuracy(scores: list[np.ndarray], items: list[dict]) -> dict[str, Any]:
+    right = right_norm = 0
+    for ll, it in zip(scores, items):
+        right += int(int(np.argmax(ll)) == it["label"])
+        norm = ll / np.array([max(len(e), 1) for e in it["endings"]])
+        right_norm += int(int(np.argmax(norm)) == it["label"])
+    n = max(len(items), 1)
+    return {"acc": right / n, "acc_norm": right_norm / n, "items": len(items)}
+
+
+def _pad_id(tok) -> int:
+    for tid in (tok.pad_token_id, tok.eos_token_id):
+        if isinstance(tid, int):
+            return tid
+    return 0
+
+
+def _task_accuracy(om, items: list[dict], tok, max_len: int) -> dict[str, Any]:
+    """Accuracy on text items (a jsonl task): contexts tokenized and prefilled, cut to ``max_len`` tokens."""
+    pad = _pad_id(tok)
+    scores = []
+    for it in items:
+        ends = [tok(e, add_special_tokens=False)["input_ids"] for e in it["endings"]]
+        ctx = tok(it["ctx"], add_special_tokens=False)["input_ids"]
+        ctx = ctx[-max(max_len - max(len(e) for e in ends), 1):]
+        scores.append(score_choices(om, ctx, ends, pad))
+    return _accuracy(scores, items)
+
+
+def _embed(om, ids: np.ndarray, batch: int = 8) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """Mean-pooled, L2-normalised embeddings of unpadded windows, and the kept counts."""
+    outs, kept = [], {}
+    for s in range(0, ids.shape[0], batch):
+        r = om.run(ids[s:s + batch])
+        outs.append(r.output.mean(1))
+        for layer, k in r.kept.items():
+            kept.setdefault(layer, []).append(k)
+    e = np.concatenate(outs).astype(np.float64)
+    return e / np.linalg.norm(e, axis=1, keepdims=True), {l: np.concatenate(v) for l, v in kept.items()}
+
+
+# -- the run ---------------------------------------------------------------------------------------------
+
+def _open(model_path: Path, v: Variant, dense_layers, device: str, threads):
+    from .onnx_model import OnnxModel
+    from .topk_onnx import write_variant
+
+    path = write_variant(model_path, kind=v.kind, k=v.k, dense_layers=dense_layers, thresholds=v.thresholds,
+                         comp_mode=v.comp_mode)
+    try:
+        return OnnxModel(path, device=device, threads=threads)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _same_text(a, b) -> bool:
+    return str(a) == str(b)
+
+
+def evaluate(out_dir, *, data=None, windows: int = 16, cross_data=None, cross_windows: int | None = None,
+             seq_len: int | None = None, tasks: list[str] | None = None, task_items: int = 150,
+             sweep: list[int] | None = None, comp_modes=(0, 1, 2), sweep_comp_modes=None, topk: bool = True,
+             decode_rows: int = 16, decode_check: bool = True, device: str = "cpu", threads: int | None = None,
+             output=None, command: str | None = None,
+             progress: Callable[[str, float], None] | None = None) -> dict[str, Any]:
+    """Evaluate ``out_dir/model.onnx`` (see the module doc); write the results into ``output`` if given.
+
+    ``data``: in-domain text (default: the calibration text; windows after the calibration ones).
+    ``cross_data``: a second text for the cross-domain check (all of it is held out). Built-in tasks, on
+    the windows of both texts, up to ``task_items`` items each: the cloze task (decoders) or passage
+    retrieval (encoders). ``tasks``: further HellaSwag-style .jsonl files (decoders; first ``task_items``
+    items). ``sweep``: further k values (thresholds calibrated like the model's). ``comp_modes``: the Top-θ
+    compensation modes at the model's k; ``sweep_comp_modes`` those at the other k (default: the same).
+    """
+    from .calibrate import calibrate
+    from .data import token_batches
+    from .models import load_model
+    from .tasks import build_window_cloze, load_task
+    from .thresholds import Thresholds
+    from .validate import _decode_check, _nll, _valid_counts
+
+    t_start = time.perf_counter()
+    step = progress or (lambda msg, frac: None)
+    out_dir = Path(out_dir)
+    model_path = out_dir / "model.onnx"
+    if not model_path.is_file():
+        raise TopThetaError(f"{out_dir} holds no model.onnx: pass a folder written by 'topθ-export MODEL --calib "
+                            "DATA -o OUT'")
+    th = Thresholds.load(out_dir)
+    meta = th.meta
+    for m in list(comp_modes) + list(sweep_comp_modes or []):
+        if m not in (0, 1, 2):
+            raise TopThetaError(f"compensation mode {m} does not exist: use 0, 1 or 2")
+    sweep_comp_modes = list(comp_modes if sweep_comp_modes is None else sweep_comp_modes)
+    if windows < 2 or task_items < 1:
+        raise TopThetaError(f"need windows >= 2 and task_items >= 1 (got {windows}, {task_items})")
+    k0 = int(meta.get("k") or 0)
+    ks = sorted({int(k) for k in (sweep or [])} | ({k0} if k0 else set()))
+    if any(k < 1 for k in ks):
+        raise TopThetaError(f"sweep values must be positive k (got {sorted(ks)}): e.g. --sweep 16,32,64,128")
+    calib_source = meta.get("calib_source")
+    data = data or calib_source
+    if not data or str(data).startswith(("token tensor", "list of")):
+        raise TopThetaError("the calibration text of this model is not a file or builtin name: pass --data")
+    step(f"loading {meta.get('model_path') or meta.get('model')}", 0.0)
+    loaded = load_model(meta.get("model_path") or meta.get("model"))
+    th.check_compatible(loaded)
+    tok = loaded.tokenizer
+    if tok is None:
+        raise TopThetaError(f"model {loaded.name} has no tokenizer: evaluation needs a model folder with one")
+    seq_len = int(seq_len or meta.get("seq_len") or 512)
+    n_calib = int(meta.get("num_samples", 0))
+    held_out = n_calib if _same_text(data, calib_source) else 0
+    dense_layers = th.dense_layers
+    if dense_layers != list(range(len(dense_layers))):
+        raise TopThetaError(f"dense layers {dense_layers} are not the first layers: the sweep recalibrates with "
+                            "--dense-layers N, which keeps layers 0..N-1 dense")
+    is_lm, causal = loaded.is_lm, loaded.causal
+    if not is_lm and causal:
+        raise TopThetaError("evaluation supports decoder LMs and encoders")
+    if tasks and not is_lm:
+        raise TopThetaError("jsonl tasks score text continuations, which needs a decoder LM: drop --tasks for "
+                            "encoders (they get passage retrieval)")
+
+    # texts and tasks -------------------------------------------------------------------------------------
+    step("tokenizing held-out text", 0.01)
+    domains = {"in_domain": (data, token_batches(tok, data, seq_len=seq_len, num_samples=windows,
+                                                 skip=held_out).numpy())}
+    if cross_data:
+        domains["cross_domain"] = (cross_data, token_batches(tok, cross_data, seq_len=seq_len,
+                                                             num_samples=cross_windows or windows).numpy())
+    task_sets = []  # (name, kind, payload, source, domain)
+    skipped = {}
+    for dom, (src, win) in domains.items():
+        if is_lm:
+            try:
+                items = build_window_cloze(win, tok, num_items=task_items, source=str(src))
+            except TopThetaError as e:  # text without enough sentences: no cloze there, said in the report
+                skipped[f"cloze:{dom}"] = str(e)
+                warnings.warn(f"cloze task on {src} skipped: {e}", RuntimeWarning, stacklevel=2)
+                continue
+            task_sets.append((f"cloze:{dom}", "window_cloze", items, str(src), dom))
+        else:
+            skip_tokens = held_out * seq_len if dom == "in_domain" else 0
+            pairs = _retrieval_pairs(tok, src, seq_len, task_items, skip_tokens)
+            task_sets.append((f"retrieval:{dom}", "retrieval", pairs, str(src), dom))
+    for path in tasks or []:
+        task_sets.append((Path(path).name, "choice", load_task(path)[:task_items], str(path), None))
+
+    # variants ---------------------------------------------------------------------------------------
+    thresholds_by_k = {}
+    variants = [Variant("dense")]
+    for i, k in enumerate(ks):
+        if k == k0:
+            thk = th
+        else:
+            step(f"calibrating θ for k={k}", 0.02 + 0.08 * i / max(len(ks), 1))
+            thk = calibrate(loaded, calib_source, k=k, seq_len=int(meta.get("seq_len") or seq_len),
+                            num_samples=n_calib or 16, dense_layers=len(dense_layers), progress=False)
+        thresholds_by_k[k] = thk
+        if topk:
+            variants.append(Variant("topk", k=k))
+        for m in (comp_modes if k == k0 else sweep_comp_modes):
+            variants.append(Variant("toptheta", k=k, comp_mode=int(m), thresholds=thk))
+
+    results: list[dict[str, Any]] = []
+    dense_emb: dict[str, np.ndarray] = {}
+    decode_checked = None
+    t_variants = time.perf_counter()
+    main_comp = _model_comp_mode(model_path)
+    pad = _pad_id(tok)
+    for vi, v in enumerate(variants):
+        frac = 0.1 + 0.85 * vi / len(variants)
+        step(f"{v.name}: opening session", frac)
+        t0 = time.perf_counter()
+        om = _open(model_path, v, dense_layers, device, threads)
+        r: dict[str, Any] = {"name": v.name, "kind": v.kind, "k": v.k, "comp_mode": v.comp_mode, "tasks": {}}
+        for dom, (src, win) in domains.items():
+            step(f"{v.name}: {dom} windows", frac)
+            counts = _Counts(th.num_layers)
+            valid = _valid_counts(win.shape[1], causal)
+            if is_lm:
+                name, _, items, _, _ = next((t for t in task_sets if t[4] == dom), (None, 0, [], 0, 0))
+                by_window: dict[int, list[dict]] = {}
+                for it in items:
+                    by_window.setdefault(it["window"], []).append(it)
+                s_nll = n_tok = 0
+                scores = {}
+                for w in range(win.shape[0]):
+                    res = om.run(win[w:w + 1])
+                    a, b = _nll(res.output, win[w:w + 1])
+                    s_nll, n_tok = s_nll + a, n_tok + b
+                    counts.add(res.kept, valid, decode_rows)
+                    for it in by_window.get(w, []):
+                        t = it["position"]
+                        prefix = (res.output[0, t - 1], [p[:, :, :t] for p in res.present])
+                        scores[id(it)] = score_choices(om, None, it["ending_ids"], pad, prefix=prefix)
+                r[dom] = {"perplexity": math.exp(s_nll / max(n_tok, 1)), "tokens": n_tok,
+                          "attention": counts.summary(dense_layers)}
+                if name:
+                    r["tasks"][name] = _accuracy([scores[id(it)] for it in items], items)
+            else:
+                emb, kept = _embed(om, win)
+                counts.add(kept, valid)
+                r[dom] = {"attention": counts.summary(dense_layers)}
+                if v.kind == "dense":
+                    dense_emb[dom] = emb
+                cos = (emb * dense_emb[dom]).sum(1)
+                r[dom]["embedding_cosine_vs_dense"] = {"mean": float(cos.mean()), "min": float(cos.min())}
+                name, _, pairs, _, _ = next(t for t in task_sets if t[4] == dom)
+                r["tasks"][name] = _retrieval_accuracy(om, pairs, dense_emb, name, v.kind == "dense")
+        for name, kind, items, _src, _dom in task_sets:
+            if kind == "choice":
+                step(f"{v.name}: task {name}", frac)
+                r["tasks"][name] = _task_accuracy(om, items, tok, seq_len)
+        if (decode_check and is_lm and om.has_cache and v.kind == "toptheta" and v.k == k0
+                and v.comp_mode == main_comp and decode_checked is None):
+            step(f"{v.name}: KV-cache decode check", frac)
+            win = domains["in_domain"][1]
+            real = _decode_check(om, win[:1], decode_rows, dense_layers)
+            est = _Counts(th.num_layers)
+            est.add(om.run(win[:1]).kept, _valid_counts(win.shape[1], causal), decode_rows)
+            decode_checked = {"variant": v.name, "window": 0, "kv_cache_decode": real,
+                              "from_prefill_rows": est.summary(dense_layers)["decode"]}
+        r["seconds"] = time.perf_counter() - t0
+        results.append(r)
+        del om
+
+    report = _assemble(loaded, th, out_dir, domains, seq_len, held_out, task_sets, results, ks, k0,
+                       decode_checked, device, command)
+    report["tasks_skipped"] = skipped
+    report["timings"] = {"total_s": time.perf_counter() - t_start, "variants_s": time.perf_counter() - t_variants}
+    if output is not None:
+        step("writing results", 0.97)
+        _write_outputs(Path(output), report, task_sets)
+    step("done", 1.0)
+    return report
+
+
+def _model_comp_mode(model_path: Path) -> int:
+    from .validate import _read_op_attrs
+
+    attrs = _read_op_attrs(model_path)
+    return int(next(iter(attrs.values())).get("comp_mode", 0))
+
+
+# -- encoder retrieval ----------------------------------------------------------------------------------
+
+def _retrieval_pairs(tok, source, seq_len: int, n: int, skip_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first halves, second halves) of ``n`` consecutive passages, each half one ``[CLS] .. [SEP]`` window."""
+    from .data import token_batches
+
+    half = seq_len - 2
+    body = 2 * half
+    skip = -(-skip_tokens // body)
+    w = token_batches(tok, source, seq_len=body + 2, num_samples=n, skip=skip).numpy()
+    body_ids = w[:, 1:-1]
+    cls, sep = w[0, 0], w[0, -1]
+
+    def wrap(x):
+        return np.concatenate([np.full((x.shape[0], 1), cls), x, np.full((x.shape[0], 1), sep)], 1)
+
+    if body_ids.shape[0] < 2:
+        raise TopThetaError(f"retrieval on {source} needs at least 2 passages of {body} tokens: use more text")
+    return wrap(body_ids[:, :half]), wrap(body_ids[:, half:])
+
+
+def _retrieval_accuracy(om, pairs, dense_emb: dict, name: str, is_dense: bool) -> dict[str, Any]:
+    a, _ = _embed(om, pairs[0])
+    b, _ = _embed(om, pairs[1])
+    sim = a @ b.T
+    acc = float((sim.argmax(1) == np.arange(len(a))).mean())
+    out = {"acc": acc, "items": len(a)}
+    key = "task:" + name
+    if is_dense:
+        dense_emb[key] = np.concatenate([a, b])
+    elif key in dense_emb:
+        cos = (np.concatenate([a, b]) * dense_emb[key]).sum(1)
+        out["embedding_cosine_vs_dense"] = {"mean": float(cos.mean()), "min": float(cos.min())}
+    return out
+
+
+# -- report ---------------------------------------------------------------------------------------------
+
+def _assemble(loaded, th, out_dir, domains, seq_len, held_out, task_sets, results, ks, k0, decode_checked,
+              device, command) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    from . import __version__
+    from .pipeline import describe_data
+
+    dense = results[0]
+    for r in results:
+        for dom in ("in_domain", "cross_domain"):
+            if dom in r and "perplexity" in r[dom]:
+                r[dom]["perplexity_relative_change"] = r[dom]["perplexity"] / dense[dom]["perplexity"] - 1.0
+        for name, t in r["tasks"].items():
+            d = dense["tasks"][name]
+            t["acc_delta_points"] = 100.0 * (t["acc"] - d["acc"])
+            if "acc_norm" in t:
+                t["acc_norm_delta_points"] = 100.0 * (t["acc_norm"] - d["acc_norm"])
+        if "cross_domain" in r and r["kind"] != "dense":
+            a, b = r["in_domain"]["attention"], r["cross_domain"]["attention"]
+            r["kept_drift"] = {
+                "kept_per_row_in_domain": a["kept_per_row"], "kept_per_row_cross_domain": b["kept_per_row"],
+                "relative": b["kept_fraction"] / max(a["kept_fraction"], 1e-12) - 1.0,
+                "sparse_layers_relative": (b["sparse_layers_kept_fraction"]
+                                           / max(a["sparse_layers_kept_fraction"], 1e-12) - 1.0),
+                "per_layer_relative": [(y / x - 1.0) if x > 0 else 0.0 for x, y in
+                                       zip(a["per_layer_kept_fraction"], b["per_layer_kept_fraction"])],
+            }
+            if "decode" in a and "decode" in b:
+                r["kept_drift"]["v_rows_relative"] = (b["decode"]["v_rows_kept_per_token"]
+                                                     / max(a["decode"]["v_rows_kept_per_token"], 1e-12) - 1.0)
+    return {
+        "toptheta_export_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": command,
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "onnxruntime": ort.__version__, "device": device},
+        "model": loaded.name,
+        "model_type": loaded.model_type,
+        "onnx": str(out_dir / "model.onnx"),
+        "calibration": {k: th.meta.get(k) for k in ("calib_source", "k", "seq_len", "num_samples", "dense_layers")},
+        "seq_len": seq_len,
+        "in_domain": {"data": describe_data(domains["in_domain"][0]), "windows": int(domains["in_domain"][1].shape[0]),
+                      "held_out_skip_windows": held_out},
+        "cross_domain": ({"data": describe_data(domains["cross_domain"][0]),
+                          "windows": int(domains["cross_domain"][1].shape[0])} if "cross_domain" in domains else None),
+        "tasks": [{"name": n, "kind": k, "source": str(s), "domain": d,
+                   "items": (int(p[0].shape[0]) if k == "retrieval" else len(p))} for n, k, p, s, d in task_sets],
+        "k_values": ks,
+        "k_model": k0,
+        "variants": results,
+        "decode_check": decode_checked,
+        "criterion": _criterion(results),
+    }
+
+
+def _criterion(results: list[dict]) -> dict[str, Any]:
+    """The issue's bar: Top-θ within 1% relative perplexity and 1 point task accuracy of dense at >= 3x
+    fewer V rows (decoders; in-domain perplexity, every task's acc_norm)."""
+    rows = []
+    for r in results:
+        if r["kind"] != "toptheta" or "perplexity" not in r.get("in_domain", {}):
+            continue
+        dec = r["in_domain"]["attention"].get("decode", {})
+        ppl = r["in_domain"]["perplexity_relative_change"]
+        worst = min((t.get("acc_norm_delta_points", t["acc_delta_points"]) for t in r["tasks"].values()),
+                    default=0.0)
+        ok = ppl <= 0.01 and worst >= -1.0 and dec.get("v_rows_reduction", 0) >= 3.0
+        vr = dec.get("v_rows_reduction")
+        rows.append({"variant": r["name"], "ppl_relative_change": float(ppl), "worst_task_delta_points": float(worst),
+                     "v_rows_reduction": None if vr is None else float(vr), "meets": bool(ok)})
+    return {"rule": "ppl +<=1% and task acc_norm >= -1 point vs dense at >= 3x fewer decode V rows",
+            "variants": rows, "met_by": [r["variant"] for r in rows if r["meets"]]}
+
+
+def _table_rows(report: dict) -> list[dict[str, Any]]:
+    rows = []
+    for r in report["variants"]:
+        a = r["in_domain"]["attention"]
+        row = {"variant": r["name"], "kind": r["kind"], "k": r["k"] if r["k"] is not None else "",
+               "comp_mode": r["comp_mode"] if r["comp_mode"] is not None else ""}
+        if "perplexity" in r["in_domain"]:
+            row["ppl"] = r["in_domain"]["perplexity"]
+            row["ppl_rel_%"] = 100 * r["in_domain"]["perplexity_relative_change"]
+        else:
+            row["cos_vs_dense"] = r["in_domain"]["embedding_cosine_vs_dense"]["mean"]
+        for name, t in r["tasks"].items():
+            row[f"{name} acc"] = 100 * t.get("acc_norm", t["acc"])
+        row["elements/row"] = a["kept_per_row"]
+        row["elements_reduction"] = a["reduction"]
+        if "decode" in a:
+            row["v_rows/token"] = a["decode"]["v_rows_kept_per_token"]
+            row["v_rows_reduction"] = a["decode"]["v_rows_reduction"]
+        cd = r.get("cross_domain")
+        if cd:
+            if "perplexity" in cd:
+                row["cross_ppl"] = cd["perplexity"]
+                row["cross_ppl_rel_%"] = 100 * cd["perplexity_relative_change"]
+            else:
+                row["cross_cos_vs_dense"] = cd["embedding_cosine_vs_dense"]["mean"]
+            row["cross_elements/row"] = cd["attention"]["kept_per_row"]
+            if "kept_drift" in r:
+                row["kept_drift_%"] = 100 * r["kept_drift"]["relative"]
+        rows.append(row)
+    return rows
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) >= 100 else f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}"
+    return str(v)
+
+
+def markdown_table(report: dict) -> str:
+    rows = _table_rows(report)
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv(report: dict) -> str:
+    rows = _table_rows(report)
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    return buf.getvalue()
+
+
+def plot(report: dict, path: Path) -> None:
+    """accuracy.png: accuracy vs attention elements kept per row, and vs V rows read per decoded token."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = report["variants"]
+    is_lm = "perplexity" in variants[0]["in_domain"]
+    task_names = list(variants[0]["tasks"])
+    metrics = [("ppl", "perplexity (in-domain)")] if is_lm else [("cos", "embedding cosine vs dense")]
+    metrics += [(t, f"{t} accuracy (%)") for t in task_names]
+    xs = [("elements", "attention elements kept per row (prefill)")]
+    if is_lm and "decode" in variants[0]["in_domain"]["attention"]:
+        xs.append(("vrows", "V rows read per decoded token"))
+    fig, axes = plt.subplots(len(metrics), len(xs), figsize=(5.2 * len(xs), 3.6 * len(metrics)), squeeze=False)
+
+    def y_of(r, m):
+        if m == "ppl":
+            return r["in_domain"]["perplexity"]
+        if m == "cos":
+            return r["in_domain"]["embedding_cosine_vs_dense"]["mean"]
+        t = r["tasks"][m]
+        return 100 * t.get("acc_norm", t["acc"])
+
+    def x_of(r, x):
+        a = r["in_domain"]["attention"]
+        return a["kept_per_row"] if x == "elements" else a["decode"]["v_rows_kept_per_token"]
+
+    groups: dict[str, list] = {}
+    for r in variants[1:]:
+        label = "top-k" if r["kind"] == "topk" else f"Top-θ comp {r['comp_mode']} ({COMP_NAMES[r['comp_mode']]})"
+        groups.setdefault(label, []).append(r)
+    dense = variants[0]
+    for i, (m, ml) in enumerate(metrics):
+        for j, (x, xl) in enumerate(xs):
+            ax = axes[i][j]
+            for label, rs in groups.items():
+                rs = sorted(rs, key=lambda r: x_of(r, x))
+                ax.plot([x_of(r, x) for r in rs], [y_of(r, m) for r in rs], "o-" if "θ" in label else "s--",
+                        label=label, ms=4)
+                for r in rs:
+                    ax.annotate(f"k={r['k']}", (x_of(r, x), y_of(r, m)), fontsize=6, alpha=0.6)
+            ax.axhline(y_of(dense, m), color="k", lw=0.8, ls=":", label="dense")
+            ax.plot([x_of(dense, x)], [y_of(dense, m)], "k*", ms=8)
+            ax.set_xscale("log")
+            ax.set_xlabel(xl)
+            ax.set_ylabel(ml)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{report['model']}: Top-θ vs top-k vs dense through onnxruntime "
+                 f"(seq {report['seq_len']}, {report['in_domain']['data']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _write_outputs(output: Path, report: dict, task_sets) -> None:
+    """Everything into a staging folder, renamed onto ``output`` at the end (never half-written)."""
+    from .tasks import write_task
+
+    if output.exists():
+        if not output.is_dir():
+            raise TopThetaError(f"output {output} exists and is not a folder: choose another -o")
+        names = {p.name for p in output.iterdir()}
+        if names and not names <= EVAL_FILES:
+            raise TopThetaError(f"output folder {output} is not empty and not an eval output: choose another -o")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    try:
+        for name, kind, payload, _src, _dom in task_sets:
+            if kind == "window_cloze":
+                fname = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) + ".jsonl"
+                write_task(stage / "tasks" / fname, payload)
+                for t in report["tasks"]:
+                    if t["name"] == name:
+                        t["file"] = f"tasks/{fname}"
+        write_json(stage / "eval.json", report)
+        (stage / "sweep.md").write_text(markdown_table(report))
+        (stage / "sweep.csv").write_text(_csv(report))
+        plot(report, stage / "accuracy.png")
+        old = None
+        if output.exists():
+            old = output.parent / f".{output.name}.old-{os.getpid()}"
+            os.replace(output, old)
+        os.replace(stage, output)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
