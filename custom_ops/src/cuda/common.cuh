@@ -146,6 +146,43 @@ inline int BlocksPerSm(int threads, int smem) {
   return n;
 }
 
+// ---- programmatic dependent launch (sm_90; no-ops on older targets) -------------------------
+
+// In a kernel launched with cudaLaunchAttributeProgrammaticStreamSerialization: waits until the
+// preceding kernel of the stream has completed and its memory writes are visible.
+__device__ __forceinline__ void GridDependencyWait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// Lets the programmatic dependent of this kernel be scheduled before this grid finishes.
+__device__ __forceinline__ void TriggerDependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Whether the current device supports programmatic dependent launch (compute capability >= 9.0).
+inline bool HasProgrammaticLaunch() {
+  static int cached[64] = {};  // 0 unknown, 1 no, 2 yes
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  int& c = cached[dev & 63];
+  if (c == 0) {
+    int major = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+      cudaGetLastError();
+      major = 0;
+    }
+    c = major >= 9 ? 2 : 1;
+  }
+  return c == 2;
+}
+
 // ---- masks and per-row constants ----------------------------------------------------------
 
 // Reads one mask element; returns whether the key may be attended and sets the additive value.

@@ -28,13 +28,16 @@ __device__ __forceinline__ float Rescale(float from, float to) {
 template <typename T, int D>
 __device__ __forceinline__ void LoadRows(const KernelArgs& a, const T* base, int64_t k0, uint32_t dst, uint32_t rows,
                                          int lane) {
-  constexpr int CH = D / 8;
+  constexpr int CH = D / 8;             // 16-byte chunks per row
+  constexpr int RSTEP = 32 / CH;        // rows one warp-wide pass covers
+  constexpr int PASSES = kSub / RSTEP;  // passes per 16-row tile
+  const int ch = lane % CH, r0 = lane / CH;
+  const T* src = base + (k0 + r0) * D + ch * 8;
 #pragma unroll
-  for (int c = lane; c < kSub * CH; c += 32) {
-    const int r = c / CH, ch = c % CH;
-    const int64_t key = k0 + r;
-    const bool ok = ((rows >> r) & 1u) && key < a.Ktot;
-    CpAsync16(dst + Swz<CH>(r, ch), base + (ok ? key : 0) * D + ch * 8, ok);
+  for (int i = 0; i < PASSES; ++i) {
+    const int r = r0 + i * RSTEP;
+    const bool ok = ((rows >> r) & 1u) && k0 + r < a.Ktot;
+    CpAsync16(dst + Swz<CH>(r, ch), ok ? src + i * RSTEP * D : base, ok);
   }
 }
 
@@ -105,15 +108,17 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
 
   auto key0 = [&](int step) { return (first + static_cast<int64_t>(step) * kWarps) * kSub; };
   auto pv = [&](int step, const uint32_t* pa, const float* mref) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      if (!mean) {
-        const float alpha = Rescale(mo[r], mref[r]);
-        mo[r] = mref[r];
+    if (!mean) {  // bring o to this step's reference max (skipped by the warp when no row's max moved)
+      const float al0 = Rescale(mo[0], mref[0]), al1 = Rescale(mo[1], mref[1]);
+      mo[0] = mref[0];
+      mo[1] = mref[1];
+      if (__any_sync(kFull, al0 != 1.f || al1 != 1.f)) {
 #pragma unroll
         for (int n = 0; n < NO; ++n) {
-          o[n][2 * r] *= alpha;
-          o[n][2 * r + 1] *= alpha;
+          o[n][0] *= al0;
+          o[n][1] *= al0;
+          o[n][2] *= al1;
+          o[n][3] *= al1;
         }
       }
     }
@@ -126,6 +131,10 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
       Mma16816<T>(o[2 * np + 1], pa, bf + 2);
     }
   };
+
+  // CombineKernel (launched as a programmatic dependent) may start its blocks now: they only read
+  // row constants before waiting for this whole grid.
+  TriggerDependents();
 
   // Prologue: groups in the order the loop expects (V of step -2, K0, V of step -1, K1); V ones empty.
   CpAsyncCommit();
@@ -282,89 +291,79 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
   }
 }
 
-// One block per output row: merges the row's partials (and applies the compensation).
-constexpr int kCombineThreads = 128;
+// One block of Dv threads per output row: merges the row's partials (and applies the compensation).
+// Launched as a programmatic dependent of DecodeKernel (sm_90): the row constants are read before
+// griddepcontrol.wait, which returns once DecodeKernel has completed and its writes are visible.
+// Up to kFastParts partials: every thread issues all its partial-O loads at once (a register array),
+// while each warp reduces the part statistics across its lanes (shuffles, no shared memory, no block
+// barrier), so the merge is one round of loads long. More partials: the same merge in a plain loop.
+constexpr int kFastParts = 64;
 
-__global__ void __launch_bounds__(kCombineThreads) CombineKernel(const KernelArgs a) {
-  extern __shared__ float w[];  // [parts] weights
-  __shared__ float red_f[kCombineThreads / 32];
-  __shared__ int red_k[kCombineThreads / 32], red_v[kCombineThreads / 32];
-  __shared__ float s_max;
+__global__ void CombineKernel(const KernelArgs a) {
   const int64_t row = blockIdx.x;
-  const int tid = threadIdx.x, lane = tid & 31, wid = tid / 32;
-  const float4* st = a.part_stats + row * a.parts;
-
-  float mx = -INFINITY;
-  for (int p = tid; p < a.parts; p += kCombineThreads) mx = fmaxf(mx, st[p].x);
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, o));
-  if (lane == 0) red_f[wid] = mx;
-  __syncthreads();
-  if (tid == 0) {
-    float r = -INFINITY;
-    for (int i = 0; i < kCombineThreads / 32; ++i) r = fmaxf(r, red_f[i]);
-    s_max = r;
-  }
-  __syncthreads();
-  const float M = s_max;
-
-  float dk = 0.f;
-  int nk = 0, nv = 0;
-  for (int p = tid; p < a.parts; p += kCombineThreads) {
-    const float4 v = st[p];
-    const float wp = isfinite(M) ? expf(v.x - M) : 1.f;
-    w[p] = wp;
-    dk += wp * v.y;
-    nk += __float_as_int(v.z);
-    nv += __float_as_int(v.w);
-  }
-  for (int o = 16; o > 0; o >>= 1) {
-    dk += __shfl_xor_sync(kFull, dk, o);
-    nk += __shfl_xor_sync(kFull, nk, o);
-    nv += __shfl_xor_sync(kFull, nv, o);
-  }
-  __syncthreads();
-  if (lane == 0) {
-    red_f[wid] = dk;
-    red_k[wid] = nk;
-    red_v[wid] = nv;
-  }
-  __syncthreads();
-  dk = 0.f;
-  nk = nv = 0;
-  for (int i = 0; i < kCombineThreads / 32; ++i) {
-    dk += red_f[i];
-    nk += red_k[i];
-    nv += red_v[i];
-  }
-
   const int64_t D = a.Dv;
-  const float* po = a.part_o + row * a.parts * D;
-  if (a.mean_pass) {
-    const float inv = dk > 0.f ? 1.f / dk : 0.f;
-    for (int64_t d = tid; d < D; d += kCombineThreads) {
-      float n = 0.f;
-#pragma unroll 8
-      for (int p = 0; p < a.parts; ++p) n = fmaf(w[p], po[p * D + d], n);
-      a.vbar[row * D + d] = n * inv;
+  const int d = threadIdx.x, lane = threadIdx.x & 31;
+  const bool final_pass = !a.mean_pass;
+  RowConst rc = {0, 0.f, 0.f};
+  if (final_pass) rc = RowConstants(a, (row / a.Sq) % a.Hq, row % a.Sq);
+  GridDependencyWait();
+
+  const int parts = a.parts;
+  const float4* st = a.part_stats + row * parts;
+  const float* po = a.part_o + row * parts * D + d;
+  float dk = 0.f, n = 0.f, M = -INFINITY;
+  int nk = 0, nv = 0;
+  if (parts <= kFastParts) {
+    float x[kFastParts];
+#pragma unroll
+    for (int p = 0; p < kFastParts; ++p) x[p] = p < parts ? po[p * D] : 0.f;
+    const float4 none = make_float4(-INFINITY, 0.f, __int_as_float(0), __int_as_float(0));
+    const float4 v0 = lane < parts ? st[lane] : none;
+    const float4 v1 = lane + 32 < parts ? st[lane + 32] : none;
+    M = fmaxf(v0.x, v1.x);
+    for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(kFull, M, o));
+    const bool fin = isfinite(M);
+    const float w0 = lane < parts ? (fin ? Exp2((v0.x - M) * kLog2e) : 1.f) : 0.f;
+    const float w1 = lane + 32 < parts ? (fin ? Exp2((v1.x - M) * kLog2e) : 1.f) : 0.f;
+    dk = w0 * v0.y + w1 * v1.y;
+    nk = __float_as_int(v0.z) + __float_as_int(v1.z);
+    nv = __float_as_int(v0.w) + __float_as_int(v1.w);
+    for (int o = 16; o > 0; o >>= 1) {
+      dk += __shfl_xor_sync(kFull, dk, o);
+      nk += __shfl_xor_sync(kFull, nk, o);
+      nv += __shfl_xor_sync(kFull, nv, o);
     }
+#pragma unroll
+    for (int p = 0; p < kFastParts; ++p) {
+      const float w = __shfl_sync(kFull, p < 32 ? w0 : w1, p & 31);
+      n = fmaf(w, x[p], n);
+    }
+  } else {
+    for (int p = 0; p < parts; ++p) M = fmaxf(M, st[p].x);
+    const bool fin = isfinite(M);
+#pragma unroll 4
+    for (int p = 0; p < parts; ++p) {
+      const float4 v = st[p];
+      const float w = fin ? Exp2((v.x - M) * kLog2e) : 1.f;
+      dk = fmaf(w, v.y, dk);
+      nk += __float_as_int(v.z);
+      nv += __float_as_int(v.w);
+      n = fmaf(w, po[p * D], n);
+    }
+  }
+  if (!final_pass) {
+    a.vbar[row * D + d] = dk > 0.f ? n / dk : 0.f;
     return;
   }
-  const int64_t i = row % a.Sq, h = (row / a.Sq) % a.Hq;
-  const RowConst rc = RowConstants(a, h, i);
   const RowFinal f = FinishRow(a, dk, M, rc.theta, rc.rho, nk, nv);
-  for (int64_t d = tid; d < D; d += kCombineThreads) {
-    float n = 0.f;
-#pragma unroll 8
-    for (int p = 0; p < a.parts; ++p) n = fmaf(w[p], po[p * D + d], n);
-    float x = n * f.inv;
-    if (f.dp_inv != 0.f) x = fmaf(f.dp_inv, a.vbar[row * D + d], x);
-    if (a.dtype == 2) {
-      static_cast<__nv_bfloat16*>(a.out)[row * D + d] = __float2bfloat16_rn(x);
-    } else {
-      static_cast<__half*>(a.out)[row * D + d] = __float2half_rn(x);
-    }
+  float x = n * f.inv;
+  if (f.dp_inv != 0.f) x = fmaf(f.dp_inv, a.vbar[row * D + d], x);
+  if (a.dtype == 2) {
+    static_cast<__nv_bfloat16*>(a.out)[row * D + d] = __float2bfloat16_rn(x);
+  } else {
+    static_cast<__half*>(a.out)[row * D + d] = __float2half_rn(x);
   }
-  if (a.kept && tid == 0) a.kept[row] = nk;
+  if (a.kept && d == 0) a.kept[row] = nk;
 }
 
 template <int D>
@@ -406,15 +405,18 @@ cudaError_t LaunchDecode(const KernelArgs& a, cudaStream_t stream) {
 }
 
 cudaError_t LaunchDecodeCombine(const KernelArgs& a, cudaStream_t stream) {
-  const size_t smem = static_cast<size_t>(a.parts) * sizeof(float);
-  if (smem > 48 * 1024) {  // more than 12k partials: rare, set the limit each time
-    cudaError_t e = cudaFuncSetAttribute(CombineKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
-    if (e != cudaSuccess) return e;
-  }
   const int64_t rows = a.B * a.Hq * a.Sq;
-  CombineKernel<<<static_cast<unsigned>(rows), kCombineThreads, smem, stream>>>(a);
-  return cudaGetLastError();
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(rows));
+  cfg.blockDim = dim3(static_cast<unsigned>(a.Dv));
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = HasProgrammaticLaunch() ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, CombineKernel, a);
 }
 
 }  // namespace cuda
