@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -16,7 +17,9 @@ from topthetaexport import __version__
 from topthetaexport._errors import TopThetaError
 
 console = Console(stderr=True)
-out_console = Console()
+# Results go to stdout as plain text: no markup parsing (shapes like [batch, seq] and generated text keep
+# their brackets); lines that are not tables are printed with soft_wrap (no hard wrapping).
+out_console = Console(markup=False, highlight=False)
 
 HELP = """Top-θ sparse attention for ONNX Runtime.
 
@@ -89,6 +92,12 @@ def summary_table(report: dict) -> Table:
             t.add_row("parity: operator max |Δ| vs fp64 reference",
                       f"{par['operator_max_abs_diff_vs_fp64_reference']:.2e}"
                       + (" ok" if par["operator_pass"] else f" > {par['tolerance']:.0e}"))
+        kd = par.get("keep_decisions_window0")
+        if kd and kd.get("rows_compared"):
+            # fp32 rounding differences between onnxruntime's and PyTorch's projections move scores that sit on
+            # a threshold to the other side; each such row changes the model's output beyond the fp32 floor.
+            t.add_row("  rows whose keep decisions differ (fp32 ties)",
+                      f"{kd['rows_with_different_kept_count']} / {kd['rows_compared']}")
         t.add_row("model max |Δ| vs PyTorch dense", f"{par['max_abs_diff_vs_torch_dense']:.2e}")
     ppl = v.get("perplexity")
     if ppl:
@@ -125,7 +134,7 @@ def pipeline_cmd(
                               eval_windows=eval_windows, do_validate=not no_validate, device=device,
                               progress=bars)
     out_console.print(summary_table(report))
-    out_console.print(f"wrote {out}/ ({', '.join(report['files'])})")
+    out_console.print(f"wrote {out}/ ({', '.join(report['files'])})", soft_wrap=True)
 
 
 @app.command("calibrate", help="Calibrate Top-θ thresholds in PyTorch; writes OUT/thresholds.{safetensors,json}.")
@@ -143,8 +152,8 @@ def calibrate_cmd(
                    progress=True)
     th.meta["model_path"] = model
     path = th.save(out)
-    out_console.print(json.dumps(th.stats(), indent=2, default=str))
-    out_console.print(f"wrote {path}")
+    out_console.print(json.dumps(th.stats(), indent=2, default=str), soft_wrap=True)
+    out_console.print(f"wrote {path}", soft_wrap=True)
 
 
 @app.command("export", help="Export MODEL to a dense ONNX graph (opset 23 Attention nodes), the input of 'rewrite'.")
@@ -161,7 +170,7 @@ def export_cmd(
         tid = p.add_task("export", total=1.0, msg="")
         path = export_onnx(loaded, out, with_cache=False if no_cache else None,
                            progress=lambda msg, frac: p.update(tid, completed=frac, msg=msg[:60]))
-    out_console.print(f"wrote {path}")
+    out_console.print(f"wrote {path}", soft_wrap=True)
 
 
 @app.command("rewrite", help="Replace every attention block of a dense export by TopThetaAttention.")
@@ -177,7 +186,7 @@ def rewrite_cmd(
     th = Thresholds.load(thresholds)
     rep = rewrite(dense, th, out, comp_mode=comp_mode)
     n = len(rep.get("layers", []))
-    out_console.print(f"rewrote {n} attention blocks into TopThetaAttention; wrote {out}")
+    out_console.print(f"rewrote {n} attention blocks into TopThetaAttention; wrote {out}", soft_wrap=True)
 
 
 @app.command("validate", help="Parity, perplexity and measured sparsity of OUT/model.onnx in onnxruntime; writes OUT/report.json.")
@@ -201,7 +210,7 @@ def validate_cmd(
     full["validation"] = rep
     write_json(report_path, full)
     out_console.print(summary_table(full))
-    out_console.print(f"wrote {report_path}")
+    out_console.print(f"wrote {report_path}", soft_wrap=True)
 
 
 def _eval_command(out, output, **opts) -> str:
@@ -290,7 +299,7 @@ def run_cmd(
             stats.append(np.mean([k.mean() for k in step.kept.values()]))
 
     new = om.generate(ids, max_new_tokens, eos_token_id=tok.eos_token_id, on_step=on_step)
-    out_console.print(prompt + tok.decode(new[0], skip_special_tokens=True))
+    out_console.print(prompt + tok.decode(new[0], skip_special_tokens=True), soft_wrap=True)
     if stats:
         console.print(f"[dim]providers {om.providers}; mean V rows read per decode step: {np.mean(stats):.1f} "
                       f"of {ids.shape[1] + len(stats) / 2:.0f} on average[/dim]")
@@ -303,7 +312,7 @@ def inspect_cmd(path: Path = typer.Argument(..., help=".onnx file or output fold
 
     target = path / "model.onnx" if path.is_dir() else path
     info = summarize(target)
-    out_console.print(json.dumps(info, indent=2, default=str) if as_json else format_summary(info))
+    out_console.print(json.dumps(info, indent=2, default=str) if as_json else format_summary(info), soft_wrap=True)
 
 
 @app.command("bench", help="Time TopThetaAttention against dense attention (ONNX Attention) in onnxruntime.")
@@ -330,7 +339,7 @@ def bench_cmd(
 
 def _version_callback(value: bool):
     if value:
-        out_console.print(f"toptheta-export {__version__}")
+        out_console.print(f"toptheta-export {__version__}", soft_wrap=True)
         raise typer.Exit()
 
 
@@ -348,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, prog_name="topθ-export", standalone_mode=False)
     except TopThetaError as e:
-        console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
     except (typer.Exit, SystemExit) as e:
         return int(getattr(e, "exit_code", getattr(e, "code", 0)) or 0)
