@@ -10,8 +10,10 @@ One run times, on the current GPU:
 
 Timing. torch SDPA and the direct kernel calls: CUDA graphs of `inner` calls replayed between CUDA events,
 median over `reps` replays, divided by `inner`. onnxruntime sessions (which cannot be captured here):
-the GPU time of their kernels read with CUPTI through torch.profiler, mean per Run over 20 runs, median of 5
-such groups. Inputs rotate over enough copies to exceed the L2 cache. Thresholds: see docs/benchmarks.md.
+the GPU busy time of their kernels read with CUPTI through torch.profiler (union of kernel intervals, so
+overlapping programmatic-dependent kernels count once; host gaps between Runs excluded), per Run over 20
+runs, median of 5 such groups. Inputs rotate over enough copies to exceed the L2 cache. Thresholds: see
+docs/benchmarks.md.
 
 Usage: python bench/attention_bench.py --library path/to/libtoptheta_ops.so --out DIR [--quick]
 """
@@ -72,27 +74,61 @@ def time_graph(fn, nsets: int, inner: int = 10, reps: int = 30) -> float:
     return statistics.median(times)
 
 
-def time_kernels(fn, nsets: int, runs: int = 20, groups: int = 5) -> float:
-    """Median over `groups` of the mean GPU kernel time per fn(i) call (CUPTI via torch.profiler)."""
+def _kernel_intervals(prof):
+    """(name, start_ns, end_ns) of every GPU kernel in a torch.profiler run (memcpy/memset left out)."""
+    out = []
+    for e in prof.profiler.kineto_results.events():
+        if e.device_type() != torch.autograd.DeviceType.CUDA or e.name().startswith(("Memcpy", "Memset")):
+            continue
+        start = e.start_ns() if hasattr(e, "start_ns") else e.start_us() * 1000
+        dur = e.duration_ns() if hasattr(e, "duration_ns") else e.duration_us() * 1000
+        out.append((e.name(), start, start + dur))
+    return out
+
+
+def time_kernels(fn, nsets: int, runs: int = 20, groups: int = 5) -> tuple[float, dict]:
+    """onnxruntime sessions: median over `groups` of the GPU busy time per fn(i) call, read with CUPTI
+    (torch.profiler): the union of the kernels' [start, end) intervals over `runs` calls, divided by `runs`.
+    The union, not the sum of kernel durations: a kernel launched as a programmatic dependent (ours,
+    onnxruntime's XQA) starts before its predecessor ends, and a sum would count the overlap twice.
+    Host gaps between the calls are not counted. Also returns each kernel name's summed duration per
+    call in the last group."""
     from torch.profiler import ProfilerActivity, profile
 
     for i in range(3):
         fn(i % nsets)
     torch.cuda.synchronize()
-    means = []
+    spans, names = [], {}
     for _ in range(groups):
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for i in range(runs):
                 fn(i % nsets)
             torch.cuda.synchronize()
-        total = 0.0
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset")):
-                total += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-        if total <= 0:
-            return float("nan")
-        means.append(total / 1e6 / runs)
-    return statistics.median(means)
+        iv = sorted(_kernel_intervals(prof), key=lambda x: x[1])
+        if not iv:
+            return float("nan"), {}
+        busy, cur_s, cur_e = 0, iv[0][1], iv[0][2]
+        names = {}
+        for n, s0, e0 in iv:
+            names[n] = names.get(n, 0.0) + (e0 - s0) / 1e3 / runs
+            if s0 > cur_e:
+                busy += cur_e - cur_s
+                cur_s, cur_e = s0, e0
+            else:
+                cur_e = max(cur_e, e0)
+        busy += cur_e - cur_s
+        spans.append(busy / 1e9 / runs)
+    return statistics.median(spans), names
+
+
+def kernel_note(names: dict, top: int = 3) -> str:
+    """The `top` longest kernels of one call: 'name x.y us' (names shortened)."""
+    def short(n):
+        n = n.replace("(anonymous namespace)::", "").split("<")[0].split("(")[0]
+        return n.split()[-1].split("::")[-1][:32] if n.split() else n[:32]
+
+    items = sorted(names.items(), key=lambda kv: -kv[1])[:top]
+    return ", ".join(f"{short(n)} {t:.1f}us" for n, t in items)
 
 
 def n_sets(bytes_per_set: int) -> int:
@@ -327,22 +363,32 @@ def ort_decode(ort: Ort, sets, B, L, th, s0, label) -> list[dict]:
                "seqlens_k": seq}
         binds.append((Ort.bind(gqa, ins, {"output": o, "present_key": k, "present_value": v},
                                {"total_sequence_length": np.array([L], np.int32)}), ins))
-    t = time_kernels(lambda i: gqa.run_with_iobinding(binds[i][0]), len(sets))
+    t, names = time_kernels(lambda i: gqa.run_with_iobinding(binds[i][0]), len(sets))
+    # check the dense output (set 0) against SDPA: the timing is only meaningful if all L keys were used
+    q, k, v = sets[0]
+    o0 = torch.empty(B, 1, HQ * D, device="cuda", dtype=DT)
+    b0 = Ort.bind(gqa, binds[0][1], {"output": o0, "present_key": k, "present_value": v},
+                  {"total_sequence_length": np.array([L], np.int32)})
+    gqa.run_with_iobinding(b0)
+    torch.cuda.synchronize()
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    err = float((o0.view(B, HQ, D).float() - ref.view(B, HQ, D).float()).norm() / ref.float().norm())
     floor = 2 * B * HKV * L * D * 2 + 2 * B * HQ * D * 2
     rows.append(dict(case=label, B=B, L=L, method="ORT GroupQueryAttention (dense)", time_us=t * 1e6, keep_keys=1.0,
-                     v_rows=1.0, floor_MB=floor / 1e6, GBps=floor / t / 1e9, note="CUPTI kernel time"))
+                     v_rows=1.0, floor_MB=floor / 1e6, GBps=floor / t / 1e9,
+                     note=f"CUPTI busy time; rel. diff to SDPA {err:.1e}; {kernel_note(names)}"))
 
     tt = ort.session(ort_toptheta_model(), custom=True)
     out = torch.empty(B, HQ, 1, D, device="cuda", dtype=DT)
     kept = torch.empty(B, HQ, 1, device="cuda", dtype=torch.int32)
     binds = [Ort.bind(tt, {"query": q, "key": k, "value": v, "thresholds": th}, {"output": out, "kept": kept})
              for q, k, v in sets]
-    t = time_kernels(lambda i: tt.run_with_iobinding(binds[i]), len(sets))
+    t, names = time_kernels(lambda i: tt.run_with_iobinding(binds[i]), len(sets))
     fv = vrow_fraction(s0, th)
     floor = B * HKV * L * D * 2 * (1 + fv) + 2 * B * HQ * D * 2
     rows.append(dict(case=label, B=B, L=L, method="Top-θ in ORT session, V rows 1/3 (union)", time_us=t * 1e6,
                      keep_keys=float(kept.float().mean()) / L, v_rows=fv, floor_MB=floor / 1e6,
-                     GBps=floor / t / 1e9, note="CUPTI kernel time"))
+                     GBps=floor / t / 1e9, note=f"CUPTI busy time; {kernel_note(names)}"))
     return rows
 
 
@@ -477,8 +523,8 @@ def bench_prefill(kern: Kernels, ort: Ort | None, B: int, S: int, structured: bo
         bd = Ort.bind(gqa, {"query": qs, "key": ks, "value": vs, "seqlens_k": seq},
                       {"output": o, "present_key": pk, "present_value": pv},
                       {"total_sequence_length": np.array([S], np.int32)})
-        t = time_kernels(lambda i: gqa.run_with_iobinding(bd), 1, runs=5 if S > 4096 else 20, groups=3)
-        row("ORT GroupQueryAttention (dense)", t, note="CUPTI kernel time")
+        t, names = time_kernels(lambda i: gqa.run_with_iobinding(bd), 1, runs=5 if S > 4096 else 20, groups=3)
+        row("ORT GroupQueryAttention (dense)", t, note=f"CUPTI busy time; {kernel_note(names, 2)}")
         ref = sdpa(0)
         err = float((o.view(B, S, HQ, D).transpose(1, 2).float() - ref.float()).norm() / ref.float().norm())
         rows[-1]["note"] += f"; rel. diff to SDPA {err:.1e}"
@@ -526,6 +572,7 @@ def main():
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
     ap.add_argument("--no-ort", action="store_true", help="skip the onnxruntime baselines")
+    ap.add_argument("--only", choices=["decode", "prefill"], help="run one half only")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -552,16 +599,20 @@ def main():
     if args.quick:
         decode_shapes = [(1, 16384), (1, 32768), (8, 16384), (8, 32768)]
         prefill_shapes = [(1, 4096), (1, 16384)]
+    if args.only == "prefill":
+        decode_shapes = []
+    if args.only == "decode":
+        prefill_shapes = []
     dec, pre = [], []
     for B, L in decode_shapes:
         dec += bench_decode(kern, ort, B, L, sweep=(B, L) in ((1, 16384), (1, 32768), (8, 32768)))
         print(fmt_table(dec[-6:], "decode").split("\n", 2)[-1], flush=True)
-    for B, L in [(8, 16384)]:
+    for B, L in [(8, 16384)] if decode_shapes else []:
         dec += bench_decode(kern, ort, B, L, structured=True)
     for B, S in prefill_shapes:
         pre += bench_prefill(kern, ort, B, S)
         print(fmt_table(pre[-14:], "prefill").split("\n", 2)[-1], flush=True)
-    for B, S in [(1, 4096)] if args.quick else [(1, 4096), (1, 16384)]:
+    for B, S in ([] if not prefill_shapes else [(1, 4096)] if args.quick else [(1, 4096), (1, 16384)]):
         pre += bench_prefill(kern, ort, B, S, structured=True)
     info["bench_seconds"] = time.time() - t0
     (out_dir / "bench.json").write_text(json.dumps({"info": info, "decode": dec, "prefill": pre}, indent=1))

@@ -7,9 +7,11 @@
 #   .whl/*.whl                     pytest and its dependencies, used only if pytest is missing
 #   onnxruntime-gpu: /root/ortgpu already installed, or the wheel's parts in /root/ortgpu-parts/part.*
 #                    plus the last part(s) in .ortgpu/p*/part.* (sha256 in ORTGPU_SHA256)
-# Usage: bash bench/gpu_session.sh [STEPS] [bench args...]   STEPS: comma list of tests, bench, profile
-#        (default tests,bench; "all" = tests,bench)
+# Usage: bash bench/gpu_session.sh [STEPS] [bench args...]   STEPS: comma list of tests, ktests, bench,
+#        profile, ortwall (bench/ort_session_wall.py), b1ncu (ncu durations of B=1 decode kernels)
+#        (default tests,bench; "all" = tests,bench; "ktests" = the kernel tests only, no onnxruntime-gpu needed)
 set -uo pipefail
+ORTGPU_SHA256=${ORTGPU_SHA256:-05d548956197b9d01f59b625de740e0d6be3593f874e241a12dc0362650ecdf7}
 what=${1:-all}
 shift || true
 [ "$what" = all ] && what=tests,bench
@@ -19,9 +21,18 @@ mkdir -p "$OUT"
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 export PYTHONUNBUFFERED=1
-LIB="$ROOT/.gpubuild/libtoptheta_ops.so"
+# The library: .gpubuild/libtoptheta_ops.so, or its xz copy (small enough to travel beside a wheel part);
+# kept in /root/ttlib for later calls of the same machine that do not carry it.
+mkdir -p /root/ttlib
+if [ -f .gpubuild/libtoptheta_ops.so ]; then cp .gpubuild/libtoptheta_ops.so /root/ttlib/
+elif [ -f .gpubuild/libtoptheta_ops.so.xz ]; then xz -dc .gpubuild/libtoptheta_ops.so.xz > /root/ttlib/libtoptheta_ops.so
+fi
+LIB=/root/ttlib/libtoptheta_ops.so
+[ -f "$LIB" ] || { echo "no library (.gpubuild/libtoptheta_ops.so[.xz]) carried" >&2; exit 2; }
+sha256sum "$LIB" | cut -c1-16
 
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+# $OUT brings back at most 8 files: device, versions and SASS counts share env.txt.
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/env.txt"
 
 if [ ! -d /root/ortgpu/onnxruntime ] && ls /root/ortgpu-parts/part.* .ortgpu/p*/part.* >/dev/null 2>&1; then
   whl=/tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
@@ -29,8 +40,8 @@ if [ ! -d /root/ortgpu/onnxruntime ] && ls /root/ortgpu-parts/part.* .ortgpu/p*/
   cp .ortgpu/p*/part.* /root/ortgpu-parts/ 2>/dev/null
   cat $(ls /root/ortgpu-parts/part.* | sort -V) > "$whl"
   got=$(sha256sum "$whl" | cut -d' ' -f1)
-  if [ -n "${ORTGPU_SHA256:-}" ] && [ "$got" != "$ORTGPU_SHA256" ]; then
-    echo "onnxruntime-gpu wheel sha256 mismatch: $got" >&2
+  if [ -n "$ORTGPU_SHA256" ] && [ "$got" != "$ORTGPU_SHA256" ]; then
+    echo "onnxruntime-gpu: parts incomplete or wrong (sha256 $got), not installed" >&2
   else
     python3 -m pip install -q --no-deps --no-compile --target /root/ortgpu "$whl" && echo "onnxruntime-gpu installed"
   fi
@@ -41,22 +52,27 @@ if ! python3 -c "import pytest" 2>/dev/null; then
 fi
 export TOPTHETA_OPS_LIBRARY="$LIB"
 python3 -c "import torch, onnxruntime as o; o.preload_dlls() if hasattr(o, 'preload_dlls') else None; \
-print('ort', o.__version__, o.get_available_providers())" 2>&1 | tail -1 | tee "$OUT/ort.txt"
+print('ort', o.__version__, o.get_available_providers())" 2>&1 | tail -1 | tee -a "$OUT/env.txt"
 
 if command -v cuobjdump >/dev/null; then
   cuobjdump -sass "$LIB" > /tmp/sass.txt 2>&1
   { echo "HMMA: $(grep -c HMMA /tmp/sass.txt)  LDSM: $(grep -c LDSM /tmp/sass.txt)  LDGSTS: $(grep -c LDGSTS /tmp/sass.txt)" \
-         "local mem (LDL/STL): $(grep -cE 'LDL|STL' /tmp/sass.txt)"; } | tee "$OUT/sass.txt"
+         "local mem (LDL/STL): $(grep -cE 'LDL|STL' /tmp/sass.txt)"; } | tee -a "$OUT/env.txt"
 fi
 
 rc_tests=0
 if has tests; then
-  timeout 240 python3 -m pytest tests/test_cuda.py -q -rfEs -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \
+  timeout 240 python3 -m pytest tests/test_cuda.py -v -rfEs -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \
     | tee "$OUT/pytest.log"
   rc_tests=${PIPESTATUS[0]}
 fi
+if has ktests; then
+  timeout ${KTEST_TIMEOUT:-200} python3 -m pytest tests/test_cuda.py -q -rfEs -p no:cacheprovider --maxfail=12 \
+    -k "not onnxruntime and not exported" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest-kernels.log"
+  rc_tests=${PIPESTATUS[0]}
+fi
 if has bench; then
-  timeout 320 python3 bench/attention_bench.py --library "$LIB" --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+  timeout ${BENCH_TIMEOUT:-320} python3 bench/attention_bench.py --library "$LIB" --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
 fi
 if has profile; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
@@ -67,7 +83,18 @@ if has profile; then
   grep -E "PrefillKernel|flash_fwd|DecodeKernel|CombineKernel|Duration|Achieved Occupancy|Block Limit|Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|No Eligible|Theoretical Occupancy|Registers Per|Stall|Waves Per SM" \
     "$OUT/ncu.txt" | cut -c1-150 | head -150
 fi
+if has ortwall; then  # host-clock cross-check of the onnxruntime decode timings
+  timeout 200 python3 bench/ort_session_wall.py "$LIB" 2>&1 | grep -v "plugin EP" | tee "$OUT/ort_session_wall.md"
+fi
+if has b1ncu; then  # decode B=1 kernel durations and DRAM bytes under Nsight Compute (SDPA, ours, ORT GQA)
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  PROFILE_WHAT=b1 timeout 200 "$NCU" --metrics gpu__time_duration.sum,dram__bytes_read.sum \
+    python3 bench/profile_kernels.py "$LIB" > /tmp/ncu_b1.txt 2>&1
+  grep -E "^  [a-zA-Z_].*\(|gpu__time_duration|dram__bytes_read" /tmp/ncu_b1.txt | sed -E 's/\(.*\) \(([0-9, ]+)\)x.*/ grid(\1)/' \
+    | cut -c1-120 | tee "$OUT/ncu_b1_summary.txt"
+fi
 echo "== summary =="
 [ -f "$OUT/pytest.log" ] && tail -1 "$OUT/pytest.log"
+[ -f "$OUT/pytest-kernels.log" ] && tail -1 "$OUT/pytest-kernels.log"
 [ -f "$OUT/bench.log" ] && sed -n '/== speedup/,$p' "$OUT/bench.log"
 exit $rc_tests

@@ -1,7 +1,10 @@
 """One launch of each kernel of interest, for Nsight Compute (see bench/gpu_session.sh `profile`).
 
-Prefill B=1, S=8192 (torch SDPA flash, then the three prefill variants, θ=-inf) and decode B=8, L=32768
-(SDPA, then ours with thresholds reading ~1/3 of the V rows).
+PROFILE_WHAT=all (default): prefill B=1, S=8192 (torch SDPA flash, then the three prefill variants, θ=-inf)
+and decode B=8, L=32768 (SDPA, then ours with thresholds reading ~1/3 of the V rows). PROFILE_WHAT=prefill:
+the default prefill variant only; PROFILE_WHAT=decode: our decode at B=1, L=16384 only; PROFILE_WHAT=gqa:
+onnxruntime's GroupQueryAttention decode at B=1, L=32768 (to read its DRAM bytes with ncu); PROFILE_WHAT=b1:
+decode at B=1, L=16384 and 32768, one call each of SDPA, ours (V rows 1/3) and onnxruntime's GQA.
 """
 
 import math
@@ -16,22 +19,74 @@ from attention_bench import D, DT, HKV, HQ, decode_scores, theta_for_vrows  # no
 from toptheta_cuda import Kernels  # noqa: E402
 
 kern = Kernels(sys.argv[1])
+what = os.environ.get("PROFILE_WHAT", "all")  # all, prefill (default variant only), decode, gqa, b1
+if what == "b1":  # decode B=1, L=16k and 32k: SDPA, ours (V rows 1/3), onnxruntime GQA; one call each
+    import numpy as np
+
+    from attention_bench import Ort, ort_gqa_model
+
+    ort = Ort(sys.argv[1])
+    sess = ort.session(ort_gqa_model(past=True), custom=False)
+    for L in (16384, 32768):
+        B = 1
+        q = torch.randn(B, HQ, 1, D, device="cuda", dtype=DT)
+        k = torch.randn(B, HKV, L, D, device="cuda", dtype=DT)
+        v = torch.randn(B, HKV, L, D, device="cuda", dtype=DT)
+        th = theta_for_vrows(decode_scores(q, k), 1 / 3)
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        kern.attention(q, k, v, th, causal=True)
+        kn = k[:, :, L - 1:].transpose(1, 2).reshape(B, 1, HKV * D).contiguous()
+        vn = v[:, :, L - 1:].transpose(1, 2).reshape(B, 1, HKV * D).contiguous()
+        o = torch.empty(B, 1, HQ * D, device="cuda", dtype=DT)
+        seq = torch.full((B,), L - 1, device="cuda", dtype=torch.int32)
+        bd = Ort.bind(sess, {"query": q.reshape(B, 1, HQ * D), "key": kn, "value": vn, "past_key": k,
+                             "past_value": v, "seqlens_k": seq}, {"output": o, "present_key": k, "present_value": v},
+                      {"total_sequence_length": np.array([L], np.int32)})
+        sess.run_with_iobinding(bd)
+        torch.cuda.synchronize()
+    sys.exit(0)
+if what == "gqa":  # onnxruntime's dense GroupQueryAttention decode, B=1, L=32768 (bytes it really reads)
+    import numpy as np
+
+    from attention_bench import Ort, ort_gqa_model
+
+    ort = Ort(sys.argv[1])
+    B, L = 1, 32768
+    sess = ort.session(ort_gqa_model(past=True), custom=False)
+    q = torch.randn(B, 1, HQ * D, device="cuda", dtype=DT)
+    k = torch.randn(B, HKV, L, D, device="cuda", dtype=DT)
+    v = torch.randn(B, HKV, L, D, device="cuda", dtype=DT)
+    kn = k[:, :, L - 1:].transpose(1, 2).reshape(B, 1, HKV * D).contiguous()
+    vn = v[:, :, L - 1:].transpose(1, 2).reshape(B, 1, HKV * D).contiguous()
+    o = torch.empty(B, 1, HQ * D, device="cuda", dtype=DT)
+    seq = torch.full((B,), L - 1, device="cuda", dtype=torch.int32)
+    bd = Ort.bind(sess, {"query": q, "key": kn, "value": vn, "past_key": k, "past_value": v, "seqlens_k": seq},
+                  {"output": o, "present_key": k, "present_value": v}, {"total_sequence_length": np.array([L], np.int32)})
+    for _ in range(3):
+        sess.run_with_iobinding(bd)
+    torch.cuda.synchronize()
+    print("K+V bytes", 2 * k.numel() * 2)
+    sys.exit(0)
 g = torch.Generator(device="cuda").manual_seed(0)
 B, S = 1, 8192
 q = torch.randn(B, HQ, S, D, device="cuda", generator=g, dtype=DT)
 k = torch.randn(B, HKV, S, D, device="cuda", generator=g, dtype=DT)
 v = torch.randn(B, HKV, S, D, device="cuda", generator=g, dtype=DT)
 th = torch.full((HQ, 1), float("-inf"), device="cuda")
-torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-for var in ("0", "1", "2"):
+if what == "all":
+    torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+for var in ("0", "1", "2") if what == "all" else ("-1",) if what == "prefill" else ():
     os.environ["TOPTHETA_PREFILL_VARIANT"] = var
     kern.attention(q, k, v, th, causal=True)
 torch.cuda.synchronize()
-B, L = 8, 32768
+B, L = (8, 32768) if what == "all" else (1, 16384)
+if what == "prefill":
+    sys.exit(0)
 q = torch.randn(B, HQ, 1, D, device="cuda", generator=g, dtype=DT)
 k = torch.randn(B, HKV, L, D, device="cuda", generator=g, dtype=DT)
 v = torch.randn(B, HKV, L, D, device="cuda", generator=g, dtype=DT)
-torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+if what == "all":
+    torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 th = theta_for_vrows(decode_scores(q, k), 1 / 3)
 kern.attention(q, k, v, th, causal=True)
 torch.cuda.synchronize()
