@@ -265,7 +265,9 @@ def evaluate(out_dir, *, data=None, windows: int = 16, cross_data=None, cross_wi
         raise TopThetaError(f"model {loaded.name} has no tokenizer: evaluation needs a model folder with one")
     seq_len = int(seq_len or meta.get("seq_len") or 512)
     n_calib = int(meta.get("num_samples", 0))
-    held_out = n_calib if _same_text(data, calib_source) else 0
+    calib_len = int(meta.get("seq_len") or seq_len)
+    # windows of seq_len to skip so that no calibration token is evaluated
+    held_out = -(-n_calib * calib_len // seq_len) if _same_text(data, calib_source) else 0
     dense_layers = th.dense_layers
     if dense_layers != list(range(len(dense_layers))):
         raise TopThetaError(f"dense layers {dense_layers} are not the first layers: the sweep recalibrates with "
@@ -310,7 +312,7 @@ def evaluate(out_dir, *, data=None, windows: int = 16, cross_data=None, cross_wi
             thk = th
         else:
             step(f"calibrating θ for k={k}", 0.02 + 0.08 * i / max(len(ks), 1))
-            thk = calibrate(loaded, calib_source, k=k, seq_len=int(meta.get("seq_len") or seq_len),
+            thk = calibrate(loaded, calib_source, k=k, seq_len=calib_len,
                             num_samples=n_calib or 16, dense_layers=len(dense_layers), progress=False)
         thresholds_by_k[k] = thk
         if topk:
