@@ -8,7 +8,8 @@
 #   onnxruntime-gpu: /root/ortgpu already installed, or the wheel's parts in /root/ortgpu-parts/part.*
 #                    plus the last part(s) in .ortgpu/p*/part.* (sha256 in ORTGPU_SHA256)
 # Usage: bash bench/gpu_session.sh [STEPS] [bench args...]   STEPS: comma list of tests, ktests, bench,
-#        profile, ortwall (bench/ort_session_wall.py), b1ncu (ncu durations of B=1 decode kernels)
+#        profile, ortwall (bench/ort_session_wall.py), b1ncu (ncu durations of B=1 decode kernels),
+#        realqkv (bench/real_qkv_bench.py on .gpubuild/smollm2_qkv.pt)
 #        (default tests,bench; "all" = tests,bench; "ktests" = the kernel tests only, no onnxruntime-gpu needed)
 set -uo pipefail
 ORTGPU_SHA256=${ORTGPU_SHA256:-05d548956197b9d01f59b625de740e0d6be3593f874e241a12dc0362650ecdf7}
@@ -82,6 +83,10 @@ if has profile; then
     python3 bench/profile_kernels.py "$LIB" > "$OUT/ncu.txt" 2>&1
   grep -E "PrefillKernel|flash_fwd|DecodeKernel|CombineKernel|Duration|Achieved Occupancy|Block Limit|Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|No Eligible|Theoretical Occupancy|Registers Per|Stall|Waves Per SM" \
     "$OUT/ncu.txt" | cut -c1-150 | head -150
+fi
+if has realqkv; then  # prefill on real SmolLM2 q/k/v and calibrated θ (bench/capture_real_qkv.py, carried in .gpubuild)
+  timeout 200 python3 bench/real_qkv_bench.py --library "$LIB" --data .gpubuild/smollm2_qkv.pt --out "$OUT" 2>&1 \
+    | tee "$OUT/real_qkv.md"
 fi
 if has ortwall; then  # host-clock cross-check of the onnxruntime decode timings
   timeout 200 python3 bench/ort_session_wall.py "$LIB" 2>&1 | grep -v "plugin EP" | tee "$OUT/ort_session_wall.md"

@@ -61,7 +61,8 @@ if what == "gqa":  # onnxruntime's dense GroupQueryAttention decode, B=1, L=3276
     o = torch.empty(B, 1, HQ * D, device="cuda", dtype=DT)
     seq = torch.full((B,), L - 1, device="cuda", dtype=torch.int32)
     bd = Ort.bind(sess, {"query": q, "key": kn, "value": vn, "past_key": k, "past_value": v, "seqlens_k": seq},
-                  {"output": o, "present_key": k, "present_value": v}, {"total_sequence_length": np.array([L], np.int32)})
+                  {"output": o, "present_key": k, "present_value": v},
+                  {"total_sequence_length": np.array([L], np.int32)})
     for _ in range(3):
         sess.run_with_iobinding(bd)
     torch.cuda.synchronize()

@@ -44,8 +44,9 @@ class Kernels:
         self.last_splits = None
 
     def attention(self, q, k, v, thresholds, *, scale=None, causal=False, attn_mask=None, sdc=None,
-                  comp_mode=0, out=None, kept=None, stream=None):
-        """Top-θ attention on the current CUDA stream; returns (out, kept)."""
+                  comp_mode=0, out=None, kept=None, stream=None, want_kept=True):
+        """Top-θ attention on the current CUDA stream; returns (out, kept). ``want_kept=False`` leaves the
+        `kept` output out (as in a rewritten model without exposed counts; kept is then None)."""
         B, Hq, Sq, D = q.shape
         Hkv, Ktot, Dv = k.shape[1], k.shape[2], v.shape[3]
         for name, t in (("q", q), ("k", k), ("v", v)):
@@ -55,12 +56,13 @@ class Kernels:
         rho = None if sdc is None else sdc.to(device=q.device, dtype=torch.float32).contiguous()
         if out is None:
             out = torch.empty(B, Hq, Sq, Dv, device=q.device, dtype=q.dtype)
-        if kept is None:
+        if kept is None and want_kept:
             kept = torch.empty(B, Hq, Sq, device=q.device, dtype=torch.int32)
         a = _Args(B=B, Hq=Hq, Hkv=Hkv, Sq=Sq, Ktot=Ktot, D=D, Dv=Dv, R=th.shape[1],
                   scale=scale if scale else 1.0 / math.sqrt(D), causal=int(causal), comp_mode=comp_mode,
                   dtype=_DTYPES[q.dtype], q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), theta=th.data_ptr(),
-                  sdc=rho.data_ptr() if rho is not None else None, out=out.data_ptr(), kept=kept.data_ptr())
+                  sdc=rho.data_ptr() if rho is not None else None, out=out.data_ptr(),
+                  kept=kept.data_ptr() if want_kept else None)
         mask = None
         if attn_mask is not None:
             mask = attn_mask.contiguous()

@@ -198,6 +198,23 @@ def test_prefill_kernel_matches_reference(kernels, env, cfg, variant):
     check(kernels, make_case(**cfg, seed=1), "prefill")
 
 
+@pytest.mark.parametrize("variant", ["0", "2"])
+@pytest.mark.parametrize("cfg", PREFILL, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_prefill_without_kept_output(kernels, env, cfg, variant):
+    """The `kept` output left out (the rewrite's default): same output bits as with it, and the reference's."""
+    env("TOPTHETA_PREFILL_VARIANT", variant)
+    case = make_case(**{**cfg, "comp_mode": 0}, seed=11)
+    with_counts, _ = run_kernel(kernels, case)
+    out = torch.full_like(with_counts, float("nan"))
+    _, none = kernels.attention(case["q"], case["k"], case["v"], case["thresholds"], causal=case["causal"],
+                                attn_mask=case["attn_mask"], out=out, want_kept=False)
+    torch.cuda.synchronize()
+    assert none is None and kernels.last_path == "prefill"
+    assert torch.equal(out, with_counts)
+    ref_out, _ = ref_of(case)
+    assert rel_err(out, ref_out) <= REL_TOL
+
+
 DECODE = [
     dict(dtype="f16", B=2, Hq=32, Hkv=8, Sq=1, Ktot=5000, D=128, causal=True, keep=1 / 3),
     dict(dtype="bf16", B=3, Hq=8, Hkv=2, Sq=3, Ktot=2049, D=64, causal=True, mask="pad", comp_mode=2),

@@ -50,7 +50,10 @@ constexpr int SmemBytes() {
 // MT m-tiles of 16 rows per warp; thread rows r = 2 * mt + e are w0 + 16 * mt + g + 8 * e.
 // Scores are kept in raw units (q.k, before the scale): theta and the running max m are divided by the
 // (positive) scale once, so the threshold test is one compare and exp(s - m) one FFMA + EX2.
-template <typename T, int D, bool MASK, int MT, int WARPS>
+// COUNT = false (no `kept` output, comp_mode 0: the rewrite's default) drops the per-score kept bits and
+// counts; the P·V chunks to skip are then found from the packed probabilities (a chunk whose P is all
+// zero adds nothing, whether its scores were pruned or underflowed).
+template <typename T, int D, bool MASK, int MT, int WARPS, bool COUNT>
 __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs a) {
   constexpr int THREADS = WARPS * 32;
   constexpr int kBM = RowsPerBlock<MT, WARPS>();
@@ -212,7 +215,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
         const float x = kept ? s[mt][n][e] : -INFINITY;
         s[mt][n][e] = x;
         tmax[r][n % NA] = fmaxf(tmax[r][n % NA], x);
-        km[mt] |= kept ? (1u << (4 * n + e)) : 0u;
+        if (COUNT) km[mt] |= kept ? (1u << (4 * n + e)) : 0u;
       };
       if (full) {
 #pragma unroll
@@ -250,14 +253,26 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
         }
       }
       uint32_t chunks = 0;  // bit mt * 4 + c: m-tile mt keeps a key of 16-key chunk c
+      if constexpr (COUNT) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        nk[2 * mt] += __popc(km[mt] & 0x33333333u);
-        nk[2 * mt + 1] += __popc(km[mt] & 0xccccccccu);
+        for (int mt = 0; mt < MT; ++mt) {
+          nk[2 * mt] += __popc(km[mt] & 0x33333333u);
+          nk[2 * mt + 1] += __popc(km[mt] & 0xccccccccu);
 #pragma unroll
-        for (int c = 0; c < kBN / 16; ++c) chunks |= (((km[mt] >> (8 * c)) & 0xffu) != 0u ? 1u : 0u) << (mt * 4 + c);
+          for (int c = 0; c < kBN / 16; ++c) {
+            chunks |= (((km[mt] >> (8 * c)) & 0xffu) != 0u ? 1u : 0u) << (mt * 4 + c);
+          }
+        }
+        chunks = __reduce_or_sync(kFull, chunks);
+      } else {
+        bool live = false;  // some row of the thread kept a score (kept scores are finite)
+#pragma unroll
+        for (int r = 0; r < RT; ++r) {
+#pragma unroll
+          for (int x = 0; x < NA; ++x) live = live || tmax[r][x] != -INFINITY;
+        }
+        chunks = __any_sync(kFull, live) ? 1u : 0u;  // refined per chunk after the softmax
       }
-      chunks = __reduce_or_sync(kFull, chunks);
 
       if (chunks != 0) {  // else nothing of this warp survived in the tile: no softmax update, no P·V
         float mc[RT], alpha[RT];
@@ -300,6 +315,31 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
             }
           }
         }
+        // P as the A fragments of the P·V MMAs: packed here for all chunks when the chunks to skip are
+        // found from P (COUNT = false), else per chunk below (fewer live registers).
+        uint32_t pk[MT][kBN / 16][4];
+        auto pack = [&](int mt, int kk) {
+          pk[mt][kk][0] = Elem<T>::Pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+          pk[mt][kk][1] = Elem<T>::Pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+          pk[mt][kk][2] = Elem<T>::Pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+          pk[mt][kk][3] = Elem<T>::Pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        };
+        if constexpr (!COUNT) {
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int kk = 0; kk < kBN / 16; ++kk) pack(mt, kk);
+          }
+          uint32_t nz = 0;
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int kk = 0; kk < kBN / 16; ++kk) {
+              nz |= ((pk[mt][kk][0] | pk[mt][kk][1] | pk[mt][kk][2] | pk[mt][kk][3]) != 0u ? 1u : 0u) << (mt * 4 + kk);
+            }
+          }
+          chunks = __reduce_or_sync(kFull, nz);
+        }
 #pragma unroll
         for (int kk = 0; kk < kBN / 16; ++kk) {
           bool need[MT];
@@ -310,13 +350,9 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
             any = any || need[mt];
           }
           if (!any) continue;
-          uint32_t pa[MT][4];
+          if constexpr (COUNT) {
 #pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            pa[mt][0] = Elem<T>::Pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-            pa[mt][1] = Elem<T>::Pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-            pa[mt][2] = Elem<T>::Pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-            pa[mt][3] = Elem<T>::Pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            for (int mt = 0; mt < MT; ++mt) pack(mt, kk);
           }
           const uint32_t vrow = vb + kk * 16 * kRowBytes;
 #pragma unroll
@@ -326,8 +362,8 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
               if (!need[mt]) continue;
-              Mma16816<T>(o[mt][2 * np], pa[mt], bf);
-              Mma16816<T>(o[mt][2 * np + 1], pa[mt], bf + 2);
+              Mma16816<T>(o[mt][2 * np], pk[mt][kk], bf);
+              Mma16816<T>(o[mt][2 * np + 1], pk[mt][kk], bf + 2);
             }
           }
         }
@@ -346,10 +382,12 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
     for (int x = 1; x < NA; ++x) lsum[r] += l[r][x];
     lsum[r] += __shfl_xor_sync(kFull, lsum[r], 1);
     lsum[r] += __shfl_xor_sync(kFull, lsum[r], 2);
-    nk[r] += __shfl_xor_sync(kFull, nk[r], 1);
-    nk[r] += __shfl_xor_sync(kFull, nk[r], 2);
-    nv[r] += __shfl_xor_sync(kFull, nv[r], 1);
-    nv[r] += __shfl_xor_sync(kFull, nv[r], 2);
+    if (COUNT) {
+      nk[r] += __shfl_xor_sync(kFull, nk[r], 1);
+      nk[r] += __shfl_xor_sync(kFull, nk[r], 2);
+      nv[r] += __shfl_xor_sync(kFull, nv[r], 1);
+      nv[r] += __shfl_xor_sync(kFull, nv[r], 2);
+    }
   }
 #pragma unroll
   for (int r = 0; r < RT; ++r) {
@@ -385,24 +423,26 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
   }
 }
 
-template <typename T, int D, bool MASK, int MT, int WARPS>
+template <typename T, int D, bool MASK, int MT, int WARPS, bool COUNT>
 cudaError_t Run(const KernelArgs& a, cudaStream_t stream) {
   constexpr int smem = SmemBytes<D, MT, WARPS>();
   constexpr int bm = RowsPerBlock<MT, WARPS>();
   static_assert(smem <= 227 * 1024, "shared memory");
-  cudaError_t e = AllowSmem<PrefillKernel<T, D, MASK, MT, WARPS>>(smem);
+  cudaError_t e = AllowSmem<PrefillKernel<T, D, MASK, MT, WARPS, COUNT>>(smem);
   if (e != cudaSuccess) return e;
   const int64_t ntq = (a.Sq + bm - 1) / bm;
   dim3 grid(static_cast<unsigned>(a.Hq), static_cast<unsigned>(ntq), static_cast<unsigned>(a.B));
-  PrefillKernel<T, D, MASK, MT, WARPS><<<grid, WARPS * 32, smem, stream>>>(a);
+  PrefillKernel<T, D, MASK, MT, WARPS, COUNT><<<grid, WARPS * 32, smem, stream>>>(a);
   return cudaGetLastError();
 }
 
-template <typename T, int MT, int WARPS>
+template <typename T, int MT, int WARPS, bool COUNT>
 cudaError_t RunV(const KernelArgs& a, cudaStream_t stream) {
   const bool mask = a.mask_kind != 0;
-  if (a.D == 64) return mask ? Run<T, 64, true, MT, WARPS>(a, stream) : Run<T, 64, false, MT, WARPS>(a, stream);
-  return mask ? Run<T, 128, true, MT, WARPS>(a, stream) : Run<T, 128, false, MT, WARPS>(a, stream);
+  if (a.D == 64) {
+    return mask ? Run<T, 64, true, MT, WARPS, COUNT>(a, stream) : Run<T, 64, false, MT, WARPS, COUNT>(a, stream);
+  }
+  return mask ? Run<T, 128, true, MT, WARPS, COUNT>(a, stream) : Run<T, 128, false, MT, WARPS, COUNT>(a, stream);
 }
 
 // Variants (KernelArgs::prefill_variant): 0 = 8 warps x 16 rows, 1 = 4 warps x 16 rows,
@@ -412,10 +452,12 @@ cudaError_t RunT(const KernelArgs& a, cudaStream_t stream) {
   // Default (-1): 4 warps x 32 rows, the fastest measured on H100 (also with a mask, though that
   // instantiation spills a few registers).
   const int v = a.prefill_variant >= 0 ? a.prefill_variant : 2;
+  // Kept counts are needed for the `kept` output and for the compensation's pruned count.
+  const bool count = a.kept != nullptr || a.comp_mode >= 1 || a.mean_pass != 0;
   switch (v) {
-    case 1: return RunV<T, 1, 4>(a, stream);
-    case 2: return RunV<T, 2, 4>(a, stream);
-    default: return RunV<T, 1, 8>(a, stream);
+    case 1: return RunV<T, 1, 4, true>(a, stream);
+    case 2: return count ? RunV<T, 2, 4, true>(a, stream) : RunV<T, 2, 4, false>(a, stream);
+    default: return RunV<T, 1, 8, true>(a, stream);
   }
 }
 
