@@ -133,7 +133,11 @@ def pipeline_cmd(
                               dense_layers=dense_layers, comp_mode=comp_mode, eval_data=eval_data,
                               eval_windows=eval_windows, do_validate=not no_validate, device=device,
                               progress=bars)
-    out_console.print(summary_table(report))
+    if no_validate:
+        out_console.print(f"validation skipped (--no-validate): run 'topθ-export validate {out}' for the summary",
+                          soft_wrap=True)
+    else:
+        out_console.print(summary_table(report))
     out_console.print(f"wrote {out}/ ({', '.join(report['files'])})", soft_wrap=True)
 
 

@@ -8,6 +8,7 @@ The public API mirrors the command line::
     tt.export(loaded, th, "out/")            # dense export + rewrite, writes out/model.onnx
     sess = tt.session("out/model.onnx")      # onnxruntime session with the custom op registered
     report = tt.validate("out/", data="builtin:pydoc")
+    acc = tt.evaluate("out/", output="eval/", sweep=[32, 128])  # dense / top-k / Top-θ through onnxruntime
 
 Heavy modules (torch, transformers) are imported on first use.
 """
@@ -31,6 +32,7 @@ _LAZY = {
     "export": ".pipeline",
     "run_pipeline": ".pipeline",
     "validate": ".validate",
+    "evaluate": ".evaluate",
     "session": ".runtime",
     "library_path": ".runtime",
     "toptheta_attention": ".reference",

@@ -621,8 +621,8 @@ def plot(report: dict, path: Path) -> None:
             ax.set_ylabel(ml)
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{report['model']}: Top-θ vs top-k vs dense through onnxruntime "
-                 f"(seq {report['seq_len']}, {report['in_domain']['data']})", fontsize=9)
+    fig.suptitle(f"{report['model']}: Top-θ vs top-k vs dense through onnxruntime\n"
+                 f"seq {report['seq_len']}, in-domain {report['in_domain']['data']}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
