@@ -249,6 +249,13 @@ def test_evaluate_report_is_consistent(tiny_lm_out, tmp_path):
     tt = by["toptheta@8/comp0"]["in_domain"]["attention"]
     assert 1.0 < tt["reduction"] and tt["per_layer_kept_fraction"][0] == 1.0
     assert tt["decode"]["v_rows_reduction"] > 1.0
+    assert tt["decode"]["v_rows_read_per_token"] == tt["decode"]["v_rows_kept_per_token"]
+    # V-mean compensation reads every valid V row for the mean: no V-row saving, whatever P·V keeps
+    vmc = by["toptheta@8/comp2"]["in_domain"]["attention"]["decode"]
+    assert vmc["v_rows_kept_per_token"] < vmc["v_rows_dense_per_token"]
+    assert vmc["v_rows_read_per_token"] == vmc["v_rows_dense_per_token"] and vmc["v_rows_read_reduction"] == 1.0
+    crit = {c["variant"]: c for c in rep["criterion"]["variants"]}
+    assert crit["toptheta@8/comp2"]["v_rows_read_reduction"] == 1.0 and not crit["toptheta@8/comp2"]["meets"]
     assert "kept_drift" in by["toptheta@8/comp0"]
     assert by["toptheta@4/comp0"]["in_domain"]["attention"]["kept_fraction"] < tt["kept_fraction"]
     # decode V rows measured on prefill rows = a real decode through the KV cache

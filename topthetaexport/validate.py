@@ -250,7 +250,8 @@ def validate(out_dir: str | os.PathLike | None = None, *, model=None, onnx_path=
                                                         ppl["dense"], device, threads)
     if loaded.is_lm and om.has_cache and decode_steps > 0:
         step("decode with the KV cache", 0.85)
-        report["decode"] = _decode_check(om, tokens[0].numpy()[None, :], decode_steps, th.dense_layers)
+        report["decode"] = v_rows_read(_decode_check(om, tokens[0].numpy()[None, :], decode_steps,
+                                                     th.dense_layers), vmc=comp_mode == 2, per="step")
     step("done", 1.0)
     return report
 
@@ -288,6 +289,21 @@ def _model_output(model, ids, is_lm: bool) -> np.ndarray:
     out = model(input_ids=ids, attention_mask=ids.new_ones(ids.shape))
     t = out.logits if is_lm else out.last_hidden_state
     return t.float().numpy()
+
+
+def v_rows_read(dec: dict[str, Any], *, vmc: bool, per: str) -> dict[str, Any]:
+    """Add the V rows a decode step actually reads to a decode summary (``per``: "step" or "token").
+
+    Top-θ's P·V reads the kept rows only, but V-mean compensation (comp_mode 2) forms the mean of every valid
+    V row of the row (docs/op.md), so with it a step reads all of them: no V-row saving.
+    """
+    dense, kept = dec[f"v_rows_dense_per_{per}"], dec[f"v_rows_kept_per_{per}"]
+    read = dense if vmc else kept
+    dec[f"v_rows_read_per_{per}"] = read
+    dec["v_rows_read_reduction"] = dense / max(read, 1e-12)
+    if vmc:
+        dec["note"] = "comp_mode 2 (V-mean compensation) reads every valid V row for the mean"
+    return dec
 
 
 def _decode_check(om: OnnxModel, ids: np.ndarray, steps: int, dense_layers: list[int]) -> dict[str, Any]:
