@@ -204,6 +204,29 @@ def test_task_file_errors(tmp_path):
     assert load_task(tmp_path / "ok.jsonl")[0]["label"] == 1
 
 
+def test_criterion_in_domain_and_strict():
+    """The accuracy bar: in-domain perplexity and tasks decide `meets`; the cross-domain task only the strict
+    flag; V rows are those read (a comp 2 variant reads all and never meets it)."""
+    from topthetaexport.evaluate import _criterion
+
+    def variant(name, ppl, d_in, d_cross, read_red, kind="toptheta"):
+        return {"name": name, "kind": kind,
+                "in_domain": {"perplexity": 10.0, "perplexity_relative_change": ppl,
+                              "attention": {"decode": {"v_rows_reduction": 5.0, "v_rows_read_reduction": read_red}}},
+                "tasks": {"cloze:in_domain": {"acc_delta_points": 0.0, "acc_norm_delta_points": d_in},
+                          "cloze:cross_domain": {"acc_delta_points": 0.0, "acc_norm_delta_points": d_cross}}}
+
+    crit = _criterion([variant("dense", 0.0, 0.0, 0.0, 1.0, kind="dense"),
+                       variant("a", 0.002, 0.4, -1.1, 3.2),   # in-domain ok, cross-domain 1.1 points down
+                       variant("b", 0.011, 0.8, 0.0, 5.0),    # perplexity +1.1 %
+                       variant("c", 0.008, 0.0, 0.0, 1.0),    # comp 2: reads every V row
+                       variant("d", 0.001, -0.5, -0.9, 3.0)])
+    by = {c["variant"]: c for c in crit["variants"]}
+    assert set(by) == {"a", "b", "c", "d"}
+    assert crit["met_by"] == ["a", "d"] and crit["met_incl_cross_domain_by"] == ["d"]
+    assert by["a"]["worst_in_domain_task_delta_points"] == 0.4 and by["a"]["worst_task_delta_points"] == -1.1
+
+
 def test_builtin_licenses_text():
     from topthetaexport.data import LICENSES_DIR, load_texts
 

@@ -499,22 +499,31 @@ def _assemble(loaded, th, out_dir, domains, seq_len, held_out, task_sets, result
 
 def _criterion(results: list[dict]) -> dict[str, Any]:
     """The issue's bar: Top-θ within 1% relative perplexity and 1 point task accuracy of dense at >= 3x
-    fewer V rows (decoders; in-domain perplexity, every task's acc_norm)."""
+    fewer V rows read per decoded token (decoders). ``meets``: on the held-out in-domain text and its tasks
+    (the in-domain cloze and any --tasks jsonl); ``meets_incl_cross_domain``: also the cross-domain cloze
+    (thresholds calibrated on another text: the cross-domain check, stricter than the bar)."""
     rows = []
     for r in results:
         if r["kind"] != "toptheta" or "perplexity" not in r.get("in_domain", {}):
             continue
         dec = r["in_domain"]["attention"].get("decode", {})
         ppl = r["in_domain"]["perplexity_relative_change"]
-        worst = min((t.get("acc_norm_delta_points", t["acc_delta_points"]) for t in r["tasks"].values()),
-                    default=0.0)
+        delta = {name: t.get("acc_norm_delta_points", t["acc_delta_points"]) for name, t in r["tasks"].items()}
+        worst_in = min((d for n, d in delta.items() if not n.endswith(":cross_domain")), default=0.0)
+        worst = min(delta.values(), default=0.0)
         vr = dec.get("v_rows_read_reduction", dec.get("v_rows_reduction"))
-        ok = ppl <= 0.01 and worst >= -1.0 and (vr or 0) >= 3.0
-        rows.append({"variant": r["name"], "ppl_relative_change": float(ppl), "worst_task_delta_points": float(worst),
-                     "v_rows_read_reduction": None if vr is None else float(vr), "meets": bool(ok)})
-    return {"rule": "ppl +<=1% and task acc_norm >= -1 point vs dense at >= 3x fewer V rows read per decoded "
-                    "token (comp_mode 2 reads them all for the V mean)",
-            "variants": rows, "met_by": [r["variant"] for r in rows if r["meets"]]}
+        base = ppl <= 0.01 and (vr or 0) >= 3.0
+        rows.append({"variant": r["name"], "ppl_relative_change": float(ppl),
+                     "worst_in_domain_task_delta_points": float(worst_in),
+                     "worst_task_delta_points": float(worst),
+                     "v_rows_read_reduction": None if vr is None else float(vr),
+                     "meets": bool(base and worst_in >= -1.0),
+                     "meets_incl_cross_domain": bool(base and worst >= -1.0)})
+    return {"rule": "in-domain ppl +<=1% and in-domain task acc_norm >= -1 point vs dense at >= 3x fewer V rows "
+                    "read per decoded token (comp_mode 2 reads them all for the V mean); "
+                    "meets_incl_cross_domain: every task, cross-domain included",
+            "variants": rows, "met_by": [r["variant"] for r in rows if r["meets"]],
+            "met_incl_cross_domain_by": [r["variant"] for r in rows if r["meets_incl_cross_domain"]]}
 
 
 def _table_rows(report: dict) -> list[dict[str, Any]]:
