@@ -85,15 +85,20 @@ def _file_texts(path: Path) -> list[str]:
     return _jsonl_texts(path, text)
 
 
-def _jsonl_texts(path: Path, text: str) -> list[str]:
-    out = []
+def jsonl_objects(text: str, where: str):
+    """(line number, parsed object) for every non-blank line of a jsonl text; ``where`` names the file in errors."""
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as e:
-            raise TopThetaError(f"{path} line {n} is not valid JSON ({e.msg}): fix or remove it") from None
+            raise TopThetaError(f"{where} line {n} is not valid JSON ({e.msg}): fix or remove it") from None
+
+
+def _jsonl_texts(path: Path, text: str) -> list[str]:
+    out = []
+    for n, obj in jsonl_objects(text, str(path)):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise TopThetaError(f"{path} line {n} has no string field \"text\": give every line a \"text\"")
         out.append(obj["text"])

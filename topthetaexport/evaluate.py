@@ -30,8 +30,6 @@ import io
 import math
 import os
 import platform
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -647,17 +645,10 @@ def plot(report: dict, path: Path) -> None:
 
 def _write_outputs(output: Path, report: dict, task_sets) -> None:
     """Everything into a staging folder, renamed onto ``output`` at the end (never half-written)."""
+    from .pipeline import staged_output_dir
     from .tasks import write_task
 
-    if output.exists():
-        if not output.is_dir():
-            raise TopThetaError(f"output {output} exists and is not a folder: choose another -o")
-        names = {p.name for p in output.iterdir()}
-        if names and not names <= EVAL_FILES:
-            raise TopThetaError(f"output folder {output} is not empty and not an eval output: choose another -o")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
-    try:
+    with staged_output_dir(output, EVAL_FILES, "an eval output") as stage:
         for name, kind, payload, _src, _dom in task_sets:
             if kind == "window_cloze":
                 fname = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) + ".jsonl"
@@ -669,12 +660,3 @@ def _write_outputs(output: Path, report: dict, task_sets) -> None:
         (stage / "sweep.md").write_text(markdown_table(report))
         (stage / "sweep.csv").write_text(_csv(report))
         plot(report, stage / "accuracy.png")
-        old = None
-        if output.exists():
-            old = output.parent / f".{output.name}.old-{os.getpid()}"
-            os.replace(output, old)
-        os.replace(stage, output)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)

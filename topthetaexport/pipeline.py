@@ -41,20 +41,19 @@ def library_info() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def staged_output_dir(out: str | os.PathLike) -> Any:
+def staged_output_dir(out: str | os.PathLike, own_files=OUR_FILES, what: str = "a toptheta-export output") -> Any:
     """Yield a staging folder; on success it replaces ``out`` as a whole, on failure it is removed.
 
-    ``out`` may be missing, empty, or a previous toptheta-export output; anything else is refused so
-    that a mistyped ``-o`` never deletes a user's files.
+    ``out`` may be missing, empty, or a previous output of the same kind (only ``own_files`` in it);
+    anything else is refused so that a mistyped ``-o`` never deletes a user's files.
     """
     out = Path(out)
     if out.exists():
         if not out.is_dir():
             raise TopThetaError(f"output {out} exists and is not a folder: choose another -o")
         names = {p.name for p in out.iterdir()}
-        if names and not names <= OUR_FILES:
-            raise TopThetaError(
-                f"output folder {out} is not empty and not a toptheta-export output: choose another -o")
+        if names and not names <= own_files:
+            raise TopThetaError(f"output folder {out} is not empty and not {what}: choose another -o")
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ._errors import TopThetaError
+from .data import jsonl_objects
 
 __all__ = ["load_task", "build_window_cloze", "write_task"]
 
@@ -43,15 +44,7 @@ def load_task(path) -> list[dict[str, Any]]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise TopThetaError(f"task file {path} is not UTF-8 text (byte {e.start}): convert it to UTF-8") from None
-    items = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TopThetaError(f"task file {path} line {n} is not valid JSON ({e.msg}): fix or remove it") from None
-        items.append(_check_item(obj, f"task file {path} line {n}"))
+    items = [_check_item(obj, f"task file {path} line {n}") for n, obj in jsonl_objects(text, f"task file {path}")]
     if not items:
         raise TopThetaError(f"task file {path} holds no items: add lines of "
                             '{"ctx": ..., "endings": [...], "label": i}')
