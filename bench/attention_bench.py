@@ -412,6 +412,9 @@ def local_qk(B, S, g):
     return one(HQ), one(HKV)
 
 
+VARIANTS = {0: "mma.sync 8x16 rows", 1: "mma.sync 4x16 rows", 2: "mma.sync 4x32 rows", 3: "wgmma (sm_90a)"}
+
+
 def causal_flops(B, S):
     return 4 * B * HQ * D * S * (S + 1) / 2
 
@@ -492,8 +495,16 @@ def bench_prefill(kern: Kernels, ort: Ort | None, B: int, S: int, structured: bo
         torch.cuda.synchronize()
         frac = float(kept.float().sum()) / (B * HQ * S * (S + 1) / 2)
         name = f"keep 1/{round(1 / keep)} per head" if keep else "θ=3.5 (local band)"
-        row(f"Top-θ kernel, {name}", time_graph(top(th), 1, inner, reps), frac,
-            f"PV chunks skipped (est.) {skip_estimate(q, k, th):.1%}")
+        t = time_graph(top(th), 1, inner, reps)
+        row(f"Top-θ kernel, {name}", t, frac,
+            f"{VARIANTS.get(kern.last_variant, '?')}; PV chunks skipped (est.) {skip_estimate(q, k, th):.1%}")
+        if kern.last_variant == 3 and (keep is None or keep == keeps[0]):  # side by side: the mma.sync kernel
+            os.environ["TOPTHETA_PREFILL_VARIANT"] = "2"
+            try:
+                row(f"Top-θ kernel, {name}, mma.sync kernel", time_graph(top(th), 1, inner, reps), frac,
+                    VARIANTS.get(kern.last_variant, "?"))
+            finally:
+                del os.environ["TOPTHETA_PREFILL_VARIANT"]
         if keep is None or keep == keeps[0]:
             row(f"Top-θ kernel, {name}, with kept output", time_graph(top(th, with_kept=True), 1, inner, reps), frac)
     if not structured:  # with a [B, S] key-padding mask (5 padded keys per row of the batch)

@@ -77,11 +77,11 @@ if has bench; then
 fi
 if has profile; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-  timeout 300 "$NCU" --target-processes all -k "regex:PrefillKernel|flash_fwd|DecodeKernel|CombineKernel" \
+  timeout 300 "$NCU" --target-processes all -k "regex:Prefill|flash_fwd|DecodeKernel|CombineKernel" \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis -c 10 \
     python3 bench/profile_kernels.py "$LIB" > "$OUT/ncu.txt" 2>&1
-  grep -E "PrefillKernel|flash_fwd|DecodeKernel|CombineKernel|Duration|Achieved Occupancy|Block Limit|Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|No Eligible|Theoretical Occupancy|Registers Per|Stall|Waves Per SM" \
+  grep -E "Prefill|flash_fwd|DecodeKernel|CombineKernel|Duration|Achieved Occupancy|Block Limit|Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|No Eligible|Theoretical Occupancy|Registers Per|Stall|Waves Per SM" \
     "$OUT/ncu.txt" | cut -c1-150 | head -150
 fi
 if has realqkv; then  # prefill on real SmolLM2 q/k/v and calibrated θ (bench/capture_real_qkv.py, carried in .gpubuild)

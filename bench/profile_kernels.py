@@ -4,7 +4,8 @@ PROFILE_WHAT=all (default): prefill B=1, S=8192 (torch SDPA flash, then the thre
 and decode B=8, L=32768 (SDPA, then ours with thresholds reading ~1/3 of the V rows). PROFILE_WHAT=prefill:
 the default prefill variant only; PROFILE_WHAT=decode: our decode at B=1, L=16384 only; PROFILE_WHAT=gqa:
 onnxruntime's GroupQueryAttention decode at B=1, L=32768 (to read its DRAM bytes with ncu); PROFILE_WHAT=b1:
-decode at B=1, L=16384 and 32768, one call each of SDPA, ours (V rows 1/3) and onnxruntime's GQA.
+decode at B=1, L=16384 and 32768, one call each of SDPA, ours (V rows 1/3) and onnxruntime's GQA;
+PROFILE_WHAT=sm90: prefill B=1, S=8192 without the kept output: SDPA, the default kernel, variant 2.
 """
 
 import math
@@ -74,8 +75,14 @@ q = torch.randn(B, HQ, S, D, device="cuda", generator=g, dtype=DT)
 k = torch.randn(B, HKV, S, D, device="cuda", generator=g, dtype=DT)
 v = torch.randn(B, HKV, S, D, device="cuda", generator=g, dtype=DT)
 th = torch.full((HQ, 1), float("-inf"), device="cuda")
-if what == "all":
+if what in ("all", "sm90"):
     torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+if what == "sm90":  # the rewrite's call (no kept output): Hopper kernel, then the mma.sync kernel
+    for var in ("-1", "2"):
+        os.environ["TOPTHETA_PREFILL_VARIANT"] = var
+        kern.attention(q, k, v, th, causal=True, want_kept=False)
+    torch.cuda.synchronize()
+    sys.exit(0)
 for var in ("0", "1", "2") if what == "all" else ("-1",) if what == "prefill" else ():
     os.environ["TOPTHETA_PREFILL_VARIANT"] = var
     kern.attention(q, k, v, th, causal=True)

@@ -27,6 +27,7 @@ class _Args(ctypes.Structure):
         ("kept", ctypes.c_void_p),
         ("path_out", ctypes.c_int32),
         ("splits_out", ctypes.c_int32),
+        ("variant_out", ctypes.c_int32),
     ]
 
 
@@ -42,6 +43,7 @@ class Kernels:
             fn.restype = ctypes.c_int
         self.last_path = None
         self.last_splits = None
+        self.last_variant = None  # prefill kernel: 0-2 mma.sync kernels, 3 the Hopper (wgmma) kernel
 
     def attention(self, q, k, v, thresholds, *, scale=None, causal=False, attn_mask=None, sdc=None,
                   comp_mode=0, out=None, kept=None, stream=None, want_kept=True):
@@ -73,7 +75,7 @@ class Kernels:
         s = stream if stream is not None else torch.cuda.current_stream(q.device).cuda_stream
         if self.lib.toptheta_cuda_attention(ctypes.byref(a), ctypes.c_void_p(s), err, 256) != 0:
             raise RuntimeError(err.value.decode())
-        self.last_path, self.last_splits = PATHS[a.path_out], a.splits_out
+        self.last_path, self.last_splits, self.last_variant = PATHS[a.path_out], a.splits_out, a.variant_out
         self._keep = (th, rho, mask)  # alive until the next call (the launch is asynchronous)
         return out, kept
 

@@ -215,6 +215,72 @@ def test_prefill_without_kept_output(kernels, env, cfg, variant):
     assert rel_err(out, ref_out) <= REL_TOL
 
 
+# The Hopper (wgmma) prefill kernel: calls without mask, `kept` output or compensation, on sm_90.
+HOPPER = [
+    dict(dtype="f16", B=2, Hq=8, Hkv=2, Sq=300, Ktot=300, D=128, causal=True),
+    dict(dtype="bf16", B=1, Hq=4, Hkv=4, Sq=200, Ktot=333, D=64, causal=True, R=120),
+    dict(dtype="f16", B=1, Hq=4, Hkv=1, Sq=129, Ktot=129, D=64, causal=False, keep=0.05),
+    dict(dtype="bf16", B=2, Hq=6, Hkv=3, Sq=77, Ktot=1000, D=128, causal=True),
+    dict(dtype="f16", B=1, Hq=8, Hkv=2, Sq=1029, Ktot=1029, D=128, causal=True, keep=1 / 3, dense_frac=0.0),
+    dict(dtype="bf16", B=1, Hq=2, Hkv=1, Sq=256, Ktot=640, D=128, causal=False, keep=0.5),
+    dict(dtype="f16", B=3, Hq=8, Hkv=1, Sq=5, Ktot=700, D=64, causal=True),
+]
+
+
+def _hopper(kernels):
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma prefill kernel runs on sm_90 (Hopper) only")
+
+
+@pytest.mark.parametrize("cfg", HOPPER, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_prefill_hopper_kernel_matches_reference(kernels, env, cfg):
+    """Default on an H100 for the rewrite's call: matches the reference and the mma.sync kernel."""
+    _hopper(kernels)
+    case = make_case(**cfg, seed=21)
+    out = torch.full((*case["q"].shape[:3], case["v"].shape[3]), float("nan"), device="cuda", dtype=case["q"].dtype)
+    kernels.attention(case["q"], case["k"], case["v"], case["thresholds"], causal=case["causal"], out=out,
+                      want_kept=False)
+    torch.cuda.synchronize()
+    assert (kernels.last_path, kernels.last_variant) == ("prefill", 3)
+    assert torch.isfinite(out.float()).all(), "unwritten or non-finite output"
+    ref_out, _ = ref_of(case)
+    assert rel_err(out, ref_out) <= REL_TOL
+    env("TOPTHETA_PREFILL_VARIANT", "2")
+    other = torch.full_like(out, float("nan"))
+    kernels.attention(case["q"], case["k"], case["v"], case["thresholds"], causal=case["causal"], out=other,
+                      want_kept=False)
+    torch.cuda.synchronize()
+    assert kernels.last_variant == 2
+    assert rel_err(out, other) <= 2e-3
+
+
+def test_prefill_hopper_dense_and_all_pruned(kernels):
+    """θ = -inf: dense causal attention (SDPA); θ above every score: zeros (comp_mode 0)."""
+    _hopper(kernels)
+    case = make_case(dtype="bf16", B=2, Hq=8, Hkv=2, Sq=777, Ktot=777, D=128, dense_frac=1.0, seed=22)
+    q, k, v = case["q"], case["k"], case["v"]
+    out, _ = kernels.attention(q, k, v, case["thresholds"], causal=True, want_kept=False)
+    torch.cuda.synchronize()
+    assert kernels.last_variant == 3
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert rel_err(out, sdpa) <= REL_TOL
+    out, _ = kernels.attention(q, k, v, torch.full_like(case["thresholds"], 1e4), causal=True, want_kept=False)
+    torch.cuda.synchronize()
+    assert float(out.float().abs().max()) == 0.0
+
+
+def test_prefill_hopper_not_used_where_it_does_not_apply(kernels, env):
+    """A `kept` output, a mask or compensation need the mma.sync kernel, also when variant 3 is asked for."""
+    _hopper(kernels)
+    env("TOPTHETA_PREFILL_VARIANT", "3")
+    case = make_case(dtype="f16", B=1, Hq=4, Hkv=2, Sq=200, Ktot=200, D=128, mask="pad", comp_mode=1, seed=23)
+    check(kernels, case, "prefill")
+    assert kernels.last_variant == -1
+    case = make_case(dtype="f16", B=1, Hq=4, Hkv=2, Sq=200, Ktot=200, D=128, seed=24)
+    check(kernels, case, "prefill")  # kept output requested
+    assert kernels.last_variant == -1
+
+
 DECODE = [
     dict(dtype="f16", B=2, Hq=32, Hkv=8, Sq=1, Ktot=5000, D=128, causal=True, keep=1 / 3),
     dict(dtype="bf16", B=3, Hq=8, Hkv=2, Sq=3, Ktot=2049, D=64, causal=True, mask="pad", comp_mode=2),

@@ -25,6 +25,7 @@ struct TopThetaCudaArgs {
   int32_t* kept;
   int32_t path_out;    // set: 0 generic, 1 prefill, 2 decode
   int32_t splits_out;  // set: decode splits
+  int32_t variant_out; // set: prefill kernel variant (0-2 mma.sync kernels, 3 Hopper wgmma kernel)
 };
 
 // Enqueues one call on `stream` (cudaStream_t; null = default stream). Returns 0, or -1 with a message
@@ -68,6 +69,7 @@ __attribute__((visibility("default"))) int toptheta_cuda_attention(TopThetaCudaA
   const cuda::Plan plan = cuda::MakePlan(p, device);
   a->path_out = static_cast<int32_t>(plan.path);
   a->splits_out = plan.splits;
+  a->variant_out = plan.path == cuda::Path::kPrefill ? plan.prefill_variant : -1;
   auto fail = [&](const char* what, cudaError_t e) {
     if (err && err_len > 0) std::snprintf(err, err_len, "%s: %s", what, cudaGetErrorString(e));
     return -1;

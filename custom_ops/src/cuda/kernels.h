@@ -22,8 +22,9 @@ enum class Path : int {
 struct Plan {
   Path path = Path::kGeneric;
   int splits = 1;          // decode: key splits per (batch, kv head)
-  int prefill_variant = -1; // prefill: 0 = 8 warps x 16 rows, 1 = 4 x 16, 2 = 4 x 32, -1 = by mask kind
-                            // (TOPTHETA_PREFILL_VARIANT overrides)
+  int prefill_variant = -1; // prefill: 0 = 8 warps x 16 rows, 1 = 4 x 16, 2 = 4 x 32 (mma.sync kernels),
+                            // 3 = Hopper wgmma kernel where it applies, -1 = default (3 on sm_90 where it
+                            // applies, else 2); TOPTHETA_PREFILL_VARIANT overrides
   size_t workspace = 0;    // device scratch bytes Launch needs
 };
 
@@ -54,7 +55,7 @@ struct KernelArgs {
 };
 
 // Chooses the kernel family and scratch size for p on `device` (TOPTHETA_CUDA_PATH=generic,
-// TOPTHETA_DECODE_SPLITS=N and TOPTHETA_PREFILL_VARIANT=0|1|2 override, for tests and benchmarks).
+// TOPTHETA_DECODE_SPLITS=N and TOPTHETA_PREFILL_VARIANT=0|1|2|3 override, for tests and benchmarks).
 Plan MakePlan(const AttnParams& p, int device);
 
 // Enqueues the kernels of one call on `stream` (no host synchronisation). `workspace` must hold
@@ -64,6 +65,10 @@ cudaError_t Launch(const AttnParams& p, const Plan& plan, void* workspace, cudaS
 // Kernel launchers (one .cu file each).
 cudaError_t LaunchGeneric(const KernelArgs& a, cudaStream_t stream);
 cudaError_t LaunchPrefill(const KernelArgs& a, cudaStream_t stream);
+// Hopper prefill (prefill_sm90.cu, variant 3): whether this build has it and `device` is sm_90, and its
+// launcher (MakePlan picks it for the calls it covers: see launch.cc).
+bool PrefillSm90Available(int device);
+cudaError_t LaunchPrefillSm90(const KernelArgs& a, cudaStream_t stream);
 cudaError_t LaunchDecode(const KernelArgs& a, cudaStream_t stream);
 cudaError_t LaunchDecodeCombine(const KernelArgs& a, cudaStream_t stream);
 // Decode blocks that fit on one SM at once (head dim 64 or 128).

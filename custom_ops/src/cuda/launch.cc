@@ -110,6 +110,13 @@ KernelArgs ArgsFrom(const AttnParams& p) {
   return a;
 }
 
+// Calls the Hopper prefill kernel covers: no mask, no `kept` output and no compensation (so neither kept
+// counts nor the V mean are needed: the rewrite's default), fp16/bf16, D = Dv in {64, 128}.
+bool Sm90Covers(const AttnParams& p) {
+  return p.mask == nullptr && p.kept == nullptr && (p.comp_mode == 0 || p.sdc == nullptr) && p.dtype != DType::kF32 &&
+         p.D == p.Dv && (p.D == 64 || p.D == 128);
+}
+
 }  // namespace
 
 Plan MakePlan(const AttnParams& p, int device) {
@@ -121,8 +128,11 @@ Plan MakePlan(const AttnParams& p, int device) {
   }
   if (plan.path == Path::kDecode) plan.splits = DecodeSplits(p, device);
   if (plan.path == Path::kPrefill) {
-    const int v = EnvInt("TOPTHETA_PREFILL_VARIANT", kDefaultPrefillVariant);
-    plan.prefill_variant = v >= -1 && v <= 2 ? v : kDefaultPrefillVariant;
+    int v = EnvInt("TOPTHETA_PREFILL_VARIANT", kDefaultPrefillVariant);
+    if (v < -1 || v > 3) v = kDefaultPrefillVariant;
+    // The Hopper kernel (3) by default where it applies; asked for where it does not, the default runs.
+    const bool sm90 = (v == -1 || v == 3) && Sm90Covers(p) && PrefillSm90Available(device);
+    plan.prefill_variant = sm90 ? 3 : (v == 3 ? kDefaultPrefillVariant : v);
   }
   plan.workspace = MakeLayout(p, plan).total;
   return plan;

@@ -69,9 +69,10 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
   extern __shared__ __align__(128) unsigned char smem[];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-  const int64_t h = blockIdx.x, b = blockIdx.z;
   // Row and key indices fit in int (a head's K alone would otherwise exceed any GPU's memory).
-  const int i0 = (static_cast<int>(gridDim.y) - 1 - static_cast<int>(blockIdx.y)) * kBM;  // longest first
+  const PrefillBlock blk = PrefillBlockOf(a, kBM);
+  const int64_t h = blk.h, b = blk.b;
+  const int i0 = blk.i0;
   const int64_t kvh = h / a.G;
   const bool mean = a.mean_pass != 0;
   const float inv_scale = 1.f / a.scale;
@@ -431,7 +432,7 @@ cudaError_t Run(const KernelArgs& a, cudaStream_t stream) {
   cudaError_t e = AllowSmem<PrefillKernel<T, D, MASK, MT, WARPS, COUNT>>(smem);
   if (e != cudaSuccess) return e;
   const int64_t ntq = (a.Sq + bm - 1) / bm;
-  dim3 grid(static_cast<unsigned>(a.Hq), static_cast<unsigned>(ntq), static_cast<unsigned>(a.B));
+  const dim3 grid(static_cast<unsigned>(a.B * a.Hq * ntq));
   PrefillKernel<T, D, MASK, MT, WARPS, COUNT><<<grid, WARPS * 32, smem, stream>>>(a);
   return cudaGetLastError();
 }
@@ -464,6 +465,7 @@ cudaError_t RunT(const KernelArgs& a, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t LaunchPrefill(const KernelArgs& a, cudaStream_t stream) {
+  if (a.prefill_variant == 3) return LaunchPrefillSm90(a, stream);  // Hopper (MakePlan checked it applies)
   return a.dtype == 2 ? RunT<__nv_bfloat16>(a, stream) : RunT<__half>(a, stream);
 }
 
