@@ -508,7 +508,8 @@ def bench_prefill(kern: Kernels, ort: Ort | None, B: int, S: int, structured: bo
         if keep is None or keep == keeps[0]:
             row(f"Top-θ kernel, {name}, with kept output", time_graph(top(th, with_kept=True), 1, inner, reps), frac)
     if not structured:  # with a [B, S] key-padding mask (5 padded keys per row of the batch)
-        row(f"Top-θ kernel, {name}, key-padding mask", time_graph(top(th, pad), 1, inner, reps), frac)
+        row(f"Top-θ kernel, {name}, key-padding mask", time_graph(top(th, pad), 1, inner, reps), frac,
+            VARIANTS.get(kern.last_variant, "?"))
     if ort is not None and ort.ok and not structured:
         gqa = ort.session(ort_gqa_model(past=False), custom=False)
         qs = q.transpose(1, 2).reshape(B, S, HQ * D).contiguous()

@@ -215,7 +215,8 @@ def test_prefill_without_kept_output(kernels, env, cfg, variant):
     assert rel_err(out, ref_out) <= REL_TOL
 
 
-# The Hopper (wgmma) prefill kernel: calls without mask, `kept` output or compensation, on sm_90.
+# The Hopper (wgmma) prefill kernel: calls without `kept` output or compensation, with no mask or a [B, Ktot]
+# key-padding mask (what a rewritten decoder passes), on sm_90.
 HOPPER = [
     dict(dtype="f16", B=2, Hq=8, Hkv=2, Sq=300, Ktot=300, D=128, causal=True),
     dict(dtype="bf16", B=1, Hq=4, Hkv=4, Sq=200, Ktot=333, D=64, causal=True, R=120),
@@ -224,6 +225,8 @@ HOPPER = [
     dict(dtype="f16", B=1, Hq=8, Hkv=2, Sq=1029, Ktot=1029, D=128, causal=True, keep=1 / 3, dense_frac=0.0),
     dict(dtype="bf16", B=1, Hq=2, Hkv=1, Sq=256, Ktot=640, D=128, causal=False, keep=0.5),
     dict(dtype="f16", B=3, Hq=8, Hkv=1, Sq=5, Ktot=700, D=64, causal=True),
+    dict(dtype="f16", B=3, Hq=8, Hkv=2, Sq=300, Ktot=300, D=128, causal=True, mask="pad"),
+    dict(dtype="bf16", B=2, Hq=4, Hkv=1, Sq=150, Ktot=700, D=64, causal=True, mask="pad", keep=0.1),
 ]
 
 
@@ -238,8 +241,8 @@ def test_prefill_hopper_kernel_matches_reference(kernels, env, cfg):
     _hopper(kernels)
     case = make_case(**cfg, seed=21)
     out = torch.full((*case["q"].shape[:3], case["v"].shape[3]), float("nan"), device="cuda", dtype=case["q"].dtype)
-    kernels.attention(case["q"], case["k"], case["v"], case["thresholds"], causal=case["causal"], out=out,
-                      want_kept=False)
+    kernels.attention(case["q"], case["k"], case["v"], case["thresholds"], causal=case["causal"],
+                      attn_mask=case["attn_mask"], out=out, want_kept=False)
     torch.cuda.synchronize()
     assert (kernels.last_path, kernels.last_variant) == ("prefill", 3)
     assert torch.isfinite(out.float()).all(), "unwritten or non-finite output"
@@ -247,8 +250,8 @@ def test_prefill_hopper_kernel_matches_reference(kernels, env, cfg):
     assert rel_err(out, ref_out) <= REL_TOL
     env("TOPTHETA_PREFILL_VARIANT", "2")
     other = torch.full_like(out, float("nan"))
-    kernels.attention(case["q"], case["k"], case["v"], case["thresholds"], causal=case["causal"], out=other,
-                      want_kept=False)
+    kernels.attention(case["q"], case["k"], case["v"], case["thresholds"], causal=case["causal"],
+                      attn_mask=case["attn_mask"], out=other, want_kept=False)
     torch.cuda.synchronize()
     assert kernels.last_variant == 2
     assert rel_err(out, other) <= 2e-3
@@ -270,7 +273,8 @@ def test_prefill_hopper_dense_and_all_pruned(kernels):
 
 
 def test_prefill_hopper_not_used_where_it_does_not_apply(kernels, env):
-    """A `kept` output, a mask or compensation need the mma.sync kernel, also when variant 3 is asked for."""
+    """A `kept` output, compensation or a mask other than key padding need the mma.sync kernel, also when
+    variant 3 is asked for."""
     _hopper(kernels)
     env("TOPTHETA_PREFILL_VARIANT", "3")
     case = make_case(dtype="f16", B=1, Hq=4, Hkv=2, Sq=200, Ktot=200, D=128, mask="pad", comp_mode=1, seed=23)
@@ -279,6 +283,12 @@ def test_prefill_hopper_not_used_where_it_does_not_apply(kernels, env):
     case = make_case(dtype="f16", B=1, Hq=4, Hkv=2, Sq=200, Ktot=200, D=128, seed=24)
     check(kernels, case, "prefill")  # kept output requested
     assert kernels.last_variant == -1
+    case = make_case(dtype="f16", B=1, Hq=4, Hkv=2, Sq=200, Ktot=200, D=128, mask="bool4", seed=25)
+    out, _ = kernels.attention(case["q"], case["k"], case["v"], case["thresholds"], causal=True,
+                               attn_mask=case["attn_mask"], want_kept=False)
+    torch.cuda.synchronize()
+    assert kernels.last_variant == -1
+    assert rel_err(out, ref_of(case)[0]) <= REL_TOL
 
 
 DECODE = [

@@ -220,7 +220,7 @@ __device__ __forceinline__ const uint8_t* KeyPaddingRow(const KernelArgs& a, int
 }
 
 // True (in every lane) when keys [k0, k0 + n) are all < Ktot and allowed by the key-padding row kp
-// (n <= 64; each lane reads at most two bytes).
+// (each lane reads n / 32 bytes).
 __device__ __forceinline__ bool KeysAllAllowed(const uint8_t* kp, int64_t k0, int n, int64_t ktot, int lane) {
   bool ok = true;
   for (int c = lane; c < n; c += 32) ok = ok && k0 + c < ktot && kp[k0 + c] != 0;

@@ -110,11 +110,13 @@ KernelArgs ArgsFrom(const AttnParams& p) {
   return a;
 }
 
-// Calls the Hopper prefill kernel covers: no mask, no `kept` output and no compensation (so neither kept
-// counts nor the V mean are needed: the rewrite's default), fp16/bf16, D = Dv in {64, 128}.
+// Calls the Hopper prefill kernel covers: no mask or a [B, Ktot] bool key-padding mask (what a rewritten
+// decoder passes), no `kept` output and no compensation (so neither kept counts nor the V mean are needed: the
+// rewrite's default), fp16/bf16, D = Dv in {64, 128}.
 bool Sm90Covers(const AttnParams& p) {
-  return p.mask == nullptr && p.kept == nullptr && (p.comp_mode == 0 || p.sdc == nullptr) && p.dtype != DType::kF32 &&
-         p.D == p.Dv && (p.D == 64 || p.D == 128);
+  const bool key_padding = p.mask_kind == MaskKind::kBool && p.mask_sh == 0 && p.mask_sq == 0;
+  return (p.mask == nullptr || key_padding) && p.kept == nullptr && (p.comp_mode == 0 || p.sdc == nullptr) &&
+         p.dtype != DType::kF32 && p.D == p.Dv && (p.D == 64 || p.D == 128);
 }
 
 }  // namespace

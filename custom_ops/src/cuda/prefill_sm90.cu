@@ -11,8 +11,8 @@
 //   zero (every score pruned, or underflowed) are not multiplied: the warpgroup agrees on them through a
 //   named barrier. The two warpgroups issue their MMAs by turns (ping-pong), so that one warpgroup's softmax
 //   runs while the other's MMAs do. Tiles wholly above the causal diagonal are not visited.
-// It covers the rewrite's default call (no mask, no `kept` output, comp_mode 0: COUNT = false of prefill.cu);
-// every other call runs prefill.cu's kernel. ptxas must not serialise the wgmma pipeline (its C7514/C7515/
+// It covers the rewrite's default call (no mask or a [B, Ktot] bool key-padding mask, no `kept` output, comp_mode
+// 0: COUNT = false of prefill.cu); every other call runs prefill.cu's kernel. ptxas must not serialise the wgmma pipeline (its C7514/C7515/
 // C7520 notes): branches around MMAs are on warp-uniform values, and no other instruction writes an
 // accumulator while a group is in flight. Semantics: docs/op.md; design notes: docs/cuda-notes.md.
 #include <type_traits>
@@ -96,7 +96,7 @@ __device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
 }
 #endif
 
-template <typename T, int D>
+template <typename T, int D, bool MASK>
 __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArgs a) {
 #ifdef TOPTHETA_SM90A_DEVICE
   constexpr bool BF16 = std::is_same<T, __nv_bfloat16>::value;
@@ -140,6 +140,20 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
   const T* Vg = static_cast<const T*>(a.v) + (b * a.Hkv + kvh) * a.Ktot * D;
   const int Sq = static_cast<int>(a.Sq), Ktot = static_cast<int>(a.Ktot);
   const int off = Ktot - Sq;
+  // MASK: the [B, Ktot] bool key-padding row. Whether a tile's 128 keys are all allowed is read one tile
+  // ahead (4 bytes per lane into registers), so its latency hides behind a tile of work.
+  const uint8_t* kpad = MASK ? KeyPaddingRow(a, b) : nullptr;
+  uint32_t kp_next = 0;  // bit c: key k0 + lane + 32 c of the next tile is allowed
+  auto kp_load = [&](int k0n) {
+    uint32_t bits = 0;
+#pragma unroll
+    for (int c = 0; c < kBN / 32; ++c) {
+      const int j = k0n + lane + 32 * c;
+      bits |= (j < Ktot && kpad[j] != 0 ? 1u : 0u) << c;
+    }
+    return bits;
+  };
+  if (MASK) kp_next = kp_load(0);
 
   const int g0 = i0 + wg * 64;      // first row of the warpgroup
   const int w0 = g0 + wq * 16;      // first row of the warp
@@ -244,7 +258,11 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
     for (int x = 0; x < NS * 4; ++x) FenceReg(s[x]);
 
     // Threshold test: kept raw scores stay, the rest become -inf.
-    const bool full = k0 + kBN <= Ktot && (!a.causal || k0 + kBN - 1 <= wfirst_pos);
+    bool full = k0 + kBN <= Ktot && (!a.causal || k0 + kBN - 1 <= wfirst_pos);
+    if (MASK) {  // a tile with padded keys takes the per-element path
+      full = full && __all_sync(kFull, kp_next == (1u << (kBN / 32)) - 1u);
+      if (tile + 1 < ntiles) kp_next = kp_load(k0 + kBN);
+    }
     // Kept scores and then P go to sp, not back into the accumulators s: ptxas serialises the wgmma pipeline
     // when non-wgmma instructions write accumulator registers while another wgmma group is in flight.
     float sp[NS * 4];
@@ -274,7 +292,8 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
           const int r = e >> 1;
           const int i = w0 + g + 8 * r;
           const int j = k0 + n * 8 + 2 * t + (e & 1);
-          const bool valid = i < Sq && j < Ktot && (!a.causal || j <= off + i);
+          const bool valid =
+              i < Sq && j < Ktot && (!a.causal || j <= off + i) && (!MASK || kpad[j] != 0);
           const float x = valid && s[4 * n + e] >= th[r] ? s[4 * n + e] : -INFINITY;
           sp[4 * n + e] = x;
           tmax[r][n & 1] = fmaxf(tmax[r][n & 1], x);
@@ -397,16 +416,21 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
 #endif  // TOPTHETA_SM90A_DEVICE
 }
 
-template <typename T, int D>
-cudaError_t Run(const KernelArgs& a, cudaStream_t stream) {
+template <typename T, int D, bool MASK>
+cudaError_t RunM(const KernelArgs& a, cudaStream_t stream) {
   constexpr int smem = SmemBytes<D>();
   static_assert(smem <= 227 * 1024, "shared memory");
-  cudaError_t e = AllowSmem<PrefillSm90Kernel<T, D>>(smem);
+  cudaError_t e = AllowSmem<PrefillSm90Kernel<T, D, MASK>>(smem);
   if (e != cudaSuccess) return e;
   const int64_t ntq = (a.Sq + kBM - 1) / kBM;
   const dim3 grid(static_cast<unsigned>(a.B * a.Hq * ntq));
-  PrefillSm90Kernel<T, D><<<grid, kThreads, smem, stream>>>(a);
+  PrefillSm90Kernel<T, D, MASK><<<grid, kThreads, smem, stream>>>(a);
   return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t Run(const KernelArgs& a, cudaStream_t stream) {
+  return a.mask_kind != 0 ? RunM<T, D, true>(a, stream) : RunM<T, D, false>(a, stream);
 }
 
 }  // namespace
