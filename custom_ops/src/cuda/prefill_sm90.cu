@@ -94,6 +94,23 @@ __device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
       "r"(parity)
       : "memory");
 }
+
+// Ping-pong turns of the two warpgroups: named barrier 3 + w is warpgroup w's turn to issue MMAs; it waits there
+// (its 128 threads) for the other warpgroup's 128 arrivals, and passes the turn by arriving at the other's.
+__device__ __forceinline__ void TurnWait(int wg) {
+  if (wg == 0) {
+    asm volatile("bar.sync 3, 256;\n" ::: "memory");
+  } else {
+    asm volatile("bar.sync 4, 256;\n" ::: "memory");
+  }
+}
+__device__ __forceinline__ void TurnPass(int wg) {
+  if (wg == 0) {
+    asm volatile("bar.arrive 4, 256;\n" ::: "memory");
+  } else {
+    asm volatile("bar.arrive 3, 256;\n" ::: "memory");
+  }
+}
 #endif
 
 template <typename T, int D, bool MASK>
@@ -187,13 +204,34 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
   CpAsyncArrive(full0);
   // Ping-pong by turns: warpgroup w waits at barrier 3 + w before issuing its MMAs, then opens the other's; so
   // the tensor cores run S0, P·V0, S1, P·V1, ... and one warpgroup's softmax overlaps the other's MMAs.
-  if (wg == 1 && ntiles > 0) asm volatile("bar.arrive 3, 256;\n" ::: "memory");
+  if (wg == 1 && ntiles > 0) TurnPass(wg);
 
   // Shared-memory descriptors of Q (this warpgroup's 64 rows), of K and V in stage 0; a stage or a k-step
   // adds its byte offset / 16 to the address field (addresses stay below 256 KB, so it never carries out).
   const uint64_t qdesc = SmemDesc(qbase + wg * 64 * 128, 16, 1024);
   const uint64_t kdesc = SmemDesc(kvbase, 16, 1024);
   const uint64_t vdesc = SmemDesc(kvbase + kTile, kBN * 128, 1024);
+  // The pending P·V (pk over the V tile of pv_stage, only the chunks of pv_mask) as one wgmma group, which is
+  // committed also when empty, so that the waits after it do not depend on a branch.
+  auto IssuePV = [&]() {
+    if (pv_mask != 0) {
+      const uint64_t vd = vdesc + static_cast<uint64_t>(pv_stage * (2 * kTile >> 4));
+#pragma unroll
+      for (int x = 0; x < NO * 4; ++x) FenceReg(o[x]);
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < KV; ++kk) {
+        if (!((pv_mask >> kk) & 1u)) continue;
+        const uint64_t db = vd + ((kk * 16 * 128) >> 4);
+        if constexpr (D == 128) {
+          WgmmaRS128T<BF16>(o, pk[kk], db, 1);
+        } else {
+          WgmmaRS64T<BF16>(o, pk[kk], db, 1);
+        }
+      }
+    }
+    WgmmaCommit();
+  };
   for (int tile = 0; tile < ntiles; ++tile) {
     const int stage = tile % kStages;
     if (tile + 1 < ntiles) {  // the next tile, into the stage of tile - 2 once everyone is done with it
@@ -213,11 +251,7 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
     // computed for every tile of the block, also where causality masks all of this warpgroup's scores (then
     // nothing is kept below): no branch on it keeps the wgmma pipeline whole.
     // This warpgroup's turn (ping-pong: +8 % at 16k on an H100).
-    if (wg == 0) {
-      asm volatile("bar.sync 3, 256;\n" ::: "memory");
-    } else {
-      asm volatile("bar.sync 4, 256;\n" ::: "memory");
-    }
+    TurnWait(wg);
     {
       const uint64_t kd = kdesc + static_cast<uint64_t>(stage * (2 * kTile >> 4));
 #pragma unroll
@@ -231,28 +265,8 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
       }
     }
     WgmmaCommit();
-    if (pv_mask != 0) {
-      const uint64_t vd = vdesc + static_cast<uint64_t>(pv_stage * (2 * kTile >> 4));
-#pragma unroll
-      for (int x = 0; x < NO * 4; ++x) FenceReg(o[x]);
-      WgmmaFence();
-#pragma unroll
-      for (int kk = 0; kk < KV; ++kk) {
-        if (!((pv_mask >> kk) & 1u)) continue;
-        const uint64_t db = vd + ((kk * 16 * 128) >> 4);
-        if constexpr (D == 128) {
-          WgmmaRS128T<BF16>(o, pk[kk], db, 1);
-        } else {
-          WgmmaRS64T<BF16>(o, pk[kk], db, 1);
-        }
-      }
-    }
-    WgmmaCommit();
-    if (wg == 0) {  // the other's turn
-      asm volatile("bar.arrive 4, 256;\n" ::: "memory");
-    } else {
-      asm volatile("bar.arrive 3, 256;\n" ::: "memory");
-    }
+    IssuePV();
+    TurnPass(wg);
     WgmmaWait<1>();  // S done
 #pragma unroll
     for (int x = 0; x < NS * 4; ++x) FenceReg(s[x]);
@@ -368,31 +382,9 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
   }
   // The last tile's P·V (in turn, also by a warpgroup with nothing to multiply, so that the turns match; the
   // last turn is not passed on, which would leave an arrival pending at exit).
-  if (ntiles > 0) {
-    if (wg == 0) {
-      asm volatile("bar.sync 3, 256;\n" ::: "memory");
-    } else {
-      asm volatile("bar.sync 4, 256;\n" ::: "memory");
-    }
-  }
-  if (pv_mask != 0) {
-    const uint64_t vd = vdesc + static_cast<uint64_t>(pv_stage * (2 * kTile >> 4));
-#pragma unroll
-    for (int x = 0; x < NO * 4; ++x) FenceReg(o[x]);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < KV; ++kk) {
-      if (!((pv_mask >> kk) & 1u)) continue;
-      const uint64_t db = vd + ((kk * 16 * 128) >> 4);
-      if constexpr (D == 128) {
-        WgmmaRS128T<BF16>(o, pk[kk], db, 1);
-      } else {
-        WgmmaRS64T<BF16>(o, pk[kk], db, 1);
-      }
-    }
-  }
-  WgmmaCommit();
-  if (ntiles > 0 && wg == 0) asm volatile("bar.arrive 4, 256;\n" ::: "memory");
+  if (ntiles > 0) TurnWait(wg);
+  IssuePV();
+  if (ntiles > 0 && wg == 0) TurnPass(wg);
   WgmmaWait<0>();
 #pragma unroll
   for (int x = 0; x < NO * 4; ++x) FenceReg(o[x]);

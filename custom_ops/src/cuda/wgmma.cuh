@@ -1,6 +1,7 @@
 // Hopper warpgroup MMA (wgmma.mma_async, sm_90a only) for the prefill kernel of prefill_sm90.cu: shared-memory
 // matrix descriptors (128-byte swizzle), fences, and the m64nNk16 f32-accumulate instructions it uses
-// (N = 64 or 128; fp16 or bf16 inputs). The operand lists are spelled out because inline asm needs literals.
+// (Q·Kᵀ: N = 128 from shared memory; P·V: N = 64 or 128 with P from registers; fp16 or bf16 inputs). The
+// operand lists are spelled out because inline asm needs literals.
 // Only compiled into device code for sm_90a (the callers guard with TOPTHETA_SM90A_DEVICE).
 #pragma once
 
@@ -31,31 +32,8 @@ __device__ __forceinline__ void WgmmaWait() {
 }
 // Keeps the compiler from moving accesses of an accumulator register across the asynchronous MMA.
 __device__ __forceinline__ void FenceReg(float& r) { asm volatile("" : "+f"(r)::"memory"); }
-__device__ __forceinline__ void FenceReg(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
 // Makes this thread's generic-proxy shared-memory writes (cp.async) visible to wgmma's async proxy.
 __device__ __forceinline__ void FenceProxyAsync() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-
-// D[64 x 64] (+)= A[64 x 16] * B[16 x 64], A and B in shared memory, both K-major (descriptors).
-template <bool BF16>
-__device__ __forceinline__ void WgmmaSS64(float* d, uint64_t da, uint64_t db, int scale_d) {
-  if constexpr (BF16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "%32, %33, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(da), "l"(db), "r"(scale_d));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "%32, %33, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(da), "l"(db), "r"(scale_d));
-  }
-}
 
 // D[64 x 64] (+)= A[64 x 16] * B[16 x 64], A in registers (the m16n8k16 A fragment of each warp's 16
 // rows), B in shared memory N-major (transposed, imm-trans-b = 1).
