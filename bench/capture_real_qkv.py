@@ -2,7 +2,7 @@
 
 SmolLM2-135M (LLaMA architecture: 9 query heads, 3 KV heads, head dim 64; the project's default model), S tokens
 of Python's documentation (builtin:pydoc):
-* thresholds θ and ρ: topthetaexport.calibrate with k=64 on the first `--calib` windows of S tokens;
+* thresholds θ and ρ: topthetaexport.torch.calibration with k=64 on the first `--calib` windows of S tokens;
 * q, k, v (after RoPE) of a later window (not used for calibration) for the chosen layers, captured inside the
   dense attention of a real forward pass; saved as fp16 with each layer's θ [Hq, S] and ρ.
 
@@ -15,7 +15,7 @@ import time
 import torch
 
 import topthetaexport as tt
-from topthetaexport import torch_attention
+from topthetaexport.torch import attention as torch_attention
 from topthetaexport.data import as_token_tensor
 
 

@@ -2,7 +2,7 @@
 
 Per captured layer, causal prefill of one window (B=1) and of 8 copies of it (B=8, distinct memory): torch SDPA
 flash (dense) vs our Top-θ kernel with θ = -inf (dense) and with the calibrated θ (comp_mode 0 and 1). Checks
-our output against topthetaexport.reference (fp32) and reports the kept fraction and the share of 16-row x
+our output against topthetaexport.torch.reference (fp32) and reports the kept fraction and the share of 16-row x
 16-key P·V chunks (the kernel's skip unit) in which nothing is kept. Timing as in attention_bench.py (CUDA graph
 replays between events, median).
 
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention_bench import time_graph  # noqa: E402
 from toptheta_cuda import Kernels  # noqa: E402
 
-from topthetaexport import reference  # noqa: E402
+from topthetaexport.torch import reference  # noqa: E402
 
 
 def chunk_stats(q, k, theta, scale):

@@ -150,12 +150,13 @@ def calibrate_cmd(
     out: Path = typer.Option(..., "-o", "--out", help="output folder for the thresholds"),
     k: int = K_OPT, seq_len: int = SEQ_OPT, samples: int = SAMPLES_OPT, dense_layers: int = DENSE_OPT,
 ):
-    from topthetaexport.calibrate import calibrate
+    from topthetaexport.torch.calibration import calibrate
     from topthetaexport.models import load_model
 
     loaded = load_model(model)
-    th = calibrate(loaded, calib, k=k, seq_len=seq_len, num_samples=samples, dense_layers=dense_layers,
-                   progress=True)
+    with _progress() as p:
+        th = calibrate(loaded, calib, k=k, seq_len=seq_len, num_samples=samples, dense_layers=dense_layers,
+                       progress=_StageBars(p, ["calibrate"]))
     th.meta["model_path"] = model
     path = th.save(out)
     out_console.print(json.dumps(th.stats(), indent=2, default=str), soft_wrap=True)
@@ -168,14 +169,12 @@ def export_cmd(
     out: Path = typer.Option(..., "-o", "--out", help="output .onnx file"),
     no_cache: bool = typer.Option(False, "--no-cache", help="decoder LMs: export without KV-cache inputs/outputs"),
 ):
-    from topthetaexport.export import export_onnx
+    from topthetaexport.onnx.exporter import export_onnx
     from topthetaexport.models import load_model
 
     loaded = load_model(model)
     with _progress() as p:
-        tid = p.add_task("export", total=1.0, msg="")
-        path = export_onnx(loaded, out, with_cache=False if no_cache else None,
-                           progress=lambda msg, frac: p.update(tid, completed=frac, msg=msg[:60]))
+        path = export_onnx(loaded, out, with_cache=False if no_cache else None, progress=_StageBars(p, ["export"]))
     out_console.print(f"wrote {path}", soft_wrap=True)
 
 
@@ -186,7 +185,7 @@ def rewrite_cmd(
     out: Path = typer.Option(..., "-o", "--out", help="output .onnx file"),
     comp_mode: int = COMP_OPT,
 ):
-    from topthetaexport.rewrite import rewrite
+    from topthetaexport.onnx.rewriter import rewrite
     from topthetaexport.thresholds import Thresholds
 
     th = Thresholds.load(thresholds)
@@ -205,12 +204,11 @@ def validate_cmd(
     device: str = DEVICE_OPT,
 ):
     from topthetaexport._io import write_json
-    from topthetaexport.validate import validate
+    from topthetaexport.eval.validation import validate
 
     with _progress() as p:
-        tid = p.add_task("validate", total=1.0, msg="")
         rep = validate(out, model=model, data=data, num_windows=windows, seq_len=seq_len, device=device,
-                       progress=lambda msg, frac: p.update(tid, completed=frac, msg=msg[:60]))
+                       progress=_StageBars(p, ["validate"]))
     report_path = out / "report.json"
     full = json.loads(report_path.read_text()) if report_path.is_file() else {"model": rep["model"]}
     full["validation"] = rep
@@ -255,7 +253,7 @@ def eval_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads"),
     device: str = DEVICE_OPT,
 ):
-    from topthetaexport.evaluate import evaluate, markdown_table
+    from topthetaexport.eval.evaluation import evaluate, markdown_table
 
     def ints(text, what):
         try:
@@ -264,7 +262,6 @@ def eval_cmd(
             raise TopThetaError(f"{what} must be comma-separated integers, got '{text}'") from None
 
     with _progress() as p:
-        tid = p.add_task("eval", total=1.0, msg="")
         rep = evaluate(out, data=data, windows=windows, seq_len=seq_len, cross_data=cross_data,
                        tasks=[t for t in tasks.split(",") if t.strip()] if tasks else None, task_items=task_items,
                        sweep=ints(sweep, "--sweep") if sweep else None, comp_modes=ints(comp_modes, "--comp-modes"),
@@ -274,7 +271,7 @@ def eval_cmd(
                                              task_items=task_items, windows=windows, seq_len=seq_len, sweep=sweep,
                                              comp_modes=comp_modes, sweep_comp_modes=sweep_comp_modes,
                                              no_topk=no_topk, threads=threads, device=device),
-                       progress=lambda msg, frac: p.update(tid, completed=frac, msg=msg[:60]))
+                       progress=_StageBars(p, ["eval"]))
     out_console.print(markdown_table(rep), soft_wrap=True)
     crit = rep["criterion"]
     if crit["variants"]:
@@ -297,7 +294,7 @@ def run_cmd(
     import numpy as np
 
     from topthetaexport.pipeline import tokenizer_for
-    from topthetaexport.onnx_model import OnnxModel
+    from topthetaexport.ort.sessions import OnnxModel
 
     tok = tokenizer_for(out)
     om = OnnxModel(out / "model.onnx", device=device, with_kept=True)
@@ -318,7 +315,7 @@ def run_cmd(
 @app.command("inspect", help="Summarise an ONNX file or output folder: I/O, op counts, TopThetaAttention nodes.")
 def inspect_cmd(path: Path = typer.Argument(..., help=".onnx file or output folder"),
                 as_json: bool = typer.Option(False, "--json", help="print JSON")):
-    from topthetaexport.graph_inspect import format_summary, summarize
+    from topthetaexport.onnx.summary import format_summary, summarize
 
     target = path / "model.onnx" if path.is_dir() else path
     info = summarize(target)
@@ -334,7 +331,7 @@ def bench_cmd(
     keep: float = typer.Option(0.125, "--keep", help="fraction of keys the thresholds keep"),
     repeats: int = typer.Option(20, "--repeats"),
 ):
-    from topthetaexport.bench import run_bench
+    from topthetaexport.ort.bench import run_bench
 
     rows = run_bench(device=device, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                      seqs=[int(s) for s in seq.split(",")], keep=keep, repeats=repeats)

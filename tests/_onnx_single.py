@@ -1,7 +1,7 @@
 """Single-node ``ai.toptheta::TopThetaAttention`` ONNX models, and a float64 NumPy reference of the op.
 
 Used by the kernel tests and benchmarks. The reference follows docs/op.md line by line and is written
-independently of ``topthetaexport.reference`` (PyTorch), so the two check each other.
+independently of ``topthetaexport.torch.reference`` (PyTorch), so the two check each other.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def session(model: onnx.ModelProto, library=None, threads: int | None = None):
     """An onnxruntime CPU session for ``model`` with the Top-θ library registered."""
     import onnxruntime as ort
 
-    from topthetaexport import runtime
+    from topthetaexport.ort import library as runtime
 
     so = runtime.session_options(threads=threads, library=library)
     so.log_severity_level = 4  # errors reach the caller as exceptions; keep stderr quiet

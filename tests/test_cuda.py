@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from topthetaexport import reference, runtime  # noqa: E402
+from topthetaexport.ort import library as runtime  # noqa: E402
+from topthetaexport.torch import reference  # noqa: E402
 
 pytestmark = pytest.mark.cuda
 
@@ -471,7 +472,7 @@ def llama64(tmp_path_factory):
 def _thresholds(loaded, model, ids, mask):
     """θ per layer drawn inside the 40th-90th percentile of the model's own scores; ρ in [0, 0.9)."""
     from topthetaexport.thresholds import Thresholds
-    from topthetaexport.torch_attention import attention_mode
+    from topthetaexport.torch.attention import attention_mode
 
     scores = {}
 
@@ -503,10 +504,10 @@ def _node_providers(sess) -> set[str]:
 def test_exported_model_on_cuda_matches_pytorch(ort_cuda, llama64, tmp_path, dtype):
     """Prefill (40 tokens, one left-padded row) and 3 decode steps with the KV cache: logits of the ONNX model
     on CUDAExecutionProvider vs the PyTorch model with Top-θ attention (float32, same weights)."""
-    from topthetaexport.export import export_onnx
+    from topthetaexport.onnx.exporter import export_onnx
     from topthetaexport.models import load_model
-    from topthetaexport.rewrite import rewrite
-    from topthetaexport.torch_attention import attention_mode
+    from topthetaexport.onnx.rewriter import rewrite
+    from topthetaexport.torch.attention import attention_mode
 
     loaded = load_model(llama64, dtype=dtype)
     ref_model = load_model(llama64, dtype=dtype).model.float()  # same (rounded) weights, fp32 math

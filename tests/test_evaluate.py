@@ -1,4 +1,4 @@
-"""Evaluation (topthetaexport.evaluate): the ONNX top-k baseline, the cloze task, the eval report and CLI.
+"""Evaluation (topthetaexport.eval.evaluation): the ONNX top-k baseline, the cloze task, the eval report and CLI.
 
 Real onnxruntime sessions with the custom-op library, tiny random-weight models, a tiny BPE tokenizer
 trained here on a few pydoc topics.
@@ -93,7 +93,7 @@ def test_topk_replacement_equals_numpy(mask_rank, causal, sq, ktot):
     """The standard-ops top-k equals the float64 NumPy definition: GQA, causal bottom-right, masks, k > row."""
     import onnxruntime as ort
 
-    from topthetaexport.topk_onnx import replace_with_topk, topk_attention_numpy
+    from topthetaexport.onnx.variants import replace_with_topk, topk_attention_numpy
 
     rng = np.random.default_rng(sq * 31 + ktot)
     model = _single_node(mask_rank, causal)
@@ -124,9 +124,9 @@ def test_topk_replacement_equals_numpy(mask_rank, causal, sq, ktot):
 def test_topk_variant_matches_pytorch_topk(tiny_lm_out):
     """Whole model, every layer top-k through onnxruntime = the PyTorch top-k reference; dense = dense."""
     from topthetaexport.models import load_model
-    from topthetaexport.onnx_model import OnnxModel
-    from topthetaexport.topk_onnx import write_variant
-    from topthetaexport.torch_attention import attention_mode
+    from topthetaexport.ort.sessions import OnnxModel
+    from topthetaexport.onnx.variants import write_variant
+    from topthetaexport.torch.attention import attention_mode
 
     loaded = load_model(tiny_lm_out / "model")
     ids = torch.randint(3, 900, (2, 40), generator=torch.Generator().manual_seed(3))
@@ -148,7 +148,7 @@ def test_topk_variant_matches_pytorch_topk(tiny_lm_out):
 
 
 def test_variant_errors(tiny_lm_out, tmp_path):
-    from topthetaexport.topk_onnx import write_variant
+    from topthetaexport.onnx.variants import write_variant
 
     model = tiny_lm_out / "out" / "model.onnx"
     with pytest.raises(TopThetaError, match="top-k needs k >= 1"):
@@ -165,7 +165,7 @@ def test_cloze_is_deterministic_and_correct(tiny_lm_out):
     from transformers import AutoTokenizer
 
     from topthetaexport.data import token_batches
-    from topthetaexport.tasks import build_window_cloze
+    from topthetaexport.eval.tasks import build_window_cloze
 
     tok = AutoTokenizer.from_pretrained(str(tiny_lm_out / "model"))
     win = token_batches(tok, "builtin:pydoc", seq_len=SEQ, num_samples=8, skip=3).numpy()
@@ -184,7 +184,7 @@ def test_cloze_is_deterministic_and_correct(tiny_lm_out):
 
 
 def test_task_file_errors(tmp_path):
-    from topthetaexport.tasks import load_task
+    from topthetaexport.eval.tasks import load_task
 
     cases = {
         "notjson.jsonl": ("{oops\n", "line 1 is not valid JSON"),
@@ -207,7 +207,7 @@ def test_task_file_errors(tmp_path):
 def test_criterion_in_domain_and_strict():
     """The accuracy bar: in-domain perplexity and tasks decide `meets`; the cross-domain task only the strict
     flag; V rows are those read (a comp 2 variant reads all and never meets it)."""
-    from topthetaexport.evaluate import _criterion
+    from topthetaexport.eval.evaluation import _criterion
 
     def variant(name, ppl, d_in, d_cross, read_red, kind="toptheta"):
         return {"name": name, "kind": kind,
@@ -242,8 +242,8 @@ def test_evaluate_report_is_consistent(tiny_lm_out, tmp_path):
     """One eval run: files written atomically, dense is dense, top-k keeps exactly min(k, row), the decode
     V rows read from prefill rows equal a real KV-cache decode, the written cloze jsonl scores the same as a
     text task, the cross-domain drift is reported."""
-    from topthetaexport.evaluate import _open, _task_accuracy, Variant, evaluate
-    from topthetaexport.tasks import load_task
+    from topthetaexport.eval.evaluation import _open, _task_accuracy, Variant, evaluate
+    from topthetaexport.eval.tasks import load_task
 
     prose = tmp_path / "prose.txt"  # a second text for the cross-domain check
     from topthetaexport.data import load_texts

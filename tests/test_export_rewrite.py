@@ -16,14 +16,14 @@ import pytest
 import torch
 
 from conftest import make_tokens, save_tiny_model
-from topthetaexport import runtime
+from topthetaexport.ort import library as runtime
 from topthetaexport._errors import TopThetaError
-from topthetaexport.export import export_onnx
-from topthetaexport.graph_inspect import format_summary, summarize
+from topthetaexport.onnx.exporter import export_onnx
+from topthetaexport.onnx.summary import format_summary, summarize
 from topthetaexport.models import load_model
-from topthetaexport.rewrite import rewrite
+from topthetaexport.onnx.rewriter import rewrite
 from topthetaexport.thresholds import Thresholds
-from topthetaexport.torch_attention import KeptRecorder, attention_mode
+from topthetaexport.torch.attention import KeptRecorder, attention_mode
 
 TOL = 1e-4
 KINDS = ("llama", "gpt2", "qwen2", "bert")
@@ -219,7 +219,7 @@ def test_dense_export_dynamic_batch(exported):
 
 def test_export_external_data_without_cache(tmp_path, tiny_models_dir, monkeypatch):
     """Weights in model.onnx.data (threshold lowered), logits-only signature; rewrite reads it back."""
-    import topthetaexport.export as export_mod
+    import topthetaexport.onnx.exporter as export_mod
 
     loaded = load_model(save_tiny_model("llama", tiny_models_dir))
     monkeypatch.setattr(export_mod, "EXTERNAL_DATA_THRESHOLD", 0)

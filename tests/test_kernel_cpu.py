@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import _onnx_single as S
-from topthetaexport import runtime
+from topthetaexport.ort import library as runtime
 from topthetaexport._errors import TopThetaError
 
 F32_TOL = 1e-5

@@ -6,7 +6,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import make_tokens
@@ -57,14 +56,14 @@ def test_pipeline_tiny_llama_writes_everything(tmp_path, tiny_llama):
     assert set(v["compensation"]) == {"none", "sdc", "sdc+vmc"}
     assert v["compensation"]["sdc+vmc"]["perplexity"] == pytest.approx(v["perplexity"]["toptheta_onnx"])
     lib = json.loads((out / "library.json").read_text())
-    from topthetaexport.runtime import library_path
+    from topthetaexport.ort.library import library_path
 
     assert Path(lib["path"]) == library_path()
 
 
 def test_cli_stages_and_inspect(tmp_path, tiny_gpt2, capsys):
     """export → rewrite → inspect through the CLI on a tiny GPT-2 with thresholds from the API."""
-    from topthetaexport.calibrate import calibrate
+    from topthetaexport.torch.calibration import calibrate
 
     th = calibrate(str(tiny_gpt2), make_tokens(2, 40), k=5, seq_len=40, num_samples=2, dense_layers=0,
                    progress=False)
@@ -179,7 +178,7 @@ def test_refuses_foreign_output_folder(tmp_path, capsys):
 def test_cuda_request_falls_back_to_cpu_with_warning():
     import onnxruntime as ort
 
-    from topthetaexport.runtime import providers_for
+    from topthetaexport.ort.library import providers_for
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has CUDA")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from topthetaexport._errors import TopThetaError
-from topthetaexport.reference import dense_attention, topk_attention, toptheta_attention
+from topthetaexport.torch.reference import dense_attention, topk_attention, toptheta_attention
 from topthetaexport.thresholds import Thresholds
 
 

@@ -19,24 +19,26 @@ import importlib
 
 __version__ = "0.1.0"
 
+# Public name -> module that defines it. No module of the package shares a name with a public function,
+# so importing a stage never shadows the function (``tt.export`` is always the function).
 _LAZY = {
     "TopThetaError": "._errors",
     "load_model": ".models",
     "LoadedModel": ".models",
     "DEFAULT_MODEL": ".models",
-    "calibrate": ".calibrate",
     "Thresholds": ".thresholds",
-    "load_thresholds": ".thresholds",
-    "export_onnx": ".export",
-    "rewrite": ".rewrite",
+    "calibrate": ".torch.calibration",
+    "toptheta_attention": ".torch.reference",
+    "attention_mode": ".torch.attention",
+    "export_onnx": ".onnx.exporter",
+    "rewrite": ".onnx.rewriter",
+    "session": ".ort.library",
+    "session_options": ".ort.library",
+    "library_path": ".ort.library",
+    "validate": ".eval.validation",
+    "evaluate": ".eval.evaluation",
     "export": ".pipeline",
     "run_pipeline": ".pipeline",
-    "validate": ".validate",
-    "evaluate": ".evaluate",
-    "session": ".runtime",
-    "library_path": ".runtime",
-    "toptheta_attention": ".reference",
-    "attention_mode": ".torch_attention",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
@@ -46,8 +48,6 @@ def __getattr__(name: str):
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(f"module 'topthetaexport' has no attribute '{name}'")
-    if name == "load_thresholds":
-        from .thresholds import Thresholds
-
-        return Thresholds.load
-    return getattr(importlib.import_module(mod, __name__), name)
+    value = getattr(importlib.import_module(mod, __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value

@@ -166,3 +166,13 @@ def as_token_tensor(data, tokenizer, *, seq_len: int, num_samples: int, skip: in
                                 f"{data.dtype} {list(data.shape)}")
         return data.long()
     return token_batches(tokenizer, data, seq_len=seq_len, num_samples=num_samples, skip=skip)
+
+
+def describe_data(data) -> str:
+    """A short description of a data argument for reports (tensors are not printed whole)."""
+    shape = getattr(data, "shape", None)
+    if shape is not None:
+        return f"token tensor {list(shape)}"
+    if isinstance(data, (list, tuple)):
+        return f"{len(data)} texts"
+    return str(data)

@@ -14,11 +14,10 @@ import torch
 
 from ._errors import TopThetaError
 from ._io import atomic_path
+from .architectures import SUPPORTED_MODEL_TYPES, Architecture, architecture
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "DEFAULT_MODEL", "KNOWN_MODELS", "LoadedModel", "load_model", "cache_dir"]
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gpt2", "bert")
-CAUSAL_MODEL_TYPES = ("llama", "qwen2", "mistral", "gpt2")
 DEFAULT_MODEL = "smollm2-135m"
 # alias -> (python package holding the files, sub-directory, GGUF file or None)
 KNOWN_MODELS: dict[str, tuple[str, str, str | None]] = {
@@ -44,6 +43,10 @@ class LoadedModel:
     num_kv_heads: int
     head_dim: int
     max_positions: int | None
+
+    @property
+    def architecture(self) -> Architecture:
+        return architecture(self.model_type, self.name)
 
     @property
     def config(self):
@@ -145,19 +148,12 @@ def _read_config(path: Path) -> dict:
     return data
 
 
-def _check_type(model_type, where: str) -> str:
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise TopThetaError(f"unsupported architecture '{model_type}' in {where}: supported model types are "
-                            f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-    return model_type
-
-
 def _load_dir(path: Path, dtype, *, name: str) -> LoadedModel:
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     raw = _read_config(path)
-    model_type = _check_type(raw.get("model_type"), str(path / "config.json"))
-    cls = AutoModelForCausalLM if model_type in CAUSAL_MODEL_TYPES else AutoModel
+    arch = architecture(raw.get("model_type"), str(path / "config.json"))
+    cls = AutoModelForCausalLM if arch.causal else AutoModel
     try:
         model = cls.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
     except Exception as e:
@@ -174,16 +170,16 @@ def _load_dir(path: Path, dtype, *, name: str) -> LoadedModel:
 
 def _wrap(model, tokenizer, name: str, source: str, dtype) -> LoadedModel:
     cfg = model.config
-    model_type = _check_type(getattr(cfg, "model_type", None), f"the config of {name}")
+    arch = architecture(getattr(cfg, "model_type", None), f"the config of {name}")
     model = model.to(dtype).eval()
     if getattr(cfg, "_attn_implementation", None) != "sdpa":
         model.set_attn_implementation("sdpa")
     heads = int(cfg.num_attention_heads)
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    causal = model_type in CAUSAL_MODEL_TYPES
+    causal = arch.causal
     return LoadedModel(
-        model=model, tokenizer=tokenizer, name=name, source=source, model_type=model_type, causal=causal,
+        model=model, tokenizer=tokenizer, name=name, source=source, model_type=arch.model_type, causal=causal,
         is_lm=hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None and causal,
         num_layers=int(cfg.num_hidden_layers), num_heads=heads, num_kv_heads=int(kv), head_dim=int(head_dim),
         max_positions=getattr(cfg, "max_position_embeddings", None),

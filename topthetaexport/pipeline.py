@@ -2,82 +2,32 @@
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from . import __version__, runtime
+from . import __version__
+from .data import describe_data
+from .ort.library import library_info, library_path
 from ._errors import TopThetaError
-from ._io import write_json
-
-Progress = Callable[[str, str, float], None]  # (stage, message, fraction of stage done)
-
-OUR_FILES = {"model.onnx", "model.onnx.data", "thresholds.safetensors", "thresholds.json", "report.json",
-             "library.json"}
+from ._io import staged_output_dir, write_json
+from .progress import Progress
 
 
-def describe_data(data) -> str:
-    """A short description of a data argument for reports (tensors are not printed whole)."""
-    shape = getattr(data, "shape", None)
-    if shape is not None:
-        return f"token tensor {list(shape)}"
-    if isinstance(data, (list, tuple)):
-        return f"{len(data)} texts"
-    return str(data)
 
-
-def library_info() -> dict[str, Any]:
-    import onnxruntime as ort
-
-    lib = runtime.library_path()
-    h = hashlib.sha256(lib.read_bytes()).hexdigest()
-    return {"path": str(lib), "sha256": h, "onnxruntime_version": ort.__version__,
-            "domain": runtime.DOMAIN, "op": runtime.OP_TYPE, "op_version": runtime.OP_VERSION}
-
-
-@contextlib.contextmanager
-def staged_output_dir(out: str | os.PathLike, own_files=OUR_FILES, what: str = "a toptheta-export output") -> Any:
-    """Yield a staging folder; on success it replaces ``out`` as a whole, on failure it is removed.
-
-    ``out`` may be missing, empty, or a previous output of the same kind (only ``own_files`` in it);
-    anything else is refused so that a mistyped ``-o`` never deletes a user's files.
-    """
-    out = Path(out)
-    if out.exists():
-        if not out.is_dir():
-            raise TopThetaError(f"output {out} exists and is not a folder: choose another -o")
-        names = {p.name for p in out.iterdir()}
-        if names and not names <= own_files:
-            raise TopThetaError(f"output folder {out} is not empty and not {what}: choose another -o")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        yield stage
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(stage, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
 
 
 def export(model, thresholds, out_dir: str | os.PathLike, *, comp_mode: int = 0,
-           progress: Callable[[str, float], None] | None = None) -> Path:
+           progress: Progress | None = None) -> Path:
     """Export ``model`` to ONNX and rewrite its attention into TopThetaAttention: ``out_dir/model.onnx``.
 
     Also saves the thresholds and ``library.json`` next to it. Returns the model path.
     """
-    from .export import export_onnx
+    from .onnx.exporter import export_onnx
     from .models import LoadedModel, load_model
-    from .rewrite import rewrite
+    from .onnx.rewriter import rewrite
     from .thresholds import Thresholds
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
@@ -98,11 +48,11 @@ def run_pipeline(model: str, calib, out: str | os.PathLike, *, k: int = 64, seq_
                  eval_windows: int = 4, decode_steps: int = 16, do_validate: bool = True,
                  device: str = "cpu", progress: Progress | None = None) -> dict[str, Any]:
     """calibrate → export → rewrite → validate into ``out``; returns the report (also ``out/report.json``)."""
-    from .calibrate import calibrate
+    from .torch.calibration import calibrate
     from .models import load_model
 
-    prog = progress or (lambda stage, msg, frac: None)
-    runtime.library_path()  # fail early, before minutes of calibration, if the library is missing
+    prog = progress or (lambda stage, message, fraction: None)
+    library_path()  # fail early, before minutes of calibration, if the library is missing
     timings: dict[str, float] = {}
     with staged_output_dir(out) as stage:
         t = time.perf_counter()
@@ -113,14 +63,13 @@ def run_pipeline(model: str, calib, out: str | os.PathLike, *, k: int = 64, seq_
 
         t = time.perf_counter()
         th = calibrate(loaded, calib, k=k, seq_len=seq_len, num_samples=num_samples,
-                       dense_layers=dense_layers, progress=lambda msg, frac: prog("calibrate", msg, frac))
+                       dense_layers=dense_layers, progress=progress)
         th.meta["model_path"] = str(model)
         timings["calibrate_s"] = time.perf_counter() - t
         prog("calibrate", "thresholds ready", 1.0)
 
         t = time.perf_counter()
-        export(loaded, th, stage, comp_mode=comp_mode,
-               progress=lambda msg, frac: prog("export", msg, frac))
+        export(loaded, th, stage, comp_mode=comp_mode, progress=progress)
         timings["export_s"] = time.perf_counter() - t
         prog("export", "model.onnx written", 1.0)
 
@@ -135,13 +84,13 @@ def run_pipeline(model: str, calib, out: str | os.PathLike, *, k: int = 64, seq_
         }
         if do_validate:
             t = time.perf_counter()
-            from .validate import validate
+            from .eval.validation import validate
 
             report["validation"] = validate(
                 stage, model=loaded, thresholds=th, data=calib if eval_data is None else eval_data, seq_len=seq_len,
                 num_windows=eval_windows, skip=num_samples if eval_data is None else 0,
                 decode_steps=decode_steps, device=device,
-                progress=lambda msg, frac: prog("validate", msg, frac))
+                progress=progress)
             report["validation"]["onnx"] = "model.onnx"
             timings["validate_s"] = time.perf_counter() - t
         report["timings"] = timings

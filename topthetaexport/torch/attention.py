@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ._errors import TopThetaError
+from .._errors import TopThetaError
 from . import reference
 
 __all__ = ["attention_mode", "KeptRecorder", "attention_modules", "IMPL_NAME", "MODES"]

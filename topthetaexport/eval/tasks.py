@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import TopThetaError
-from .data import jsonl_objects
+from .._errors import TopThetaError
+from ..data import jsonl_objects
 
 __all__ = ["load_task", "build_window_cloze", "write_task"]
 
@@ -71,7 +71,7 @@ def _check_item(obj, where: str) -> dict[str, Any]:
 
 def write_task(path, items: list[dict[str, Any]]) -> Path:
     """Write items as jsonl (atomically)."""
-    from ._io import atomic_path
+    from .._io import atomic_path
 
     path = Path(path)
     with atomic_path(path) as tmp:

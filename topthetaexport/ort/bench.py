@@ -12,11 +12,10 @@ import time
 
 import numpy as np
 
-from . import runtime
+from . import library as runtime
 
 
 def _graphs(hq: int, hkv: int, d: int, scale: float):
-    import onnx
     from onnx import TensorProto as TP
     from onnx import helper as h
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import runtime
-from ._errors import TopThetaError
+from . import names
+from .._errors import TopThetaError
 
 __all__ = ["write_variant", "replace_with_topk", "KEPT_PREFIX"]
 
@@ -46,7 +46,7 @@ def _load(model_path: Path):
 def _op_nodes(graph):
     out = []
     for node in graph.node:
-        if node.op_type == runtime.OP_TYPE and node.domain == runtime.DOMAIN:
+        if node.op_type == names.OP_TYPE and node.domain == names.DOMAIN:
             m = _THETA_RE.search(node.input[3]) if len(node.input) > 3 else None
             out.append((int(m.group(1)) if m else len(out), node))
     return out

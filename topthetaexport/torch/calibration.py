@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 from datetime import datetime, timezone
+from typing import Callable
 
 import torch
 
-from ._errors import TopThetaError
-from .data import as_token_tensor
-from .models import LoadedModel, load_model
-from .thresholds import FORMAT_VERSION, Thresholds
-from .torch_attention import attention_mode
+from .._errors import TopThetaError
+from ..progress import Progress, emitter
+from ..data import as_token_tensor
+from ..models import LoadedModel, load_model
+from ..thresholds import FORMAT_VERSION, Thresholds
+from .attention import attention_mode
 
 __all__ = ["calibrate"]
 
@@ -56,27 +57,16 @@ def _sdc_hook(acc: _Accumulator, theta: torch.Tensor):
     return hook
 
 
-@contextlib.contextmanager
-def _progress(enabled, total: int):
-    """``enabled``: False, True (a rich progress bar) or a callable ``(description, fraction)``."""
-    if callable(enabled):
-        done = [0]
+def _counter(progress: Progress | None, total: int) -> Callable[[str], None]:
+    """One call per finished batch, reported as a fraction of ``total`` batches."""
+    report = emitter(progress, "calibrate")
+    done = [0]
 
-        def report(desc):
-            done[0] += 1
-            enabled(desc, done[0] / max(total, 1))
+    def step(message: str) -> None:
+        done[0] += 1
+        report(message, done[0] / max(total, 1))
 
-        yield report
-        return
-    if not enabled:
-        yield lambda desc: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=False) as prog:
-        task = prog.add_task("calibrating", total=total)
-        yield lambda desc: prog.update(task, advance=1, description=desc)
+    return step
 
 
 def _run(model, tokens: torch.Tensor, batch_size: int, hook, step, label: str) -> None:
@@ -98,7 +88,7 @@ def _check_args(loaded: LoadedModel, k, seq_len, num_samples, dense_layers, batc
 
 
 def calibrate(model, data, *, k: int = 64, seq_len: int = 512, num_samples: int = 16, dense_layers: int = 2,
-              batch_size: int = 1, progress: bool = True) -> Thresholds:
+              batch_size: int = 1, progress: Progress | None = None) -> Thresholds:
     """Calibrate θ (mean k-th largest valid score per layer/head/row) and ρ (SDC) on ``data``.
 
     model: LoadedModel, alias or path. data: file/folder path, "builtin:pydoc", list of texts, or a token
@@ -116,20 +106,20 @@ def calibrate(model, data, *, k: int = 64, seq_len: int = 512, num_samples: int 
     dense = set(range(dense_layers))
     batches = -(-n // batch_size)
 
-    with _progress(progress, 2 * batches) as step:
-        acc = _Accumulator(layers, heads, rows)
-        _run(loaded.model, tokens, batch_size, _kth_hook(acc, k, dense), step, "θ pass")
-        theta = acc.mean(float("-inf"))
-        theta[list(dense)] = float("-inf")
-        acc2 = _Accumulator(layers, heads, rows)
-        _run(loaded.model, tokens, batch_size, _sdc_hook(acc2, theta), step, "ρ pass")
-        sdc = acc2.mean(0.0)
+    step = _counter(progress, 2 * batches)
+    acc = _Accumulator(layers, heads, rows)
+    _run(loaded.model, tokens, batch_size, _kth_hook(acc, k, dense), step, "θ pass")
+    theta = acc.mean(float("-inf"))
+    theta[list(dense)] = float("-inf")
+    acc2 = _Accumulator(layers, heads, rows)
+    _run(loaded.model, tokens, batch_size, _sdc_hook(acc2, theta), step, "ρ pass")
+    sdc = acc2.mean(0.0)
 
     return Thresholds(theta, sdc, _meta(loaded, data, k=k, n=n, rows=rows, dense=sorted(dense)))
 
 
 def _meta(loaded: LoadedModel, data, *, k: int, n: int, rows: int, dense: list[int]) -> dict:
-    from . import __version__
+    from .. import __version__
 
     if isinstance(data, torch.Tensor):
         source = f"token tensor {list(data.shape)}"

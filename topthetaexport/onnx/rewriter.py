@@ -6,17 +6,17 @@ See docs/graph.md for what is matched and what the rewritten graph looks like, d
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import export as _export
-from ._errors import TopThetaError
-from .export import META_PREFIX, write_onnx
-from .runtime import DOMAIN, OP_TYPE, OP_VERSION
+from . import exporter as _export
+from .._errors import TopThetaError
+from ..architectures import LAYER_PATH_RE as _LAYER_RE
+from .exporter import write_onnx
+from .names import DOMAIN, META_PREFIX, OP_TYPE, OP_VERSION
 
 __all__ = ["rewrite", "load_onnx", "layer_of", "THETA_PREFIX", "SDC_PREFIX", "KEPT_PREFIX", "MASK_NAME"]
 
@@ -25,7 +25,6 @@ SDC_PREFIX = "toptheta.sdc."
 KEPT_PREFIX = "toptheta.kept."
 MASK_NAME = "toptheta.key_padding_mask"
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 _FIX = "re-export the model with topthetaexport.export_onnx (attn_implementation='sdpa', opset 23)"
 
 
@@ -50,7 +49,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def _load_thresholds(thresholds):
-    from .thresholds import Thresholds
+    from ..thresholds import Thresholds
 
     if isinstance(thresholds, Thresholds):
         return thresholds, "in-memory"
@@ -400,7 +399,7 @@ def _initializer_bytes(graph) -> int:
 
 
 def _metadata(th, source: str, comp_mode: int) -> dict[str, str]:
-    from . import __version__
+    from .. import __version__
 
     return {
         META_PREFIX + "version": __version__,

@@ -10,13 +10,14 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from ._errors import TopThetaError
-from .onnx_model import OnnxModel
-from .pipeline import describe_data
+from .._errors import TopThetaError
+from ..progress import Progress, emitter
+from ..ort.sessions import OnnxModel
+from ..data import describe_data
 
 PARITY_TOL = 1e-4
 
@@ -43,7 +44,7 @@ def _op_parity(io: dict[str, np.ndarray], attrs: dict[int, dict[str, Any]], th) 
     """Each TopThetaAttention's output in onnxruntime vs the float64 PyTorch reference on the same inputs."""
     import torch
 
-    from .reference import toptheta_attention
+    from ..torch.reference import toptheta_attention
 
     per_layer = {}
     for layer, a in sorted(attrs.items()):
@@ -129,7 +130,7 @@ class _Sparsity:
 def validate(out_dir: str | os.PathLike | None = None, *, model=None, onnx_path=None, thresholds=None,
              data="builtin:pydoc", seq_len: int | None = None, num_windows: int = 4, skip: int | None = None,
              decode_steps: int = 16, device: str = "cpu", threads: int | None = None,
-             progress: Callable[[str, float], None] | None = None) -> dict[str, Any]:
+             progress: Progress | None = None) -> dict[str, Any]:
     """Run the Top-θ ONNX model and its PyTorch counterparts on held-out windows; return the report dict.
 
     ``out_dir`` is a folder written by the pipeline (model.onnx + thresholds.*); the explicit arguments
@@ -138,12 +139,12 @@ def validate(out_dir: str | os.PathLike | None = None, *, model=None, onnx_path=
     """
     import torch
 
-    from .data import as_token_tensor
-    from .models import load_model
-    from .thresholds import Thresholds
-    from .torch_attention import attention_mode
+    from ..data import as_token_tensor
+    from ..models import load_model
+    from ..thresholds import Thresholds
+    from ..torch.attention import attention_mode
 
-    step = progress or (lambda msg, frac: None)
+    step = emitter(progress, "validate")
     out_dir = Path(out_dir) if out_dir else None
     onnx_path = Path(onnx_path) if onnx_path else (out_dir / "model.onnx" if out_dir else None)
     if onnx_path is None:

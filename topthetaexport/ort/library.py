@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
-from ._errors import TopThetaError
+from .._errors import TopThetaError
+from ..onnx.names import DOMAIN, OP_TYPE, OP_VERSION
 
 LIBRARY_ENV = "TOPTHETA_OPS_LIBRARY"
 LIBRARY_NAME = "libtoptheta_ops.so"
-DOMAIN = "ai.toptheta"
-OP_TYPE = "TopThetaAttention"
-OP_VERSION = 1
 
 
 def library_path(required: bool = True) -> Path | None:
@@ -29,7 +29,7 @@ def library_path(required: bool = True) -> Path | None:
                 f"{LIBRARY_ENV}={env} does not exist: point it at a built {LIBRARY_NAME} or unset it"
             )
         return p
-    p = Path(__file__).resolve().parent / "_lib" / LIBRARY_NAME
+    p = Path(__file__).resolve().parent.parent / "_lib" / LIBRARY_NAME
     if p.is_file():
         return p
     if required:
@@ -103,3 +103,12 @@ def session(model_path: str | os.PathLike, *, device: str = "auto", threads: int
         raise TopThetaError(
             f"onnxruntime cannot load {model_path}: {first[:300]} (is it a complete ONNX file? re-export it)"
         ) from None
+
+
+def library_info() -> dict[str, Any]:
+    import onnxruntime as ort
+
+    lib = library_path()
+    h = hashlib.sha256(lib.read_bytes()).hexdigest()
+    return {"path": str(lib), "sha256": h, "onnxruntime_version": ort.__version__,
+            "domain": DOMAIN, "op": OP_TYPE, "op_version": OP_VERSION}

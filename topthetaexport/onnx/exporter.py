@@ -13,20 +13,19 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from ._errors import TopThetaError
-from ._io import atomic_path
+from .._errors import TopThetaError
+from .._io import atomic_path
+from ..progress import Progress, emitter
+from .names import META_PREFIX
 
 __all__ = ["export_onnx", "input_names", "output_names", "EXTERNAL_DATA_THRESHOLD", "META_PREFIX"]
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of parameters above which weights go to model.onnx.data
-META_PREFIX = "toptheta."
 _SAMPLE_BATCH, _SAMPLE_SEQ, _SAMPLE_PAST = 2, 5, 3
 
-Progress = Callable[[str, float], None]
 
 
 # -- graph signature ---------------------------------------------------------------------------------
@@ -162,15 +161,10 @@ def _first_line(e: BaseException) -> str:
 
 
 def _model_metadata(loaded, lm: bool, with_cache: bool) -> dict[str, str]:
-    from . import __version__
+    from .. import __version__
 
     cfg = loaded.model.config
-    window = getattr(cfg, "sliding_window", None)
-    if getattr(cfg, "use_sliding_window", True) is False:
-        window = None
-    layer_types = getattr(cfg, "layer_types", None) or []
-    if window and layer_types and all(t == "full_attention" for t in layer_types):
-        window = None
+    window = loaded.architecture.sliding_window(cfg)
     meta = {
         "version": __version__, "model": loaded.name, "model_type": loaded.model_type,
         "causal": int(bool(loaded.causal)), "is_lm": int(lm), "with_cache": int(with_cache),
@@ -190,10 +184,10 @@ def export_onnx(loaded, out_path, *, with_cache: bool | None = None, opset: int 
     ``input_ids``/``attention_mask`` -> ``last_hidden_state``. Weights go to ``<name>.data`` when the model
     is larger than 1 GB. The file is written atomically and checked with ``onnx.checker``.
     """
-    from .models import load_model
+    from ..models import load_model
 
     loaded = load_model(loaded)
-    prog = progress or (lambda msg, frac: None)
+    prog = emitter(progress, "export")
     out_path = Path(out_path)
     if out_path.is_dir() or out_path.suffix != ".onnx":
         raise TopThetaError(f"ONNX output path {out_path} must be a file ending in .onnx: pass e.g. "

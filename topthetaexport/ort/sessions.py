@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import runtime
-from ._errors import TopThetaError
+from . import library as runtime
+from .._errors import TopThetaError
 
 _PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _THETA_RE = re.compile(r"toptheta\.theta\.(\d+)$")

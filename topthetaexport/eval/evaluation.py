@@ -33,12 +33,13 @@ import platform
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from ._errors import TopThetaError
-from ._io import write_json
+from .._errors import TopThetaError
+from .._io import write_json
+from ..progress import Progress, emitter
 
 __all__ = ["evaluate", "Variant", "score_choices", "EVAL_FILES"]
 
@@ -195,8 +196,8 @@ def _embed(om, ids: np.ndarray, batch: int = 8) -> tuple[np.ndarray, dict[int, n
 # -- the run ---------------------------------------------------------------------------------------------
 
 def _open(model_path: Path, v: Variant, dense_layers, device: str, threads):
-    from .onnx_model import OnnxModel
-    from .topk_onnx import write_variant
+    from ..ort.sessions import OnnxModel
+    from ..onnx.variants import write_variant
 
     path = write_variant(model_path, kind=v.kind, k=v.k, dense_layers=dense_layers, thresholds=v.thresholds,
                          comp_mode=v.comp_mode)
@@ -215,7 +216,7 @@ def evaluate(out_dir, *, data=None, windows: int = 16, cross_data=None, cross_wi
              sweep: list[int] | None = None, comp_modes=(0, 1, 2), sweep_comp_modes=None, topk: bool = True,
              decode_rows: int = 16, decode_check: bool = True, device: str = "cpu", threads: int | None = None,
              output=None, command: str | None = None,
-             progress: Callable[[str, float], None] | None = None) -> dict[str, Any]:
+             progress: Progress | None = None) -> dict[str, Any]:
     """Evaluate ``out_dir/model.onnx`` (see the module doc); write the results into ``output`` if given.
 
     ``data``: in-domain text (default: the calibration text; windows after the calibration ones).
@@ -225,15 +226,15 @@ def evaluate(out_dir, *, data=None, windows: int = 16, cross_data=None, cross_wi
     items). ``sweep``: further k values (thresholds calibrated like the model's). ``comp_modes``: the Top-θ
     compensation modes at the model's k; ``sweep_comp_modes`` those at the other k (default: the same).
     """
-    from .calibrate import calibrate
-    from .data import token_batches
-    from .models import load_model
+    from ..torch.calibration import calibrate
+    from ..data import token_batches
+    from ..models import load_model
     from .tasks import build_window_cloze, load_task
-    from .thresholds import Thresholds
-    from .validate import _decode_check, _nll, _valid_counts, v_rows_read
+    from ..thresholds import Thresholds
+    from .validation import _decode_check, _nll, _valid_counts, v_rows_read
 
     t_start = time.perf_counter()
-    step = progress or (lambda msg, frac: None)
+    step = emitter(progress, "eval")
     out_dir = Path(out_dir)
     model_path = out_dir / "model.onnx"
     if not model_path.is_file():
@@ -311,7 +312,7 @@ def evaluate(out_dir, *, data=None, windows: int = 16, cross_data=None, cross_wi
         else:
             step(f"calibrating θ for k={k}", 0.02 + 0.08 * i / max(len(ks), 1))
             thk = calibrate(loaded, calib_source, k=k, seq_len=calib_len,
-                            num_samples=n_calib or 16, dense_layers=len(dense_layers), progress=False)
+                            num_samples=n_calib or 16, dense_layers=len(dense_layers), progress=None)
         thresholds_by_k[k] = thk
         if topk:
             variants.append(Variant("topk", k=k))
@@ -396,7 +397,7 @@ def evaluate(out_dir, *, data=None, windows: int = 16, cross_data=None, cross_wi
 
 
 def _model_comp_mode(model_path: Path) -> int:
-    from .validate import _read_op_attrs
+    from .validation import _read_op_attrs
 
     attrs = _read_op_attrs(model_path)
     return int(next(iter(attrs.values())).get("comp_mode", 0))
@@ -406,7 +407,7 @@ def _model_comp_mode(model_path: Path) -> int:
 
 def _retrieval_pairs(tok, source, seq_len: int, n: int, skip_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """(first halves, second halves) of ``n`` consecutive passages, each half one ``[CLS] .. [SEP]`` window."""
-    from .data import token_batches
+    from ..data import token_batches
 
     half = seq_len - 2
     body = 2 * half
@@ -444,8 +445,8 @@ def _assemble(loaded, th, out_dir, domains, seq_len, held_out, task_sets, result
               device, command) -> dict[str, Any]:
     import onnxruntime as ort
 
-    from . import __version__
-    from .pipeline import describe_data
+    from .. import __version__
+    from ..data import describe_data
 
     dense = results[0]
     for r in results:
@@ -645,7 +646,7 @@ def plot(report: dict, path: Path) -> None:
 
 def _write_outputs(output: Path, report: dict, task_sets) -> None:
     """Everything into a staging folder, renamed onto ``output`` at the end (never half-written)."""
-    from .pipeline import staged_output_dir
+    from .._io import staged_output_dir
     from .tasks import write_task
 
     with staged_output_dir(output, EVAL_FILES, "an eval output") as stage:

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from .rewrite import layer_of, load_onnx
-from .runtime import DOMAIN, OP_TYPE
+from .rewriter import layer_of, load_onnx
+from .names import DOMAIN, OP_TYPE
 
 __all__ = ["summarize", "format_summary"]
 

@@ -1,0 +1,75 @@
+"""The architecture registry: everything the stages need to know about a model family, one entry each.
+
+Adding a decoder whose attention goes through transformers' ``sdpa`` attention interface is one entry here:
+loading (models.py), calibration hooks (torch/attention.py), export metadata (onnx/exporter.py) and the
+layer mapping of the rewrite (onnx/rewriter.py) all read it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ._errors import TopThetaError
+
+
+def _no_window(cfg: Any) -> int:
+    return 0
+
+
+def _mistral_window(cfg: Any) -> int:
+    """Mistral/Qwen2 configs carry ``sliding_window`` even when it is off; 0 means every layer is global."""
+    window = getattr(cfg, "sliding_window", None) or 0
+    if getattr(cfg, "use_sliding_window", True) is False:
+        return 0
+    layer_types = getattr(cfg, "layer_types", None) or []
+    if layer_types and all(t == "full_attention" for t in layer_types):
+        return 0
+    return int(window)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One model family (a transformers ``model_type``)."""
+
+    model_type: str
+    # decoder LM with causal self-attention (AutoModelForCausalLM), else an encoder (AutoModel)
+    causal: bool
+    # attribute holding the list of transformer blocks, as it appears in module paths ("model.layers.3")
+    layers_attr: str
+    sliding_window: Callable[[Any], int] = _no_window
+
+    @property
+    def auto_class(self) -> str:
+        return "AutoModelForCausalLM" if self.causal else "AutoModel"
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.model_type: a
+    for a in (
+        Architecture("llama", causal=True, layers_attr="layers"),
+        Architecture("qwen2", causal=True, layers_attr="layers", sliding_window=_mistral_window),
+        Architecture("mistral", causal=True, layers_attr="layers", sliding_window=_mistral_window),
+        Architecture("gpt2", causal=True, layers_attr="h"),
+        Architecture("bert", causal=False, layers_attr="layer"),
+    )
+}
+
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
+
+# A block index inside a module path or an exporter name scope, for every registered layout.
+LAYER_PATH_RE = re.compile(
+    r"(?:^|\.)(?:" + "|".join(sorted({re.escape(a.layers_attr) for a in ARCHITECTURES.values()})) + r")\.(\d+)(?:\.|$)"
+)
+
+
+def architecture(model_type: Any, where: str) -> Architecture:
+    """The registry entry of ``model_type``; a one-line error naming the supported ones otherwise."""
+    arch = ARCHITECTURES.get(str(model_type)) if model_type is not None else None
+    if arch is None:
+        raise TopThetaError(
+            f"unsupported architecture '{model_type}' in {where}: supported model types are "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return arch
