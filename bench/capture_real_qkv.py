@@ -32,7 +32,7 @@ def main():
     loaded = tt.load_model("smollm2-135m")
     tokens = as_token_tensor("builtin:pydoc", loaded.tokenizer, seq_len=args.seq, num_samples=args.calib + 1)
     th = tt.calibrate(loaded, tokens[: args.calib], k=args.k, seq_len=args.seq, num_samples=args.calib,
-                      progress=False)
+                      progress=None)
     print(f"calibrated in {time.time() - t0:.0f}s", flush=True)
 
     captured = {}

@@ -99,7 +99,7 @@ def test_kv_cache_decode_matches_prefill(tiny_llama, tiny_tokens):
     """Top-θ with a DynamicCache: decode row positions are bottom-right aligned (r = P for the new token)."""
     lm = load_model(tiny_llama)
     ids = tiny_tokens(1, 40, seed=3)
-    th = calibrate(lm, tiny_tokens(4, 40, seed=4), k=6, dense_layers=1, progress=False)
+    th = calibrate(lm, tiny_tokens(4, 40, seed=4), k=6, dense_layers=1, progress=None)
     with torch.no_grad(), attention_mode(lm, "toptheta", thresholds=th, comp_mode=1):
         full = lm.model(input_ids=ids).logits
         pre = lm.model(input_ids=ids[:, :36], use_cache=True)
@@ -116,7 +116,7 @@ def test_calibrate_tiny(kind, request, tiny_tokens, tmp_path):
     lm = load_model(request.getfixturevalue(f"tiny_{kind}"))
     k, seq = 12, 96
     toks = tiny_tokens(6, seq, seed=1)
-    th = calibrate(lm, toks, k=k, seq_len=seq, num_samples=6, dense_layers=1, progress=False)
+    th = calibrate(lm, toks, k=k, seq_len=seq, num_samples=6, dense_layers=1, progress=None)
     assert th.theta.shape == th.sdc.shape == (3, 4, seq)
     assert th.theta.dtype == torch.float32
     assert torch.all(th.theta[0] == float("-inf")) and th.dense_layers == [0]
@@ -150,7 +150,7 @@ def test_calibrate_tiny(kind, request, tiny_tokens, tmp_path):
 def test_calibrate_sdc_changes_output(tiny_llama, tiny_tokens):
     lm = load_model(tiny_llama)
     toks = tiny_tokens(4, 64, seed=2)
-    th = calibrate(lm, toks, k=8, dense_layers=0, progress=False)
+    th = calibrate(lm, toks, k=8, dense_layers=0, progress=None)
     outs = {}
     with torch.no_grad():
         for mode in (0, 1, 2):
@@ -167,26 +167,26 @@ def test_calibrate_errors(tmp_path, tiny_llama, tiny_tokens):
     lm = load_model(tiny_llama)
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(TopThetaError, match="no text found"):
-        calibrate(lm, tmp_path / "empty.txt", progress=False)
+        calibrate(lm, tmp_path / "empty.txt", progress=None)
     with pytest.raises(TopThetaError, match="does not exist"):
-        calibrate(lm, tmp_path / "missing.txt", progress=False)
+        calibrate(lm, tmp_path / "missing.txt", progress=None)
     with pytest.raises(TopThetaError, match="no tokenizer"):
-        calibrate(lm, ["some text"], seq_len=8, progress=False)
+        calibrate(lm, ["some text"], seq_len=8, progress=None)
     with pytest.raises(TopThetaError, match="dense_layers=9"):
-        calibrate(lm, tiny_tokens(2, 16), dense_layers=9, progress=False)
+        calibrate(lm, tiny_tokens(2, 16), dense_layers=9, progress=None)
     with pytest.raises(TopThetaError, match="exceeds the model's 256 positions"):
-        calibrate(lm, tiny_tokens(1, 300), progress=False)
+        calibrate(lm, tiny_tokens(1, 300), progress=None)
     from transformers import T5Config, T5Model
 
     T5Model(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)).save_pretrained(
         str(tmp_path / "t5"))
     with pytest.raises(TopThetaError, match="unsupported architecture 't5'"):
-        calibrate(str(tmp_path / "t5"), tiny_tokens(2, 16), progress=False)
+        calibrate(str(tmp_path / "t5"), tiny_tokens(2, 16), progress=None)
 
 
 def test_calibrate_progress_output(tiny_gpt2, tiny_tokens, capsys):
     lm = load_model(tiny_gpt2)
-    th = calibrate(lm, tiny_tokens(2, 16), k=4, batch_size=2, progress=True)
+    th = calibrate(lm, tiny_tokens(2, 16), k=4, batch_size=2, progress=None)
     assert th.theta.shape == (3, 4, 16)
 
 
@@ -198,7 +198,7 @@ def test_smollm2_toptheta_perplexity(smollm2):
 
     lm = smollm2
     assert (lm.num_layers, lm.num_heads, lm.num_kv_heads, lm.head_dim, lm.model_type) == (30, 9, 3, 64, "llama")
-    th = calibrate(lm, "builtin:pydoc", k=64, seq_len=256, num_samples=4, progress=False)
+    th = calibrate(lm, "builtin:pydoc", k=64, seq_len=256, num_samples=4, progress=None)
     assert th.dense_layers == [0, 1] and th.theta.shape == (30, 9, 256)
     held_out = token_batches(lm.tokenizer, "builtin:pydoc", seq_len=256, num_samples=2, skip=4)
 

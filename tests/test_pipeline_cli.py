@@ -66,7 +66,7 @@ def test_cli_stages_and_inspect(tmp_path, tiny_gpt2, capsys):
     from topthetaexport.torch.calibration import calibrate
 
     th = calibrate(str(tiny_gpt2), make_tokens(2, 40), k=5, seq_len=40, num_samples=2, dense_layers=0,
-                   progress=False)
+                   progress=None)
     th_dir = tmp_path / "th"
     th.save(th_dir)
     dense = tmp_path / "dense.onnx"
