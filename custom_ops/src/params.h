@@ -1,5 +1,7 @@
-// Shared description of one TopThetaAttention call, filled by the op layer (register.cc / the CUDA
-// op) and consumed by the CPU and CUDA kernels. Semantics: docs/op.md.
+// The one description of a TopThetaAttention call: filled by the op layer (op_common.cc PrepareCall, for
+// the CPU and the CUDA op) and read as is by the CPU kernel, the CUDA kernels (inside cuda::KernelArgs) and
+// the CUDA C entry point (cuda/c_api.cc; bench/toptheta_cuda.py mirrors it field for field, checked at load).
+// Semantics: docs/op.md.
 #pragma once
 
 #include <cstdint>

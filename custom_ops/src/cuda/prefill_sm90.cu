@@ -150,12 +150,12 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
   const int64_t h = blk.h, b = blk.b;
   const int i0 = blk.i0;
   const int64_t kvh = h / a.G;
-  const float inv_scale = 1.f / a.scale;
-  const float c2 = a.scale * kLog2e;
-  const T* Qg = static_cast<const T*>(a.q) + (b * a.Hq + h) * a.Sq * D;
-  const T* Kg = static_cast<const T*>(a.k) + (b * a.Hkv + kvh) * a.Ktot * D;
-  const T* Vg = static_cast<const T*>(a.v) + (b * a.Hkv + kvh) * a.Ktot * D;
-  const int Sq = static_cast<int>(a.Sq), Ktot = static_cast<int>(a.Ktot);
+  const float inv_scale = 1.f / a.p.scale;
+  const float c2 = a.p.scale * kLog2e;
+  const T* Qg = static_cast<const T*>(a.p.q) + (b * a.p.Hq + h) * a.p.Sq * D;
+  const T* Kg = static_cast<const T*>(a.p.k) + (b * a.p.Hkv + kvh) * a.p.Ktot * D;
+  const T* Vg = static_cast<const T*>(a.p.v) + (b * a.p.Hkv + kvh) * a.p.Ktot * D;
+  const int Sq = static_cast<int>(a.p.Sq), Ktot = static_cast<int>(a.p.Ktot);
   const int off = Ktot - Sq;
   // MASK: the [B, Ktot] bool key-padding row. Whether a tile's 128 keys are all allowed is read one tile
   // ahead (4 bytes per lane into registers), so its latency hides behind a tile of work.
@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
 
   // Key range of the block (causal: up to its last row); the warp's first row position.
   const int last_row = min(i0 + kBM, Sq) - 1;
-  const int kend = a.causal ? min(Ktot, off + last_row + 1) : Ktot;
+  const int kend = a.p.causal ? min(Ktot, off + last_row + 1) : Ktot;
   const int ntiles = (kend + kBN - 1) / kBN;
   const int wfirst_pos = off + w0;
 
@@ -272,7 +272,7 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
     for (int x = 0; x < NS * 4; ++x) FenceReg(s[x]);
 
     // Threshold test: kept raw scores stay, the rest become -inf.
-    bool full = k0 + kBN <= Ktot && (!a.causal || k0 + kBN - 1 <= wfirst_pos);
+    bool full = k0 + kBN <= Ktot && (!a.p.causal || k0 + kBN - 1 <= wfirst_pos);
     if (MASK) {  // a tile with padded keys takes the per-element path
       full = full && __all_sync(kFull, kp_next == (1u << (kBN / 32)) - 1u);
       if (tile + 1 < ntiles) kp_next = kp_load(k0 + kBN);
@@ -307,7 +307,7 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
           const int i = w0 + g + 8 * r;
           const int j = k0 + n * 8 + 2 * t + (e & 1);
           const bool valid =
-              i < Sq && j < Ktot && (!a.causal || j <= off + i) && (!MASK || kpad[j] != 0);
+              i < Sq && j < Ktot && (!a.p.causal || j <= off + i) && (!MASK || kpad[j] != 0);
           const float x = valid && s[4 * n + e] >= th[r] ? s[4 * n + e] : -INFINITY;
           sp[4 * n + e] = x;
           tmax[r][n & 1] = fmaxf(tmax[r][n & 1], x);
@@ -397,9 +397,9 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
     const int i = w0 + g + 8 * r;
     if (i >= Sq) continue;
     const RowConst rc = RowConstants(a, h, i);
-    const int n_valid = static_cast<int>(a.causal ? min(rc.pos + 1, a.Ktot) : a.Ktot);
-    const RowFinal f = FinishRow(a, ls, m[r] * a.scale, rc.theta, rc.rho, 0, n_valid);
-    T* out = static_cast<T*>(a.out) + ((b * a.Hq + h) * a.Sq + i) * D;
+    const int n_valid = static_cast<int>(a.p.causal ? min(rc.pos + 1, a.p.Ktot) : a.p.Ktot);
+    const RowFinal f = FinishRow(a, ls, m[r] * a.p.scale, rc.theta, rc.rho, 0, n_valid);
+    T* out = static_cast<T*>(a.p.out) + ((b * a.p.Hq + h) * a.p.Sq + i) * D;
 #pragma unroll
     for (int n = 0; n < NO; ++n) {
       *reinterpret_cast<uint32_t*>(out + n * 8 + 2 * t) = Elem<T>::Pack(o[4 * n + 2 * r] * f.inv, o[4 * n + 2 * r + 1] * f.inv);
@@ -414,15 +414,15 @@ cudaError_t RunM(const KernelArgs& a, cudaStream_t stream) {
   static_assert(smem <= 227 * 1024, "shared memory");
   cudaError_t e = AllowSmem<PrefillSm90Kernel<T, D, MASK>>(smem);
   if (e != cudaSuccess) return e;
-  const int64_t ntq = (a.Sq + kBM - 1) / kBM;
-  const dim3 grid(static_cast<unsigned>(a.B * a.Hq * ntq));
+  const int64_t ntq = (a.p.Sq + kBM - 1) / kBM;
+  const dim3 grid(static_cast<unsigned>(a.p.B * a.p.Hq * ntq));
   PrefillSm90Kernel<T, D, MASK><<<grid, kThreads, smem, stream>>>(a);
   return cudaGetLastError();
 }
 
 template <typename T, int D>
 cudaError_t Run(const KernelArgs& a, cudaStream_t stream) {
-  return a.mask_kind != 0 ? RunM<T, D, true>(a, stream) : RunM<T, D, false>(a, stream);
+  return a.p.mask_kind != MaskKind::kNone ? RunM<T, D, true>(a, stream) : RunM<T, D, false>(a, stream);
 }
 
 }  // namespace
@@ -448,8 +448,8 @@ bool PrefillSm90Available(int device) {
 }
 
 cudaError_t LaunchPrefillSm90(const KernelArgs& a, cudaStream_t stream) {
-  if (a.dtype == 2) return a.D == 64 ? Run<__nv_bfloat16, 64>(a, stream) : Run<__nv_bfloat16, 128>(a, stream);
-  return a.D == 64 ? Run<__half, 64>(a, stream) : Run<__half, 128>(a, stream);
+  if (a.p.dtype == DType::kBF16) return a.p.D == 64 ? Run<__nv_bfloat16, 64>(a, stream) : Run<__nv_bfloat16, 128>(a, stream);
+  return a.p.D == 64 ? Run<__half, 64>(a, stream) : Run<__half, 128>(a, stream);
 }
 
 }  // namespace cuda

@@ -89,6 +89,7 @@ class Scratch {
 struct CudaKernel {
   OpAttributes attrs;
   DType dtype;
+  KernelOptions options = KernelOptionsFromEnv();  // TOPTHETA_* overrides, read once per kernel
   std::atomic<bool> use_ort_allocator{true};
 
   CudaKernel(OpAttributes a, DType t) : attrs(std::move(a)), dtype(t) {}
@@ -103,7 +104,7 @@ struct CudaKernel {
     AttnParams& p = call.params;
     cudaStream_t stream = static_cast<cudaStream_t>(ctx.GetGPUComputeStream());
     const int device = ctx.GetInput(0).GetTensorMemoryInfo().GetDeviceId();
-    const Plan plan = MakePlan(p, device);
+    const Plan plan = MakePlan(p, DevicePropsOf(device), options);
 
     // Scratch: concatenated K / V where no present output receives them, then the kernel workspace.
     size_t kv_off[2] = {0, 0}, total = 0;
