@@ -102,6 +102,14 @@ __device__ __forceinline__ void CpAsyncWait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// max(a, b), but NaN when either is NaN (fmaxf drops a NaN): a row's NaN score then still marks its tile as
+// live, so that the NaN reaches the softmax (docs/op.md, "NaN"). Same cost as fmaxf (sm_80+).
+__device__ __forceinline__ float MaxNan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;\n" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
 __device__ __forceinline__ float Exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
@@ -265,7 +273,7 @@ __device__ __forceinline__ RowConst RowConstants(const KernelArgs& a, int64_t h,
 // Final value of one row (docs/op.md): the compensation Dp from the counts, then
 // (N + Dp * vbar) / (Dk + Dp). `num` is N[d] and `vbar` the V mean (comp_mode 2) or null.
 struct RowFinal {
-  float inv;      // 1 / (Dk + Dp), 0 when the denominator is 0
+  float inv;      // 1 / (Dk + Dp), 0 when the denominator is 0, NaN when it is NaN
   float dp_inv;   // Dp / (Dk + Dp) when V-mean compensation applies, else 0
 };
 
@@ -278,7 +286,7 @@ __device__ __forceinline__ RowFinal FinishRow(const KernelArgs& a, float dk, flo
   }
   const float den = dk + dp;
   RowFinal f;
-  f.inv = den > 0.f ? 1.f / den : 0.f;
+  f.inv = !(den <= 0.f) ? 1.f / den : 0.f;  // a NaN denominator (a NaN score was kept) keeps the row NaN
   f.dp_inv = (a.p.comp_mode == 2 && dp > 0.f) ? dp * f.inv : 0.f;
   return f;
 }

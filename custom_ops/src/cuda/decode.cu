@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
           if (MASK && valid) valid = MaskAt(a, mrow[r], j, &add);
         }
         x += add;
-        const bool kept = valid && (mean || x >= theta[r]);
+        const bool kept = valid && (mean || !(x < theta[r]));  // NaN is kept: the row becomes NaN
         nv[r] += valid;
         nk[r] += kept;
         s[n][e] = kept ? x : -INFINITY;

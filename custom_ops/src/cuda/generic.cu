@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(kThreads) GenericKernel(const KernelArgs a) {
     if (!Valid(a, mrow, rc.pos, j, &add)) continue;
     nv += 1.f;
     const float s = a.p.scale * Score(a, qs, K + j * a.p.D) + add;
-    if (s >= rc.theta) {
+    if (!(s < rc.theta)) {  // NaN is kept: it makes the row NaN (docs/op.md, "NaN")
       nk += 1.f;
       mx = fmaxf(mx, s);
     }
@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kThreads) GenericKernel(const KernelArgs a) {
     if (j < a.p.Ktot && Valid(a, mrow, rc.pos, j, &add)) {
       u = 1.f;
       const float s = a.p.scale * Score(a, qs, K + j * a.p.D) + add;
-      if (s >= rc.theta) w = expf(s - m);
+      if (!(s < rc.theta)) w = expf(s - m);
     }
     dk += w;
     __syncthreads();

@@ -200,7 +200,8 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
         }
       }
 
-      // Threshold test: s keeps kept raw scores and -inf elsewhere; bit 4n+e of km[mt] = kept.
+      // Threshold test: s keeps kept raw scores and -inf elsewhere; bit 4n+e of km[mt] = kept. The test is
+      // !(s < θ), so that a NaN score is kept and makes its row NaN (docs/op.md, "NaN").
       bool full = k0 + kBN <= Ktot && (!a.p.causal || k0 + kBN - 1 <= wfirst_pos);
       if (MASK) full = full && kpad != nullptr && KeysAllAllowed(kpad, k0, kBN, Ktot, lane);
       uint32_t km[MT] = {};
@@ -215,7 +216,8 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
         const int r = 2 * mt + (e >> 1);
         const float x = kept ? s[mt][n][e] : -INFINITY;
         s[mt][n][e] = x;
-        tmax[r][n % NA] = fmaxf(tmax[r][n % NA], x);
+        // COUNT = false finds live tiles from tmax: a kept NaN must make it NaN, not be dropped.
+        tmax[r][n % NA] = COUNT ? fmaxf(tmax[r][n % NA], x) : MaxNan(tmax[r][n % NA], x);
         if (COUNT) km[mt] |= kept ? (1u << (4 * n + e)) : 0u;
       };
       if (full) {
@@ -224,7 +226,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
 #pragma unroll
           for (int n = 0; n < NS; ++n) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) mark(mt, n, e, s[mt][n][e] >= th[2 * mt + (e >> 1)]);
+            for (int e = 0; e < 4; ++e) mark(mt, n, e, !(s[mt][n][e] < th[2 * mt + (e >> 1)]));
           }
         }
         if (MASK) {
@@ -248,7 +250,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
                 if (!mean) s[mt][n][e] = fmaf(add, inv_scale, s[mt][n][e]);  // mean pass: P = 1
                 nv[r] += valid;
               }
-              mark(mt, n, e, valid && s[mt][n][e] >= th[r]);
+              mark(mt, n, e, valid && !(s[mt][n][e] < th[r]));
             }
           }
         }

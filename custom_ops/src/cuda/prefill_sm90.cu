@@ -271,7 +271,8 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
 #pragma unroll
     for (int x = 0; x < NS * 4; ++x) FenceReg(s[x]);
 
-    // Threshold test: kept raw scores stay, the rest become -inf.
+    // Threshold test: kept raw scores stay, the rest become -inf. The test is !(s < θ) and the tile max keeps
+    // NaN (MaxNan), so that a NaN score is kept, the tile is live and the row becomes NaN (docs/op.md, "NaN").
     bool full = k0 + kBN <= Ktot && (!a.p.causal || k0 + kBN - 1 <= wfirst_pos);
     if (MASK) {  // a tile with padded keys takes the per-element path
       full = full && __all_sync(kFull, kp_next == (1u << (kBN / 32)) - 1u);
@@ -289,13 +290,14 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
           const int r = e >> 1;
           // The max may take pruned scores too: they are below θ <= m, so they never raise the running max
           // (and the max does not wait for the select).
-          sp[4 * n + e] = s[4 * n + e] >= th[r] ? s[4 * n + e] : -INFINITY;
-          tmax[r][n & 1] = fmaxf(tmax[r][n & 1], s[4 * n + e]);
+          sp[4 * n + e] = s[4 * n + e] < th[r] ? -INFINITY : s[4 * n + e];
+          tmax[r][n & 1] = MaxNan(tmax[r][n & 1], s[4 * n + e]);
         }
       }
 #pragma unroll
       for (int r = 0; r < 2; ++r) {  // nothing kept in the row: as in the masked path, -inf
-        tmax[r][0] = fmaxf(tmax[r][0], tmax[r][1]) >= th[r] ? fmaxf(tmax[r][0], tmax[r][1]) : -INFINITY;
+        const float t = MaxNan(tmax[r][0], tmax[r][1]);
+        tmax[r][0] = t < th[r] ? -INFINITY : t;
         tmax[r][1] = -INFINITY;
       }
     } else {
@@ -308,9 +310,9 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
           const int j = k0 + n * 8 + 2 * t + (e & 1);
           const bool valid =
               i < Sq && j < Ktot && (!a.p.causal || j <= off + i) && (!MASK || kpad[j] != 0);
-          const float x = valid && s[4 * n + e] >= th[r] ? s[4 * n + e] : -INFINITY;
+          const float x = valid && !(s[4 * n + e] < th[r]) ? s[4 * n + e] : -INFINITY;
           sp[4 * n + e] = x;
-          tmax[r][n & 1] = fmaxf(tmax[r][n & 1], x);
+          tmax[r][n & 1] = MaxNan(tmax[r][n & 1], x);
         }
       }
     }
