@@ -87,8 +87,8 @@ inline void Dot4(const float* q, const float* k, int64_t n, double* out) {
 }
 
 struct Scratch {
-  std::vector<float> q;     // [kRowsPerTask, D] query rows as float
-  std::vector<double> dots;  // [kRowsPerTask, Ktot] <q_i, k_j>
+  std::vector<float> q;                      // [kRowsPerTask, D] query rows as float
+  std::vector<double> dots;                  // [kRowsPerTask, Ktot] <q_i, k_j>
   std::vector<float> acc, vbar, score, row;  // row: one K or V row converted to float
   std::vector<int32_t> idx;
   void Fit(const AttnParams& p) {

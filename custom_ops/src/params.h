@@ -12,9 +12,9 @@ enum class DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
 enum class MaskKind : int {
   kNone = 0,
-  kBool = 1,       // bool, true = may attend
-  kAdditive = 2,   // additive float mask of the same type as Q (T)
-  kAdditiveF32 = 3 // additive float32 mask when T is not float32
+  kBool = 1,        // bool, true = may attend
+  kAdditive = 2,    // additive float mask of the same type as Q (T)
+  kAdditiveF32 = 3  // additive float32 mask when T is not float32
 };
 
 struct AttnParams {
@@ -39,8 +39,8 @@ struct AttnParams {
   const void* mask = nullptr;
   int64_t mask_sb = 0, mask_sh = 0, mask_sq = 0;
 
-  void* out = nullptr;       // [B, Hq, Sq, Dv]
-  int32_t* kept = nullptr;   // [B, Hq, Sq] or null
+  void* out = nullptr;      // [B, Hq, Sq, Dv]
+  int32_t* kept = nullptr;  // [B, Hq, Sq] or null
 };
 
 // Row position of query index i (bottom-right aligned) and its threshold row.

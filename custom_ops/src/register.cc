@@ -68,8 +68,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
   if (!api) {
     const OrtApi* v1 = api_base->GetApi(1);
-    return v1 ? v1->CreateStatus(ORT_FAIL, "libtoptheta_ops needs onnxruntime >= 1.21: upgrade onnxruntime")
-              : nullptr;
+    return v1 ? v1->CreateStatus(ORT_FAIL, "libtoptheta_ops needs onnxruntime >= 1.21: upgrade onnxruntime") : nullptr;
   }
   Ort::InitApi(api);
   return toptheta::StatusFrom([&] {

@@ -24,31 +24,38 @@ static_assert(sizeof(AttnParams) == 176, "AttnParams changed: update bench/topth
 static_assert(sizeof(KernelOptions) == 12, "KernelOptions changed: update bench/toptheta_cuda.py");
 static_assert(sizeof(Plan) == 24, "Plan changed: update bench/toptheta_cuda.py");
 
-#define TOPTHETA_FIELD(S, f) (" " #f "@" + std::to_string(offsetof(S, f)))
+// The fields of each struct in declaration order (what bench/toptheta_cuda.py's mirrors must list).
+// clang-format off
+#define TOPTHETA_ATTN_PARAMS_FIELDS(X)                                                          \
+  X(B) X(Hq) X(Hkv) X(Sq) X(Ktot) X(D) X(Dv) X(R) X(scale) X(causal) X(comp_mode) X(dtype)    \
+  X(q) X(k) X(v) X(theta) X(sdc) X(mask_kind) X(mask) X(mask_sb) X(mask_sh) X(mask_sq) X(out) \
+  X(kept)
+// clang-format on
+#define TOPTHETA_KERNEL_OPTIONS_FIELDS(X) X(force_generic) X(decode_splits) X(prefill_variant)
+#define TOPTHETA_PLAN_FIELDS(X) X(path) X(splits) X(prefill_variant) X(workspace)
 
-// "Name size: field@offset ...; ..." of the three structs, in declaration order.
+// "Name size: field@offset ...; ..." of the three structs.
 std::string Abi() {
-  std::string s = "AttnParams " + std::to_string(sizeof(AttnParams)) + ":";
-  for (const std::string& f :
-       {TOPTHETA_FIELD(AttnParams, B), TOPTHETA_FIELD(AttnParams, Hq), TOPTHETA_FIELD(AttnParams, Hkv),
-        TOPTHETA_FIELD(AttnParams, Sq), TOPTHETA_FIELD(AttnParams, Ktot), TOPTHETA_FIELD(AttnParams, D),
-        TOPTHETA_FIELD(AttnParams, Dv), TOPTHETA_FIELD(AttnParams, R), TOPTHETA_FIELD(AttnParams, scale),
-        TOPTHETA_FIELD(AttnParams, causal), TOPTHETA_FIELD(AttnParams, comp_mode), TOPTHETA_FIELD(AttnParams, dtype),
-        TOPTHETA_FIELD(AttnParams, q), TOPTHETA_FIELD(AttnParams, k), TOPTHETA_FIELD(AttnParams, v),
-        TOPTHETA_FIELD(AttnParams, theta), TOPTHETA_FIELD(AttnParams, sdc), TOPTHETA_FIELD(AttnParams, mask_kind),
-        TOPTHETA_FIELD(AttnParams, mask), TOPTHETA_FIELD(AttnParams, mask_sb), TOPTHETA_FIELD(AttnParams, mask_sh),
-        TOPTHETA_FIELD(AttnParams, mask_sq), TOPTHETA_FIELD(AttnParams, out), TOPTHETA_FIELD(AttnParams, kept)}) {
-    s += f;
+  std::string s;
+#define TOPTHETA_FIELD(f) s += " " #f "@" + std::to_string(offsetof(Struct, f));
+  {
+    using Struct = AttnParams;
+    s += "AttnParams " + std::to_string(sizeof(Struct)) + ":";
+    TOPTHETA_ATTN_PARAMS_FIELDS(TOPTHETA_FIELD)
   }
-  s += "; KernelOptions " + std::to_string(sizeof(KernelOptions)) + ":" +
-       TOPTHETA_FIELD(KernelOptions, force_generic) + TOPTHETA_FIELD(KernelOptions, decode_splits) +
-       TOPTHETA_FIELD(KernelOptions, prefill_variant);
-  s += "; Plan " + std::to_string(sizeof(Plan)) + ":" + TOPTHETA_FIELD(Plan, path) + TOPTHETA_FIELD(Plan, splits) +
-       TOPTHETA_FIELD(Plan, prefill_variant) + TOPTHETA_FIELD(Plan, workspace);
+  {
+    using Struct = KernelOptions;
+    s += "; KernelOptions " + std::to_string(sizeof(Struct)) + ":";
+    TOPTHETA_KERNEL_OPTIONS_FIELDS(TOPTHETA_FIELD)
+  }
+  {
+    using Struct = Plan;
+    s += "; Plan " + std::to_string(sizeof(Struct)) + ":";
+    TOPTHETA_PLAN_FIELDS(TOPTHETA_FIELD)
+  }
+#undef TOPTHETA_FIELD
   return s;
 }
-
-#undef TOPTHETA_FIELD
 
 }  // namespace
 
@@ -68,8 +75,8 @@ __attribute__((visibility("default"))) void toptheta_cuda_options_from_env(Kerne
 // under `options` (null: none), and returns that choice in *plan_out (may be null). Returns 0, or -1 with a
 // message in err. Scratch is a cached device buffer (grown with a stream sync; not for concurrent callers).
 __attribute__((visibility("default"))) int toptheta_cuda_attention(const AttnParams* params,
-                                                                  const KernelOptions* options, Plan* plan_out,
-                                                                  void* stream, char* err, int err_len) {
+                                                                   const KernelOptions* options, Plan* plan_out,
+                                                                   void* stream, char* err, int err_len) {
   using namespace toptheta;
   static std::mutex mu;
   static void* buf = nullptr;

@@ -216,7 +216,9 @@ __device__ __forceinline__ bool MaskAt(const KernelArgs& a, const char* row, int
 // Start of the mask row of (b, h, i) (element size folded in), or null without a mask.
 __device__ __forceinline__ const char* MaskRow(const KernelArgs& a, int64_t b, int64_t h, int64_t i) {
   if (a.p.mask_kind == MaskKind::kNone) return nullptr;
-  const int64_t esz = a.p.mask_kind == MaskKind::kBool ? 1 : (a.p.mask_kind == MaskKind::kAdditive && a.p.dtype != DType::kF32) ? 2 : 4;
+  const int64_t esz = a.p.mask_kind == MaskKind::kBool                                     ? 1
+                      : (a.p.mask_kind == MaskKind::kAdditive && a.p.dtype != DType::kF32) ? 2
+                                                                                           : 4;
   return static_cast<const char*>(a.p.mask) + (b * a.p.mask_sb + h * a.p.mask_sh + i * a.p.mask_sq) * esz;
 }
 
@@ -273,8 +275,8 @@ __device__ __forceinline__ RowConst RowConstants(const KernelArgs& a, int64_t h,
 // Final value of one row (docs/op.md): the compensation Dp from the counts, then
 // (N + Dp * vbar) / (Dk + Dp). `num` is N[d] and `vbar` the V mean (comp_mode 2) or null.
 struct RowFinal {
-  float inv;      // 1 / (Dk + Dp), 0 when the denominator is 0, NaN when it is NaN
-  float dp_inv;   // Dp / (Dk + Dp) when V-mean compensation applies, else 0
+  float inv;     // 1 / (Dk + Dp), 0 when the denominator is 0, NaN when it is NaN
+  float dp_inv;  // Dp / (Dk + Dp) when V-mean compensation applies, else 0
 };
 
 __device__ __forceinline__ RowFinal FinishRow(const KernelArgs& a, float dk, float m, float theta, float rho,

@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
   // This warp's rows: o relative to m, sums over the quad; then the block merges its 4 warps in
   // shared memory (the staging tiles are free once every warp is here) and writes one partial per row.
   __syncthreads();
-  float* so = reinterpret_cast<float*>(smem);                // [warps][16][D]
+  float* so = reinterpret_cast<float*>(smem);                     // [warps][16][D]
   float4* sst = reinterpret_cast<float4*>(so + kWarps * 16 * D);  // [warps][16]
 #pragma unroll
   for (int r = 0; r < 2; ++r) {

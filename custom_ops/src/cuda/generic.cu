@@ -62,11 +62,11 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) GenericKernel(const KernelArgs a) {
   extern __shared__ float sm[];
   __shared__ float red[32];
-  float* qs = sm;               // [D]
-  float* acc = qs + a.p.D;        // [Dv]   sum of p * v
-  float* vsum = acc + a.p.Dv;     // [Dv]   sum of valid v (V-mean compensation)
-  float* pw = vsum + a.p.Dv;      // [kThreads] weights of one key chunk
-  float* uw = pw + kThreads;    // [kThreads] validity of one key chunk
+  float* qs = sm;              // [D]
+  float* acc = qs + a.p.D;     // [Dv]   sum of p * v
+  float* vsum = acc + a.p.Dv;  // [Dv]   sum of valid v (V-mean compensation)
+  float* pw = vsum + a.p.Dv;   // [kThreads] weights of one key chunk
+  float* uw = pw + kThreads;   // [kThreads] validity of one key chunk
 
   const int64_t i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int64_t g = h / a.G;
@@ -141,8 +141,8 @@ template <typename T>
 cudaError_t Run(const KernelArgs& a, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(a.p.D + 2 * a.p.Dv + 2 * kThreads) * sizeof(float);
   if (smem > 48 * 1024) {  // very large head dims only
-    cudaError_t e = cudaFuncSetAttribute(GenericKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
+    cudaError_t e =
+        cudaFuncSetAttribute(GenericKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
   dim3 grid(static_cast<unsigned>(a.p.Sq), static_cast<unsigned>(a.p.Hq), static_cast<unsigned>(a.p.B));

@@ -56,8 +56,8 @@ KernelOptions KernelOptionsFromEnv() {
 
 Plan MakePlan(const AttnParams& p, const DeviceProps& device, const KernelOptions& options) {
   Plan plan;
-  const bool fast = p.dtype != DType::kF32 && p.D == p.Dv && (p.D == 64 || p.D == 128) && p.Ktot > 0 &&
-                    !options.force_generic;
+  const bool fast =
+      p.dtype != DType::kF32 && p.D == p.Dv && (p.D == 64 || p.D == 128) && p.Ktot > 0 && !options.force_generic;
   if (fast) {
     plan.path = (p.Hq / p.Hkv) * p.Sq <= kDecodeRows ? Path::kDecode : Path::kPrefill;
   }

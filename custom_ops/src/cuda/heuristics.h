@@ -25,8 +25,8 @@ constexpr int kPrefillDefault = -1;  // 3 where the Hopper kernel applies, else 
 // Overrides of the kernel choice, for tests and benchmarks. The onnxruntime op reads them from the
 // environment once, when the kernel is created; the C entry point takes them as an argument.
 struct KernelOptions {
-  int32_t force_generic = 0;                // TOPTHETA_CUDA_PATH=generic: 1
-  int32_t decode_splits = 0;                // TOPTHETA_DECODE_SPLITS=N (> 0; 0 = heuristic)
+  int32_t force_generic = 0;                  // TOPTHETA_CUDA_PATH=generic: 1
+  int32_t decode_splits = 0;                  // TOPTHETA_DECODE_SPLITS=N (> 0; 0 = heuristic)
   int32_t prefill_variant = kPrefillDefault;  // TOPTHETA_PREFILL_VARIANT=0|1|2|3
 };
 
@@ -43,9 +43,9 @@ struct DeviceProps {
 
 struct Plan {
   Path path = Path::kGeneric;
-  int32_t splits = 1;                          // decode: key splits per (batch, kv head), one partial each
-  int32_t prefill_variant = kPrefillDefault;   // prefill: the kernel (above); kPrefillDefault: 2
-  size_t workspace = 0;                        // device scratch bytes Launch needs
+  int32_t splits = 1;                         // decode: key splits per (batch, kv head), one partial each
+  int32_t prefill_variant = kPrefillDefault;  // prefill: the kernel (above); kPrefillDefault: 2
+  size_t workspace = 0;                       // device scratch bytes Launch needs
 };
 
 // Byte offsets inside the workspace.

@@ -13,7 +13,7 @@ namespace toptheta {
 namespace cuda {
 namespace {
 
-constexpr int kBN = 64;   // keys per tile
+constexpr int kBN = 64;  // keys per tile
 
 // Block-wide copy of the K (when with_k) and V rows [k0, k0 + kBN) into swizzled tiles. Thread tid
 // always copies chunk tid % CH of rows tid / CH + i * RPI; RPI is a multiple of 8, so the swizzle of
@@ -57,11 +57,11 @@ template <typename T, int D, bool MASK, int MT, int WARPS, bool COUNT>
 __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs a) {
   constexpr int THREADS = WARPS * 32;
   constexpr int kBM = RowsPerBlock<MT, WARPS>();
-  constexpr int CH = D / 8;       // 16-byte chunks per K/V row
-  constexpr int KS = D / 16;      // k-steps of Q K^T
-  constexpr int NS = kBN / 8;     // n-blocks of S (8 keys each)
-  constexpr int NO = D / 8;       // n-blocks of O (8 columns each)
-  constexpr int RT = 2 * MT;      // rows per thread
+  constexpr int CH = D / 8;            // 16-byte chunks per K/V row
+  constexpr int KS = D / 16;           // k-steps of Q K^T
+  constexpr int NS = kBN / 8;          // n-blocks of S (8 keys each)
+  constexpr int NO = D / 8;            // n-blocks of O (8 columns each)
+  constexpr int RT = 2 * MT;           // rows per thread
   constexpr int NA = MT == 1 ? 2 : 1;  // independent max / sum chains per row (MT = 2 has ILP already)
   constexpr uint32_t kRowBytes = CH * 16;
   constexpr uint32_t kTileBytes = kBN * kRowBytes;

@@ -12,9 +12,10 @@
 //   named barrier. The two warpgroups issue their MMAs by turns (ping-pong), so that one warpgroup's softmax
 //   runs while the other's MMAs do. Tiles wholly above the causal diagonal are not visited.
 // It covers the rewrite's default call (no mask or a [B, Ktot] bool key-padding mask, no `kept` output, comp_mode
-// 0: COUNT = false of prefill.cu); every other call runs prefill.cu's kernel. ptxas must not serialise the wgmma pipeline (its C7514/C7515/
-// C7520 notes): branches around MMAs are on warp-uniform values, and no other instruction writes an
-// accumulator while a group is in flight. Semantics: docs/op.md; design notes: docs/cuda-notes.md.
+// 0: COUNT = false of prefill.cu); every other call runs prefill.cu's kernel. ptxas must not serialise the wgmma
+// pipeline (its notes C7514, C7515, C7520): branches around MMAs are on warp-uniform values, and no other
+// instruction writes an accumulator while a group is in flight. Semantics: docs/op.md; design notes:
+// docs/cuda-notes.md.
 #include <type_traits>
 
 #include "common.cuh"
@@ -24,10 +25,10 @@ namespace toptheta {
 namespace cuda {
 namespace {
 
-constexpr int kWG = 2;              // warpgroups (64 query rows each)
+constexpr int kWG = 2;  // warpgroups (64 query rows each)
 constexpr int kThreads = 128 * kWG;
-constexpr int kBM = 64 * kWG;       // query rows per block
-constexpr int kBN = 128;            // keys per tile
+constexpr int kBM = 64 * kWG;  // query rows per block
+constexpr int kBN = 128;       // keys per tile
 constexpr int kStages = 3;
 
 template <int D>
@@ -37,8 +38,7 @@ constexpr int TileBytes() {
 
 template <int D>
 constexpr int SmemBytes() {
-  return kBM * D * 2 + kStages * 2 * TileBytes<D>() + 1024 /* alignment */ + 64 /* chunk flags */ +
-         64 /* mbarriers */;
+  return kBM * D * 2 + kStages * 2 * TileBytes<D>() + 1024 /* alignment */ + 64 /* chunk flags */ + 64 /* mbarriers */;
 }
 
 // Byte offset of 16-byte chunk `ch` of row `r` in a tile of ROWS rows: 64-column blocks one after the other,
@@ -62,8 +62,7 @@ __device__ __forceinline__ void LoadRows(uint32_t dst, const void* src, int r0, 
   if (r0 + ROWS <= n) {
 #pragma unroll
     for (int i = 0; i < ROWS / RPI; ++i) {
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s0 + i * RPI * 128),
-                   "l"(g0 + i * RPI * D * 2));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s0 + i * RPI * 128), "l"(g0 + i * RPI * D * 2));
     }
   } else {
 #pragma unroll
@@ -125,8 +124,8 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
   extern __shared__ unsigned char smem_raw[];
   const uint32_t base = (SmemAddr(smem_raw) + 1023u) & ~1023u;
   const uint32_t qbase = base, kvbase = base + kBM * D * 2;
-  uint32_t* flags = reinterpret_cast<uint32_t*>(smem_raw + (base - SmemAddr(smem_raw)) + kBM * D * 2 +
-                                                kStages * 2 * kTile);
+  uint32_t* flags =
+      reinterpret_cast<uint32_t*>(smem_raw + (base - SmemAddr(smem_raw)) + kBM * D * 2 + kStages * 2 * kTile);
   // Per stage a "full" barrier (every thread's copies of the tile landed) and an "empty" one (every thread
   // is done with the tile: its S and P·V finished), so that the warpgroups never wait for each other at a
   // block barrier (measured 7 % faster at 16k than a __syncthreads per tile).
@@ -172,8 +171,8 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
   };
   if (MASK) kp_next = kp_load(0);
 
-  const int g0 = i0 + wg * 64;      // first row of the warpgroup
-  const int w0 = g0 + wq * 16;      // first row of the warp
+  const int g0 = i0 + wg * 64;  // first row of the warpgroup
+  const int w0 = g0 + wq * 16;  // first row of the warp
   float th[2], m[2], l[2][2];
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
@@ -192,8 +191,8 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
   float o[NO * 4];
 #pragma unroll
   for (int x = 0; x < NO * 4; ++x) o[x] = 0.f;
-  uint32_t pk[KV][4];     // P of the previous tile (A fragments of its P·V)
-  uint32_t pv_mask = 0;   // its 16-key chunks to multiply (same in the whole warpgroup); 0 = none pending
+  uint32_t pk[KV][4];    // P of the previous tile (A fragments of its P·V)
+  uint32_t pv_mask = 0;  // its 16-key chunks to multiply (same in the whole warpgroup); 0 = none pending
   int pv_stage = 0;
 
   LoadRows<kBM, D>(qbase, Qg, i0, Sq);
@@ -308,8 +307,7 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
           const int r = e >> 1;
           const int i = w0 + g + 8 * r;
           const int j = k0 + n * 8 + 2 * t + (e & 1);
-          const bool valid =
-              i < Sq && j < Ktot && (!a.p.causal || j <= off + i) && (!MASK || kpad[j] != 0);
+          const bool valid = i < Sq && j < Ktot && (!a.p.causal || j <= off + i) && (!MASK || kpad[j] != 0);
           const float x = valid && !(s[4 * n + e] < th[r]) ? s[4 * n + e] : -INFINITY;
           sp[4 * n + e] = x;
           tmax[r][n & 1] = MaxNan(tmax[r][n & 1], x);
@@ -317,8 +315,8 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
       }
     }
     float alpha[2] = {1.f, 1.f};
-    const bool live = tmax[0][0] != -INFINITY || tmax[0][1] != -INFINITY || tmax[1][0] != -INFINITY ||
-                      tmax[1][1] != -INFINITY;
+    const bool live =
+        tmax[0][0] != -INFINITY || tmax[0][1] != -INFINITY || tmax[1][0] != -INFINITY || tmax[1][1] != -INFINITY;
     const bool warp_live = __any_sync(kFull, live);
     if (warp_live) {
       float mc[2];
@@ -404,7 +402,8 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
     T* out = static_cast<T*>(a.p.out) + ((b * a.p.Hq + h) * a.p.Sq + i) * D;
 #pragma unroll
     for (int n = 0; n < NO; ++n) {
-      *reinterpret_cast<uint32_t*>(out + n * 8 + 2 * t) = Elem<T>::Pack(o[4 * n + 2 * r] * f.inv, o[4 * n + 2 * r + 1] * f.inv);
+      *reinterpret_cast<uint32_t*>(out + n * 8 + 2 * t) =
+          Elem<T>::Pack(o[4 * n + 2 * r] * f.inv, o[4 * n + 2 * r + 1] * f.inv);
     }
   }
 #endif  // TOPTHETA_SM90A_DEVICE
@@ -450,7 +449,8 @@ bool PrefillSm90Available(int device) {
 }
 
 cudaError_t LaunchPrefillSm90(const KernelArgs& a, cudaStream_t stream) {
-  if (a.p.dtype == DType::kBF16) return a.p.D == 64 ? Run<__nv_bfloat16, 64>(a, stream) : Run<__nv_bfloat16, 128>(a, stream);
+  if (a.p.dtype == DType::kBF16)
+    return a.p.D == 64 ? Run<__nv_bfloat16, 64>(a, stream) : Run<__nv_bfloat16, 128>(a, stream);
   return a.p.D == 64 ? Run<__half, 64>(a, stream) : Run<__half, 128>(a, stream);
 }
 
