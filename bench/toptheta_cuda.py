@@ -16,19 +16,45 @@ _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 PATHS = {0: "generic", 1: "prefill", 2: "decode"}
 
 
-class _Args(ctypes.Structure):
+class _AttnParams(ctypes.Structure):
+    """custom_ops/src/params.h ``toptheta::AttnParams``, field for field (checked against the library)."""
+
     _fields_ = [
         *[(n, ctypes.c_int64) for n in ("B", "Hq", "Hkv", "Sq", "Ktot", "D", "Dv", "R")],
         ("scale", ctypes.c_float),
-        *[(n, ctypes.c_int32) for n in ("causal", "comp_mode", "dtype", "mask_kind")],
-        *[(n, ctypes.c_void_p) for n in ("q", "k", "v", "theta", "sdc", "mask")],
+        ("causal", ctypes.c_bool),
+        ("comp_mode", ctypes.c_int32),
+        ("dtype", ctypes.c_int32),  # DType: 0 float32, 1 float16, 2 bfloat16
+        *[(n, ctypes.c_void_p) for n in ("q", "k", "v", "theta", "sdc")],
+        ("mask_kind", ctypes.c_int32),  # MaskKind: 0 none, 1 bool, 2 additive T, 3 additive float32
+        ("mask", ctypes.c_void_p),
         *[(n, ctypes.c_int64) for n in ("mask_sb", "mask_sh", "mask_sq")],
         ("out", ctypes.c_void_p),
         ("kept", ctypes.c_void_p),
-        ("path_out", ctypes.c_int32),
-        ("splits_out", ctypes.c_int32),
-        ("variant_out", ctypes.c_int32),
     ]
+
+
+class _KernelOptions(ctypes.Structure):
+    """custom_ops/src/cuda/heuristics.h ``toptheta::cuda::KernelOptions``."""
+
+    _fields_ = [("force_generic", ctypes.c_int32), ("decode_splits", ctypes.c_int32),
+                ("prefill_variant", ctypes.c_int32)]
+
+
+class _Plan(ctypes.Structure):
+    """custom_ops/src/cuda/heuristics.h ``toptheta::cuda::Plan``."""
+
+    _fields_ = [("path", ctypes.c_int32), ("splits", ctypes.c_int32), ("prefill_variant", ctypes.c_int32),
+                ("workspace", ctypes.c_size_t)]
+
+
+def _abi() -> str:
+    """The layout string of the mirrors, in the form of the library's ``toptheta_cuda_abi()``."""
+    parts = []
+    for name, st in (("AttnParams", _AttnParams), ("KernelOptions", _KernelOptions), ("Plan", _Plan)):
+        fields = "".join(f" {f}@{getattr(st, f).offset}" for f, _ in st._fields_)
+        parts.append(f"{name} {ctypes.sizeof(st)}:{fields}")
+    return "; ".join(parts)
 
 
 class Kernels:
@@ -38,17 +64,33 @@ class Kernels:
         self.lib = ctypes.CDLL(str(library))
         self.available = hasattr(self.lib, "toptheta_cuda_attention")
         if self.available:
+            abi = self.lib.toptheta_cuda_abi
+            abi.restype = ctypes.c_char_p
+            theirs = abi().decode()
+            if theirs != _abi():
+                raise RuntimeError(f"{library}: struct layout differs from bench/toptheta_cuda.py's mirrors:\n"
+                                   f"  library: {theirs}\n  mirrors: {_abi()}")
             fn = self.lib.toptheta_cuda_attention
-            fn.argtypes = [ctypes.POINTER(_Args), ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+            fn.argtypes = [ctypes.POINTER(_AttnParams), ctypes.POINTER(_KernelOptions), ctypes.POINTER(_Plan),
+                           ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
             fn.restype = ctypes.c_int
+            self.lib.toptheta_cuda_options_from_env.argtypes = [ctypes.POINTER(_KernelOptions)]
+            self.lib.toptheta_cuda_options_from_env.restype = None
         self.last_path = None
         self.last_splits = None
         self.last_variant = None  # prefill kernel: 0-2 mma.sync kernels, 3 the Hopper (wgmma) kernel
 
+    def options_from_env(self) -> _KernelOptions:
+        """The TOPTHETA_CUDA_PATH / TOPTHETA_DECODE_SPLITS / TOPTHETA_PREFILL_VARIANT overrides set now."""
+        opts = _KernelOptions()
+        self.lib.toptheta_cuda_options_from_env(ctypes.byref(opts))
+        return opts
+
     def attention(self, q, k, v, thresholds, *, scale=None, causal=False, attn_mask=None, sdc=None,
-                  comp_mode=0, out=None, kept=None, stream=None, want_kept=True):
+                  comp_mode=0, out=None, kept=None, stream=None, want_kept=True, options=None):
         """Top-θ attention on the current CUDA stream; returns (out, kept). ``want_kept=False`` leaves the
-        `kept` output out (as in a rewritten model without exposed counts; kept is then None)."""
+        `kept` output out (as in a rewritten model without exposed counts; kept is then None). ``options``:
+        kernel-choice overrides (``options_from_env()``, which is what None uses, read at each call)."""
         B, Hq, Sq, D = q.shape
         Hkv, Ktot, Dv = k.shape[1], k.shape[2], v.shape[3]
         for name, t in (("q", q), ("k", k), ("v", v)):
@@ -60,8 +102,8 @@ class Kernels:
             out = torch.empty(B, Hq, Sq, Dv, device=q.device, dtype=q.dtype)
         if kept is None and want_kept:
             kept = torch.empty(B, Hq, Sq, device=q.device, dtype=torch.int32)
-        a = _Args(B=B, Hq=Hq, Hkv=Hkv, Sq=Sq, Ktot=Ktot, D=D, Dv=Dv, R=th.shape[1],
-                  scale=scale if scale else 1.0 / math.sqrt(D), causal=int(causal), comp_mode=comp_mode,
+        a = _AttnParams(B=B, Hq=Hq, Hkv=Hkv, Sq=Sq, Ktot=Ktot, D=D, Dv=Dv, R=th.shape[1],
+                  scale=scale if scale else 1.0 / math.sqrt(D), causal=bool(causal), comp_mode=comp_mode,
                   dtype=_DTYPES[q.dtype], q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), theta=th.data_ptr(),
                   sdc=rho.data_ptr() if rho is not None else None, out=out.data_ptr(),
                   kept=kept.data_ptr() if want_kept else None)
@@ -73,9 +115,12 @@ class Kernels:
             a.mask_sb, a.mask_sh, a.mask_sq = _mask_strides(mask.shape, Ktot)
         err = ctypes.create_string_buffer(256)
         s = stream if stream is not None else torch.cuda.current_stream(q.device).cuda_stream
-        if self.lib.toptheta_cuda_attention(ctypes.byref(a), ctypes.c_void_p(s), err, 256) != 0:
+        opts = options if options is not None else self.options_from_env()
+        plan = _Plan()
+        if self.lib.toptheta_cuda_attention(ctypes.byref(a), ctypes.byref(opts), ctypes.byref(plan),
+                                            ctypes.c_void_p(s), err, 256) != 0:
             raise RuntimeError(err.value.decode())
-        self.last_path, self.last_splits, self.last_variant = PATHS[a.path_out], a.splits_out, a.variant_out
+        self.last_path, self.last_splits, self.last_variant = PATHS[plan.path], plan.splits, plan.prefill_variant
         self._keep = (th, rho, mask)  # alive until the next call (the launch is asynchronous)
         return out, kept
 

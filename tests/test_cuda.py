@@ -362,6 +362,115 @@ def test_pruned_everything_outputs_zero_or_compensation(kernels):
     assert rel_err(out, vbar) <= REL_TOL
 
 
+# -- NaN (docs/op.md, "NaN"): a NaN score is kept and makes its row NaN; pruned V rows are not read ---------------
+
+NAN_CASES = [
+    dict(dtype="f16", B=1, Hq=4, Hkv=2, Sq=200, Ktot=200, D=128, causal=True),             # prefill
+    dict(dtype="bf16", B=2, Hq=4, Hkv=1, Sq=150, Ktot=300, D=64, causal=True, mask="pad"),  # prefill, key padding
+    dict(dtype="bf16", B=2, Hq=8, Hkv=2, Sq=1, Ktot=1500, D=64, causal=True),              # decode
+    dict(dtype="f32", B=1, Hq=4, Hkv=2, Sq=40, Ktot=90, D=64, causal=True),                # generic
+]
+PATH_OF = {1: "decode", 40: "generic"}
+
+
+def _run_nan(kernels, case, want_kept):
+    """The kernel's (out, kept) on a case; without the `kept` output kept is None (on sm_90: the Hopper kernel
+    for prefill)."""
+    if want_kept:
+        return run_kernel(kernels, case)
+    out, _ = kernels.attention(case["q"], case["k"], case["v"], case["thresholds"], causal=case["causal"],
+                               attn_mask=case["attn_mask"], sdc=case["sdc"], comp_mode=case["comp_mode"],
+                               want_kept=False)
+    torch.cuda.synchronize()
+    return out, None
+
+
+def _check_nan_rows(kernels, case, nan_rows, want_kept):
+    """The rows of nan_rows [B, Hq, Sq] are NaN, the others finite and as the reference; kept counts equal."""
+    out, kept = _run_nan(kernels, case, want_kept)
+    ref_out, ref_kept = ref_of(case)
+    nan_rows = nan_rows.to(out.device)
+    assert bool(nan_rows.any()) and bool((~nan_rows).any())
+    assert torch.equal(torch.isnan(ref_out).any(-1), nan_rows)  # the reference agrees on which rows
+    o = out.float()
+    assert torch.isnan(o[nan_rows]).all()
+    assert torch.isfinite(o[~nan_rows]).all()
+    assert rel_err(out[~nan_rows], ref_out[~nan_rows]) <= REL_TOL
+    if kept is not None:
+        assert torch.equal(kept.cpu(), ref_kept.cpu())
+
+
+@pytest.mark.parametrize("want_kept", [True, False], ids=["kept", "no-kept"])
+@pytest.mark.parametrize("cfg", NAN_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_nan_in_query_row_gives_nan_row_only(kernels, cfg, want_kept):
+    case = make_case(**cfg, seed=31)
+    B, Hq, Sq, _ = case["q"].shape
+    case["q"][B - 1, Hq - 1, Sq // 2, 5] = float("nan")
+    rows = torch.zeros(B, Hq, Sq, dtype=torch.bool)
+    rows[B - 1, Hq - 1, Sq // 2] = True
+    _check_nan_rows(kernels, case, rows, want_kept)
+    assert kernels.last_path == PATH_OF.get(Sq, "prefill")
+
+
+@pytest.mark.parametrize("variant", ["0", "1", "2"])
+@pytest.mark.parametrize("want_kept", [True, False], ids=["kept", "no-kept"])
+def test_nan_in_query_row_prefill_variants(kernels, env, variant, want_kept):
+    """Every mma.sync prefill kernel, with counts (COUNT) and without (live tiles found from the row max)."""
+    env("TOPTHETA_PREFILL_VARIANT", variant)
+    case = make_case(dtype="f16", B=1, Hq=2, Hkv=1, Sq=130, Ktot=130, D=64, causal=True, seed=32)
+    case["q"][0, 1, 100, 0] = float("nan")
+    rows = torch.zeros(1, 2, 130, dtype=torch.bool)
+    rows[0, 1, 100] = True
+    _check_nan_rows(kernels, case, rows, want_kept)
+    assert (kernels.last_path, kernels.last_variant) == ("prefill", int(variant))
+
+
+def test_nan_in_query_row_alone_in_its_tile(kernels):
+    """θ above every score except in the NaN row: its tiles are live only through the NaN (no-kept prefill,
+    the Hopper kernel on sm_90), and the row is still NaN."""
+    case = make_case(dtype="bf16", B=1, Hq=2, Hkv=1, Sq=256, Ktot=256, D=128, causal=True, seed=33)
+    case["thresholds"] = torch.full_like(case["thresholds"], 1e4)
+    case["q"][0, 0, 200, 0] = float("nan")
+    out, _ = _run_nan(kernels, case, want_kept=False)
+    o = out.float()
+    assert torch.isnan(o[0, 0, 200]).all()
+    o[0, 0, 200] = 0.0
+    assert float(o.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("want_kept", [True, False], ids=["kept", "no-kept"])
+@pytest.mark.parametrize("cfg", NAN_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_nan_in_key_row_gives_nan_in_the_rows_that_see_it(kernels, cfg, want_kept):
+    case = make_case(**cfg, seed=34)
+    B, Hq, Sq, _ = case["q"].shape
+    Hkv, Ktot = case["k"].shape[1], case["k"].shape[2]
+    j = Ktot - Sq + Sq // 3  # visible (causal) to the rows from query index Sq // 3 on
+    case["k"][0, Hkv - 1, j, 3] = float("nan")
+    _, valid = reference.valid_and_scores(case["q"], case["k"], causal=case["causal"], attn_mask=case["attn_mask"])
+    rows = torch.zeros(B, Hq, Sq, dtype=torch.bool)
+    rows[0, (Hkv - 1) * (Hq // Hkv):] = valid[0, (Hkv - 1) * (Hq // Hkv):, :, j].cpu()
+    _check_nan_rows(kernels, case, rows, want_kept)
+
+
+@pytest.mark.parametrize("want_kept", [True, False], ids=["kept", "no-kept"])
+@pytest.mark.parametrize("cfg", NAN_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_nan_in_pruned_value_rows_is_not_read(kernels, cfg, want_kept):
+    """Keys 64-79 (one 16-key chunk of every kernel's tiles) are pruned in every row; NaN in their V rows does
+    not reach the output (the tile kernels skip a chunk nothing of the tile keeps; decode does not gather it)."""
+    case = make_case(**{**cfg, "dense_frac": 0.0}, seed=35)
+    case["k"][:, :, 64:80] = 0.0  # score 0 in every row, below every θ
+    s, valid = reference.valid_and_scores(case["q"], case["k"], causal=case["causal"], attn_mask=case["attn_mask"])
+    case["thresholds"] = untie(case["thresholds"].clamp(min=0.05), s.float(), valid)
+    case["v"][:, :, 64:80] = float("nan")
+    out, kept = _run_nan(kernels, case, want_kept)
+    ref_out, ref_kept = ref_of(case)
+    assert torch.isfinite(ref_out).all()
+    assert torch.isfinite(out.float()).all()
+    assert rel_err(out, ref_out) <= REL_TOL
+    if kept is not None:
+        assert torch.equal(kept.cpu(), ref_kept.cpu())
+
+
 # -- the op in onnxruntime: CUDA EP vs CPU EP -----------------------------------------------------------------
 
 def _sessions(ort, model, cpu=True):

@@ -346,3 +346,96 @@ def test_runtime_session_runs_the_op(tmp_path, library):
     f["thresholds"][:] = -np.inf
     out = S.run(s, **{k: f[k] for k in ("query", "key", "value", "thresholds")})
     np.testing.assert_array_equal(out["kept"], [[[1, 2, 3, 4]] * 2])
+
+
+# -- NaN (docs/op.md, "NaN"): a NaN score is kept and makes its row NaN; pruned V rows are not read ---------
+
+def _torch_ref(f, causal, comp_mode, mask=None):
+    """topthetaexport.reference (PyTorch, float64) on the feeds: (output, kept)."""
+    import torch
+
+    from topthetaexport import reference
+
+    def t(x):
+        return None if x is None else torch.from_numpy(np.asarray(x, np.float64))
+
+    out, kept = reference.toptheta_attention(
+        t(f["query"]), t(f["key"]), t(f["value"]), torch.from_numpy(f["thresholds"]), causal=bool(causal),
+        attn_mask=None if mask is None else torch.from_numpy(mask), past_key=t(f["past_key"]),
+        past_value=t(f["past_value"]), sdc=t(f["sdc"]), comp_mode=comp_mode, return_kept=True)
+    return out.numpy(), kept.numpy()
+
+
+def _assert_same_with_nan(got, want, tol):
+    """The same NaN positions, and the other values within tol (absolute)."""
+    got, want = got.astype(np.float64), np.asarray(want, np.float64)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    fin = ~np.isnan(want)
+    assert np.abs(got[fin] - want[fin]).max() <= tol
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("comp_mode", [0, 1, 2])
+def test_nan_in_query_row_gives_nan_row_only(dtype, comp_mode):
+    rng = np.random.default_rng(20 + comp_mode)
+    B, Hq, Hkv, Sq, P, D = 2, 4, 2, 12, 5, 16
+    f = make_case(rng, B, Hq, Hkv, Sq, P, D, D, 17, dtype=np.dtype(dtype), dense_rows=2)
+    f["thresholds"] = untie(f, 1)
+    f["query"][1, 2, 7, 3] = np.nan
+    got = S.run(sess(dtype, past=True, sdc=True, causal=1, comp_mode=comp_mode), **f)
+    want, want_kept = _torch_ref(f, 1, comp_mode)
+    out = got["output"].astype(np.float64)
+    assert np.isnan(out[1, 2, 7]).all()
+    others = np.ones(out.shape[:3], bool)
+    others[1, 2, 7] = False
+    assert np.isfinite(out[others]).all()
+    tol = F32_TOL if dtype == "float32" else F16_REL_TOL * np.abs(want[others]).max()
+    _assert_same_with_nan(out, want, tol)
+    # every valid score of the row is NaN, so every one counts as kept: P + i + 1 keys (causal)
+    assert got["kept"][1, 2, 7] == P + 7 + 1
+    np.testing.assert_array_equal(got["kept"], want_kept)
+
+
+def test_nan_in_key_row_gives_nan_in_the_rows_that_see_it():
+    rng = np.random.default_rng(23)
+    B, Hq, Hkv, Sq, P, D = 1, 4, 2, 12, 5, 16
+    f = make_case(rng, B, Hq, Hkv, Sq, P, D, D, 17)
+    f["thresholds"] = untie(f, 1)
+    j = 9  # a new key (P = 5): rows at positions >= 9 (query index >= 4) see it under the causal mask
+    f["key"][0, 1, j - P, 0] = np.nan
+    got = S.run(sess(past=True, sdc=True, causal=1, comp_mode=1), **f)
+    want, want_kept = _torch_ref(f, 1, 1)
+    out = got["output"]
+    assert np.isnan(out[0, 2:, 4:]).all()       # query heads 2, 3 read kv head 1
+    assert np.isfinite(out[0, 2:, :4]).all() and np.isfinite(out[0, :2]).all()
+    _assert_same_with_nan(out, want, F32_TOL)
+    np.testing.assert_array_equal(got["kept"], want_kept)
+
+
+@pytest.mark.parametrize("comp_mode", [0, 1, 2])
+def test_nan_in_pruned_value_row_is_not_read(comp_mode):
+    """A V row whose key every row prunes is never read: the output stays finite and equals the reference.
+    Only VMC (comp_mode 2) reads all valid V rows, so there the rows with pruned mass are NaN."""
+    rng = np.random.default_rng(24)
+    B, Hq, Hkv, Sq, P, D = 2, 4, 2, 10, 6, 16
+    f = make_case(rng, B, Hq, Hkv, Sq, P, D, D, 16)
+    j = 3  # a past key, visible to every row
+    f["past_key"][:, :, j] = 0.0                     # its score is 0 in every row ...
+    f["thresholds"] = np.maximum(f["thresholds"], 0.25).astype(np.float32)  # ... and every θ is above it
+    f["thresholds"] = untie(f, 1)
+    f["past_value"][:, 1, j] = np.nan
+    got = S.run(sess(past=True, sdc=True, causal=1, comp_mode=comp_mode), **f)
+    want, want_kept = _torch_ref(f, 1, comp_mode)
+    np.testing.assert_array_equal(got["kept"], want_kept)
+    assert (want_kept > 0).any()
+    out = got["output"]
+    if comp_mode < 2:
+        assert np.isfinite(out).all()
+        assert np.abs(out - want).max() <= F32_TOL
+    else:
+        assert np.isnan(out[:, 2:]).all() and np.isfinite(out[:, :2]).all()  # kv head 1: all rows prune something
+        _assert_same_with_nan(out, want, F32_TOL)
+    # a kept key's NaN V row is read, as in dense attention
+    dense = dict(f, thresholds=np.full_like(f["thresholds"], -np.inf))
+    out = S.run(sess(past=True, sdc=True, causal=1, comp_mode=comp_mode), **dense)["output"]
+    assert np.isnan(out[:, 2:]).all() and np.isfinite(out[:, :2]).all()

@@ -1,6 +1,6 @@
 // CPU kernel of TopThetaAttention. One task = (batch, query head, block of query rows). Per row:
-// score the valid keys, keep those with s >= theta, and read V rows of kept keys only (plus all
-// valid V rows for the V-mean of comp_mode 2, when there is pruned mass to compensate).
+// score the valid keys, keep those with s >= theta (and NaN scores), and read V rows of kept keys only
+// (plus all valid V rows for the V-mean of comp_mode 2, when there is pruned mass to compensate).
 #include "cpu_kernel.h"
 
 #include <algorithm>
@@ -87,8 +87,8 @@ inline void Dot4(const float* q, const float* k, int64_t n, double* out) {
 }
 
 struct Scratch {
-  std::vector<float> q;     // [kRowsPerTask, D] query rows as float
-  std::vector<double> dots;  // [kRowsPerTask, Ktot] <q_i, k_j>
+  std::vector<float> q;                      // [kRowsPerTask, D] query rows as float
+  std::vector<double> dots;                  // [kRowsPerTask, Ktot] <q_i, k_j>
   std::vector<float> acc, vbar, score, row;  // row: one K or V row converted to float
   std::vector<int32_t> idx;
   void Fit(const AttnParams& p) {
@@ -163,11 +163,12 @@ void ComputeRow(const AttnParams& p, int64_t b, int64_t h, int64_t i, const doub
     if (mask.Excluded(j, &add)) continue;
     ++n_valid;
     const double sc = static_cast<double>(p.scale) * dots[j] + add;
-    if (sc >= static_cast<double>(theta)) {
+    // `!(s < θ)`: a NaN score counts as kept and makes the row NaN below, as in dense attention.
+    if (!(sc < static_cast<double>(theta))) {
       s.idx[n_kept] = static_cast<int32_t>(j);
       s.score[n_kept] = static_cast<float>(sc);
       ++n_kept;
-      smax = std::max(smax, static_cast<float>(sc));
+      if (!std::isnan(sc)) smax = std::max(smax, static_cast<float>(sc));
     }
   }
 
@@ -200,7 +201,7 @@ void ComputeRow(const AttnParams& p, int64_t b, int64_t h, int64_t i, const doub
   }
 
   const float denom = dk + dp;
-  const float inv = denom > 0.f ? 1.f / denom : 0.f;
+  const float inv = !(denom <= 0.f) ? 1.f / denom : 0.f;  // 0 -> zeros; NaN stays NaN
   for (int64_t d = 0; d < p.Dv; ++d) Store(out, d, acc[d] * inv);
   if (p.kept) p.kept[(b * p.Hq + h) * p.Sq + i] = static_cast<int32_t>(n_kept);
 }

@@ -35,7 +35,7 @@ inline uint16_t FloatToHalf(float f) {
   const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
   const uint32_t ax = x & 0x7fffffffu;
   if (ax >= 0x7f800000u) return sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0u);  // inf / nan
-  if (ax >= 0x477ff000u) return sign | 0x7c00u;                                        // rounds past 65504
+  if (ax >= 0x477ff000u) return sign | 0x7c00u;                                     // rounds past 65504
   if (ax < 0x38800000u) {  // below 2^-14: half subnormal; the FPU rounds when adding 0.5
     float a;
     std::memcpy(&a, &ax, 4);

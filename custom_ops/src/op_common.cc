@@ -94,8 +94,8 @@ void ParseMask(const Checker& c, const InputInfo& m, DType dtype, AttnParams& p)
   } else if (m.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
     p.mask_kind = MaskKind::kAdditiveF32;
   } else {
-    c.Fail(std::string("attn_mask must be bool, float32 or the query type (") + TypeName(OnnxType(dtype)) +
-           "), got " + TypeName(m.type));
+    c.Fail(std::string("attn_mask must be bool, float32 or the query type (") + TypeName(OnnxType(dtype)) + "), got " +
+           TypeName(m.type));
   }
   const Shape& s = m.shape;
   const std::string want = "[B, Ktot] = [" + std::to_string(p.B) + ", " + std::to_string(p.Ktot) +
@@ -166,9 +166,7 @@ OpAttributes ReadAttributes(const OrtKernelInfo* info) {
   return a;
 }
 
-size_t PreparedCall::RowBytes(int t) const {
-  return static_cast<size_t>(t == 0 ? params.D : params.Dv) * elem_bytes;
-}
+size_t PreparedCall::RowBytes(int t) const { return static_cast<size_t>(t == 0 ? params.D : params.Dv) * elem_bytes; }
 
 size_t PreparedCall::KVBytes(int t) const {
   return static_cast<size_t>(params.B * params.Hkv * params.Ktot) * RowBytes(t);
@@ -236,8 +234,9 @@ PreparedCall PrepareCall(const Ort::KernelContext& ctx, const OpAttributes& attr
           "value shape " + ShapeStr(v.shape) + " does not match key " + ShapeStr(k.shape) + " in B, Hkv, Sk");
   c.Check(p.Hkv > 0 && p.Hq % p.Hkv == 0, "query heads Hq=" + std::to_string(p.Hq) +
                                               " must be a multiple of key/value heads Hkv=" + std::to_string(p.Hkv));
-  c.Check(attrs.num_heads == 0 || attrs.num_heads == p.Hq, "attribute num_heads=" + std::to_string(attrs.num_heads) +
-                                                               " disagrees with query heads Hq=" + std::to_string(p.Hq));
+  c.Check(attrs.num_heads == 0 || attrs.num_heads == p.Hq,
+          "attribute num_heads=" + std::to_string(attrs.num_heads) +
+              " disagrees with query heads Hq=" + std::to_string(p.Hq));
   c.Check(attrs.num_kv_heads == 0 || attrs.num_kv_heads == p.Hkv,
           "attribute num_kv_heads=" + std::to_string(attrs.num_kv_heads) +
               " disagrees with key/value heads Hkv=" + std::to_string(p.Hkv));
@@ -245,14 +244,13 @@ PreparedCall PrepareCall(const Ort::KernelContext& ctx, const OpAttributes& attr
   // thresholds / sdc: float32 [Hq, R], R >= 1
   CheckType(c, th, "thresholds", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
   c.Check(th.shape.size() == 2 && th.shape[0] == p.Hq && th.shape[1] >= 1,
-          "thresholds must be float32 [Hq, R] = [" + std::to_string(p.Hq) + ", R>=1], got shape " +
-              ShapeStr(th.shape));
+          "thresholds must be float32 [Hq, R] = [" + std::to_string(p.Hq) + ", R>=1], got shape " + ShapeStr(th.shape));
   p.R = th.shape[1];
   p.theta = static_cast<const float*>(th.data);
   if (sdc.present) {
     CheckType(c, sdc, "sdc", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-    c.Check(sdc.shape == th.shape, "sdc shape " + ShapeStr(sdc.shape) + " must equal thresholds shape " +
-                                       ShapeStr(th.shape));
+    c.Check(sdc.shape == th.shape,
+            "sdc shape " + ShapeStr(sdc.shape) + " must equal thresholds shape " + ShapeStr(th.shape));
     p.sdc = static_cast<const float*>(sdc.data);
   }
 

@@ -62,9 +62,9 @@ struct Copy2D {
 // the `key` / `value` inputs.
 struct PreparedCall {
   AttnParams params;
-  int64_t past_len = 0;     // P
-  int64_t new_len = 0;      // Sk
-  size_t elem_bytes = 0;    // bytes of one T element
+  int64_t past_len = 0;   // P
+  int64_t new_len = 0;    // Sk
+  size_t elem_bytes = 0;  // bytes of one T element
   const void* past[2] = {nullptr, nullptr};
   const void* fresh[2] = {nullptr, nullptr};
   void* present[2] = {nullptr, nullptr};

@@ -1,5 +1,7 @@
-// Shared description of one TopThetaAttention call, filled by the op layer (register.cc / the CUDA
-// op) and consumed by the CPU and CUDA kernels. Semantics: docs/op.md.
+// The one description of a TopThetaAttention call: filled by the op layer (op_common.cc PrepareCall, for
+// the CPU and the CUDA op) and read as is by the CPU kernel, the CUDA kernels (inside cuda::KernelArgs) and
+// the CUDA C entry point (cuda/c_api.cc; bench/toptheta_cuda.py mirrors it field for field, checked at load).
+// Semantics: docs/op.md.
 #pragma once
 
 #include <cstdint>
@@ -10,9 +12,9 @@ enum class DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
 enum class MaskKind : int {
   kNone = 0,
-  kBool = 1,       // bool, true = may attend
-  kAdditive = 2,   // additive float mask of the same type as Q (T)
-  kAdditiveF32 = 3 // additive float32 mask when T is not float32
+  kBool = 1,        // bool, true = may attend
+  kAdditive = 2,    // additive float mask of the same type as Q (T)
+  kAdditiveF32 = 3  // additive float32 mask when T is not float32
 };
 
 struct AttnParams {
@@ -37,8 +39,8 @@ struct AttnParams {
   const void* mask = nullptr;
   int64_t mask_sb = 0, mask_sh = 0, mask_sq = 0;
 
-  void* out = nullptr;       // [B, Hq, Sq, Dv]
-  int32_t* kept = nullptr;   // [B, Hq, Sq] or null
+  void* out = nullptr;      // [B, Hq, Sq, Dv]
+  int32_t* kept = nullptr;  // [B, Hq, Sq] or null
 };
 
 // Row position of query index i (bottom-right aligned) and its threshold row.

@@ -81,6 +81,21 @@ def valid_and_scores(q, k, *, scale=None, causal=False, attn_mask=None):
     return s, valid
 
 
+def _weighted_rows(w: torch.Tensor, use: torch.Tensor, vv: torch.Tensor) -> torch.Tensor:
+    """``sum_j w[..., j] * vv[..., j, :]`` over the keys with ``use[..., j]`` only: V rows a row does not use are
+    never read, so a NaN / inf in them cannot leak in through ``0 * NaN`` (docs/op.md, "NaN")."""
+    w = w.masked_fill(~use, 0.0)
+    bad = ~torch.isfinite(vv)
+    if not bool(bad.any()):
+        return torch.matmul(w, vv)
+    cols = bad.any(-1).flatten(0, -2).any(0).nonzero().flatten()  # keys with a non-finite V entry somewhere
+    clean = vv.clone()
+    clean[..., cols, :] = 0.0
+    wc, uc, vc = w[..., cols], use.expand_as(w)[..., cols], vv[..., cols, :]
+    terms = torch.where(uc[..., None], wc[..., None] * vc[..., None, :, :], vc.new_zeros(()))
+    return torch.matmul(w, clean) + terms.sum(-2)
+
+
 def _row_table(table: torch.Tensor, sq: int, ktot: int, dt) -> torch.Tensor:
     """Pick the per-row constants ``table[h, min(r, R-1)]`` with ``r = Ktot - Sq + i`` -> [1,Hq,Sq,1]."""
     rows = table.shape[1]
@@ -108,17 +123,18 @@ def toptheta_attention(q, k, v, thresholds, *, scale=None, causal=False, attn_ma
     vv = _expand_kv(v, hq).to(dt)
 
     theta = _row_table(thresholds.to(q.device), sq, ktot, dt)  # [1,Hq,Sq,1]
-    kept = valid & (s >= theta)
+    # `not s < θ`: a NaN score counts as kept, so it reaches the softmax and the row is NaN (docs/op.md, "NaN").
+    kept = valid & ~(s < theta)
     n_valid = valid.sum(-1)
     n_kept = kept.sum(-1)
     n_pruned = (n_valid - n_kept).to(dt)
 
-    max_kept = s.masked_fill(~kept, _NEG_INF).amax(-1, keepdim=True)
+    max_kept = s.masked_fill(~kept | torch.isnan(s), _NEG_INF).amax(-1, keepdim=True)
     m = torch.maximum(theta.expand_as(max_kept), max_kept)
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m_safe).masked_fill(~kept, 0.0)
     den = e.sum(-1)
-    num = torch.matmul(e, vv)
+    num = _weighted_rows(e, kept, vv)
 
     if comp_mode >= 1 and sdc is not None:
         rho = _row_table(sdc.to(q.device), sq, ktot, dt)[..., 0]
@@ -129,13 +145,14 @@ def toptheta_attention(q, k, v, thresholds, *, scale=None, causal=False, attn_ma
         factor = torch.where(use & any_kept, torch.exp(torch.where(use & any_kept, th - ms, torch.zeros_like(ms))),
                              torch.ones_like(ms))
         dp = torch.where(use, n_pruned * rho * factor, torch.zeros_like(ms))
-        if comp_mode == 2:
-            vf = valid.to(dt)
-            vbar = torch.matmul(vf, vv) / n_valid.clamp(min=1).to(dt)[..., None]
-            num = num + dp[..., None] * vbar
+        if comp_mode == 2:  # the V mean is read only where there is pruned mass to compensate
+            vbar = _weighted_rows(valid.to(dt), valid, vv) / n_valid.clamp(min=1).to(dt)[..., None]
+            num = torch.where((dp > 0)[..., None], num + dp[..., None] * vbar, num)
         den = den + dp
 
-    out = torch.where(den[..., None] > 0, num / torch.where(den > 0, den, torch.ones_like(den))[..., None],
+    # Zeros where the denominator is 0; a NaN denominator (NaN score) stays NaN.
+    use = (den > 0) | torch.isnan(den)
+    out = torch.where(use[..., None], num / torch.where(use, den, torch.ones_like(den))[..., None],
                       torch.zeros_like(num))
     out = out.to(q.dtype)
     if return_kept:

@@ -1,79 +1,102 @@
 // C entry point to the CUDA kernels without onnxruntime, for tests and benchmarks (ctypes on device
-// pointers, e.g. from torch tensors). K/V are the full [B, Hkv, Ktot, *] tensors (no past concat).
+// pointers, e.g. from torch tensors). It takes the op's own AttnParams; K/V are the full [B, Hkv, Ktot, *]
+// tensors (no past concat). bench/toptheta_cuda.py mirrors AttnParams, KernelOptions and Plan field for
+// field and checks its mirrors against toptheta_cuda_abi() before the first call.
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdio>
-#include <cstring>
 #include <mutex>
+#include <string>
+#include <type_traits>
 
 #include "kernels.h"
 
+namespace {
+
+using toptheta::AttnParams;
+using toptheta::cuda::KernelOptions;
+using toptheta::cuda::Plan;
+
+static_assert(std::is_standard_layout_v<AttnParams> && std::is_trivially_copyable_v<AttnParams>,
+              "AttnParams crosses the C entry point");
+static_assert(sizeof(AttnParams) == 176, "AttnParams changed: update bench/toptheta_cuda.py (_AttnParams)");
+static_assert(sizeof(KernelOptions) == 12, "KernelOptions changed: update bench/toptheta_cuda.py");
+static_assert(sizeof(Plan) == 24, "Plan changed: update bench/toptheta_cuda.py");
+
+// The fields of each struct in declaration order (what bench/toptheta_cuda.py's mirrors must list).
+// clang-format off
+#define TOPTHETA_ATTN_PARAMS_FIELDS(X)                                                          \
+  X(B) X(Hq) X(Hkv) X(Sq) X(Ktot) X(D) X(Dv) X(R) X(scale) X(causal) X(comp_mode) X(dtype)    \
+  X(q) X(k) X(v) X(theta) X(sdc) X(mask_kind) X(mask) X(mask_sb) X(mask_sh) X(mask_sq) X(out) \
+  X(kept)
+// clang-format on
+#define TOPTHETA_KERNEL_OPTIONS_FIELDS(X) X(force_generic) X(decode_splits) X(prefill_variant)
+#define TOPTHETA_PLAN_FIELDS(X) X(path) X(splits) X(prefill_variant) X(workspace)
+
+// "Name size: field@offset ...; ..." of the three structs.
+std::string Abi() {
+  std::string s;
+#define TOPTHETA_FIELD(f) s += " " #f "@" + std::to_string(offsetof(Struct, f));
+  {
+    using Struct = AttnParams;
+    s += "AttnParams " + std::to_string(sizeof(Struct)) + ":";
+    TOPTHETA_ATTN_PARAMS_FIELDS(TOPTHETA_FIELD)
+  }
+  {
+    using Struct = KernelOptions;
+    s += "; KernelOptions " + std::to_string(sizeof(Struct)) + ":";
+    TOPTHETA_KERNEL_OPTIONS_FIELDS(TOPTHETA_FIELD)
+  }
+  {
+    using Struct = Plan;
+    s += "; Plan " + std::to_string(sizeof(Struct)) + ":";
+    TOPTHETA_PLAN_FIELDS(TOPTHETA_FIELD)
+  }
+#undef TOPTHETA_FIELD
+  return s;
+}
+
+}  // namespace
+
 extern "C" {
 
-struct TopThetaCudaArgs {
-  int64_t B, Hq, Hkv, Sq, Ktot, D, Dv, R;
-  float scale;  // > 0 (no default here)
-  int32_t causal, comp_mode, dtype, mask_kind;
-  const void* q;
-  const void* k;
-  const void* v;
-  const float* theta;
-  const float* sdc;
-  const void* mask;
-  int64_t mask_sb, mask_sh, mask_sq;
-  void* out;
-  int32_t* kept;
-  int32_t path_out;    // set: 0 generic, 1 prefill, 2 decode
-  int32_t splits_out;  // set: decode splits
-  int32_t variant_out; // set: prefill kernel variant (0-2 mma.sync kernels, 3 Hopper wgmma kernel)
-};
+__attribute__((visibility("default"))) const char* toptheta_cuda_abi() {
+  static const std::string abi = Abi();
+  return abi.c_str();
+}
 
-// Enqueues one call on `stream` (cudaStream_t; null = default stream). Returns 0, or -1 with a message
-// in err. Scratch is a cached device buffer (grown with a stream sync; not for concurrent callers).
-__attribute__((visibility("default"))) int toptheta_cuda_attention(TopThetaCudaArgs* a, void* stream, char* err,
-                                                                  int err_len) {
+// The TOPTHETA_* overrides of the environment as it is now (the onnxruntime op reads them once per kernel).
+__attribute__((visibility("default"))) void toptheta_cuda_options_from_env(KernelOptions* options) {
+  *options = toptheta::cuda::KernelOptionsFromEnv();
+}
+
+// Enqueues one call on `stream` (cudaStream_t; null = default stream) with the kernel choice MakePlan makes
+// under `options` (null: none), and returns that choice in *plan_out (may be null). Returns 0, or -1 with a
+// message in err. Scratch is a cached device buffer (grown with a stream sync; not for concurrent callers).
+__attribute__((visibility("default"))) int toptheta_cuda_attention(const AttnParams* params,
+                                                                   const KernelOptions* options, Plan* plan_out,
+                                                                   void* stream, char* err, int err_len) {
   using namespace toptheta;
   static std::mutex mu;
   static void* buf = nullptr;
   static size_t cap = 0;
   std::lock_guard<std::mutex> lock(mu);
 
-  AttnParams p;
-  p.B = a->B;
-  p.Hq = a->Hq;
-  p.Hkv = a->Hkv;
-  p.Sq = a->Sq;
-  p.Ktot = a->Ktot;
-  p.D = a->D;
-  p.Dv = a->Dv;
-  p.R = a->R;
-  p.scale = a->scale;
-  p.causal = a->causal != 0;
-  p.comp_mode = a->comp_mode;
-  p.dtype = static_cast<DType>(a->dtype);
-  p.q = a->q;
-  p.k = a->k;
-  p.v = a->v;
-  p.theta = a->theta;
-  p.sdc = a->sdc;
-  p.mask_kind = static_cast<MaskKind>(a->mask_kind);
-  p.mask = a->mask;
-  p.mask_sb = a->mask_sb;
-  p.mask_sh = a->mask_sh;
-  p.mask_sq = a->mask_sq;
-  p.out = a->out;
-  p.kept = a->kept;
+  auto fail = [&](const char* what, const char* why) {
+    if (err && err_len > 0) std::snprintf(err, err_len, "%s: %s", what, why);
+    return -1;
+  };
+  const AttnParams& p = *params;
+  const int dtype = static_cast<int>(p.dtype), mask_kind = static_cast<int>(p.mask_kind);
+  if (dtype < 0 || dtype > 2 || mask_kind < 0 || mask_kind > 3 || p.Hkv <= 0 || p.Hq % p.Hkv != 0 || !(p.scale > 0.f)) {
+    return fail("params", "dtype, mask_kind, Hq / Hkv or scale out of range");
+  }
 
   int device = 0;
   cudaGetDevice(&device);
-  const cuda::Plan plan = cuda::MakePlan(p, device);
-  a->path_out = static_cast<int32_t>(plan.path);
-  a->splits_out = plan.splits;
-  a->variant_out = plan.path == cuda::Path::kPrefill ? plan.prefill_variant : -1;
-  auto fail = [&](const char* what, cudaError_t e) {
-    if (err && err_len > 0) std::snprintf(err, err_len, "%s: %s", what, cudaGetErrorString(e));
-    return -1;
-  };
+  const cuda::Plan plan = cuda::MakePlan(p, cuda::DevicePropsOf(device), options ? *options : KernelOptions{});
+  if (plan_out) *plan_out = plan;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (plan.workspace > cap) {
     cudaError_t e = cudaStreamSynchronize(s);
@@ -81,11 +104,11 @@ __attribute__((visibility("default"))) int toptheta_cuda_attention(TopThetaCudaA
     buf = nullptr;
     cap = 0;
     if (e == cudaSuccess) e = cudaMalloc(&buf, plan.workspace);
-    if (e != cudaSuccess) return fail("workspace", e);
+    if (e != cudaSuccess) return fail("workspace", cudaGetErrorString(e));
     cap = plan.workspace;
   }
   const cudaError_t e = cuda::Launch(p, plan, buf, s);
-  if (e != cudaSuccess) return fail("launch", e);
+  if (e != cudaSuccess) return fail("launch", cudaGetErrorString(e));
   return 0;
 }
 

@@ -102,6 +102,14 @@ __device__ __forceinline__ void CpAsyncWait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// max(a, b), but NaN when either is NaN (fmaxf drops a NaN): a row's NaN score then still marks its tile as
+// live, so that the NaN reaches the softmax (docs/op.md, "NaN"). Same cost as fmaxf (sm_80+).
+__device__ __forceinline__ float MaxNan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;\n" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
 __device__ __forceinline__ float Exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
@@ -187,36 +195,38 @@ inline bool HasProgrammaticLaunch() {
 
 // Reads one mask element; returns whether the key may be attended and sets the additive value.
 __device__ __forceinline__ bool MaskAt(const KernelArgs& a, const char* row, int64_t j, float* add) {
-  switch (a.mask_kind) {
-    case 1: *add = 0.f; return reinterpret_cast<const uint8_t*>(row)[j] != 0;
-    case 2:
-      if (a.dtype == 1) {
+  switch (a.p.mask_kind) {
+    case MaskKind::kBool: *add = 0.f; return reinterpret_cast<const uint8_t*>(row)[j] != 0;
+    case MaskKind::kAdditive:
+      if (a.p.dtype == DType::kF16) {
         *add = __half2float(reinterpret_cast<const __half*>(row)[j]);
         return *add > -65504.f;
       }
-      if (a.dtype == 2) {
+      if (a.p.dtype == DType::kBF16) {
         *add = __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(row)[j]);
         return *add > -1e30f;
       }
       *add = reinterpret_cast<const float*>(row)[j];
       return *add > -1e30f;
-    case 3: *add = reinterpret_cast<const float*>(row)[j]; return *add > -1e30f;
+    case MaskKind::kAdditiveF32: *add = reinterpret_cast<const float*>(row)[j]; return *add > -1e30f;
     default: *add = 0.f; return true;
   }
 }
 
 // Start of the mask row of (b, h, i) (element size folded in), or null without a mask.
 __device__ __forceinline__ const char* MaskRow(const KernelArgs& a, int64_t b, int64_t h, int64_t i) {
-  if (a.mask_kind == 0) return nullptr;
-  const int64_t esz = a.mask_kind == 1 ? 1 : (a.mask_kind == 2 && a.dtype != 0) ? 2 : 4;
-  return static_cast<const char*>(a.mask) + (b * a.mask_sb + h * a.mask_sh + i * a.mask_sq) * esz;
+  if (a.p.mask_kind == MaskKind::kNone) return nullptr;
+  const int64_t esz = a.p.mask_kind == MaskKind::kBool                                     ? 1
+                      : (a.p.mask_kind == MaskKind::kAdditive && a.p.dtype != DType::kF32) ? 2
+                                                                                           : 4;
+  return static_cast<const char*>(a.p.mask) + (b * a.p.mask_sb + h * a.p.mask_sh + i * a.p.mask_sq) * esz;
 }
 
 // Key-padding masks ([B, Ktot] bool) are the same for every row: the kernels then treat a tile whose
 // keys are all allowed like an unmasked one. Returns that batch's mask row, or null for other masks.
 __device__ __forceinline__ const uint8_t* KeyPaddingRow(const KernelArgs& a, int64_t b) {
-  if (a.mask_kind != 1 || a.mask_sh != 0 || a.mask_sq != 0) return nullptr;
-  return static_cast<const uint8_t*>(a.mask) + b * a.mask_sb;
+  if (a.p.mask_kind != MaskKind::kBool || a.p.mask_sh != 0 || a.p.mask_sq != 0) return nullptr;
+  return static_cast<const uint8_t*>(a.p.mask) + b * a.p.mask_sb;
 }
 
 // True (in every lane) when keys [k0, k0 + n) are all < Ktot and allowed by the key-padding row kp
@@ -236,12 +246,12 @@ struct PrefillBlock {
 };
 
 __device__ __forceinline__ PrefillBlock PrefillBlockOf(const KernelArgs& a, int bm) {
-  const int64_t ntq = (a.Sq + bm - 1) / bm;
+  const int64_t ntq = (a.p.Sq + bm - 1) / bm;
   const int64_t id = blockIdx.x;
   PrefillBlock p;
-  p.h = id % a.Hq;
-  const int64_t rb = (id / a.Hq) % ntq;
-  p.b = id / a.Hq / ntq;
+  p.h = id % a.p.Hq;
+  const int64_t rb = (id / a.p.Hq) % ntq;
+  p.b = id / a.p.Hq / ntq;
   p.i0 = static_cast<int>((ntq - 1 - rb) * bm);
   return p;
 }
@@ -254,32 +264,32 @@ struct RowConst {
 
 __device__ __forceinline__ RowConst RowConstants(const KernelArgs& a, int64_t h, int64_t i) {
   RowConst c;
-  c.pos = a.Ktot - a.Sq + i;
-  int64_t rr = c.pos < a.R - 1 ? c.pos : a.R - 1;
+  c.pos = a.p.Ktot - a.p.Sq + i;
+  int64_t rr = c.pos < a.p.R - 1 ? c.pos : a.p.R - 1;
   rr = rr < 0 ? 0 : rr;
-  c.theta = a.theta[h * a.R + rr];
-  c.rho = a.sdc ? a.sdc[h * a.R + rr] : 0.f;
+  c.theta = a.p.theta[h * a.p.R + rr];
+  c.rho = a.p.sdc ? a.p.sdc[h * a.p.R + rr] : 0.f;
   return c;
 }
 
 // Final value of one row (docs/op.md): the compensation Dp from the counts, then
 // (N + Dp * vbar) / (Dk + Dp). `num` is N[d] and `vbar` the V mean (comp_mode 2) or null.
 struct RowFinal {
-  float inv;      // 1 / (Dk + Dp), 0 when the denominator is 0
-  float dp_inv;   // Dp / (Dk + Dp) when V-mean compensation applies, else 0
+  float inv;     // 1 / (Dk + Dp), 0 when the denominator is 0, NaN when it is NaN
+  float dp_inv;  // Dp / (Dk + Dp) when V-mean compensation applies, else 0
 };
 
 __device__ __forceinline__ RowFinal FinishRow(const KernelArgs& a, float dk, float m, float theta, float rho,
                                               int n_kept, int n_valid) {
   const int n_pruned = n_valid - n_kept;
   float dp = 0.f;
-  if (a.comp_mode >= 1 && a.sdc != nullptr && n_pruned > 0) {
+  if (a.p.comp_mode >= 1 && a.p.sdc != nullptr && n_pruned > 0) {
     dp = static_cast<float>(n_pruned) * rho * (n_kept > 0 ? expf(theta - m) : 1.f);
   }
   const float den = dk + dp;
   RowFinal f;
-  f.inv = den > 0.f ? 1.f / den : 0.f;
-  f.dp_inv = (a.comp_mode == 2 && dp > 0.f) ? dp * f.inv : 0.f;
+  f.inv = !(den <= 0.f) ? 1.f / den : 0.f;  // a NaN denominator (a NaN score was kept) keeps the row NaN
+  f.dp_inv = (a.p.comp_mode == 2 && dp > 0.f) ? dp * f.inv : 0.f;
   return f;
 }
 

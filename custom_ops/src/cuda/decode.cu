@@ -36,7 +36,7 @@ __device__ __forceinline__ void LoadRows(const KernelArgs& a, const T* base, int
 #pragma unroll
   for (int i = 0; i < PASSES; ++i) {
     const int r = r0 + i * RSTEP;
-    const bool ok = ((rows >> r) & 1u) && k0 + r < a.Ktot;
+    const bool ok = ((rows >> r) & 1u) && k0 + r < a.p.Ktot;
     CpAsync16(dst + Swz<CH>(r, ch), ok ? src + i * RSTEP * D : base, ok);
   }
 }
@@ -50,9 +50,9 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   const int64_t split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   const bool mean = a.mean_pass != 0;
-  const int nrows = static_cast<int>(a.G * a.Sq);
-  const T* Kg = static_cast<const T*>(a.k) + (b * a.Hkv + kvh) * a.Ktot * D;
-  const T* Vg = static_cast<const T*>(a.v) + (b * a.Hkv + kvh) * a.Ktot * D;
+  const int nrows = static_cast<int>(a.G * a.p.Sq);
+  const T* Kg = static_cast<const T*>(a.p.k) + (b * a.p.Hkv + kvh) * a.p.Ktot * D;
+  const T* Vg = static_cast<const T*>(a.p.v) + (b * a.p.Hkv + kvh) * a.p.Ktot * D;
   const uint32_t wbase = SmemAddr(smem) + warp * (kKStages + kVStages) * kTileBytes;
   const uint32_t vbase = wbase + kKStages * kTileBytes;
 
@@ -66,8 +66,8 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
   for (int e = 0; e < 2; ++e) {
     const int rl = g + 8 * e;
     row_ok[e] = rl < nrows;
-    hq[e] = kvh * a.G + (row_ok[e] ? rl / a.Sq : 0);
-    qi[e] = row_ok[e] ? rl % a.Sq : 0;
+    hq[e] = kvh * a.G + (row_ok[e] ? rl / a.p.Sq : 0);
+    qi[e] = row_ok[e] ? rl % a.p.Sq : 0;
     const RowConst rc = RowConstants(a, hq[e], qi[e]);
     pos[e] = row_ok[e] ? rc.pos : -1;
     theta[e] = !row_ok[e] ? INFINITY : (mean ? -INFINITY : rc.theta);
@@ -80,19 +80,19 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
   for (int ks = 0; ks < KS; ++ks) {
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      const T* p = static_cast<const T*>(a.q) + ((b * a.Hq + hq[e]) * a.Sq + qi[e]) * D + ks * 16 + 2 * t;
+      const T* p = static_cast<const T*>(a.p.q) + ((b * a.p.Hq + hq[e]) * a.p.Sq + qi[e]) * D + ks * 16 + 2 * t;
       qf[ks][e] = row_ok[e] ? *reinterpret_cast<const uint32_t*>(p) : 0u;
       qf[ks][2 + e] = row_ok[e] ? *reinterpret_cast<const uint32_t*>(p + 8) : 0u;
     }
   }
 
   // This warp's key steps: block range [s_begin, s_end) of 16-key steps, warp w takes s_begin + w + 4i.
-  const int64_t nsub = (a.Ktot + kSub - 1) / kSub;
-  const int64_t per = (nsub + a.splits - 1) / a.splits;
+  const int64_t nsub = (a.p.Ktot + kSub - 1) / kSub;
+  const int64_t per = (nsub + a.plan.splits - 1) / a.plan.splits;
   const int64_t s_begin = split * per, s_end = min(nsub, s_begin + per);
   const int64_t first = s_begin + warp;
   const int steps = first < s_end ? static_cast<int>((s_end - first + kWarps - 1) / kWarps) : 0;
-  const int64_t min_pos = a.Ktot - a.Sq;  // smallest row position of the block
+  const int64_t min_pos = a.p.Ktot - a.p.Sq;  // smallest row position of the block
 
   float o[NO][4];
 #pragma unroll
@@ -161,8 +161,8 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
     }
 
     // Threshold test; bit c of `keys` = some row keeps key k0 + c.
-    bool full = k0 + kSub <= a.Ktot && (!a.causal || k0 + kSub - 1 <= min_pos);
-    if (MASK) full = full && kpad != nullptr && KeysAllAllowed(kpad, k0, kSub, a.Ktot, lane);
+    bool full = k0 + kSub <= a.p.Ktot && (!a.p.causal || k0 + kSub - 1 <= min_pos);
+    if (MASK) full = full && kpad != nullptr && KeysAllAllowed(kpad, k0, kSub, a.p.Ktot, lane);
     uint32_t keys = 0;
     float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -171,14 +171,14 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1, c = n * 8 + 2 * t + (e & 1);
         const int64_t j = k0 + c;
-        float x = s[n][e] * a.scale, add = 0.f;
+        float x = s[n][e] * a.p.scale, add = 0.f;
         bool valid = row_ok[r];
         if (!full) {
-          valid = valid && j < a.Ktot && (!a.causal || j <= pos[r]);
+          valid = valid && j < a.p.Ktot && (!a.p.causal || j <= pos[r]);
           if (MASK && valid) valid = MaskAt(a, mrow[r], j, &add);
         }
         x += add;
-        const bool kept = valid && (mean || x >= theta[r]);
+        const bool kept = valid && (mean || !(x < theta[r]));  // NaN is kept: the row becomes NaN
         nv[r] += valid;
         nk[r] += kept;
         s[n][e] = kept ? x : -INFINITY;
@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
   // This warp's rows: o relative to m, sums over the quad; then the block merges its 4 warps in
   // shared memory (the staging tiles are free once every warp is here) and writes one partial per row.
   __syncthreads();
-  float* so = reinterpret_cast<float*>(smem);                // [warps][16][D]
+  float* so = reinterpret_cast<float*>(smem);                     // [warps][16][D]
   float4* sst = reinterpret_cast<float4*>(so + kWarps * 16 * D);  // [warps][16]
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -284,8 +284,8 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
       ksum += __float_as_int(st.z);
       vsum += __float_as_int(st.w);
     }
-    const int64_t hqr = kvh * a.G + rl / a.Sq, qir = rl % a.Sq;
-    const int64_t part = ((b * a.Hq + hqr) * a.Sq + qir) * a.parts + split;
+    const int64_t hqr = kvh * a.G + rl / a.p.Sq, qir = rl % a.p.Sq;
+    const int64_t part = ((b * a.p.Hq + hqr) * a.p.Sq + qir) * a.plan.splits + split;
     a.part_o[part * D + d] = acc;
     if (d == 0) a.part_stats[part] = make_float4(M, lsum, __int_as_float(ksum), __int_as_float(vsum));
   }
@@ -301,14 +301,14 @@ constexpr int kFastParts = 64;
 
 __global__ void CombineKernel(const KernelArgs a) {
   const int64_t row = blockIdx.x;
-  const int64_t D = a.Dv;
+  const int64_t D = a.p.Dv;
   const int d = threadIdx.x, lane = threadIdx.x & 31;
   const bool final_pass = !a.mean_pass;
   RowConst rc = {0, 0.f, 0.f};
-  if (final_pass) rc = RowConstants(a, (row / a.Sq) % a.Hq, row % a.Sq);
+  if (final_pass) rc = RowConstants(a, (row / a.p.Sq) % a.p.Hq, row % a.p.Sq);
   GridDependencyWait();
 
-  const int parts = a.parts;
+  const int parts = a.plan.splits;
   const float4* st = a.part_stats + row * parts;
   const float* po = a.part_o + row * parts * D + d;
   float dk = 0.f, n = 0.f, M = -INFINITY;
@@ -358,12 +358,12 @@ __global__ void CombineKernel(const KernelArgs a) {
   const RowFinal f = FinishRow(a, dk, M, rc.theta, rc.rho, nk, nv);
   float x = n * f.inv;
   if (f.dp_inv != 0.f) x = fmaf(f.dp_inv, a.vbar[row * D + d], x);
-  if (a.dtype == 2) {
-    static_cast<__nv_bfloat16*>(a.out)[row * D + d] = __float2bfloat16_rn(x);
+  if (a.p.dtype == DType::kBF16) {
+    static_cast<__nv_bfloat16*>(a.p.out)[row * D + d] = __float2bfloat16_rn(x);
   } else {
-    static_cast<__half*>(a.out)[row * D + d] = __float2half_rn(x);
+    static_cast<__half*>(a.p.out)[row * D + d] = __float2half_rn(x);
   }
-  if (a.kept && d == 0) a.kept[row] = nk;
+  if (a.p.kept && d == 0) a.p.kept[row] = nk;
 }
 
 template <int D>
@@ -376,15 +376,15 @@ cudaError_t Run(const KernelArgs& a, cudaStream_t stream) {
   constexpr int smem = DecodeSmem<D>();
   cudaError_t e = AllowSmem<DecodeKernel<T, D, MASK>>(smem);
   if (e != cudaSuccess) return e;
-  dim3 grid(static_cast<unsigned>(a.splits), static_cast<unsigned>(a.Hkv), static_cast<unsigned>(a.B));
+  dim3 grid(static_cast<unsigned>(a.plan.splits), static_cast<unsigned>(a.p.Hkv), static_cast<unsigned>(a.p.B));
   DecodeKernel<T, D, MASK><<<grid, kThreads, smem, stream>>>(a);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t RunT(const KernelArgs& a, cudaStream_t stream) {
-  const bool mask = a.mask_kind != 0;
-  if (a.D == 64) return mask ? Run<T, 64, true>(a, stream) : Run<T, 64, false>(a, stream);
+  const bool mask = a.p.mask_kind != MaskKind::kNone;
+  if (a.p.D == 64) return mask ? Run<T, 64, true>(a, stream) : Run<T, 64, false>(a, stream);
   return mask ? Run<T, 128, true>(a, stream) : Run<T, 128, false>(a, stream);
 }
 
@@ -401,14 +401,14 @@ int DecodeBlocksPerSm(int D) {
 }
 
 cudaError_t LaunchDecode(const KernelArgs& a, cudaStream_t stream) {
-  return a.dtype == 2 ? RunT<__nv_bfloat16>(a, stream) : RunT<__half>(a, stream);
+  return a.p.dtype == DType::kBF16 ? RunT<__nv_bfloat16>(a, stream) : RunT<__half>(a, stream);
 }
 
 cudaError_t LaunchDecodeCombine(const KernelArgs& a, cudaStream_t stream) {
-  const int64_t rows = a.B * a.Hq * a.Sq;
+  const int64_t rows = a.p.B * a.p.Hq * a.p.Sq;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(rows));
-  cfg.blockDim = dim3(static_cast<unsigned>(a.Dv));
+  cfg.blockDim = dim3(static_cast<unsigned>(a.p.Dv));
   cfg.dynamicSmemBytes = 0;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];

@@ -47,14 +47,14 @@ __device__ float BlockMax(float x, float* red) {
 template <typename T>
 __device__ __forceinline__ float Score(const KernelArgs& a, const float* qs, const T* krow) {
   float acc = 0.f;
-  for (int64_t d = 0; d < a.D; ++d) acc = fmaf(qs[d], Elem<T>::ToF(krow[d]), acc);
+  for (int64_t d = 0; d < a.p.D; ++d) acc = fmaf(qs[d], Elem<T>::ToF(krow[d]), acc);
   return acc;
 }
 
 // Validity of key j for a row at position `pos` (causal, mask); sets the additive mask value.
 __device__ __forceinline__ bool Valid(const KernelArgs& a, const char* mrow, int64_t pos, int64_t j, float* add) {
   *add = 0.f;
-  if (a.causal && j > pos) return false;
+  if (a.p.causal && j > pos) return false;
   return mrow ? MaskAt(a, mrow, j, add) : true;
 }
 
@@ -62,35 +62,35 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) GenericKernel(const KernelArgs a) {
   extern __shared__ float sm[];
   __shared__ float red[32];
-  float* qs = sm;               // [D]
-  float* acc = qs + a.D;        // [Dv]   sum of p * v
-  float* vsum = acc + a.Dv;     // [Dv]   sum of valid v (V-mean compensation)
-  float* pw = vsum + a.Dv;      // [kThreads] weights of one key chunk
-  float* uw = pw + kThreads;    // [kThreads] validity of one key chunk
+  float* qs = sm;              // [D]
+  float* acc = qs + a.p.D;     // [Dv]   sum of p * v
+  float* vsum = acc + a.p.Dv;  // [Dv]   sum of valid v (V-mean compensation)
+  float* pw = vsum + a.p.Dv;   // [kThreads] weights of one key chunk
+  float* uw = pw + kThreads;   // [kThreads] validity of one key chunk
 
   const int64_t i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int64_t g = h / a.G;
-  const int64_t row = (b * a.Hq + h) * a.Sq + i;
-  const T* q = static_cast<const T*>(a.q) + row * a.D;
-  const T* K = static_cast<const T*>(a.k) + (b * a.Hkv + g) * a.Ktot * a.D;
-  const T* V = static_cast<const T*>(a.v) + (b * a.Hkv + g) * a.Ktot * a.Dv;
+  const int64_t row = (b * a.p.Hq + h) * a.p.Sq + i;
+  const T* q = static_cast<const T*>(a.p.q) + row * a.p.D;
+  const T* K = static_cast<const T*>(a.p.k) + (b * a.p.Hkv + g) * a.p.Ktot * a.p.D;
+  const T* V = static_cast<const T*>(a.p.v) + (b * a.p.Hkv + g) * a.p.Ktot * a.p.Dv;
   const RowConst rc = RowConstants(a, h, i);
   const char* mrow = MaskRow(a, b, h, i);
-  const bool vmc = a.comp_mode == 2 && a.sdc != nullptr;
+  const bool vmc = a.p.comp_mode == 2 && a.p.sdc != nullptr;
   const int tid = threadIdx.x;
 
-  for (int64_t d = tid; d < a.D; d += kThreads) qs[d] = Elem<T>::ToF(q[d]);
-  for (int64_t d = tid; d < a.Dv; d += kThreads) acc[d] = vsum[d] = 0.f;
+  for (int64_t d = tid; d < a.p.D; d += kThreads) qs[d] = Elem<T>::ToF(q[d]);
+  for (int64_t d = tid; d < a.p.Dv; d += kThreads) acc[d] = vsum[d] = 0.f;
   __syncthreads();
 
   // Pass 1: counts and the largest kept score.
   float mx = -INFINITY, nk = 0.f, nv = 0.f;
-  for (int64_t j = tid; j < a.Ktot; j += kThreads) {
+  for (int64_t j = tid; j < a.p.Ktot; j += kThreads) {
     float add;
     if (!Valid(a, mrow, rc.pos, j, &add)) continue;
     nv += 1.f;
-    const float s = a.scale * Score(a, qs, K + j * a.D) + add;
-    if (s >= rc.theta) {
+    const float s = a.p.scale * Score(a, qs, K + j * a.p.D) + add;
+    if (!(s < rc.theta)) {  // NaN is kept: it makes the row NaN (docs/op.md, "NaN")
       nk += 1.f;
       mx = fmaxf(mx, s);
     }
@@ -102,25 +102,25 @@ __global__ void __launch_bounds__(kThreads) GenericKernel(const KernelArgs a) {
 
   // Pass 2: weights of one chunk of keys, then acc += sum_c w_c * v_c over the kept rows.
   float dk = 0.f;
-  for (int64_t j0 = 0; j0 < a.Ktot; j0 += kThreads) {
+  for (int64_t j0 = 0; j0 < a.p.Ktot; j0 += kThreads) {
     const int64_t j = j0 + tid;
     float w = 0.f, u = 0.f, add;
-    if (j < a.Ktot && Valid(a, mrow, rc.pos, j, &add)) {
+    if (j < a.p.Ktot && Valid(a, mrow, rc.pos, j, &add)) {
       u = 1.f;
-      const float s = a.scale * Score(a, qs, K + j * a.D) + add;
-      if (s >= rc.theta) w = expf(s - m);
+      const float s = a.p.scale * Score(a, qs, K + j * a.p.D) + add;
+      if (!(s < rc.theta)) w = expf(s - m);
     }
     dk += w;
     __syncthreads();
     pw[tid] = w;
     uw[tid] = u;
     __syncthreads();
-    const int n = a.Ktot - j0 < kThreads ? static_cast<int>(a.Ktot - j0) : kThreads;
-    for (int64_t d = tid; d < a.Dv; d += kThreads) {
+    const int n = a.p.Ktot - j0 < kThreads ? static_cast<int>(a.p.Ktot - j0) : kThreads;
+    for (int64_t d = tid; d < a.p.Dv; d += kThreads) {
       float s = acc[d], t = vsum[d];
       for (int c = 0; c < n; ++c) {
-        if (pw[c] != 0.f) s = fmaf(pw[c], Elem<T>::ToF(V[(j0 + c) * a.Dv + d]), s);
-        if (vmc && uw[c] != 0.f) t += Elem<T>::ToF(V[(j0 + c) * a.Dv + d]);
+        if (pw[c] != 0.f) s = fmaf(pw[c], Elem<T>::ToF(V[(j0 + c) * a.p.Dv + d]), s);
+        if (vmc && uw[c] != 0.f) t += Elem<T>::ToF(V[(j0 + c) * a.p.Dv + d]);
       }
       acc[d] = s;
       vsum[d] = t;
@@ -130,22 +130,22 @@ __global__ void __launch_bounds__(kThreads) GenericKernel(const KernelArgs a) {
 
   const RowFinal f = FinishRow(a, dk, m, rc.theta, rc.rho, n_kept, n_valid);
   const float vscale = n_valid > 0 ? f.dp_inv / static_cast<float>(n_valid) : 0.f;
-  T* out = static_cast<T*>(a.out) + row * a.Dv;
-  for (int64_t d = tid; d < a.Dv; d += kThreads) {
+  T* out = static_cast<T*>(a.p.out) + row * a.p.Dv;
+  for (int64_t d = tid; d < a.p.Dv; d += kThreads) {
     out[d] = Elem<T>::FromF(acc[d] * f.inv + vscale * vsum[d]);
   }
-  if (a.kept && tid == 0) a.kept[row] = n_kept;
+  if (a.p.kept && tid == 0) a.p.kept[row] = n_kept;
 }
 
 template <typename T>
 cudaError_t Run(const KernelArgs& a, cudaStream_t stream) {
-  const size_t smem = static_cast<size_t>(a.D + 2 * a.Dv + 2 * kThreads) * sizeof(float);
+  const size_t smem = static_cast<size_t>(a.p.D + 2 * a.p.Dv + 2 * kThreads) * sizeof(float);
   if (smem > 48 * 1024) {  // very large head dims only
-    cudaError_t e = cudaFuncSetAttribute(GenericKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
+    cudaError_t e =
+        cudaFuncSetAttribute(GenericKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  dim3 grid(static_cast<unsigned>(a.Sq), static_cast<unsigned>(a.Hq), static_cast<unsigned>(a.B));
+  dim3 grid(static_cast<unsigned>(a.p.Sq), static_cast<unsigned>(a.p.Hq), static_cast<unsigned>(a.p.B));
   GenericKernel<T><<<grid, kThreads, smem, stream>>>(a);
   return cudaGetLastError();
 }
@@ -153,9 +153,9 @@ cudaError_t Run(const KernelArgs& a, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t LaunchGeneric(const KernelArgs& a, cudaStream_t stream) {
-  switch (a.dtype) {
-    case 1: return Run<__half>(a, stream);
-    case 2: return Run<__nv_bfloat16>(a, stream);
+  switch (a.p.dtype) {
+    case DType::kF16: return Run<__half>(a, stream);
+    case DType::kBF16: return Run<__nv_bfloat16>(a, stream);
     default: return Run<float>(a, stream);
   }
 }

@@ -13,7 +13,7 @@ namespace toptheta {
 namespace cuda {
 namespace {
 
-constexpr int kBN = 64;   // keys per tile
+constexpr int kBN = 64;  // keys per tile
 
 // Block-wide copy of the K (when with_k) and V rows [k0, k0 + kBN) into swizzled tiles. Thread tid
 // always copies chunk tid % CH of rows tid / CH + i * RPI; RPI is a multiple of 8, so the swizzle of
@@ -29,7 +29,7 @@ __device__ __forceinline__ void LoadTile(const KernelArgs& a, const T* Kg, const
   const int64_t goff = static_cast<int64_t>(k0 + r0) * D + ch * 8;
 #pragma unroll
   for (int i = 0; i < kBN / RPI; ++i) {
-    const bool ok = k0 + r0 + i * RPI < a.Ktot;
+    const bool ok = k0 + r0 + i * RPI < a.p.Ktot;
     const int64_t g = ok ? goff + i * RPI * D : 0;
     const uint32_t so = soff + i * RPI * CH * 16;
     if (with_k) CpAsync16(ks + so, Kg + g, ok);
@@ -57,11 +57,11 @@ template <typename T, int D, bool MASK, int MT, int WARPS, bool COUNT>
 __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs a) {
   constexpr int THREADS = WARPS * 32;
   constexpr int kBM = RowsPerBlock<MT, WARPS>();
-  constexpr int CH = D / 8;       // 16-byte chunks per K/V row
-  constexpr int KS = D / 16;      // k-steps of Q K^T
-  constexpr int NS = kBN / 8;     // n-blocks of S (8 keys each)
-  constexpr int NO = D / 8;       // n-blocks of O (8 columns each)
-  constexpr int RT = 2 * MT;      // rows per thread
+  constexpr int CH = D / 8;            // 16-byte chunks per K/V row
+  constexpr int KS = D / 16;           // k-steps of Q K^T
+  constexpr int NS = kBN / 8;          // n-blocks of S (8 keys each)
+  constexpr int NO = D / 8;            // n-blocks of O (8 columns each)
+  constexpr int RT = 2 * MT;           // rows per thread
   constexpr int NA = MT == 1 ? 2 : 1;  // independent max / sum chains per row (MT = 2 has ILP already)
   constexpr uint32_t kRowBytes = CH * 16;
   constexpr uint32_t kTileBytes = kBN * kRowBytes;
@@ -75,11 +75,11 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
   const int i0 = blk.i0;
   const int64_t kvh = h / a.G;
   const bool mean = a.mean_pass != 0;
-  const float inv_scale = 1.f / a.scale;
-  const float c2 = a.scale * kLog2e;  // raw score -> log2 units
-  const T* Qg = static_cast<const T*>(a.q) + (b * a.Hq + h) * a.Sq * D;
-  const T* Kg = static_cast<const T*>(a.k) + (b * a.Hkv + kvh) * a.Ktot * D;
-  const T* Vg = static_cast<const T*>(a.v) + (b * a.Hkv + kvh) * a.Ktot * D;
+  const float inv_scale = 1.f / a.p.scale;
+  const float c2 = a.p.scale * kLog2e;  // raw score -> log2 units
+  const T* Qg = static_cast<const T*>(a.p.q) + (b * a.p.Hq + h) * a.p.Sq * D;
+  const T* Kg = static_cast<const T*>(a.p.k) + (b * a.p.Hkv + kvh) * a.p.Ktot * D;
+  const T* Vg = static_cast<const T*>(a.p.v) + (b * a.p.Hkv + kvh) * a.p.Ktot * D;
   const uint32_t qbase = SmemAddr(smem), sbase = qbase + kQBytes;
 
   // Per-lane ldmatrix offsets in a swizzled tile (Swz): physical chunk = chunk ^ (row & 7), and since a
@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
   const uint32_t lane_v = ((((lane >> 3) & 1) * 8 + r7) * kRowBytes) | ((((lane >> 4) ^ r7)) << 4);
   const uint32_t lane_q = ((warp * 16 * MT + ((lane >> 3) & 1) * 8 + r7) * kRowBytes) | ((((lane >> 4) ^ r7)) << 4);
 
-  const int Sq = static_cast<int>(a.Sq), Ktot = static_cast<int>(a.Ktot);
+  const int Sq = static_cast<int>(a.p.Sq), Ktot = static_cast<int>(a.p.Ktot);
   const int w0 = i0 + warp * 16 * MT;  // first row of this warp
   const int off = Ktot - Sq;           // row position = off + row index
   auto row_of = [&](int r) { return w0 + 16 * (r >> 1) + g + 8 * (r & 1); };
@@ -131,10 +131,10 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
 
   // Key ranges: the block's (causal: up to its last row) and this warp's.
   const int last_row = min(i0 + kBM, Sq) - 1;
-  const int kend = a.causal ? min(Ktot, off + last_row + 1) : Ktot;
+  const int kend = a.p.causal ? min(Ktot, off + last_row + 1) : Ktot;
   const int ntiles = (kend + kBN - 1) / kBN;
   const int wlast = min(w0 + 16 * MT - 1, Sq - 1);
-  const int wkend = w0 >= Sq ? 0 : (a.causal ? min(Ktot, off + wlast + 1) : Ktot);
+  const int wkend = w0 >= Sq ? 0 : (a.p.causal ? min(Ktot, off + wlast + 1) : Ktot);
   const int wfirst_pos = off + w0;  // smallest row position of the warp
 
   float o[MT][NO][4];
@@ -200,8 +200,9 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
         }
       }
 
-      // Threshold test: s keeps kept raw scores and -inf elsewhere; bit 4n+e of km[mt] = kept.
-      bool full = k0 + kBN <= Ktot && (!a.causal || k0 + kBN - 1 <= wfirst_pos);
+      // Threshold test: s keeps kept raw scores and -inf elsewhere; bit 4n+e of km[mt] = kept. The test is
+      // !(s < θ), so that a NaN score is kept and makes its row NaN (docs/op.md, "NaN").
+      bool full = k0 + kBN <= Ktot && (!a.p.causal || k0 + kBN - 1 <= wfirst_pos);
       if (MASK) full = full && kpad != nullptr && KeysAllAllowed(kpad, k0, kBN, Ktot, lane);
       uint32_t km[MT] = {};
       float tmax[RT][NA];
@@ -215,7 +216,8 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
         const int r = 2 * mt + (e >> 1);
         const float x = kept ? s[mt][n][e] : -INFINITY;
         s[mt][n][e] = x;
-        tmax[r][n % NA] = fmaxf(tmax[r][n % NA], x);
+        // COUNT = false finds live tiles from tmax: a kept NaN must make it NaN, not be dropped.
+        tmax[r][n % NA] = COUNT ? fmaxf(tmax[r][n % NA], x) : MaxNan(tmax[r][n % NA], x);
         if (COUNT) km[mt] |= kept ? (1u << (4 * n + e)) : 0u;
       };
       if (full) {
@@ -224,7 +226,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
 #pragma unroll
           for (int n = 0; n < NS; ++n) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) mark(mt, n, e, s[mt][n][e] >= th[2 * mt + (e >> 1)]);
+            for (int e = 0; e < 4; ++e) mark(mt, n, e, !(s[mt][n][e] < th[2 * mt + (e >> 1)]));
           }
         }
         if (MASK) {
@@ -242,13 +244,13 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
               const int j = k0 + n * 8 + 2 * t + (e & 1);
               const int i = row_of(r);
               float add = 0.f;
-              bool valid = i < Sq && j < Ktot && (!a.causal || j <= off + i);
+              bool valid = i < Sq && j < Ktot && (!a.p.causal || j <= off + i);
               if (MASK && valid) valid = MaskAt(a, mrow[r], j, &add);
               if (MASK) {
                 if (!mean) s[mt][n][e] = fmaf(add, inv_scale, s[mt][n][e]);  // mean pass: P = 1
                 nv[r] += valid;
               }
-              mark(mt, n, e, valid && s[mt][n][e] >= th[r]);
+              mark(mt, n, e, valid && !(s[mt][n][e] < th[r]));
             }
           }
         }
@@ -395,7 +397,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
     const int i = row_of(r);
     if (i >= Sq) continue;
     const int mt = r >> 1, e2 = 2 * (r & 1);
-    const int64_t row = (b * a.Hq + h) * a.Sq + i;
+    const int64_t row = (b * a.p.Hq + h) * a.p.Sq + i;
     if (mean) {
       const float inv = lsum[r] > 0.f ? 1.f / lsum[r] : 0.f;
       float* vb = a.vbar + row * D;
@@ -406,10 +408,10 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
       continue;
     }
     const RowConst rc = RowConstants(a, h, i);
-    const int n_valid = MASK ? nv[r] : static_cast<int>(a.causal ? min(rc.pos + 1, a.Ktot) : a.Ktot);
-    const RowFinal f = FinishRow(a, lsum[r], m[r] * a.scale, rc.theta, rc.rho, nk[r], n_valid);
+    const int n_valid = MASK ? nv[r] : static_cast<int>(a.p.causal ? min(rc.pos + 1, a.p.Ktot) : a.p.Ktot);
+    const RowFinal f = FinishRow(a, lsum[r], m[r] * a.p.scale, rc.theta, rc.rho, nk[r], n_valid);
     const float* vbar = f.dp_inv != 0.f ? a.vbar + row * D : nullptr;
-    T* out = static_cast<T*>(a.out) + row * D;
+    T* out = static_cast<T*>(a.p.out) + row * D;
 #pragma unroll
     for (int n = 0; n < NO; ++n) {
       const int c = n * 8 + 2 * t;
@@ -420,7 +422,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
       }
       *reinterpret_cast<uint32_t*>(out + c) = Elem<T>::Pack(x0, x1);
     }
-    if (a.kept && t == 0) a.kept[row] = nk[r];
+    if (a.p.kept && t == 0) a.p.kept[row] = nk[r];
   }
 }
 
@@ -431,16 +433,16 @@ cudaError_t Run(const KernelArgs& a, cudaStream_t stream) {
   static_assert(smem <= 227 * 1024, "shared memory");
   cudaError_t e = AllowSmem<PrefillKernel<T, D, MASK, MT, WARPS, COUNT>>(smem);
   if (e != cudaSuccess) return e;
-  const int64_t ntq = (a.Sq + bm - 1) / bm;
-  const dim3 grid(static_cast<unsigned>(a.B * a.Hq * ntq));
+  const int64_t ntq = (a.p.Sq + bm - 1) / bm;
+  const dim3 grid(static_cast<unsigned>(a.p.B * a.p.Hq * ntq));
   PrefillKernel<T, D, MASK, MT, WARPS, COUNT><<<grid, WARPS * 32, smem, stream>>>(a);
   return cudaGetLastError();
 }
 
 template <typename T, int MT, int WARPS, bool COUNT>
 cudaError_t RunV(const KernelArgs& a, cudaStream_t stream) {
-  const bool mask = a.mask_kind != 0;
-  if (a.D == 64) {
+  const bool mask = a.p.mask_kind != MaskKind::kNone;
+  if (a.p.D == 64) {
     return mask ? Run<T, 64, true, MT, WARPS, COUNT>(a, stream) : Run<T, 64, false, MT, WARPS, COUNT>(a, stream);
   }
   return mask ? Run<T, 128, true, MT, WARPS, COUNT>(a, stream) : Run<T, 128, false, MT, WARPS, COUNT>(a, stream);
@@ -452,9 +454,9 @@ template <typename T>
 cudaError_t RunT(const KernelArgs& a, cudaStream_t stream) {
   // Default (-1): 4 warps x 32 rows, the fastest measured on H100 (also with a mask, though that
   // instantiation spills a few registers).
-  const int v = a.prefill_variant >= 0 ? a.prefill_variant : 2;
+  const int v = a.plan.prefill_variant >= 0 ? a.plan.prefill_variant : 2;
   // Kept counts are needed for the `kept` output and for the compensation's pruned count.
-  const bool count = a.kept != nullptr || a.comp_mode >= 1 || a.mean_pass != 0;
+  const bool count = a.p.kept != nullptr || a.p.comp_mode >= 1 || a.mean_pass != 0;
   switch (v) {
     case 1: return RunV<T, 1, 4, true>(a, stream);
     case 2: return count ? RunV<T, 2, 4, true>(a, stream) : RunV<T, 2, 4, false>(a, stream);
@@ -465,8 +467,8 @@ cudaError_t RunT(const KernelArgs& a, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t LaunchPrefill(const KernelArgs& a, cudaStream_t stream) {
-  if (a.prefill_variant == 3) return LaunchPrefillSm90(a, stream);  // Hopper (MakePlan checked it applies)
-  return a.dtype == 2 ? RunT<__nv_bfloat16>(a, stream) : RunT<__half>(a, stream);
+  if (a.plan.prefill_variant == 3) return LaunchPrefillSm90(a, stream);  // Hopper (MakePlan checked it applies)
+  return a.p.dtype == DType::kBF16 ? RunT<__nv_bfloat16>(a, stream) : RunT<__half>(a, stream);
 }
 
 }  // namespace cuda

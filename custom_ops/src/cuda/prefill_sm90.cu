@@ -12,9 +12,10 @@
 //   named barrier. The two warpgroups issue their MMAs by turns (ping-pong), so that one warpgroup's softmax
 //   runs while the other's MMAs do. Tiles wholly above the causal diagonal are not visited.
 // It covers the rewrite's default call (no mask or a [B, Ktot] bool key-padding mask, no `kept` output, comp_mode
-// 0: COUNT = false of prefill.cu); every other call runs prefill.cu's kernel. ptxas must not serialise the wgmma pipeline (its C7514/C7515/
-// C7520 notes): branches around MMAs are on warp-uniform values, and no other instruction writes an
-// accumulator while a group is in flight. Semantics: docs/op.md; design notes: docs/cuda-notes.md.
+// 0: COUNT = false of prefill.cu); every other call runs prefill.cu's kernel. ptxas must not serialise the wgmma
+// pipeline (its notes C7514, C7515, C7520): branches around MMAs are on warp-uniform values, and no other
+// instruction writes an accumulator while a group is in flight. Semantics: docs/op.md; design notes:
+// docs/cuda-notes.md.
 #include <type_traits>
 
 #include "common.cuh"
@@ -24,10 +25,10 @@ namespace toptheta {
 namespace cuda {
 namespace {
 
-constexpr int kWG = 2;              // warpgroups (64 query rows each)
+constexpr int kWG = 2;  // warpgroups (64 query rows each)
 constexpr int kThreads = 128 * kWG;
-constexpr int kBM = 64 * kWG;       // query rows per block
-constexpr int kBN = 128;            // keys per tile
+constexpr int kBM = 64 * kWG;  // query rows per block
+constexpr int kBN = 128;       // keys per tile
 constexpr int kStages = 3;
 
 template <int D>
@@ -37,8 +38,7 @@ constexpr int TileBytes() {
 
 template <int D>
 constexpr int SmemBytes() {
-  return kBM * D * 2 + kStages * 2 * TileBytes<D>() + 1024 /* alignment */ + 64 /* chunk flags */ +
-         64 /* mbarriers */;
+  return kBM * D * 2 + kStages * 2 * TileBytes<D>() + 1024 /* alignment */ + 64 /* chunk flags */ + 64 /* mbarriers */;
 }
 
 // Byte offset of 16-byte chunk `ch` of row `r` in a tile of ROWS rows: 64-column blocks one after the other,
@@ -62,8 +62,7 @@ __device__ __forceinline__ void LoadRows(uint32_t dst, const void* src, int r0, 
   if (r0 + ROWS <= n) {
 #pragma unroll
     for (int i = 0; i < ROWS / RPI; ++i) {
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s0 + i * RPI * 128),
-                   "l"(g0 + i * RPI * D * 2));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s0 + i * RPI * 128), "l"(g0 + i * RPI * D * 2));
     }
   } else {
 #pragma unroll
@@ -125,8 +124,8 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
   extern __shared__ unsigned char smem_raw[];
   const uint32_t base = (SmemAddr(smem_raw) + 1023u) & ~1023u;
   const uint32_t qbase = base, kvbase = base + kBM * D * 2;
-  uint32_t* flags = reinterpret_cast<uint32_t*>(smem_raw + (base - SmemAddr(smem_raw)) + kBM * D * 2 +
-                                                kStages * 2 * kTile);
+  uint32_t* flags =
+      reinterpret_cast<uint32_t*>(smem_raw + (base - SmemAddr(smem_raw)) + kBM * D * 2 + kStages * 2 * kTile);
   // Per stage a "full" barrier (every thread's copies of the tile landed) and an "empty" one (every thread
   // is done with the tile: its S and P·V finished), so that the warpgroups never wait for each other at a
   // block barrier (measured 7 % faster at 16k than a __syncthreads per tile).
@@ -150,12 +149,12 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
   const int64_t h = blk.h, b = blk.b;
   const int i0 = blk.i0;
   const int64_t kvh = h / a.G;
-  const float inv_scale = 1.f / a.scale;
-  const float c2 = a.scale * kLog2e;
-  const T* Qg = static_cast<const T*>(a.q) + (b * a.Hq + h) * a.Sq * D;
-  const T* Kg = static_cast<const T*>(a.k) + (b * a.Hkv + kvh) * a.Ktot * D;
-  const T* Vg = static_cast<const T*>(a.v) + (b * a.Hkv + kvh) * a.Ktot * D;
-  const int Sq = static_cast<int>(a.Sq), Ktot = static_cast<int>(a.Ktot);
+  const float inv_scale = 1.f / a.p.scale;
+  const float c2 = a.p.scale * kLog2e;
+  const T* Qg = static_cast<const T*>(a.p.q) + (b * a.p.Hq + h) * a.p.Sq * D;
+  const T* Kg = static_cast<const T*>(a.p.k) + (b * a.p.Hkv + kvh) * a.p.Ktot * D;
+  const T* Vg = static_cast<const T*>(a.p.v) + (b * a.p.Hkv + kvh) * a.p.Ktot * D;
+  const int Sq = static_cast<int>(a.p.Sq), Ktot = static_cast<int>(a.p.Ktot);
   const int off = Ktot - Sq;
   // MASK: the [B, Ktot] bool key-padding row. Whether a tile's 128 keys are all allowed is read one tile
   // ahead (4 bytes per lane into registers), so its latency hides behind a tile of work.
@@ -172,8 +171,8 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
   };
   if (MASK) kp_next = kp_load(0);
 
-  const int g0 = i0 + wg * 64;      // first row of the warpgroup
-  const int w0 = g0 + wq * 16;      // first row of the warp
+  const int g0 = i0 + wg * 64;  // first row of the warpgroup
+  const int w0 = g0 + wq * 16;  // first row of the warp
   float th[2], m[2], l[2][2];
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
@@ -185,15 +184,15 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
 
   // Key range of the block (causal: up to its last row); the warp's first row position.
   const int last_row = min(i0 + kBM, Sq) - 1;
-  const int kend = a.causal ? min(Ktot, off + last_row + 1) : Ktot;
+  const int kend = a.p.causal ? min(Ktot, off + last_row + 1) : Ktot;
   const int ntiles = (kend + kBN - 1) / kBN;
   const int wfirst_pos = off + w0;
 
   float o[NO * 4];
 #pragma unroll
   for (int x = 0; x < NO * 4; ++x) o[x] = 0.f;
-  uint32_t pk[KV][4];     // P of the previous tile (A fragments of its P·V)
-  uint32_t pv_mask = 0;   // its 16-key chunks to multiply (same in the whole warpgroup); 0 = none pending
+  uint32_t pk[KV][4];    // P of the previous tile (A fragments of its P·V)
+  uint32_t pv_mask = 0;  // its 16-key chunks to multiply (same in the whole warpgroup); 0 = none pending
   int pv_stage = 0;
 
   LoadRows<kBM, D>(qbase, Qg, i0, Sq);
@@ -271,8 +270,9 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
 #pragma unroll
     for (int x = 0; x < NS * 4; ++x) FenceReg(s[x]);
 
-    // Threshold test: kept raw scores stay, the rest become -inf.
-    bool full = k0 + kBN <= Ktot && (!a.causal || k0 + kBN - 1 <= wfirst_pos);
+    // Threshold test: kept raw scores stay, the rest become -inf. The test is !(s < θ) and the tile max keeps
+    // NaN (MaxNan), so that a NaN score is kept, the tile is live and the row becomes NaN (docs/op.md, "NaN").
+    bool full = k0 + kBN <= Ktot && (!a.p.causal || k0 + kBN - 1 <= wfirst_pos);
     if (MASK) {  // a tile with padded keys takes the per-element path
       full = full && __all_sync(kFull, kp_next == (1u << (kBN / 32)) - 1u);
       if (tile + 1 < ntiles) kp_next = kp_load(k0 + kBN);
@@ -289,13 +289,14 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
           const int r = e >> 1;
           // The max may take pruned scores too: they are below θ <= m, so they never raise the running max
           // (and the max does not wait for the select).
-          sp[4 * n + e] = s[4 * n + e] >= th[r] ? s[4 * n + e] : -INFINITY;
-          tmax[r][n & 1] = fmaxf(tmax[r][n & 1], s[4 * n + e]);
+          sp[4 * n + e] = s[4 * n + e] < th[r] ? -INFINITY : s[4 * n + e];
+          tmax[r][n & 1] = MaxNan(tmax[r][n & 1], s[4 * n + e]);
         }
       }
 #pragma unroll
       for (int r = 0; r < 2; ++r) {  // nothing kept in the row: as in the masked path, -inf
-        tmax[r][0] = fmaxf(tmax[r][0], tmax[r][1]) >= th[r] ? fmaxf(tmax[r][0], tmax[r][1]) : -INFINITY;
+        const float t = MaxNan(tmax[r][0], tmax[r][1]);
+        tmax[r][0] = t < th[r] ? -INFINITY : t;
         tmax[r][1] = -INFINITY;
       }
     } else {
@@ -306,17 +307,16 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
           const int r = e >> 1;
           const int i = w0 + g + 8 * r;
           const int j = k0 + n * 8 + 2 * t + (e & 1);
-          const bool valid =
-              i < Sq && j < Ktot && (!a.causal || j <= off + i) && (!MASK || kpad[j] != 0);
-          const float x = valid && s[4 * n + e] >= th[r] ? s[4 * n + e] : -INFINITY;
+          const bool valid = i < Sq && j < Ktot && (!a.p.causal || j <= off + i) && (!MASK || kpad[j] != 0);
+          const float x = valid && !(s[4 * n + e] < th[r]) ? s[4 * n + e] : -INFINITY;
           sp[4 * n + e] = x;
-          tmax[r][n & 1] = fmaxf(tmax[r][n & 1], x);
+          tmax[r][n & 1] = MaxNan(tmax[r][n & 1], x);
         }
       }
     }
     float alpha[2] = {1.f, 1.f};
-    const bool live = tmax[0][0] != -INFINITY || tmax[0][1] != -INFINITY || tmax[1][0] != -INFINITY ||
-                      tmax[1][1] != -INFINITY;
+    const bool live =
+        tmax[0][0] != -INFINITY || tmax[0][1] != -INFINITY || tmax[1][0] != -INFINITY || tmax[1][1] != -INFINITY;
     const bool warp_live = __any_sync(kFull, live);
     if (warp_live) {
       float mc[2];
@@ -397,12 +397,13 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
     const int i = w0 + g + 8 * r;
     if (i >= Sq) continue;
     const RowConst rc = RowConstants(a, h, i);
-    const int n_valid = static_cast<int>(a.causal ? min(rc.pos + 1, a.Ktot) : a.Ktot);
-    const RowFinal f = FinishRow(a, ls, m[r] * a.scale, rc.theta, rc.rho, 0, n_valid);
-    T* out = static_cast<T*>(a.out) + ((b * a.Hq + h) * a.Sq + i) * D;
+    const int n_valid = static_cast<int>(a.p.causal ? min(rc.pos + 1, a.p.Ktot) : a.p.Ktot);
+    const RowFinal f = FinishRow(a, ls, m[r] * a.p.scale, rc.theta, rc.rho, 0, n_valid);
+    T* out = static_cast<T*>(a.p.out) + ((b * a.p.Hq + h) * a.p.Sq + i) * D;
 #pragma unroll
     for (int n = 0; n < NO; ++n) {
-      *reinterpret_cast<uint32_t*>(out + n * 8 + 2 * t) = Elem<T>::Pack(o[4 * n + 2 * r] * f.inv, o[4 * n + 2 * r + 1] * f.inv);
+      *reinterpret_cast<uint32_t*>(out + n * 8 + 2 * t) =
+          Elem<T>::Pack(o[4 * n + 2 * r] * f.inv, o[4 * n + 2 * r + 1] * f.inv);
     }
   }
 #endif  // TOPTHETA_SM90A_DEVICE
@@ -414,15 +415,15 @@ cudaError_t RunM(const KernelArgs& a, cudaStream_t stream) {
   static_assert(smem <= 227 * 1024, "shared memory");
   cudaError_t e = AllowSmem<PrefillSm90Kernel<T, D, MASK>>(smem);
   if (e != cudaSuccess) return e;
-  const int64_t ntq = (a.Sq + kBM - 1) / kBM;
-  const dim3 grid(static_cast<unsigned>(a.B * a.Hq * ntq));
+  const int64_t ntq = (a.p.Sq + kBM - 1) / kBM;
+  const dim3 grid(static_cast<unsigned>(a.p.B * a.p.Hq * ntq));
   PrefillSm90Kernel<T, D, MASK><<<grid, kThreads, smem, stream>>>(a);
   return cudaGetLastError();
 }
 
 template <typename T, int D>
 cudaError_t Run(const KernelArgs& a, cudaStream_t stream) {
-  return a.mask_kind != 0 ? RunM<T, D, true>(a, stream) : RunM<T, D, false>(a, stream);
+  return a.p.mask_kind != MaskKind::kNone ? RunM<T, D, true>(a, stream) : RunM<T, D, false>(a, stream);
 }
 
 }  // namespace
@@ -448,8 +449,9 @@ bool PrefillSm90Available(int device) {
 }
 
 cudaError_t LaunchPrefillSm90(const KernelArgs& a, cudaStream_t stream) {
-  if (a.dtype == 2) return a.D == 64 ? Run<__nv_bfloat16, 64>(a, stream) : Run<__nv_bfloat16, 128>(a, stream);
-  return a.D == 64 ? Run<__half, 64>(a, stream) : Run<__half, 128>(a, stream);
+  if (a.p.dtype == DType::kBF16)
+    return a.p.D == 64 ? Run<__nv_bfloat16, 64>(a, stream) : Run<__nv_bfloat16, 128>(a, stream);
+  return a.p.D == 64 ? Run<__half, 64>(a, stream) : Run<__half, 128>(a, stream);
 }
 
 }  // namespace cuda

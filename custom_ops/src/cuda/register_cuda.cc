@@ -1,7 +1,7 @@
-// onnxruntime CUDA-EP op of ai.toptheta::TopThetaAttention: parses the call with the shared op layer
-// (op_common.h), fills the [past ; new] K/V buffers with async copies, and enqueues the kernels on the
-// kernel context's compute stream. No host synchronisation; scratch comes from onnxruntime's CUDA
-// allocator (or, where that is unavailable, a private stream-ordered memory pool).
+// onnxruntime CUDA-EP kernel of ai.toptheta::TopThetaAttention (the op shell, shared with the CPU EP, is
+// ../op_shell.h; it validates the call with op_common.h): fills the [past ; new] K/V buffers with async copies
+// and enqueues the kernels on the kernel context's compute stream. No host synchronisation; scratch comes
+// from onnxruntime's CUDA allocator (or, where that is unavailable, a private stream-ordered memory pool).
 #include "register_cuda.h"
 
 #include <cuda_runtime.h>
@@ -12,6 +12,7 @@
 #include <string>
 
 #include "../op_common.h"
+#include "../op_shell.h"
 #include "kernels.h"
 
 namespace toptheta {
@@ -86,24 +87,19 @@ class Scratch {
   void* ptr_ = nullptr;
 };
 
-struct CudaKernel {
-  OpAttributes attrs;
-  DType dtype;
-  std::atomic<bool> use_ort_allocator{true};
+// The CUDA execution provider's kernel (op shell: ../op_shell.h).
+class CudaKernel {
+ public:
+  static constexpr const char* kExecutionProvider = "CUDAExecutionProvider";
 
-  CudaKernel(OpAttributes a, DType t) : attrs(std::move(a)), dtype(t) {}
+  // The TOPTHETA_* kernel-choice overrides are read here, once per node, not at each call.
+  explicit CudaKernel(const OrtKernelInfo*) : options_(KernelOptionsFromEnv()) {}
 
-  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    return StatusFrom([&] { Compute(context); });
-  }
-
-  void Compute(OrtKernelContext* context) {
-    Ort::KernelContext ctx(context);
-    PreparedCall call = PrepareCall(ctx, attrs, dtype);
+  void Compute(const Ort::KernelContext& ctx, PreparedCall& call) {
     AttnParams& p = call.params;
     cudaStream_t stream = static_cast<cudaStream_t>(ctx.GetGPUComputeStream());
     const int device = ctx.GetInput(0).GetTensorMemoryInfo().GetDeviceId();
-    const Plan plan = MakePlan(p, device);
+    const Plan plan = MakePlan(p, DevicePropsOf(device), options_);
 
     // Scratch: concatenated K / V where no present output receives them, then the kernel workspace.
     size_t kv_off[2] = {0, 0}, total = 0;
@@ -115,7 +111,7 @@ struct CudaKernel {
     }
     const size_t ws_off = total;
     total += plan.workspace;
-    Scratch scratch(ctx, device, total, stream, &use_ort_allocator);
+    Scratch scratch(ctx, device, total, stream, &use_ort_allocator_);
 
     for (int t = 0; t < 2; ++t) {
       if (!call.NeedsKV(t)) continue;
@@ -129,50 +125,16 @@ struct CudaKernel {
     }
     Check(Launch(p, plan, plan.workspace ? scratch.data() + ws_off : nullptr, stream), "kernel launch");
   }
-};
 
-template <DType DT>
-struct CudaOp : Ort::CustomOpBase<CudaOp<DT>, CudaKernel, true> {
-  CudaOp() {
-    this->start_ver_ = kOpVersion;
-    this->end_ver_ = kOpVersion;
-  }
-
-  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-    return StatusFrom([&] { *kernel = new CudaKernel(ReadAttributes(info), DT); });
-  }
-
-  const char* GetName() const { return kOpName; }
-  const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
-
-  size_t GetInputTypeCount() const { return kNumInputs; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {
-    if (i == kThresholds || i == kSdc) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-    if (i == kMask) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-    return OnnxType(DT);
-  }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i >= kMask ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-
-  size_t GetOutputTypeCount() const { return kNumOutputs; }
-  ONNXTensorElementDataType GetOutputType(size_t i) const {
-    return i == kKept ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : OnnxType(DT);
-  }
-  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
-    return i == kOut ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-  }
+ private:
+  const KernelOptions options_;
+  std::atomic<bool> use_ort_allocator_{true};
 };
 
 }  // namespace
 
 void RegisterCudaOps(Ort::CustomOpDomain& domain) {
-  static CudaOp<DType::kF32> op_f32;
-  static CudaOp<DType::kF16> op_f16;
-  static CudaOp<DType::kBF16> op_bf16;
-  domain.Add(&op_f32);
-  domain.Add(&op_f16);
-  domain.Add(&op_bf16);
+  AddOps<CudaKernel, DType::kF32, DType::kF16, DType::kBF16>(domain);
 }
 
 }  // namespace cuda

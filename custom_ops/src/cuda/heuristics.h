@@ -1,0 +1,72 @@
+// Which CUDA kernel runs a TopThetaAttention call, and the scratch it needs: pure functions of the call
+// (AttnParams), the device (DeviceProps) and the overrides (KernelOptions, read once per kernel). No CUDA
+// calls here, so the choice is the same wherever it is made. Design notes: docs/cuda-notes.md.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "../params.h"
+
+namespace toptheta {
+namespace cuda {
+
+// Which kernel family runs a call.
+enum class Path : int {
+  kGeneric = 0,  // any dtype / head dim: one block per query row, scalar fp32 (slow, exact semantics)
+  kPrefill = 1,  // fp16/bf16, D = Dv in {64, 128}: flash-style tiles on tensor cores
+  kDecode = 2,   // same types, (Hq/Hkv) * Sq <= 16: split-K over keys, V rows gathered only when kept
+};
+
+// Prefill kernels: 0 = 8 warps x 16 rows, 1 = 4 x 16, 2 = 4 x 32 (mma.sync kernels), 3 = the Hopper wgmma
+// kernel where it applies.
+constexpr int kPrefillDefault = -1;  // 3 where the Hopper kernel applies, else 2
+
+// Overrides of the kernel choice, for tests and benchmarks. The onnxruntime op reads them from the
+// environment once, when the kernel is created; the C entry point takes them as an argument.
+struct KernelOptions {
+  int32_t force_generic = 0;                  // TOPTHETA_CUDA_PATH=generic: 1
+  int32_t decode_splits = 0;                  // TOPTHETA_DECODE_SPLITS=N (> 0; 0 = heuristic)
+  int32_t prefill_variant = kPrefillDefault;  // TOPTHETA_PREFILL_VARIANT=0|1|2|3
+};
+
+// The TOPTHETA_* environment variables above (unset or invalid: the default).
+KernelOptions KernelOptionsFromEnv();
+
+// What the heuristics need to know about the GPU (queried once per device by DevicePropsOf in launch.cc).
+struct DeviceProps {
+  int sm_count = 100;
+  int decode_blocks_per_sm_d64 = 1;   // resident decode blocks per SM, head dim 64
+  int decode_blocks_per_sm_d128 = 1;  // and 128
+  bool prefill_sm90 = false;          // this build has the Hopper prefill kernel and the GPU is sm_90
+};
+
+struct Plan {
+  Path path = Path::kGeneric;
+  int32_t splits = 1;                         // decode: key splits per (batch, kv head), one partial each
+  int32_t prefill_variant = kPrefillDefault;  // prefill: the kernel (above); kPrefillDefault: 2
+  size_t workspace = 0;                       // device scratch bytes Launch needs
+};
+
+// Byte offsets inside the workspace.
+struct WorkspaceLayout {
+  size_t vbar = 0;    // comp_mode 2: V mean [B*Hq*Sq, Dv] fp32
+  size_t stats = 0;   // decode: (m, l, n_kept, n_valid) per row and split
+  size_t part_o = 0;  // decode: O [B*Hq*Sq, splits, Dv] fp32
+  size_t total = 0;
+};
+
+// The kernel family, decode split count, prefill kernel and workspace size of a call.
+Plan MakePlan(const AttnParams& p, const DeviceProps& device, const KernelOptions& options);
+WorkspaceLayout MakeLayout(const AttnParams& p, const Plan& plan);
+
+// Whether the call needs the V mean (comp_mode 2 with sdc).
+inline bool NeedsVMean(const AttnParams& p) { return p.comp_mode == 2 && p.sdc != nullptr; }
+
+// Rows per decode block tile (query heads of one kv head times query tokens).
+constexpr int kDecodeRows = 16;
+constexpr int kDecodeWarps = 4;
+constexpr int kDecodeSubKeys = 16;  // keys per warp step
+
+}  // namespace cuda
+}  // namespace toptheta
