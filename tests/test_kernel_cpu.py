@@ -351,10 +351,10 @@ def test_runtime_session_runs_the_op(tmp_path, library):
 # -- NaN (docs/op.md, "NaN"): a NaN score is kept and makes its row NaN; pruned V rows are not read ---------
 
 def _torch_ref(f, causal, comp_mode, mask=None):
-    """topthetaexport.reference (PyTorch, float64) on the feeds: (output, kept)."""
+    """topthetaexport.torch.reference (PyTorch, float64) on the feeds: (output, kept)."""
     import torch
 
-    from topthetaexport import reference
+    from topthetaexport.torch import reference
 
     def t(x):
         return None if x is None else torch.from_numpy(np.asarray(x, np.float64))
