@@ -19,6 +19,7 @@ import torch
 from .._errors import TopThetaError
 from .._io import atomic_path
 from ..progress import Progress, emitter
+from . import names as _names
 from .names import META_PREFIX
 
 __all__ = ["export_onnx", "input_names", "output_names", "EXTERNAL_DATA_THRESHOLD", "META_PREFIX"]
@@ -31,18 +32,18 @@ _SAMPLE_BATCH, _SAMPLE_SEQ, _SAMPLE_PAST = 2, 5, 3
 # -- graph signature ---------------------------------------------------------------------------------
 
 def input_names(num_layers: int, *, lm: bool, with_cache: bool) -> list[str]:
-    names = ["input_ids", "attention_mask"]
+    names = [_names.INPUT_IDS, _names.ATTENTION_MASK]
     if lm and with_cache:
-        names += [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+        names += [_names.past_name(i, kv) for i in range(num_layers) for kv in _names.KV_KINDS]
     return names
 
 
 def output_names(num_layers: int, *, lm: bool, with_cache: bool) -> list[str]:
     if not lm:
-        return ["last_hidden_state"]
-    names = ["logits"]
+        return [_names.LAST_HIDDEN_STATE]
+    names = [_names.LOGITS]
     if with_cache:
-        names += [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+        names += [_names.present_name(i, kv) for i in range(num_layers) for kv in _names.KV_KINDS]
     return names
 
 
