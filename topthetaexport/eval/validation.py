@@ -16,6 +16,7 @@ import numpy as np
 
 from .._errors import TopThetaError
 from ..progress import Progress, emitter
+from ..onnx.names import IO_PREFIX
 from ..ort.sessions import OnnxModel
 from ..data import describe_data
 
@@ -48,7 +49,7 @@ def _op_parity(io: dict[str, np.ndarray], attrs: dict[int, dict[str, Any]], th) 
 
     per_layer = {}
     for layer, a in sorted(attrs.items()):
-        pre = f"toptheta.io.{layer}."
+        pre = f"{IO_PREFIX}{layer}."
         if pre + "y" not in io:
             continue
         t = {n: torch.from_numpy(io[pre + n]) for n in ("q", "k", "v", "mask", "y") if pre + n in io}
