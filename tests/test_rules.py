@@ -16,10 +16,23 @@ import torch
 from topthetaexport._errors import TopThetaError
 from topthetaexport.onnx import names
 from topthetaexport.onnx.rewriter import rewrite
-from topthetaexport.onnx.rules import (CachedGqaAttention, CachedMhaAttention, GqaAttention, MaskPlan, MhaAttention,
-                                       RuleContext, attention_rules)
-from topthetaexport.onnx.variants import (DenseTwin, ExposeAttentionIO, ExposeKept, ReplaceWithTopK, SetCompMode,
-                                          SetThresholds)
+from topthetaexport.onnx.rules import (
+    CachedGqaAttention,
+    CachedMhaAttention,
+    GqaAttention,
+    MaskPlan,
+    MhaAttention,
+    RuleContext,
+    attention_rules,
+)
+from topthetaexport.onnx.variants import (
+    DenseTwin,
+    ExposeAttentionIO,
+    ExposeKept,
+    ReplaceWithTopK,
+    SetCompMode,
+    SetThresholds,
+)
 from topthetaexport.ort import library as runtime
 from topthetaexport.thresholds import TENSORS_FILE, Thresholds
 from topthetaexport.torch.reference import dense_attention, topk_attention, toptheta_attention

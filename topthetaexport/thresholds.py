@@ -13,7 +13,7 @@ import torch
 from ._errors import TopThetaError
 from ._io import atomic_path, write_json
 
-__all__ = ["Thresholds", "FORMAT_VERSION", "TENSORS_FILE", "META_FILE"]
+__all__ = ["FORMAT_VERSION", "META_FILE", "TENSORS_FILE", "Thresholds"]
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "thresholds.safetensors"
@@ -80,7 +80,7 @@ class Thresholds:
         return path
 
     @classmethod
-    def load(cls, path) -> "Thresholds":
+    def load(cls, path) -> Thresholds:
         """Load from a directory holding ``thresholds.safetensors`` or from that file itself."""
         from safetensors import safe_open
 
@@ -98,7 +98,7 @@ class Thresholds:
                 raw = (f.metadata() or {}).get(_META_KEY)
         except TopThetaError:
             raise
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any read failure becomes the one-line error
             raise TopThetaError(f"cannot read thresholds file {file} ({_first_line(e)}): recalibrate") from None
         meta = _read_meta(file, raw)
         try:
