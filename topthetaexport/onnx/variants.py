@@ -69,6 +69,16 @@ def _expose(graph: ir.Graph, value: ir.Value) -> bool:
     return True
 
 
+def _kept_shape(node: ir.Node) -> ir.Shape | None:
+    """``[B, Hq, Sq]``: the stated shape of the node's kept output, else from its query's shape."""
+    if len(node.outputs) > _KEPT_OUTPUT and node.outputs[_KEPT_OUTPUT].shape is not None:
+        return node.outputs[_KEPT_OUTPUT].shape
+    q_shape = node.inputs[0].shape if node.inputs[0] is not None else None
+    if q_shape is None or len(q_shape) != 4:
+        return None
+    return ir.Shape([q_shape[0], q_shape[1], q_shape[2]])
+
+
 class ExposeKept(InPlacePass):
     """Kept counts (int32 ``[B, Hq, Sq]``) of every TopThetaAttention node, and of every top-k replacement, as
     graph outputs ``toptheta.kept.{layer}``."""
@@ -85,10 +95,7 @@ class ExposeKept(InPlacePass):
             kept = node.outputs[_KEPT_OUTPUT]
             if not kept.name:
                 kept.name = names.kept_name(layer)
-            kept.dtype = ir.DataType.INT32
-            q_shape = node.inputs[0].shape if node.inputs[0] is not None else None
-            if q_shape is not None and len(q_shape) == 4:
-                kept.shape = ir.Shape([q_shape[0], q_shape[1], q_shape[2]])
+            kept.dtype, kept.shape = ir.DataType.INT32, kept.shape or _kept_shape(node)
             modified |= _expose(graph, kept)
         for node in graph:  # the kept counts of top-k replacements
             for out in node.outputs:
@@ -321,7 +328,7 @@ class ReplaceWithTopK(InPlacePass):
             old_y.replace_all_uses_with(y, replace_graph_outputs=True)
             y.name, old_y.name = old_y.name, None
             old_kept = node.outputs[_KEPT_OUTPUT] if len(node.outputs) > _KEPT_OUTPUT else None
-            kept.dtype = ir.DataType.INT32
+            kept.dtype, kept.shape = ir.DataType.INT32, _kept_shape(node)
             if old_kept is not None and old_kept.name:
                 old_kept.replace_all_uses_with(kept, replace_graph_outputs=True)
                 kept.name, old_kept.name = old_kept.name, None
