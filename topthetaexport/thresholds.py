@@ -13,7 +13,7 @@ import torch
 from ._errors import TopThetaError
 from ._io import atomic_path, write_json
 
-__all__ = ["Thresholds", "FORMAT_VERSION", "TENSORS_FILE", "META_FILE"]
+__all__ = ["FORMAT_VERSION", "META_FILE", "TENSORS_FILE", "Thresholds"]
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "thresholds.safetensors"
@@ -36,6 +36,7 @@ class Thresholds:
         problem = _shape_problem(self.theta, self.sdc, self.meta)
         if problem:
             raise TopThetaError(f"inconsistent thresholds: {problem}: recalibrate with 'topθ-export calibrate'")
+        self.check_values()
         self.meta.setdefault("format_version", FORMAT_VERSION)
         self.meta.setdefault("num_layers", self.num_layers)
         self.meta.setdefault("num_heads", self.num_heads)
@@ -79,7 +80,7 @@ class Thresholds:
         return path
 
     @classmethod
-    def load(cls, path) -> "Thresholds":
+    def load(cls, path) -> Thresholds:
         """Load from a directory holding ``thresholds.safetensors`` or from that file itself."""
         from safetensors import safe_open
 
@@ -97,7 +98,7 @@ class Thresholds:
                 raw = (f.metadata() or {}).get(_META_KEY)
         except TopThetaError:
             raise
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any read failure becomes the one-line error
             raise TopThetaError(f"cannot read thresholds file {file} ({_first_line(e)}): recalibrate") from None
         meta = _read_meta(file, raw)
         try:
@@ -106,6 +107,16 @@ class Thresholds:
             raise TopThetaError(f"{file}: {e}") from None
 
     # -- checks ------------------------------------------------------------------------------------
+    def check_values(self) -> None:
+        """Raise a one-line TopThetaError naming the first layer whose θ or ρ is NaN (or otherwise invalid).
+
+        Run on construction and again by the rewrite, since the tensors can be edited in place afterwards.
+        """
+        problem = _value_problem(self.theta, self.sdc)
+        if problem:
+            raise TopThetaError(f"{problem}: recalibrate with 'topθ-export calibrate' (θ = -inf, not NaN, "
+                                "marks a dense row)")
+
     def check_compatible(self, loaded) -> None:
         """Raise TopThetaError if these thresholds do not fit ``loaded`` (a LoadedModel)."""
         checks = [("layers", self.num_layers, getattr(loaded, "num_layers", None)),
@@ -186,11 +197,24 @@ def _shape_problem(theta: torch.Tensor, sdc: torch.Tensor, meta: dict) -> str | 
         return f"sdc shape {list(sdc.shape)} differs from theta shape {list(theta.shape)}"
     if theta.shape[2] < 1:
         return "theta has no rows"
-    if torch.isnan(theta).any() or (theta == math.inf).any():
-        return "theta contains NaN or +inf"
-    if not torch.isfinite(sdc).all() or (sdc < 0).any():
-        return "sdc must be finite and >= 0"
     for key, dim in (("num_layers", 0), ("num_heads", 1)):
         if key in meta and int(meta[key]) != int(theta.shape[dim]):
             return f"meta {key}={meta[key]} but theta has {theta.shape[dim]}"
+    return None
+
+
+def _value_problem(theta: torch.Tensor, sdc: torch.Tensor) -> str | None:
+    """What is wrong with the values of θ [L, Hq, R] / ρ [L, Hq, R], naming the first bad layer; None if fine.
+
+    NaN θ would keep nothing (every comparison with NaN is false) and silently zero the layer's output.
+    """
+    checks = (("θ", torch.isnan(theta), "NaN"), ("θ", theta == math.inf, "+inf"),
+              ("ρ (sdc)", torch.isnan(sdc), "NaN"), ("ρ (sdc)", sdc.abs() == math.inf, "infinite"),
+              ("ρ (sdc)", sdc < 0, "negative"))
+    for what, bad, kind in checks:
+        if bad.any():
+            layer, head, row = (int(i) for i in bad.nonzero()[0])
+            count = int(bad[layer].sum())
+            return (f"{what} of layer {layer} is {kind} at head {head}, row {row} "
+                    f"({count} value{'s' if count > 1 else ''} in that layer)")
     return None

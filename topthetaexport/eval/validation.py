@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 
 from .._errors import TopThetaError
-from ..progress import Progress, emitter
-from ..ort.sessions import OnnxModel
 from ..data import describe_data
+from ..onnx.names import IO_PREFIX
+from ..ort.sessions import OnnxModel
+from ..progress import Progress, emitter
 
 PARITY_TOL = 1e-4
 
@@ -28,7 +29,7 @@ def _read_op_attrs(model_path: Path) -> dict[int, dict[str, Any]]:
 
     try:
         m = onnx.load(str(model_path), load_external_data=False)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any parse failure becomes the one-line error
         raise TopThetaError(f"{model_path} is not a valid ONNX model ({str(e).splitlines()[0][:200]}): re-export it") from None
     attrs = {}
     for node in m.graph.node:
@@ -48,7 +49,7 @@ def _op_parity(io: dict[str, np.ndarray], attrs: dict[int, dict[str, Any]], th) 
 
     per_layer = {}
     for layer, a in sorted(attrs.items()):
-        pre = f"toptheta.io.{layer}."
+        pre = f"{IO_PREFIX}{layer}."
         if pre + "y" not in io:
             continue
         t = {n: torch.from_numpy(io[pre + n]) for n in ("q", "k", "v", "mask", "y") if pre + n in io}
@@ -161,7 +162,6 @@ def validate(out_dir: str | os.PathLike | None = None, *, model=None, onnx_path=
     step("loading held-out text", 0.0)
     tokens = as_token_tensor(data, loaded.tokenizer, seq_len=seq_len, num_samples=num_windows, skip=skip)
     step("opening onnxruntime session", 0.05)
-    t0 = time.perf_counter()
     om = OnnxModel(onnx_path, device=device, threads=threads, with_kept=True, expose_io=True)
     causal = bool(loaded.causal)
     sp = _Sparsity(th.num_layers, th.dense_layers)

@@ -19,9 +19,10 @@ import torch
 from .._errors import TopThetaError
 from .._io import atomic_path
 from ..progress import Progress, emitter
+from . import names as _names
 from .names import META_PREFIX
 
-__all__ = ["export_onnx", "input_names", "output_names", "EXTERNAL_DATA_THRESHOLD", "META_PREFIX"]
+__all__ = ["EXTERNAL_DATA_THRESHOLD", "META_PREFIX", "export_onnx", "input_names", "output_names"]
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of parameters above which weights go to model.onnx.data
 _SAMPLE_BATCH, _SAMPLE_SEQ, _SAMPLE_PAST = 2, 5, 3
@@ -31,18 +32,18 @@ _SAMPLE_BATCH, _SAMPLE_SEQ, _SAMPLE_PAST = 2, 5, 3
 # -- graph signature ---------------------------------------------------------------------------------
 
 def input_names(num_layers: int, *, lm: bool, with_cache: bool) -> list[str]:
-    names = ["input_ids", "attention_mask"]
+    names = [_names.INPUT_IDS, _names.ATTENTION_MASK]
     if lm and with_cache:
-        names += [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+        names += [_names.past_name(i, kv) for i in range(num_layers) for kv in _names.KV_KINDS]
     return names
 
 
 def output_names(num_layers: int, *, lm: bool, with_cache: bool) -> list[str]:
     if not lm:
-        return ["last_hidden_state"]
-    names = ["logits"]
+        return [_names.LAST_HIDDEN_STATE]
+    names = [_names.LOGITS]
     if with_cache:
-        names += [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+        names += [_names.present_name(i, kv) for i in range(num_layers) for kv in _names.KV_KINDS]
     return names
 
 
@@ -242,7 +243,7 @@ def optimize_graph(model) -> None:
 
     Replaces the exporter's own ``optimize=True``, which spends minutes on 30-layer models in one rule.
     """
-    import onnx_ir.passes.common as common
+    from onnx_ir.passes import common
     from onnxscript import optimizer, rewriter
     from onnxscript.rewriter import onnx_fusions
 
@@ -274,7 +275,7 @@ def _run_exporter(wrapper, args, dyn, opset, names_in, names_out, name):
                                      report=False, optimize=False)
         except TopThetaError:
             raise
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any export failure becomes the one-line error
             raise TopThetaError(f"torch.onnx.export failed for {name} ({type(e).__name__}: {_first_line(e)}): "
                                 "check that the model runs in PyTorch with attn_implementation='sdpa'") from None
 
@@ -311,6 +312,6 @@ def check_onnx(path: Path, external: bool) -> None:
             onnx.checker.check_model(str(path))
         else:
             onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any checker failure becomes the one-line error
         raise TopThetaError(f"the exported ONNX model failed onnx.checker ({_first_line(e)}): this is a bug, "
                             "please report it with the model config") from None

@@ -18,21 +18,31 @@ THETA_PREFIX = "toptheta.theta."
 SDC_PREFIX = "toptheta.sdc."
 KEPT_PREFIX = "toptheta.kept."
 THETA_RE = re.compile(r"toptheta\.theta\.(\d+)$")
+MASK_NAME = "toptheta.key_padding_mask"  # the bool [B, Ktot] mask every rewritten layer shares
+IO_PREFIX = "toptheta.io."  # per-layer operator inputs/outputs exposed for parity checks
+LAYER_META = "toptheta.layer"  # node metadata: the layer a TopThetaAttention node belongs to
+SCOPES_KEY = "pkg.torch.onnx.name_scopes"  # node metadata written by torch.onnx: the module path
+ATTENTION_NODE_PREFIX = "toptheta/attention."
+MASK_NODE = "toptheta/key_padding_mask"
+TOPK_NODE_PREFIX = "toptheta/topk."
 
 # Graph inputs and outputs of an exported model (docs/graph.md).
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 LOGITS = "logits"
 LAST_HIDDEN_STATE = "last_hidden_state"
+PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
 PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+KV_KINDS = ("key", "value")
 
 
 def past_name(layer: int, kind: str) -> str:
-    return f"past_key_values.{layer}.{kind}"
+    return f"{PAST_PREFIX}{layer}.{kind}"
 
 
 def present_name(layer: int, kind: str) -> str:
-    return f"present.{layer}.{kind}"
+    return f"{PRESENT_PREFIX}{layer}.{kind}"
 
 
 def theta_name(layer: int) -> str:
@@ -45,3 +55,14 @@ def sdc_name(layer: int) -> str:
 
 def kept_name(layer: int) -> str:
     return f"{KEPT_PREFIX}{layer}"
+
+
+def io_name(layer: int, slot: str) -> str:
+    """``toptheta.io.{layer}.{slot}``, slot one of q, k, v, mask, y."""
+    return f"{IO_PREFIX}{layer}.{slot}"
+
+
+def layer_of_theta(name: str) -> int | None:
+    """The layer of a ``toptheta.theta.{layer}`` initializer name, None for any other name."""
+    m = THETA_RE.search(name)
+    return int(m.group(1)) if m else None

@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from .names import DOMAIN, LAYER_META, META_PREFIX, OP_TYPE
 from .rewriter import layer_of, load_onnx
-from .names import DOMAIN, OP_TYPE
 
-__all__ = ["summarize", "format_summary"]
+__all__ = ["format_summary", "summarize"]
 
 
 def _dims(value) -> list:
@@ -50,7 +50,7 @@ def _theta_stats(theta: np.ndarray | None, sdc: np.ndarray | None) -> dict[str, 
 
 def _attention_node(node) -> dict[str, Any]:
     attrs = {name: a.value for name, a in node.attributes.items()}
-    layer_meta = node.metadata_props.get("toptheta.layer")
+    layer_meta = node.metadata_props.get(LAYER_META)
     layer, name = layer_of(node)
     if layer_meta is not None:
         layer = int(layer_meta)
@@ -170,7 +170,7 @@ def format_summary(s: dict[str, Any], *, max_ops: int = 12) -> str:
         lines.append(f"  layer {n['layer']:>3} {n['name']}: heads {n['num_heads']}, kv heads {n['num_kv_heads']}, "
                      f"R {n.get('rows')}, comp_mode {n['comp_mode']}, causal {n['causal']}, mask {n['mask']}, "
                      f"{theta}")
-    meta = {k: v for k, v in s["metadata"].items() if k.startswith("toptheta.")}
+    meta = {k: v for k, v in s["metadata"].items() if k.startswith(META_PREFIX)}
     if meta:
-        lines.append("metadata: " + ", ".join(f"{k[len('toptheta.'):]}={v}" for k, v in meta.items()))
+        lines.append("metadata: " + ", ".join(f"{k[len(META_PREFIX):]}={v}" for k, v in meta.items()))
     return "\n".join(lines)

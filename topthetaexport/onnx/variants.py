@@ -1,280 +1,446 @@
-"""Evaluation variants of an exported Top-θ graph, built on the ONNX protobuf without re-exporting.
+"""Variants of a rewritten Top-θ graph, as onnx-ir passes (no re-export, no re-rewrite).
 
-* ``topk``: every TopThetaAttention node of a sparse layer is replaced by standard ONNX ops computing exact
-  per-row top-k attention (the baseline Top-θ approximates): scores ``s = scale·q·kᵀ``, valid keys (causal,
-  bottom-right aligned, and the mask), ``τ = k-th largest valid score of the row`` (``TopK``), keep valid
-  ``s >= τ`` (ties at τ are all kept; rows with ``<= k`` valid keys keep every valid key), softmax over the
-  kept scores, times V. Dense layers keep the operator (their θ is ``-inf``: dense attention).
+* ``ExposeKept``: the 4th output (kept counts) of every TopThetaAttention node becomes a graph output
+  ``toptheta.kept.{layer}`` (so do the kept counts of a top-k replacement).
+* ``ExposeAttentionIO``: the op's Q, K, V, mask and output become graph outputs ``toptheta.io.{layer}.{slot}``.
+* ``SetThresholds``: the θ / ρ initializers of every layer are replaced (one export serves a sweep over k),
+  from a ``Thresholds`` or one θ value everywhere.
+* ``DenseTwin``: every θ = ``-inf`` and ρ = 0, dense attention through the same operator.
+* ``SetCompMode``: the ``comp_mode`` attribute of every node.
+* ``ReplaceWithTopK``: every TopThetaAttention node of a sparse layer is replaced by standard ONNX ops
+  computing exact per-row top-k attention (the baseline Top-θ approximates): scores ``s = scale·q·kᵀ``, valid
+  keys (causal, bottom-right aligned, and the mask), ``τ = k-th largest valid score of the row`` (``TopK``),
+  keep valid ``s >= τ`` (ties at τ are all kept; rows with ``<= k`` valid keys keep every valid key), softmax
+  over the kept scores, times V. Dense layers keep the operator (their θ is ``-inf``: dense attention).
   The replacement also outputs the row's kept count, like the operator's ``kept`` output.
-* ``toptheta`` with other thresholds: the θ / ρ initializers of every layer are replaced (so one export
-  serves a whole sweep over k), optionally with another ``comp_mode``.
-* ``dense``: every θ = ``-inf`` (dense attention through the operator).
 
-Every variant exposes the per-layer kept counts as graph outputs ``toptheta.kept.{layer}``.
+``write_variant`` (eval) and ``prepare_variant`` (sessions) run these passes on a loaded model and save the
+result next to the original, so external weight data still resolves.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import InPlacePass, PassResult
 
-from . import names
 from .._errors import TopThetaError
+from ..thresholds import Thresholds
+from . import names
 
-__all__ = ["write_variant", "replace_with_topk", "KEPT_PREFIX"]
+__all__ = ["KEPT_PREFIX", "DenseTwin", "ExposeAttentionIO", "ExposeKept", "ReplaceWithTopK", "SetCompMode",
+           "SetThresholds", "op_nodes", "prepare_variant", "replace_with_topk", "topk_attention_numpy",
+           "write_variant"]
 
-KEPT_PREFIX = "toptheta.kept."
-KEY_PADDING_MASK = "toptheta.key_padding_mask"  # = rewrite.MASK_NAME (not imported: keeps this module light)
-_THETA_RE = re.compile(r"toptheta\.theta\.(\d+)$")
+KEPT_PREFIX = names.KEPT_PREFIX
+_THETA_INPUT, _MASK_INPUT, _SDC_INPUT, _KEPT_OUTPUT = 3, 4, 7, 3
+_NO_OP_FIX = "run 'topθ-export rewrite' on it first"
 
 
-def _load(model_path: Path):
-    import onnx
+def op_nodes(graph: ir.Graph) -> list[tuple[int, ir.Node]]:
+    """(layer, node) of every TopThetaAttention node; the layer comes from its θ initializer's name."""
+    out: list[tuple[int, ir.Node]] = []
+    for node in graph:
+        if node.op_type == names.OP_TYPE and node.domain == names.DOMAIN:
+            theta = node.inputs[_THETA_INPUT] if len(node.inputs) > _THETA_INPUT else None
+            layer = names.layer_of_theta(theta.name or "") if theta is not None else None
+            out.append((len(out) if layer is None else layer, node))
+    return out
 
+
+def _require_ops(model: ir.Model) -> list[tuple[int, ir.Node]]:
+    ops = op_nodes(model.graph)
+    if not ops:
+        raise TopThetaError(f"the model has no TopThetaAttention node: {_NO_OP_FIX}")
+    return ops
+
+
+def _expose(graph: ir.Graph, value: ir.Value) -> bool:
+    if value.is_graph_output():
+        return False
+    graph.outputs.append(value)
+    return True
+
+
+def _kept_shape(node: ir.Node) -> ir.Shape | None:
+    """``[B, Hq, Sq]``: the stated shape of the node's kept output, else from its query's shape."""
+    if len(node.outputs) > _KEPT_OUTPUT and node.outputs[_KEPT_OUTPUT].shape is not None:
+        return node.outputs[_KEPT_OUTPUT].shape
+    q_shape = node.inputs[0].shape if node.inputs[0] is not None else None
+    if q_shape is None or len(q_shape) != 4:
+        return None
+    return ir.Shape([q_shape[0], q_shape[1], q_shape[2]])
+
+
+class ExposeKept(InPlacePass):
+    """Kept counts (int32 ``[B, Hq, Sq]``) of every TopThetaAttention node, and of every top-k replacement, as
+    graph outputs ``toptheta.kept.{layer}``."""
+
+    def call(self, model: ir.Model) -> PassResult:
+        graph, modified = model.graph, False
+        for layer, node in op_nodes(graph):
+            if len(node.outputs) <= _KEPT_OUTPUT:
+                node.resize_outputs(_KEPT_OUTPUT + 1)
+                modified = True
+            for unused in node.outputs[1:_KEPT_OUTPUT]:
+                if not unused.name and not unused.uses():
+                    unused.name = ""  # optional present_key/present_value: not produced
+            kept = node.outputs[_KEPT_OUTPUT]
+            if not kept.name:
+                kept.name = names.kept_name(layer)
+            kept.dtype, kept.shape = ir.DataType.INT32, kept.shape or _kept_shape(node)
+            modified |= _expose(graph, kept)
+        for node in graph:  # the kept counts of top-k replacements
+            for out in node.outputs:
+                if out.name and out.name.startswith(KEPT_PREFIX) and node.op_type != names.OP_TYPE:
+                    modified |= _expose(graph, out)
+        return PassResult(model, modified)
+
+
+class ExposeAttentionIO(InPlacePass):
+    """The op's Q, K, V, mask and output of every layer as graph outputs ``toptheta.io.{layer}.{q,k,v,mask,y}``
+    (operator-level parity checks), each through an Identity so the names do not clash with the graph's."""
+
+    def call(self, model: ir.Model) -> PassResult:
+        graph = model.graph
+        ops = op_nodes(graph)
+        for layer, node in ops:
+            sources = [("q", node.inputs[0]), ("k", node.inputs[1]), ("v", node.inputs[2]),
+                       ("mask", node.inputs[_MASK_INPUT] if len(node.inputs) > _MASK_INPUT else None),
+                       ("y", node.outputs[0])]
+            identities = []
+            for slot, source in sources:
+                if source is None:
+                    continue
+                identity = ir.Node("", "Identity", [source], num_outputs=1, name=f"toptheta/io.{layer}.{slot}")
+                alias = identity.outputs[0]
+                alias.name, alias.dtype, alias.shape = names.io_name(layer, slot), source.dtype, source.shape
+                identities.append(identity)
+                graph.outputs.append(alias)
+            graph.insert_after(node, identities)
+        return PassResult(model, bool(ops))
+
+
+def _set_initializer(value: ir.Value | None, array: np.ndarray) -> bool:
+    if value is None or value.const_value is None or not value.is_initializer():
+        return False
+    value.const_value = ir.tensor(np.ascontiguousarray(array, np.float32), name=value.name)
+    value.shape = ir.Shape(array.shape)
+    return True
+
+
+class SetThresholds(InPlacePass):
+    """Replace every layer's θ (and ρ) initializers: from ``thresholds``, or θ = ``theta_fill`` everywhere
+    (ρ then stays, unless ``sdc_fill`` is given)."""
+
+    def __init__(self, thresholds: Thresholds | None = None, *, theta_fill: float | None = None,
+                 sdc_fill: float | None = None) -> None:
+        super().__init__()
+        if (thresholds is None) == (theta_fill is None):
+            raise TopThetaError("SetThresholds needs either thresholds or theta_fill: pass exactly one")
+        if theta_fill is not None and math.isnan(theta_fill):
+            raise TopThetaError("theta_fill is NaN, which keeps nothing: pass a number or -inf (dense)")
+        if thresholds is not None:
+            thresholds.check_values()
+        self.thresholds, self.theta_fill, self.sdc_fill = thresholds, theta_fill, sdc_fill
+
+    def call(self, model: ir.Model) -> PassResult:
+        ops = _require_ops(model)
+        th = self.thresholds
+        if th is not None and th.num_layers != len(ops):
+            raise TopThetaError(f"thresholds have {th.num_layers} layers but the model has {len(ops)} attention "
+                                "blocks: calibrate thresholds for this model")
+        modified = False
+        for layer, node in ops:
+            theta_v = node.inputs[_THETA_INPUT]
+            sdc_v = node.inputs[_SDC_INPUT] if len(node.inputs) > _SDC_INPUT else None
+            if th is not None:
+                theta, sdc = (t.numpy() for t in th.layer(layer))
+                modified |= _set_initializer(theta_v, theta) | _set_initializer(sdc_v, sdc)
+                continue
+            shape = tuple(theta_v.shape) if theta_v is not None and theta_v.shape is not None else ()
+            modified |= _set_initializer(theta_v, np.full(shape, self.theta_fill, np.float32))
+            if self.sdc_fill is not None and sdc_v is not None and sdc_v.shape is not None:
+                modified |= _set_initializer(sdc_v, np.full(tuple(sdc_v.shape), self.sdc_fill, np.float32))
+        return PassResult(model, modified)
+
+
+class DenseTwin(SetThresholds):
+    """Every θ = ``-inf`` (every valid key kept) and ρ = 0: exactly dense attention through the same operator."""
+
+    def __init__(self) -> None:
+        super().__init__(theta_fill=float("-inf"), sdc_fill=0.0)
+
+
+class SetCompMode(InPlacePass):
+    """Set the ``comp_mode`` attribute (0 none, 1 SDC, 2 SDC + V-mean) of every TopThetaAttention node."""
+
+    def __init__(self, comp_mode: int) -> None:
+        super().__init__()
+        if comp_mode not in (0, 1, 2):
+            raise TopThetaError(f"comp_mode must be 0, 1 or 2 (got {comp_mode})")
+        self.comp_mode = int(comp_mode)
+
+    def call(self, model: ir.Model) -> PassResult:
+        ops = _require_ops(model)
+        for _, node in ops:
+            node.attributes["comp_mode"] = ir.AttrInt64("comp_mode", self.comp_mode)
+        return PassResult(model, True)
+
+
+# -- top-k ---------------------------------------------------------------------------------------------
+
+def _mask_kind(mask: ir.Value) -> tuple[bool, int]:
+    """(is bool, rank) of the op's mask input from what the graph states; an unstated rank is taken as 4.
+
+    The rewrite gives the op either the shared ``[B, Ktot]`` key-padding mask (``attention_mask`` cast to
+    bool) or the exported 4-D mask.
+    """
+    dtype = mask.dtype
+    producer = mask.producer()
+    if dtype is None and producer is not None and producer.op_type == "Cast":
+        to = producer.attributes.get("to")
+        dtype = ir.DataType(to.value) if to is not None else None
+    rank = len(mask.shape) if mask.shape is not None else None
+    if mask.name in (names.MASK_NAME, names.ATTENTION_MASK):
+        rank = 2
+    return dtype in (None, ir.DataType.BOOL), (rank if rank in (2, 4) else 4)
+
+
+class _TopKBuilder:
+    """Nodes and constant initializers of one layer's top-k replacement, named under ``toptheta/topk.{l}/``."""
+
+    def __init__(self, layer: int) -> None:
+        self.prefix = f"{names.TOPK_NODE_PREFIX}{layer}/"
+        self.nodes: list[ir.Node] = []
+        self.initializers: list[ir.Value] = []
+
+    def const(self, name: str, array: Any) -> ir.Value:
+        tensor = ir.tensor(np.asarray(array), name=self.prefix + name)
+        value = ir.Value(name=tensor.name, const_value=tensor)
+        value.shape, value.dtype = ir.Shape(tensor.shape), tensor.dtype
+        self.initializers.append(value)
+        return value
+
+    def ints(self, name: str, *values: int) -> ir.Value:
+        return self.const(name, np.array(values, np.int64))
+
+    def node(self, op: str, inputs: Sequence[ir.Value | None], num_outputs: int = 1, **attrs: Any) -> list[ir.Value]:
+        index = len(self.nodes)
+        node = ir.Node("", op, inputs, attributes=ir.convenience.convert_attributes(attrs),
+                       num_outputs=num_outputs, name=f"{self.prefix}{op}{index}")
+        for j, out in enumerate(node.outputs):
+            out.name = f"{self.prefix}{op.lower()}{index}" + (f"_{j}" if j else "")
+        self.nodes.append(node)
+        return list(node.outputs)
+
+    def __call__(self, op: str, *inputs: ir.Value | None, **attrs: Any) -> ir.Value:
+        return self.node(op, inputs, **attrs)[0]
+
+
+def _topk_subgraph(layer: int, node: ir.Node, k: int) -> tuple[_TopKBuilder, ir.Value, ir.Value]:
+    """(builder, output, kept counts) computing exact top-k attention in place of ``node``."""
+    n = _TopKBuilder(layer)
+    q, key, v = node.inputs[0], node.inputs[1], node.inputs[2]
+    mask = node.inputs[_MASK_INPUT] if len(node.inputs) > _MASK_INPUT else None
+    causal = int(node.attributes["causal"].value) if "causal" in node.attributes else 0
+    scale = float(node.attributes["scale"].value) if "scale" in node.attributes else 0.0
+
+    shp_q, shp_k = n("Shape", q), n("Shape", key)
+    hq = n("Slice", shp_q, n.ints("s1", 1), n.ints("e2", 2))
+    hkv = n("Slice", shp_k, n.ints("s1b", 1), n.ints("e2b", 2))
+    zero_i, neg1 = n.ints("zero", 0), n.ints("m1", -1)
+    grouped = n("Concat", zero_i, hkv, neg1, zero_i, axis=0)  # [B, Hkv, G*Sq, D]
+    per_head = n("Concat", zero_i, hq, neg1, zero_i, axis=0)  # [B, Hq, Sq, *]
+    # scores [B, Hq, Sq, Ktot]; GQA: query head h reads kv head h // G, so [B,Hq,Sq,D] -> [B,Hkv,G*Sq,D]
+    s = n("Reshape", n("MatMul", n("Reshape", q, grouped), n("Transpose", key, perm=[0, 1, 3, 2])), per_head)
+    if scale == 0.0:
+        d = n("Slice", shp_q, n.ints("s3", 3), n.ints("e4", 4))
+        s = n("Mul", s, n("Reciprocal", n("Sqrt", n("CastLike", d, s))))
+    else:
+        s = n("Mul", s, n("CastLike", n.const("scale", np.array(scale, np.float32)), s))
+    neg_inf = n("CastLike", n.const("neginf", np.array(-np.inf, np.float32)), s)
+    valid = None
+    if mask is not None:
+        is_bool, rank = _mask_kind(mask)
+        m = mask
+        if not is_bool:  # additive float mask: added to the scores, values <= -1e30 exclude
+            s = n("Add", s, n("CastLike", mask, s))
+            m = n("Greater", mask, n("CastLike", n.const("lim", np.array(-1e30, np.float32)), mask))
+        valid = n("Unsqueeze", m, n.ints("ax12", 1, 2)) if rank == 2 else m  # [B, Ktot] -> [B, 1, 1, Ktot]
+    if causal:
+        ktot = n("Squeeze", n("Slice", shp_k, n.ints("s2", 2), n.ints("e3", 3)))
+        sq = n("Squeeze", n("Slice", shp_q, n.ints("s2b", 2), n.ints("e3b", 3)))
+        one = n.const("o1", np.array(1, np.int64))
+        rows = n("Unsqueeze", n("Range", n("Sub", ktot, sq), ktot, one), n.ints("one", 1))  # [Sq, 1]
+        cols = n("Range", n.const("z0", np.array(0, np.int64)), ktot, one)  # [Ktot]
+        causal_ok = n("LessOrEqual", cols, rows)  # [Sq, Ktot], bottom-right aligned
+        valid = causal_ok if valid is None else n("And", valid, causal_ok)
+    if valid is None:
+        valid = n("Not", n("IsNaN", s))
+    masked = n("Where", valid, s, neg_inf)  # [B, Hq, Sq, Ktot]
+    ktot_1 = n("Slice", n("Shape", masked), n.ints("sl", 3), n.ints("el", 4))
+    top, _ = n.node("TopK", [masked, n("Min", n.ints("k", int(k)), ktot_1)], num_outputs=2, axis=-1, largest=1,
+                    sorted=1)
+    tau = n("ReduceMin", top, neg1, keepdims=1)  # the k-th largest valid score
+    keep = n("And", valid, n("GreaterOrEqual", s, tau))
+    zk = n("Where", keep, s, neg_inf)
+    mx = n("ReduceMax", zk, neg1, keepdims=1)
+    mx = n("Where", n("IsInf", mx), n("CastLike", n.const("zf", np.array(0.0, np.float32)), s), mx)
+    e = n("Exp", n("Sub", zk, mx))
+    den = n("Max", n("ReduceSum", e, neg1, keepdims=1), n("CastLike", n.const("tiny", np.array(1e-30, np.float32)), s))
+    probs = n("Div", e, den)  # rows with nothing kept: 0
+    y = n("Reshape", n("MatMul", n("Reshape", probs, grouped), v), per_head)  # via [B, Hkv, G*Sq, Dv]
+    kept = n("ReduceSum", n("Cast", keep, to=ir.DataType.INT32), neg1, keepdims=0)
+    return n, y, kept
+
+
+class ReplaceWithTopK(InPlacePass):
+    """Replace the TopThetaAttention node of every layer not in ``dense_layers`` by exact top-k attention in
+    standard ONNX ops; the replaced nodes' θ / ρ initializers are dropped. ``replaced``: the layers replaced."""
+
+    def __init__(self, k: int, dense_layers: Iterable[int] = ()) -> None:
+        super().__init__()
+        if int(k) < 1:
+            raise TopThetaError(f"top-k needs k >= 1 (got {k}): pass a positive k")
+        self.k, self.dense = int(k), {int(i) for i in dense_layers}
+        self.replaced: list[int] = []
+
+    def call(self, model: ir.Model) -> PassResult:
+        graph = model.graph
+        self.replaced = []
+        for layer, node in _require_ops(model):
+            if layer in self.dense:
+                continue
+            built, y, kept = _topk_subgraph(layer, node, self.k)
+            for value in built.initializers:
+                graph.register_initializer(value)
+            graph.insert_after(node, built.nodes)
+            old_y = node.outputs[0]
+            y.shape, y.dtype = old_y.shape, old_y.dtype
+            old_y.replace_all_uses_with(y, replace_graph_outputs=True)
+            y.name, old_y.name = old_y.name, None
+            old_kept = node.outputs[_KEPT_OUTPUT] if len(node.outputs) > _KEPT_OUTPUT else None
+            kept.dtype, kept.shape = ir.DataType.INT32, _kept_shape(node)
+            if old_kept is not None and old_kept.name:
+                old_kept.replace_all_uses_with(kept, replace_graph_outputs=True)
+                kept.name, old_kept.name = old_kept.name, None
+            else:
+                kept.name = names.kept_name(layer)
+            constants = [node.inputs[i] for i in (_THETA_INPUT, _SDC_INPUT) if i < len(node.inputs)]
+            graph.remove(node, safe=True)
+            for value in constants:
+                if value is not None and value.is_initializer() and not value.uses() and value.name:
+                    graph.initializers.pop(value.name)
+            self.replaced.append(layer)
+        return PassResult(model, bool(self.replaced))
+
+
+def replace_with_topk(model: Any, k: int, dense_layers: Iterable[int]) -> list[int]:
+    """In place: ``ReplaceWithTopK`` on an ``onnx_ir.Model`` or an ``onnx.ModelProto``; returns the replaced layers."""
+    topk = ReplaceWithTopK(k, dense_layers)
+    if isinstance(model, ir.Model):
+        topk(model)
+        return topk.replaced
+    ir_model = ir.serde.deserialize_model(model)
+    topk(ir_model)
+    model.CopyFrom(ir.serde.serialize_model(ir_model))
+    return topk.replaced
+
+
+# -- loading and saving ---------------------------------------------------------------------------------
+
+def _load(model_path: Path) -> ir.Model:
+    if not model_path.is_file():
+        raise TopThetaError(f"ONNX model {model_path} does not exist: run 'topθ-export export' first")
     try:
-        return onnx.load(str(model_path), load_external_data=False)
-    except Exception as e:
+        return ir.load(model_path)
+    except Exception as e:  # noqa: BLE001 - any parse failure becomes the one-line error
         raise TopThetaError(f"{model_path} is not a valid ONNX model ({str(e).splitlines()[0][:200]}): "
                             "re-export it") from None
 
 
-def _op_nodes(graph):
-    out = []
-    for node in graph.node:
-        if node.op_type == names.OP_TYPE and node.domain == names.DOMAIN:
-            m = _THETA_RE.search(node.input[3]) if len(node.input) > 3 else None
-            out.append((int(m.group(1)) if m else len(out), node))
-    return out
-
-
-def _attr(node, name, default):
-    import onnx
-
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-def _mask_info(graph, name: str) -> tuple[int | None, int]:
-    """(element type or None, rank) of the op's mask input, from what the graph states about it.
-
-    The rewrite gives the op either the shared ``[B, Ktot]`` key-padding mask (``attention_mask`` cast to
-    bool) or the exported 4-D mask; a rank the graph does not state is taken as 4.
-    """
-    elem, rank = None, None
-    for v in list(graph.value_info) + list(graph.input) + list(graph.output):
-        if v.name == name:
-            tt = v.type.tensor_type
-            elem = tt.elem_type or None
-            if tt.HasField("shape"):
-                rank = len(tt.shape.dim)
-    for node in graph.node:
-        if name in node.output and node.op_type == "Cast" and elem is None:
-            elem = _attr(node, "to", None)
-    if name in (KEY_PADDING_MASK, "attention_mask"):
-        rank = 2
-    return elem, (rank if rank in (2, 4) else 4)
-
-
-def _topk_nodes(layer: int, node, k: int, mask_info) -> tuple[list, list]:
-    """Nodes (and constant initializers) computing exact top-k attention in place of ``node``."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    p = f"toptheta/topk.{layer}/"
-    q, key, v = node.input[0], node.input[1], node.input[2]
-    mask = node.input[4] if len(node.input) > 4 and node.input[4] else None
-    causal = int(_attr(node, "causal", 0))
-    scale = float(_attr(node, "scale", 0.0))
-    nodes, inits = [], []
-
-    def c(name, arr):
-        inits.append(numpy_helper.from_array(np.asarray(arr), p + name))
-        return p + name
-
-    def n(op, ins, outs=None, **attrs):
-        outs = outs or [p + f"{op.lower()}{len(nodes)}"]
-        nodes.append(helper.make_node(op, ins, outs, name=p + f"{op}{len(nodes)}", **attrs))
-        return outs[0]
-
-    zero_i, neg1 = c("zero", np.array([0], np.int64)), c("m1", np.array([-1], np.int64))
-    shp_q, shp_k = n("Shape", [q]), n("Shape", [key])
-    hq = n("Slice", [shp_q, c("s1", np.array([1], np.int64)), c("e2", np.array([2], np.int64))])
-    hkv = n("Slice", [shp_k, c("s1b", np.array([1], np.int64)), c("e2b", np.array([2], np.int64))])
-    grouped = n("Concat", [zero_i, hkv, neg1, zero_i], axis=0)   # [B, Hkv, G*Sq, D]
-    per_head = n("Concat", [zero_i, hq, neg1, zero_i], axis=0)   # [B, Hq, Sq, *]
-    # scores [B, Hq, Sq, Ktot]; GQA: query head h reads kv head h // G, so [B,Hq,Sq,D] -> [B,Hkv,G*Sq,D]
-    qg = n("Reshape", [q, grouped])
-    kt = n("Transpose", [key], perm=[0, 1, 3, 2])
-    s = n("Reshape", [n("MatMul", [qg, kt]), per_head])
-    if scale == 0.0:
-        d = n("Slice", [shp_q, c("s3", np.array([3], np.int64)), c("e4", np.array([4], np.int64))])
-        inv = n("Reciprocal", [n("Sqrt", [n("CastLike", [d, s])])])
-        s = n("Mul", [s, inv])
-    else:
-        s = n("Mul", [s, n("CastLike", [c("scale", np.array(scale, np.float32)), s])])
-    neg_inf = n("CastLike", [c("neginf", np.array(-np.inf, np.float32)), s])
-    valid = None
-    if mask is not None:
-        mask_type, mask_rank = mask_info
-        if mask_type in (None, TensorProto.BOOL):
-            m = mask
-        else:  # additive float mask: added to the scores, values <= -1e30 exclude
-            s = n("Add", [s, n("CastLike", [mask, s])])
-            m = n("Greater", [mask, n("CastLike", [c("lim", np.array(-1e30, np.float32)), mask])])
-        if mask_rank == 2:
-            m = n("Unsqueeze", [m, c("ax12", np.array([1, 2], np.int64))])  # [B, Ktot] -> [B, 1, 1, Ktot]
-        valid = m
-    if causal:
-        ktot = n("Squeeze", [n("Slice", [shp_k, c("s2", np.array([2], np.int64)), c("e3", np.array([3], np.int64))])])
-        sq = n("Squeeze", [n("Slice", [shp_q, c("s2b", np.array([2], np.int64)), c("e3b", np.array([3], np.int64))])])
-        z, o = c("z0", np.array(0, np.int64)), c("o1", np.array(1, np.int64))
-        rows = n("Unsqueeze", [n("Range", [n("Sub", [ktot, sq]), ktot, o]), c("one", np.array([1], np.int64))])
-        cols = n("Range", [z, ktot, o])                                            # [Ktot]
-        cm = n("LessOrEqual", [cols, rows])                                        # [Sq, Ktot]
-        valid = cm if valid is None else n("And", [valid, cm])
-    if valid is None:
-        valid = n("Not", [n("IsNaN", [s])])
-    masked = n("Where", [valid, s, neg_inf])                                        # [B, Hq, Sq, Ktot]
-    ktot1 = n("Slice", [n("Shape", [masked]), c("sl", np.array([3], np.int64)), c("el", np.array([4], np.int64))])
-    kk = n("Min", [c("k", np.array([int(k)], np.int64)), ktot1])
-    top = n("TopK", [masked, kk], [p + "topv", p + "topi"], axis=-1, largest=1, sorted=1)
-    tau = n("ReduceMin", [top, neg1], keepdims=1)                                   # k-th largest valid score
-    keep = n("And", [valid, n("GreaterOrEqual", [s, tau])])
-    zk = n("Where", [keep, s, neg_inf])
-    mx = n("ReduceMax", [zk, neg1], keepdims=1)
-    mx = n("Where", [n("IsInf", [mx]), n("CastLike", [c("zf", np.array(0.0, np.float32)), s]), mx])
-    e = n("Exp", [n("Sub", [zk, mx])])
-    den = n("Max", [n("ReduceSum", [e, neg1], keepdims=1), n("CastLike", [c("tiny", np.array(1e-30, np.float32)), s])])
-    probs = n("Div", [e, den])                                                      # rows with nothing kept: 0
-    y = n("MatMul", [n("Reshape", [probs, grouped]), v])                            # [B, Hkv, G*Sq, Dv]
-    n("Reshape", [y, per_head], [node.output[0]])
-    kept_name = node.output[3] if len(node.output) > 3 and node.output[3] else f"{KEPT_PREFIX}{layer}"
-    n("ReduceSum", [n("Cast", [keep], to=onnx.TensorProto.INT32), neg1], [kept_name], keepdims=0)
-    return nodes, inits
-
-
-def replace_with_topk(model, k: int, dense_layers) -> list[int]:
-    """In place: replace the TopThetaAttention node of every layer not in ``dense_layers`` by top-k ops.
-
-    Returns the replaced layers. The replaced nodes' θ / ρ initializers are dropped.
-    """
-    if int(k) < 1:
-        raise TopThetaError(f"top-k needs k >= 1 (got {k}): pass a positive k")
-    graph = model.graph
-    dense = {int(i) for i in dense_layers}
-    replaced, drop = [], set()
-    new_nodes = []
-    ops = {id(node): layer for layer, node in _op_nodes(graph)}
-    if not ops:
-        raise TopThetaError("the model has no TopThetaAttention node: run 'topθ-export rewrite' on it first")
-    for node in graph.node:
-        layer = ops.get(id(node))
-        if layer is None or layer in dense:
-            new_nodes.append(node)
-            continue
-        mask = node.input[4] if len(node.input) > 4 and node.input[4] else None
-        nodes, inits = _topk_nodes(layer, node, k, _mask_info(graph, mask) if mask else None)
-        new_nodes.extend(nodes)
-        graph.initializer.extend(inits)
-        drop.update(i for i in (node.input[3], node.input[7] if len(node.input) > 7 else "") if i)
-        replaced.append(layer)
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    still_used = {i for node in graph.node for i in node.input}
-    keep_inits = [t for t in graph.initializer if t.name not in drop or t.name in still_used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep_inits)
-    return replaced
-
-
-def _expose_kept(model) -> None:
-    import onnx
-
-    graph = model.graph
-    outs = {o.name for o in graph.output}
-    for layer, node in _op_nodes(graph):
-        o = list(node.output) + [""] * (4 - len(node.output))
-        if not o[3]:
-            o[3] = f"{KEPT_PREFIX}{layer}"
-        del node.output[:]
-        node.output.extend(o)
-    for node in graph.node:
-        for name in node.output:
-            if name.startswith(KEPT_PREFIX) and name not in outs:
-                graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT32, None))
-                outs.add(name)
-
-
-def write_variant(model_path, *, kind: str = "toptheta", k: int | None = None, dense_layers=(),
-                  thresholds=None, comp_mode: int | None = None) -> Path:
-    """A variant of the Top-θ model at ``model_path``, saved next to it (the caller deletes it).
-
-    ``kind``: ``toptheta`` (θ/ρ from ``thresholds`` when given, a Thresholds), ``topk`` (exact top-k with
-    ``k`` in every layer not in ``dense_layers``) or ``dense`` (every θ = -inf). ``comp_mode`` overrides
-    the compensation mode of the remaining operators. Kept counts are always exposed.
-    """
-    from onnx import numpy_helper
-
-    if kind not in ("toptheta", "topk", "dense"):
-        raise TopThetaError(f"unknown variant '{kind}': use toptheta, topk or dense")
-    if comp_mode is not None and comp_mode not in (0, 1, 2):
-        raise TopThetaError(f"comp_mode must be 0, 1 or 2 (got {comp_mode})")
-    model_path = Path(model_path)
-    if not model_path.is_file():
-        raise TopThetaError(f"ONNX model {model_path} does not exist: run 'topθ-export export' first")
-    model = _load(model_path)
-    graph = model.graph
-    ops = _op_nodes(graph)
-    if not ops:
-        raise TopThetaError(f"{model_path} has no TopThetaAttention node: run 'topθ-export rewrite' on it first")
-    inits = {t.name: t for t in graph.initializer}
-    if kind == "dense" or thresholds is not None:
-        if thresholds is not None and thresholds.num_layers != len(ops):
-            raise TopThetaError(f"thresholds have {thresholds.num_layers} layers but {model_path} has {len(ops)} "
-                                "attention blocks: calibrate thresholds for this model")
-        for layer, node in ops:
-            for slot, idx in (("theta", 3), ("sdc", 7)):
-                name = node.input[idx] if len(node.input) > idx else ""
-                if not name or name not in inits:
-                    continue
-                old = inits[name]
-                if kind == "dense":
-                    arr = np.full(tuple(old.dims), -np.inf if slot == "theta" else 0.0, np.float32)
-                else:
-                    th, sdc = thresholds.layer(layer)
-                    arr = (th if slot == "theta" else sdc).numpy().astype(np.float32)
-                old.CopyFrom(numpy_helper.from_array(arr, name))
-    if comp_mode is not None:
-        for _, node in ops:
-            for a in node.attribute:
-                if a.name == "comp_mode":
-                    a.i = int(comp_mode)
-    if kind == "topk":
-        if k is None:
-            raise TopThetaError("the top-k variant needs k: pass k")
-        replace_with_topk(model, int(k), dense_layers)
-    _expose_kept(model)
-    import onnx
-
+def _save_next_to(model: ir.Model, model_path: Path) -> Path:
+    """Save beside ``model_path`` (external weights keep their relative location); the caller deletes it."""
     fd, tmp = tempfile.mkstemp(prefix=".variant-", suffix=".onnx", dir=model_path.parent)
     os.close(fd)
     try:
-        onnx.save(model, tmp)
+        ir.save(model, tmp)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return Path(tmp)
 
 
-def topk_attention_numpy(q, k, v, kk: int, *, scale: float | None = None, causal: bool = False,
-                         key_padding=None) -> tuple[np.ndarray, np.ndarray]:
+def write_variant(model_path: str | os.PathLike[str], *, kind: str = "toptheta", k: int | None = None,
+                  dense_layers: Iterable[int] = (), thresholds: Thresholds | None = None,
+                  comp_mode: int | None = None) -> Path:
+    """A variant of the Top-θ model at ``model_path``, saved next to it (the caller deletes it).
+
+    ``kind``: ``toptheta`` (θ/ρ from ``thresholds`` when given), ``topk`` (exact top-k with ``k`` in every
+    layer not in ``dense_layers``) or ``dense`` (every θ = -inf). ``comp_mode`` overrides the compensation
+    mode of the remaining operators. Kept counts are always exposed.
+    """
+    if kind not in ("toptheta", "topk", "dense"):
+        raise TopThetaError(f"unknown variant '{kind}': use toptheta, topk or dense")
+    passes: list[InPlacePass] = []
+    if comp_mode is not None:
+        passes.append(SetCompMode(comp_mode))
+    if kind == "topk":
+        if k is None:
+            raise TopThetaError("the top-k variant needs k: pass k")
+        passes.append(ReplaceWithTopK(int(k), dense_layers))
+    if kind == "dense":
+        passes.insert(0, DenseTwin())
+    elif thresholds is not None:
+        passes.insert(0, SetThresholds(thresholds))
+    path = Path(model_path)
+    model = _load(path)
+    _require_ops_in(model, path)
+    for p in [*passes, ExposeKept()]:
+        p(model)
+    return _save_next_to(model, path)
+
+
+def _require_ops_in(model: ir.Model, path: Path) -> None:
+    if not op_nodes(model.graph):
+        raise TopThetaError(f"{path} has no TopThetaAttention node: {_NO_OP_FIX}")
+
+
+def prepare_variant(model_path: str | os.PathLike[str], *, expose_kept: bool = True, expose_io: bool = False,
+                    theta_fill: float | None = None, comp_mode: int | None = None) -> Path:
+    """A modified copy of a Top-θ model for a session, saved next to it (the caller deletes it).
+
+    ``expose_kept``: ``ExposeKept``. ``expose_io``: ``ExposeAttentionIO``. ``theta_fill``: every threshold
+    replaced by this value (``-inf`` gives dense attention through the same operator). ``comp_mode``: overrides
+    the compensation mode of every node.
+    """
+    passes: list[InPlacePass] = []
+    if theta_fill is not None:
+        passes.append(SetThresholds(theta_fill=theta_fill))
+    if comp_mode is not None:
+        passes.append(SetCompMode(comp_mode))
+    if expose_kept:
+        passes.append(ExposeKept())
+    if expose_io:
+        passes.append(ExposeAttentionIO())
+    path = Path(model_path)
+    model = _load(path)
+    _require_ops_in(model, path)
+    for p in passes:
+        p(model)
+    return _save_next_to(model, path)
+
+
+def topk_attention_numpy(q: Any, k: Any, v: Any, kk: int, *, scale: float | None = None, causal: bool = False,
+                         key_padding: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Float64 NumPy top-k attention (the definition above), for tests: (output, kept counts)."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     b, hq, sq, d = q.shape

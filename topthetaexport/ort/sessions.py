@@ -9,19 +9,14 @@ so callers can measure how many attention elements / V rows each row really used
 from __future__ import annotations
 
 import os
-import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import library as runtime
 from .._errors import TopThetaError
-
-_PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-_THETA_RE = re.compile(r"toptheta\.theta\.(\d+)$")
-KEPT_PREFIX = "toptheta.kept."
+from ..onnx.names import ATTENTION_MASK, INPUT_IDS, IO_PREFIX, KEPT_PREFIX, PAST_RE, PRESENT_PREFIX
+from . import library as runtime
 
 
 @dataclass
@@ -32,76 +27,7 @@ class StepResult:
     io: dict[str, np.ndarray] = field(default_factory=dict)    # toptheta.io.{layer}.{q,k,v,mask,y}
 
 
-OP_IO_PREFIX = "toptheta.io."
-
-
-def prepare_variant(model_path: Path, *, expose_kept: bool = True, expose_io: bool = False,
-                    theta_fill: float | None = None, comp_mode: int | None = None) -> Path:
-    """A modified copy of a Top-θ model, saved next to it (so external data still resolves).
-
-    ``expose_kept``: the 4th output (kept counts) of every TopThetaAttention node becomes a graph output
-    ``toptheta.kept.{layer}``. ``expose_io``: the op's Q, K, V, mask and output become graph outputs
-    ``toptheta.io.{layer}.{q,k,v,mask,y}`` (for operator-level parity checks). ``theta_fill``: every
-    threshold replaced by this value (``-inf`` gives dense attention through the same operator).
-    ``comp_mode``: overrides the compensation mode of every node. The caller deletes the file.
-    """
-    import onnx
-    from onnx import numpy_helper
-
-    try:
-        model = onnx.load(str(model_path), load_external_data=False)
-    except Exception as e:
-        raise TopThetaError(f"{model_path} is not a valid ONNX model ({str(e).splitlines()[0][:200]}): re-export it") from None
-    graph = model.graph
-    graph_outputs = {o.name for o in graph.output}
-    inits = {t.name: i for i, t in enumerate(graph.initializer)}
-    known_types = {v.name: v.type.tensor_type.elem_type for v in list(graph.value_info) + list(graph.input)}
-    float_type = next((t for n, t in known_types.items() if n.startswith("past_key_values")),
-                      onnx.TensorProto.FLOAT)
-
-    def add_output(name: str, elem_type=None):
-        if name and name not in graph_outputs:
-            graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type or 0, None))
-            graph_outputs.add(name)
-
-    found = 0
-    for node in graph.node:
-        if node.op_type != runtime.OP_TYPE or node.domain != runtime.DOMAIN:
-            continue
-        m = _THETA_RE.search(node.input[3]) if len(node.input) > 3 else None
-        layer = int(m.group(1)) if m else found
-        found += 1
-        if expose_kept:
-            outs = list(node.output) + [""] * (4 - len(node.output))
-            if not outs[3]:
-                outs[3] = f"{KEPT_PREFIX}{layer}"
-            del node.output[:]
-            node.output.extend(outs)
-            add_output(outs[3], onnx.TensorProto.INT32)
-        if expose_io:
-            for slot, idx in (("q", 0), ("k", 1), ("v", 2), ("mask", 4)):
-                if len(node.input) > idx and node.input[idx]:
-                    alias = f"{OP_IO_PREFIX}{layer}.{slot}"
-                    default = onnx.TensorProto.BOOL if slot == "mask" else float_type
-                    graph.node.append(onnx.helper.make_node("Identity", [node.input[idx]], [alias]))
-                    add_output(alias, known_types.get(node.input[idx]) or default)
-            alias = f"{OP_IO_PREFIX}{layer}.y"
-            graph.node.append(onnx.helper.make_node("Identity", [node.output[0]], [alias]))
-            add_output(alias, float_type)
-        if theta_fill is not None and node.input[3] in inits:
-            old = graph.initializer[inits[node.input[3]]]
-            arr = np.full(tuple(old.dims), theta_fill, np.float32)
-            graph.initializer[inits[node.input[3]]].CopyFrom(numpy_helper.from_array(arr, old.name))
-        if comp_mode is not None:
-            for a in node.attribute:
-                if a.name == "comp_mode":
-                    a.i = int(comp_mode)
-    if not found:
-        raise TopThetaError(f"{model_path} has no TopThetaAttention node: run 'topθ-export rewrite' on it first")
-    fd, tmp = tempfile.mkstemp(prefix=".variant-", suffix=".onnx", dir=model_path.parent)
-    os.close(fd)
-    onnx.save(model, tmp)
-    return Path(tmp)
+OP_IO_PREFIX = IO_PREFIX  # the name callers know
 
 
 class OnnxModel:
@@ -113,9 +39,12 @@ class OnnxModel:
         self.path = Path(path)
         if not self.path.is_file():
             raise TopThetaError(f"ONNX model {self.path} does not exist: run 'topθ-export export' first")
-        variant = with_kept or expose_io or theta_fill is not None or comp_mode is not None
-        load_path = (prepare_variant(self.path, expose_kept=with_kept, expose_io=expose_io,
-                                     theta_fill=theta_fill, comp_mode=comp_mode) if variant else self.path)
+        load_path = self.path
+        if with_kept or expose_io or theta_fill is not None or comp_mode is not None:
+            from ..onnx.variants import prepare_variant  # graph passes: onnx_ir is only loaded when needed
+
+            load_path = prepare_variant(self.path, expose_kept=with_kept, expose_io=expose_io,
+                                        theta_fill=theta_fill, comp_mode=comp_mode)
         try:
             self.sess = runtime.session(load_path, device=device, threads=threads)
         finally:
@@ -124,7 +53,7 @@ class OnnxModel:
         self.providers = self.sess.get_providers()
         ins = self.sess.get_inputs()
         self.input_names = [i.name for i in ins]
-        past = sorted(((int(m.group(1)), m.group(2), i) for i in ins if (m := _PAST_RE.match(i.name))),
+        past = sorted(((int(m.group(1)), m.group(2), i) for i in ins if (m := PAST_RE.match(i.name))),
                       key=lambda t: (t[0], t[1] != "key"))
         self.past_inputs = [i for _, _, i in past]
         self.num_layers = len(self.past_inputs) // 2
@@ -134,7 +63,7 @@ class OnnxModel:
             self.dtype = np.float16 if "float16" in self.past_inputs[0].type else np.float32
         outs = [o.name for o in self.sess.get_outputs()]
         self.output_name = outs[0]
-        self.present_names = [o for o in outs if o.startswith("present.")]
+        self.present_names = [o for o in outs if o.startswith(PRESENT_PREFIX)]
         self.kept_names = {int(o[len(KEPT_PREFIX):]): o for o in outs if o.startswith(KEPT_PREFIX)}
         self.io_names = [o for o in outs if o.startswith(OP_IO_PREFIX)]
 
@@ -151,7 +80,7 @@ class OnnxModel:
         if input_ids.ndim != 2:
             raise TopThetaError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
         b, s = input_ids.shape
-        feeds = {"input_ids": input_ids}
+        feeds = {INPUT_IDS: input_ids}
         if self.has_cache:
             past = past if past is not None else self.empty_past(b)
             p = past[0].shape[2]
@@ -159,8 +88,8 @@ class OnnxModel:
                 feeds[inp.name] = arr
         else:
             p = 0
-        if "attention_mask" in self.input_names:
-            feeds["attention_mask"] = (np.ones((b, p + s), np.int64) if attention_mask is None
+        if ATTENTION_MASK in self.input_names:
+            feeds[ATTENTION_MASK] = (np.ones((b, p + s), np.int64) if attention_mask is None
                                        else np.ascontiguousarray(attention_mask, dtype=np.int64))
         names = [self.output_name] + self.present_names + list(self.kept_names.values()) + self.io_names
         res = self.sess.run(names, feeds)
