@@ -100,7 +100,11 @@ def prepare_variant(model_path: Path, *, expose_kept: bool = True, expose_io: bo
         raise TopThetaError(f"{model_path} has no TopThetaAttention node: run 'topθ-export rewrite' on it first")
     fd, tmp = tempfile.mkstemp(prefix=".variant-", suffix=".onnx", dir=model_path.parent)
     os.close(fd)
-    onnx.save(model, tmp)
+    try:
+        onnx.save(model, tmp)
+    except BaseException:  # Ctrl-C / SIGTERM included: no half-written variant left in the user's folder
+        os.unlink(tmp)
+        raise
     return Path(tmp)
 
 
@@ -111,6 +115,8 @@ class OnnxModel:
                  with_kept: bool = False, expose_io: bool = False, theta_fill: float | None = None,
                  comp_mode: int | None = None):
         self.path = Path(path)
+        if self.path.is_dir():  # an output folder
+            self.path = self.path / "model.onnx"
         if not self.path.is_file():
             raise TopThetaError(f"ONNX model {self.path} does not exist: run 'topθ-export export' first")
         variant = with_kept or expose_io or theta_fill is not None or comp_mode is not None
