@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import warnings
@@ -162,15 +163,15 @@ def calibrate_cmd(
 ):
     check_options(k=k, seq_len=seq_len, num_samples=samples, dense_layers=dense_layers)
     from topthetaexport.models import load_model
-    from topthetaexport.pipeline import model_reference
+    from topthetaexport.pipeline import path_reference
     from topthetaexport.torch.calibration import calibrate
 
     with staged_files(out) as stage:
         loaded = load_model(model)
         with _progress() as p:
-            th = calibrate(loaded, calib, k=k, seq_len=seq_len, num_samples=samples, dense_layers=dense_layers,
-                           progress=_StageBars(p, ["calibrate"]))
-        th.meta["model_path"] = model_reference(model)
+            th = calibrate(loaded, path_reference(calib), k=k, seq_len=seq_len, num_samples=samples,
+                           dense_layers=dense_layers, progress=_StageBars(p, ["calibrate"]))
+        th.meta["model_path"] = path_reference(model)
         th.save(stage)
     path = out / "thresholds.safetensors"
     out_console.print(json.dumps(th.stats(), indent=2, default=str), soft_wrap=True)
@@ -418,18 +419,17 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
                   soft_wrap=True)
 
 
-def _usage_error(e) -> str:
-    """A click usage error as one line: what is wrong and where the help is."""
-    import click
-
-    where = ""
-    if isinstance(e, click.UsageError) and e.ctx is not None:
-        where = f" (see '{e.ctx.command_path} --help')"
+def _usage_error(e: typer.TyperException) -> str:
+    """A usage error (typer's own click) as one line: what is wrong and where the help is."""
+    ctx = getattr(e, "ctx", None)
+    where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
     return " ".join(e.format_message().split()) + where
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not console.is_terminal:  # transformers' weight-loading bars would be lines of noise in a log
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     commands = {c.name for c in app.registered_commands}
     if argv and argv[0] not in commands and not argv[0].startswith("-"):
         argv = ["pipeline", *argv]  # topθ-export MODEL --calib DATA -o OUT
@@ -447,16 +447,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (typer.Exit, SystemExit) as e:
         return int(getattr(e, "exit_code", getattr(e, "code", 0)) or 0)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            console.print(f"[bold red]error:[/bold red] {escape(_usage_error(e))}", highlight=False, soft_wrap=True)
-            return e.exit_code
-        if isinstance(e, click.Abort):  # EOF on a prompt
-            console.print("aborted", highlight=False)
-            return 1
-        raise
+    except typer.TyperException as e:  # usage errors: unknown option, not an integer, ...
+        console.print(f"[bold red]error:[/bold red] {escape(_usage_error(e))}", highlight=False, soft_wrap=True)
+        return e.exit_code
+    except typer.Abort:  # EOF on a prompt
+        console.print("aborted", highlight=False)
+        return 1
     finally:
         warnings.showwarning = previous_showwarning
         for sig, handler in previous.items():

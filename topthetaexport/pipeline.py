@@ -19,12 +19,13 @@ from .progress import Progress
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def model_reference(model) -> str:
-    """How thresholds metadata names the model: an alias as given, a local folder as an absolute path
-    (so that 'validate' and 'eval' find it from any working directory)."""
-    name = str(model)
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.exists() else name
+def path_reference(source):
+    """How thresholds metadata names a model or text: an alias (builtin:pydoc, smollm2-135m) or tensor as given,
+    a local file or folder as an absolute path, so that 'validate' and 'eval' find it from any folder."""
+    if not isinstance(source, (str, os.PathLike)):
+        return source
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else str(source)
 
 
 def save_model_files(loaded, folder: str | os.PathLike) -> None:
@@ -100,9 +101,9 @@ def run_pipeline(model: str, calib, out: str | os.PathLike, *, k: int = 64, seq_
         timings["load_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        th = calibrate(loaded, calib, k=k, seq_len=seq_len, num_samples=num_samples,
+        th = calibrate(loaded, path_reference(calib), k=k, seq_len=seq_len, num_samples=num_samples,
                        dense_layers=dense_layers, progress=progress)
-        th.meta["model_path"] = model_reference(model)
+        th.meta["model_path"] = path_reference(model)
         timings["calibrate_s"] = time.perf_counter() - t
         prog("calibrate", "thresholds ready", 1.0)
 
