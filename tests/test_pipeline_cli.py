@@ -27,6 +27,7 @@ def _run_cli(capsys, *args) -> tuple[int, str, str]:
     return rc, cap.out, cap.err
 
 
+@pytest.mark.slow  # over 10 s: exports a model through torch.onnx
 def test_pipeline_tiny_llama_writes_everything(tmp_path, tiny_llama):
     from topthetaexport.pipeline import run_pipeline
 
@@ -61,6 +62,7 @@ def test_pipeline_tiny_llama_writes_everything(tmp_path, tiny_llama):
     assert Path(lib["path"]) == library_path()
 
 
+@pytest.mark.slow  # over 10 s: exports a model through torch.onnx
 def test_cli_stages_and_inspect(tmp_path, tiny_gpt2, capsys):
     """export → rewrite → inspect through the CLI on a tiny GPT-2 with thresholds from the API."""
     from topthetaexport.torch.calibration import calibrate
@@ -139,6 +141,7 @@ def test_cli_corrupt_onnx(tmp_path, capsys):
     _one_error_line(err)
 
 
+@pytest.mark.slow  # over 10 s: exports a model through torch.onnx
 def test_cli_thresholds_of_wrong_shape(tmp_path, tiny_llama, capsys):
     import torch
 
