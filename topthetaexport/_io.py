@@ -215,7 +215,7 @@ def check_options(**options) -> None:
         elif name in _COMP:
             for v in values:
                 if isinstance(v, bool) or v not in COMP_MODES:
-                    raise TopThetaError(f"compensation mode {v!r} ({_COMP[name]}) does not exist: use "
+                    raise TopThetaError(f"compensation mode {v!r} does not exist ({_COMP[name]}): use "
                                         + ", ".join(f"{m} ({what})" for m, what in COMP_MODES.items()))
         elif name == "device":
             if value not in DEVICES:
