@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +18,7 @@ from rich.table import Table
 
 from topthetaexport import __version__
 from topthetaexport._errors import TopThetaError
+from topthetaexport._io import check_options, check_writable_dir, output_parents, staged_files
 
 console = Console(stderr=True)
 # Results go to stdout as plain text: no markup parsing (shapes like [batch, seq] and generated text keep
@@ -29,7 +33,10 @@ Main job (calibrate → export → rewrite → validate):
 
 MODEL is a local Hugging Face folder or a built-in alias (smollm2-135m, all-minilm-l6-v2).
 DATA is a .txt/.jsonl file, a folder of them, or builtin:pydoc (Python's own documentation).
-OUT/ receives model.onnx, thresholds.safetensors + thresholds.json, library.json and report.json.
+OUT/ receives model.onnx, thresholds.safetensors + thresholds.json, library.json, report.json and the
+model's config.json, generation_config.json and tokenizer files, so that 'run OUT/' needs nothing else.
+
+Bad input is one line on stderr (exit 2); Ctrl-C exits 130, SIGTERM 143; neither leaves partial output.
 """
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, rich_markup_mode=None,
@@ -44,8 +51,10 @@ DEVICE_OPT = typer.Option("cpu", "--device", help="onnxruntime device: cpu, cuda
 
 
 def _progress() -> Progress:
+    # bars only on a terminal: piped or logged stderr gets the errors and warnings, one line each
     return Progress(SpinnerColumn(), TextColumn("[bold]{task.description:<10}"), BarColumn(),
-                    TextColumn("{task.fields[msg]}"), TimeElapsedColumn(), console=console, transient=False)
+                    TextColumn("{task.fields[msg]}"), TimeElapsedColumn(), console=console, transient=False,
+                    disable=not console.is_terminal)
 
 
 class _StageBars:
@@ -127,6 +136,8 @@ def pipeline_cmd(
     no_validate: bool = typer.Option(False, "--no-validate", help="skip validation"),
     device: str = DEVICE_OPT,
 ):
+    check_options(k=k, seq_len=seq_len, num_samples=samples, dense_layers=dense_layers, comp_mode=comp_mode,
+                  eval_windows=eval_windows, device=device)
     from topthetaexport.pipeline import run_pipeline
 
     with _progress() as p:
@@ -150,15 +161,19 @@ def calibrate_cmd(
     out: Path = typer.Option(..., "-o", "--out", help="output folder for the thresholds"),
     k: int = K_OPT, seq_len: int = SEQ_OPT, samples: int = SAMPLES_OPT, dense_layers: int = DENSE_OPT,
 ):
-    from topthetaexport.torch.calibration import calibrate
+    check_options(k=k, seq_len=seq_len, num_samples=samples, dense_layers=dense_layers)
     from topthetaexport.models import load_model
+    from topthetaexport.pipeline import path_reference
+    from topthetaexport.torch.calibration import calibrate
 
-    loaded = load_model(model)
-    with _progress() as p:
-        th = calibrate(loaded, calib, k=k, seq_len=seq_len, num_samples=samples, dense_layers=dense_layers,
-                       progress=_StageBars(p, ["calibrate"]))
-    th.meta["model_path"] = model
-    path = th.save(out)
+    with staged_files(out) as stage:
+        loaded = load_model(model)
+        with _progress() as p:
+            th = calibrate(loaded, path_reference(calib), k=k, seq_len=seq_len, num_samples=samples,
+                           dense_layers=dense_layers, progress=_StageBars(p, ["calibrate"]))
+        th.meta["model_path"] = path_reference(model)
+        th.save(stage)
+    path = out / "thresholds.safetensors"
     out_console.print(json.dumps(th.stats(), indent=2, default=str), soft_wrap=True)
     out_console.print(f"wrote {path}", soft_wrap=True)
 
@@ -169,12 +184,14 @@ def export_cmd(
     out: Path = typer.Option(..., "-o", "--out", help="output .onnx file"),
     no_cache: bool = typer.Option(False, "--no-cache", help="decoder LMs: export without KV-cache inputs/outputs"),
 ):
-    from topthetaexport.onnx.exporter import export_onnx
-    from topthetaexport.models import load_model
+    with output_parents(out):
+        from topthetaexport.models import load_model
+        from topthetaexport.onnx.exporter import export_onnx
 
-    loaded = load_model(model)
-    with _progress() as p:
-        path = export_onnx(loaded, out, with_cache=False if no_cache else None, progress=_StageBars(p, ["export"]))
+        loaded = load_model(model)
+        with _progress() as p:
+            path = export_onnx(loaded, out, with_cache=False if no_cache else None,
+                               progress=_StageBars(p, ["export"]))
     out_console.print(f"wrote {path}", soft_wrap=True)
 
 
@@ -185,11 +202,13 @@ def rewrite_cmd(
     out: Path = typer.Option(..., "-o", "--out", help="output .onnx file"),
     comp_mode: int = COMP_OPT,
 ):
-    from topthetaexport.onnx.rewriter import rewrite
-    from topthetaexport.thresholds import Thresholds
+    check_options(comp_mode=comp_mode)
+    with output_parents(out):
+        from topthetaexport.onnx.rewriter import rewrite
+        from topthetaexport.thresholds import Thresholds
 
-    th = Thresholds.load(thresholds)
-    rep = rewrite(dense, th, out, comp_mode=comp_mode)
+        th = Thresholds.load(thresholds)
+        rep = rewrite(dense, th, out, comp_mode=comp_mode)
     n = len(rep.get("layers", []))
     out_console.print(f"rewrote {n} attention blocks into TopThetaAttention; wrote {out}", soft_wrap=True)
 
@@ -203,6 +222,10 @@ def validate_cmd(
     model: Optional[str] = typer.Option(None, "--model", help="PyTorch model (default: the one named in the thresholds)"),
     device: str = DEVICE_OPT,
 ):
+    check_options(num_windows=windows, seq_len=seq_len, device=device)
+    if not out.is_dir():
+        raise TopThetaError(f"{out} is not a folder: pass the folder written by 'topθ-export MODEL --calib DATA -o OUT'")
+    check_writable_dir(out)  # report.json goes there: fail before the work, not after
     from topthetaexport._io import write_json
     from topthetaexport.eval.validation import validate
 
@@ -229,6 +252,13 @@ def _eval_command(out, output, **opts) -> str:
     return " ".join(parts)
 
 
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise TopThetaError(f"{what} must be comma-separated integers, got '{text}'") from None
+
+
 @app.command("eval", help="Accuracy of OUT/model.onnx vs dense and top-k through onnxruntime: perplexity, "
                           "tasks, cross-domain text, a sweep over k; writes eval.json, sweep.md/.csv, accuracy.png.")
 def eval_cmd(
@@ -238,9 +268,10 @@ def eval_cmd(
                                                             "windows after the calibration ones)"),
     cross_data: Optional[str] = typer.Option(None, "--cross-data", help="second text for the cross-domain "
                                                                         "check, e.g. builtin:licenses"),
-    tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated: cloze:DATA or a HellaSwag-style "
-                                                              ".jsonl (decoders), retrieval:DATA (encoders); "
-                                                              "default: one on --data"),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="further tasks, comma-separated: cloze:DATA or a "
+                                                              "HellaSwag-style .jsonl (decoders), retrieval:DATA "
+                                                              "(encoders); one on --data (and --cross-data) is "
+                                                              "always built"),
     task_items: int = typer.Option(100, "--task-items", help="items per task (cloze / jsonl: the first N)"),
     windows: int = typer.Option(8, "--windows", help="evaluation windows per text"),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="window length (default: calibration length)"),
@@ -253,20 +284,22 @@ def eval_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads"),
     device: str = DEVICE_OPT,
 ):
+    from topthetaexport.eval.tasks import parse_task_spec
+
+    sweep_ks = _ints(sweep, "--sweep") if sweep else None
+    modes = _ints(comp_modes, "--comp-modes")
+    sweep_modes = _ints(sweep_comp_modes, "--sweep-comp-modes") if sweep_comp_modes else None
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    check_options(eval_cmd_windows=windows, task_items=task_items, seq_len=seq_len, sweep=sweep_ks,
+                  comp_modes=modes, sweep_comp_modes=sweep_modes, threads=threads, device=device)
+    for spec in task_list or []:
+        parse_task_spec(spec)
     from topthetaexport.eval.evaluation import evaluate, markdown_table
 
-    def ints(text, what):
-        try:
-            return [int(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise TopThetaError(f"{what} must be comma-separated integers, got '{text}'") from None
-
-    with _progress() as p:
+    with output_parents(output), _progress() as p:
         rep = evaluate(out, data=data, windows=windows, seq_len=seq_len, cross_data=cross_data,
-                       tasks=[t for t in tasks.split(",") if t.strip()] if tasks else None, task_items=task_items,
-                       sweep=ints(sweep, "--sweep") if sweep else None, comp_modes=ints(comp_modes, "--comp-modes"),
-                       sweep_comp_modes=ints(sweep_comp_modes, "--sweep-comp-modes") if sweep_comp_modes else None,
-                       topk=not no_topk, device=device, threads=threads, output=output,
+                       tasks=task_list, task_items=task_items, sweep=sweep_ks, comp_modes=modes,
+                       sweep_comp_modes=sweep_modes, topk=not no_topk, device=device, threads=threads, output=output,
                        command=_eval_command(out, output, data=data, cross_data=cross_data, tasks=tasks,
                                              task_items=task_items, windows=windows, seq_len=seq_len, sweep=sweep,
                                              comp_modes=comp_modes, sweep_comp_modes=sweep_comp_modes,
@@ -284,20 +317,22 @@ def eval_cmd(
     out_console.print(f"wrote {output}/ (eval.json, sweep.md, sweep.csv, accuracy.png)", soft_wrap=True)
 
 
-@app.command("run", help="Greedy generation with OUT/model.onnx in onnxruntime (KV cache), printing kept-row stats.")
+@app.command("run", help="Greedy generation with OUT/model.onnx in onnxruntime (KV cache) and the tokenizer saved in "
+                         "OUT/, printing kept-row stats.")
 def run_cmd(
     out: Path = typer.Argument(..., help="folder written by topθ-export"),
     prompt: str = typer.Option(..., "--prompt", help="prompt text"),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="tokens to generate at most"),
     device: str = DEVICE_OPT,
 ):
+    check_options(max_new_tokens=max_new_tokens, device=device)
     import numpy as np
 
-    from topthetaexport.pipeline import tokenizer_for
     from topthetaexport.ort.sessions import OnnxModel
+    from topthetaexport.pipeline import tokenizer_for
 
-    tok = tokenizer_for(out)
-    om = OnnxModel(out / "model.onnx", device=device, with_kept=True)
+    tok = tokenizer_for(out)  # from OUT/ itself: the folder needs nothing else
+    om = OnnxModel(out, device=device, with_kept=True)
     ids = np.asarray(tok(prompt)["input_ids"], dtype=np.int64)[None, :]
     stats = []
 
@@ -331,11 +366,14 @@ def bench_cmd(
     keep: float = typer.Option(0.125, "--keep", help="fraction of keys the thresholds keep"),
     repeats: int = typer.Option(20, "--repeats"),
 ):
+    seqs = _ints(seq, "--seq")
+    check_options(device=device, heads=heads, kv_heads=kv_heads, head_dim=head_dim, seqs=seqs, keep=keep,
+                  repeats=repeats)
     from topthetaexport.ort.bench import run_bench
 
-    rows = run_bench(device=device, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                     seqs=[int(s) for s in seq.split(",")], keep=keep, repeats=repeats)
-    t = Table(title=f"TopThetaAttention vs dense Attention ({device}), median of {repeats}")
+    rows = run_bench(device=device, heads=heads, kv_heads=kv_heads, head_dim=head_dim, seqs=seqs, keep=keep,
+                     repeats=repeats)
+    t = Table(title=f"TopThetaAttention vs dense Attention ({device}, {rows[0]['providers'][0]}), median of {repeats}")
     for c in ("phase", "context", "dense ms", "Top-θ ms", "speed-up", "kept"):
         t.add_column(c, justify="right")
     for r in rows:
@@ -356,29 +394,71 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version_cal
     pass
 
 
+class Stopped(BaseException):
+    """Raised by the SIGINT/SIGTERM handler. A BaseException, so that no ``except Exception`` swallows it on the
+    way up, while every ``finally`` (staging folders, temporary files) runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+STOP_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+STOP_MESSAGES = {signal.SIGINT: "interrupted (Ctrl-C)", signal.SIGTERM: "terminated (SIGTERM)"}
+
+
+def _stop(signum, frame):
+    # a second signal must not cut the cleanup short
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    console.print(f"[yellow]warning:[/yellow] {escape(' '.join(str(message).split()))}", highlight=False,
+                  soft_wrap=True)
+
+
+def _usage_error(e: typer.TyperException) -> str:
+    """A usage error (typer's own click) as one line: what is wrong and where the help is."""
+    ctx = getattr(e, "ctx", None)
+    where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    return " ".join(e.format_message().split()) + where
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not console.is_terminal:  # transformers' weight-loading bars would be lines of noise in a log
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     commands = {c.name for c in app.registered_commands}
     if argv and argv[0] not in commands and not argv[0].startswith("-"):
         argv = ["pipeline", *argv]  # topθ-export MODEL --calib DATA -o OUT
+    # typer turns KeyboardInterrupt into a returned 130 and click into Abort; our own exception passes both.
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous_showwarning = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
-        app(args=argv, prog_name="topθ-export", standalone_mode=False)
+        rc = app(args=argv, prog_name="topθ-export", standalone_mode=False)
+    except Stopped as e:
+        console.print(f"{STOP_MESSAGES[e.signum]}: stopped, partial output removed", highlight=False)
+        return STOP_EXIT_CODES[e.signum]
     except TopThetaError as e:
         console.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
     except (typer.Exit, SystemExit) as e:
         return int(getattr(e, "exit_code", getattr(e, "code", 0)) or 0)
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        return 130
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            return e.exit_code
-        raise
-    return 0
+    except typer.TyperException as e:  # usage errors: unknown option, not an integer, ...
+        console.print(f"[bold red]error:[/bold red] {escape(_usage_error(e))}", highlight=False, soft_wrap=True)
+        return e.exit_code
+    except typer.Abort:  # EOF on a prompt
+        console.print("aborted", highlight=False)
+        return 1
+    finally:
+        warnings.showwarning = previous_showwarning
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    # non-standalone typer returns a command's value, or the code of a typer.Exit / an interrupt it caught
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Shared fixtures: tiny random-weight HF models (saved with save_pretrained) and the real SmolLM2 (slow).
 
 Tiny model fixtures return the model directory (a ``Path``); ``load_model(path)`` turns it into a LoadedModel
-in well under a second. They have no tokenizer: feed them token tensors (``tiny_tokens``).
+in well under a second. They have no tokenizer: feed them token tensors (``tiny_tokens``), except
+``tiny_llama_bpe``, which has a BPE tokenizer trained here (``tiny_bpe_tokenizer``) saved beside it.
 """
 
 from __future__ import annotations
@@ -92,6 +93,44 @@ def tiny_bert(tiny_models_dir) -> Path:
     return save_tiny_model("bert", tiny_models_dir)
 
 
+def tiny_bpe_tokenizer(vocab: int = 1000):
+    """A byte-level BPE tokenizer trained on a few pydoc topics (deterministic, about a second)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from topthetaexport.data import load_texts
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(load_texts("builtin:pydoc")[:6], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny_llama_with_tokenizer(out: Path, seed: int = 0) -> Path:
+    """A tiny LLaMA (GQA 4/2 heads, 3 layers) sized to a tiny BPE tokenizer, both saved in ``out``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if (out / "config.json").is_file():
+        return out
+    tok = tiny_bpe_tokenizer()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=0, initializer_range=0.1)
+    cfg._attn_implementation = "sdpa"
+    AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_bpe(tiny_models_dir) -> Path:
+    return save_tiny_llama_with_tokenizer(tiny_models_dir / "tiny-llama-bpe")
+
+
 def make_tokens(n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """Random token ids [n, seq_len] in the tiny vocabulary (ids 3.. to avoid pad/bos/eos)."""
     g = torch.Generator().manual_seed(seed)
@@ -109,3 +148,10 @@ def smollm2():
     from topthetaexport.models import load_model
 
     return load_model("smollm2-135m")
+
+
+def pytest_collection_modifyitems(items):
+    """Two tiers: whatever loads the real SmolLM2 is ``slow`` (deselect with -m 'not slow'), marked or not."""
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from conftest import save_tiny_llama_with_tokenizer
 from topthetaexport._errors import TopThetaError
 
 try:
@@ -29,37 +30,13 @@ SEQ = 192
 
 # -- fixtures ------------------------------------------------------------------------------------------
 
-def _tiny_bpe(vocab: int = 1000):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from topthetaexport.data import load_texts
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(load_texts("builtin:pydoc")[:6], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-
-
 @pytest.fixture(scope="module")
 def tiny_lm_out(tmp_path_factory):
     """A tiny LLaMA (GQA 4/2 heads, 3 layers) with a BPE tokenizer, through the pipeline (no validation)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from topthetaexport.pipeline import run_pipeline
 
     root = tmp_path_factory.mktemp("eval")
-    tok = _tiny_bpe()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
-                      eos_token_id=2, pad_token_id=0, initializer_range=0.1)
-    cfg._attn_implementation = "sdpa"
-    AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(str(root / "model"))
-    tok.save_pretrained(str(root / "model"))
+    save_tiny_llama_with_tokenizer(root / "model")
     run_pipeline(str(root / "model"), "builtin:pydoc", root / "out", k=8, seq_len=SEQ, num_samples=3,
                  dense_layers=1, do_validate=False)
     return root

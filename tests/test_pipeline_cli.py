@@ -27,6 +27,7 @@ def _run_cli(capsys, *args) -> tuple[int, str, str]:
     return rc, cap.out, cap.err
 
 
+@pytest.mark.slow  # over 10 s: exports a model through torch.onnx
 def test_pipeline_tiny_llama_writes_everything(tmp_path, tiny_llama):
     from topthetaexport.pipeline import run_pipeline
 
@@ -61,6 +62,7 @@ def test_pipeline_tiny_llama_writes_everything(tmp_path, tiny_llama):
     assert Path(lib["path"]) == library_path()
 
 
+@pytest.mark.slow  # over 10 s: exports a model through torch.onnx
 def test_cli_stages_and_inspect(tmp_path, tiny_gpt2, capsys):
     """export → rewrite → inspect through the CLI on a tiny GPT-2 with thresholds from the API."""
     from topthetaexport.torch.calibration import calibrate
@@ -139,6 +141,7 @@ def test_cli_corrupt_onnx(tmp_path, capsys):
     _one_error_line(err)
 
 
+@pytest.mark.slow  # over 10 s: exports a model through torch.onnx
 def test_cli_thresholds_of_wrong_shape(tmp_path, tiny_llama, capsys):
     import torch
 
@@ -206,3 +209,53 @@ def test_default_model_pipeline_and_run(tmp_path, capsys, smollm2):
     rc, stdout, err = _run_cli(capsys, "inspect", out)
     assert rc == 0, err
     assert "30" in stdout
+
+
+@pytest.mark.parametrize("bad,flag", [({"comp_mode": 7}, "--comp-mode"), ({"device": "tpu"}, "--device"),
+                                      ({"eval_windows": 0}, "--eval-windows"), ({"k": 0}, "--k"),
+                                      ({"seq_len": 1}, "--seq-len"), ({"num_samples": 0}, "--samples"),
+                                      ({"dense_layers": -1}, "--dense-layers"), ({"decode_steps": 0}, "--decode-steps")])
+def test_api_checks_options_before_loading_anything(bad, flag, tmp_path):
+    """The model does not exist: an option error (not the missing-model one) proves the options come first."""
+    from topthetaexport._errors import TopThetaError
+    from topthetaexport.pipeline import export, run_pipeline
+
+    with pytest.raises(TopThetaError, match=flag):
+        run_pipeline(str(tmp_path / "no-model"), "builtin:pydoc", tmp_path / "a" / "out", **bad)
+    if "comp_mode" in bad:
+        with pytest.raises(TopThetaError, match=flag):
+            export(str(tmp_path / "no-model"), tmp_path / "th", tmp_path / "a" / "out", **bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("spec,kind,source", [("cloze:builtin:pydoc", "cloze", "builtin:pydoc"),
+                                              ("retrieval:docs/", "retrieval", "docs/"),
+                                              ("hellaswag.jsonl", "choice", "hellaswag.jsonl"),
+                                              ("choice:items.txt", "choice", "items.txt")])
+def test_parse_task_spec(spec, kind, source):
+    from topthetaexport.eval.tasks import parse_task_spec
+
+    assert tuple(parse_task_spec(spec)) == (kind, source)
+
+
+@pytest.mark.parametrize("spec,message", [("foo:bar", "unknown task kind 'foo'"), ("cloze:", "names no data"),
+                                          ("notes.txt", "cloze:notes.txt")])
+def test_parse_task_spec_errors(spec, message):
+    from topthetaexport._errors import TopThetaError
+    from topthetaexport.eval.tasks import parse_task_spec
+
+    with pytest.raises(TopThetaError, match=message):
+        parse_task_spec(spec)
+
+
+def test_output_parents_removes_only_the_folders_it_made(tmp_path):
+    from topthetaexport._io import output_parents
+
+    (tmp_path / "x").mkdir()
+    with pytest.raises(KeyboardInterrupt), output_parents(tmp_path / "x" / "a" / "b" / "out.onnx") as target:
+        assert target.parent.is_dir()
+        raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.rglob("*")] == ["x"]
+    with output_parents(tmp_path / "x" / "a" / "out.onnx"):
+        pass
+    assert (tmp_path / "x" / "a").is_dir()  # kept on success

@@ -1,42 +1,113 @@
-"""Atomic writes: nothing half-written is ever left at a final path."""
+"""Writing outputs and checking options: nothing half-written at a final path, no folders left by a failed run,
+every option checked before any work."""
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-
-from typing import Any, Iterator
+from typing import Any
 
 from ._errors import TopThetaError
 
+# What an output folder of the pipeline may hold (glob patterns: tokenizer file names vary by model).
 OUR_FILES = {"model.onnx", "model.onnx.data", "thresholds.safetensors", "thresholds.json", "report.json",
-             "library.json"}
+             "library.json", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*",
+             "tokenizer.model", "spiece.model", "sentencepiece.bpe.model"}
+
+
+def is_own_file(name: str, own_files=OUR_FILES) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in own_files)
+
+
+def _unwritable(path: Path, e: OSError) -> TopThetaError:
+    reason = e.strerror or type(e).__name__
+    return TopThetaError(f"cannot write {path} ({reason}): choose an output path in a folder you can write to")
+
+
+@contextlib.contextmanager
+def output_parents(path: str | os.PathLike) -> Iterator[Path]:
+    """Create the missing folders above ``path`` and check that the innermost one is writable.
+
+    On an exception (Ctrl-C and SIGTERM included) the folders created here are removed again, innermost
+    first, as long as they are empty; folders that existed before are never touched.
+    """
+    path = Path(path)
+    made: list[Path] = []
+    try:
+        missing = []
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            missing.append(parent)
+            parent = parent.parent
+        for folder in reversed(missing):
+            folder.mkdir()
+            made.append(folder)
+        # a real write test: permissions alone say nothing for root or on /proc-like file systems
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent))
+    except OSError as e:
+        _remove_empty(made)
+        raise _unwritable(path, e) from None
+    except BaseException:
+        _remove_empty(made)
+        raise
+    try:
+        yield path
+    except BaseException:
+        _remove_empty(made)
+        raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            break  # not empty (someone else wrote there) or gone: leave it and everything above
 
 
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; on success rename it onto ``final``.
 
-    Works for files and directories. On an exception the temporary path is removed and
-    ``final`` is left as it was.
+    Works for files and directories. On an exception the temporary path (and any parent folder created
+    for it) is removed and ``final`` is left as it was.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    target = tmp / final.name
-    try:
-        yield target
-        if not target.exists():
-            raise RuntimeError(f"nothing was written to {target}")
-        if final.is_dir() and not final.is_symlink():
-            shutil.rmtree(final)
-        os.replace(target, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with output_parents(final):
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        except OSError as e:
+            raise _unwritable(final, e) from None
+        target = tmp / final.name
+        try:
+            yield target
+            if not target.exists():
+                raise RuntimeError(f"nothing was written to {target}")
+            if final.is_dir() and not final.is_symlink():
+                shutil.rmtree(final)
+            os.replace(target, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output_dir(out: str | os.PathLike, own_files=OUR_FILES, what: str = "a toptheta-export output") -> Path:
+    """Refuse an ``out`` that is a file or a folder holding anything but ``own_files`` (a mistyped ``-o``)."""
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise TopThetaError(f"output {out} exists and is not a folder: choose another -o")
+        foreign = sorted(p.name for p in out.iterdir() if not is_own_file(p.name, own_files))
+        if foreign:
+            raise TopThetaError(f"output folder {out} is not empty and not {what} (it holds {foreign[0]}): "
+                                "choose another -o")
+    return out
 
 
 @contextlib.contextmanager
@@ -46,26 +117,114 @@ def staged_output_dir(out: str | os.PathLike, own_files=OUR_FILES, what: str = "
     ``out`` may be missing, empty, or a previous output of the same kind (only ``own_files`` in it);
     anything else is refused so that a mistyped ``-o`` never deletes a user's files.
     """
-    out = Path(out)
-    if out.exists():
-        if not out.is_dir():
-            raise TopThetaError(f"output {out} exists and is not a folder: choose another -o")
-        names = {p.name for p in out.iterdir()}
-        if names and not names <= own_files:
-            raise TopThetaError(f"output folder {out} is not empty and not {what}: choose another -o")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    out = check_output_dir(out, own_files, what)
+    with output_parents(out):
+        try:
+            stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        except OSError as e:
+            raise _unwritable(out, e) from None
+        try:
+            yield stage
+            old = None
+            if out.exists():
+                old = out.parent / f".{out.name}.old-{os.getpid()}"
+                os.replace(out, old)
+            os.replace(stage, out)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_files(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a staging folder whose files are moved into ``out_dir`` (created if missing) on success.
+
+    Unlike :func:`staged_output_dir` the other files of ``out_dir`` stay: this adds or replaces files.
+    On failure nothing reaches ``out_dir``, and folders created for it are removed.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TopThetaError(f"output {out_dir} exists and is not a folder: choose another -o")
+    with output_parents(out_dir):
+        try:
+            stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+        except OSError as e:
+            raise _unwritable(out_dir, e) from None
+        made = False
+        try:
+            yield stage
+            if not out_dir.exists():
+                out_dir.mkdir()
+                made = True
+            for item in sorted(stage.iterdir()):
+                target = out_dir / item.name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                os.replace(item, target)
+        except BaseException:
+            if made:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def check_writable_dir(folder: str | os.PathLike) -> Path:
+    """Fail now, before any work, if files cannot be created in the existing ``folder``."""
+    folder = Path(folder)
     try:
-        yield stage
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(stage, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".probe.", suffix=".tmp", dir=folder))
+    except OSError as e:
+        raise _unwritable(folder, e) from None
+    return folder
+
+
+# -- options: every numeric / choice option is checked here, before any work -------------------------
+
+COMP_MODES = {0: "none", 1: "SDC", 2: "SDC + V-mean"}
+DEVICES = ("auto", "cpu", "cuda")
+
+# API name -> (command-line flag, smallest allowed value); values may be ints or lists of ints
+_MINIMUM = {
+    "k": ("--k", 1), "seq_len": ("--seq-len", 2), "num_samples": ("--samples", 1),
+    "dense_layers": ("--dense-layers", 0), "eval_windows": ("--eval-windows", 1), "num_windows": ("--windows", 1),
+    "eval_cmd_windows": ("--windows", 2), "decode_steps": ("--decode-steps", 1),
+    "task_items": ("--task-items", 1), "threads": ("--threads", 1), "max_new_tokens": ("--max-new-tokens", 1),
+    "sweep": ("--sweep", 1), "heads": ("--heads", 1), "kv_heads": ("--kv-heads", 1),
+    "head_dim": ("--head-dim", 1), "seqs": ("--seq", 1), "repeats": ("--repeats", 1),
+}
+_COMP = {"comp_mode": "--comp-mode", "comp_modes": "--comp-modes", "sweep_comp_modes": "--sweep-comp-modes"}
+
+
+def check_options(**options) -> None:
+    """Raise a one-line TopThetaError for the first option out of its range or choices (None = not given).
+
+    Names are the API's (``k``, ``seq_len``, ``num_samples``, ``comp_mode``, ``device``, ``keep``, ...);
+    messages name the command-line flag, since that is what most users typed.
+    """
+    for name, value in options.items():
+        if value is None:
+            continue
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if name in _MINIMUM:
+            flag, low = _MINIMUM[name]
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                    raise TopThetaError(f"{flag} must be an integer >= {low}, got {v!r}: pass e.g. {flag} {max(low, 4)}")
+        elif name in _COMP:
+            for v in values:
+                if isinstance(v, bool) or v not in COMP_MODES:
+                    raise TopThetaError(f"compensation mode {v!r} does not exist ({_COMP[name]}): use "
+                                        + ", ".join(f"{m} ({what})" for m, what in COMP_MODES.items()))
+        elif name == "device":
+            if value not in DEVICES:
+                raise TopThetaError(f"unknown device {value!r} (--device): use auto, cpu or cuda")
+        elif name == "keep":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+                raise TopThetaError(f"--keep must be a fraction in (0, 1], got {value!r}: pass e.g. --keep 0.125")
+        else:
+            raise TypeError(f"check_options: unknown option {name}")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

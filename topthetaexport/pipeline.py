@@ -9,38 +9,72 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from ._errors import TopThetaError
+from ._io import check_options, staged_files, staged_output_dir, write_json
 from .data import describe_data
 from .ort.library import library_info, library_path
-from ._errors import TopThetaError
-from ._io import staged_output_dir, write_json
 from .progress import Progress
 
+# Tokenizer files in an output folder: 'run' needs no Hugging Face folder besides OUT/.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
+def path_reference(source):
+    """How thresholds metadata names a model or text: an alias (builtin:pydoc, smollm2-135m) or tensor as given,
+    a local file or folder as an absolute path, so that 'validate' and 'eval' find it from any folder."""
+    if not isinstance(source, (str, os.PathLike)):
+        return source
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else str(source)
+
+
+def save_model_files(loaded, folder: str | os.PathLike) -> None:
+    """config.json, the tokenizer files and generation_config.json of ``loaded`` into ``folder``."""
+    folder = str(folder)
+    loaded.config.save_pretrained(folder)
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(folder)
+    generation = getattr(loaded.model, "generation_config", None)
+    if generation is not None and loaded.model.can_generate():
+        generation.save_pretrained(folder)
 
 
 def export(model, thresholds, out_dir: str | os.PathLike, *, comp_mode: int = 0,
            progress: Progress | None = None) -> Path:
     """Export ``model`` to ONNX and rewrite its attention into TopThetaAttention: ``out_dir/model.onnx``.
 
-    Also saves the thresholds and ``library.json`` next to it. Returns the model path.
+    Also saves the thresholds, ``library.json`` and the model's config, tokenizer and generation config
+    next to it (all moved into ``out_dir`` together at the end). Returns the model path.
     """
-    from .onnx.exporter import export_onnx
     from .models import LoadedModel, load_model
+    from .onnx.exporter import export_onnx
     from .onnx.rewriter import rewrite
     from .thresholds import Thresholds
 
+    check_options(comp_mode=comp_mode)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     th = thresholds if isinstance(thresholds, Thresholds) else Thresholds.load(thresholds)
     th.check_compatible(loaded)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="toptheta-dense-", dir=out_dir) as tmp:
-        dense = export_onnx(loaded, Path(tmp) / "dense.onnx", progress=progress)
-        rewrite(dense, th, out_dir / "model.onnx", comp_mode=comp_mode)
-    th.save(out_dir)
-    write_json(out_dir / "library.json", library_info())
+    with staged_files(out_dir) as stage:
+        with tempfile.TemporaryDirectory(prefix="toptheta-dense-", dir=stage) as tmp:
+            dense = export_onnx(loaded, Path(tmp) / "dense.onnx", progress=progress)
+            rewrite(dense, th, stage / "model.onnx", comp_mode=comp_mode)
+        th.save(stage)
+        write_json(stage / "library.json", library_info())
+        save_model_files(loaded, stage)
     return out_dir / "model.onnx"
+
+
+def _check_data(data, what: str) -> None:
+    """A text source that cannot be read fails now, not after minutes of calibration."""
+    if isinstance(data, (str, os.PathLike)):
+        from .data import load_texts
+
+        try:
+            load_texts(data)
+        except TopThetaError as e:
+            raise TopThetaError(f"{what}: {e}") from None
 
 
 def run_pipeline(model: str, calib, out: str | os.PathLike, *, k: int = 64, seq_len: int = 512,
@@ -48,13 +82,18 @@ def run_pipeline(model: str, calib, out: str | os.PathLike, *, k: int = 64, seq_
                  eval_windows: int = 4, decode_steps: int = 16, do_validate: bool = True,
                  device: str = "cpu", progress: Progress | None = None) -> dict[str, Any]:
     """calibrate → export → rewrite → validate into ``out``; returns the report (also ``out/report.json``)."""
-    from .torch.calibration import calibrate
     from .models import load_model
+    from .torch.calibration import calibrate
 
+    check_options(k=k, seq_len=seq_len, num_samples=num_samples, dense_layers=dense_layers, comp_mode=comp_mode,
+                  eval_windows=eval_windows, decode_steps=decode_steps, device=device)
     prog = progress or (lambda stage, message, fraction: None)
     library_path()  # fail early, before minutes of calibration, if the library is missing
     timings: dict[str, float] = {}
     with staged_output_dir(out) as stage:
+        _check_data(calib, "--calib")
+        if do_validate and eval_data is not None:
+            _check_data(eval_data, "--eval-data")
         t = time.perf_counter()
         prog("load", f"loading {model}", 0.0)
         loaded = load_model(model)
@@ -62,9 +101,9 @@ def run_pipeline(model: str, calib, out: str | os.PathLike, *, k: int = 64, seq_
         timings["load_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        th = calibrate(loaded, calib, k=k, seq_len=seq_len, num_samples=num_samples,
+        th = calibrate(loaded, path_reference(calib), k=k, seq_len=seq_len, num_samples=num_samples,
                        dense_layers=dense_layers, progress=progress)
-        th.meta["model_path"] = str(model)
+        th.meta["model_path"] = path_reference(model)
         timings["calibrate_s"] = time.perf_counter() - t
         prog("calibrate", "thresholds ready", 1.0)
 
@@ -101,13 +140,18 @@ def run_pipeline(model: str, calib, out: str | os.PathLike, *, k: int = 64, seq_
 
 
 def tokenizer_for(out_dir: str | os.PathLike):
-    """The tokenizer of the model an output folder was built from (named in its thresholds metadata)."""
-    from .models import load_model
-    from .thresholds import Thresholds
+    """The tokenizer saved in an output folder at export time (no other folder is consulted)."""
+    from transformers import AutoTokenizer
 
-    th = Thresholds.load(out_dir)
-    name = th.meta.get("model_path") or th.meta.get("model")
-    loaded = load_model(name)
-    if loaded.tokenizer is None:
-        raise TopThetaError(f"model {name} has no tokenizer: 'run' needs a model folder with tokenizer files")
-    return loaded.tokenizer
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise TopThetaError(f"{out_dir} is not a folder: pass the folder written by 'topθ-export MODEL --calib DATA "
+                            "-o OUT'")
+    if not any((out_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise TopThetaError(f"{out_dir} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}): re-export it with "
+                            "'topθ-export MODEL --calib DATA -o OUT' from a model folder that has a tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(str(out_dir))
+    except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception for a broken tokenizer.json)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TopThetaError(f"cannot load the tokenizer in {out_dir} ({first[:200]}): re-export the folder") from None

@@ -229,7 +229,7 @@ def evaluate(out_dir, *, data=None, windows: int = 16, cross_data=None, cross_wi
     from ..torch.calibration import calibrate
     from ..data import token_batches
     from ..models import load_model
-    from .tasks import build_window_cloze, load_task
+    from .tasks import build_window_cloze, load_task, parse_task_spec
     from ..thresholds import Thresholds
     from .validation import _decode_check, _nll, _valid_counts, v_rows_read
 
@@ -240,6 +240,7 @@ def evaluate(out_dir, *, data=None, windows: int = 16, cross_data=None, cross_wi
     if not model_path.is_file():
         raise TopThetaError(f"{out_dir} holds no model.onnx: pass a folder written by 'topθ-export MODEL --calib "
                             "DATA -o OUT'")
+    specs = [parse_task_spec(t) for t in tasks or []]
     th = Thresholds.load(out_dir)
     meta = th.meta
     for m in list(comp_modes) + list(sweep_comp_modes or []):
@@ -274,9 +275,10 @@ def evaluate(out_dir, *, data=None, windows: int = 16, cross_data=None, cross_wi
     is_lm, causal = loaded.is_lm, loaded.causal
     if not is_lm and causal:
         raise TopThetaError("evaluation supports decoder LMs and encoders")
-    if tasks and not is_lm:
-        raise TopThetaError("jsonl tasks score text continuations, which needs a decoder LM: drop --tasks for "
-                            "encoders (they get passage retrieval)")
+    for spec in specs:
+        if (spec.kind == "retrieval") == is_lm:
+            raise TopThetaError(f"task {spec.kind}:{spec.source} needs {'an encoder' if is_lm else 'a decoder LM'}: "
+                                "use cloze:DATA or a .jsonl file for decoders, retrieval:DATA for encoders")
 
     # texts and tasks -------------------------------------------------------------------------------------
     step("tokenizing held-out text", 0.01)
@@ -300,8 +302,16 @@ def evaluate(out_dir, *, data=None, windows: int = 16, cross_data=None, cross_wi
             skip_tokens = held_out * seq_len if dom == "in_domain" else 0
             pairs = _retrieval_pairs(tok, src, seq_len, task_items, skip_tokens)
             task_sets.append((f"retrieval:{dom}", "retrieval", pairs, str(src), dom))
-    for path in tasks or []:
-        task_sets.append((Path(path).name, "choice", load_task(path)[:task_items], str(path), None))
+    for spec in specs:
+        if spec.kind == "choice":
+            task_sets.append((Path(spec.source).name, "choice", load_task(spec.source)[:task_items], spec.source, None))
+        elif spec.kind == "cloze":  # scored as text, like a jsonl task
+            win = token_batches(tok, spec.source, seq_len=seq_len, num_samples=windows).numpy()
+            items = build_window_cloze(win, tok, num_items=task_items, source=spec.source)
+            task_sets.append((f"cloze:{spec.source}", "choice", items, spec.source, None))
+        else:
+            pairs = _retrieval_pairs(tok, spec.source, seq_len, task_items, 0)
+            task_sets.append((f"retrieval:{spec.source}", "retrieval", pairs, spec.source, None))
 
     # variants ---------------------------------------------------------------------------------------
     thresholds_by_k = {}
@@ -372,6 +382,8 @@ def evaluate(out_dir, *, data=None, windows: int = 16, cross_data=None, cross_wi
             if kind == "choice":
                 step(f"{v.name}: task {name}", frac)
                 r["tasks"][name] = _task_accuracy(om, items, tok, seq_len)
+            elif kind == "retrieval" and _dom is None:
+                r["tasks"][name] = _retrieval_accuracy(om, items, dense_emb, name, v.kind == "dense")
         if (decode_check and is_lm and om.has_cache and v.kind == "toptheta" and v.k == k0
                 and v.comp_mode == main_comp and decode_checked is None):
             step(f"{v.name}: KV-cache decode check", frac)

@@ -18,14 +18,14 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .._errors import TopThetaError
 from ..data import jsonl_objects
 
-__all__ = ["load_task", "build_window_cloze", "write_task"]
+__all__ = ["TaskSpec", "build_window_cloze", "load_task", "parse_task_spec", "write_task"]
 
 _WORD = re.compile(r"^[A-Za-z][A-Za-z'-]*[,.;:!?]?$")
 _END = re.compile(r"[.!?][\"')\]]?\s*$")
@@ -49,6 +49,33 @@ def load_task(path) -> list[dict[str, Any]]:
         raise TopThetaError(f"task file {path} holds no items: add lines of "
                             '{"ctx": ..., "endings": [...], "label": i}')
     return items
+
+
+# -- task specs (--tasks) ------------------------------------------------------------------------------
+
+TASK_KINDS = {"cloze": "decoders", "retrieval": "encoders"}
+
+
+class TaskSpec(NamedTuple):
+    kind: str    # "cloze" | "retrieval" | "choice" (a HellaSwag-style .jsonl file)
+    source: str  # the text (cloze, retrieval) or the file (choice)
+
+
+def parse_task_spec(spec: str) -> TaskSpec:
+    """``cloze:DATA``, ``retrieval:DATA`` or a .jsonl file of multiple-choice items (``choice:FILE`` also works)."""
+    spec = str(spec).strip()
+    kind, sep, source = spec.partition(":")
+    if sep and kind in (*TASK_KINDS, "choice"):
+        if not source.strip():
+            raise TopThetaError(f"task '{spec}' names no data: write {kind}:DATA, e.g. {kind}:builtin:pydoc")
+        return TaskSpec(kind, source.strip())
+    if Path(spec).suffix == ".jsonl":
+        return TaskSpec("choice", spec)
+    if sep and len(kind) > 1:  # a one-letter kind is a Windows drive
+        raise TopThetaError(f"unknown task kind '{kind}' in '{spec}': use cloze:DATA (decoders), retrieval:DATA "
+                            "(encoders) or a HellaSwag-style .jsonl file")
+    raise TopThetaError(f"task '{spec}' is neither cloze:DATA, retrieval:DATA nor a .jsonl file: for a text pass "
+                        f"cloze:{spec} (decoders) or retrieval:{spec} (encoders)")
 
 
 def _check_item(obj, where: str) -> dict[str, Any]:

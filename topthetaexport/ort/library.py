@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 import warnings
 from pathlib import Path
@@ -88,14 +90,20 @@ def session(model_path: str | os.PathLike, *, device: str = "auto", threads: int
             library: str | os.PathLike | None = None):
     """An ``onnxruntime.InferenceSession`` for ``model_path`` with the Top-θ library registered.
 
-    ``device='auto'`` uses CUDA when onnxruntime-gpu sees a GPU, else CPU.
+    ``model_path`` is an .onnx file or an output folder (its ``model.onnx``). When a ``library.json``
+    lies beside the model, the library is checked against it: none to load is an error, another build
+    (sha256) or another onnxruntime version a warning. ``device='auto'`` uses CUDA when onnxruntime-gpu
+    sees a GPU, else CPU.
     """
     import onnxruntime as ort
 
     model_path = Path(model_path)
+    if model_path.is_dir():
+        model_path = model_path / "model.onnx"
     if not model_path.is_file():
         raise TopThetaError(f"ONNX model {model_path} does not exist: run 'topθ-export export' first")
-    so = session_options(threads, library)
+    lib = Path(library) if library else library_for(model_path)
+    so = session_options(threads, lib)
     try:
         return ort.InferenceSession(str(model_path), sess_options=so, providers=providers_for(device))
     except Exception as e:
@@ -105,10 +113,56 @@ def session(model_path: str | os.PathLike, *, device: str = "auto", threads: int
         ) from None
 
 
+RECORD_FILE = "library.json"
+
+
+def library_for(model_path: str | os.PathLike) -> Path:
+    """The library to run ``model_path`` with, checked against the ``library.json`` written beside it at export.
+
+    The installed (or ``$TOPTHETA_OPS_LIBRARY``) library comes first; without one the recorded path is used.
+    """
+    import onnxruntime as ort
+
+    record_path = Path(model_path).parent / RECORD_FILE
+    if not record_path.is_file():
+        return library_path()
+    try:
+        record = json.loads(record_path.read_text())
+        recorded_lib, recorded_sha = record.get("path"), record["sha256"]
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise TopThetaError(f"{record_path} is not a library record written by topθ-export ({type(e).__name__}): "
+                            "re-run 'topθ-export export' or delete it") from None
+    lib = library_path(required=False)
+    if lib is None and recorded_lib and Path(recorded_lib).is_file():
+        lib = Path(recorded_lib)
+    if lib is None:
+        raise TopThetaError(f"custom-op library {LIBRARY_NAME} for {model_path} not found (neither installed nor at "
+                            f"{recorded_lib}, named in {record_path}): build it with 'pip install .' or set "
+                            f"{LIBRARY_ENV}")
+    sha = _sha256(lib)
+    if sha != recorded_sha:
+        warnings.warn(f"{model_path} was built with {LIBRARY_NAME} sha256 {recorded_sha[:12]}, this session loads "
+                      f"{lib} with sha256 {sha[:12]}: re-export if results differ", RuntimeWarning, stacklevel=3)
+    recorded_ort = record.get("onnxruntime_version")
+    if recorded_ort and recorded_ort != ort.__version__:
+        warnings.warn(f"{model_path} was built with onnxruntime {recorded_ort}, this is {ort.__version__}: "
+                      "re-export if results differ", RuntimeWarning, stacklevel=3)
+    return lib
+
+
+def _sha256(path: Path) -> str:
+    stat = path.stat()
+    return _sha256_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a rebuilt file hashes again
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def library_info() -> dict[str, Any]:
     import onnxruntime as ort
 
     lib = library_path()
-    h = hashlib.sha256(lib.read_bytes()).hexdigest()
-    return {"path": str(lib), "sha256": h, "onnxruntime_version": ort.__version__,
+    return {"path": str(lib), "sha256": _sha256(lib), "onnxruntime_version": ort.__version__,
             "domain": DOMAIN, "op": OP_TYPE, "op_version": OP_VERSION}

@@ -37,6 +37,8 @@ class OnnxModel:
                  with_kept: bool = False, expose_io: bool = False, theta_fill: float | None = None,
                  comp_mode: int | None = None):
         self.path = Path(path)
+        if self.path.is_dir():  # an output folder
+            self.path = self.path / "model.onnx"
         if not self.path.is_file():
             raise TopThetaError(f"ONNX model {self.path} does not exist: run 'topθ-export export' first")
         load_path = self.path
