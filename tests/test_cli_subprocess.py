@@ -75,6 +75,7 @@ def pipeline(work) -> Path:
     return work / "out"
 
 
+@pytest.mark.slow  # the one-shot pipeline in a subprocess (about a minute)
 def test_out_is_self_contained(pipeline, work):
     names = {p.name for p in pipeline.iterdir()}
     assert {"model.onnx", "thresholds.safetensors", "thresholds.json", "library.json", "report.json",
@@ -97,6 +98,7 @@ def _numbers(obj, prefix=""):
         yield prefix, obj
 
 
+@pytest.mark.slow  # the one-shot pipeline in a subprocess (about a minute)
 def test_stage_by_stage_processes_match_the_pipeline(pipeline, work):
     """calibrate → export → rewrite → validate, each its own process, give the one-shot command's numbers."""
     ok(cli("calibrate", "model", "--calib", "calib.txt", "-o", "staged", *SIZE, cwd=work))
@@ -115,6 +117,7 @@ def test_stage_by_stage_processes_match_the_pipeline(pipeline, work):
     assert not [n for n in os.listdir(work) if n.startswith(".")]
 
 
+@pytest.mark.slow  # the one-shot pipeline in a subprocess (about a minute)
 def test_run_and_session_need_only_out(pipeline, tmp_path):
     """OUT/ copied elsewhere, run from another folder: the relative model path in its metadata is never used."""
     import warnings
@@ -307,7 +310,8 @@ def test_read_only_folder(work, tmp_path):
         ro.chmod(0o755)
 
 
-@pytest.mark.parametrize("command", ["pipeline", "calibrate", "export"])
+@pytest.mark.parametrize("command", ["pipeline", pytest.param("calibrate", marks=pytest.mark.slow),
+                                     pytest.param("export", marks=pytest.mark.slow)])
 def test_failed_run_removes_the_folders_it_made(command, work, tmp_path):
     """-o a/b/out on a failing run: a/ and a/b/ were made by this run, so they go; x/ existed, so it stays."""
     (tmp_path / "empty.txt").write_text("\n\n")

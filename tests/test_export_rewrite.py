@@ -217,6 +217,7 @@ def test_dense_export_dynamic_batch(exported):
         assert max_diff(ort_run(sess, ids, mask)["logits"], torch_out(ref), mask) <= TOL
 
 
+@pytest.mark.slow  # a second full export
 def test_export_external_data_without_cache(tmp_path, tiny_models_dir, monkeypatch):
     """Weights in model.onnx.data (threshold lowered), logits-only signature; rewrite reads it back."""
     import topthetaexport.onnx.exporter as export_mod
