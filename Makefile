@@ -35,7 +35,7 @@ test-models: install
 	$(PYTEST) -m slow
 
 # ruff (lint + format), mypy, clang-format on the C++/CUDA sources.
-lint: install-lint
+lint: install install-lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
