@@ -1,11 +1,12 @@
-# Two entry points (see README): `make demo` installs and runs the main job on the default model,
-# `make test` installs and runs the test suite. Both use a virtual environment in .venv.
+# Entry points (see README): `make demo` installs and runs the main job on the default model; `make test test-models`
+# installs and runs both test tiers (what .ci/run runs after `make lint`). Everything lives in the venv .venv.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 OUT ?= out/smollm2-135m
+PYTEST := cd tests && ../$(PY) -m pytest -q
 
-.PHONY: install demo test clean
+.PHONY: install install-lint demo test test-models lint format clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -19,11 +20,31 @@ install: $(VENV)/bin/python
 	# Builds custom_ops/ (C++; CUDA too when nvcc is found) and installs the package.
 	$(PIP) install -q ".[test]"
 
+install-lint: $(VENV)/bin/python
+	$(PIP) install -q ruff==0.17.6 mypy==2.4.1 clang-format==23.1.5
+
 demo: install
 	$(VENV)/bin/toptheta-export smollm2-135m --calib builtin:pydoc -o $(OUT)
 
+# Fast tier: tiny models built from configs, the kernels, the graph rules, the CLI as subprocesses.
 test: install
-	cd tests && ../$(VENV)/bin/python -m pytest -q
+	$(PYTEST) -m "not slow"
+
+# Real-model tier: the pretrained SmolLM2-135M and all-MiniLM-L6-v2 end to end.
+test-models: install
+	$(PYTEST) -m slow
+
+# ruff (lint + format), mypy, clang-format on the C++/CUDA sources.
+lint: install install-lint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	PATH=$(abspath $(VENV))/bin:$$PATH bash custom_ops/format_check.sh
+
+format: install-lint
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	PATH=$(abspath $(VENV))/bin:$$PATH bash custom_ops/format_check.sh --fix
 
 clean:
 	rm -rf $(VENV) build out
