@@ -15,8 +15,8 @@ import time
 import torch
 
 import topthetaexport as tt
-from topthetaexport.torch import attention as torch_attention
 from topthetaexport.data import as_token_tensor
+from topthetaexport.torch import attention as torch_attention
 
 
 def main():

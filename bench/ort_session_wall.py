@@ -18,8 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention_bench import (D, DT, HKV, HQ, Ort, decode_scores, ort_gqa_model,  # noqa: E402
-                             ort_toptheta_model, theta_for_vrows)
+from attention_bench import DT, HKV, HQ, D, Ort, decode_scores, ort_gqa_model, ort_toptheta_model, theta_for_vrows  # noqa: E402
 
 
 def main():

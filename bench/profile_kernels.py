@@ -16,14 +16,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention_bench import D, DT, HKV, HQ, decode_scores, theta_for_vrows  # noqa: E402
+from attention_bench import DT, HKV, HQ, D, decode_scores, theta_for_vrows  # noqa: E402
 from toptheta_cuda import Kernels  # noqa: E402
 
 kern = Kernels(sys.argv[1])
 what = os.environ.get("PROFILE_WHAT", "all")  # all, prefill (default variant only), decode, gqa, b1
 if what == "b1":  # decode B=1, L=16k and 32k: SDPA, ours (V rows 1/3), onnxruntime GQA; one call each
     import numpy as np
-
     from attention_bench import Ort, ort_gqa_model
 
     ort = Ort(sys.argv[1])
@@ -48,7 +47,6 @@ if what == "b1":  # decode B=1, L=16k and 32k: SDPA, ours (V rows 1/3), onnxrunt
     sys.exit(0)
 if what == "gqa":  # onnxruntime's dense GroupQueryAttention decode, B=1, L=32768 (bytes it really reads)
     import numpy as np
-
     from attention_bench import Ort, ort_gqa_model
 
     ort = Ort(sys.argv[1])

@@ -8,7 +8,6 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -47,7 +46,9 @@ SEQ_OPT = typer.Option(512, "--seq-len", help="calibration / evaluation window l
 SAMPLES_OPT = typer.Option(16, "--samples", help="number of calibration windows")
 DENSE_OPT = typer.Option(2, "--dense-layers", help="number of first layers kept dense")
 COMP_OPT = typer.Option(0, "--comp-mode", help="compensation: 0 none, 1 softmax denominator (SDC), 2 SDC + V-mean")
-DEVICE_OPT = typer.Option("cpu", "--device", help="onnxruntime device: cpu, cuda or auto (cuda falls back to cpu with a warning)")
+DEVICE_OPT = typer.Option(
+    "cpu", "--device", help="onnxruntime device: cpu, cuda or auto (cuda falls back to cpu with a warning)"
+)
 
 
 def _progress() -> Progress:
@@ -131,7 +132,7 @@ def pipeline_cmd(
     out: Path = typer.Option(..., "-o", "--out", help="output folder"),
     k: int = K_OPT, seq_len: int = SEQ_OPT, samples: int = SAMPLES_OPT, dense_layers: int = DENSE_OPT,
     comp_mode: int = COMP_OPT,
-    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="held-out text (default: later windows of --calib)"),
+    eval_data: str | None = typer.Option(None, "--eval-data", help="held-out text (default: later windows of --calib)"),
     eval_windows: int = typer.Option(4, "--eval-windows", help="number of held-out windows to validate on"),
     no_validate: bool = typer.Option(False, "--no-validate", help="skip validation"),
     device: str = DEVICE_OPT,
@@ -213,18 +214,23 @@ def rewrite_cmd(
     out_console.print(f"rewrote {n} attention blocks into TopThetaAttention; wrote {out}", soft_wrap=True)
 
 
-@app.command("validate", help="Parity, perplexity and measured sparsity of OUT/model.onnx in onnxruntime; writes OUT/report.json.")
+@app.command(
+    "validate",
+    help="Parity, perplexity and measured sparsity of OUT/model.onnx in onnxruntime; writes OUT/report.json.",
+)
 def validate_cmd(
     out: Path = typer.Argument(..., help="folder written by topθ-export (model.onnx + thresholds)"),
     data: str = typer.Option("builtin:pydoc", "--data", help="evaluation text"),
     windows: int = typer.Option(4, "--windows", help="number of evaluation windows"),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="window length (default: calibration length)"),
-    model: Optional[str] = typer.Option(None, "--model", help="PyTorch model (default: the one named in the thresholds)"),
+    seq_len: int | None = typer.Option(None, "--seq-len", help="window length (default: calibration length)"),
+    model: str | None = typer.Option(None, "--model", help="PyTorch model (default: the one named in the thresholds)"),
     device: str = DEVICE_OPT,
 ):
     check_options(num_windows=windows, seq_len=seq_len, device=device)
     if not out.is_dir():
-        raise TopThetaError(f"{out} is not a folder: pass the folder written by 'topθ-export MODEL --calib DATA -o OUT'")
+        raise TopThetaError(
+            f"{out} is not a folder: pass the folder written by 'topθ-export MODEL --calib DATA -o OUT'"
+        )
     check_writable_dir(out)  # report.json goes there: fail before the work, not after
     from topthetaexport._io import write_json
     from topthetaexport.eval.validation import validate
@@ -264,24 +270,24 @@ def _ints(text: str, what: str) -> list[int]:
 def eval_cmd(
     out: Path = typer.Argument(..., help="folder written by topθ-export (model.onnx + thresholds)"),
     output: Path = typer.Option(..., "-o", "--out", help="folder for the results (eval.json, sweep.*, accuracy.png)"),
-    data: Optional[str] = typer.Option(None, "--data", help="in-domain text (default: the calibration text, "
+    data: str | None = typer.Option(None, "--data", help="in-domain text (default: the calibration text, "
                                                             "windows after the calibration ones)"),
-    cross_data: Optional[str] = typer.Option(None, "--cross-data", help="second text for the cross-domain "
+    cross_data: str | None = typer.Option(None, "--cross-data", help="second text for the cross-domain "
                                                                         "check, e.g. builtin:licenses"),
-    tasks: Optional[str] = typer.Option(None, "--tasks", help="further tasks, comma-separated: cloze:DATA or a "
+    tasks: str | None = typer.Option(None, "--tasks", help="further tasks, comma-separated: cloze:DATA or a "
                                                               "HellaSwag-style .jsonl (decoders), retrieval:DATA "
                                                               "(encoders); one on --data (and --cross-data) is "
                                                               "always built"),
     task_items: int = typer.Option(100, "--task-items", help="items per task (cloze / jsonl: the first N)"),
     windows: int = typer.Option(8, "--windows", help="evaluation windows per text"),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="window length (default: calibration length)"),
-    sweep: Optional[str] = typer.Option(None, "--sweep", help="comma-separated k values to calibrate and "
+    seq_len: int | None = typer.Option(None, "--seq-len", help="window length (default: calibration length)"),
+    sweep: str | None = typer.Option(None, "--sweep", help="comma-separated k values to calibrate and "
                                                               "evaluate besides the model's own k"),
     comp_modes: str = typer.Option("0,1,2", "--comp-modes", help="Top-θ compensation modes at the model's k"),
-    sweep_comp_modes: Optional[str] = typer.Option(None, "--sweep-comp-modes",
+    sweep_comp_modes: str | None = typer.Option(None, "--sweep-comp-modes",
                                                    help="compensation modes at the other k (default: --comp-modes)"),
     no_topk: bool = typer.Option(False, "--no-topk", help="skip the top-k baseline"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads"),
+    threads: int | None = typer.Option(None, "--threads", help="onnxruntime intra-op threads"),
     device: str = DEVICE_OPT,
 ):
     from topthetaexport.eval.tasks import parse_task_spec

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from topthetaexport._errors import TopThetaError
-from topthetaexport.torch.calibration import calibrate
 from topthetaexport.models import load_model
 from topthetaexport.thresholds import Thresholds
 from topthetaexport.torch.attention import KeptRecorder, attention_mode
+from topthetaexport.torch.calibration import calibrate
 
 KINDS = ["llama", "qwen2", "mistral", "gpt2", "bert"]
 

@@ -517,9 +517,8 @@ def test_onnxruntime_cuda_matches_cpu_kernel(ort_cuda, dtype, shape):
 
 def _bf16_model(**kw):
     """The single-node bf16 model behind float32 graph inputs/outputs (Cast nodes run on CUDA too)."""
-    from onnx import TensorProto, helper
-
     from _onnx_single import make_model
+    from onnx import TensorProto, helper
 
     m = make_model("bfloat16", **kw)
     g = m.graph
@@ -613,8 +612,8 @@ def _node_providers(sess) -> set[str]:
 def test_exported_model_on_cuda_matches_pytorch(ort_cuda, llama64, tmp_path, dtype):
     """Prefill (40 tokens, one left-padded row) and 3 decode steps with the KV cache: logits of the ONNX model
     on CUDAExecutionProvider vs the PyTorch model with Top-θ attention (float32, same weights)."""
-    from topthetaexport.onnx.exporter import export_onnx
     from topthetaexport.models import load_model
+    from topthetaexport.onnx.exporter import export_onnx
     from topthetaexport.onnx.rewriter import rewrite
     from topthetaexport.torch.attention import attention_mode
 

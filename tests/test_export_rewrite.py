@@ -14,14 +14,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from conftest import make_tokens, save_tiny_model
-from topthetaexport.ort import library as runtime
+
 from topthetaexport._errors import TopThetaError
-from topthetaexport.onnx.exporter import export_onnx
-from topthetaexport.onnx.summary import format_summary, summarize
 from topthetaexport.models import load_model
+from topthetaexport.onnx.exporter import export_onnx
 from topthetaexport.onnx.rewriter import rewrite
+from topthetaexport.onnx.summary import format_summary, summarize
+from topthetaexport.ort import library as runtime
 from topthetaexport.thresholds import Thresholds
 from topthetaexport.torch.attention import KeptRecorder, attention_mode
 

@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
+from conftest import build_tiny_model
 
 from topthetaexport._errors import TopThetaError
 from topthetaexport.data import as_token_tensor, load_texts, token_batches
 from topthetaexport.models import SUPPORTED_MODEL_TYPES, LoadedModel, load_model
-
-from conftest import build_tiny_model
 
 EXPECTED = {  # kind: (causal, is_lm, heads, kv heads, head_dim)
     "llama": (True, True, 4, 2, 16),

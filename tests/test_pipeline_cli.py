@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import make_tokens
 
 try:  # installed layout: the CLI lives in topthetaexport.cli
@@ -214,7 +213,8 @@ def test_default_model_pipeline_and_run(tmp_path, capsys, smollm2):
 @pytest.mark.parametrize("bad,flag", [({"comp_mode": 7}, "--comp-mode"), ({"device": "tpu"}, "--device"),
                                       ({"eval_windows": 0}, "--eval-windows"), ({"k": 0}, "--k"),
                                       ({"seq_len": 1}, "--seq-len"), ({"num_samples": 0}, "--samples"),
-                                      ({"dense_layers": -1}, "--dense-layers"), ({"decode_steps": 0}, "--decode-steps")])
+                                      ({"dense_layers": -1}, "--dense-layers"),
+                                      ({"decode_steps": 0}, "--decode-steps")])
 def test_api_checks_options_before_loading_anything(bad, flag, tmp_path):
     """The model does not exist: an option error (not the missing-model one) proves the options come first."""
     from topthetaexport._errors import TopThetaError

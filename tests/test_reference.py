@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from topthetaexport._errors import TopThetaError
-from topthetaexport.torch.reference import dense_attention, topk_attention, toptheta_attention
 from topthetaexport.thresholds import Thresholds
+from topthetaexport.torch.reference import dense_attention, topk_attention, toptheta_attention
 
 
 def loop_reference(q, k, v, thr, *, scale=None, causal=False, mask=None, past_k=None, past_v=None, sdc=None,

@@ -145,7 +145,9 @@ def build(*, cache: bool, hkv: int, mask: str | None, unsqueeze_axis: int = 2, p
         graph.inputs.append(mask_v)
     attn = ir.Node("", "Attention", [q, kv[0], kv[1], mask_v], num_outputs=1, name="attention",
                    attributes=ir.convenience.convert_attributes({"scale": D ** -0.5, "is_causal": 0}),
-                   metadata_props={names.SCOPES_KEY: "['model.model.layers.0', 'model.model.layers.0.self_attn', 'sdpa']"})
+                   metadata_props={
+                       names.SCOPES_KEY: "['model.model.layers.0', 'model.model.layers.0.self_attn', 'sdpa']"
+                   })
     graph.append(attn)
     y = attn.outputs[0]
     y.name, y.shape, y.dtype = "y", ir.Shape([B, HQ, sq, D]), ir.DataType.FLOAT

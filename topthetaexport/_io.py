@@ -211,7 +211,9 @@ def check_options(**options) -> None:
             flag, low = _MINIMUM[name]
             for v in values:
                 if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                    raise TopThetaError(f"{flag} must be an integer >= {low}, got {v!r}: pass e.g. {flag} {max(low, 4)}")
+                    raise TopThetaError(
+                        f"{flag} must be an integer >= {low}, got {v!r}: pass e.g. {flag} {max(low, 4)}"
+                    )
         elif name in _COMP:
             for v in values:
                 if isinstance(v, bool) or v not in COMP_MODES:

@@ -8,8 +8,9 @@ layer mapping of the rewrite (onnx/rewriter.py) all read it.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from ._errors import TopThetaError
 

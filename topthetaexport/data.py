@@ -23,8 +23,9 @@ def load_texts(source) -> list[str]:
     """Documents from ``source``.
 
     ``"builtin:pydoc"`` (Python's pydoc_data topics), ``"builtin:licenses"`` (the license texts of
-    /usr/share/common-licenses, one document per file, symlinked duplicates skipped), a ``.txt`` file (documents separated by two or more
-    blank lines; a file without such gaps is one document), a ``.jsonl`` file (a ``"text"`` field per line),
+    /usr/share/common-licenses, one document per file, symlinked duplicates skipped), a ``.txt`` file
+    (documents separated by two or more blank lines; a file without such gaps is one document), a ``.jsonl``
+    file (a ``"text"`` field per line),
     a directory of ``.txt``/``.jsonl`` files, or a list of strings.
     """
     if isinstance(source, (list, tuple)):

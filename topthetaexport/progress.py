@@ -5,7 +5,7 @@ Every long-running function takes ``progress: Progress | None`` and reports thro
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 Progress = Callable[[str, str, float], None]
 StageReporter = Callable[[str, float], None]

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Callable
 
 import torch
 
 from .._errors import TopThetaError
-from ..progress import Progress, emitter
 from ..data import as_token_tensor
 from ..models import LoadedModel, load_model
+from ..progress import Progress, emitter
 from ..thresholds import FORMAT_VERSION, Thresholds
 from .attention import attention_mode
 
