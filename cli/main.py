@@ -446,8 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = app(args=argv, prog_name="topθ-export", standalone_mode=False)
     except Stopped as e:
-        console.print(f"{STOP_MESSAGES[e.signum]}: stopped, partial output removed", highlight=False)
-        return STOP_EXIT_CODES[e.signum]
+        console.print(f"{STOP_MESSAGES[signal.Signals(e.signum)]}: stopped, partial output removed", highlight=False)
+        return STOP_EXIT_CODES[signal.Signals(e.signum)]
     except TopThetaError as e:
         console.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2

@@ -155,6 +155,7 @@ def token_batches(tokenizer, source_or_texts, *, seq_len: int, num_samples: int,
                       f"(asked for {num_samples})", RuntimeWarning, stacklevel=2)
     windows = torch.tensor(stream[skip * body:(skip + n) * body], dtype=torch.long).view(n, body)
     if wrap:
+        assert isinstance(cls, int) and isinstance(sep, int)
         windows = torch.cat([torch.full((n, 1), cls), windows, torch.full((n, 1), sep)], dim=1)
     return windows
 

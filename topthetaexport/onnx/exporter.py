@@ -12,7 +12,9 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -138,7 +140,7 @@ def _quiet():
 
 
 @contextlib.contextmanager
-def _sdpa(model: torch.nn.Module):
+def _sdpa(model: Any) -> Iterator[None]:
     """Run ``model`` with ``attn_implementation='sdpa'`` for the duration (restored afterwards)."""
     cfg = model.config
     before = getattr(cfg, "_attn_implementation", None)
@@ -202,6 +204,7 @@ def export_onnx(loaded, out_path, *, with_cache: bool | None = None, opset: int 
         raise TopThetaError(f"{loaded.name} is not a causal language model, so it has no KV cache to export: "
                             "export it with with_cache=False")
     model = loaded.model.eval()
+    wrapper: torch.nn.Module
     if lm:
         wrapper = _DecoderWithCache(model, loaded.num_layers) if with_cache else _DecoderNoCache(model)
     else:

@@ -130,6 +130,12 @@ def _const_ints(value: ir.Value | None) -> list[int] | None:
     return None if tensor is None else [int(x) for x in np.asarray(tensor.numpy()).reshape(-1)]
 
 
+def _dim(value: ir.Value, axis: int) -> int:
+    """A static dimension the rule's check has already proven to exist."""
+    assert value.shape is not None
+    return int(value.shape[axis])
+
+
 def _static_heads(value: ir.Value | None) -> int | None:
     shape = None if value is None else value.shape
     if shape is None or len(shape) != 4 or not isinstance(shape[1], int):
@@ -164,7 +170,7 @@ def _cache_problem(which: str, present: ir.Value) -> str | None:
     return None
 
 
-def _depends_on(value: ir.Value | None, target: ir.Value, limit: int = 2000) -> bool:
+def _depends_on(value: ir.Value | None, target: ir.Value | None, limit: int = 2000) -> bool:
     """Whether ``target`` is an ancestor of ``value`` (bounded graph walk)."""
     seen: set[int] = set()
     stack = [value]
@@ -195,7 +201,7 @@ class _AttentionRule(pattern.RewriteRuleClassBase):
         self.context = context
 
     @classmethod
-    def rule(cls, context: RuleContext) -> pattern.RewriteRule:  # type: ignore[override]
+    def rule(cls, context: RuleContext) -> pattern.RewriteRule:
         return super().rule(context)
 
     def form_problem(self, num_heads: int, **bindings: Any) -> str | None:
@@ -216,15 +222,15 @@ class _AttentionRule(pattern.RewriteRuleClassBase):
             return f"its mask has type {mask.dtype}, neither bool nor an additive float"
         return None
 
-    def check(self, context: Any, attention_y: ir.Value, query: ir.Value, mask: ir.Value | None = None,
-              **bindings: Any) -> pattern.MatchResult:
+    def check(self, context: Any, **bindings: Any) -> pattern.MatchResult:
+        attention_y, query, mask = bindings.pop("attention_y"), bindings.pop("query"), bindings.pop("mask", None)
         node = attention_y.producer()
         assert node is not None
         if node not in self.context.layers:
             return self.context.reject(self.name, node, "it is not one of the graph's attention blocks")
         why = unsupported_reason(node)
         if why is None:
-            why = self.form_problem(int(query.shape[1]), **bindings) or self._mask_problem(mask)
+            why = self.form_problem(_dim(query, 1), **bindings) or self._mask_problem(mask)
         if why:
             return self.context.reject(self.name, node, why)
         return pattern.MatchResult()
@@ -235,7 +241,7 @@ class _AttentionRule(pattern.RewriteRuleClassBase):
         assert node is not None
         ctx = self.context
         layer, name = ctx.layers[node]
-        num_heads, head_dim = int(query.shape[1]), int(query.shape[3])
+        num_heads, head_dim = _dim(query, 1), _dim(query, 3)
         key, value = self.kv(**bindings)
         num_kv_heads = _static_heads(key) or 0  # 0: the op takes it from K
         theta, sdc = (t.numpy() for t in ctx.thresholds.layer(layer))
@@ -281,7 +287,7 @@ class CachedGqaAttention(_AttentionRule):
 
     gqa = True
 
-    def pattern(self, op, query, past_key, new_key, past_value, new_value, key_axes, value_axes):  # type: ignore[override]
+    def pattern(self, op, query, past_key, new_key, past_value, new_value, key_axes, value_axes):
         present_key = op.Concat(past_key, new_key, _outputs=["present_key"])
         present_value = op.Concat(past_value, new_value, _outputs=["present_value"])
         key = op.Reshape(op.Expand(op.Unsqueeze(present_key, key_axes), pattern.ANY_VALUE, _outputs=["key_grouped"]),
@@ -304,7 +310,7 @@ class GqaAttention(_AttentionRule):
 
     gqa = True
 
-    def pattern(self, op, query, key_source, value_source, key_axes, value_axes):  # type: ignore[override]
+    def pattern(self, op, query, key_source, value_source, key_axes, value_axes):
         key = op.Reshape(op.Expand(op.Unsqueeze(key_source, key_axes), pattern.ANY_VALUE, _outputs=["key_grouped"]),
                          pattern.ANY_VALUE, _outputs=["key_expanded"])
         value = op.Reshape(op.Expand(op.Unsqueeze(value_source, value_axes), pattern.ANY_VALUE,
@@ -330,7 +336,7 @@ class CachedMhaAttention(_AttentionRule):
     """Decoder with a KV cache, K/V read at their own head count: ``Concat(past, new)`` (the ``present``
     output) straight into Attention (gpt2)."""
 
-    def pattern(self, op, query, past_key, new_key, past_value, new_value):  # type: ignore[override]
+    def pattern(self, op, query, past_key, new_key, past_value, new_value):
         key = op.Concat(past_key, new_key, _outputs=["present_key"])
         value = op.Concat(past_value, new_value, _outputs=["present_value"])
         return op.Attention(query, key, value, _mask_var(), _outputs=["attention_y"])
@@ -346,7 +352,7 @@ class CachedMhaAttention(_AttentionRule):
 class MhaAttention(_AttentionRule):
     """K/V straight into Attention at their own head count (encoders, caches the rules above refused)."""
 
-    def pattern(self, op, query, key, value):  # type: ignore[override]
+    def pattern(self, op, query, key, value):
         return op.Attention(query, key, value, _mask_var(), _outputs=["attention_y"])
 
     def form_problem(self, num_heads: int, **b: Any) -> str | None:

@@ -121,7 +121,9 @@ class ExposeAttentionIO(InPlacePass):
                     continue
                 identity = ir.Node("", "Identity", [source], num_outputs=1, name=f"toptheta/io.{layer}.{slot}")
                 alias = identity.outputs[0]
-                alias.name, alias.dtype, alias.shape = names.io_name(layer, slot), source.dtype, source.shape
+                alias.name = names.io_name(layer, slot)
+                alias.dtype = source.dtype
+                alias.shape = source.shape
                 identities.append(identity)
                 graph.outputs.append(alias)
             graph.insert_after(node, identities)
@@ -225,7 +227,7 @@ class _TopKBuilder:
     def const(self, name: str, array: Any) -> ir.Value:
         tensor = ir.tensor(np.asarray(array), name=self.prefix + name)
         value = ir.Value(name=tensor.name, const_value=tensor)
-        value.shape, value.dtype = ir.Shape(tensor.shape), tensor.dtype
+        value.shape, value.dtype = ir.Shape(list(tensor.shape)), tensor.dtype
         self.initializers.append(value)
         return value
 
@@ -324,7 +326,8 @@ class ReplaceWithTopK(InPlacePass):
                 graph.register_initializer(value)
             graph.insert_after(node, built.nodes)
             old_y = node.outputs[0]
-            y.shape, y.dtype = old_y.shape, old_y.dtype
+            y.shape = old_y.shape
+            y.dtype = old_y.dtype
             old_y.replace_all_uses_with(y, replace_graph_outputs=True)
             y.name, old_y.name = old_y.name, None
             old_kept = node.outputs[_KEPT_OUTPUT] if len(node.outputs) > _KEPT_OUTPUT else None

@@ -8,13 +8,19 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from .._errors import TopThetaError
 from ..onnx.names import DOMAIN, OP_TYPE, OP_VERSION
 
 LIBRARY_ENV = "TOPTHETA_OPS_LIBRARY"
 LIBRARY_NAME = "libtoptheta_ops.so"
+
+
+@overload
+def library_path(required: Literal[True] = ...) -> Path: ...
+@overload
+def library_path(required: bool) -> Path | None: ...
 
 
 def library_path(required: bool = True) -> Path | None:
