@@ -7,6 +7,8 @@
   compensation (comp_mode 2) reads every valid row for the mean;
 * keep decisions recomputed in float64 from the Q and K that an onnxruntime run fed each TopThetaAttention
   node: exactly the CPU kernel's decisions (docs/op.md "Numerics"), used to pin the PyTorch reference to them;
+* a float64 run of the PyTorch model (the oracle for those pinned decisions: the difference left is the
+  onnxruntime graph's own float32 rounding, not the two runtimes' rounding added up);
 * pinned thread counts, so that the same inputs give the same numbers in every run.
 """
 
@@ -31,6 +33,7 @@ __all__ = [
     "Perplexity",
     "RowKept",
     "decode_through_cache",
+    "float64_weights",
     "fp64_keep_masks",
     "kept_count_diff",
     "kept_counts",
@@ -207,13 +210,27 @@ def kept_count_diff(a: dict[int, np.ndarray], b: dict[int, np.ndarray]) -> dict[
 
 
 def model_output(model: torch.nn.Module, ids: torch.Tensor, is_lm: bool, mode: str, **mode_args: Any) -> np.ndarray:
-    """Logits (or last hidden state) of one PyTorch forward with ``mode`` attention (see attention_mode)."""
+    """Logits (or last hidden state) of one PyTorch forward with ``mode`` attention (see attention_mode);
+    float64 from a model in float64 (``float64_weights``), else float32."""
     from ..torch.attention import attention_mode
 
     with torch.no_grad(), attention_mode(model, mode, **mode_args):
         out = model(input_ids=ids, attention_mask=ids.new_ones(ids.shape))
     t = out.logits if is_lm else out.last_hidden_state
-    return t.float().numpy()
+    return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32).numpy()
+
+
+@contextlib.contextmanager
+def float64_weights(model: torch.nn.Module) -> Iterator[None]:
+    """Run ``model`` in float64 inside the block; the original tensors (any dtype) are put back after."""
+    saved = [(t, t.data) for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    for t, data in saved:
+        t.data = data.double()
+    try:
+        yield
+    finally:
+        for t, data in saved:
+            t.data = data
 
 
 # -- keep decisions of an onnxruntime run ----------------------------------------------------------------
