@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_tokens
+
 from topthetaexport._errors import TopThetaError
 
 SEQ = 48
@@ -151,6 +151,6 @@ def test_pinned_keep_masks_are_checked(tiny_calibrated):
         with pytest.raises(TopThetaError, match="queries and 8 keys"), attention_mode(
                 loaded.model, "toptheta", thresholds=th, keep_masks={i: m[..., :5] for i, m in full.items()}):
             loaded.model(input_ids=ids)
-    with pytest.raises(TopThetaError, match="use them with mode 'toptheta'"):
-        with attention_mode(loaded.model, "dense", keep_masks=full):
-            pass
+    with pytest.raises(TopThetaError, match="use them with mode 'toptheta'"), attention_mode(
+            loaded.model, "dense", keep_masks=full):
+        pass
