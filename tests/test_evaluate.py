@@ -14,9 +14,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import save_tiny_llama_with_tokenizer
 from onnx import TensorProto, helper
 
-from conftest import save_tiny_llama_with_tokenizer
 from topthetaexport._errors import TopThetaError
 
 try:
@@ -101,8 +101,8 @@ def test_topk_replacement_equals_numpy(mask_rank, causal, sq, ktot):
 def test_topk_variant_matches_pytorch_topk(tiny_lm_out):
     """Whole model, every layer top-k through onnxruntime = the PyTorch top-k reference; dense = dense."""
     from topthetaexport.models import load_model
-    from topthetaexport.ort.sessions import OnnxModel
     from topthetaexport.onnx.variants import write_variant
+    from topthetaexport.ort.sessions import OnnxModel
     from topthetaexport.torch.attention import attention_mode
 
     loaded = load_model(tiny_lm_out / "model")
@@ -219,7 +219,7 @@ def test_evaluate_report_is_consistent(tiny_lm_out, tmp_path):
     """One eval run: files written atomically, dense is dense, top-k keeps exactly min(k, row), the decode
     V rows read from prefill rows equal a real KV-cache decode, the written cloze jsonl scores the same as a
     text task, the cross-domain drift is reported."""
-    from topthetaexport.eval.evaluation import _open, _task_accuracy, Variant, evaluate
+    from topthetaexport.eval.evaluation import Variant, _open, _task_accuracy, evaluate
     from topthetaexport.eval.tasks import load_task
 
     prose = tmp_path / "prose.txt"  # a second text for the cross-domain check

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import functools
 
+import _onnx_single as S
 import numpy as np
 import pytest
 
-import _onnx_single as S
-from topthetaexport.ort import library as runtime
 from topthetaexport._errors import TopThetaError
+from topthetaexport.ort import library as runtime
 
 F32_TOL = 1e-5
 F16_REL_TOL = 1e-2
@@ -24,7 +24,7 @@ def library():
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _session(dtype="float32", threads=None, **kw):
     return S.session(S.make_model(dtype, **kw), threads=threads)
 

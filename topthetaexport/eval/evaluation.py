@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import os
 import platform
 import time
@@ -60,59 +59,7 @@ class Variant:
         return f"toptheta@{self.k}/comp{self.comp_mode}"
 
 
-# -- measuring -------------------------------------------------------------------------------------------
-
-class _Counts:
-    """Kept / valid attention elements per layer (prefill), and V rows of the last rows (decode)."""
-
-    def __init__(self, num_layers: int):
-        self.kept = np.zeros(num_layers)
-        self.valid = np.zeros(num_layers)
-        self.rows = 0
-        self.valid_rows = 0.0
-        self.dec_kept = np.zeros(num_layers)
-        self.dec_dense = 0.0
-        self.dec_rows = 0
-
-    def add(self, kept: dict[int, np.ndarray], valid_per_row: np.ndarray, decode_rows: int = 0):
-        b = None
-        for layer, k in kept.items():  # [B, Hq, S]
-            k = k.astype(np.float64)
-            b, h = k.shape[0], k.shape[1]
-            self.kept[layer] += k.sum()
-            self.valid[layer] += valid_per_row.sum() * b * h
-            if decode_rows:
-                self.dec_kept[layer] += k[:, :, -decode_rows:].mean(1).sum()
-        if b is None:
-            return
-        self.rows += b * len(valid_per_row)
-        self.valid_rows += float(valid_per_row.sum()) * b
-        if decode_rows:
-            self.dec_dense += float(valid_per_row[-decode_rows:].sum()) * b
-            self.dec_rows += decode_rows * b
-
-    def summary(self, dense_layers) -> dict[str, Any]:
-        n = len(self.kept)
-        sparse = [i for i in range(n) if i not in set(dense_layers)]
-        out = {
-            "dense_per_row": self.valid_rows / max(self.rows, 1),
-            "kept_fraction": float(self.kept.sum() / max(self.valid.sum(), 1)),
-            "sparse_layers_kept_fraction": float(self.kept[sparse].sum() / max(self.valid[sparse].sum(), 1)),
-            "per_layer_kept_fraction": [float(k / max(v, 1)) for k, v in zip(self.kept, self.valid)],
-        }
-        out["kept_per_row"] = out["dense_per_row"] * out["kept_fraction"]
-        out["reduction"] = 1.0 / max(out["kept_fraction"], 1e-12)
-        out["sparse_layers_reduction"] = 1.0 / max(out["sparse_layers_kept_fraction"], 1e-12)
-        if self.dec_rows:
-            dense = self.dec_dense / self.dec_rows
-            kept_all = self.dec_kept.sum() / n / self.dec_rows
-            kept_sparse = self.dec_kept[sparse].sum() / max(len(sparse), 1) / self.dec_rows
-            out["decode"] = {"rows": self.dec_rows, "v_rows_dense_per_token": dense,
-                             "v_rows_kept_per_token": kept_all, "v_rows_reduction": dense / max(kept_all, 1e-12),
-                             "sparse_layers_v_rows_kept_per_token": kept_sparse,
-                             "sparse_layers_v_rows_reduction": dense / max(kept_sparse, 1e-12)}
-        return out
-
+# -- scoring -------------------------------------------------------------------------------------------
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
@@ -190,14 +137,14 @@ def _embed(om, ids: np.ndarray, batch: int = 8) -> tuple[np.ndarray, dict[int, n
         for layer, k in r.kept.items():
             kept.setdefault(layer, []).append(k)
     e = np.concatenate(outs).astype(np.float64)
-    return e / np.linalg.norm(e, axis=1, keepdims=True), {l: np.concatenate(v) for l, v in kept.items()}
+    return e / np.linalg.norm(e, axis=1, keepdims=True), {layer: np.concatenate(v) for layer, v in kept.items()}
 
 
 # -- the run ---------------------------------------------------------------------------------------------
 
 def _open(model_path: Path, v: Variant, dense_layers, device: str, threads):
-    from ..ort.sessions import OnnxModel
     from ..onnx.variants import write_variant
+    from ..ort.sessions import OnnxModel
 
     path = write_variant(model_path, kind=v.kind, k=v.k, dense_layers=dense_layers, thresholds=v.thresholds,
                          comp_mode=v.comp_mode)
@@ -226,12 +173,12 @@ def evaluate(out_dir, *, data=None, windows: int = 16, cross_data=None, cross_wi
     items). ``sweep``: further k values (thresholds calibrated like the model's). ``comp_modes``: the Top-θ
     compensation modes at the model's k; ``sweep_comp_modes`` those at the other k (default: the same).
     """
-    from ..torch.calibration import calibrate
     from ..data import token_batches
     from ..models import load_model
-    from .tasks import build_window_cloze, load_task, parse_task_spec
     from ..thresholds import Thresholds
-    from .validation import _decode_check, _nll, _valid_counts, v_rows_read
+    from ..torch.calibration import calibrate
+    from .measure import KeptElements, Perplexity, decode_through_cache, v_rows_read, valid_counts
+    from .tasks import build_window_cloze, load_task, parse_task_spec
 
     t_start = time.perf_counter()
     step = emitter(progress, "eval")
@@ -341,27 +288,26 @@ def evaluate(out_dir, *, data=None, windows: int = 16, cross_data=None, cross_wi
         t0 = time.perf_counter()
         om = _open(model_path, v, dense_layers, device, threads)
         r: dict[str, Any] = {"name": v.name, "kind": v.kind, "k": v.k, "comp_mode": v.comp_mode, "tasks": {}}
-        for dom, (src, win) in domains.items():
+        for dom, (_src, win) in domains.items():
             step(f"{v.name}: {dom} windows", frac)
-            counts = _Counts(th.num_layers)
-            valid = _valid_counts(win.shape[1], causal)
+            counts = KeptElements(th.num_layers)
+            valid = valid_counts(win.shape[1], causal)
             if is_lm:
                 name, _, items, _, _ = next((t for t in task_sets if t[4] == dom), (None, 0, [], 0, 0))
                 by_window: dict[int, list[dict]] = {}
                 for it in items:
                     by_window.setdefault(it["window"], []).append(it)
-                s_nll = n_tok = 0
+                ppl = Perplexity()
                 scores = {}
                 for w in range(win.shape[0]):
                     res = om.run(win[w:w + 1])
-                    a, b = _nll(res.output, win[w:w + 1])
-                    s_nll, n_tok = s_nll + a, n_tok + b
+                    ppl.add(res.output, win[w:w + 1])
                     counts.add(res.kept, valid, decode_rows)
                     for it in by_window.get(w, []):
                         t = it["position"]
                         prefix = (res.output[0, t - 1], [p[:, :, :t] for p in res.present])
                         scores[id(it)] = score_choices(om, None, it["ending_ids"], pad, prefix=prefix)
-                r[dom] = {"perplexity": math.exp(s_nll / max(n_tok, 1)), "tokens": n_tok,
+                r[dom] = {"perplexity": ppl.value, "tokens": ppl.tokens,
                           "attention": counts.summary(dense_layers)}
                 if "decode" in r[dom]["attention"]:
                     v_rows_read(r[dom]["attention"]["decode"], per="token",
@@ -388,9 +334,9 @@ def evaluate(out_dir, *, data=None, windows: int = 16, cross_data=None, cross_wi
                 and v.comp_mode == main_comp and decode_checked is None):
             step(f"{v.name}: KV-cache decode check", frac)
             win = domains["in_domain"][1]
-            real = _decode_check(om, win[:1], decode_rows, dense_layers)
-            est = _Counts(th.num_layers)
-            est.add(om.run(win[:1]).kept, _valid_counts(win.shape[1], causal), decode_rows)
+            real = decode_through_cache(om, win[:1], decode_rows, dense_layers)
+            est = KeptElements(th.num_layers)
+            est.add(om.run(win[:1]).kept, valid_counts(win.shape[1], causal), decode_rows)
             decode_checked = {"variant": v.name, "window": 0, "kv_cache_decode": real,
                               "from_prefill_rows": est.summary(dense_layers)["decode"]}
         r["seconds"] = time.perf_counter() - t0
@@ -409,9 +355,9 @@ def evaluate(out_dir, *, data=None, windows: int = 16, cross_data=None, cross_wi
 
 
 def _model_comp_mode(model_path: Path) -> int:
-    from .validation import _read_op_attrs
+    from .measure import read_op_attrs
 
-    attrs = _read_op_attrs(model_path)
+    attrs = read_op_attrs(model_path)
     return int(next(iter(attrs.values())).get("comp_mode", 0))
 
 

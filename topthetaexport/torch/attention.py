@@ -72,6 +72,7 @@ class _State:
     k: int | None = None
     recorder: Any = None
     score_hook: Callable | None = None
+    keep_masks: dict[int, torch.Tensor] | None = None
 
 
 # -- the registered functions --------------------------------------------------------------------------
@@ -110,8 +111,16 @@ def _dispatch(state: _State, layer, q, k, v, mask, scale, causal):
         return reference.topk_attention(q, k, v, state.k, scale=scale, causal=causal, attn_mask=mask,
                                         return_kept=True)
     theta, sdc = state.thresholds.layer(layer)
+    keep = None
+    if state.keep_masks is not None:
+        keep = state.keep_masks.get(layer)
+        if keep is None:  # a silently unpinned layer would pass for a pinned one
+            raise TopThetaError(f"keep_masks has no mask for layer {layer}: pass one for every attention layer")
+        if keep.shape[-2:] != (q.shape[2], k.shape[2]):
+            raise TopThetaError(f"keep mask of layer {layer} is {list(keep.shape)} but the call has {q.shape[2]} "
+                                f"queries and {k.shape[2]} keys: pin masks from a run on the same input")
     return reference.toptheta_attention(q, k, v, theta, scale=scale, causal=causal, attn_mask=mask, sdc=sdc,
-                                        comp_mode=state.comp_mode, return_kept=True)
+                                        comp_mode=state.comp_mode, return_kept=True, keep_mask=keep)
 
 
 def _sdpa_dense(q, k, v, mask, scale, causal) -> torch.Tensor:
@@ -176,13 +185,15 @@ def _unwrap(model):
 
 @contextlib.contextmanager
 def attention_mode(model, mode: str, *, thresholds=None, comp_mode: int = 0, k: int | None = None,
-                   recorder=None, score_hook: Callable | None = None) -> Iterator[None]:
+                   recorder=None, score_hook: Callable | None = None,
+                   keep_masks: dict[int, torch.Tensor] | None = None) -> Iterator[None]:
     """Run ``model`` (nn.Module or LoadedModel) with ``mode`` attention inside the ``with`` block.
 
     mode: "dense" (exact masked softmax, through torch SDPA), "toptheta" (reference Top-θ; needs
     ``thresholds``; ``comp_mode`` 0/1/2), "topk" (needs ``k``). ``recorder.record(layer, kept, n_valid)``
     receives per-call counts [B, Hq, Sq]. ``score_hook(layer, scores, valid)`` sees the scaled, masked scores
-    (used by calibration).
+    (used by calibration). ``keep_masks`` ("toptheta" only): layer -> bool [B, Hq, Sq, Ktot] keep decisions
+    used instead of ``s >= θ`` (pinned to another runtime's decisions for parity; every layer needs one).
     """
     if mode not in MODES:
         raise TopThetaError(f"unknown attention mode '{mode}': use one of {', '.join(MODES)}")
@@ -190,6 +201,8 @@ def attention_mode(model, mode: str, *, thresholds=None, comp_mode: int = 0, k: 
         raise TopThetaError("attention mode 'toptheta' needs thresholds: run calibrate first")
     if mode == "topk" and (k is None or int(k) < 1):
         raise TopThetaError("attention mode 'topk' needs k >= 1")
+    if keep_masks is not None and mode != "toptheta":
+        raise TopThetaError(f"keep_masks pin Top-θ keep decisions: use them with mode 'toptheta', not '{mode}'")
     if comp_mode not in (0, 1, 2):
         raise TopThetaError(f"comp_mode must be 0 (none), 1 (SDC) or 2 (SDC + VMC), got {comp_mode}")
     net = _unwrap(model)
@@ -199,7 +212,7 @@ def attention_mode(model, mode: str, *, thresholds=None, comp_mode: int = 0, k: 
     if mode == "toptheta":
         _check_thresholds(net, mods, thresholds)
     _register()
-    state = _State(mode, thresholds, comp_mode, None if k is None else int(k), recorder, score_hook)
+    state = _State(mode, thresholds, comp_mode, None if k is None else int(k), recorder, score_hook, keep_masks)
     previous = net.config._attn_implementation
     saved = [(mod, getattr(mod, _STATE_ATTR, None)) for _, mod in mods]  # allows nesting
     for idx, mod in mods:

@@ -105,11 +105,13 @@ def _row_table(table: torch.Tensor, sq: int, ktot: int, dt) -> torch.Tensor:
 
 
 def toptheta_attention(q, k, v, thresholds, *, scale=None, causal=False, attn_mask=None, past_key=None,
-                       past_value=None, sdc=None, comp_mode=0, return_kept=False):
+                       past_value=None, sdc=None, comp_mode=0, return_kept=False, keep_mask=None):
     """Top-θ attention exactly as docs/op.md.
 
     q [B,Hq,Sq,D], k/v [B,Hkv,Sk,D(v)], thresholds [Hq,R] -> out [B,Hq,Sq,Dv]
-    (and kept int32 [B,Hq,Sq] when ``return_kept``).
+    (and kept int32 [B,Hq,Sq] when ``return_kept``). ``keep_mask`` (bool, broadcastable to [B,Hq,Sq,Ktot]):
+    keep these elements instead of deciding ``s >= θ`` here (validation pins onnxruntime's decisions so that
+    the two runs differ by float32 rounding only); θ still enters ``m`` and the compensation.
     """
     if comp_mode not in (0, 1, 2):
         raise ValueError(f"comp_mode must be 0, 1 or 2, got {comp_mode}")
@@ -124,7 +126,7 @@ def toptheta_attention(q, k, v, thresholds, *, scale=None, causal=False, attn_ma
 
     theta = _row_table(thresholds.to(q.device), sq, ktot, dt)  # [1,Hq,Sq,1]
     # `not s < θ`: a NaN score counts as kept, so it reaches the softmax and the row is NaN (docs/op.md, "NaN").
-    kept = valid & ~(s < theta)
+    kept = valid & ~(s < theta) if keep_mask is None else valid & keep_mask.to(device=q.device, dtype=torch.bool)
     n_valid = valid.sum(-1)
     n_kept = kept.sum(-1)
     n_pruned = (n_valid - n_kept).to(dt)
