@@ -46,6 +46,10 @@ SEQ_OPT = typer.Option(512, "--seq-len", help="calibration / evaluation window l
 SAMPLES_OPT = typer.Option(16, "--samples", help="number of calibration windows")
 DENSE_OPT = typer.Option(2, "--dense-layers", help="number of first layers kept dense")
 COMP_OPT = typer.Option(0, "--comp-mode", help="compensation: 0 none, 1 softmax denominator (SDC), 2 SDC + V-mean")
+THREADS_OPT = typer.Option(
+    None, "--threads", help="threads of the validation runs (onnxruntime and torch; default 1, which makes the "
+    "report the same on every machine)"
+)
 DEVICE_OPT = typer.Option(
     "cpu", "--device", help="onnxruntime device: cpu, cuda or auto (cuda falls back to cpu with a warning)"
 )
@@ -148,9 +152,10 @@ def pipeline_cmd(
     eval_windows: int = typer.Option(4, "--eval-windows", help="number of held-out windows to validate on"),
     no_validate: bool = typer.Option(False, "--no-validate", help="skip validation"),
     device: str = DEVICE_OPT,
+    threads: int | None = THREADS_OPT,
 ):
     check_options(k=k, seq_len=seq_len, num_samples=samples, dense_layers=dense_layers, comp_mode=comp_mode,
-                  eval_windows=eval_windows, device=device)
+                  eval_windows=eval_windows, device=device, threads=threads)
     from topthetaexport.pipeline import run_pipeline
 
     with _progress() as p:
@@ -158,7 +163,7 @@ def pipeline_cmd(
         report = run_pipeline(model, calib, out, k=k, seq_len=seq_len, num_samples=samples,
                               dense_layers=dense_layers, comp_mode=comp_mode, eval_data=eval_data,
                               eval_windows=eval_windows, do_validate=not no_validate, device=device,
-                              progress=bars)
+                              threads=threads, progress=bars)
     if no_validate:
         out_console.print(f"validation skipped (--no-validate): run 'topθ-export validate {out}' for the summary",
                           soft_wrap=True)
@@ -237,8 +242,9 @@ def validate_cmd(
     seq_len: int | None = typer.Option(None, "--seq-len", help="window length (default: calibration length)"),
     model: str | None = typer.Option(None, "--model", help="PyTorch model (default: the one named in the thresholds)"),
     device: str = DEVICE_OPT,
+    threads: int | None = THREADS_OPT,
 ):
-    check_options(num_windows=windows, seq_len=seq_len, device=device)
+    check_options(num_windows=windows, seq_len=seq_len, device=device, threads=threads)
     if not out.is_dir():
         raise TopThetaError(
             f"{out} is not a folder: pass the folder written by 'topθ-export MODEL --calib DATA -o OUT'"
@@ -248,7 +254,7 @@ def validate_cmd(
     from topthetaexport.eval.validation import validate
 
     with _progress() as p:
-        rep = validate(out, model=model, data=data, num_windows=windows, seq_len=seq_len, device=device,
+        rep = validate(out, model=model, data=data, num_windows=windows, seq_len=seq_len, device=device, threads=threads,
                        progress=_StageBars(p, ["validate"]))
     report_path = out / "report.json"
     full = json.loads(report_path.read_text()) if report_path.is_file() else {"model": rep["model"]}

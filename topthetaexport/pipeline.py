@@ -80,7 +80,8 @@ def _check_data(data, what: str) -> None:
 def run_pipeline(model: str, calib, out: str | os.PathLike, *, k: int = 64, seq_len: int = 512,
                  num_samples: int = 16, dense_layers: int = 2, comp_mode: int = 0, eval_data=None,
                  eval_windows: int = 4, decode_steps: int = 16, do_validate: bool = True,
-                 device: str = "cpu", progress: Progress | None = None) -> dict[str, Any]:
+                 device: str = "cpu", threads: int | None = None,
+                 progress: Progress | None = None) -> dict[str, Any]:
     """calibrate → export → rewrite → validate into ``out``; returns the report (also ``out/report.json``)."""
     from .models import load_model
     from .torch.calibration import calibrate
@@ -128,7 +129,7 @@ def run_pipeline(model: str, calib, out: str | os.PathLike, *, k: int = 64, seq_
             report["validation"] = validate(
                 stage, model=loaded, thresholds=th, data=calib if eval_data is None else eval_data, seq_len=seq_len,
                 num_windows=eval_windows, skip=num_samples if eval_data is None else 0,
-                decode_steps=decode_steps, device=device,
+                decode_steps=decode_steps, device=device, threads=threads,
                 progress=progress)
             report["validation"]["onnx"] = "model.onnx"
             timings["validate_s"] = time.perf_counter() - t
