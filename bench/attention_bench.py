@@ -43,6 +43,7 @@ L2_BYTES = 50 * 2**20
 
 # -- timing --------------------------------------------------------------------------------------------------
 
+
 def time_graph(fn, nsets: int, inner: int = 10, reps: int = 30) -> float:
     """Median seconds per call of fn(i) (i = input set), via a captured CUDA graph of `inner` calls
     (at least one per input set)."""
@@ -123,6 +124,7 @@ def time_kernels(fn, nsets: int, runs: int = 20, groups: int = 5) -> tuple[float
 
 def kernel_note(names: dict, top: int = 3) -> str:
     """The `top` longest kernels of one call: 'name x.y us' (names shortened)."""
+
     def short(n):
         n = n.replace("(anonymous namespace)::", "").split("<")[0].split("(")[0]
         return n.split()[-1].split("::")[-1][:32] if n.split() else n[:32]
@@ -137,6 +139,7 @@ def n_sets(bytes_per_set: int) -> int:
 
 # -- ceilings ----------------------------------------------------------------------------------------------
 
+
 def ceilings() -> dict:
     x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
@@ -150,6 +153,7 @@ def ceilings() -> dict:
 
 
 # -- thresholds ----------------------------------------------------------------------------------------------
+
 
 def decode_scores(q, k):
     """scale * q k^T for one query token: [B, Hq, L] fp32."""
@@ -188,47 +192,62 @@ def theta_for_vrows(s, target: float) -> torch.Tensor:
 
 # -- onnxruntime models ----------------------------------------------------------------------------------------
 
+
 def ort_gqa_model(past: bool):
     from onnx import TensorProto, helper
 
     f16 = TensorProto.FLOAT16
-    ins = [helper.make_tensor_value_info("query", f16, ["b", "s", HQ * D]),
-           helper.make_tensor_value_info("key", f16, ["b", "s", HKV * D]),
-           helper.make_tensor_value_info("value", f16, ["b", "s", HKV * D])]
+    ins = [
+        helper.make_tensor_value_info("query", f16, ["b", "s", HQ * D]),
+        helper.make_tensor_value_info("key", f16, ["b", "s", HKV * D]),
+        helper.make_tensor_value_info("value", f16, ["b", "s", HKV * D]),
+    ]
     names = ["query", "key", "value"]
     if past:
         ins += [helper.make_tensor_value_info(n, f16, ["b", HKV, "m", D]) for n in ("past_key", "past_value")]
         names += ["past_key", "past_value"]
     else:
         names += ["", ""]
-    ins += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["b"]),
-            helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [1])]
+    ins += [
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["b"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [1]),
+    ]
     names += ["seqlens_k", "total_sequence_length"]
-    outs = [helper.make_tensor_value_info("output", f16, ["b", "s", HQ * D]),
-            helper.make_tensor_value_info("present_key", f16, ["b", HKV, "t", D]),
-            helper.make_tensor_value_info("present_value", f16, ["b", HKV, "t", D])]
-    node = helper.make_node("GroupQueryAttention", names, [o.name for o in outs], domain="com.microsoft",
-                            num_heads=HQ, kv_num_heads=HKV)
+    outs = [
+        helper.make_tensor_value_info("output", f16, ["b", "s", HQ * D]),
+        helper.make_tensor_value_info("present_key", f16, ["b", HKV, "t", D]),
+        helper.make_tensor_value_info("present_value", f16, ["b", HKV, "t", D]),
+    ]
+    node = helper.make_node(
+        "GroupQueryAttention", names, [o.name for o in outs], domain="com.microsoft", num_heads=HQ, kv_num_heads=HKV
+    )
     g = helper.make_graph([node], "gqa", ins, outs)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
-                             ir_version=10)
+    return helper.make_model(
+        g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], ir_version=10
+    )
 
 
 def ort_toptheta_model():
     from onnx import TensorProto, helper
 
     f16 = TensorProto.FLOAT16
-    ins = [helper.make_tensor_value_info("query", f16, ["b", HQ, "s", D]),
-           helper.make_tensor_value_info("key", f16, ["b", HKV, "l", D]),
-           helper.make_tensor_value_info("value", f16, ["b", HKV, "l", D]),
-           helper.make_tensor_value_info("thresholds", TensorProto.FLOAT, [HQ, "r"])]
-    outs = [helper.make_tensor_value_info("output", f16, ["b", HQ, "s", D]),
-            helper.make_tensor_value_info("kept", TensorProto.INT32, ["b", HQ, "s"])]
-    node = helper.make_node("TopThetaAttention", [i.name for i in ins], ["output", "", "", "kept"],
-                            domain="ai.toptheta", causal=1)
+    ins = [
+        helper.make_tensor_value_info("query", f16, ["b", HQ, "s", D]),
+        helper.make_tensor_value_info("key", f16, ["b", HKV, "l", D]),
+        helper.make_tensor_value_info("value", f16, ["b", HKV, "l", D]),
+        helper.make_tensor_value_info("thresholds", TensorProto.FLOAT, [HQ, "r"]),
+    ]
+    outs = [
+        helper.make_tensor_value_info("output", f16, ["b", HQ, "s", D]),
+        helper.make_tensor_value_info("kept", TensorProto.INT32, ["b", HQ, "s"]),
+    ]
+    node = helper.make_node(
+        "TopThetaAttention", [i.name for i in ins], ["output", "", "", "kept"], domain="ai.toptheta", causal=1
+    )
     g = helper.make_graph([node], "tt", ins, outs)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.toptheta", 1)],
-                             ir_version=10)
+    return helper.make_model(
+        g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.toptheta", 1)], ir_version=10
+    )
 
 
 class Ort:
@@ -272,8 +291,10 @@ def _np_type(t):
 
 # -- decode -------------------------------------------------------------------------------------------------
 
-def bench_decode(kern: Kernels, ort: Ort | None, B: int, L: int, structured: bool = False,
-                 sweep: bool = False) -> list[dict]:
+
+def bench_decode(
+    kern: Kernels, ort: Ort | None, B: int, L: int, structured: bool = False, sweep: bool = False
+) -> list[dict]:
     g = torch.Generator(device="cuda").manual_seed(B * 100003 + L)
     kv_bytes = 2 * B * HKV * L * D * 2
     ns = n_sets(kv_bytes)
@@ -281,7 +302,7 @@ def bench_decode(kern: Kernels, ort: Ort | None, B: int, L: int, structured: boo
     for _ in range(ns):
         if structured:  # correlated query heads inside each GQA group (shared direction + 30% noise)
             base = torch.randn(B, HKV, 1, 1, D, device="cuda", generator=g)
-            q = (base + 0.3 * torch.randn(B, HKV, HQ // HKV, 1, D, device="cuda", generator=g))
+            q = base + 0.3 * torch.randn(B, HKV, HQ // HKV, 1, D, device="cuda", generator=g)
             q = q.reshape(B, HQ, 1, D).to(DT)
         else:
             q = torch.randn(B, HQ, 1, D, device="cuda", generator=g, dtype=DT)
@@ -296,8 +317,20 @@ def bench_decode(kern: Kernels, ort: Ort | None, B: int, L: int, structured: boo
 
     def row(method, t, frac_keys=1.0, frac_v=1.0, note=""):
         floor = B * HKV * L * D * 2 * (1 + frac_v) + 2 * B * HQ * D * 2
-        rows.append(dict(case=label, B=B, L=L, method=method, time_us=t * 1e6, keep_keys=frac_keys, v_rows=frac_v,
-                         floor_MB=floor / 1e6, GBps=floor / t / 1e9, note=note))
+        rows.append(
+            dict(
+                case=label,
+                B=B,
+                L=L,
+                method=method,
+                time_us=t * 1e6,
+                keep_keys=frac_keys,
+                v_rows=frac_v,
+                floor_MB=floor / 1e6,
+                GBps=floor / t / 1e9,
+                note=note,
+            )
+        )
 
     # dense: torch SDPA (flash)
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -314,16 +347,25 @@ def bench_decode(kern: Kernels, ort: Ort | None, B: int, L: int, structured: boo
             sdpa(0)
             name = "torch SDPA flash (dense)"
         except RuntimeError:  # no flash kernel for this shape: let torch choose
-            backend = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-                       SDPBackend.MATH]
+            backend = [
+                SDPBackend.FLASH_ATTENTION,
+                SDPBackend.EFFICIENT_ATTENTION,
+                SDPBackend.CUDNN_ATTENTION,
+                SDPBackend.MATH,
+            ]
             name = "torch SDPA auto (dense)"
         row(name, time_graph(sdpa, ns))
         dense_th = torch.full((HQ, 1), float("-inf"), device="cuda")
-        row("Top-θ kernel, θ=-inf (dense)",
-            time_graph(lambda i: kern.attention(*sets[i], dense_th, causal=True, out=out, kept=kept), ns))
+        row(
+            "Top-θ kernel, θ=-inf (dense)",
+            time_graph(lambda i: kern.attention(*sets[i], dense_th, causal=True, out=out, kept=kept), ns),
+        )
 
-    settings = [("keep 1/3 per head", theta_for_keep(s0, 1 / 3)), ("keep 1/8 per head", theta_for_keep(s0, 1 / 8)),
-                ("V rows 1/3 (union)", theta_for_vrows(s0, 1 / 3))]
+    settings = [
+        ("keep 1/3 per head", theta_for_keep(s0, 1 / 3)),
+        ("keep 1/8 per head", theta_for_keep(s0, 1 / 8)),
+        ("V rows 1/3 (union)", theta_for_vrows(s0, 1 / 3)),
+    ]
     if structured:
         settings = settings[:2]
     for name, th in settings:
@@ -342,8 +384,13 @@ def bench_decode(kern: Kernels, ort: Ort | None, B: int, L: int, structured: boo
                 t = time_graph(lambda i: kern.attention(*sets[i], th, causal=True, out=out, kept=kept), ns)
             finally:
                 del os.environ["TOPTHETA_DECODE_SPLITS"]
-            row(f"Top-θ kernel, V rows 1/3, splits={kern.last_splits}", t, rows[-1]["keep_keys"],
-                rows[-1]["v_rows"], "split sweep")
+            row(
+                f"Top-θ kernel, V rows 1/3, splits={kern.last_splits}",
+                t,
+                rows[-1]["keep_keys"],
+                rows[-1]["v_rows"],
+                "split sweep",
+            )
     if ort is not None and ort.ok and not structured:
         rows += ort_decode(ort, sets, B, L, theta_for_vrows(s0, 1 / 3), s0, label)
     return rows
@@ -355,44 +402,88 @@ def ort_decode(ort: Ort, sets, B, L, th, s0, label) -> list[dict]:
     gqa = ort.session(ort_gqa_model(past=True), custom=False)
     binds = []
     for q, k, v in sets:
-        kn, vn = k[:, :, L - 1:].transpose(1, 2).reshape(B, 1, HKV * D).contiguous(), None
-        vn = v[:, :, L - 1:].transpose(1, 2).reshape(B, 1, HKV * D).contiguous()
+        kn, vn = k[:, :, L - 1 :].transpose(1, 2).reshape(B, 1, HKV * D).contiguous(), None
+        vn = v[:, :, L - 1 :].transpose(1, 2).reshape(B, 1, HKV * D).contiguous()
         o = torch.empty(B, 1, HQ * D, device="cuda", dtype=DT)
         seq = torch.full((B,), L - 1, device="cuda", dtype=torch.int32)
-        ins = {"query": q.reshape(B, 1, HQ * D), "key": kn, "value": vn, "past_key": k, "past_value": v,
-               "seqlens_k": seq}
-        binds.append((Ort.bind(gqa, ins, {"output": o, "present_key": k, "present_value": v},
-                               {"total_sequence_length": np.array([L], np.int32)}), ins))
+        ins = {
+            "query": q.reshape(B, 1, HQ * D),
+            "key": kn,
+            "value": vn,
+            "past_key": k,
+            "past_value": v,
+            "seqlens_k": seq,
+        }
+        binds.append(
+            (
+                Ort.bind(
+                    gqa,
+                    ins,
+                    {"output": o, "present_key": k, "present_value": v},
+                    {"total_sequence_length": np.array([L], np.int32)},
+                ),
+                ins,
+            )
+        )
     t, names = time_kernels(lambda i: gqa.run_with_iobinding(binds[i][0]), len(sets))
     # check the dense output (set 0) against SDPA: the timing is only meaningful if all L keys were used
     q, k, v = sets[0]
     o0 = torch.empty(B, 1, HQ * D, device="cuda", dtype=DT)
-    b0 = Ort.bind(gqa, binds[0][1], {"output": o0, "present_key": k, "present_value": v},
-                  {"total_sequence_length": np.array([L], np.int32)})
+    b0 = Ort.bind(
+        gqa,
+        binds[0][1],
+        {"output": o0, "present_key": k, "present_value": v},
+        {"total_sequence_length": np.array([L], np.int32)},
+    )
     gqa.run_with_iobinding(b0)
     torch.cuda.synchronize()
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     err = float((o0.view(B, HQ, D).float() - ref.view(B, HQ, D).float()).norm() / ref.float().norm())
     floor = 2 * B * HKV * L * D * 2 + 2 * B * HQ * D * 2
-    rows.append(dict(case=label, B=B, L=L, method="ORT GroupQueryAttention (dense)", time_us=t * 1e6, keep_keys=1.0,
-                     v_rows=1.0, floor_MB=floor / 1e6, GBps=floor / t / 1e9,
-                     note=f"CUPTI busy time; rel. diff to SDPA {err:.1e}; {kernel_note(names)}"))
+    rows.append(
+        dict(
+            case=label,
+            B=B,
+            L=L,
+            method="ORT GroupQueryAttention (dense)",
+            time_us=t * 1e6,
+            keep_keys=1.0,
+            v_rows=1.0,
+            floor_MB=floor / 1e6,
+            GBps=floor / t / 1e9,
+            note=f"CUPTI busy time; rel. diff to SDPA {err:.1e}; {kernel_note(names)}",
+        )
+    )
 
     tt = ort.session(ort_toptheta_model(), custom=True)
     out = torch.empty(B, HQ, 1, D, device="cuda", dtype=DT)
     kept = torch.empty(B, HQ, 1, device="cuda", dtype=torch.int32)
-    binds = [Ort.bind(tt, {"query": q, "key": k, "value": v, "thresholds": th}, {"output": out, "kept": kept})
-             for q, k, v in sets]
+    binds = [
+        Ort.bind(tt, {"query": q, "key": k, "value": v, "thresholds": th}, {"output": out, "kept": kept})
+        for q, k, v in sets
+    ]
     t, names = time_kernels(lambda i: tt.run_with_iobinding(binds[i]), len(sets))
     fv = vrow_fraction(s0, th)
     floor = B * HKV * L * D * 2 * (1 + fv) + 2 * B * HQ * D * 2
-    rows.append(dict(case=label, B=B, L=L, method="Top-θ in ORT session, V rows 1/3 (union)", time_us=t * 1e6,
-                     keep_keys=float(kept.float().mean()) / L, v_rows=fv, floor_MB=floor / 1e6,
-                     GBps=floor / t / 1e9, note=f"CUPTI busy time; {kernel_note(names)}"))
+    rows.append(
+        dict(
+            case=label,
+            B=B,
+            L=L,
+            method="Top-θ in ORT session, V rows 1/3 (union)",
+            time_us=t * 1e6,
+            keep_keys=float(kept.float().mean()) / L,
+            v_rows=fv,
+            floor_MB=floor / 1e6,
+            GBps=floor / t / 1e9,
+            note=f"CUPTI busy time; {kernel_note(names)}",
+        )
+    )
     return rows
 
 
 # -- prefill ------------------------------------------------------------------------------------------------
+
 
 def local_qk(B, S, g):
     """Structured q/k: 48 random position frequencies (96 dims, random Fourier features of a Gaussian
@@ -446,7 +537,7 @@ def skip_estimate(q, k, th, rows=2048):
     kept = (s >= th[0, 0]) & (j <= r)
     n16 = n // 16
     kk = kept[: n16 * 16].view(n16, 16, S // 16, 16).any(3).any(1)  # [row blocks, key chunks]
-    live = (torch.arange(S // 16, device="cuda")[None, :] * 16 <= (torch.arange(n16, device="cuda")[:, None] * 16 + 15))
+    live = torch.arange(S // 16, device="cuda")[None, :] * 16 <= (torch.arange(n16, device="cuda")[:, None] * 16 + 15)
     return 1.0 - float(kk[live].float().mean())
 
 
@@ -469,8 +560,9 @@ def bench_prefill(kern: Kernels, ort: Ort | None, B: int, S: int, structured: bo
     reps = 20 if S <= 4096 else 10
 
     def row(method, t, frac=1.0, note=""):
-        rows.append(dict(case=label, B=B, L=S, method=method, time_us=t * 1e6, keep_keys=frac,
-                         TFLOPs=fl / t / 1e12, note=note))
+        rows.append(
+            dict(case=label, B=B, L=S, method=method, time_us=t * 1e6, keep_keys=frac, TFLOPs=fl / t / 1e12, note=note)
+        )
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -484,8 +576,9 @@ def bench_prefill(kern: Kernels, ort: Ort | None, B: int, S: int, structured: bo
     # per-score counts). One row per case also times it with the `kept` output (--expose-kept, comp_mode >= 1).
 
     def top(th, mask=None, with_kept=False):
-        return lambda i: kern.attention(q, k, v, th, causal=True, attn_mask=mask, out=out,
-                                        kept=kept if with_kept else None, want_kept=with_kept)
+        return lambda i: kern.attention(
+            q, k, v, th, causal=True, attn_mask=mask, out=out, kept=kept if with_kept else None, want_kept=with_kept
+        )
 
     row("Top-θ kernel, θ=-inf (dense)", time_graph(top(dense_th), 1, inner, reps))
     keeps = [1 / 3, 1 / 8] if not structured else [None]
@@ -496,20 +589,32 @@ def bench_prefill(kern: Kernels, ort: Ort | None, B: int, S: int, structured: bo
         frac = float(kept.float().sum()) / (B * HQ * S * (S + 1) / 2)
         name = f"keep 1/{round(1 / keep)} per head" if keep else "θ=3.5 (local band)"
         t = time_graph(top(th), 1, inner, reps)
-        row(f"Top-θ kernel, {name}", t, frac,
-            f"{VARIANTS.get(kern.last_variant, '?')}; PV chunks skipped (est.) {skip_estimate(q, k, th):.1%}")
+        row(
+            f"Top-θ kernel, {name}",
+            t,
+            frac,
+            f"{VARIANTS.get(kern.last_variant, '?')}; PV chunks skipped (est.) {skip_estimate(q, k, th):.1%}",
+        )
         if kern.last_variant == 3 and (keep is None or keep == keeps[0]):  # side by side: the mma.sync kernel
             os.environ["TOPTHETA_PREFILL_VARIANT"] = "2"
             try:
-                row(f"Top-θ kernel, {name}, mma.sync kernel", time_graph(top(th), 1, inner, reps), frac,
-                    VARIANTS.get(kern.last_variant, "?"))
+                row(
+                    f"Top-θ kernel, {name}, mma.sync kernel",
+                    time_graph(top(th), 1, inner, reps),
+                    frac,
+                    VARIANTS.get(kern.last_variant, "?"),
+                )
             finally:
                 del os.environ["TOPTHETA_PREFILL_VARIANT"]
         if keep is None or keep == keeps[0]:
             row(f"Top-θ kernel, {name}, with kept output", time_graph(top(th, with_kept=True), 1, inner, reps), frac)
     if not structured:  # with a [B, S] key-padding mask (5 padded keys per row of the batch)
-        row(f"Top-θ kernel, {name}, key-padding mask", time_graph(top(th, pad), 1, inner, reps), frac,
-            VARIANTS.get(kern.last_variant, "?"))
+        row(
+            f"Top-θ kernel, {name}, key-padding mask",
+            time_graph(top(th, pad), 1, inner, reps),
+            frac,
+            VARIANTS.get(kern.last_variant, "?"),
+        )
     if ort is not None and ort.ok and not structured:
         gqa = ort.session(ort_gqa_model(past=False), custom=False)
         qs = q.transpose(1, 2).reshape(B, S, HQ * D).contiguous()
@@ -519,9 +624,12 @@ def bench_prefill(kern: Kernels, ort: Ort | None, B: int, S: int, structured: bo
         pk = torch.empty(B, HKV, S, D, device="cuda", dtype=DT)
         pv = torch.empty_like(pk)
         seq = torch.full((B,), S - 1, device="cuda", dtype=torch.int32)
-        bd = Ort.bind(gqa, {"query": qs, "key": ks, "value": vs, "seqlens_k": seq},
-                      {"output": o, "present_key": pk, "present_value": pv},
-                      {"total_sequence_length": np.array([S], np.int32)})
+        bd = Ort.bind(
+            gqa,
+            {"query": qs, "key": ks, "value": vs, "seqlens_k": seq},
+            {"output": o, "present_key": pk, "present_value": pv},
+            {"total_sequence_length": np.array([S], np.int32)},
+        )
         t, names = time_kernels(lambda i: gqa.run_with_iobinding(bd), 1, runs=5 if S > 4096 else 20, groups=3)
         row("ORT GroupQueryAttention (dense)", t, note=f"CUPTI busy time; {kernel_note(names, 2)}")
         ref = sdpa(0)
@@ -532,20 +640,25 @@ def bench_prefill(kern: Kernels, ort: Ort | None, B: int, S: int, structured: bo
 
 # -- main -----------------------------------------------------------------------------------------------------
 
+
 def fmt_table(rows, kind):
     if kind == "decode":
         head = "| case | B | L | method | µs | keys kept | V rows read | floor MB | GB/s (floor/time) | note |"
         lines = [head, "|" + "---|" * 10]
         for r in rows:
-            lines.append(f"| {r['case']} | {r['B']} | {r['L']} | {r['method']} | {r['time_us']:.1f} | "
-                         f"{r['keep_keys']:.3f} | {r['v_rows']:.3f} | {r['floor_MB']:.1f} | {r['GBps']:.0f} | "
-                         f"{r['note']} |")
+            lines.append(
+                f"| {r['case']} | {r['B']} | {r['L']} | {r['method']} | {r['time_us']:.1f} | "
+                f"{r['keep_keys']:.3f} | {r['v_rows']:.3f} | {r['floor_MB']:.1f} | {r['GBps']:.0f} | "
+                f"{r['note']} |"
+            )
     else:
         head = "| case | B | S | method | ms | kept (of causal) | TFLOP/s (dense-equiv.) | note |"
         lines = [head, "|" + "---|" * 8]
         for r in rows:
-            lines.append(f"| {r['case']} | {r['B']} | {r['L']} | {r['method']} | {r['time_us'] / 1e3:.3f} | "
-                         f"{r['keep_keys']:.3f} | {r['TFLOPs']:.0f} | {r['note']} |")
+            lines.append(
+                f"| {r['case']} | {r['B']} | {r['L']} | {r['method']} | {r['time_us'] / 1e3:.3f} | "
+                f"{r['keep_keys']:.3f} | {r['TFLOPs']:.0f} | {r['note']} |"
+            )
     return "\n".join(lines)
 
 
@@ -589,9 +702,14 @@ def main():
     except Exception as e:  # onnxruntime missing: torch-only numbers
         print("onnxruntime unavailable:", e)
     prop = torch.cuda.get_device_properties(0)
-    info = {"device": prop.name, "sms": prop.multi_processor_count, "date": datetime.date.today().isoformat(),
-            "torch": torch.__version__, "onnxruntime": getattr(ort, "version", None),
-            "cuda": torch.version.cuda}
+    info = {
+        "device": prop.name,
+        "sms": prop.multi_processor_count,
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "onnxruntime": getattr(ort, "version", None),
+        "cuda": torch.version.cuda,
+    }
     t0 = time.time()
     info.update(ceilings())
     print(json.dumps(info), flush=True)
@@ -614,14 +732,24 @@ def main():
     for B, S in prefill_shapes:
         pre += bench_prefill(kern, ort, B, S)
         print(fmt_table(pre[-14:], "prefill").split("\n", 2)[-1], flush=True)
-    for B, S in ([] if not prefill_shapes else [(1, 4096)] if args.quick else [(1, 4096), (1, 16384)]):
+    for B, S in [] if not prefill_shapes else [(1, 4096)] if args.quick else [(1, 4096), (1, 16384)]:
         pre += bench_prefill(kern, ort, B, S, structured=True)
     info["bench_seconds"] = time.time() - t0
     (out_dir / "bench.json").write_text(json.dumps({"info": info, "decode": dec, "prefill": pre}, indent=1))
-    md = [f"Device: {info['device']} ({info['sms']} SMs), {info['date']}; torch {info['torch']}, "
-          f"onnxruntime {info['onnxruntime']}; measured ceilings: copy {info['copy_GBps']:.0f} GB/s, "
-          f"bf16 matmul {info['bf16_mm_TFLOPs']:.0f} TFLOP/s", "", "### Decode", "", fmt_table(dec, "decode"), "",
-          "### Prefill", "", fmt_table(pre, "prefill"), ""]
+    md = [
+        f"Device: {info['device']} ({info['sms']} SMs), {info['date']}; torch {info['torch']}, "
+        f"onnxruntime {info['onnxruntime']}; measured ceilings: copy {info['copy_GBps']:.0f} GB/s, "
+        f"bf16 matmul {info['bf16_mm_TFLOPs']:.0f} TFLOP/s",
+        "",
+        "### Decode",
+        "",
+        fmt_table(dec, "decode"),
+        "",
+        "### Prefill",
+        "",
+        fmt_table(pre, "prefill"),
+        "",
+    ]
     (out_dir / "bench.md").write_text("\n".join(md))
     print("\n== speedup of Top-θ over dense (time_dense / time_topθ) ==")
     for key, m, sp in speedups(dec + pre):

@@ -9,6 +9,7 @@ of Python's documentation (builtin:pydoc):
 Usage: python bench/capture_real_qkv.py --out .gpubuild/smollm2_qkv.pt [--seq 4096] [--layers 4 15 27]
 Then on the GPU: python bench/real_qkv_bench.py --library LIB --data .gpubuild/smollm2_qkv.pt
 """
+
 import argparse
 import time
 
@@ -31,8 +32,7 @@ def main():
     t0 = time.time()
     loaded = tt.load_model("smollm2-135m")
     tokens = as_token_tensor("builtin:pydoc", loaded.tokenizer, seq_len=args.seq, num_samples=args.calib + 1)
-    th = tt.calibrate(loaded, tokens[: args.calib], k=args.k, seq_len=args.seq, num_samples=args.calib,
-                      progress=None)
+    th = tt.calibrate(loaded, tokens[: args.calib], k=args.k, seq_len=args.seq, num_samples=args.calib, progress=None)
     print(f"calibrated in {time.time() - t0:.0f}s", flush=True)
 
     captured = {}
@@ -40,26 +40,54 @@ def main():
 
     def spy(state, layer, q, k, v, mask, scale, causal):
         if layer in args.layers:
-            captured[layer] = dict(q=q.half().contiguous(), k=k.half().contiguous(), v=v.half().contiguous(),
-                                   scale=scale, causal=causal, mask_none=mask is None)
+            captured[layer] = dict(
+                q=q.half().contiguous(),
+                k=k.half().contiguous(),
+                v=v.half().contiguous(),
+                scale=scale,
+                causal=causal,
+                mask_none=mask is None,
+            )
         return orig(state, layer, q, k, v, mask, scale, causal)
 
     torch_attention._dispatch = spy
     try:
         with torch.no_grad(), torch_attention.attention_mode(loaded.model, "dense"):
-            loaded.model(input_ids=tokens[args.calib:])
+            loaded.model(input_ids=tokens[args.calib :])
     finally:
         torch_attention._dispatch = orig
-    out = {"model": "smollm2-135m", "data": "builtin:pydoc", "seq": args.seq, "k": args.k, "calib_windows": args.calib,
-           "layers": {}}
+    out = {
+        "model": "smollm2-135m",
+        "data": "builtin:pydoc",
+        "seq": args.seq,
+        "k": args.k,
+        "calib_windows": args.calib,
+        "layers": {},
+    }
     for layer in args.layers:
         c = captured[layer]
         theta, rho = th.layer(layer)
-        out["layers"][layer] = dict(q=c["q"], k=c["k"], v=c["v"], theta=theta.float().contiguous(),
-                                    sdc=rho.float().contiguous(), scale=c["scale"], causal=c["causal"],
-                                    mask_none=c["mask_none"])
-        print(layer, tuple(c["q"].shape), tuple(c["k"].shape), "causal", c["causal"], "mask None", c["mask_none"],
-              "theta finite", float(torch.isfinite(theta).float().mean()))
+        out["layers"][layer] = dict(
+            q=c["q"],
+            k=c["k"],
+            v=c["v"],
+            theta=theta.float().contiguous(),
+            sdc=rho.float().contiguous(),
+            scale=c["scale"],
+            causal=c["causal"],
+            mask_none=c["mask_none"],
+        )
+        print(
+            layer,
+            tuple(c["q"].shape),
+            tuple(c["k"].shape),
+            "causal",
+            c["causal"],
+            "mask None",
+            c["mask_none"],
+            "theta finite",
+            float(torch.isfinite(theta).float().mean()),
+        )
     torch.save(out, args.out)
     print(f"saved {args.out} in {time.time() - t0:.0f}s")
 

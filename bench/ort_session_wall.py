@@ -9,6 +9,7 @@ method is about the added GPU time, since the host overhead does not depend on t
 
 Usage: python bench/ort_session_wall.py LIB  (needs onnxruntime-gpu)
 """
+
 import statistics
 import sys
 import time
@@ -38,20 +39,33 @@ def main():
             gqa = name.startswith("ORT")
             if not gqa:
                 so.register_custom_ops_library(lib)
-            prov = [("CUDAExecutionProvider", {"device_id": 0, "user_compute_stream": str(stream.cuda_stream),
-                                               "enable_cuda_graph": "1"})]
+            prov = [
+                (
+                    "CUDAExecutionProvider",
+                    {"device_id": 0, "user_compute_stream": str(stream.cuda_stream), "enable_cuda_graph": "1"},
+                )
+            ]
             model = ort_gqa_model(True) if gqa else ort_toptheta_model()
             sess = ort.ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=prov)
             if gqa:
-                kn = k[:, :, L - 1:].transpose(1, 2).reshape(B, 1, HKV * D).contiguous()
-                vn = v[:, :, L - 1:].transpose(1, 2).reshape(B, 1, HKV * D).contiguous()
+                kn = k[:, :, L - 1 :].transpose(1, 2).reshape(B, 1, HKV * D).contiguous()
+                vn = v[:, :, L - 1 :].transpose(1, 2).reshape(B, 1, HKV * D).contiguous()
                 o = torch.empty(B, 1, HQ * D, device="cuda", dtype=DT)
                 seq = torch.full((B,), L - 1, device="cuda", dtype=torch.int32)
                 keep = (kn, vn, o, seq)
-                bd = Ort.bind(sess, {"query": q.reshape(B, 1, HQ * D), "key": kn, "value": vn, "past_key": k,
-                                     "past_value": v, "seqlens_k": seq}, {"output": o, "present_key": k,
-                                                                          "present_value": v},
-                              {"total_sequence_length": np.array([L], np.int32)})
+                bd = Ort.bind(
+                    sess,
+                    {
+                        "query": q.reshape(B, 1, HQ * D),
+                        "key": kn,
+                        "value": vn,
+                        "past_key": k,
+                        "past_value": v,
+                        "seqlens_k": seq,
+                    },
+                    {"output": o, "present_key": k, "present_value": v},
+                    {"total_sequence_length": np.array([L], np.int32)},
+                )
             else:
                 o = torch.empty(B, HQ, 1, D, device="cuda", dtype=DT)
                 kept = torch.empty(B, HQ, 1, device="cuda", dtype=torch.int32)

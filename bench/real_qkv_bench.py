@@ -8,6 +8,7 @@ replays between events, median).
 
 Usage: python bench/real_qkv_bench.py --library LIB --data .gpubuild/smollm2_qkv.pt [--out DIR]
 """
+
 import argparse
 import json
 import sys
@@ -47,16 +48,18 @@ def main():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     rows = []
-    print(f"{d['model']} on {d['data']}, S={d['seq']}, θ calibrated with k={d['k']} on {d['calib_windows']} other "
-          "windows")
+    print(
+        f"{d['model']} on {d['data']}, S={d['seq']}, θ calibrated with k={d['k']} on {d['calib_windows']} other windows"
+    )
     print("| layer | B | method | ms | kept (of causal) | empty 16x16 chunks | rel. err vs reference | SDPA / this |")
     print("|---|---|---|---|---|---|---|---|")
     for layer, c in d["layers"].items():
         q1, k1, v1 = (c[n].cuda() for n in ("q", "k", "v"))
         theta, sdc, scale = c["theta"].cuda(), c["sdc"].cuda(), c["scale"]
         frac, empty = chunk_stats(q1, k1, theta, scale)
-        ref, ref_kept = reference.toptheta_attention(q1.float(), k1.float(), v1.float(), theta, scale=scale,
-                                                     causal=True, return_kept=True)
+        ref, ref_kept = reference.toptheta_attention(
+            q1.float(), k1.float(), v1.float(), theta, scale=scale, causal=True, return_kept=True
+        )
         for B in (1, 8):
             q, k, v = (x.repeat(B, 1, 1, 1).contiguous() for x in (q1, k1, v1))
             out = torch.empty_like(q)
@@ -65,40 +68,72 @@ def main():
 
             def sdpa(i):
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                                                            enable_gqa=True)
+                    return torch.nn.functional.scaled_dot_product_attention(
+                        q, k, v, is_causal=True, scale=scale, enable_gqa=True
+                    )
 
             t_sdpa = time_graph(sdpa, 1, 10, 30)
             res = [("torch SDPA flash (dense)", t_sdpa, 1.0, None, None)]
-            t = time_graph(lambda i: kern.attention(q, k, v, dense, scale=scale, causal=True, out=out,
-                                                    want_kept=False), 1, 10, 30)
+            t = time_graph(
+                lambda i: kern.attention(q, k, v, dense, scale=scale, causal=True, out=out, want_kept=False), 1, 10, 30
+            )
             res.append(("Top-θ kernel, θ = -inf (dense)", t, 1.0, None, None))
             for cm in (0, 1):
-                kern.attention(q, k, v, theta, scale=scale, causal=True, sdc=sdc if cm else None, comp_mode=cm,
-                               out=out, kept=kept)
+                kern.attention(
+                    q, k, v, theta, scale=scale, causal=True, sdc=sdc if cm else None, comp_mode=cm, out=out, kept=kept
+                )
                 torch.cuda.synchronize()
                 err = None
                 if cm == 0:  # vs the fp32 reference; kept counts may differ where a score ties θ within rounding
                     err = float((out[:1].float() - ref).norm() / ref.norm())
                     diff = int((kept[:1] != ref_kept).sum())
-                    print(f"layer {layer} B={B}: rows whose kept count differs from the reference: {diff} of "
-                          f"{ref_kept.numel()}", flush=True)
+                    print(
+                        f"layer {layer} B={B}: rows whose kept count differs from the reference: {diff} of "
+                        f"{ref_kept.numel()}",
+                        flush=True,
+                    )
                 # timed as a rewritten model runs by default: no `kept` output
-                t = time_graph(lambda i: kern.attention(q, k, v, theta, scale=scale, causal=True,
-                                                        sdc=sdc if cm else None, comp_mode=cm, out=out,
-                                                        want_kept=False), 1, 10, 30)
+                t = time_graph(
+                    lambda i: kern.attention(
+                        q,
+                        k,
+                        v,
+                        theta,
+                        scale=scale,
+                        causal=True,
+                        sdc=sdc if cm else None,
+                        comp_mode=cm,
+                        out=out,
+                        want_kept=False,
+                    ),
+                    1,
+                    10,
+                    30,
+                )
                 res.append((f"Top-θ kernel, calibrated θ, comp_mode {cm}", t, frac, empty, err))
             for name, t, fk, em, err in res:
-                row = dict(layer=int(layer), B=B, method=name, ms=t * 1e3, kept=fk, empty_chunks=em, rel_err=err,
-                           speedup_vs_sdpa=t_sdpa / t)
+                row = dict(
+                    layer=int(layer),
+                    B=B,
+                    method=name,
+                    ms=t * 1e3,
+                    kept=fk,
+                    empty_chunks=em,
+                    rel_err=err,
+                    speedup_vs_sdpa=t_sdpa / t,
+                )
                 rows.append(row)
-                print(f"| {layer} | {B} | {name} | {t * 1e3:.4f} | {fk:.3f} | "
-                      f"{'' if em is None else f'{em:.1%}'} | {'' if err is None else f'{err:.1e}'} | "
-                      f"{t_sdpa / t:.2f}x |", flush=True)
+                print(
+                    f"| {layer} | {B} | {name} | {t * 1e3:.4f} | {fk:.3f} | "
+                    f"{'' if em is None else f'{em:.1%}'} | {'' if err is None else f'{err:.1e}'} | "
+                    f"{t_sdpa / t:.2f}x |",
+                    flush=True,
+                )
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "real_qkv.json").write_text(json.dumps({k: v for k, v in d.items() if k != "layers"} |
-                                                                 {"rows": rows}, indent=1))
+        (Path(args.out) / "real_qkv.json").write_text(
+            json.dumps({k: v for k, v in d.items() if k != "layers"} | {"rows": rows}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -37,15 +37,22 @@ class _AttnParams(ctypes.Structure):
 class _KernelOptions(ctypes.Structure):
     """custom_ops/src/cuda/heuristics.h ``toptheta::cuda::KernelOptions``."""
 
-    _fields_ = [("force_generic", ctypes.c_int32), ("decode_splits", ctypes.c_int32),
-                ("prefill_variant", ctypes.c_int32)]
+    _fields_ = [
+        ("force_generic", ctypes.c_int32),
+        ("decode_splits", ctypes.c_int32),
+        ("prefill_variant", ctypes.c_int32),
+    ]
 
 
 class _Plan(ctypes.Structure):
     """custom_ops/src/cuda/heuristics.h ``toptheta::cuda::Plan``."""
 
-    _fields_ = [("path", ctypes.c_int32), ("splits", ctypes.c_int32), ("prefill_variant", ctypes.c_int32),
-                ("workspace", ctypes.c_size_t)]
+    _fields_ = [
+        ("path", ctypes.c_int32),
+        ("splits", ctypes.c_int32),
+        ("prefill_variant", ctypes.c_int32),
+        ("workspace", ctypes.c_size_t),
+    ]
 
 
 def _abi() -> str:
@@ -68,11 +75,19 @@ class Kernels:
             abi.restype = ctypes.c_char_p
             theirs = abi().decode()
             if theirs != _abi():
-                raise RuntimeError(f"{library}: struct layout differs from bench/toptheta_cuda.py's mirrors:\n"
-                                   f"  library: {theirs}\n  mirrors: {_abi()}")
+                raise RuntimeError(
+                    f"{library}: struct layout differs from bench/toptheta_cuda.py's mirrors:\n"
+                    f"  library: {theirs}\n  mirrors: {_abi()}"
+                )
             fn = self.lib.toptheta_cuda_attention
-            fn.argtypes = [ctypes.POINTER(_AttnParams), ctypes.POINTER(_KernelOptions), ctypes.POINTER(_Plan),
-                           ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+            fn.argtypes = [
+                ctypes.POINTER(_AttnParams),
+                ctypes.POINTER(_KernelOptions),
+                ctypes.POINTER(_Plan),
+                ctypes.c_void_p,
+                ctypes.c_char_p,
+                ctypes.c_int,
+            ]
             fn.restype = ctypes.c_int
             self.lib.toptheta_cuda_options_from_env.argtypes = [ctypes.POINTER(_KernelOptions)]
             self.lib.toptheta_cuda_options_from_env.restype = None
@@ -86,8 +101,24 @@ class Kernels:
         self.lib.toptheta_cuda_options_from_env(ctypes.byref(opts))
         return opts
 
-    def attention(self, q, k, v, thresholds, *, scale=None, causal=False, attn_mask=None, sdc=None,
-                  comp_mode=0, out=None, kept=None, stream=None, want_kept=True, options=None):
+    def attention(
+        self,
+        q,
+        k,
+        v,
+        thresholds,
+        *,
+        scale=None,
+        causal=False,
+        attn_mask=None,
+        sdc=None,
+        comp_mode=0,
+        out=None,
+        kept=None,
+        stream=None,
+        want_kept=True,
+        options=None,
+    ):
         """Top-θ attention on the current CUDA stream; returns (out, kept). ``want_kept=False`` leaves the
         `kept` output out (as in a rewritten model without exposed counts; kept is then None). ``options``:
         kernel-choice overrides (``options_from_env()``, which is what None uses, read at each call)."""
@@ -102,11 +133,27 @@ class Kernels:
             out = torch.empty(B, Hq, Sq, Dv, device=q.device, dtype=q.dtype)
         if kept is None and want_kept:
             kept = torch.empty(B, Hq, Sq, device=q.device, dtype=torch.int32)
-        a = _AttnParams(B=B, Hq=Hq, Hkv=Hkv, Sq=Sq, Ktot=Ktot, D=D, Dv=Dv, R=th.shape[1],
-                  scale=scale if scale else 1.0 / math.sqrt(D), causal=bool(causal), comp_mode=comp_mode,
-                  dtype=_DTYPES[q.dtype], q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), theta=th.data_ptr(),
-                  sdc=rho.data_ptr() if rho is not None else None, out=out.data_ptr(),
-                  kept=kept.data_ptr() if want_kept else None)
+        a = _AttnParams(
+            B=B,
+            Hq=Hq,
+            Hkv=Hkv,
+            Sq=Sq,
+            Ktot=Ktot,
+            D=D,
+            Dv=Dv,
+            R=th.shape[1],
+            scale=scale if scale else 1.0 / math.sqrt(D),
+            causal=bool(causal),
+            comp_mode=comp_mode,
+            dtype=_DTYPES[q.dtype],
+            q=q.data_ptr(),
+            k=k.data_ptr(),
+            v=v.data_ptr(),
+            theta=th.data_ptr(),
+            sdc=rho.data_ptr() if rho is not None else None,
+            out=out.data_ptr(),
+            kept=kept.data_ptr() if want_kept else None,
+        )
         mask = None
         if attn_mask is not None:
             mask = attn_mask.contiguous()
@@ -117,8 +164,12 @@ class Kernels:
         s = stream if stream is not None else torch.cuda.current_stream(q.device).cuda_stream
         opts = options if options is not None else self.options_from_env()
         plan = _Plan()
-        if self.lib.toptheta_cuda_attention(ctypes.byref(a), ctypes.byref(opts), ctypes.byref(plan),
-                                            ctypes.c_void_p(s), err, 256) != 0:
+        if (
+            self.lib.toptheta_cuda_attention(
+                ctypes.byref(a), ctypes.byref(opts), ctypes.byref(plan), ctypes.c_void_p(s), err, 256
+            )
+            != 0
+        ):
             raise RuntimeError(err.value.decode())
         self.last_path, self.last_splits, self.last_variant = PATHS[plan.path], plan.splits, plan.prefill_variant
         self._keep = (th, rho, mask)  # alive until the next call (the launch is asynchronous)

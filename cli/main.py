@@ -38,8 +38,13 @@ model's config.json, generation_config.json and tokenizer files, so that 'run OU
 Bad input is one line on stderr (exit 2); Ctrl-C exits 130, SIGTERM 143; neither leaves partial output.
 """
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, rich_markup_mode=None,
-                  context_settings={"help_option_names": ["-h", "--help"]})
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help=HELP,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 
 K_OPT = typer.Option(64, "--k", help="target number of kept attention elements per row")
 SEQ_OPT = typer.Option(512, "--seq-len", help="calibration / evaluation window length in tokens")
@@ -47,8 +52,10 @@ SAMPLES_OPT = typer.Option(16, "--samples", help="number of calibration windows"
 DENSE_OPT = typer.Option(2, "--dense-layers", help="number of first layers kept dense")
 COMP_OPT = typer.Option(0, "--comp-mode", help="compensation: 0 none, 1 softmax denominator (SDC), 2 SDC + V-mean")
 THREADS_OPT = typer.Option(
-    None, "--threads", help="threads of the validation runs (onnxruntime and torch; default 1, which makes the "
-    "report the same on every machine)"
+    None,
+    "--threads",
+    help="threads of the validation runs (onnxruntime and torch; default 1, which makes the "
+    "report the same on every machine)",
 )
 DEVICE_OPT = typer.Option(
     "cpu", "--device", help="onnxruntime device: cpu, cuda or auto (cuda falls back to cpu with a warning)"
@@ -57,9 +64,16 @@ DEVICE_OPT = typer.Option(
 
 def _progress() -> Progress:
     # bars only on a terminal: piped or logged stderr gets the errors and warnings, one line each
-    return Progress(SpinnerColumn(), TextColumn("[bold]{task.description:<10}"), BarColumn(),
-                    TextColumn("{task.fields[msg]}"), TimeElapsedColumn(), console=console, transient=False,
-                    disable=not console.is_terminal)
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description:<10}"),
+        BarColumn(),
+        TextColumn("{task.fields[msg]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+        disable=not console.is_terminal,
+    )
 
 
 class _StageBars:
@@ -99,13 +113,16 @@ def summary_table(report: dict) -> Table:
         if union is not None:
             # the spec's count: a V row is read once for its KV group when any query head of the group keeps it
             t.add_row("decode V rows read / step (Top-θ, KV-group union)", _fmt(union, ".1f"))
-            t.add_row("decode V rows reduction (KV-group union)",
-                      f"{dec['v_rows_read_kv_group_union_reduction']:.2f}x")
-        t.add_row("decode V rows read / step (Top-θ, per query head)",
-                  _fmt(dec.get("v_rows_read_per_step", dec["v_rows_kept_per_step"]), ".1f"))
-        t.add_row("decode V rows reduction (per query head)",
-                  f"{dec.get('v_rows_read_reduction', dec['v_rows_reduction']):.2f}x"
-                  + (" (V-mean compensation reads all rows)" if "note" in dec else ""))
+            t.add_row("decode V rows reduction (KV-group union)", f"{dec['v_rows_read_kv_group_union_reduction']:.2f}x")
+        t.add_row(
+            "decode V rows read / step (Top-θ, per query head)",
+            _fmt(dec.get("v_rows_read_per_step", dec["v_rows_kept_per_step"]), ".1f"),
+        )
+        t.add_row(
+            "decode V rows reduction (per query head)",
+            f"{dec.get('v_rows_read_reduction', dec['v_rows_reduction']):.2f}x"
+            + (" (V-mean compensation reads all rows)" if "note" in dec else ""),
+        )
     par = v.get("parity")
     if par:
         verdict = " ok" if par["pass"] else f" > {par['tolerance']:.0e}"
@@ -116,16 +133,20 @@ def summary_table(report: dict) -> Table:
             flips = par.get("decision_flips")
             if flips is not None:
                 # fp32 rounding of the projections moves scores lying on θ to the other side: counted, not judged
-                t.add_row("  rows whose keep decisions differ (fp32 ties)",
-                          f"{flips} / {par.get('decision_flips_rows_compared', 0)}")
+                t.add_row(
+                    "  rows whose keep decisions differ (fp32 ties)",
+                    f"{flips} / {par.get('decision_flips_rows_compared', 0)}",
+                )
             t.add_row("  unpinned: max |Δ| vs PyTorch Top-θ", f"{par['max_abs_diff_vs_torch_toptheta']:.2e}")
         else:
             t.add_row("parity: model max |Δ| vs PyTorch Top-θ", f"{par['max_abs_diff_vs_torch_toptheta']:.2e}{verdict}")
         if "dense_fp32_floor" in par:
             t.add_row("  same with θ=-inf vs PyTorch dense (fp32 floor)", f"{par['dense_fp32_floor']:.2e}")
-            t.add_row("parity: operator max |Δ| vs fp64 reference",
-                      f"{par['operator_max_abs_diff_vs_fp64_reference']:.2e}"
-                      + (" ok" if par["operator_pass"] else f" > {par['tolerance']:.0e}"))
+            t.add_row(
+                "parity: operator max |Δ| vs fp64 reference",
+                f"{par['operator_max_abs_diff_vs_fp64_reference']:.2e}"
+                + (" ok" if par["operator_pass"] else f" > {par['tolerance']:.0e}"),
+            )
         t.add_row("model max |Δ| vs PyTorch dense", f"{par['max_abs_diff_vs_torch_dense']:.2e}")
     ppl = v.get("perplexity")
     if ppl:
@@ -146,7 +167,10 @@ def pipeline_cmd(
     model: str = typer.Argument(..., help="HF model folder or alias (smollm2-135m, all-minilm-l6-v2)"),
     calib: str = typer.Option(..., "--calib", help="calibration text: .txt, .jsonl, folder, or builtin:pydoc"),
     out: Path = typer.Option(..., "-o", "--out", help="output folder"),
-    k: int = K_OPT, seq_len: int = SEQ_OPT, samples: int = SAMPLES_OPT, dense_layers: int = DENSE_OPT,
+    k: int = K_OPT,
+    seq_len: int = SEQ_OPT,
+    samples: int = SAMPLES_OPT,
+    dense_layers: int = DENSE_OPT,
     comp_mode: int = COMP_OPT,
     eval_data: str | None = typer.Option(None, "--eval-data", help="held-out text (default: later windows of --calib)"),
     eval_windows: int = typer.Option(4, "--eval-windows", help="number of held-out windows to validate on"),
@@ -154,19 +178,40 @@ def pipeline_cmd(
     device: str = DEVICE_OPT,
     threads: int | None = THREADS_OPT,
 ):
-    check_options(k=k, seq_len=seq_len, num_samples=samples, dense_layers=dense_layers, comp_mode=comp_mode,
-                  eval_windows=eval_windows, device=device, threads=threads)
+    check_options(
+        k=k,
+        seq_len=seq_len,
+        num_samples=samples,
+        dense_layers=dense_layers,
+        comp_mode=comp_mode,
+        eval_windows=eval_windows,
+        device=device,
+        threads=threads,
+    )
     from topthetaexport.pipeline import run_pipeline
 
     with _progress() as p:
         bars = _StageBars(p, ["load", "calibrate", "export", "validate"])
-        report = run_pipeline(model, calib, out, k=k, seq_len=seq_len, num_samples=samples,
-                              dense_layers=dense_layers, comp_mode=comp_mode, eval_data=eval_data,
-                              eval_windows=eval_windows, do_validate=not no_validate, device=device,
-                              threads=threads, progress=bars)
+        report = run_pipeline(
+            model,
+            calib,
+            out,
+            k=k,
+            seq_len=seq_len,
+            num_samples=samples,
+            dense_layers=dense_layers,
+            comp_mode=comp_mode,
+            eval_data=eval_data,
+            eval_windows=eval_windows,
+            do_validate=not no_validate,
+            device=device,
+            threads=threads,
+            progress=bars,
+        )
     if no_validate:
-        out_console.print(f"validation skipped (--no-validate): run 'topθ-export validate {out}' for the summary",
-                          soft_wrap=True)
+        out_console.print(
+            f"validation skipped (--no-validate): run 'topθ-export validate {out}' for the summary", soft_wrap=True
+        )
     else:
         out_console.print(summary_table(report))
     out_console.print(f"wrote {out}/ ({', '.join(report['files'])})", soft_wrap=True)
@@ -177,7 +222,10 @@ def calibrate_cmd(
     model: str = typer.Argument(..., help="HF model folder or alias"),
     calib: str = typer.Option(..., "--calib", help="calibration text"),
     out: Path = typer.Option(..., "-o", "--out", help="output folder for the thresholds"),
-    k: int = K_OPT, seq_len: int = SEQ_OPT, samples: int = SAMPLES_OPT, dense_layers: int = DENSE_OPT,
+    k: int = K_OPT,
+    seq_len: int = SEQ_OPT,
+    samples: int = SAMPLES_OPT,
+    dense_layers: int = DENSE_OPT,
 ):
     check_options(k=k, seq_len=seq_len, num_samples=samples, dense_layers=dense_layers)
     from topthetaexport.models import load_model
@@ -187,8 +235,15 @@ def calibrate_cmd(
     with staged_files(out) as stage:
         loaded = load_model(model)
         with _progress() as p:
-            th = calibrate(loaded, path_reference(calib), k=k, seq_len=seq_len, num_samples=samples,
-                           dense_layers=dense_layers, progress=_StageBars(p, ["calibrate"]))
+            th = calibrate(
+                loaded,
+                path_reference(calib),
+                k=k,
+                seq_len=seq_len,
+                num_samples=samples,
+                dense_layers=dense_layers,
+                progress=_StageBars(p, ["calibrate"]),
+            )
         th.meta["model_path"] = path_reference(model)
         th.save(stage)
     path = out / "thresholds.safetensors"
@@ -208,8 +263,7 @@ def export_cmd(
 
         loaded = load_model(model)
         with _progress() as p:
-            path = export_onnx(loaded, out, with_cache=False if no_cache else None,
-                               progress=_StageBars(p, ["export"]))
+            path = export_onnx(loaded, out, with_cache=False if no_cache else None, progress=_StageBars(p, ["export"]))
     out_console.print(f"wrote {path}", soft_wrap=True)
 
 
@@ -254,8 +308,16 @@ def validate_cmd(
     from topthetaexport.eval.validation import validate
 
     with _progress() as p:
-        rep = validate(out, model=model, data=data, num_windows=windows, seq_len=seq_len, device=device, threads=threads,
-                       progress=_StageBars(p, ["validate"]))
+        rep = validate(
+            out,
+            model=model,
+            data=data,
+            num_windows=windows,
+            seq_len=seq_len,
+            device=device,
+            threads=threads,
+            progress=_StageBars(p, ["validate"]),
+        )
     report_path = out / "report.json"
     full = json.loads(report_path.read_text()) if report_path.is_file() else {"model": rep["model"]}
     full["validation"] = rep
@@ -283,27 +345,38 @@ def _ints(text: str, what: str) -> list[int]:
         raise TopThetaError(f"{what} must be comma-separated integers, got '{text}'") from None
 
 
-@app.command("eval", help="Accuracy of OUT/model.onnx vs dense and top-k through onnxruntime: perplexity, "
-                          "tasks, cross-domain text, a sweep over k; writes eval.json, sweep.md/.csv, accuracy.png.")
+@app.command(
+    "eval",
+    help="Accuracy of OUT/model.onnx vs dense and top-k through onnxruntime: perplexity, "
+    "tasks, cross-domain text, a sweep over k; writes eval.json, sweep.md/.csv, accuracy.png.",
+)
 def eval_cmd(
     out: Path = typer.Argument(..., help="folder written by topθ-export (model.onnx + thresholds)"),
     output: Path = typer.Option(..., "-o", "--out", help="folder for the results (eval.json, sweep.*, accuracy.png)"),
-    data: str | None = typer.Option(None, "--data", help="in-domain text (default: the calibration text, "
-                                                            "windows after the calibration ones)"),
-    cross_data: str | None = typer.Option(None, "--cross-data", help="second text for the cross-domain "
-                                                                        "check, e.g. builtin:licenses"),
-    tasks: str | None = typer.Option(None, "--tasks", help="further tasks, comma-separated: cloze:DATA or a "
-                                                              "HellaSwag-style .jsonl (decoders), retrieval:DATA "
-                                                              "(encoders); one on --data (and --cross-data) is "
-                                                              "always built"),
+    data: str | None = typer.Option(
+        None, "--data", help="in-domain text (default: the calibration text, windows after the calibration ones)"
+    ),
+    cross_data: str | None = typer.Option(
+        None, "--cross-data", help="second text for the cross-domain check, e.g. builtin:licenses"
+    ),
+    tasks: str | None = typer.Option(
+        None,
+        "--tasks",
+        help="further tasks, comma-separated: cloze:DATA or a "
+        "HellaSwag-style .jsonl (decoders), retrieval:DATA "
+        "(encoders); one on --data (and --cross-data) is "
+        "always built",
+    ),
     task_items: int = typer.Option(100, "--task-items", help="items per task (cloze / jsonl: the first N)"),
     windows: int = typer.Option(8, "--windows", help="evaluation windows per text"),
     seq_len: int | None = typer.Option(None, "--seq-len", help="window length (default: calibration length)"),
-    sweep: str | None = typer.Option(None, "--sweep", help="comma-separated k values to calibrate and "
-                                                              "evaluate besides the model's own k"),
+    sweep: str | None = typer.Option(
+        None, "--sweep", help="comma-separated k values to calibrate and evaluate besides the model's own k"
+    ),
     comp_modes: str = typer.Option("0,1,2", "--comp-modes", help="Top-θ compensation modes at the model's k"),
-    sweep_comp_modes: str | None = typer.Option(None, "--sweep-comp-modes",
-                                                   help="compensation modes at the other k (default: --comp-modes)"),
+    sweep_comp_modes: str | None = typer.Option(
+        None, "--sweep-comp-modes", help="compensation modes at the other k (default: --comp-modes)"
+    ),
     no_topk: bool = typer.Option(False, "--no-topk", help="skip the top-k baseline"),
     threads: int | None = typer.Option(None, "--threads", help="onnxruntime intra-op threads"),
     device: str = DEVICE_OPT,
@@ -314,35 +387,75 @@ def eval_cmd(
     modes = _ints(comp_modes, "--comp-modes")
     sweep_modes = _ints(sweep_comp_modes, "--sweep-comp-modes") if sweep_comp_modes else None
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
-    check_options(eval_cmd_windows=windows, task_items=task_items, seq_len=seq_len, sweep=sweep_ks,
-                  comp_modes=modes, sweep_comp_modes=sweep_modes, threads=threads, device=device)
+    check_options(
+        eval_cmd_windows=windows,
+        task_items=task_items,
+        seq_len=seq_len,
+        sweep=sweep_ks,
+        comp_modes=modes,
+        sweep_comp_modes=sweep_modes,
+        threads=threads,
+        device=device,
+    )
     for spec in task_list or []:
         parse_task_spec(spec)
     from topthetaexport.eval.evaluation import evaluate, markdown_table
 
     with output_parents(output), _progress() as p:
-        rep = evaluate(out, data=data, windows=windows, seq_len=seq_len, cross_data=cross_data,
-                       tasks=task_list, task_items=task_items, sweep=sweep_ks, comp_modes=modes,
-                       sweep_comp_modes=sweep_modes, topk=not no_topk, device=device, threads=threads, output=output,
-                       command=_eval_command(out, output, data=data, cross_data=cross_data, tasks=tasks,
-                                             task_items=task_items, windows=windows, seq_len=seq_len, sweep=sweep,
-                                             comp_modes=comp_modes, sweep_comp_modes=sweep_comp_modes,
-                                             no_topk=no_topk, threads=threads, device=device),
-                       progress=_StageBars(p, ["eval"]))
+        rep = evaluate(
+            out,
+            data=data,
+            windows=windows,
+            seq_len=seq_len,
+            cross_data=cross_data,
+            tasks=task_list,
+            task_items=task_items,
+            sweep=sweep_ks,
+            comp_modes=modes,
+            sweep_comp_modes=sweep_modes,
+            topk=not no_topk,
+            device=device,
+            threads=threads,
+            output=output,
+            command=_eval_command(
+                out,
+                output,
+                data=data,
+                cross_data=cross_data,
+                tasks=tasks,
+                task_items=task_items,
+                windows=windows,
+                seq_len=seq_len,
+                sweep=sweep,
+                comp_modes=comp_modes,
+                sweep_comp_modes=sweep_comp_modes,
+                no_topk=no_topk,
+                threads=threads,
+                device=device,
+            ),
+            progress=_StageBars(p, ["eval"]),
+        )
     out_console.print(markdown_table(rep), soft_wrap=True)
     crit = rep["criterion"]
     if crit["variants"]:
         met, strict = crit["met_by"], crit["met_incl_cross_domain_by"]
-        out_console.print("within 1% perplexity and 1 point task accuracy of dense (in-domain) at >= 3x fewer V "
-                          f"rows read: {', '.join(met) if met else 'none'}", soft_wrap=True)
+        out_console.print(
+            "within 1% perplexity and 1 point task accuracy of dense (in-domain) at >= 3x fewer V "
+            f"rows read: {', '.join(met) if met else 'none'}",
+            soft_wrap=True,
+        )
         if rep.get("cross_domain"):
-            out_console.print(f"  also on the cross-domain task: {', '.join(strict) if strict else 'none'}",
-                              soft_wrap=True)
+            out_console.print(
+                f"  also on the cross-domain task: {', '.join(strict) if strict else 'none'}", soft_wrap=True
+            )
     out_console.print(f"wrote {output}/ (eval.json, sweep.md, sweep.csv, accuracy.png)", soft_wrap=True)
 
 
-@app.command("run", help="Greedy generation with OUT/model.onnx in onnxruntime (KV cache) and the tokenizer saved in "
-                         "OUT/, printing kept-row stats.")
+@app.command(
+    "run",
+    help="Greedy generation with OUT/model.onnx in onnxruntime (KV cache) and the tokenizer saved in "
+    "OUT/, printing kept-row stats.",
+)
 def run_cmd(
     out: Path = typer.Argument(..., help="folder written by topθ-export"),
     prompt: str = typer.Option(..., "--prompt", help="prompt text"),
@@ -367,13 +480,17 @@ def run_cmd(
     new = om.generate(ids, max_new_tokens, eos_token_id=tok.eos_token_id, on_step=on_step)
     out_console.print(prompt + tok.decode(new[0], skip_special_tokens=True), soft_wrap=True)
     if stats:
-        console.print(f"[dim]providers {om.providers}; mean V rows read per decode step: {np.mean(stats):.1f} "
-                      f"of {ids.shape[1] + len(stats) / 2:.0f} on average[/dim]")
+        console.print(
+            f"[dim]providers {om.providers}; mean V rows read per decode step: {np.mean(stats):.1f} "
+            f"of {ids.shape[1] + len(stats) / 2:.0f} on average[/dim]"
+        )
 
 
 @app.command("inspect", help="Summarise an ONNX file or output folder: I/O, op counts, TopThetaAttention nodes.")
-def inspect_cmd(path: Path = typer.Argument(..., help=".onnx file or output folder"),
-                as_json: bool = typer.Option(False, "--json", help="print JSON")):
+def inspect_cmd(
+    path: Path = typer.Argument(..., help=".onnx file or output folder"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+):
     from topthetaexport.onnx.summary import format_summary, summarize
 
     target = path / "model.onnx" if path.is_dir() else path
@@ -384,25 +501,34 @@ def inspect_cmd(path: Path = typer.Argument(..., help=".onnx file or output fold
 @app.command("bench", help="Time TopThetaAttention against dense attention (ONNX Attention) in onnxruntime.")
 def bench_cmd(
     device: str = DEVICE_OPT,
-    heads: int = typer.Option(8, "--heads"), kv_heads: int = typer.Option(2, "--kv-heads"),
+    heads: int = typer.Option(8, "--heads"),
+    kv_heads: int = typer.Option(2, "--kv-heads"),
     head_dim: int = typer.Option(64, "--head-dim"),
     seq: str = typer.Option("512,2048", "--seq", help="comma-separated context lengths"),
     keep: float = typer.Option(0.125, "--keep", help="fraction of keys the thresholds keep"),
     repeats: int = typer.Option(20, "--repeats"),
 ):
     seqs = _ints(seq, "--seq")
-    check_options(device=device, heads=heads, kv_heads=kv_heads, head_dim=head_dim, seqs=seqs, keep=keep,
-                  repeats=repeats)
+    check_options(
+        device=device, heads=heads, kv_heads=kv_heads, head_dim=head_dim, seqs=seqs, keep=keep, repeats=repeats
+    )
     from topthetaexport.ort.bench import run_bench
 
-    rows = run_bench(device=device, heads=heads, kv_heads=kv_heads, head_dim=head_dim, seqs=seqs, keep=keep,
-                     repeats=repeats)
+    rows = run_bench(
+        device=device, heads=heads, kv_heads=kv_heads, head_dim=head_dim, seqs=seqs, keep=keep, repeats=repeats
+    )
     t = Table(title=f"TopThetaAttention vs dense Attention ({device}, {rows[0]['providers'][0]}), median of {repeats}")
     for c in ("phase", "context", "dense ms", "Top-θ ms", "speed-up", "kept"):
         t.add_column(c, justify="right")
     for r in rows:
-        t.add_row(r["phase"], str(r["context"]), f"{r['dense_ms']:.3f}", f"{r['toptheta_ms']:.3f}",
-                  f"{r['dense_ms'] / r['toptheta_ms']:.2f}x", f"{r['kept_fraction']:.3f}")
+        t.add_row(
+            r["phase"],
+            str(r["context"]),
+            f"{r['dense_ms']:.3f}",
+            f"{r['toptheta_ms']:.3f}",
+            f"{r['dense_ms'] / r['toptheta_ms']:.2f}x",
+            f"{r['kept_fraction']:.3f}",
+        )
     out_console.print(t)
 
 
@@ -413,8 +539,11 @@ def _version_callback(value: bool):
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
-                                       help="print the version")):
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="print the version"
+    ),
+):
     pass
 
 
@@ -439,8 +568,9 @@ def _stop(signum, frame):
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    console.print(f"[yellow]warning:[/yellow] {escape(' '.join(str(message).split()))}", highlight=False,
-                  soft_wrap=True)
+    console.print(
+        f"[yellow]warning:[/yellow] {escape(' '.join(str(message).split()))}", highlight=False, soft_wrap=True
+    )
 
 
 def _usage_error(e: typer.TyperException) -> str:

@@ -25,23 +25,61 @@ def _tiny_config(kind: str):
 
     common = dict(vocab_size=TINY_VOCAB, initializer_range=0.1)
     if kind == "llama":  # GQA: 4 query heads on 2 kv heads
-        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=TINY_POSITIONS, bos_token_id=1,
-                           eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, **common)
+        return LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=TINY_POSITIONS,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            tie_word_embeddings=False,
+            **common,
+        )
     if kind == "qwen2":
-        return Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=TINY_POSITIONS, bos_token_id=1,
-                           eos_token_id=2, pad_token_id=0, use_sliding_window=False, **common)
+        return Qwen2Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=TINY_POSITIONS,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            use_sliding_window=False,
+            **common,
+        )
     if kind == "mistral":
-        return MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                             num_key_value_heads=1, max_position_embeddings=TINY_POSITIONS, sliding_window=None,
-                             bos_token_id=1, eos_token_id=2, pad_token_id=0, **common)
+        return MistralConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            max_position_embeddings=TINY_POSITIONS,
+            sliding_window=None,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            **common,
+        )
     if kind == "gpt2":
-        return GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=TINY_POSITIONS, bos_token_id=1,
-                          eos_token_id=2, **common)
+        return GPT2Config(
+            n_embd=64, n_layer=3, n_head=4, n_positions=TINY_POSITIONS, bos_token_id=1, eos_token_id=2, **common
+        )
     if kind == "bert":
-        return BertConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
-                          max_position_embeddings=TINY_POSITIONS, pad_token_id=0, **common)
+        return BertConfig(
+            hidden_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=TINY_POSITIONS,
+            pad_token_id=0,
+            **common,
+        )
     raise ValueError(kind)
 
 
@@ -103,8 +141,12 @@ def tiny_bpe_tokenizer(vocab: int = 1000):
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tk.train_from_iterator(load_texts("builtin:pydoc")[:6], trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
@@ -117,9 +159,19 @@ def save_tiny_llama_with_tokenizer(out: Path, seed: int = 0) -> Path:
         return out
     tok = tiny_bpe_tokenizer()
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
-                      eos_token_id=2, pad_token_id=0, initializer_range=0.1)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        initializer_range=0.1,
+    )
     cfg._attn_implementation = "sdpa"
     AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(str(out))
     tok.save_pretrained(str(out))

@@ -105,7 +105,7 @@ def test_kv_cache_decode_matches_prefill(tiny_llama, tiny_tokens):
         pre = lm.model(input_ids=ids[:, :36], use_cache=True)
         cache, steps = pre.past_key_values, []
         for t in range(36, 40):
-            o = lm.model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            o = lm.model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
             cache = o.past_key_values
             steps.append(o.logits[:, -1])
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 36:], rtol=1e-4, atol=1e-4)
@@ -179,7 +179,8 @@ def test_calibrate_errors(tmp_path, tiny_llama, tiny_tokens):
     from transformers import T5Config, T5Model
 
     T5Model(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)).save_pretrained(
-        str(tmp_path / "t5"))
+        str(tmp_path / "t5")
+    )
     with pytest.raises(TopThetaError, match="unsupported architecture 't5'"):
         calibrate(str(tmp_path / "t5"), tiny_tokens(2, 16), progress=None)
 
@@ -191,6 +192,7 @@ def test_calibrate_progress_output(tiny_gpt2, tiny_tokens, capsys):
 
 
 # -- the real model ----------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_smollm2_toptheta_perplexity(smollm2):

@@ -36,8 +36,9 @@ CLI = _cli_command()
 
 
 def cli(*args, cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env=env, check=False)
+    return subprocess.run(
+        [*CLI, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, check=False
+    )
 
 
 def one_line(stderr: str) -> str:
@@ -78,8 +79,17 @@ def pipeline(work) -> Path:
 @pytest.mark.slow  # the one-shot pipeline in a subprocess (about a minute)
 def test_out_is_self_contained(pipeline, work):
     names = {p.name for p in pipeline.iterdir()}
-    assert {"model.onnx", "thresholds.safetensors", "thresholds.json", "library.json", "report.json",
-            "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert {
+        "model.onnx",
+        "thresholds.safetensors",
+        "thresholds.json",
+        "library.json",
+        "report.json",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= names
     assert all(is_own_file(n) for n in names), sorted(n for n in names if not is_own_file(n))
     assert set(json.loads((pipeline / "report.json").read_text())["files"]) == names
     assert not [n for n in os.listdir(work) if n.startswith(".")]
@@ -145,8 +155,9 @@ def test_run_and_session_need_only_out(pipeline, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TOPTHETA_OPS_LIBRARY"}
     (copy / "library.json").write_text(json.dumps({**record, "path": str(tmp_path / "gone.so")}))
     code = "from topthetaexport.ort.library import library_path as p; print(p(required=False))"
-    probe = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path,
-                           check=False)
+    probe = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path, check=False
+    )
     if probe.stdout.strip() != "None":
         pytest.skip("an installed library is found without TOPTHETA_OPS_LIBRARY")
     res = cli("run", "elsewhere/out", "--prompt", "The", "--max-new-tokens", "2", cwd=tmp_path, env=env)
@@ -171,19 +182,40 @@ def _prose(path: Path) -> Path:
     subjects = ["The parser", "This function", "The module", "A class", "The list", "Each object"]
     verbs = ["returns", "reads", "creates", "raises", "evaluates", "defines", "accepts", "stores"]
     objects = ["a new value", "the first item", "an error", "the whole file", "a string of text", "every element"]
-    path.write_text(" ".join(f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} when it is called."
-                             for _ in range(300)))
+    path.write_text(
+        " ".join(
+            f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} when it is called." for _ in range(300)
+        )
+    )
     return path
 
 
 def test_eval_reads_task_specs(pipeline, work, tmp_path):
     prose = _prose(tmp_path / "prose.txt")
-    items = [{"ctx": "The with statement is used to", "endings": [" wrap a block.", " eat soup."], "label": 0},
-             {"ctx": "A list is", "endings": [" a mutable sequence.", " a colour."], "label": 0}]
+    items = [
+        {"ctx": "The with statement is used to", "endings": [" wrap a block.", " eat soup."], "label": 0},
+        {"ctx": "A list is", "endings": [" a mutable sequence.", " a colour."], "label": 0},
+    ]
     (tmp_path / "mc.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
     ev = tmp_path / "ev"
-    res = ok(cli("eval", pipeline, "-o", ev, "--windows", "4", "--task-items", "3", "--comp-modes", "0", "--no-topk",
-                 "--tasks", "cloze:prose.txt,mc.jsonl", cwd=tmp_path))
+    res = ok(
+        cli(
+            "eval",
+            pipeline,
+            "-o",
+            ev,
+            "--windows",
+            "4",
+            "--task-items",
+            "3",
+            "--comp-modes",
+            "0",
+            "--no-topk",
+            "--tasks",
+            "cloze:prose.txt,mc.jsonl",
+            cwd=tmp_path,
+        )
+    )
     assert "wrote" in res.stdout
     rep = json.loads((ev / "eval.json").read_text())
     kinds = {t["name"]: t["kind"] for t in rep["tasks"]}
@@ -201,8 +233,22 @@ def test_inspect(pipeline, work):
 
 
 def test_bench_runs_prefill_and_decode(tmp_path):
-    res = ok(cli("bench", "--seq", "16,24", "--repeats", "2", "--heads", "4", "--kv-heads", "2", "--head-dim", "8",
-                 cwd=tmp_path))
+    res = ok(
+        cli(
+            "bench",
+            "--seq",
+            "16,24",
+            "--repeats",
+            "2",
+            "--heads",
+            "4",
+            "--kv-heads",
+            "2",
+            "--head-dim",
+            "8",
+            cwd=tmp_path,
+        )
+    )
     rows = [ln for ln in res.stdout.splitlines() if "prefill" in ln or "decode" in ln]
     assert len(rows) == 4 and sum("decode" in r for r in rows) == 2
 
@@ -217,7 +263,7 @@ def test_bench_dense_reference_equals_toptheta_keeping_everything():
     from topthetaexport.ort.library import session_options
 
     hq, hkv, d, t = 4, 2, 8, 12
-    m_tt, m_dense = bench._graphs(hq, hkv, d, d ** -0.5)
+    m_tt, m_dense = bench._graphs(hq, hkv, d, d**-0.5)
     s_tt = ort.InferenceSession(m_tt, session_options(), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     k, v = (rng.standard_normal((1, hkv, t, d), dtype=np.float32) for _ in range(2))
@@ -225,8 +271,10 @@ def test_bench_dense_reference_equals_toptheta_keeping_everything():
         q = rng.standard_normal((1, hq, s, d), dtype=np.float32)
         dense = ort.InferenceSession(m_dense[phase], providers=["CPUExecutionProvider"])
         y_dense = dense.run(None, {"q": q, "k": k, "v": v})[0]
-        y_tt = s_tt.run(["y"], {"q": q, "k": k, "v": v, "theta": np.full((hq, 1), -np.inf, np.float32),
-                                "mask": np.ones((1, t), bool)})[0]
+        y_tt = s_tt.run(
+            ["y"],
+            {"q": q, "k": k, "v": v, "theta": np.full((hq, 1), -np.inf, np.float32), "mask": np.ones((1, t), bool)},
+        )[0]
         np.testing.assert_allclose(y_tt, y_dense, atol=1e-5, err_msg=phase)
 
 
@@ -310,15 +358,19 @@ def test_read_only_folder(work, tmp_path):
         ro.chmod(0o755)
 
 
-@pytest.mark.parametrize("command", ["pipeline", pytest.param("calibrate", marks=pytest.mark.slow),
-                                     pytest.param("export", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "command",
+    ["pipeline", pytest.param("calibrate", marks=pytest.mark.slow), pytest.param("export", marks=pytest.mark.slow)],
+)
 def test_failed_run_removes_the_folders_it_made(command, work, tmp_path):
     """-o a/b/out on a failing run: a/ and a/b/ were made by this run, so they go; x/ existed, so it stays."""
     (tmp_path / "empty.txt").write_text("\n\n")
     (tmp_path / "x").mkdir()
-    args = {"pipeline": [work / "model", "--calib", "empty.txt", *SIZE],
-            "calibrate": ["calibrate", work / "model", "--calib", "empty.txt", *SIZE],
-            "export": ["export", work / "model"]}[command]
+    args = {
+        "pipeline": [work / "model", "--calib", "empty.txt", *SIZE],
+        "calibrate": ["calibrate", work / "model", "--calib", "empty.txt", *SIZE],
+        "export": ["export", work / "model"],
+    }[command]
     target = {"export": "{}/b/dense.onnx.txt"}.get(command, "{}/b/out")  # export: a wrong suffix fails after load
     for top in ("a", "x"):
         before = listing(tmp_path)
@@ -330,12 +382,18 @@ def test_failed_run_removes_the_folders_it_made(command, work, tmp_path):
 
 # -- signals: one line, 130 / 143, nothing left ----------------------------------------------------------
 
+
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_signal_during_export_cleans_up(sig, code, work, tmp_path):
     shutil.copy(work / "calib.txt", tmp_path / "calib.txt")
     before = listing(tmp_path)
-    proc = subprocess.Popen([*CLI, str(work / "model"), "--calib", "calib.txt", "-o", "sub/out", *SIZE],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*CLI, str(work / "model"), "--calib", "calib.txt", "-o", "sub/out", *SIZE],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         # the pipeline's staging folder, then export's own one beside it: the process is inside export
         deadline = time.monotonic() + 300

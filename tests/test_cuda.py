@@ -33,6 +33,7 @@ REL_TOL = 1e-2
 
 # -- fixtures ----------------------------------------------------------------------------------------------
 
+
 def _require_gpu():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU visible to torch")
@@ -119,8 +120,24 @@ def untie(theta, scores, valid, gap=3e-5):
     raise AssertionError("could not untie thresholds")
 
 
-def make_case(dtype="f16", B=1, Hq=4, Hkv=2, Sq=64, Ktot=64, D=64, Dv=None, causal=True, mask=None,
-              comp_mode=0, keep=0.3, R=None, dense_frac=0.1, seed=0, device="cuda"):
+def make_case(
+    dtype="f16",
+    B=1,
+    Hq=4,
+    Hkv=2,
+    Sq=64,
+    Ktot=64,
+    D=64,
+    Dv=None,
+    causal=True,
+    mask=None,
+    comp_mode=0,
+    keep=0.3,
+    R=None,
+    dense_frac=0.1,
+    seed=0,
+    device="cuda",
+):
     """Random GPU inputs and thresholds keeping about ``keep`` of the valid keys per row."""
     g = torch.Generator().manual_seed(seed)
     dt, dev = DT[dtype], device
@@ -136,7 +153,7 @@ def make_case(dtype="f16", B=1, Hq=4, Hkv=2, Sq=64, Ktot=64, D=64, Dv=None, caus
     # θ per (head, row position): the (1 - keep) quantile of the row's valid scores, averaged over batch.
     qs = torch.nanquantile(s.masked_fill(~valid, float("nan")), 1 - keep, dim=-1).nan_to_num(0.0).mean(0)
     full = torch.randn(Hq, Ktot, generator=g).to(dev)
-    full[:, Ktot - Sq:] = qs
+    full[:, Ktot - Sq :] = qs
     theta = full[:, :R].clone()
     if R < Ktot:
         rows = torch.arange(Ktot - Sq, Ktot, device=dev) >= R - 1
@@ -150,16 +167,27 @@ def make_case(dtype="f16", B=1, Hq=4, Hkv=2, Sq=64, Ktot=64, D=64, Dv=None, caus
 
 def ref_of(case):
     args = {k: v for k, v in case.items() if k not in ("q", "k", "v", "thresholds")}
-    return reference.toptheta_attention(case["q"].float(), case["k"].float(), case["v"].float(),
-                                        case["thresholds"], return_kept=True, **args)
+    return reference.toptheta_attention(
+        case["q"].float(), case["k"].float(), case["v"].float(), case["thresholds"], return_kept=True, **args
+    )
 
 
 def run_kernel(kernels, case):
     B, Hq, Sq, _ = case["q"].shape
     out = torch.full((B, Hq, Sq, case["v"].shape[3]), float("nan"), device="cuda", dtype=case["q"].dtype)
     kept = torch.full((B, Hq, Sq), -1, device="cuda", dtype=torch.int32)
-    kernels.attention(case["q"], case["k"], case["v"], case["thresholds"], causal=case["causal"],
-                      attn_mask=case["attn_mask"], sdc=case["sdc"], comp_mode=case["comp_mode"], out=out, kept=kept)
+    kernels.attention(
+        case["q"],
+        case["k"],
+        case["v"],
+        case["thresholds"],
+        causal=case["causal"],
+        attn_mask=case["attn_mask"],
+        sdc=case["sdc"],
+        comp_mode=case["comp_mode"],
+        out=out,
+        kept=kept,
+    )
     torch.cuda.synchronize()
     return out, kept
 
@@ -207,8 +235,16 @@ def test_prefill_without_kept_output(kernels, env, cfg, variant):
     case = make_case(**{**cfg, "comp_mode": 0}, seed=11)
     with_counts, _ = run_kernel(kernels, case)
     out = torch.full_like(with_counts, float("nan"))
-    _, none = kernels.attention(case["q"], case["k"], case["v"], case["thresholds"], causal=case["causal"],
-                                attn_mask=case["attn_mask"], out=out, want_kept=False)
+    _, none = kernels.attention(
+        case["q"],
+        case["k"],
+        case["v"],
+        case["thresholds"],
+        causal=case["causal"],
+        attn_mask=case["attn_mask"],
+        out=out,
+        want_kept=False,
+    )
     torch.cuda.synchronize()
     assert none is None and kernels.last_path == "prefill"
     assert torch.equal(out, with_counts)
@@ -242,8 +278,16 @@ def test_prefill_hopper_kernel_matches_reference(kernels, env, cfg):
     _hopper(kernels)
     case = make_case(**cfg, seed=21)
     out = torch.full((*case["q"].shape[:3], case["v"].shape[3]), float("nan"), device="cuda", dtype=case["q"].dtype)
-    kernels.attention(case["q"], case["k"], case["v"], case["thresholds"], causal=case["causal"],
-                      attn_mask=case["attn_mask"], out=out, want_kept=False)
+    kernels.attention(
+        case["q"],
+        case["k"],
+        case["v"],
+        case["thresholds"],
+        causal=case["causal"],
+        attn_mask=case["attn_mask"],
+        out=out,
+        want_kept=False,
+    )
     torch.cuda.synchronize()
     assert (kernels.last_path, kernels.last_variant) == ("prefill", 3)
     assert torch.isfinite(out.float()).all(), "unwritten or non-finite output"
@@ -251,8 +295,16 @@ def test_prefill_hopper_kernel_matches_reference(kernels, env, cfg):
     assert rel_err(out, ref_out) <= REL_TOL
     env("TOPTHETA_PREFILL_VARIANT", "2")
     other = torch.full_like(out, float("nan"))
-    kernels.attention(case["q"], case["k"], case["v"], case["thresholds"], causal=case["causal"],
-                      attn_mask=case["attn_mask"], out=other, want_kept=False)
+    kernels.attention(
+        case["q"],
+        case["k"],
+        case["v"],
+        case["thresholds"],
+        causal=case["causal"],
+        attn_mask=case["attn_mask"],
+        out=other,
+        want_kept=False,
+    )
     torch.cuda.synchronize()
     assert kernels.last_variant == 2
     assert rel_err(out, other) <= 2e-3
@@ -285,8 +337,9 @@ def test_prefill_hopper_not_used_where_it_does_not_apply(kernels, env):
     check(kernels, case, "prefill")  # kept output requested
     assert kernels.last_variant == -1
     case = make_case(dtype="f16", B=1, Hq=4, Hkv=2, Sq=200, Ktot=200, D=128, mask="bool4", seed=25)
-    out, _ = kernels.attention(case["q"], case["k"], case["v"], case["thresholds"], causal=True,
-                               attn_mask=case["attn_mask"], want_kept=False)
+    out, _ = kernels.attention(
+        case["q"], case["k"], case["v"], case["thresholds"], causal=True, attn_mask=case["attn_mask"], want_kept=False
+    )
     torch.cuda.synchronize()
     assert kernels.last_variant == -1
     assert rel_err(out, ref_of(case)[0]) <= REL_TOL
@@ -365,10 +418,10 @@ def test_pruned_everything_outputs_zero_or_compensation(kernels):
 # -- NaN (docs/op.md, "NaN"): a NaN score is kept and makes its row NaN; pruned V rows are not read ---------------
 
 NAN_CASES = [
-    dict(dtype="f16", B=1, Hq=4, Hkv=2, Sq=200, Ktot=200, D=128, causal=True),             # prefill
+    dict(dtype="f16", B=1, Hq=4, Hkv=2, Sq=200, Ktot=200, D=128, causal=True),  # prefill
     dict(dtype="bf16", B=2, Hq=4, Hkv=1, Sq=150, Ktot=300, D=64, causal=True, mask="pad"),  # prefill, key padding
-    dict(dtype="bf16", B=2, Hq=8, Hkv=2, Sq=1, Ktot=1500, D=64, causal=True),              # decode
-    dict(dtype="f32", B=1, Hq=4, Hkv=2, Sq=40, Ktot=90, D=64, causal=True),                # generic
+    dict(dtype="bf16", B=2, Hq=8, Hkv=2, Sq=1, Ktot=1500, D=64, causal=True),  # decode
+    dict(dtype="f32", B=1, Hq=4, Hkv=2, Sq=40, Ktot=90, D=64, causal=True),  # generic
 ]
 PATH_OF = {1: "decode", 40: "generic"}
 
@@ -378,9 +431,17 @@ def _run_nan(kernels, case, want_kept):
     for prefill)."""
     if want_kept:
         return run_kernel(kernels, case)
-    out, _ = kernels.attention(case["q"], case["k"], case["v"], case["thresholds"], causal=case["causal"],
-                               attn_mask=case["attn_mask"], sdc=case["sdc"], comp_mode=case["comp_mode"],
-                               want_kept=False)
+    out, _ = kernels.attention(
+        case["q"],
+        case["k"],
+        case["v"],
+        case["thresholds"],
+        causal=case["causal"],
+        attn_mask=case["attn_mask"],
+        sdc=case["sdc"],
+        comp_mode=case["comp_mode"],
+        want_kept=False,
+    )
     torch.cuda.synchronize()
     return out, None
 
@@ -448,7 +509,7 @@ def test_nan_in_key_row_gives_nan_in_the_rows_that_see_it(kernels, cfg, want_kep
     case["k"][0, Hkv - 1, j, 3] = float("nan")
     _, valid = reference.valid_and_scores(case["q"], case["k"], causal=case["causal"], attn_mask=case["attn_mask"])
     rows = torch.zeros(B, Hq, Sq, dtype=torch.bool)
-    rows[0, (Hkv - 1) * (Hq // Hkv):] = valid[0, (Hkv - 1) * (Hq // Hkv):, :, j].cpu()
+    rows[0, (Hkv - 1) * (Hq // Hkv) :] = valid[0, (Hkv - 1) * (Hq // Hkv) :, :, j].cpu()
     _check_nan_rows(kernels, case, rows, want_kept)
 
 
@@ -473,6 +534,7 @@ def test_nan_in_pruned_value_rows_is_not_read(kernels, cfg, want_kept):
 
 # -- the op in onnxruntime: CUDA EP vs CPU EP -----------------------------------------------------------------
 
+
 def _sessions(ort, model, cpu=True):
     """(CPU session or None, CUDA session) of a model; the CUDA one may not fall back to the CPU."""
     from _onnx_single import session as cpu_session
@@ -489,6 +551,7 @@ def _np_case(case):
         if t is None:
             return None
         return t.cpu().numpy() if t.dtype != torch.bfloat16 else t.float().cpu().numpy()
+
     return {k: npy(v) for k, v in case.items() if isinstance(v, torch.Tensor) or v is None}
 
 
@@ -501,10 +564,26 @@ def test_onnxruntime_cuda_matches_cpu_kernel(ort_cuda, dtype, shape):
     Sq, P = (70, 30) if shape == "prefill" else (1, 2500)
     case = make_case(dtype=dtype, B=B, Hq=Hq, Hkv=Hkv, Sq=Sq, Ktot=P + Sq, D=D, mask="pad", comp_mode=2, seed=8)
     x = _np_case(case)
-    feeds = dict(query=x["q"], key=x["k"][:, :, P:], value=x["v"][:, :, P:], past_key=x["k"][:, :, :P],
-                 past_value=x["v"][:, :, :P], thresholds=x["thresholds"], sdc=x["sdc"], attn_mask=x["attn_mask"])
-    model = make_model({"f32": "float32", "f16": "float16"}[dtype], mask="bool", past=True, sdc=True,
-                       present=True, kept=True, causal=1, comp_mode=2)
+    feeds = dict(
+        query=x["q"],
+        key=x["k"][:, :, P:],
+        value=x["v"][:, :, P:],
+        past_key=x["k"][:, :, :P],
+        past_value=x["v"][:, :, :P],
+        thresholds=x["thresholds"],
+        sdc=x["sdc"],
+        attn_mask=x["attn_mask"],
+    )
+    model = make_model(
+        {"f32": "float32", "f16": "float16"}[dtype],
+        mask="bool",
+        past=True,
+        sdc=True,
+        present=True,
+        kept=True,
+        causal=1,
+        comp_mode=2,
+    )
     cpu, gpu = _sessions(ort_cuda, model)
     want, got = run(cpu, **feeds), run(gpu, **feeds)
     np.testing.assert_array_equal(got["present_key"], x["k"])
@@ -536,8 +615,10 @@ def _bf16_model(**kw):
             node.output[list(node.output).index(vi.name)] = inner
             casts.append(helper.make_node("Cast", [inner], [vi.name], to=TensorProto.FLOAT))
     g.node.extend(casts)
-    nodes = sorted(g.node, key=lambda n: 0 if n.op_type == "Cast" and n.output[0].endswith("_bf16") else
-                   (1 if n.op_type != "Cast" else 2))
+    nodes = sorted(
+        g.node,
+        key=lambda n: 0 if n.op_type == "Cast" and n.output[0].endswith("_bf16") else (1 if n.op_type != "Cast" else 2),
+    )
     del g.node[:]
     g.node.extend(nodes)
     return m
@@ -550,8 +631,9 @@ def test_onnxruntime_cuda_bf16_matches_reference(ort_cuda):
     case = make_case(dtype="bf16", B=1, Hq=8, Hkv=2, Sq=200, Ktot=200, D=128, mask="pad", comp_mode=1, seed=9)
     _, gpu = _sessions(ort_cuda, _bf16_model(mask="bool", sdc=True, kept=True, causal=1, comp_mode=1), cpu=False)
     x = _np_case(case)
-    got = run(gpu, query=x["q"], key=x["k"], value=x["v"], thresholds=x["thresholds"], attn_mask=x["attn_mask"],
-              sdc=x["sdc"])
+    got = run(
+        gpu, query=x["q"], key=x["k"], value=x["v"], thresholds=x["thresholds"], attn_mask=x["attn_mask"], sdc=x["sdc"]
+    )
     ref_out, ref_kept = ref_of(case)
     assert rel_err(torch.from_numpy(got["output"]), ref_out.cpu()) <= REL_TOL
     np.testing.assert_array_equal(got["kept"], ref_kept.cpu().numpy())
@@ -568,9 +650,20 @@ def llama64(tmp_path_factory):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                      num_key_value_heads=KV_HEADS, vocab_size=128, max_position_embeddings=512, bos_token_id=1,
-                      eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, initializer_range=0.1)
+    cfg = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        vocab_size=128,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+        initializer_range=0.1,
+    )
     cfg._attn_implementation = "sdpa"
     out = tmp_path_factory.mktemp("llama64") / "model"
     AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(str(out))
@@ -590,11 +683,25 @@ def _thresholds(loaded, model, ids, mask):
     with torch.no_grad(), attention_mode(model, "dense", score_hook=hook):
         model(input_ids=ids, attention_mask=mask)
     g = torch.Generator().manual_seed(0)
-    theta = torch.stack([torch.quantile(scores[i], 0.4) + torch.rand(HEADS, ROWS, generator=g) *
-                         (torch.quantile(scores[i], 0.9) - torch.quantile(scores[i], 0.4)) for i in range(LAYERS)])
-    meta = {"model": loaded.name, "model_type": loaded.model_type, "causal": True, "k": 8, "num_layers": LAYERS,
-            "num_heads": HEADS, "num_kv_heads": KV_HEADS, "head_dim": loaded.head_dim, "dense_layers": [],
-            "calib_source": "test"}
+    theta = torch.stack(
+        [
+            torch.quantile(scores[i], 0.4)
+            + torch.rand(HEADS, ROWS, generator=g) * (torch.quantile(scores[i], 0.9) - torch.quantile(scores[i], 0.4))
+            for i in range(LAYERS)
+        ]
+    )
+    meta = {
+        "model": loaded.name,
+        "model_type": loaded.model_type,
+        "causal": True,
+        "k": 8,
+        "num_layers": LAYERS,
+        "num_heads": HEADS,
+        "num_kv_heads": KV_HEADS,
+        "head_dim": loaded.head_dim,
+        "dense_layers": [],
+        "calib_source": "test",
+    }
     return Thresholds(theta, torch.rand(theta.shape, generator=g) * 0.9, meta)
 
 
@@ -603,9 +710,13 @@ def _node_providers(sess) -> set[str]:
     prof = sess.end_profiling()
     events = json.loads(Path(prof).read_text())
     os.unlink(prof)
-    return {e["args"].get("provider") for e in events
-            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")
-            and e.get("args", {}).get("op_name") == "TopThetaAttention"}
+    return {
+        e["args"].get("provider")
+        for e in events
+        if e.get("cat") == "Node"
+        and e.get("name", "").endswith("_kernel_time")
+        and e.get("args", {}).get("op_name") == "TopThetaAttention"
+    }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -633,11 +744,17 @@ def test_exported_model_on_cuda_matches_pytorch(ort_cuda, llama64, tmp_path, dty
     # fp32: no TF32 in onnxruntime's own CUDA matmuls (its default), so the rest of the network stays at
     # float32 rounding like the PyTorch side and borderline keep decisions stay rare.
     cuda_opts = {"use_tf32": "0"} if dtype == torch.float32 else {}
-    sess = ort_cuda.InferenceSession(str(tmp_path / "model.onnx"), sess_options=so,
-                                     providers=[("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"])
+    sess = ort_cuda.InferenceSession(
+        str(tmp_path / "model.onnx"),
+        sess_options=so,
+        providers=[("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"],
+    )
     np_dt = np.float32 if dtype == torch.float32 else np.float16
-    feed_past = {i.name: np.zeros((2, KV_HEADS, 0, loaded.head_dim), np_dt)
-                 for i in sess.get_inputs() if i.name.startswith("past_key_values.")}
+    feed_past = {
+        i.name: np.zeros((2, KV_HEADS, 0, loaded.head_dim), np_dt)
+        for i in sess.get_inputs()
+        if i.name.startswith("past_key_values.")
+    }
     names = [o.name for o in sess.get_outputs()]
     tol = 1e-3 if dtype == torch.float32 else 2e-2
     cache = None
@@ -648,10 +765,10 @@ def test_exported_model_on_cuda_matches_pytorch(ort_cuda, llama64, tmp_path, dty
         with torch.no_grad(), attention_mode(ref_model, "toptheta", thresholds=th, comp_mode=1):
             ref = ref_model(input_ids=tok, attention_mask=mask, past_key_values=cache, use_cache=True)
         cache = ref.past_key_values
-        outs = dict(zip(names, sess.run(names, {"input_ids": tok.numpy(), "attention_mask": mask.numpy(),
-                                                **feed_past})))
-        feed_past = {n.replace("present.", "past_key_values."): v for n, v in outs.items()
-                     if n.startswith("present.")}
+        outs = dict(
+            zip(names, sess.run(names, {"input_ids": tok.numpy(), "attention_mask": mask.numpy(), **feed_past}))
+        )
+        feed_past = {n.replace("present.", "past_key_values."): v for n, v in outs.items() if n.startswith("present.")}
         got, want = outs["logits"].astype(np.float64), ref.logits.double().numpy()
         if step == 0:
             got, want = got[mask.bool().numpy()], want[mask.bool().numpy()]

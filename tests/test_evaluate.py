@@ -30,6 +30,7 @@ SEQ = 192
 
 # -- fixtures ------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_lm_out(tmp_path_factory):
     """A tiny LLaMA (GQA 4/2 heads, 3 layers) with a BPE tokenizer, through the pipeline (no validation)."""
@@ -37,35 +38,58 @@ def tiny_lm_out(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("eval")
     save_tiny_llama_with_tokenizer(root / "model")
-    run_pipeline(str(root / "model"), "builtin:pydoc", root / "out", k=8, seq_len=SEQ, num_samples=3,
-                 dense_layers=1, do_validate=False)
+    run_pipeline(
+        str(root / "model"),
+        "builtin:pydoc",
+        root / "out",
+        k=8,
+        seq_len=SEQ,
+        num_samples=3,
+        dense_layers=1,
+        do_validate=False,
+    )
     return root
 
 
 # -- the ONNX top-k replacement -------------------------------------------------------------------------
 
+
 def _single_node(mask_rank: int | None, causal: int, hq: int = 4, hkv: int = 2):
     """One TopThetaAttention node with stated shapes (so the mask's rank is known to the replacement)."""
-    ins = [helper.make_tensor_value_info("q", TensorProto.FLOAT, ["B", hq, "S", 16]),
-           helper.make_tensor_value_info("k", TensorProto.FLOAT, ["B", hkv, "K", 16]),
-           helper.make_tensor_value_info("v", TensorProto.FLOAT, ["B", hkv, "K", 8])]
+    ins = [
+        helper.make_tensor_value_info("q", TensorProto.FLOAT, ["B", hq, "S", 16]),
+        helper.make_tensor_value_info("k", TensorProto.FLOAT, ["B", hkv, "K", 16]),
+        helper.make_tensor_value_info("v", TensorProto.FLOAT, ["B", hkv, "K", 8]),
+    ]
     names = ["q", "k", "v", "toptheta.theta.0"]
     if mask_rank:
         shape = ["B", "K"] if mask_rank == 2 else ["B", 1, "S", "K"]
         ins.append(helper.make_tensor_value_info("m", TensorProto.BOOL, shape))
         names.append("m")
-    node = helper.make_node("TopThetaAttention", names, ["y", "", "", "kept"], domain="ai.toptheta",
-                            causal=causal, num_heads=hq, num_kv_heads=hkv, comp_mode=0)
-    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", hq, "S", 8]),
-            helper.make_tensor_value_info("kept", TensorProto.INT32, ["B", hq, "S"])]
+    node = helper.make_node(
+        "TopThetaAttention",
+        names,
+        ["y", "", "", "kept"],
+        domain="ai.toptheta",
+        causal=causal,
+        num_heads=hq,
+        num_kv_heads=hkv,
+        comp_mode=0,
+    )
+    outs = [
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", hq, "S", 8]),
+        helper.make_tensor_value_info("kept", TensorProto.INT32, ["B", hq, "S"]),
+    ]
     theta = helper.make_tensor("toptheta.theta.0", TensorProto.FLOAT, [hq, 4], [0.0] * (4 * hq))
     graph = helper.make_graph([node], "one", ins, outs, initializer=[theta])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("ai.toptheta", 1)],
-                             ir_version=10)
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("ai.toptheta", 1)], ir_version=10
+    )
 
 
-@pytest.mark.parametrize("mask_rank,causal,sq,ktot", [(2, 1, 7, 19), (4, 0, 5, 5), (None, 1, 1, 12),
-                                                      (2, 0, 6, 6), (None, 0, 3, 3)])
+@pytest.mark.parametrize(
+    "mask_rank,causal,sq,ktot", [(2, 1, 7, 19), (4, 0, 5, 5), (None, 1, 1, 12), (2, 0, 6, 6), (None, 0, 3, 3)]
+)
 def test_topk_replacement_equals_numpy(mask_rank, causal, sq, ktot):
     """The standard-ops top-k equals the float64 NumPy definition: GQA, causal bottom-right, masks, k > row."""
     import onnxruntime as ort
@@ -91,8 +115,7 @@ def test_topk_replacement_equals_numpy(mask_rank, causal, sq, ktot):
     elif mask_rank == 4:
         feeds["m"] = np.broadcast_to(pad[:, None, None, :], (b, 1, sq, ktot)).copy()
     y, kept = sess.run(["y", "kept"], feeds)
-    ref_y, ref_kept = topk_attention_numpy(q, k, v, 4, causal=bool(causal),
-                                           key_padding=pad if mask_rank else None)
+    ref_y, ref_kept = topk_attention_numpy(q, k, v, 4, causal=bool(causal), key_padding=pad if mask_rank else None)
     np.testing.assert_array_equal(kept, ref_kept)
     np.testing.assert_allclose(y, ref_y, atol=2e-5)
     assert kept.max() == min(4, ktot)
@@ -138,6 +161,7 @@ def test_variant_errors(tiny_lm_out, tmp_path):
 
 # -- the cloze task -------------------------------------------------------------------------------------
 
+
 def test_cloze_is_deterministic_and_correct(tiny_lm_out):
     from transformers import AutoTokenizer
 
@@ -153,7 +177,7 @@ def test_cloze_is_deterministic_and_correct(tiny_lm_out):
     for it in a:
         t, true = it["position"], it["ending_ids"][it["label"]]
         assert t >= SEQ // 4
-        assert win[it["window"], t:t + len(true)].tolist() == true  # the correct ending is what follows
+        assert win[it["window"], t : t + len(true)].tolist() == true  # the correct ending is what follows
         assert tok.decode(win[it["window"], :t].tolist()) == it["ctx"]
         assert len(set(it["endings"])) == 4 and all(e.startswith(" ") for e in it["endings"])
         assert [tok.decode(e) for e in it["ending_ids"]] == it["endings"]
@@ -187,17 +211,29 @@ def test_criterion_in_domain_and_strict():
     from topthetaexport.eval.evaluation import _criterion
 
     def variant(name, ppl, d_in, d_cross, read_red, kind="toptheta"):
-        return {"name": name, "kind": kind,
-                "in_domain": {"perplexity": 10.0, "perplexity_relative_change": ppl,
-                              "attention": {"decode": {"v_rows_reduction": 5.0, "v_rows_read_reduction": read_red}}},
-                "tasks": {"cloze:in_domain": {"acc_delta_points": 0.0, "acc_norm_delta_points": d_in},
-                          "cloze:cross_domain": {"acc_delta_points": 0.0, "acc_norm_delta_points": d_cross}}}
+        return {
+            "name": name,
+            "kind": kind,
+            "in_domain": {
+                "perplexity": 10.0,
+                "perplexity_relative_change": ppl,
+                "attention": {"decode": {"v_rows_reduction": 5.0, "v_rows_read_reduction": read_red}},
+            },
+            "tasks": {
+                "cloze:in_domain": {"acc_delta_points": 0.0, "acc_norm_delta_points": d_in},
+                "cloze:cross_domain": {"acc_delta_points": 0.0, "acc_norm_delta_points": d_cross},
+            },
+        }
 
-    crit = _criterion([variant("dense", 0.0, 0.0, 0.0, 1.0, kind="dense"),
-                       variant("a", 0.002, 0.4, -1.1, 3.2),   # in-domain ok, cross-domain 1.1 points down
-                       variant("b", 0.011, 0.8, 0.0, 5.0),    # perplexity +1.1 %
-                       variant("c", 0.008, 0.0, 0.0, 1.0),    # comp 2: reads every V row
-                       variant("d", 0.001, -0.5, -0.9, 3.0)])
+    crit = _criterion(
+        [
+            variant("dense", 0.0, 0.0, 0.0, 1.0, kind="dense"),
+            variant("a", 0.002, 0.4, -1.1, 3.2),  # in-domain ok, cross-domain 1.1 points down
+            variant("b", 0.011, 0.8, 0.0, 5.0),  # perplexity +1.1 %
+            variant("c", 0.008, 0.0, 0.0, 1.0),  # comp 2: reads every V row
+            variant("d", 0.001, -0.5, -0.9, 3.0),
+        ]
+    )
     by = {c["variant"]: c for c in crit["variants"]}
     assert set(by) == {"a", "b", "c", "d"}
     assert crit["met_by"] == ["a", "d"] and crit["met_incl_cross_domain_by"] == ["d"]
@@ -215,6 +251,7 @@ def test_builtin_licenses_text():
 
 # -- the whole evaluation ------------------------------------------------------------------------------
 
+
 def test_evaluate_report_is_consistent(tiny_lm_out, tmp_path):
     """One eval run: files written atomically, dense is dense, top-k keeps exactly min(k, row), the decode
     V rows read from prefill rows equal a real KV-cache decode, the written cloze jsonl scores the same as a
@@ -228,15 +265,30 @@ def test_evaluate_report_is_consistent(tiny_lm_out, tmp_path):
     prose.write_text("\n\n\n".join(load_texts("builtin:pydoc")[40:44]))
     out = tmp_path / "ev"
     with pytest.warns(RuntimeWarning, match="cloze task on .* skipped"):  # 3 short windows: too few sentences
-        rep = evaluate(tiny_lm_out / "out", windows=6, cross_data=str(prose), cross_windows=3, task_items=5,
-                       sweep=[4], sweep_comp_modes=[0], output=out)
+        rep = evaluate(
+            tiny_lm_out / "out",
+            windows=6,
+            cross_data=str(prose),
+            cross_windows=3,
+            task_items=5,
+            sweep=[4],
+            sweep_comp_modes=[0],
+            output=out,
+        )
     assert "cloze:cross_domain" in rep["tasks_skipped"]
     assert {p.name for p in out.iterdir()} == {"eval.json", "sweep.csv", "sweep.md", "accuracy.png", "tasks"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     on_disk = json.loads((out / "eval.json").read_text())
     names = [r["name"] for r in on_disk["variants"]]
-    assert names == ["dense", "topk@4", "toptheta@4/comp0", "topk@8", "toptheta@8/comp0", "toptheta@8/comp1",
-                     "toptheta@8/comp2"]
+    assert names == [
+        "dense",
+        "topk@4",
+        "toptheta@4/comp0",
+        "topk@8",
+        "toptheta@8/comp0",
+        "toptheta@8/comp1",
+        "toptheta@8/comp2",
+    ]
     by = {r["name"]: r for r in rep["variants"]}
     dense = by["dense"]
     assert dense["in_domain"]["attention"]["kept_fraction"] == 1.0
@@ -261,7 +313,9 @@ def test_evaluate_report_is_consistent(tiny_lm_out, tmp_path):
     # decode V rows measured on prefill rows = a real decode through the KV cache
     dc = rep["decode_check"]
     assert dc["variant"] == "toptheta@8/comp0"
-    assert dc["kv_cache_decode"]["v_rows_kept_per_step"] == pytest.approx(dc["from_prefill_rows"]["v_rows_kept_per_token"])
+    assert dc["kv_cache_decode"]["v_rows_kept_per_step"] == pytest.approx(
+        dc["from_prefill_rows"]["v_rows_kept_per_token"]
+    )
     assert dc["kv_cache_decode"]["max_abs_diff_decode_vs_prefill"] < 1e-4
     # the cloze task was built, written, and scores the same when read back as a text task
     task = next(t for t in rep["tasks"] if t["name"] == "cloze:in_domain")

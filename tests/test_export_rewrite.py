@@ -56,6 +56,7 @@ def exported(tiny_models_dir, tmp_path_factory):
 
 # -- helpers -----------------------------------------------------------------------------------------
 
+
 def session(path):
     return runtime.session(path, device="cpu")
 
@@ -106,8 +107,9 @@ def max_diff(a: np.ndarray, b: np.ndarray, rows: torch.Tensor | None = None) -> 
     return float(d.max())
 
 
-def compare_steps(loaded, sess, *, mode_ctx, steps: int = 2, batch: int = 2, seq: int = 8, seed: int = 0,
-                  first: list | None = None):
+def compare_steps(
+    loaded, sess, *, mode_ctx, steps: int = 2, batch: int = 2, seq: int = 8, seed: int = 0, first: list | None = None
+):
     """Prefill + ``steps`` decode steps in ORT and PyTorch; returns the max |Δ| of each call.
 
     ``first``, if given, receives the ORT prefill output.
@@ -136,9 +138,18 @@ def compare_steps(loaded, sess, *, mode_ctx, steps: int = 2, batch: int = 2, seq
 
 
 def thresholds_for(loaded, theta: torch.Tensor, sdc: torch.Tensor | None = None, **meta) -> Thresholds:
-    base = {"model": loaded.name, "model_type": loaded.model_type, "causal": loaded.causal, "k": 4,
-            "num_layers": theta.shape[0], "num_heads": theta.shape[1], "num_kv_heads": loaded.num_kv_heads,
-            "head_dim": loaded.head_dim, "dense_layers": [], "calib_source": "test"}
+    base = {
+        "model": loaded.name,
+        "model_type": loaded.model_type,
+        "causal": loaded.causal,
+        "k": 4,
+        "num_layers": theta.shape[0],
+        "num_heads": theta.shape[1],
+        "num_kv_heads": loaded.num_kv_heads,
+        "head_dim": loaded.head_dim,
+        "dense_layers": [],
+        "calib_source": "test",
+    }
     base.update(meta)
     return Thresholds(theta, torch.zeros_like(theta) if sdc is None else sdc, base)
 
@@ -159,9 +170,13 @@ def random_thresholds(loaded, seed: int = 0) -> Thresholds:
         loaded.model(input_ids=ids, attention_mask=mask)
     g = torch.Generator().manual_seed(seed)
     shape = (loaded.num_heads, ROWS)
-    theta = torch.stack([torch.quantile(scores[i], 0.3) + torch.rand(shape, generator=g) *
-                         (torch.quantile(scores[i], 0.85) - torch.quantile(scores[i], 0.3))
-                         for i in range(loaded.num_layers)])
+    theta = torch.stack(
+        [
+            torch.quantile(scores[i], 0.3)
+            + torch.rand(shape, generator=g) * (torch.quantile(scores[i], 0.85) - torch.quantile(scores[i], 0.3))
+            for i in range(loaded.num_layers)
+        ]
+    )
     sdc = torch.rand(theta.shape, generator=g) * 0.9
     return thresholds_for(loaded, theta, sdc)
 
@@ -174,6 +189,7 @@ def assert_one_line_error(excinfo, *needles: str):
 
 
 # -- dense export --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_dense_export_matches_pytorch(exported, kind):
@@ -190,8 +206,9 @@ def test_dense_export_signature(exported):
     L = ex.loaded.num_layers
     names_in = [i.name for i in m.graph.input]
     names_out = [o.name for o in m.graph.output]
-    assert names_in == ["input_ids", "attention_mask"] + [f"past_key_values.{i}.{kv}" for i in range(L)
-                                                          for kv in ("key", "value")]
+    assert names_in == ["input_ids", "attention_mask"] + [
+        f"past_key_values.{i}.{kv}" for i in range(L) for kv in ("key", "value")
+    ]
     assert names_out == ["logits"] + [f"present.{i}.{kv}" for i in range(L) for kv in ("key", "value")]
     ids_dims = [d.dim_param or d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
     past_dims = [d.dim_param or d.dim_value for d in m.graph.input[2].type.tensor_type.shape.dim]
@@ -248,6 +265,7 @@ def test_export_external_data_without_cache(tmp_path, tiny_models_dir, monkeypat
 
 # -- rewrite: graph structure ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_rewrite_structure(exported, tmp_path, kind):
     ex = exported(kind)
@@ -269,7 +287,7 @@ def test_rewrite_structure(exported, tmp_path, kind):
         assert attrs["num_heads"] == loaded.num_heads
         assert attrs["num_kv_heads"] == loaded.num_kv_heads
         assert attrs["causal"] == int(loaded.causal) and attrs["comp_mode"] == 2
-        assert attrs["scale"] == pytest.approx(loaded.head_dim ** -0.5)
+        assert attrs["scale"] == pytest.approx(loaded.head_dim**-0.5)
         assert node.input[3] == f"toptheta.theta.{layer}" and node.input[7] == f"toptheta.sdc.{layer}"
         assert list(inits[node.input[3]].dims) == [loaded.num_heads, ROWS]
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(inits[node.input[3]]), th.theta[layer].numpy())
@@ -315,8 +333,9 @@ def test_rewrite_thresholds_from_path_and_inspect(exported, tmp_path):
     nodes = s["toptheta_nodes"]
     assert [n["layer"] for n in nodes] == [0, 1, 2]
     assert nodes[0]["dense"] and not nodes[1]["dense"]
-    assert all(n["num_heads"] == 4 and n["num_kv_heads"] == 2 and n["rows"] == ROWS and n["comp_mode"] == 1
-               for n in nodes)
+    assert all(
+        n["num_heads"] == 4 and n["num_kv_heads"] == 2 and n["rows"] == ROWS and n["comp_mode"] == 1 for n in nodes
+    )
     assert nodes[1]["theta_mean"] == pytest.approx(float(th.theta[1].mean()), rel=1e-5)
     assert s["metadata"]["toptheta.thresholds_source"] == str(th_dir)
     text = format_summary(s)
@@ -325,6 +344,7 @@ def test_rewrite_thresholds_from_path_and_inspect(exported, tmp_path):
 
 
 # -- rewrite: numerics in onnxruntime -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_rewrite_dense_thresholds_equal_dense_pytorch(exported, tmp_path, kind):
@@ -397,6 +417,7 @@ def test_rewrite_keeps_4d_mask_for_sliding_window(exported, tmp_path):
 
 # -- errors ----------------------------------------------------------------------------------------------
 
+
 def _files(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir())
 
@@ -410,10 +431,13 @@ def test_rewrite_wrong_head_count_is_one_line_error(exported, tmp_path):
     assert _files(tmp_path) == []
 
 
-@pytest.mark.parametrize("layers,needles", [
-    (2, ("layers [2]", "only 2 layers")),
-    (4, ("layer 3 (model.layers.3.self_attn)", "not found in the exported graph", "re-export")),
-])
+@pytest.mark.parametrize(
+    "layers,needles",
+    [
+        (2, ("layers [2]", "only 2 layers")),
+        (4, ("layer 3 (model.layers.3.self_attn)", "not found in the exported graph", "re-export")),
+    ],
+)
 def test_rewrite_layer_count_mismatch(exported, tmp_path, layers, needles):
     ex = exported("llama")
     bad = thresholds_for(ex.loaded, torch.zeros(layers, 4, ROWS))

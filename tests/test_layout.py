@@ -16,8 +16,12 @@ PKG = Path(__file__).resolve().parents[1] / "topthetaexport"
 
 # Lower layers never import higher ones; a layer may import itself (within a folder, without cycles).
 LAYERS = {
-    "_errors": 0, "_io": 0, "progress": 0,
-    "architectures": 1, "data": 1, "thresholds": 1,
+    "_errors": 0,
+    "_io": 0,
+    "progress": 0,
+    "architectures": 1,
+    "data": 1,
+    "thresholds": 1,
     "models": 2,
     "torch": 3,
     "onnx": 4,
@@ -26,8 +30,18 @@ LAYERS = {
     "pipeline": 7,
     "__init__": 8,
 }
-PUBLIC_FUNCTIONS = ("calibrate", "export", "rewrite", "validate", "evaluate", "session", "session_options",
-                    "load_model", "export_onnx", "run_pipeline")
+PUBLIC_FUNCTIONS = (
+    "calibrate",
+    "export",
+    "rewrite",
+    "validate",
+    "evaluate",
+    "session",
+    "session_options",
+    "load_model",
+    "export_onnx",
+    "run_pipeline",
+)
 
 
 def _modules() -> dict[str, Path]:
@@ -60,7 +74,7 @@ def _imports(name: str, path: Path) -> set[str]:
             names = [mod] if mod else [a.name for a in node.names]  # type: ignore[union-attr]
             for n in names:
                 if n and n.startswith("topthetaexport."):
-                    found.add(n[len("topthetaexport."):])
+                    found.add(n[len("topthetaexport.") :])
     mods = _modules()
     return {m for m in found if m in mods and m != name}
 
@@ -93,7 +107,7 @@ def test_no_import_cycles():
         stack.append(n)
         for m in sorted(graph[n]):
             if state.get(m) == 1:
-                return stack[stack.index(m):] + [m]
+                return stack[stack.index(m) :] + [m]
             if m not in state:
                 cycle = visit(m)
                 if cycle:
@@ -123,8 +137,7 @@ def test_public_names_are_the_functions_in_a_fresh_interpreter():
         "second = [inspect.isfunction(getattr(tt, n)) for n in names]\n"
         "print(all(first) and all(second), first, second)\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=PKG.parent)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=PKG.parent)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.startswith("True"), res.stdout
 

@@ -33,8 +33,7 @@ def tiny_calibrated(tiny_llama, tmp_path_factory):
     from topthetaexport.torch.calibration import calibrate
 
     loaded = load_model(tiny_llama)
-    th = calibrate(loaded, make_tokens(3, SEQ, seed=1), k=K, seq_len=SEQ, num_samples=3, dense_layers=1,
-                   progress=None)
+    th = calibrate(loaded, make_tokens(3, SEQ, seed=1), k=K, seq_len=SEQ, num_samples=3, dense_layers=1, progress=None)
     return loaded, _export(loaded, th, tmp_path_factory.mktemp("measure") / "out")
 
 
@@ -58,8 +57,7 @@ def test_validate_twice_gives_identical_numbers(tiny_calibrated):
     assert par["pass"] and par["max_abs_diff_vs_torch_toptheta_pinned"] <= par["tolerance"] == 1e-4
     assert par["pinned_rows_differing_from_ort"] == 0
     assert par["decision_flips_rows_compared"] == 3 * 3 * 4 * SEQ  # windows x layers x heads x rows
-    assert first["perplexity"]["toptheta_torch_pinned"] == pytest.approx(first["perplexity"]["toptheta_onnx"],
-                                                                          rel=1e-5)
+    assert first["perplexity"]["toptheta_torch_pinned"] == pytest.approx(first["perplexity"]["toptheta_onnx"], rel=1e-5)
     # GQA: a KV group reads the union of what its query heads keep, never less than one head, never above dense
     dec = first["decode"]
     assert dec["v_rows_kept_per_step"] <= dec["v_rows_read_kv_group_union_per_step"] <= dec["v_rows_dense_per_step"]
@@ -145,12 +143,20 @@ def test_pinned_keep_masks_are_checked(tiny_calibrated):
             dense = loaded.model(input_ids=ids).logits
         # causal validity still applies: "keep everything" pinned is dense attention
         assert (pinned - dense).abs().max() < 1e-5
-        with pytest.raises(TopThetaError, match="no mask for layer 2"), attention_mode(
-                loaded.model, "toptheta", thresholds=th, keep_masks={0: full[0], 1: full[1]}):
+        with (
+            pytest.raises(TopThetaError, match="no mask for layer 2"),
+            attention_mode(loaded.model, "toptheta", thresholds=th, keep_masks={0: full[0], 1: full[1]}),
+        ):
             loaded.model(input_ids=ids)
-        with pytest.raises(TopThetaError, match="queries and 8 keys"), attention_mode(
-                loaded.model, "toptheta", thresholds=th, keep_masks={i: m[..., :5] for i, m in full.items()}):
+        with (
+            pytest.raises(TopThetaError, match="queries and 8 keys"),
+            attention_mode(
+                loaded.model, "toptheta", thresholds=th, keep_masks={i: m[..., :5] for i, m in full.items()}
+            ),
+        ):
             loaded.model(input_ids=ids)
-    with pytest.raises(TopThetaError, match="use them with mode 'toptheta'"), attention_mode(
-            loaded.model, "dense", keep_masks=full):
+    with (
+        pytest.raises(TopThetaError, match="use them with mode 'toptheta'"),
+        attention_mode(loaded.model, "dense", keep_masks=full),
+    ):
         pass

@@ -70,7 +70,8 @@ def test_unsupported_architecture(tmp_path):
     from transformers import T5Config, T5Model
 
     T5Model(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)).save_pretrained(
-        str(tmp_path / "t5"))
+        str(tmp_path / "t5")
+    )
     with pytest.raises(TopThetaError, match="unsupported architecture 't5'") as e:
         load_model(tmp_path / "t5")
     assert all(t in str(e.value) for t in SUPPORTED_MODEL_TYPES)
@@ -92,6 +93,7 @@ def test_minilm_alias():
 
 
 # -- texts -------------------------------------------------------------------------------------------
+
 
 def test_load_texts_formats(tmp_path):
     (tmp_path / "a.txt").write_text("first doc\nline two\n\nsame doc paragraph\n\n\n\nsecond doc\n")
@@ -132,6 +134,7 @@ def test_load_texts_errors(tmp_path):
 
 
 # -- token windows -----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def word_tokenizer():

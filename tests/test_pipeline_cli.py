@@ -31,9 +31,19 @@ def test_pipeline_tiny_llama_writes_everything(tmp_path, tiny_llama):
     from topthetaexport.pipeline import run_pipeline
 
     out = tmp_path / "out"
-    report = run_pipeline(str(tiny_llama), make_tokens(3, 48, seed=1), out, k=6, seq_len=48, num_samples=3,
-                          dense_layers=1, comp_mode=2, eval_data=make_tokens(2, 48, seed=2), eval_windows=2,
-                          decode_steps=4)
+    report = run_pipeline(
+        str(tiny_llama),
+        make_tokens(3, 48, seed=1),
+        out,
+        k=6,
+        seq_len=48,
+        num_samples=3,
+        dense_layers=1,
+        comp_mode=2,
+        eval_data=make_tokens(2, 48, seed=2),
+        eval_windows=2,
+        decode_steps=4,
+    )
     names = {p.name for p in out.iterdir()}
     assert {"model.onnx", "thresholds.safetensors", "thresholds.json", "library.json", "report.json"} <= names
     assert _leftovers(tmp_path) == []
@@ -66,8 +76,7 @@ def test_cli_stages_and_inspect(tmp_path, tiny_gpt2, capsys):
     """export → rewrite → inspect through the CLI on a tiny GPT-2 with thresholds from the API."""
     from topthetaexport.torch.calibration import calibrate
 
-    th = calibrate(str(tiny_gpt2), make_tokens(2, 40), k=5, seq_len=40, num_samples=2, dense_layers=0,
-                   progress=None)
+    th = calibrate(str(tiny_gpt2), make_tokens(2, 40), k=5, seq_len=40, num_samples=2, dense_layers=0, progress=None)
     th_dir = tmp_path / "th"
     th.save(th_dir)
     dense = tmp_path / "dense.onnx"
@@ -97,7 +106,7 @@ def test_cli_stages_and_inspect(tmp_path, tiny_gpt2, capsys):
 def _one_error_line(err: str) -> str:
     """The error message: one line starting with 'error:' (progress bars may precede it on stderr)."""
     assert "error:" in err, f"no error printed: {err!r}"
-    tail = err[err.rindex("error:"):].strip()
+    tail = err[err.rindex("error:") :].strip()
     assert "\n" not in tail, f"error spans several lines: {tail!r}"
     assert "Traceback" not in err
     return tail
@@ -192,8 +201,22 @@ def test_cuda_request_falls_back_to_cpu_with_warning():
 def test_default_model_pipeline_and_run(tmp_path, capsys, smollm2):
     """The real SmolLM2-135M through the CLI at a small size, then generation and inspect on its output."""
     out = tmp_path / "smol"
-    rc, stdout, err = _run_cli(capsys, "smollm2-135m", "--calib", "builtin:pydoc", "-o", out, "--k", "32",
-                               "--seq-len", "128", "--samples", "2", "--eval-windows", "1")
+    rc, stdout, err = _run_cli(
+        capsys,
+        "smollm2-135m",
+        "--calib",
+        "builtin:pydoc",
+        "-o",
+        out,
+        "--k",
+        "32",
+        "--seq-len",
+        "128",
+        "--samples",
+        "2",
+        "--eval-windows",
+        "1",
+    )
     assert rc == 0, err
     assert "Top-θ summary" in stdout
     v = json.loads((out / "report.json").read_text())["validation"]
@@ -210,11 +233,19 @@ def test_default_model_pipeline_and_run(tmp_path, capsys, smollm2):
     assert "30" in stdout
 
 
-@pytest.mark.parametrize("bad,flag", [({"comp_mode": 7}, "--comp-mode"), ({"device": "tpu"}, "--device"),
-                                      ({"eval_windows": 0}, "--eval-windows"), ({"k": 0}, "--k"),
-                                      ({"seq_len": 1}, "--seq-len"), ({"num_samples": 0}, "--samples"),
-                                      ({"dense_layers": -1}, "--dense-layers"),
-                                      ({"decode_steps": 0}, "--decode-steps")])
+@pytest.mark.parametrize(
+    "bad,flag",
+    [
+        ({"comp_mode": 7}, "--comp-mode"),
+        ({"device": "tpu"}, "--device"),
+        ({"eval_windows": 0}, "--eval-windows"),
+        ({"k": 0}, "--k"),
+        ({"seq_len": 1}, "--seq-len"),
+        ({"num_samples": 0}, "--samples"),
+        ({"dense_layers": -1}, "--dense-layers"),
+        ({"decode_steps": 0}, "--decode-steps"),
+    ],
+)
 def test_api_checks_options_before_loading_anything(bad, flag, tmp_path):
     """The model does not exist: an option error (not the missing-model one) proves the options come first."""
     from topthetaexport._errors import TopThetaError
@@ -228,18 +259,25 @@ def test_api_checks_options_before_loading_anything(bad, flag, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("spec,kind,source", [("cloze:builtin:pydoc", "cloze", "builtin:pydoc"),
-                                              ("retrieval:docs/", "retrieval", "docs/"),
-                                              ("hellaswag.jsonl", "choice", "hellaswag.jsonl"),
-                                              ("choice:items.txt", "choice", "items.txt")])
+@pytest.mark.parametrize(
+    "spec,kind,source",
+    [
+        ("cloze:builtin:pydoc", "cloze", "builtin:pydoc"),
+        ("retrieval:docs/", "retrieval", "docs/"),
+        ("hellaswag.jsonl", "choice", "hellaswag.jsonl"),
+        ("choice:items.txt", "choice", "items.txt"),
+    ],
+)
 def test_parse_task_spec(spec, kind, source):
     from topthetaexport.eval.tasks import parse_task_spec
 
     assert tuple(parse_task_spec(spec)) == (kind, source)
 
 
-@pytest.mark.parametrize("spec,message", [("foo:bar", "unknown task kind 'foo'"), ("cloze:", "names no data"),
-                                          ("notes.txt", "cloze:notes.txt")])
+@pytest.mark.parametrize(
+    "spec,message",
+    [("foo:bar", "unknown task kind 'foo'"), ("cloze:", "names no data"), ("notes.txt", "cloze:notes.txt")],
+)
 def test_parse_task_spec_errors(spec, message):
     from topthetaexport._errors import TopThetaError
     from topthetaexport.eval.tasks import parse_task_spec

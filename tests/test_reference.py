@@ -13,8 +13,9 @@ from topthetaexport.thresholds import Thresholds
 from topthetaexport.torch.reference import dense_attention, topk_attention, toptheta_attention
 
 
-def loop_reference(q, k, v, thr, *, scale=None, causal=False, mask=None, past_k=None, past_v=None, sdc=None,
-                   comp_mode=0):
+def loop_reference(
+    q, k, v, thr, *, scale=None, causal=False, mask=None, past_k=None, past_v=None, sdc=None, comp_mode=0
+):
     """Row-by-row, key-by-key transcription of docs/op.md in Python floats (mask: None, bool or additive)."""
     if past_k is not None:
         k = torch.cat([past_k, k], 2)
@@ -38,9 +39,16 @@ def loop_reference(q, k, v, thr, *, scale=None, causal=False, mask=None, past_k=
                     ok = (not causal) or j <= r
                     a = 0.0
                     if mask is not None:
-                        mv = mask[b, j] if mask.dim() == 2 else mask[b if mask.shape[0] > 1 else 0,
-                                                                      h if mask.shape[1] > 1 else 0,
-                                                                      i if mask.shape[2] > 1 else 0, j]
+                        mv = (
+                            mask[b, j]
+                            if mask.dim() == 2
+                            else mask[
+                                b if mask.shape[0] > 1 else 0,
+                                h if mask.shape[1] > 1 else 0,
+                                i if mask.shape[2] > 1 else 0,
+                                j,
+                            ]
+                        )
                         if mask.dtype == torch.bool:
                             ok = ok and bool(mv)
                         elif float(mv) <= -1e30:
@@ -76,8 +84,8 @@ CASES = [
     # b, hq, hkv, sq, sk, past, causal, mask kind
     (2, 4, 2, 5, 5, 0, True, None),
     (1, 3, 3, 6, 6, 0, False, "pad_bool"),
-    (2, 4, 1, 1, 1, 6, True, "pad_bool"),      # decode with a cache (row position = P)
-    (2, 2, 2, 3, 3, 4, True, "add4d"),         # chunked prefill with a past and an additive 4-D mask
+    (2, 4, 1, 1, 1, 6, True, "pad_bool"),  # decode with a cache (row position = P)
+    (2, 2, 2, 3, 3, 4, True, "add4d"),  # chunked prefill with a past and an additive 4-D mask
     (1, 4, 2, 4, 4, 0, False, "bool4d_head"),  # per-head 4-D bool mask
 ]
 
@@ -116,10 +124,22 @@ def test_matches_loop(case, comp_mode):
     thr[0, 0] = float("-inf")
     sdc = torch.rand(hq, rows, generator=torch.Generator().manual_seed(seed)).float() * 0.9
     mask = _mask(kind, b, hq, sq, ktot, seed)
-    got, kept = toptheta_attention(q, k, v, thr, causal=causal, attn_mask=mask, past_key=pk, past_value=pv,
-                                   sdc=sdc, comp_mode=comp_mode, return_kept=True)
-    want, want_kept = loop_reference(q, k, v, thr.double(), causal=causal, mask=mask, past_k=pk, past_v=pv,
-                                     sdc=sdc.double(), comp_mode=comp_mode)
+    got, kept = toptheta_attention(
+        q,
+        k,
+        v,
+        thr,
+        causal=causal,
+        attn_mask=mask,
+        past_key=pk,
+        past_value=pv,
+        sdc=sdc,
+        comp_mode=comp_mode,
+        return_kept=True,
+    )
+    want, want_kept = loop_reference(
+        q, k, v, thr.double(), causal=causal, mask=mask, past_k=pk, past_v=pv, sdc=sdc.double(), comp_mode=comp_mode
+    )
     assert got.dtype == torch.float64 and kept.dtype == torch.int32
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert torch.equal(kept, want_kept)
@@ -146,8 +166,9 @@ def test_zero_rows_and_nothing_kept():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("hkv,causal,masked,past", [(2, True, False, 0), (1, True, True, 3), (4, False, True, 0),
-                                                    (2, False, False, 2)])
+@pytest.mark.parametrize(
+    "hkv,causal,masked,past", [(2, True, False, 0), (1, True, True, 3), (4, False, True, 0), (2, False, False, 2)]
+)
 def test_dense_equals_sdpa(dtype, hkv, causal, masked, past):
     b, hq, s, d = 2, 4, 7, 16
     g = torch.Generator().manual_seed(3)
@@ -169,8 +190,9 @@ def test_dense_equals_sdpa(dtype, hkv, causal, masked, past):
     kk = torch.cat([pk, k], 2).repeat_interleave(rep, 1)
     vv = torch.cat([pv, v], 2).repeat_interleave(rep, 1)
     want = F.scaled_dot_product_attention(q, kk, vv, attn_mask=full)
-    got = dense_attention(q, k, v, causal=causal, attn_mask=mask, past_key=pk if past else None,
-                          past_value=pv if past else None)
+    got = dense_attention(
+        q, k, v, causal=causal, attn_mask=mask, past_key=pk if past else None, past_value=pv if past else None
+    )
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     # additive float form of the same mask gives the same output
@@ -211,12 +233,21 @@ def test_topk_large_k_equals_dense_and_counts():
 
 # -- thresholds file format --------------------------------------------------------------------------
 
+
 def _thresholds(layers=3, heads=2, rows=5):
     theta = torch.randn(layers, heads, rows)
     theta[0] = float("-inf")
     sdc = torch.rand(layers, heads, rows) * 0.9
-    meta = {"format_version": 1, "model": "tiny", "num_layers": layers, "num_heads": heads, "num_kv_heads": 1,
-            "head_dim": 8, "k": 2, "dense_layers": [0]}
+    meta = {
+        "format_version": 1,
+        "model": "tiny",
+        "num_layers": layers,
+        "num_heads": heads,
+        "num_kv_heads": 1,
+        "head_dim": 8,
+        "k": 2,
+        "dense_layers": [0],
+    }
     return Thresholds(theta, sdc, meta)
 
 

@@ -63,8 +63,15 @@ def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def _node(graph: ir.Graph, op: str, inputs: list, shape: list | None = None, dtype=ir.DataType.FLOAT,
-          name: str | None = None, **attrs) -> ir.Value:
+def _node(
+    graph: ir.Graph,
+    op: str,
+    inputs: list,
+    shape: list | None = None,
+    dtype=ir.DataType.FLOAT,
+    name: str | None = None,
+    **attrs,
+) -> ir.Value:
     node = ir.Node("", op, inputs, attributes=ir.convenience.convert_attributes(attrs), num_outputs=1)
     graph.append(node)
     out = node.outputs[0]
@@ -74,8 +81,9 @@ def _node(graph: ir.Graph, op: str, inputs: list, shape: list | None = None, dty
     return out
 
 
-def build(*, cache: bool, hkv: int, mask: str | None, unsqueeze_axis: int = 2, present_output: bool = True,
-          seed: int = 0) -> Graph:
+def build(
+    *, cache: bool, hkv: int, mask: str | None, unsqueeze_axis: int = 2, present_output: bool = True, seed: int = 0
+) -> Graph:
     """One ONNX Attention node in a form the exporter emits.
 
     ``cache``: K/V are Concat(past, new) on axis 2, the present outputs. ``hkv < HQ``: K/V repeated over the
@@ -98,8 +106,14 @@ def build(*, cache: bool, hkv: int, mask: str | None, unsqueeze_axis: int = 2, p
             past = _value(names.past_name(0, kind), ir.DataType.FLOAT, [B, hkv, P, D])
             graph.inputs.append(past)
             feeds[past.name] = rng.standard_normal((B, hkv, P, D)).astype(np.float32)
-            source = _node(graph, "Concat", [past, new], [B, hkv, ktot, D], axis=2,
-                           name=names.present_name(0, kind) if present_output else f"cat_{kind}")
+            source = _node(
+                graph,
+                "Concat",
+                [past, new],
+                [B, hkv, ktot, D],
+                axis=2,
+                name=names.present_name(0, kind) if present_output else f"cat_{kind}",
+            )
             if present_output:
                 graph.outputs.append(source)
         if hkv != HQ:
@@ -107,10 +121,15 @@ def build(*, cache: bool, hkv: int, mask: str | None, unsqueeze_axis: int = 2, p
             grouped_shape = [B, hkv, HQ // hkv, ktot, D]
             unsq_shape = [B, hkv, 1, ktot, D] if unsqueeze_axis == 2 else [B, 1, hkv, ktot, D]
             u = _node(graph, "Unsqueeze", [source, axes], unsq_shape)
-            e = _node(graph, "Expand", [u, _const(graph, f"expand_{kind}", np.array(grouped_shape, np.int64))],
-                      grouped_shape if unsqueeze_axis == 2 else None)
-            source = _node(graph, "Reshape", [e, _const(graph, f"reshape_{kind}", np.array([B, HQ, ktot, D]))],
-                           [B, HQ, ktot, D])
+            e = _node(
+                graph,
+                "Expand",
+                [u, _const(graph, f"expand_{kind}", np.array(grouped_shape, np.int64))],
+                grouped_shape if unsqueeze_axis == 2 else None,
+            )
+            source = _node(
+                graph, "Reshape", [e, _const(graph, f"reshape_{kind}", np.array([B, HQ, ktot, D]))], [B, HQ, ktot, D]
+            )
         kv.append(source)
     pad = np.ones((B, ktot), bool)
     pad[1, :2] = False  # row 1 is left-padded
@@ -135,19 +154,33 @@ def build(*, cache: bool, hkv: int, mask: str | None, unsqueeze_axis: int = 2, p
         graph.inputs.append(am)
         feeds[am.name] = pad.astype(np.int64)
         as_bool = _node(graph, "Cast", [am], [B, ktot], ir.DataType.BOOL, to=ir.DataType.BOOL)
-        padding = _node(graph, "Unsqueeze", [as_bool, _const(graph, "axes_mask", np.array([1, 2], np.int64))],
-                        [B, 1, 1, ktot], ir.DataType.BOOL)
-        mask_v = _node(graph, "And", [padding, _const(graph, "causal_ok", causal_ok[None, None])],
-                       [B, 1, sq, ktot], ir.DataType.BOOL)
+        padding = _node(
+            graph,
+            "Unsqueeze",
+            [as_bool, _const(graph, "axes_mask", np.array([1, 2], np.int64))],
+            [B, 1, 1, ktot],
+            ir.DataType.BOOL,
+        )
+        mask_v = _node(
+            graph,
+            "And",
+            [padding, _const(graph, "causal_ok", causal_ok[None, None])],
+            [B, 1, sq, ktot],
+            ir.DataType.BOOL,
+        )
         ref_mask = pad[:, None, None, :] & causal_ok[None, None]
         causal = False  # the reference gets the full 4-D mask; the op gets key padding + causal=1
     if mask_v is not None and mask_v.producer() is None:
         graph.inputs.append(mask_v)
-    attn = ir.Node("", "Attention", [q, kv[0], kv[1], mask_v], num_outputs=1, name="attention",
-                   attributes=ir.convenience.convert_attributes({"scale": D ** -0.5, "is_causal": 0}),
-                   metadata_props={
-                       names.SCOPES_KEY: "['model.model.layers.0', 'model.model.layers.0.self_attn', 'sdpa']"
-                   })
+    attn = ir.Node(
+        "",
+        "Attention",
+        [q, kv[0], kv[1], mask_v],
+        num_outputs=1,
+        name="attention",
+        attributes=ir.convenience.convert_attributes({"scale": D**-0.5, "is_causal": 0}),
+        metadata_props={names.SCOPES_KEY: "['model.model.layers.0', 'model.model.layers.0.self_attn', 'sdpa']"},
+    )
     graph.append(attn)
     y = attn.outputs[0]
     y.name, y.shape, y.dtype = "y", ir.Shape([B, HQ, sq, D]), ir.DataType.FLOAT
@@ -177,8 +210,11 @@ def run(model: ir.Model, feeds: dict[str, np.ndarray], tmp_path: Path, outputs: 
 
 
 def reference(g: Graph, th: Thresholds, comp_mode: int = 0, *, causal: bool | None = None):
-    f = {k: torch.from_numpy(np.ascontiguousarray(v)).double() for k, v in g.feeds.items()
-         if k.startswith(("query", "new_", "past_"))}
+    f = {
+        k: torch.from_numpy(np.ascontiguousarray(v)).double()
+        for k, v in g.feeds.items()
+        if k.startswith(("query", "new_", "past_"))
+    }
     k, v = f["new_key"], f["new_value"]
     if names.past_name(0, "key") in f:
         k = torch.cat([f[names.past_name(0, "key")], k], dim=2)
@@ -186,9 +222,18 @@ def reference(g: Graph, th: Thresholds, comp_mode: int = 0, *, causal: bool | No
     mask = None if g.mask is None else torch.from_numpy(g.mask)
     mask = mask.double() if mask is not None and mask.dtype != torch.bool else mask
     theta, sdc = th.layer(0)
-    out, kept = toptheta_attention(f["query"], k, v, theta.double(), scale=D ** -0.5,
-                                   causal=g.causal if causal is None else causal, attn_mask=mask,
-                                   sdc=sdc.double(), comp_mode=comp_mode, return_kept=True)
+    out, kept = toptheta_attention(
+        f["query"],
+        k,
+        v,
+        theta.double(),
+        scale=D**-0.5,
+        causal=g.causal if causal is None else causal,
+        attn_mask=mask,
+        sdc=sdc.double(),
+        comp_mode=comp_mode,
+        return_kept=True,
+    )
     return out.numpy(), kept.numpy(), (f["query"], k, v, mask)
 
 
@@ -200,6 +245,7 @@ def only_op(model: ir.Model) -> ir.Node:
 
 
 # -- one test per rule ---------------------------------------------------------------------------------
+
 
 def test_cached_gqa_rule_reads_present_and_matches_reference(tmp_path):
     g = build(cache=True, hkv=2, mask="bool")
@@ -261,6 +307,7 @@ def test_mha_rule_without_mask(tmp_path):
 
 # -- near misses ---------------------------------------------------------------------------------------
 
+
 def test_gqa_rules_reject_unsqueeze_on_another_axis():
     g = build(cache=True, hkv=2, mask="bool", unsqueeze_axis=1)
     ctx = context(g, thresholds())
@@ -298,14 +345,18 @@ def test_rules_reject_softcap():
 
 # -- NaN thresholds ------------------------------------------------------------------------------------
 
+
 def test_nan_theta_in_thresholds_file_is_refused(tmp_path):
     from safetensors.torch import save_file
 
     theta = torch.zeros(3, HQ, ROWS)
     theta[2, 1, 0] = float("nan")
     meta = {"format_version": 1, "num_layers": 3, "num_heads": HQ}
-    save_file({"theta": theta, "sdc": torch.zeros(3, HQ, ROWS)}, str(tmp_path / TENSORS_FILE),
-              metadata={"toptheta_meta": json.dumps(meta)})
+    save_file(
+        {"theta": theta, "sdc": torch.zeros(3, HQ, ROWS)},
+        str(tmp_path / TENSORS_FILE),
+        metadata={"toptheta_meta": json.dumps(meta)},
+    )
     with pytest.raises(TopThetaError) as ei:
         Thresholds.load(tmp_path)
     msg = str(ei.value)
@@ -332,6 +383,7 @@ def test_rewrite_refuses_nan_theta_set_after_construction(tmp_path):
 
 # -- variant passes ------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def rewritten():
     """A rewritten cached-GQA graph with its thresholds."""
@@ -351,8 +403,9 @@ def test_expose_kept_and_io_passes(rewritten, tmp_path):
     np.testing.assert_array_equal(got[names.kept_name(0)], kept)
     assert 0 < kept.sum() < np.broadcast_to(g.mask, kept.shape + (T,)).sum()  # some pruned, some kept
     for slot, want in (("q", q), ("k", k), ("v", v), ("mask", mask), ("y", ref)):
-        np.testing.assert_allclose(got[names.io_name(0, slot)], want.numpy() if hasattr(want, "numpy") else want,
-                                   atol=TOL)
+        np.testing.assert_allclose(
+            got[names.io_name(0, slot)], want.numpy() if hasattr(want, "numpy") else want, atol=TOL
+        )
 
 
 def test_set_thresholds_comp_mode_and_dense_twin_passes(rewritten, tmp_path):
@@ -363,7 +416,7 @@ def test_set_thresholds_comp_mode_and_dense_twin_passes(rewritten, tmp_path):
     np.testing.assert_allclose(run(g.model, g.feeds, tmp_path)["y"], reference(g, other, comp_mode=2)[0], atol=TOL)
     DenseTwin()(g.model)
     q, k, v, mask = reference(g, other)[2]
-    dense = dense_attention(q, k, v, scale=D ** -0.5, attn_mask=mask).numpy()
+    dense = dense_attention(q, k, v, scale=D**-0.5, attn_mask=mask).numpy()
     np.testing.assert_allclose(run(g.model, g.feeds, tmp_path)["y"], dense, atol=TOL)
     with pytest.raises(TopThetaError, match="theta_fill is NaN"):
         SetThresholds(theta_fill=float("nan"))
@@ -379,7 +432,7 @@ def test_replace_with_topk_pass(rewritten, tmp_path):
     ExposeKept()(g.model)
     got = run(g.model, g.feeds, tmp_path)
     q, k, v, mask = reference(g, th)[2]
-    ref = topk_attention(q, k, v, 3, scale=D ** -0.5, attn_mask=mask).numpy()
+    ref = topk_attention(q, k, v, 3, scale=D**-0.5, attn_mask=mask).numpy()
     np.testing.assert_allclose(got["y"], ref, atol=TOL)
     valid = np.broadcast_to(g.mask, (B, HQ, S, T)).sum(-1)
     np.testing.assert_array_equal(got[names.kept_name(0)], np.minimum(valid, 3))

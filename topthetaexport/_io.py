@@ -16,10 +16,26 @@ from typing import Any
 from ._errors import TopThetaError
 
 # What an output folder of the pipeline may hold (glob patterns: tokenizer file names vary by model).
-OUR_FILES = {"model.onnx", "model.onnx.data", "thresholds.safetensors", "thresholds.json", "report.json",
-             "library.json", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-             "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*",
-             "tokenizer.model", "spiece.model", "sentencepiece.bpe.model"}
+OUR_FILES = {
+    "model.onnx",
+    "model.onnx.data",
+    "thresholds.safetensors",
+    "thresholds.json",
+    "report.json",
+    "library.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "chat_template.*",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+}
 
 
 def is_own_file(name: str, own_files=OUR_FILES) -> bool:
@@ -105,8 +121,9 @@ def check_output_dir(out: str | os.PathLike, own_files=OUR_FILES, what: str = "a
             raise TopThetaError(f"output {out} exists and is not a folder: choose another -o")
         foreign = sorted(p.name for p in out.iterdir() if not is_own_file(p.name, own_files))
         if foreign:
-            raise TopThetaError(f"output folder {out} is not empty and not {what} (it holds {foreign[0]}): "
-                                "choose another -o")
+            raise TopThetaError(
+                f"output folder {out} is not empty and not {what} (it holds {foreign[0]}): choose another -o"
+            )
     return out
 
 
@@ -187,12 +204,23 @@ DEVICES = ("auto", "cpu", "cuda")
 
 # API name -> (command-line flag, smallest allowed value); values may be ints or lists of ints
 _MINIMUM = {
-    "k": ("--k", 1), "seq_len": ("--seq-len", 2), "num_samples": ("--samples", 1),
-    "dense_layers": ("--dense-layers", 0), "eval_windows": ("--eval-windows", 1), "num_windows": ("--windows", 1),
-    "eval_cmd_windows": ("--windows", 2), "decode_steps": ("--decode-steps", 1),
-    "task_items": ("--task-items", 1), "threads": ("--threads", 1), "max_new_tokens": ("--max-new-tokens", 1),
-    "sweep": ("--sweep", 1), "heads": ("--heads", 1), "kv_heads": ("--kv-heads", 1),
-    "head_dim": ("--head-dim", 1), "seqs": ("--seq", 1), "repeats": ("--repeats", 1),
+    "k": ("--k", 1),
+    "seq_len": ("--seq-len", 2),
+    "num_samples": ("--samples", 1),
+    "dense_layers": ("--dense-layers", 0),
+    "eval_windows": ("--eval-windows", 1),
+    "num_windows": ("--windows", 1),
+    "eval_cmd_windows": ("--windows", 2),
+    "decode_steps": ("--decode-steps", 1),
+    "task_items": ("--task-items", 1),
+    "threads": ("--threads", 1),
+    "max_new_tokens": ("--max-new-tokens", 1),
+    "sweep": ("--sweep", 1),
+    "heads": ("--heads", 1),
+    "kv_heads": ("--kv-heads", 1),
+    "head_dim": ("--head-dim", 1),
+    "seqs": ("--seq", 1),
+    "repeats": ("--repeats", 1),
 }
 _COMP = {"comp_mode": "--comp-mode", "comp_modes": "--comp-modes", "sweep_comp_modes": "--sweep-comp-modes"}
 
@@ -217,8 +245,10 @@ def check_options(**options) -> None:
         elif name in _COMP:
             for v in values:
                 if isinstance(v, bool) or v not in COMP_MODES:
-                    raise TopThetaError(f"compensation mode {v!r} does not exist ({_COMP[name]}): use "
-                                        + ", ".join(f"{m} ({what})" for m, what in COMP_MODES.items()))
+                    raise TopThetaError(
+                        f"compensation mode {v!r} does not exist ({_COMP[name]}): use "
+                        + ", ".join(f"{m} ({what})" for m, what in COMP_MODES.items())
+                    )
         elif name == "device":
             if value not in DEVICES:
                 raise TopThetaError(f"unknown device {value!r} (--device): use auto, cpu or cuda")

@@ -40,8 +40,9 @@ def load_texts(source) -> list[str]:
         texts, where = _path_texts(path), str(path)
     texts = [t for t in (t.strip() for t in texts) if t]
     if not texts:
-        raise TopThetaError(f"no text found in {where}: pass a non-empty .txt/.jsonl file, a folder of them, "
-                            f"or {BUILTIN_PYDOC}")
+        raise TopThetaError(
+            f"no text found in {where}: pass a non-empty .txt/.jsonl file, a folder of them, or {BUILTIN_PYDOC}"
+        )
     return texts
 
 
@@ -53,16 +54,19 @@ def _pydoc_texts() -> list[str]:
 
 def _license_texts() -> list[str]:
     if not LICENSES_DIR.is_dir():
-        raise TopThetaError(f"{BUILTIN_LICENSES} needs {LICENSES_DIR} (Debian/Ubuntu package base-files), which "
-                            "this machine lacks: pass a .txt/.jsonl file or folder instead")
+        raise TopThetaError(
+            f"{BUILTIN_LICENSES} needs {LICENSES_DIR} (Debian/Ubuntu package base-files), which "
+            "this machine lacks: pass a .txt/.jsonl file or folder instead"
+        )
     files = sorted(p for p in LICENSES_DIR.iterdir() if p.is_file() and not p.is_symlink())
     return [f.read_text(encoding="utf-8", errors="replace") for f in files]
 
 
 def _path_texts(path: Path) -> list[str]:
     if not path.exists():
-        raise TopThetaError(f"data path {path} does not exist: pass a .txt/.jsonl file, a folder of them, "
-                            f"or {BUILTIN_PYDOC}")
+        raise TopThetaError(
+            f"data path {path} does not exist: pass a .txt/.jsonl file, a folder of them, or {BUILTIN_PYDOC}"
+        )
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in (".txt", ".jsonl"))
         if not files:
@@ -101,12 +105,13 @@ def _jsonl_texts(path: Path, text: str) -> list[str]:
     out = []
     for n, obj in jsonl_objects(text, str(path)):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise TopThetaError(f"{path} line {n} has no string field \"text\": give every line a \"text\"")
+            raise TopThetaError(f'{path} line {n} has no string field "text": give every line a "text"')
         out.append(obj["text"])
     return out
 
 
 # -- tokens ------------------------------------------------------------------------------------------
+
 
 def _separator(tokenizer) -> int | None:
     for attr in ("eos_token_id", "sep_token_id"):
@@ -134,12 +139,13 @@ def token_batches(tokenizer, source_or_texts, *, seq_len: int, num_samples: int,
     ``[CLS] ... [SEP]``. The first ``skip`` windows are skipped (held-out evaluation after calibration).
     """
     if seq_len < 2 or num_samples < 1 or skip < 0:
-        raise TopThetaError(f"need seq_len >= 2, num_samples >= 1 and skip >= 0 (got {seq_len}, {num_samples}, "
-                            f"{skip})")
+        raise TopThetaError(f"need seq_len >= 2, num_samples >= 1 and skip >= 0 (got {seq_len}, {num_samples}, {skip})")
     texts = load_texts(source_or_texts)
     if tokenizer is None:
-        raise TopThetaError("this model has no tokenizer, so text cannot be tokenized: pass token ids "
-                            "(a LongTensor [N, seq_len]) or a model directory with a tokenizer")
+        raise TopThetaError(
+            "this model has no tokenizer, so text cannot be tokenized: pass token ids "
+            "(a LongTensor [N, seq_len]) or a model directory with a tokenizer"
+        )
     stream = _token_stream(tokenizer, texts)
     cls, sep = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
     wrap = isinstance(cls, int) and isinstance(sep, int) and getattr(tokenizer, "eos_token_id", None) is None
@@ -147,13 +153,18 @@ def token_batches(tokenizer, source_or_texts, *, seq_len: int, num_samples: int,
     available = len(stream) // body
     n = min(num_samples, available - skip)
     if n < 1:
-        raise TopThetaError(f"the text gives {len(stream)} tokens = {available} windows of {seq_len}, but "
-                            f"{skip} are skipped and at least one more is needed: use more text or a "
-                            "smaller seq_len / num_samples")
+        raise TopThetaError(
+            f"the text gives {len(stream)} tokens = {available} windows of {seq_len}, but "
+            f"{skip} are skipped and at least one more is needed: use more text or a "
+            "smaller seq_len / num_samples"
+        )
     if n < num_samples:
-        warnings.warn(f"only {n} windows of {seq_len} tokens available after skipping {skip} "
-                      f"(asked for {num_samples})", RuntimeWarning, stacklevel=2)
-    windows = torch.tensor(stream[skip * body:(skip + n) * body], dtype=torch.long).view(n, body)
+        warnings.warn(
+            f"only {n} windows of {seq_len} tokens available after skipping {skip} (asked for {num_samples})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    windows = torch.tensor(stream[skip * body : (skip + n) * body], dtype=torch.long).view(n, body)
     if wrap:
         assert isinstance(cls, int) and isinstance(sep, int)
         windows = torch.cat([torch.full((n, 1), cls), windows, torch.full((n, 1), sep)], dim=1)
@@ -164,8 +175,9 @@ def as_token_tensor(data, tokenizer, *, seq_len: int, num_samples: int, skip: in
     """``data`` if it already is a token tensor [N, S], else ``token_batches(tokenizer, data, ...)``."""
     if isinstance(data, torch.Tensor):
         if data.dim() != 2 or data.dtype not in (torch.int64, torch.int32) or data.numel() == 0:
-            raise TopThetaError(f"token data must be a non-empty integer tensor [N, seq_len], got "
-                                f"{data.dtype} {list(data.shape)}")
+            raise TopThetaError(
+                f"token data must be a non-empty integer tensor [N, seq_len], got {data.dtype} {list(data.shape)}"
+            )
         return data.long()
     return token_batches(tokenizer, data, seq_len=seq_len, num_samples=num_samples, skip=skip)
 

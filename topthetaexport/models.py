@@ -78,18 +78,22 @@ def load_model(name_or_path, *, dtype: torch.dtype = torch.float32) -> LoadedMod
         return _load_alias(name.lower(), dtype)
     path = Path(name).expanduser()
     if not path.exists():
-        raise TopThetaError(f"model '{name}' is neither a known alias ({', '.join(KNOWN_MODELS)}) nor an existing "
-                            "directory: pass an alias or a local Hugging Face model directory")
+        raise TopThetaError(
+            f"model '{name}' is neither a known alias ({', '.join(KNOWN_MODELS)}) nor an existing "
+            "directory: pass an alias or a local Hugging Face model directory"
+        )
     return _load_dir(path, dtype, name=name)
 
 
 # -- aliases -----------------------------------------------------------------------------------------
 
+
 def _package_dir(pkg: str) -> Path:
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
-        raise TopThetaError(f"the offline model package '{pkg}' is not installed: install it or pass a local "
-                            "model directory")
+        raise TopThetaError(
+            f"the offline model package '{pkg}' is not installed: install it or pass a local model directory"
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -114,8 +118,10 @@ def _build_gguf_cache(src: Path, gguf: str, cached: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=gguf, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf)
     except Exception as e:
-        raise TopThetaError(f"cannot read GGUF model {src / gguf} ({_first_line(e)}): reinstall the model "
-                            "package (needs the 'gguf' Python package)") from None
+        raise TopThetaError(
+            f"cannot read GGUF model {src / gguf} ({_first_line(e)}): reinstall the model "
+            "package (needs the 'gguf' Python package)"
+        ) from None
     # transformers refuses to save a model loaded from GGUF: copy the de-quantised weights into a plain model
     cfg = copy.deepcopy(model.config)
     if hasattr(cfg, "quantization_config"):
@@ -123,8 +129,10 @@ def _build_gguf_cache(src: Path, gguf: str, cached: Path) -> None:
     plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
     if unexpected or [m for m in missing if "lm_head" not in m]:
-        raise TopThetaError(f"GGUF model {src / gguf} does not match its config (missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}): reinstall the model package")
+        raise TopThetaError(
+            f"GGUF model {src / gguf} does not match its config (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}): reinstall the model package"
+        )
     plain.tie_weights()
     with atomic_path(cached) as tmp:
         plain.save_pretrained(str(tmp))
@@ -132,6 +140,7 @@ def _build_gguf_cache(src: Path, gguf: str, cached: Path) -> None:
 
 
 # -- directories -------------------------------------------------------------------------------------
+
 
 def _read_config(path: Path) -> dict:
     cfg = path / "config.json"
@@ -157,8 +166,10 @@ def _load_dir(path: Path, dtype, *, name: str) -> LoadedModel:
     try:
         model = cls.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
     except Exception as e:
-        raise TopThetaError(f"cannot load model weights from {path} ({_first_line(e)}): check that the directory "
-                            "is complete and uncorrupted, or re-save it") from None
+        raise TopThetaError(
+            f"cannot load model weights from {path} ({_first_line(e)}): check that the directory "
+            "is complete and uncorrupted, or re-save it"
+        ) from None
     tok = None
     if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         try:
@@ -179,9 +190,17 @@ def _wrap(model, tokenizer, name: str, source: str, dtype) -> LoadedModel:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     causal = arch.causal
     return LoadedModel(
-        model=model, tokenizer=tokenizer, name=name, source=source, model_type=arch.model_type, causal=causal,
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        source=source,
+        model_type=arch.model_type,
+        causal=causal,
         is_lm=hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None and causal,
-        num_layers=int(cfg.num_hidden_layers), num_heads=heads, num_kv_heads=int(kv), head_dim=int(head_dim),
+        num_layers=int(cfg.num_hidden_layers),
+        num_heads=heads,
+        num_kv_heads=int(kv),
+        head_dim=int(head_dim),
         max_positions=getattr(cfg, "max_position_embeddings", None),
     )
 

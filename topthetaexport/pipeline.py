@@ -39,8 +39,9 @@ def save_model_files(loaded, folder: str | os.PathLike) -> None:
         generation.save_pretrained(folder)
 
 
-def export(model, thresholds, out_dir: str | os.PathLike, *, comp_mode: int = 0,
-           progress: Progress | None = None) -> Path:
+def export(
+    model, thresholds, out_dir: str | os.PathLike, *, comp_mode: int = 0, progress: Progress | None = None
+) -> Path:
     """Export ``model`` to ONNX and rewrite its attention into TopThetaAttention: ``out_dir/model.onnx``.
 
     Also saves the thresholds, ``library.json`` and the model's config, tokenizer and generation config
@@ -77,17 +78,38 @@ def _check_data(data, what: str) -> None:
             raise TopThetaError(f"{what}: {e}") from None
 
 
-def run_pipeline(model: str, calib, out: str | os.PathLike, *, k: int = 64, seq_len: int = 512,
-                 num_samples: int = 16, dense_layers: int = 2, comp_mode: int = 0, eval_data=None,
-                 eval_windows: int = 4, decode_steps: int = 16, do_validate: bool = True,
-                 device: str = "cpu", threads: int | None = None,
-                 progress: Progress | None = None) -> dict[str, Any]:
+def run_pipeline(
+    model: str,
+    calib,
+    out: str | os.PathLike,
+    *,
+    k: int = 64,
+    seq_len: int = 512,
+    num_samples: int = 16,
+    dense_layers: int = 2,
+    comp_mode: int = 0,
+    eval_data=None,
+    eval_windows: int = 4,
+    decode_steps: int = 16,
+    do_validate: bool = True,
+    device: str = "cpu",
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """calibrate → export → rewrite → validate into ``out``; returns the report (also ``out/report.json``)."""
     from .models import load_model
     from .torch.calibration import calibrate
 
-    check_options(k=k, seq_len=seq_len, num_samples=num_samples, dense_layers=dense_layers, comp_mode=comp_mode,
-                  eval_windows=eval_windows, decode_steps=decode_steps, device=device)
+    check_options(
+        k=k,
+        seq_len=seq_len,
+        num_samples=num_samples,
+        dense_layers=dense_layers,
+        comp_mode=comp_mode,
+        eval_windows=eval_windows,
+        decode_steps=decode_steps,
+        device=device,
+    )
     prog = progress or (lambda stage, message, fraction: None)
     library_path()  # fail early, before minutes of calibration, if the library is missing
     timings: dict[str, float] = {}
@@ -102,8 +124,15 @@ def run_pipeline(model: str, calib, out: str | os.PathLike, *, k: int = 64, seq_
         timings["load_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        th = calibrate(loaded, path_reference(calib), k=k, seq_len=seq_len, num_samples=num_samples,
-                       dense_layers=dense_layers, progress=progress)
+        th = calibrate(
+            loaded,
+            path_reference(calib),
+            k=k,
+            seq_len=seq_len,
+            num_samples=num_samples,
+            dense_layers=dense_layers,
+            progress=progress,
+        )
         th.meta["model_path"] = path_reference(model)
         timings["calibrate_s"] = time.perf_counter() - t
         prog("calibrate", "thresholds ready", 1.0)
@@ -117,8 +146,14 @@ def run_pipeline(model: str, calib, out: str | os.PathLike, *, k: int = 64, seq_
             "toptheta_export_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "model": loaded.name,
-            "calibration": {"data": describe_data(calib), "k": k, "seq_len": seq_len, "num_samples": num_samples,
-                            "dense_layers": th.dense_layers, "comp_mode": comp_mode},
+            "calibration": {
+                "data": describe_data(calib),
+                "k": k,
+                "seq_len": seq_len,
+                "num_samples": num_samples,
+                "dense_layers": th.dense_layers,
+                "comp_mode": comp_mode,
+            },
             "files": sorted(p.name for p in stage.iterdir()),
             "library": library_info(),
         }
@@ -127,10 +162,18 @@ def run_pipeline(model: str, calib, out: str | os.PathLike, *, k: int = 64, seq_
             from .eval.validation import validate
 
             report["validation"] = validate(
-                stage, model=loaded, thresholds=th, data=calib if eval_data is None else eval_data, seq_len=seq_len,
-                num_windows=eval_windows, skip=num_samples if eval_data is None else 0,
-                decode_steps=decode_steps, device=device, threads=threads,
-                progress=progress)
+                stage,
+                model=loaded,
+                thresholds=th,
+                data=calib if eval_data is None else eval_data,
+                seq_len=seq_len,
+                num_windows=eval_windows,
+                skip=num_samples if eval_data is None else 0,
+                decode_steps=decode_steps,
+                device=device,
+                threads=threads,
+                progress=progress,
+            )
             report["validation"]["onnx"] = "model.onnx"
             timings["validate_s"] = time.perf_counter() - t
         report["timings"] = timings
@@ -146,11 +189,14 @@ def tokenizer_for(out_dir: str | os.PathLike):
 
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
-        raise TopThetaError(f"{out_dir} is not a folder: pass the folder written by 'topθ-export MODEL --calib DATA "
-                            "-o OUT'")
+        raise TopThetaError(
+            f"{out_dir} is not a folder: pass the folder written by 'topθ-export MODEL --calib DATA -o OUT'"
+        )
     if not any((out_dir / name).is_file() for name in TOKENIZER_FILES):
-        raise TopThetaError(f"{out_dir} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}): re-export it with "
-                            "'topθ-export MODEL --calib DATA -o OUT' from a model folder that has a tokenizer")
+        raise TopThetaError(
+            f"{out_dir} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}): re-export it with "
+            "'topθ-export MODEL --calib DATA -o OUT' from a model folder that has a tokenizer"
+        )
     try:
         return AutoTokenizer.from_pretrained(str(out_dir))
     except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception for a broken tokenizer.json)

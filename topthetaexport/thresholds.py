@@ -74,8 +74,9 @@ class Thresholds:
         meta = dict(self.meta)
         path = out_dir / TENSORS_FILE
         with atomic_path(path) as tmp:
-            save_file({"theta": self.theta, "sdc": self.sdc}, str(tmp),
-                      metadata={_META_KEY: json.dumps(meta, default=str)})
+            save_file(
+                {"theta": self.theta, "sdc": self.sdc}, str(tmp), metadata={_META_KEY: json.dumps(meta, default=str)}
+            )
         write_json(out_dir / META_FILE, meta)
         return path
 
@@ -114,21 +115,25 @@ class Thresholds:
         """
         problem = _value_problem(self.theta, self.sdc)
         if problem:
-            raise TopThetaError(f"{problem}: recalibrate with 'topθ-export calibrate' (θ = -inf, not NaN, "
-                                "marks a dense row)")
+            raise TopThetaError(
+                f"{problem}: recalibrate with 'topθ-export calibrate' (θ = -inf, not NaN, marks a dense row)"
+            )
 
     def check_compatible(self, loaded) -> None:
         """Raise TopThetaError if these thresholds do not fit ``loaded`` (a LoadedModel)."""
-        checks = [("layers", self.num_layers, getattr(loaded, "num_layers", None)),
-                  ("query heads", self.num_heads, getattr(loaded, "num_heads", None)),
-                  ("kv heads", self.meta.get("num_kv_heads"), getattr(loaded, "num_kv_heads", None)),
-                  ("head dim", self.meta.get("head_dim"), getattr(loaded, "head_dim", None))]
+        checks = [
+            ("layers", self.num_layers, getattr(loaded, "num_layers", None)),
+            ("query heads", self.num_heads, getattr(loaded, "num_heads", None)),
+            ("kv heads", self.meta.get("num_kv_heads"), getattr(loaded, "num_kv_heads", None)),
+            ("head dim", self.meta.get("head_dim"), getattr(loaded, "head_dim", None)),
+        ]
         for what, mine, theirs in checks:
             if mine is not None and theirs is not None and int(mine) != int(theirs):
                 name = getattr(loaded, "name", "the model")
                 raise TopThetaError(
                     f"thresholds were calibrated for {mine} {what} (model {self.meta.get('model', '?')}) but "
-                    f"{name} has {theirs}: calibrate thresholds for this model")
+                    f"{name} has {theirs}: calibrate thresholds for this model"
+                )
 
     def stats(self) -> dict[str, Any]:
         """Summary numbers for reports."""
@@ -138,12 +143,14 @@ class Thresholds:
         per_layer = []
         for i in range(self.num_layers):
             f = torch.isfinite(th[i])
-            per_layer.append({
-                "layer": i,
-                "dense": bool(not f.any()),
-                "theta_mean": float(th[i][f].mean()) if f.any() else None,
-                "sdc_mean": float(self.sdc[i][f].mean()) if f.any() else None,
-            })
+            per_layer.append(
+                {
+                    "layer": i,
+                    "dense": bool(not f.any()),
+                    "theta_mean": float(th[i][f].mean()) if f.any() else None,
+                    "sdc_mean": float(self.sdc[i][f].mean()) if f.any() else None,
+                }
+            )
         return {
             "num_layers": self.num_layers,
             "num_heads": self.num_heads,
@@ -177,16 +184,20 @@ def _read_meta(file: Path, raw: str | None) -> dict:
     try:
         meta = json.loads(source)
     except json.JSONDecodeError as e:
-        raise TopThetaError(f"thresholds metadata in {side if side.is_file() else file} is not valid JSON "
-                            f"({e.msg} at line {e.lineno}): recalibrate") from None
+        raise TopThetaError(
+            f"thresholds metadata in {side if side.is_file() else file} is not valid JSON "
+            f"({e.msg} at line {e.lineno}): recalibrate"
+        ) from None
     if not isinstance(meta, dict):
         raise TopThetaError(f"thresholds metadata of {file} is not a JSON object: recalibrate")
     missing = [key for key in _REQUIRED_META if key not in meta]
     if missing:
         raise TopThetaError(f"thresholds metadata of {file} lacks {missing}: recalibrate")
     if int(meta["format_version"]) != FORMAT_VERSION:
-        raise TopThetaError(f"thresholds format_version {meta['format_version']} is not supported "
-                            f"(this version reads {FORMAT_VERSION}): recalibrate")
+        raise TopThetaError(
+            f"thresholds format_version {meta['format_version']} is not supported "
+            f"(this version reads {FORMAT_VERSION}): recalibrate"
+        )
     return meta
 
 
@@ -208,13 +219,19 @@ def _value_problem(theta: torch.Tensor, sdc: torch.Tensor) -> str | None:
 
     NaN θ would keep nothing (every comparison with NaN is false) and silently zero the layer's output.
     """
-    checks = (("θ", torch.isnan(theta), "NaN"), ("θ", theta == math.inf, "+inf"),
-              ("ρ (sdc)", torch.isnan(sdc), "NaN"), ("ρ (sdc)", sdc.abs() == math.inf, "infinite"),
-              ("ρ (sdc)", sdc < 0, "negative"))
+    checks = (
+        ("θ", torch.isnan(theta), "NaN"),
+        ("θ", theta == math.inf, "+inf"),
+        ("ρ (sdc)", torch.isnan(sdc), "NaN"),
+        ("ρ (sdc)", sdc.abs() == math.inf, "infinite"),
+        ("ρ (sdc)", sdc < 0, "negative"),
+    )
     for what, bad, kind in checks:
         if bad.any():
             layer, head, row = (int(i) for i in bad.nonzero()[0])
             count = int(bad[layer].sum())
-            return (f"{what} of layer {layer} is {kind} at head {head}, row {row} "
-                    f"({count} value{'s' if count > 1 else ''} in that layer)")
+            return (
+                f"{what} of layer {layer} is {kind} at head {head}, row {row} "
+                f"({count} value{'s' if count > 1 else ''} in that layer)"
+            )
     return None

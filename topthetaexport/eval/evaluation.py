@@ -61,6 +61,7 @@ class Variant:
 
 # -- scoring -------------------------------------------------------------------------------------------
 
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     m = x.max(-1, keepdims=True)
@@ -88,13 +89,13 @@ def score_choices(om, ctx_ids, endings: list[list[int]], pad_id: int = 0, prefix
     mask = np.zeros((n, lc + le), np.int64)
     mask[:, :lc] = 1
     for i, e in enumerate(endings):
-        ids[i, :len(e)] = e
-        mask[i, lc:lc + len(e)] = 1
+        ids[i, : len(e)] = e
+        mask[i, lc : lc + len(e)] = 1
     past = [np.repeat(p, n, axis=0) for p in present]
     res = om.run(ids, mask, past)
     for i, e in enumerate(endings):
         if len(e) > 1:
-            lp = _log_softmax(res.output[i, :len(e) - 1])
+            lp = _log_softmax(res.output[i, : len(e) - 1])
             scores[i] += float(lp[np.arange(len(e) - 1), e[1:]].sum())
     return scores
 
@@ -123,7 +124,7 @@ def _task_accuracy(om, items: list[dict], tok, max_len: int) -> dict[str, Any]:
     for it in items:
         ends = [tok(e, add_special_tokens=False)["input_ids"] for e in it["endings"]]
         ctx = tok(it["ctx"], add_special_tokens=False)["input_ids"]
-        ctx = ctx[-max(max_len - max(len(e) for e in ends), 1):]
+        ctx = ctx[-max(max_len - max(len(e) for e in ends), 1) :]
         scores.append(score_choices(om, ctx, ends, pad))
     return _accuracy(scores, items)
 
@@ -132,7 +133,7 @@ def _embed(om, ids: np.ndarray, batch: int = 8) -> tuple[np.ndarray, dict[int, n
     """Mean-pooled, L2-normalised embeddings of unpadded windows, and the kept counts."""
     outs, kept = [], {}
     for s in range(0, ids.shape[0], batch):
-        r = om.run(ids[s:s + batch])
+        r = om.run(ids[s : s + batch])
         outs.append(r.output.mean(1))
         for layer, k in r.kept.items():
             kept.setdefault(layer, []).append(k)
@@ -142,12 +143,14 @@ def _embed(om, ids: np.ndarray, batch: int = 8) -> tuple[np.ndarray, dict[int, n
 
 # -- the run ---------------------------------------------------------------------------------------------
 
+
 def _open(model_path: Path, v: Variant, dense_layers, device: str, threads):
     from ..onnx.variants import write_variant
     from ..ort.sessions import OnnxModel
 
-    path = write_variant(model_path, kind=v.kind, k=v.k, dense_layers=dense_layers, thresholds=v.thresholds,
-                         comp_mode=v.comp_mode)
+    path = write_variant(
+        model_path, kind=v.kind, k=v.k, dense_layers=dense_layers, thresholds=v.thresholds, comp_mode=v.comp_mode
+    )
     try:
         return OnnxModel(path, device=device, threads=threads)
     finally:
@@ -158,12 +161,28 @@ def _same_text(a, b) -> bool:
     return str(a) == str(b)
 
 
-def evaluate(out_dir, *, data=None, windows: int = 16, cross_data=None, cross_windows: int | None = None,
-             seq_len: int | None = None, tasks: list[str] | None = None, task_items: int = 150,
-             sweep: list[int] | None = None, comp_modes=(0, 1, 2), sweep_comp_modes=None, topk: bool = True,
-             decode_rows: int = 16, decode_check: bool = True, device: str = "cpu", threads: int | None = None,
-             output=None, command: str | None = None,
-             progress: Progress | None = None) -> dict[str, Any]:
+def evaluate(
+    out_dir,
+    *,
+    data=None,
+    windows: int = 16,
+    cross_data=None,
+    cross_windows: int | None = None,
+    seq_len: int | None = None,
+    tasks: list[str] | None = None,
+    task_items: int = 150,
+    sweep: list[int] | None = None,
+    comp_modes=(0, 1, 2),
+    sweep_comp_modes=None,
+    topk: bool = True,
+    decode_rows: int = 16,
+    decode_check: bool = True,
+    device: str = "cpu",
+    threads: int | None = None,
+    output=None,
+    command: str | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Evaluate ``out_dir/model.onnx`` (see the module doc); write the results into ``output`` if given.
 
     ``data``: in-domain text (default: the calibration text; windows after the calibration ones).
@@ -185,8 +204,9 @@ def evaluate(out_dir, *, data=None, windows: int = 16, cross_data=None, cross_wi
     out_dir = Path(out_dir)
     model_path = out_dir / "model.onnx"
     if not model_path.is_file():
-        raise TopThetaError(f"{out_dir} holds no model.onnx: pass a folder written by 'topθ-export MODEL --calib "
-                            "DATA -o OUT'")
+        raise TopThetaError(
+            f"{out_dir} holds no model.onnx: pass a folder written by 'topθ-export MODEL --calib DATA -o OUT'"
+        )
     specs = [parse_task_spec(t) for t in tasks or []]
     th = Thresholds.load(out_dir)
     meta = th.meta
@@ -217,23 +237,30 @@ def evaluate(out_dir, *, data=None, windows: int = 16, cross_data=None, cross_wi
     held_out = -(-n_calib * calib_len // seq_len) if _same_text(data, calib_source) else 0
     dense_layers = th.dense_layers
     if dense_layers != list(range(len(dense_layers))):
-        raise TopThetaError(f"dense layers {dense_layers} are not the first layers: the sweep recalibrates with "
-                            "--dense-layers N, which keeps layers 0..N-1 dense")
+        raise TopThetaError(
+            f"dense layers {dense_layers} are not the first layers: the sweep recalibrates with "
+            "--dense-layers N, which keeps layers 0..N-1 dense"
+        )
     is_lm, causal = loaded.is_lm, loaded.causal
     if not is_lm and causal:
         raise TopThetaError("evaluation supports decoder LMs and encoders")
     for spec in specs:
         if (spec.kind == "retrieval") == is_lm:
-            raise TopThetaError(f"task {spec.kind}:{spec.source} needs {'an encoder' if is_lm else 'a decoder LM'}: "
-                                "use cloze:DATA or a .jsonl file for decoders, retrieval:DATA for encoders")
+            raise TopThetaError(
+                f"task {spec.kind}:{spec.source} needs {'an encoder' if is_lm else 'a decoder LM'}: "
+                "use cloze:DATA or a .jsonl file for decoders, retrieval:DATA for encoders"
+            )
 
     # texts and tasks -------------------------------------------------------------------------------------
     step("tokenizing held-out text", 0.01)
-    domains = {"in_domain": (data, token_batches(tok, data, seq_len=seq_len, num_samples=windows,
-                                                 skip=held_out).numpy())}
+    domains = {
+        "in_domain": (data, token_batches(tok, data, seq_len=seq_len, num_samples=windows, skip=held_out).numpy())
+    }
     if cross_data:
-        domains["cross_domain"] = (cross_data, token_batches(tok, cross_data, seq_len=seq_len,
-                                                             num_samples=cross_windows or windows).numpy())
+        domains["cross_domain"] = (
+            cross_data,
+            token_batches(tok, cross_data, seq_len=seq_len, num_samples=cross_windows or windows).numpy(),
+        )
     task_sets = []  # (name, kind, payload, source, domain)
     skipped = {}
     for dom, (src, win) in domains.items():
@@ -268,12 +295,19 @@ def evaluate(out_dir, *, data=None, windows: int = 16, cross_data=None, cross_wi
             thk = th
         else:
             step(f"calibrating θ for k={k}", 0.02 + 0.08 * i / max(len(ks), 1))
-            thk = calibrate(loaded, calib_source, k=k, seq_len=calib_len,
-                            num_samples=n_calib or 16, dense_layers=len(dense_layers), progress=None)
+            thk = calibrate(
+                loaded,
+                calib_source,
+                k=k,
+                seq_len=calib_len,
+                num_samples=n_calib or 16,
+                dense_layers=len(dense_layers),
+                progress=None,
+            )
         thresholds_by_k[k] = thk
         if topk:
             variants.append(Variant("topk", k=k))
-        for m in (comp_modes if k == k0 else sweep_comp_modes):
+        for m in comp_modes if k == k0 else sweep_comp_modes:
             variants.append(Variant("toptheta", k=k, comp_mode=int(m), thresholds=thk))
 
     results: list[dict[str, Any]] = []
@@ -300,18 +334,18 @@ def evaluate(out_dir, *, data=None, windows: int = 16, cross_data=None, cross_wi
                 ppl = Perplexity()
                 scores = {}
                 for w in range(win.shape[0]):
-                    res = om.run(win[w:w + 1])
-                    ppl.add(res.output, win[w:w + 1])
+                    res = om.run(win[w : w + 1])
+                    ppl.add(res.output, win[w : w + 1])
                     counts.add(res.kept, valid, decode_rows)
                     for it in by_window.get(w, []):
                         t = it["position"]
                         prefix = (res.output[0, t - 1], [p[:, :, :t] for p in res.present])
                         scores[id(it)] = score_choices(om, None, it["ending_ids"], pad, prefix=prefix)
-                r[dom] = {"perplexity": ppl.value, "tokens": ppl.tokens,
-                          "attention": counts.summary(dense_layers)}
+                r[dom] = {"perplexity": ppl.value, "tokens": ppl.tokens, "attention": counts.summary(dense_layers)}
                 if "decode" in r[dom]["attention"]:
-                    v_rows_read(r[dom]["attention"]["decode"], per="token",
-                                vmc=v.kind == "toptheta" and v.comp_mode == 2)
+                    v_rows_read(
+                        r[dom]["attention"]["decode"], per="token", vmc=v.kind == "toptheta" and v.comp_mode == 2
+                    )
                 if name:
                     r["tasks"][name] = _accuracy([scores[id(it)] for it in items], items)
             else:
@@ -330,21 +364,33 @@ def evaluate(out_dir, *, data=None, windows: int = 16, cross_data=None, cross_wi
                 r["tasks"][name] = _task_accuracy(om, items, tok, seq_len)
             elif kind == "retrieval" and _dom is None:
                 r["tasks"][name] = _retrieval_accuracy(om, items, dense_emb, name, v.kind == "dense")
-        if (decode_check and is_lm and om.has_cache and v.kind == "toptheta" and v.k == k0
-                and v.comp_mode == main_comp and decode_checked is None):
+        if (
+            decode_check
+            and is_lm
+            and om.has_cache
+            and v.kind == "toptheta"
+            and v.k == k0
+            and v.comp_mode == main_comp
+            and decode_checked is None
+        ):
             step(f"{v.name}: KV-cache decode check", frac)
             win = domains["in_domain"][1]
             real = decode_through_cache(om, win[:1], decode_rows, dense_layers)
             est = KeptElements(th.num_layers)
             est.add(om.run(win[:1]).kept, valid_counts(win.shape[1], causal), decode_rows)
-            decode_checked = {"variant": v.name, "window": 0, "kv_cache_decode": real,
-                              "from_prefill_rows": est.summary(dense_layers)["decode"]}
+            decode_checked = {
+                "variant": v.name,
+                "window": 0,
+                "kv_cache_decode": real,
+                "from_prefill_rows": est.summary(dense_layers)["decode"],
+            }
         r["seconds"] = time.perf_counter() - t0
         results.append(r)
         del om
 
-    report = _assemble(loaded, th, out_dir, domains, seq_len, held_out, task_sets, results, ks, k0,
-                       decode_checked, device, command)
+    report = _assemble(
+        loaded, th, out_dir, domains, seq_len, held_out, task_sets, results, ks, k0, decode_checked, device, command
+    )
     report["tasks_skipped"] = skipped
     report["timings"] = {"total_s": time.perf_counter() - t_start, "variants_s": time.perf_counter() - t_variants}
     if output is not None:
@@ -362,6 +408,7 @@ def _model_comp_mode(model_path: Path) -> int:
 
 
 # -- encoder retrieval ----------------------------------------------------------------------------------
+
 
 def _retrieval_pairs(tok, source, seq_len: int, n: int, skip_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """(first halves, second halves) of ``n`` consecutive passages, each half one ``[CLS] .. [SEP]`` window."""
@@ -399,8 +446,10 @@ def _retrieval_accuracy(om, pairs, dense_emb: dict, name: str, is_dense: bool) -
 
 # -- report ---------------------------------------------------------------------------------------------
 
-def _assemble(loaded, th, out_dir, domains, seq_len, held_out, task_sets, results, ks, k0, decode_checked,
-              device, command) -> dict[str, Any]:
+
+def _assemble(
+    loaded, th, out_dir, domains, seq_len, held_out, task_sets, results, ks, k0, decode_checked, device, command
+) -> dict[str, Any]:
     import onnxruntime as ort
 
     from .. import __version__
@@ -419,33 +468,56 @@ def _assemble(loaded, th, out_dir, domains, seq_len, held_out, task_sets, result
         if "cross_domain" in r and r["kind"] != "dense":
             a, b = r["in_domain"]["attention"], r["cross_domain"]["attention"]
             r["kept_drift"] = {
-                "kept_per_row_in_domain": a["kept_per_row"], "kept_per_row_cross_domain": b["kept_per_row"],
+                "kept_per_row_in_domain": a["kept_per_row"],
+                "kept_per_row_cross_domain": b["kept_per_row"],
                 "relative": b["kept_fraction"] / max(a["kept_fraction"], 1e-12) - 1.0,
-                "sparse_layers_relative": (b["sparse_layers_kept_fraction"]
-                                           / max(a["sparse_layers_kept_fraction"], 1e-12) - 1.0),
-                "per_layer_relative": [(y / x - 1.0) if x > 0 else 0.0 for x, y in
-                                       zip(a["per_layer_kept_fraction"], b["per_layer_kept_fraction"])],
+                "sparse_layers_relative": (
+                    b["sparse_layers_kept_fraction"] / max(a["sparse_layers_kept_fraction"], 1e-12) - 1.0
+                ),
+                "per_layer_relative": [
+                    (y / x - 1.0) if x > 0 else 0.0
+                    for x, y in zip(a["per_layer_kept_fraction"], b["per_layer_kept_fraction"])
+                ],
             }
             if "decode" in a and "decode" in b:
-                r["kept_drift"]["v_rows_relative"] = (b["decode"]["v_rows_kept_per_token"]
-                                                     / max(a["decode"]["v_rows_kept_per_token"], 1e-12) - 1.0)
+                r["kept_drift"]["v_rows_relative"] = (
+                    b["decode"]["v_rows_kept_per_token"] / max(a["decode"]["v_rows_kept_per_token"], 1e-12) - 1.0
+                )
     return {
         "toptheta_export_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": command,
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "onnxruntime": ort.__version__, "device": device},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "onnxruntime": ort.__version__,
+            "device": device,
+        },
         "model": loaded.name,
         "model_type": loaded.model_type,
         "onnx": str(out_dir / "model.onnx"),
         "calibration": {k: th.meta.get(k) for k in ("calib_source", "k", "seq_len", "num_samples", "dense_layers")},
         "seq_len": seq_len,
-        "in_domain": {"data": describe_data(domains["in_domain"][0]), "windows": int(domains["in_domain"][1].shape[0]),
-                      "held_out_skip_windows": held_out},
-        "cross_domain": ({"data": describe_data(domains["cross_domain"][0]),
-                          "windows": int(domains["cross_domain"][1].shape[0])} if "cross_domain" in domains else None),
-        "tasks": [{"name": n, "kind": k, "source": str(s), "domain": d,
-                   "items": (int(p[0].shape[0]) if k == "retrieval" else len(p))} for n, k, p, s, d in task_sets],
+        "in_domain": {
+            "data": describe_data(domains["in_domain"][0]),
+            "windows": int(domains["in_domain"][1].shape[0]),
+            "held_out_skip_windows": held_out,
+        },
+        "cross_domain": (
+            {"data": describe_data(domains["cross_domain"][0]), "windows": int(domains["cross_domain"][1].shape[0])}
+            if "cross_domain" in domains
+            else None
+        ),
+        "tasks": [
+            {
+                "name": n,
+                "kind": k,
+                "source": str(s),
+                "domain": d,
+                "items": (int(p[0].shape[0]) if k == "retrieval" else len(p)),
+            }
+            for n, k, p, s, d in task_sets
+        ],
         "k_values": ks,
         "k_model": k0,
         "variants": results,
@@ -470,25 +542,37 @@ def _criterion(results: list[dict]) -> dict[str, Any]:
         worst = min(delta.values(), default=0.0)
         vr = dec.get("v_rows_read_reduction", dec.get("v_rows_reduction"))
         base = ppl <= 0.01 and (vr or 0) >= 3.0
-        rows.append({"variant": r["name"], "ppl_relative_change": float(ppl),
-                     "worst_in_domain_task_delta_points": float(worst_in),
-                     "worst_task_delta_points": float(worst),
-                     "v_rows_read_reduction": None if vr is None else float(vr),
-                     "meets": bool(base and worst_in >= -1.0),
-                     "meets_incl_cross_domain": bool(base and worst >= -1.0)})
-    return {"rule": "in-domain ppl +<=1% and in-domain task acc_norm >= -1 point vs dense at >= 3x fewer V rows "
-                    "read per decoded token (comp_mode 2 reads them all for the V mean); "
-                    "meets_incl_cross_domain: every task, cross-domain included",
-            "variants": rows, "met_by": [r["variant"] for r in rows if r["meets"]],
-            "met_incl_cross_domain_by": [r["variant"] for r in rows if r["meets_incl_cross_domain"]]}
+        rows.append(
+            {
+                "variant": r["name"],
+                "ppl_relative_change": float(ppl),
+                "worst_in_domain_task_delta_points": float(worst_in),
+                "worst_task_delta_points": float(worst),
+                "v_rows_read_reduction": None if vr is None else float(vr),
+                "meets": bool(base and worst_in >= -1.0),
+                "meets_incl_cross_domain": bool(base and worst >= -1.0),
+            }
+        )
+    return {
+        "rule": "in-domain ppl +<=1% and in-domain task acc_norm >= -1 point vs dense at >= 3x fewer V rows "
+        "read per decoded token (comp_mode 2 reads them all for the V mean); "
+        "meets_incl_cross_domain: every task, cross-domain included",
+        "variants": rows,
+        "met_by": [r["variant"] for r in rows if r["meets"]],
+        "met_incl_cross_domain_by": [r["variant"] for r in rows if r["meets_incl_cross_domain"]],
+    }
 
 
 def _table_rows(report: dict) -> list[dict[str, Any]]:
     rows = []
     for r in report["variants"]:
         a = r["in_domain"]["attention"]
-        row = {"variant": r["name"], "kind": r["kind"], "k": r["k"] if r["k"] is not None else "",
-               "comp_mode": r["comp_mode"] if r["comp_mode"] is not None else ""}
+        row = {
+            "variant": r["name"],
+            "kind": r["kind"],
+            "k": r["k"] if r["k"] is not None else "",
+            "comp_mode": r["comp_mode"] if r["comp_mode"] is not None else "",
+        }
         if "perplexity" in r["in_domain"]:
             row["ppl"] = r["in_domain"]["perplexity"]
             row["ppl_rel_%"] = 100 * r["in_domain"]["perplexity_relative_change"]
@@ -584,8 +668,13 @@ def plot(report: dict, path: Path) -> None:
             ax = axes[i][j]
             for label, rs in groups.items():
                 rs = sorted(rs, key=lambda r: x_of(r, x))
-                ax.plot([x_of(r, x) for r in rs], [y_of(r, m) for r in rs], "o-" if "θ" in label else "s--",
-                        label=label, ms=4)
+                ax.plot(
+                    [x_of(r, x) for r in rs],
+                    [y_of(r, m) for r in rs],
+                    "o-" if "θ" in label else "s--",
+                    label=label,
+                    ms=4,
+                )
                 for r in rs:
                     ax.annotate(f"k={r['k']}", (x_of(r, x), y_of(r, m)), fontsize=6, alpha=0.6)
             ax.axhline(y_of(dense, m), color="k", lw=0.8, ls=":", label="dense")
@@ -595,8 +684,11 @@ def plot(report: dict, path: Path) -> None:
             ax.set_ylabel(ml)
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{report['model']}: Top-θ vs top-k vs dense through onnxruntime\n"
-                 f"seq {report['seq_len']}, in-domain {report['in_domain']['data']}", fontsize=8)
+    fig.suptitle(
+        f"{report['model']}: Top-θ vs top-k vs dense through onnxruntime\n"
+        f"seq {report['seq_len']}, in-domain {report['in_domain']['data']}",
+        fontsize=8,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

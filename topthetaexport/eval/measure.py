@@ -74,8 +74,9 @@ def read_op_attrs(model_path: Path) -> dict[int, dict[str, Any]]:
     try:
         m = onnx.load(str(model_path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - onnx.load raises protobuf, OS and value errors alike
-        raise TopThetaError(f"{model_path} is not a valid ONNX model ({str(e).splitlines()[0][:200]}): "
-                            "re-export it") from None
+        raise TopThetaError(
+            f"{model_path} is not a valid ONNX model ({str(e).splitlines()[0][:200]}): re-export it"
+        ) from None
     attrs: dict[int, dict[str, Any]] = {}
     for node in m.graph.node:
         if node.op_type == names.OP_TYPE and node.domain == names.DOMAIN:
@@ -87,6 +88,7 @@ def read_op_attrs(model_path: Path) -> dict[int, dict[str, Any]]:
 
 
 # -- windows ---------------------------------------------------------------------------------------------
+
 
 def nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
     """Sum of next-token negative log-likelihoods and the token count (float64)."""
@@ -178,10 +180,14 @@ class KeptElements:
             dense = self.dec_dense / self.dec_rows
             kept_all = self.dec_kept.sum() / n / self.dec_rows
             kept_sparse = self.dec_kept[sparse].sum() / max(len(sparse), 1) / self.dec_rows
-            out["decode"] = {"rows": self.dec_rows, "v_rows_dense_per_token": dense,
-                             "v_rows_kept_per_token": kept_all, "v_rows_reduction": dense / max(kept_all, 1e-12),
-                             "sparse_layers_v_rows_kept_per_token": kept_sparse,
-                             "sparse_layers_v_rows_reduction": dense / max(kept_sparse, 1e-12)}
+            out["decode"] = {
+                "rows": self.dec_rows,
+                "v_rows_dense_per_token": dense,
+                "v_rows_kept_per_token": kept_all,
+                "v_rows_reduction": dense / max(kept_all, 1e-12),
+                "sparse_layers_v_rows_kept_per_token": kept_sparse,
+                "sparse_layers_v_rows_reduction": dense / max(kept_sparse, 1e-12),
+            }
         return out
 
 
@@ -237,6 +243,7 @@ def float64_weights(model: torch.nn.Module) -> Iterator[None]:
 
 # -- keep decisions of an onnxruntime run ----------------------------------------------------------------
 
+
 def _op_inputs(io: dict[str, np.ndarray], layer: int) -> dict[str, torch.Tensor]:
     pre = f"{IO_PREFIX}{layer}."
     return {n: torch.from_numpy(io[pre + n]) for n in ("q", "k", "v", "mask", "y") if pre + n in io}
@@ -248,8 +255,9 @@ def _kernel_scale(attrs: dict[str, Any], head_dim: int) -> float:
     return float(np.float32(scale))
 
 
-def fp64_keep_masks(io: dict[str, np.ndarray], attrs: dict[int, dict[str, Any]], thresholds: Any
-                    ) -> dict[int, torch.Tensor]:
+def fp64_keep_masks(
+    io: dict[str, np.ndarray], attrs: dict[int, dict[str, Any]], thresholds: Any
+) -> dict[int, torch.Tensor]:
     """layer -> bool [B, Hq, Sq, Ktot]: ``valid and s >= θ`` with ``s`` in float64 from the Q and K the node got.
 
     The CPU kernel accumulates and compares in double (docs/op.md), so these are its decisions; the run must
@@ -263,8 +271,9 @@ def fp64_keep_masks(io: dict[str, np.ndarray], attrs: dict[int, dict[str, Any]],
         if "q" not in t or "k" not in t:
             raise TopThetaError(f"the onnxruntime run exposes no Q/K of layer {layer}: open it with expose_io=True")
         q, k = t["q"].double(), t["k"].double()
-        s, valid = valid_and_scores(q, k, scale=_kernel_scale(a, q.shape[-1]), causal=bool(a.get("causal", 0)),
-                                    attn_mask=t.get("mask"))
+        s, valid = valid_and_scores(
+            q, k, scale=_kernel_scale(a, q.shape[-1]), causal=bool(a.get("causal", 0)), attn_mask=t.get("mask")
+        )
         theta = _row_table(thresholds.layer(layer)[0], q.shape[2], k.shape[2], torch.float64)
         masks[layer] = valid & (s >= theta)
     return masks
@@ -291,9 +300,17 @@ def operator_parity(io: dict[str, np.ndarray], attrs: dict[int, dict[str, Any]],
         if "y" not in t:
             continue
         theta, sdc = thresholds.layer(layer)
-        ref = toptheta_attention(t["q"].double(), t["k"].double(), t["v"].double(), theta,
-                                 scale=float(a.get("scale", 0.0)) or None, causal=bool(a.get("causal", 0)),
-                                 attn_mask=t.get("mask"), sdc=sdc, comp_mode=int(a.get("comp_mode", 0)))
+        ref = toptheta_attention(
+            t["q"].double(),
+            t["k"].double(),
+            t["v"].double(),
+            theta,
+            scale=float(a.get("scale", 0.0)) or None,
+            causal=bool(a.get("causal", 0)),
+            attn_mask=t.get("mask"),
+            sdc=sdc,
+            comp_mode=int(a.get("comp_mode", 0)),
+        )
         per_layer[layer] = float((ref - t["y"].double()).abs().max())
     worst = max(per_layer.values()) if per_layer else float("nan")
     return {"max_abs_diff": worst, "per_layer": [per_layer[k] for k in sorted(per_layer)]}
@@ -301,8 +318,16 @@ def operator_parity(io: dict[str, np.ndarray], attrs: dict[int, dict[str, Any]],
 
 # -- decode ----------------------------------------------------------------------------------------------
 
-def decode_through_cache(om: OnnxModel, ids: np.ndarray, steps: int, dense_layers: list[int], *,
-                         attrs: dict[int, dict[str, Any]] | None = None, thresholds: Any = None) -> dict[str, Any]:
+
+def decode_through_cache(
+    om: OnnxModel,
+    ids: np.ndarray,
+    steps: int,
+    dense_layers: list[int],
+    *,
+    attrs: dict[int, dict[str, Any]] | None = None,
+    thresholds: Any = None,
+) -> dict[str, Any]:
     """Prefill all but the last ``steps`` tokens, then decode them one by one through the KV cache.
 
     Returns V rows kept per decode step (the kept count of the single query row, mean over query heads)
@@ -320,7 +345,7 @@ def decode_through_cache(om: OnnxModel, ids: np.ndarray, steps: int, dense_layer
     mask = np.ones((1, pre), np.int64)
     for t in range(pre, s):
         mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-        res = om.run(ids[:, t:t + 1], mask, res.present)
+        res = om.run(ids[:, t : t + 1], mask, res.present)
         max_diff = max(max_diff, float(np.abs(res.output[:, -1] - full.output[:, t]).max()))
         for layer, k in res.kept.items():
             kept_rows[layer] += float(k.astype(np.float64).mean())

@@ -34,20 +34,23 @@ _START = re.compile(r"^ [A-Z]")
 
 # -- jsonl tasks ---------------------------------------------------------------------------------------
 
+
 def load_task(path) -> list[dict[str, Any]]:
     """Items of a HellaSwag-style jsonl file: one ``{"ctx": str, "endings": [str, ...], "label": int}`` a line."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise TopThetaError(f"task file {path} does not exist: pass a .jsonl file of "
-                            '{"ctx", "endings", "label"} items or cloze:DATA')
+        raise TopThetaError(
+            f'task file {path} does not exist: pass a .jsonl file of {{"ctx", "endings", "label"}} items or cloze:DATA'
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise TopThetaError(f"task file {path} is not UTF-8 text (byte {e.start}): convert it to UTF-8") from None
     items = [_check_item(obj, f"task file {path} line {n}") for n, obj in jsonl_objects(text, f"task file {path}")]
     if not items:
-        raise TopThetaError(f"task file {path} holds no items: add lines of "
-                            '{"ctx": ..., "endings": [...], "label": i}')
+        raise TopThetaError(
+            f'task file {path} holds no items: add lines of {{"ctx": ..., "endings": [...], "label": i}}'
+        )
     return items
 
 
@@ -57,7 +60,7 @@ TASK_KINDS = {"cloze": "decoders", "retrieval": "encoders"}
 
 
 class TaskSpec(NamedTuple):
-    kind: str    # "cloze" | "retrieval" | "choice" (a HellaSwag-style .jsonl file)
+    kind: str  # "cloze" | "retrieval" | "choice" (a HellaSwag-style .jsonl file)
     source: str  # the text (cloze, retrieval) or the file (choice)
 
 
@@ -72,27 +75,32 @@ def parse_task_spec(spec: str) -> TaskSpec:
     if Path(spec).suffix == ".jsonl":
         return TaskSpec("choice", spec)
     if sep and len(kind) > 1:  # a one-letter kind is a Windows drive
-        raise TopThetaError(f"unknown task kind '{kind}' in '{spec}': use cloze:DATA (decoders), retrieval:DATA "
-                            "(encoders) or a HellaSwag-style .jsonl file")
-    raise TopThetaError(f"task '{spec}' is neither cloze:DATA, retrieval:DATA nor a .jsonl file: for a text pass "
-                        f"cloze:{spec} (decoders) or retrieval:{spec} (encoders)")
+        raise TopThetaError(
+            f"unknown task kind '{kind}' in '{spec}': use cloze:DATA (decoders), retrieval:DATA "
+            "(encoders) or a HellaSwag-style .jsonl file"
+        )
+    raise TopThetaError(
+        f"task '{spec}' is neither cloze:DATA, retrieval:DATA nor a .jsonl file: for a text pass "
+        f"cloze:{spec} (decoders) or retrieval:{spec} (encoders)"
+    )
 
 
 def _check_item(obj, where: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
-        raise TopThetaError(f"{where} is not a JSON object: give every line "
-                            '{"ctx": str, "endings": [str, ...], "label": int}')
+        raise TopThetaError(
+            f'{where} is not a JSON object: give every line {{"ctx": str, "endings": [str, ...], "label": int}}'
+        )
     ctx, endings, label = obj.get("ctx"), obj.get("endings"), obj.get("label")
     if not isinstance(ctx, str) or not ctx.strip():
         raise TopThetaError(f'{where} has no non-empty string "ctx": add the context text')
-    if (not isinstance(endings, list) or len(endings) < 2
-            or not all(isinstance(e, str) and e.strip() for e in endings)):
+    if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) and e.strip() for e in endings):
         raise TopThetaError(f'{where}: "endings" must be a list of at least 2 non-empty strings')
     if isinstance(label, str) and label.strip().isdigit():
         label = int(label)
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(endings):
-        raise TopThetaError(f'{where}: "label" must be an integer index into "endings" '
-                            f"(0..{len(endings) - 1}), got {label!r}")
+        raise TopThetaError(
+            f'{where}: "label" must be an integer index into "endings" (0..{len(endings) - 1}), got {label!r}'
+        )
     return {**obj, "ctx": ctx, "endings": list(endings), "label": int(label)}
 
 
@@ -113,8 +121,8 @@ def _good_sentence(s: str, min_words: int, max_words: int, words_fraction: float
     return sum(bool(_WORD.match(w)) for w in words) >= words_fraction * len(words)
 
 
-
 # -- the constructed cloze task ------------------------------------------------------------------------
+
 
 def _sentence_spans(row, pieces: dict[int, str], min_ctx: int, min_tokens: int, max_tokens: int):
     """Token spans [t, u) of ``row`` that are whole sentences: token t starts with a space and a capital letter (so
@@ -125,12 +133,12 @@ def _sentence_spans(row, pieces: dict[int, str], min_ctx: int, min_tokens: int, 
     n = len(row)
 
     def boundary(t: int) -> bool:  # a sentence ends right before token t
-        left = "".join(text[max(0, t - 3):t])
+        left = "".join(text[max(0, t - 3) : t])
         return bool(_END.search(left)) and (left[-1:].isspace() or text[t][:1].isspace())
 
     spans = []
     for t in range(max(min_ctx, 1), n):
-        if not (_START.match("".join(text[t:t + 2])) and boundary(t)):
+        if not (_START.match("".join(text[t : t + 2])) and boundary(t)):
             continue
         for u in range(t + 1, min(t + max_tokens, n - 1) + 1):
             if boundary(u):
@@ -140,9 +148,18 @@ def _sentence_spans(row, pieces: dict[int, str], min_ctx: int, min_tokens: int, 
     return spans
 
 
-def build_window_cloze(windows, tokenizer, *, num_items: int = 100, num_choices: int = 4,
-                       min_ctx: int | None = None, min_tokens: int = 6, max_tokens: int = 48, seed: int = 0,
-                       source: str = "") -> list[dict[str, Any]]:
+def build_window_cloze(
+    windows,
+    tokenizer,
+    *,
+    num_items: int = 100,
+    num_choices: int = 4,
+    min_ctx: int | None = None,
+    min_tokens: int = 6,
+    max_tokens: int = 48,
+    seed: int = 0,
+    source: str = "",
+) -> list[dict[str, Any]]:
     """A deterministic next-sentence cloze task inside token windows ``[N, S]`` (the evaluation windows).
 
     An item is a position t of window w where a sentence starts (t >= ``min_ctx``, default S/4, so that
@@ -155,8 +172,10 @@ def build_window_cloze(windows, tokenizer, *, num_items: int = 100, num_choices:
     """
     windows = np.asarray(windows)
     if windows.ndim != 2 or windows.shape[0] < 2:
-        raise TopThetaError(f"the cloze task needs at least 2 windows of text (got shape {list(windows.shape)}): "
-                            "use more --windows or more text")
+        raise TopThetaError(
+            f"the cloze task needs at least 2 windows of text (got shape {list(windows.shape)}): "
+            "use more --windows or more text"
+        )
     if num_items < 1 or num_choices < 2:
         raise TopThetaError(f"need num_items >= 1 and num_choices >= 2 (got {num_items}, {num_choices})")
     if tokenizer is None:
@@ -174,9 +193,11 @@ def build_window_cloze(windows, tokenizer, *, num_items: int = 100, num_choices:
         per_window.append(spans)
     total = sum(len(x) for x in per_window)
     if total < num_choices or sum(1 for x in per_window if x) < 2:
-        raise TopThetaError(f"the windows of {source or 'the data'} hold {total} usable sentences in "
-                            f"{sum(1 for x in per_window if x)} windows: the cloze task needs sentences in at "
-                            "least 2 windows; use more --windows or prose-like text")
+        raise TopThetaError(
+            f"the windows of {source or 'the data'} hold {total} usable sentences in "
+            f"{sum(1 for x in per_window if x)} windows: the cloze task needs sentences in at "
+            "least 2 windows; use more --windows or prose-like text"
+        )
     rng = random.Random(seed)
     order = [rng.sample(range(len(x)), len(x)) for x in per_window]
     picked: list[tuple[int, int]] = []  # (window, index into its spans), round robin over the windows
@@ -197,14 +218,23 @@ def build_window_cloze(windows, tokenizer, *, num_items: int = 100, num_choices:
             if all(cand[3] != c[3] for c in chosen):
                 chosen.append(cand)
         if len(chosen) < num_choices - 1:
-            raise TopThetaError(f"{source or 'the data'} has too few distinct sentences for {num_choices} "
-                                "choices: use more --windows")
+            raise TopThetaError(
+                f"{source or 'the data'} has too few distinct sentences for {num_choices} choices: use more --windows"
+            )
         label = rng.randrange(num_choices)
         ids = [windows[w2, a:b].tolist() for w2, a, b, _ in chosen]
         texts = [x for _, _, _, x in chosen]
         ids.insert(label, windows[w, t:u].tolist())
         texts.insert(label, text)
-        items.append({"ctx": tokenizer.decode(windows[w, :t].tolist()), "endings": texts, "label": label,
-                      "source": source, "window": int(w), "position": int(t),
-                      "ending_ids": [[int(i) for i in e] for e in ids]})
+        items.append(
+            {
+                "ctx": tokenizer.decode(windows[w, :t].tolist()),
+                "endings": texts,
+                "label": label,
+                "source": source,
+                "window": int(w),
+                "position": int(t),
+                "ending_ids": [[int(i) for i in e] for e in ids],
+            }
+        )
     return items

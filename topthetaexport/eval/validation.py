@@ -46,10 +46,21 @@ from .measure import (
 PARITY_TOL = 1e-4
 
 
-def validate(out_dir: str | os.PathLike | None = None, *, model: Any = None, onnx_path: Any = None,
-             thresholds: Any = None, data: Any = "builtin:pydoc", seq_len: int | None = None, num_windows: int = 4,
-             skip: int | None = None, decode_steps: int = 16, device: str = "cpu", threads: int | None = None,
-             progress: Progress | None = None) -> dict[str, Any]:
+def validate(
+    out_dir: str | os.PathLike | None = None,
+    *,
+    model: Any = None,
+    onnx_path: Any = None,
+    thresholds: Any = None,
+    data: Any = "builtin:pydoc",
+    seq_len: int | None = None,
+    num_windows: int = 4,
+    skip: int | None = None,
+    decode_steps: int = 16,
+    device: str = "cpu",
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Run the Top-θ ONNX model and its PyTorch counterparts on held-out windows; return the report dict.
 
     ``out_dir`` is a folder written by the pipeline (model.onnx + thresholds.*); the explicit arguments
@@ -69,8 +80,11 @@ def validate(out_dir: str | os.PathLike | None = None, *, model: Any = None, onn
     th = thresholds if isinstance(thresholds, Thresholds) else Thresholds.load(thresholds or out_dir)
     attrs = read_op_attrs(onnx_path)
     comp_mode = int(next(iter(attrs.values())).get("comp_mode", 0))
-    loaded = model if model is not None and not isinstance(model, (str, os.PathLike)) else load_model(
-        model or th.meta.get("model_path") or th.meta.get("model"))
+    loaded = (
+        model
+        if model is not None and not isinstance(model, (str, os.PathLike))
+        else load_model(model or th.meta.get("model_path") or th.meta.get("model"))
+    )
     th.check_compatible(loaded)
     seq_len = int(seq_len or th.meta.get("seq_len") or 512)
     skip = int(th.meta.get("num_samples", 0) if skip is None else skip)
@@ -79,15 +93,31 @@ def validate(out_dir: str | os.PathLike | None = None, *, model: Any = None, onn
     tokens = as_token_tensor(data, loaded.tokenizer, seq_len=seq_len, num_samples=num_windows, skip=skip)
     with pinned_threads(threads) as n_threads:
         report = _measure(loaded, th, attrs, comp_mode, onnx_path, tokens, decode_steps, device, n_threads, step)
-    report.update({"onnx": str(onnx_path), "data": describe_data(data), "held_out_skip": skip,
-                   "threads": {"onnxruntime_intra_op": n_threads, "torch": n_threads}})
+    report.update(
+        {
+            "onnx": str(onnx_path),
+            "data": describe_data(data),
+            "held_out_skip": skip,
+            "threads": {"onnxruntime_intra_op": n_threads, "torch": n_threads},
+        }
+    )
     step("done", 1.0)
     first = ("model", "onnx", "providers", "data", "seq_len", "windows", "held_out_skip", "threads")
     return {**{key: report[key] for key in first}, **report}
 
 
-def _measure(loaded: Any, th: Any, attrs: dict[int, dict[str, Any]], comp_mode: int, onnx_path: Path,
-             tokens: Any, decode_steps: int, device: str, threads: int, step: Any) -> dict[str, Any]:
+def _measure(
+    loaded: Any,
+    th: Any,
+    attrs: dict[int, dict[str, Any]],
+    comp_mode: int,
+    onnx_path: Path,
+    tokens: Any,
+    decode_steps: int,
+    device: str,
+    threads: int,
+    step: Any,
+) -> dict[str, Any]:
     """Every run of the validation, with threads already pinned; the report without its provenance keys."""
     step("opening onnxruntime session", 0.05)
     om = OnnxModel(onnx_path, device=device, threads=threads, with_kept=True, expose_io=True)
@@ -104,7 +134,7 @@ def _measure(loaded: Any, th: Any, attrs: dict[int, dict[str, Any]], comp_mode: 
     cos = []
     t_ort = 0.0
     for w in range(n_win):
-        ids = tokens[w:w + 1]
+        ids = tokens[w : w + 1]
         ids_np = ids.numpy()
         step(f"window {w + 1}/{n_win}", 0.1 + 0.7 * w / n_win)
         dense = model_output(net, ids, is_lm, "dense")
@@ -135,8 +165,12 @@ def _measure(loaded: Any, th: Any, attrs: dict[int, dict[str, Any]], comp_mode: 
         elements.add(res.kept, valid)
         if is_lm:
             agree.add(out, dense)
-            for key, lg in (("dense", dense), ("toptheta_onnx", out), ("toptheta_torch", ref),
-                            ("toptheta_torch_pinned", pinned)):
+            for key, lg in (
+                ("dense", dense),
+                ("toptheta_onnx", out),
+                ("toptheta_torch", ref),
+                ("toptheta_torch_pinned", pinned),
+            ):
                 ppl[key].add(lg, ids_np)
         else:
             a, b = out.mean(1), dense.mean(1)
@@ -176,21 +210,23 @@ def _measure(loaded: Any, th: Any, attrs: dict[int, dict[str, Any]], comp_mode: 
         report["perplexity"]["relative_change"] = ppl["toptheta_onnx"].value / ppl["dense"].value - 1.0
         report["perplexity"]["tokens"] = ppl["dense"].tokens
         step("compensation variants", 0.8)
-        report["compensation"] = _compensation_variants(onnx_path, tokens.numpy(), comp_mode,
-                                                        ppl["toptheta_onnx"].value, ppl["dense"].value, device,
-                                                        threads)
+        report["compensation"] = _compensation_variants(
+            onnx_path, tokens.numpy(), comp_mode, ppl["toptheta_onnx"].value, ppl["dense"].value, device, threads
+        )
     else:
         report["embedding_cosine_vs_dense"] = {"mean": float(np.mean(cos)), "min": float(np.min(cos))}
     if is_lm and om.has_cache and decode_steps > 0:
         step("decode with the KV cache", 0.85)
-        dec = decode_through_cache(om, tokens[0].numpy()[None, :], decode_steps, th.dense_layers, attrs=attrs,
-                                   thresholds=th)
+        dec = decode_through_cache(
+            om, tokens[0].numpy()[None, :], decode_steps, th.dense_layers, attrs=attrs, thresholds=th
+        )
         report["decode"] = v_rows_read(dec, vmc=comp_mode == 2, per="step")
     return report
 
 
-def _compensation_variants(onnx_path: Path, tokens: np.ndarray, comp_mode: int, ppl_main: float,
-                           ppl_dense: float, device: str, threads: int) -> dict[str, Any]:
+def _compensation_variants(
+    onnx_path: Path, tokens: np.ndarray, comp_mode: int, ppl_main: float, ppl_dense: float, device: str, threads: int
+) -> dict[str, Any]:
     """Perplexity through onnxruntime for every compensation mode (same graph, comp_mode overridden)."""
     names = {0: "none", 1: "sdc", 2: "sdc+vmc"}
     out = {}
@@ -201,7 +237,7 @@ def _compensation_variants(onnx_path: Path, tokens: np.ndarray, comp_mode: int, 
             om = OnnxModel(onnx_path, device=device, threads=threads, comp_mode=mode)
             meter = Perplexity()
             for w in range(tokens.shape[0]):
-                meter.add(om.run(tokens[w:w + 1]).output, tokens[w:w + 1])
+                meter.add(om.run(tokens[w : w + 1]).output, tokens[w : w + 1])
             ppl = meter.value
         out[names[mode]] = {"comp_mode": mode, "perplexity": ppl, "relative_change": ppl / ppl_dense - 1.0}
     return out

@@ -30,8 +30,8 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of parameters above which weights go 
 _SAMPLE_BATCH, _SAMPLE_SEQ, _SAMPLE_PAST = 2, 5, 3
 
 
-
 # -- graph signature ---------------------------------------------------------------------------------
+
 
 def input_names(num_layers: int, *, lm: bool, with_cache: bool) -> list[str]:
     names = [_names.INPUT_IDS, _names.ATTENTION_MASK]
@@ -50,6 +50,7 @@ def output_names(num_layers: int, *, lm: bool, with_cache: bool) -> list[str]:
 
 
 # -- wrappers that give the model a flat tensor signature --------------------------------------------
+
 
 def _positions(input_ids, past_len):
     """position_ids ``past_len .. past_len+S-1`` for every row (HF's default), materialised per batch row.
@@ -75,8 +76,13 @@ class _DecoderWithCache(torch.nn.Module):
         cache = DynamicCache()
         for i in range(self.num_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
-                         position_ids=_positions(input_ids, past[0].shape[2]), use_cache=True)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            position_ids=_positions(input_ids, past[0].shape[2]),
+            use_cache=True,
+        )
         flat = []
         for layer in out.past_key_values.layers:
             flat += [layer.keys, layer.values]
@@ -89,8 +95,9 @@ class _DecoderNoCache(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                          position_ids=_positions(input_ids, 0)).logits
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, position_ids=_positions(input_ids, 0)
+        ).logits
 
 
 class _Encoder(torch.nn.Module):
@@ -118,8 +125,11 @@ def _sample_inputs(loaded, lm: bool, with_cache: bool, batch_dynamic: bool = Tru
     shape = (b, loaded.num_kv_heads, p, loaded.head_dim)
     dtype = next(loaded.model.parameters()).dtype
     past = tuple(torch.randn(shape, generator=g).to(dtype) for _ in range(2 * loaded.num_layers))
-    dyn = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
-           "past": tuple({0: batch, 2: past_len} for _ in past)}
+    dyn = {
+        "input_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: total},
+        "past": tuple({0: batch, 2: past_len} for _ in past),
+    }
     return (ids, mask, past), dyn
 
 
@@ -154,8 +164,9 @@ def _sdpa(model: Any) -> Iterator[None]:
 
 
 def _param_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters()) + \
-        sum(b.numel() * b.element_size() for b in model.buffers())
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers()
+    )
 
 
 def _first_line(e: BaseException) -> str:
@@ -169,18 +180,33 @@ def _model_metadata(loaded, lm: bool, with_cache: bool) -> dict[str, str]:
     cfg = loaded.model.config
     window = loaded.architecture.sliding_window(cfg)
     meta = {
-        "version": __version__, "model": loaded.name, "model_type": loaded.model_type,
-        "causal": int(bool(loaded.causal)), "is_lm": int(lm), "with_cache": int(with_cache),
-        "num_layers": loaded.num_layers, "num_heads": loaded.num_heads, "num_kv_heads": loaded.num_kv_heads,
-        "head_dim": loaded.head_dim, "sliding_window": int(window or 0),
+        "version": __version__,
+        "model": loaded.name,
+        "model_type": loaded.model_type,
+        "causal": int(bool(loaded.causal)),
+        "is_lm": int(lm),
+        "with_cache": int(with_cache),
+        "num_layers": loaded.num_layers,
+        "num_heads": loaded.num_heads,
+        "num_kv_heads": loaded.num_kv_heads,
+        "head_dim": loaded.head_dim,
+        "sliding_window": int(window or 0),
     }
     return {META_PREFIX + k: str(v) for k, v in meta.items()}
 
 
 # -- the export --------------------------------------------------------------------------------------
 
-def export_onnx(loaded, out_path, *, with_cache: bool | None = None, opset: int = 23,
-                batch_dynamic: bool = True, progress: Progress | None = None) -> Path:
+
+def export_onnx(
+    loaded,
+    out_path,
+    *,
+    with_cache: bool | None = None,
+    opset: int = 23,
+    batch_dynamic: bool = True,
+    progress: Progress | None = None,
+) -> Path:
     """Export ``loaded`` (a ``LoadedModel``) densely to ``out_path`` and return the path.
 
     Decoder LMs get a KV-cache signature (``with_cache`` defaults to True); encoders get
@@ -193,16 +219,20 @@ def export_onnx(loaded, out_path, *, with_cache: bool | None = None, opset: int 
     prog = emitter(progress, "export")
     out_path = Path(out_path)
     if out_path.is_dir() or out_path.suffix != ".onnx":
-        raise TopThetaError(f"ONNX output path {out_path} must be a file ending in .onnx: pass e.g. "
-                            f"{out_path / 'model.onnx' if out_path.is_dir() else out_path.with_suffix('.onnx')}")
+        raise TopThetaError(
+            f"ONNX output path {out_path} must be a file ending in .onnx: pass e.g. "
+            f"{out_path / 'model.onnx' if out_path.is_dir() else out_path.with_suffix('.onnx')}"
+        )
     if opset < 23:
         raise TopThetaError(f"opset {opset} has no Attention operator: use opset 23 or newer")
     lm = bool(loaded.causal and loaded.is_lm)
     if with_cache is None:
         with_cache = lm
     if with_cache and not lm:
-        raise TopThetaError(f"{loaded.name} is not a causal language model, so it has no KV cache to export: "
-                            "export it with with_cache=False")
+        raise TopThetaError(
+            f"{loaded.name} is not a causal language model, so it has no KV cache to export: "
+            "export it with with_cache=False"
+        )
     model = loaded.model.eval()
     wrapper: torch.nn.Module
     if lm:
@@ -234,11 +264,26 @@ def _cleanup_rules():
     """Cheap local rewrites of onnxscript's default set (its slice-splitting rule is quadratic: skipped)."""
     from onnxscript.rewriter.rules import common as r
 
-    return [r.add_0_rule, r.sub_0_rule, r.mul_by_1_rule, r.div_by_1_rule, r.dropout_inference_rule,
-            r.dropout_zero_rule, r.no_op_cast_rule, r.no_op_expand_rule, r.no_op_transpose_rule, r.cast_cast_rule,
-            r.reshape_reshape_rule, r.unsqueeze_unsqueeze_rule, r.squeeze_reshape_1d_rule,
-            r.transpose_transpose_rule, r.collapse_slice_rule, r.collapse_slice2_rule,
-            r.materialize_reshape_shape_rule, r.cast_constant_of_shape_rule]
+    return [
+        r.add_0_rule,
+        r.sub_0_rule,
+        r.mul_by_1_rule,
+        r.div_by_1_rule,
+        r.dropout_inference_rule,
+        r.dropout_zero_rule,
+        r.no_op_cast_rule,
+        r.no_op_expand_rule,
+        r.no_op_transpose_rule,
+        r.cast_cast_rule,
+        r.reshape_reshape_rule,
+        r.unsqueeze_unsqueeze_rule,
+        r.squeeze_reshape_1d_rule,
+        r.transpose_transpose_rule,
+        r.collapse_slice_rule,
+        r.collapse_slice2_rule,
+        r.materialize_reshape_shape_rule,
+        r.cast_constant_of_shape_rule,
+    ]
 
 
 def optimize_graph(model) -> None:
@@ -255,10 +300,14 @@ def optimize_graph(model) -> None:
         optimizer.fold_constants(model)
         rewriter.rewrite(model, pattern_rewrite_rules=rules)
     onnx_fusions.fuse(model)
-    for p in (common.RemoveUnusedNodesPass(), common.LiftConstantsToInitializersPass(lift_all_constants=True,
-                                                                                       size_limit=0),
-              common.DeduplicateInitializersPass(), common.CommonSubexpressionEliminationPass(),
-              common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass()):
+    for p in (
+        common.RemoveUnusedNodesPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.DeduplicateInitializersPass(),
+        common.CommonSubexpressionEliminationPass(),
+        common.RemoveUnusedNodesPass(),
+        common.RemoveUnusedOpsetsPass(),
+    ):
         p(model)
 
 
@@ -267,20 +316,32 @@ def _fix_batch(dyn):
         if isinstance(d, tuple):
             return tuple(fix(x) for x in d)
         return {k: v for k, v in d.items() if k != 0}
+
     return {k: fix(v) for k, v in dyn.items()}
 
 
 def _run_exporter(wrapper, args, dyn, opset, names_in, names_out, name):
     with _quiet(), _sdpa(wrapper.model), torch.no_grad():
         try:
-            return torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, dynamic_shapes=dyn,
-                                     input_names=names_in, output_names=names_out, verbose=False,
-                                     report=False, optimize=False)
+            return torch.onnx.export(
+                wrapper,
+                args,
+                dynamo=True,
+                opset_version=opset,
+                dynamic_shapes=dyn,
+                input_names=names_in,
+                output_names=names_out,
+                verbose=False,
+                report=False,
+                optimize=False,
+            )
         except TopThetaError:
             raise
         except Exception as e:  # noqa: BLE001 - any export failure becomes the one-line error
-            raise TopThetaError(f"torch.onnx.export failed for {name} ({type(e).__name__}: {_first_line(e)}): "
-                                "check that the model runs in PyTorch with attn_implementation='sdpa'") from None
+            raise TopThetaError(
+                f"torch.onnx.export failed for {name} ({type(e).__name__}: {_first_line(e)}): "
+                "check that the model runs in PyTorch with attn_implementation='sdpa'"
+            ) from None
 
 
 def write_onnx(model, out_path: Path, external: bool) -> Path:
@@ -316,5 +377,7 @@ def check_onnx(path: Path, external: bool) -> None:
         else:
             onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     except Exception as e:  # noqa: BLE001 - any checker failure becomes the one-line error
-        raise TopThetaError(f"the exported ONNX model failed onnx.checker ({_first_line(e)}): this is a bug, "
-                            "please report it with the model config") from None
+        raise TopThetaError(
+            f"the exported ONNX model failed onnx.checker ({_first_line(e)}): this is a bug, "
+            "please report it with the model config"
+        ) from None

@@ -53,8 +53,9 @@ def attention_layers(graph: Any) -> dict[Any, tuple[int, str]]:
         layer, name = layer_of(node)
         layer = order if layer is None else layer
         if layer in by_layer:
-            raise TopThetaError(f"two attention blocks map to layer {layer} ({by_layer[layer]} and {name}): "
-                                f"{REEXPORT_FIX}")
+            raise TopThetaError(
+                f"two attention blocks map to layer {layer} ({by_layer[layer]} and {name}): {REEXPORT_FIX}"
+            )
         by_layer[layer] = name
         out[node] = (layer, name)
     return out

@@ -22,6 +22,7 @@ _FIX = REEXPORT_FIX  # kept under its old name for callers
 
 # -- loading -----------------------------------------------------------------------------------------
 
+
 def load_onnx(path):
     """``onnx_ir.load`` with one-line TopThetaErrors for missing or corrupt files."""
     import onnx_ir as ir
@@ -50,6 +51,7 @@ def _load_thresholds(thresholds):
 
 # -- layers ------------------------------------------------------------------------------------------
 
+
 def _check_layers(layers: dict[Any, tuple[int, str]], num_layers: int) -> None:
     found = sorted(layers.values())
     present = {layer for layer, _ in found}
@@ -59,16 +61,21 @@ def _check_layers(layers: dict[Any, tuple[int, str]], num_layers: int) -> None:
         return
     if missing:
         first_layer, first_name = found[0] if found else (0, "")
-        what = ", ".join(f"layer {i}" + (f" ({n})" if (n := name_for(first_name, first_layer, i)) else "")
-                         for i in missing)
+        what = ", ".join(
+            f"layer {i}" + (f" ({n})" if (n := name_for(first_name, first_layer, i)) else "") for i in missing
+        )
         raise TopThetaError(
             f"{what}: attention block not found in the exported graph ({len(found)} of {num_layers} layers "
-            f"matched); {_FIX}, and check that the thresholds belong to this model")
-    raise TopThetaError(f"the exported graph has attention blocks for layers {extra} but the thresholds have only "
-                        f"{num_layers} layers: use thresholds calibrated for this model")
+            f"matched); {_FIX}, and check that the thresholds belong to this model"
+        )
+    raise TopThetaError(
+        f"the exported graph has attention blocks for layers {extra} but the thresholds have only "
+        f"{num_layers} layers: use thresholds calibrated for this model"
+    )
 
 
 # -- mask --------------------------------------------------------------------------------------------
+
 
 def _graph_input(graph, name):
     return next((v for v in graph.inputs if v.name == name), None)
@@ -106,13 +113,16 @@ def _is_causal(th_meta: dict, onnx_meta: dict) -> bool | None:
     mine = None if mine is None else bool(mine)
     theirs = None if theirs in (None, "") else bool(int(theirs))
     if mine is not None and theirs is not None and mine != theirs:
-        raise TopThetaError(f"the thresholds are for a {'causal' if mine else 'bidirectional'} model but the ONNX "
-                            f"graph is {'causal' if theirs else 'bidirectional'}: use thresholds calibrated for "
-                            "this model")
+        raise TopThetaError(
+            f"the thresholds are for a {'causal' if mine else 'bidirectional'} model but the ONNX "
+            f"graph is {'causal' if theirs else 'bidirectional'}: use thresholds calibrated for "
+            "this model"
+        )
     return mine if mine is not None else theirs
 
 
 # -- the pass ----------------------------------------------------------------------------------------
+
 
 def rewrite(onnx_in, thresholds, onnx_out, *, comp_mode: int = 0, expose_kept: bool = False) -> dict[str, Any]:
     """Rewrite ``onnx_in`` (a dense export) into ``onnx_out`` with one TopThetaAttention per layer.
@@ -142,16 +152,20 @@ def rewrite(onnx_in, thresholds, onnx_out, *, comp_mode: int = 0, expose_kept: b
     for node, (layer, name) in sorted(layers.items(), key=lambda item: item[1]):
         why = unsupported_reason(node)
         if why:
-            raise TopThetaError(f"layer {layer} ({name}): the attention node cannot be replaced because {why}; "
-                                "this model's attention is not supported by TopThetaAttention")
+            raise TopThetaError(
+                f"layer {layer} ({name}): the attention node cannot be replaced because {why}; "
+                "this model's attention is not supported by TopThetaAttention"
+            )
     _check_layers(layers, th.num_layers)
     context = RuleContext(th, layers, comp_mode=comp_mode, mask_plan=_mask_plan(graph, th.meta, onnx_meta))
     attention_rules(context).apply_to_model(model)
     for node in attention_nodes(graph):
         layer, name = layers[node]
-        raise TopThetaError(f"layer {layer} ({name}): no rewrite rule accepts the attention node "
-                            f"({context.why_not(node)}); this model's attention is not supported by "
-                            "TopThetaAttention")
+        raise TopThetaError(
+            f"layer {layer} ({name}): no rewrite rule accepts the attention node "
+            f"({context.why_not(node)}); this model's attention is not supported by "
+            "TopThetaAttention"
+        )
     if expose_kept:
         from .variants import ExposeKept
 
@@ -186,7 +200,11 @@ def _metadata(th, source: str, comp_mode: int) -> dict[str, str]:
 
 def _report(blocks, th, comp_mode, expose_kept, onnx_in, onnx_out, source) -> dict[str, Any]:
     return {
-        "input": str(onnx_in), "output": str(onnx_out), "thresholds": source,
-        "comp_mode": comp_mode, "expose_kept": expose_kept, "num_layers": len(blocks),
+        "input": str(onnx_in),
+        "output": str(onnx_out),
+        "thresholds": source,
+        "comp_mode": comp_mode,
+        "expose_kept": expose_kept,
+        "num_layers": len(blocks),
         "layers": [b.report(th.num_rows) for b in blocks],
     }

@@ -50,8 +50,14 @@ class MaskPlan:
         """Share one bool ``[B, Ktot]`` mask cast from ``attention_mask`` (inserted first in ``graph``)."""
         if attention_mask.dtype == ir.DataType.BOOL:
             return cls(attention_mask, attention_mask, causal)
-        cast = ir.Node("", "Cast", [attention_mask], {"to": ir.AttrInt64("to", ir.DataType.BOOL)}, num_outputs=1,
-                       name=names.MASK_NODE)
+        cast = ir.Node(
+            "",
+            "Cast",
+            [attention_mask],
+            {"to": ir.AttrInt64("to", ir.DataType.BOOL)},
+            num_outputs=1,
+            name=names.MASK_NODE,
+        )
         shared = cast.outputs[0]
         shared.name, shared.dtype, shared.shape = names.MASK_NAME, ir.DataType.BOOL, attention_mask.shape
         graph.insert_before(graph.node(0), cast)
@@ -72,9 +78,17 @@ class MatchedLayer:
     causal: int
 
     def report(self, rows: int) -> dict[str, Any]:
-        return {"layer": self.layer, "name": self.name, "form": self.form, "num_heads": self.num_heads,
-                "num_kv_heads": self.num_kv_heads, "gqa_peeled": self.gqa_peeled, "mask": self.mask,
-                "causal": self.causal, "rows": rows}
+        return {
+            "layer": self.layer,
+            "name": self.name,
+            "form": self.form,
+            "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads,
+            "gqa_peeled": self.gqa_peeled,
+            "mask": self.mask,
+            "causal": self.causal,
+            "rows": rows,
+        }
 
 
 @dataclass
@@ -143,8 +157,9 @@ def _static_heads(value: ir.Value | None) -> int | None:
     return int(shape[1])
 
 
-def _gqa_problem(which: str, source: ir.Value, axes: ir.Value, grouped: ir.Value, expanded: ir.Value,
-                 num_heads: int) -> str | None:
+def _gqa_problem(
+    which: str, source: ir.Value, axes: ir.Value, grouped: ir.Value, expanded: ir.Value, num_heads: int
+) -> str | None:
     """Why ``Reshape(Expand(Unsqueeze(source, axes)))`` is not the repeat of ``source``'s heads over groups."""
     if _const_ints(axes) not in ([2], [-3]):
         return f"its {which} is unsqueezed on axes {_const_ints(axes)}, not on axis 2 (the query-group axis)"
@@ -235,8 +250,9 @@ class _AttentionRule(pattern.RewriteRuleClassBase):
             return self.context.reject(self.name, node, why)
         return pattern.MatchResult()
 
-    def rewrite(self, op: Any, attention_y: ir.Value, query: ir.Value, mask: ir.Value | None = None,
-                **bindings: Any) -> ir.Value:
+    def rewrite(
+        self, op: Any, attention_y: ir.Value, query: ir.Value, mask: ir.Value | None = None, **bindings: Any
+    ) -> ir.Value:
         node = attention_y.producer()
         assert node is not None
         ctx = self.context
@@ -256,25 +272,46 @@ class _AttentionRule(pattern.RewriteRuleClassBase):
         # ρ is always attached (a few KB per layer) so that a deployment can switch comp_mode without
         # re-exporting; with comp_mode 0 the operator ignores it.
         sdc_v = op.initializer(ir.tensor(np.ascontiguousarray(sdc, np.float32)), names.sdc_name(layer))
-        y = op.op(names.OP_TYPE, query, key, value, theta_v, mask, None, None, sdc_v, _domain=names.DOMAIN,
-                  _version=names.OP_VERSION, _name=f"{names.ATTENTION_NODE_PREFIX}{layer}", scale=scale,
-                  causal=causal, num_heads=num_heads, num_kv_heads=num_kv_heads, comp_mode=int(ctx.comp_mode))
+        y = op.op(
+            names.OP_TYPE,
+            query,
+            key,
+            value,
+            theta_v,
+            mask,
+            None,
+            None,
+            sdc_v,
+            _domain=names.DOMAIN,
+            _version=names.OP_VERSION,
+            _name=f"{names.ATTENTION_NODE_PREFIX}{layer}",
+            scale=scale,
+            causal=causal,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            comp_mode=int(ctx.comp_mode),
+        )
         new = y.producer()
         new.metadata_props.update(node.metadata_props)
         new.metadata_props[names.LAYER_META] = str(layer)
-        ctx.matched[layer] = MatchedLayer(layer, name, self.name, num_heads, num_kv_heads,
-                                          self.gqa and num_kv_heads != num_heads, mask_kind, causal)
+        ctx.matched[layer] = MatchedLayer(
+            layer, name, self.name, num_heads, num_kv_heads, self.gqa and num_kv_heads != num_heads, mask_kind, causal
+        )
         return y
 
     def _check_thresholds(self, layer: int, name: str, theta: np.ndarray, num_heads: int, num_kv_heads: int) -> None:
         if theta.ndim != 2 or theta.shape[0] != num_heads:
-            raise TopThetaError(f"layer {layer} ({name}): thresholds have shape {list(theta.shape)} but the "
-                                f"attention node has {num_heads} query heads (expected [{num_heads}, R]): "
-                                f"{_FIX_THRESHOLDS}")
+            raise TopThetaError(
+                f"layer {layer} ({name}): thresholds have shape {list(theta.shape)} but the "
+                f"attention node has {num_heads} query heads (expected [{num_heads}, R]): "
+                f"{_FIX_THRESHOLDS}"
+            )
         calibrated = self.context.thresholds.meta.get("num_kv_heads")
         if self.gqa and calibrated is not None and int(calibrated) != num_kv_heads:
-            raise TopThetaError(f"layer {layer} ({name}): the graph has {num_kv_heads} kv heads but the "
-                                f"thresholds were calibrated with {calibrated}: {_FIX_THRESHOLDS}")
+            raise TopThetaError(
+                f"layer {layer} ({name}): the graph has {num_kv_heads} kv heads but the "
+                f"thresholds were calibrated with {calibrated}: {_FIX_THRESHOLDS}"
+            )
 
 
 def _mask_var() -> Any:
@@ -290,15 +327,24 @@ class CachedGqaAttention(_AttentionRule):
     def pattern(self, op, query, past_key, new_key, past_value, new_value, key_axes, value_axes):
         present_key = op.Concat(past_key, new_key, _outputs=["present_key"])
         present_value = op.Concat(past_value, new_value, _outputs=["present_value"])
-        key = op.Reshape(op.Expand(op.Unsqueeze(present_key, key_axes), pattern.ANY_VALUE, _outputs=["key_grouped"]),
-                         pattern.ANY_VALUE, _outputs=["key_expanded"])
-        value = op.Reshape(op.Expand(op.Unsqueeze(present_value, value_axes), pattern.ANY_VALUE,
-                                     _outputs=["value_grouped"]), pattern.ANY_VALUE, _outputs=["value_expanded"])
+        key = op.Reshape(
+            op.Expand(op.Unsqueeze(present_key, key_axes), pattern.ANY_VALUE, _outputs=["key_grouped"]),
+            pattern.ANY_VALUE,
+            _outputs=["key_expanded"],
+        )
+        value = op.Reshape(
+            op.Expand(op.Unsqueeze(present_value, value_axes), pattern.ANY_VALUE, _outputs=["value_grouped"]),
+            pattern.ANY_VALUE,
+            _outputs=["value_expanded"],
+        )
         return op.Attention(query, key, value, _mask_var(), _outputs=["attention_y"])
 
     def form_problem(self, num_heads: int, **b: Any) -> str | None:
-        return (_cache_problem("key", b["present_key"]) or _cache_problem("value", b["present_value"])
-                or _gqa_pair_problem(b["present_key"], b["present_value"], num_heads, b))
+        return (
+            _cache_problem("key", b["present_key"])
+            or _cache_problem("value", b["present_value"])
+            or _gqa_pair_problem(b["present_key"], b["present_value"], num_heads, b)
+        )
 
     def kv(self, **b: Any) -> tuple[ir.Value, ir.Value]:
         return b["present_key"], b["present_value"]
@@ -311,10 +357,16 @@ class GqaAttention(_AttentionRule):
     gqa = True
 
     def pattern(self, op, query, key_source, value_source, key_axes, value_axes):
-        key = op.Reshape(op.Expand(op.Unsqueeze(key_source, key_axes), pattern.ANY_VALUE, _outputs=["key_grouped"]),
-                         pattern.ANY_VALUE, _outputs=["key_expanded"])
-        value = op.Reshape(op.Expand(op.Unsqueeze(value_source, value_axes), pattern.ANY_VALUE,
-                                     _outputs=["value_grouped"]), pattern.ANY_VALUE, _outputs=["value_expanded"])
+        key = op.Reshape(
+            op.Expand(op.Unsqueeze(key_source, key_axes), pattern.ANY_VALUE, _outputs=["key_grouped"]),
+            pattern.ANY_VALUE,
+            _outputs=["key_expanded"],
+        )
+        value = op.Reshape(
+            op.Expand(op.Unsqueeze(value_source, value_axes), pattern.ANY_VALUE, _outputs=["value_grouped"]),
+            pattern.ANY_VALUE,
+            _outputs=["value_expanded"],
+        )
         return op.Attention(query, key, value, _mask_var(), _outputs=["attention_y"])
 
     def form_problem(self, num_heads: int, **b: Any) -> str | None:
@@ -325,8 +377,9 @@ class GqaAttention(_AttentionRule):
 
 
 def _gqa_pair_problem(key: ir.Value, value: ir.Value, num_heads: int, b: dict[str, Any]) -> str | None:
-    problem = (_gqa_problem("key", key, b["key_axes"], b["key_grouped"], b["key_expanded"], num_heads)
-               or _gqa_problem("value", value, b["value_axes"], b["value_grouped"], b["value_expanded"], num_heads))
+    problem = _gqa_problem("key", key, b["key_axes"], b["key_grouped"], b["key_expanded"], num_heads) or _gqa_problem(
+        "value", value, b["value_axes"], b["value_grouped"], b["value_expanded"], num_heads
+    )
     if problem is None and _static_heads(key) != _static_heads(value):
         problem = f"its key and value have {_static_heads(key)} and {_static_heads(value)} kv heads"
     return problem
@@ -342,8 +395,11 @@ class CachedMhaAttention(_AttentionRule):
         return op.Attention(query, key, value, _mask_var(), _outputs=["attention_y"])
 
     def form_problem(self, num_heads: int, **b: Any) -> str | None:
-        return (_cache_problem("key", b["present_key"]) or _cache_problem("value", b["present_value"])
-                or _direct_kv_problem(b["present_key"], b["present_value"], num_heads))
+        return (
+            _cache_problem("key", b["present_key"])
+            or _cache_problem("value", b["present_value"])
+            or _direct_kv_problem(b["present_key"], b["present_value"], num_heads)
+        )
 
     def kv(self, **b: Any) -> tuple[ir.Value, ir.Value]:
         return b["present_key"], b["present_value"]

@@ -37,9 +37,11 @@ def _theta_stats(theta: np.ndarray | None, sdc: np.ndarray | None) -> dict[str, 
     if theta is None:
         return {}
     finite = np.isfinite(theta)
-    out: dict[str, Any] = {"rows": int(theta.shape[-1]) if theta.ndim == 2 else None,
-                           "finite_fraction": float(finite.mean()) if theta.size else 0.0,
-                           "dense": bool(not finite.any())}
+    out: dict[str, Any] = {
+        "rows": int(theta.shape[-1]) if theta.ndim == 2 else None,
+        "finite_fraction": float(finite.mean()) if theta.size else 0.0,
+        "dense": bool(not finite.any()),
+    }
     if finite.any():
         vals = theta[finite]
         out.update(theta_min=float(vals.min()), theta_mean=float(vals.mean()), theta_max=float(vals.max()))
@@ -57,13 +59,18 @@ def _attention_node(node) -> dict[str, Any]:
     theta = node.inputs[3] if len(node.inputs) > 3 else None
     sdc = node.inputs[7] if len(node.inputs) > 7 else None
     mask = node.inputs[4] if len(node.inputs) > 4 else None
-    info = {"layer": layer, "name": name, "node": node.name,
-            "num_heads": int(attrs.get("num_heads", 0)), "num_kv_heads": int(attrs.get("num_kv_heads", 0)),
-            "comp_mode": int(attrs.get("comp_mode", 0)), "causal": int(attrs.get("causal", 0)),
-            "scale": float(attrs.get("scale", 0.0)),
-            "mask": None if mask is None else ("key_padding" if mask.shape is not None and len(mask.shape) == 2
-                                               else "4d"),
-            "thresholds": theta.name if theta is not None else None}
+    info = {
+        "layer": layer,
+        "name": name,
+        "node": node.name,
+        "num_heads": int(attrs.get("num_heads", 0)),
+        "num_kv_heads": int(attrs.get("num_kv_heads", 0)),
+        "comp_mode": int(attrs.get("comp_mode", 0)),
+        "causal": int(attrs.get("causal", 0)),
+        "scale": float(attrs.get("scale", 0.0)),
+        "mask": None if mask is None else ("key_padding" if mask.shape is not None and len(mask.shape) == 2 else "4d"),
+        "thresholds": theta.name if theta is not None else None,
+    }
     info.update(_theta_stats(_array(theta), _array(sdc)))
     return info
 
@@ -73,8 +80,9 @@ def summarize(path) -> dict[str, Any]:
     path = Path(path)
     model = load_onnx(path)
     graph = model.graph
-    counts = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}"
-                     for n in graph.all_nodes())
+    counts = Counter(
+        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in graph.all_nodes()
+    )
     nodes = [_attention_node(n) for n in graph.all_nodes() if n.op_type == OP_TYPE and n.domain == DOMAIN]
     nodes.sort(key=lambda d: (d["layer"] is None, d["layer"]))
     data_file = path.with_name(path.name + ".data")
@@ -102,7 +110,8 @@ def _overall(nodes: list[dict]) -> dict[str, Any]:
     sparse = [n for n in nodes if not n.get("dense", True)]
     means = [n["theta_mean"] for n in sparse if "theta_mean" in n]
     return {
-        "layers": len(nodes), "dense_layers": [n["layer"] for n in nodes if n.get("dense")],
+        "layers": len(nodes),
+        "dense_layers": [n["layer"] for n in nodes if n.get("dense")],
         "rows": sorted({n.get("rows") for n in nodes if n.get("rows") is not None}),
         "comp_modes": sorted({n["comp_mode"] for n in nodes}),
         "theta_min": min((n["theta_min"] for n in sparse), default=None),
@@ -126,8 +135,11 @@ def _io_lines(values: list[dict]) -> list[str]:
     order: list[tuple] = []
     for v in values:
         m = re.fullmatch(r"(.*?)\.(\d+)\.(.*)", v["name"])
-        key = (m.group(1), m.group(3), v["dtype"], tuple(v["shape"])) if m else (v["name"], None, v["dtype"],
-                                                                                 tuple(v["shape"]))
+        key = (
+            (m.group(1), m.group(3), v["dtype"], tuple(v["shape"]))
+            if m
+            else (v["name"], None, v["dtype"], tuple(v["shape"]))
+        )
         if key not in groups:
             groups[key] = []
             order.append(key)
@@ -150,27 +162,37 @@ def _io_lines(values: list[dict]) -> list[str]:
 def format_summary(s: dict[str, Any], *, max_ops: int = 12) -> str:
     """Plain-text rendering of ``summarize()`` (one fact per line)."""
     opsets = ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in s["opset"].items())
-    lines = [f"{s['path']}  ({s['size_bytes'] / 1e6:.1f} MB{', external data' if s['external_data'] else ''})",
-             f"opsets: {opsets}; {s['num_nodes']} nodes"]
+    lines = [
+        f"{s['path']}  ({s['size_bytes'] / 1e6:.1f} MB{', external data' if s['external_data'] else ''})",
+        f"opsets: {opsets}; {s['num_nodes']} nodes",
+    ]
     lines.append("inputs:")
     lines += _io_lines(s["inputs"])
     lines.append("outputs:")
     lines += _io_lines(s["outputs"])
     ops = list(s["op_counts"].items())
-    lines.append("ops: " + ", ".join(f"{k} {v}" for k, v in ops[:max_ops]) +
-                 (f", ... ({len(ops) - max_ops} more types)" if len(ops) > max_ops else ""))
+    lines.append(
+        "ops: "
+        + ", ".join(f"{k} {v}" for k, v in ops[:max_ops])
+        + (f", ... ({len(ops) - max_ops} more types)" if len(ops) > max_ops else "")
+    )
     nodes = s["toptheta_nodes"]
     if not nodes:
         lines.append(f"no TopThetaAttention nodes ({s['dense_attention_nodes']} dense Attention nodes)")
         return "\n".join(lines)
     lines.append(f"TopThetaAttention: {len(nodes)} nodes")
     for n in nodes:
-        theta = "dense (θ=-inf)" if n.get("dense") else \
-            f"θ min/mean/max {_num(n.get('theta_min'))}/{_num(n.get('theta_mean'))}/{_num(n.get('theta_max'))}"
-        lines.append(f"  layer {n['layer']:>3} {n['name']}: heads {n['num_heads']}, kv heads {n['num_kv_heads']}, "
-                     f"R {n.get('rows')}, comp_mode {n['comp_mode']}, causal {n['causal']}, mask {n['mask']}, "
-                     f"{theta}")
+        theta = (
+            "dense (θ=-inf)"
+            if n.get("dense")
+            else f"θ min/mean/max {_num(n.get('theta_min'))}/{_num(n.get('theta_mean'))}/{_num(n.get('theta_max'))}"
+        )
+        lines.append(
+            f"  layer {n['layer']:>3} {n['name']}: heads {n['num_heads']}, kv heads {n['num_kv_heads']}, "
+            f"R {n.get('rows')}, comp_mode {n['comp_mode']}, causal {n['causal']}, mask {n['mask']}, "
+            f"{theta}"
+        )
     meta = {k: v for k, v in s["metadata"].items() if k.startswith(META_PREFIX)}
     if meta:
-        lines.append("metadata: " + ", ".join(f"{k[len(META_PREFIX):]}={v}" for k, v in meta.items()))
+        lines.append("metadata: " + ", ".join(f"{k[len(META_PREFIX) :]}={v}" for k, v in meta.items()))
     return "\n".join(lines)

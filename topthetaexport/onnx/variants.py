@@ -35,9 +35,20 @@ from .._errors import TopThetaError
 from ..thresholds import Thresholds
 from . import names
 
-__all__ = ["KEPT_PREFIX", "DenseTwin", "ExposeAttentionIO", "ExposeKept", "ReplaceWithTopK", "SetCompMode",
-           "SetThresholds", "op_nodes", "prepare_variant", "replace_with_topk", "topk_attention_numpy",
-           "write_variant"]
+__all__ = [
+    "KEPT_PREFIX",
+    "DenseTwin",
+    "ExposeAttentionIO",
+    "ExposeKept",
+    "ReplaceWithTopK",
+    "SetCompMode",
+    "SetThresholds",
+    "op_nodes",
+    "prepare_variant",
+    "replace_with_topk",
+    "topk_attention_numpy",
+    "write_variant",
+]
 
 KEPT_PREFIX = names.KEPT_PREFIX
 _THETA_INPUT, _MASK_INPUT, _SDC_INPUT, _KEPT_OUTPUT = 3, 4, 7, 3
@@ -112,9 +123,13 @@ class ExposeAttentionIO(InPlacePass):
         graph = model.graph
         ops = op_nodes(graph)
         for layer, node in ops:
-            sources = [("q", node.inputs[0]), ("k", node.inputs[1]), ("v", node.inputs[2]),
-                       ("mask", node.inputs[_MASK_INPUT] if len(node.inputs) > _MASK_INPUT else None),
-                       ("y", node.outputs[0])]
+            sources = [
+                ("q", node.inputs[0]),
+                ("k", node.inputs[1]),
+                ("v", node.inputs[2]),
+                ("mask", node.inputs[_MASK_INPUT] if len(node.inputs) > _MASK_INPUT else None),
+                ("y", node.outputs[0]),
+            ]
             identities = []
             for slot, source in sources:
                 if source is None:
@@ -142,8 +157,9 @@ class SetThresholds(InPlacePass):
     """Replace every layer's θ (and ρ) initializers: from ``thresholds``, or θ = ``theta_fill`` everywhere
     (ρ then stays, unless ``sdc_fill`` is given)."""
 
-    def __init__(self, thresholds: Thresholds | None = None, *, theta_fill: float | None = None,
-                 sdc_fill: float | None = None) -> None:
+    def __init__(
+        self, thresholds: Thresholds | None = None, *, theta_fill: float | None = None, sdc_fill: float | None = None
+    ) -> None:
         super().__init__()
         if (thresholds is None) == (theta_fill is None):
             raise TopThetaError("SetThresholds needs either thresholds or theta_fill: pass exactly one")
@@ -157,8 +173,10 @@ class SetThresholds(InPlacePass):
         ops = _require_ops(model)
         th = self.thresholds
         if th is not None and th.num_layers != len(ops):
-            raise TopThetaError(f"thresholds have {th.num_layers} layers but the model has {len(ops)} attention "
-                                "blocks: calibrate thresholds for this model")
+            raise TopThetaError(
+                f"thresholds have {th.num_layers} layers but the model has {len(ops)} attention "
+                "blocks: calibrate thresholds for this model"
+            )
         modified = False
         for layer, node in ops:
             theta_v = node.inputs[_THETA_INPUT]
@@ -199,6 +217,7 @@ class SetCompMode(InPlacePass):
 
 # -- top-k ---------------------------------------------------------------------------------------------
 
+
 def _mask_kind(mask: ir.Value) -> tuple[bool, int]:
     """(is bool, rank) of the op's mask input from what the graph states; an unstated rank is taken as 4.
 
@@ -236,8 +255,14 @@ class _TopKBuilder:
 
     def node(self, op: str, inputs: Sequence[ir.Value | None], num_outputs: int = 1, **attrs: Any) -> list[ir.Value]:
         index = len(self.nodes)
-        node = ir.Node("", op, inputs, attributes=ir.convenience.convert_attributes(attrs),
-                       num_outputs=num_outputs, name=f"{self.prefix}{op}{index}")
+        node = ir.Node(
+            "",
+            op,
+            inputs,
+            attributes=ir.convenience.convert_attributes(attrs),
+            num_outputs=num_outputs,
+            name=f"{self.prefix}{op}{index}",
+        )
         for j, out in enumerate(node.outputs):
             out.name = f"{self.prefix}{op.lower()}{index}" + (f"_{j}" if j else "")
         self.nodes.append(node)
@@ -289,8 +314,9 @@ def _topk_subgraph(layer: int, node: ir.Node, k: int) -> tuple[_TopKBuilder, ir.
         valid = n("Not", n("IsNaN", s))
     masked = n("Where", valid, s, neg_inf)  # [B, Hq, Sq, Ktot]
     ktot_1 = n("Slice", n("Shape", masked), n.ints("sl", 3), n.ints("el", 4))
-    top, _ = n.node("TopK", [masked, n("Min", n.ints("k", int(k)), ktot_1)], num_outputs=2, axis=-1, largest=1,
-                    sorted=1)
+    top, _ = n.node(
+        "TopK", [masked, n("Min", n.ints("k", int(k)), ktot_1)], num_outputs=2, axis=-1, largest=1, sorted=1
+    )
     tau = n("ReduceMin", top, neg1, keepdims=1)  # the k-th largest valid score
     keep = n("And", valid, n("GreaterOrEqual", s, tau))
     zk = n("Where", keep, s, neg_inf)
@@ -360,14 +386,16 @@ def replace_with_topk(model: Any, k: int, dense_layers: Iterable[int]) -> list[i
 
 # -- loading and saving ---------------------------------------------------------------------------------
 
+
 def _load(model_path: Path) -> ir.Model:
     if not model_path.is_file():
         raise TopThetaError(f"ONNX model {model_path} does not exist: run 'topθ-export export' first")
     try:
         return ir.load(model_path)
     except Exception as e:  # noqa: BLE001 - any parse failure becomes the one-line error
-        raise TopThetaError(f"{model_path} is not a valid ONNX model ({str(e).splitlines()[0][:200]}): "
-                            "re-export it") from None
+        raise TopThetaError(
+            f"{model_path} is not a valid ONNX model ({str(e).splitlines()[0][:200]}): re-export it"
+        ) from None
 
 
 def _save_next_to(model: ir.Model, model_path: Path) -> Path:
@@ -382,9 +410,15 @@ def _save_next_to(model: ir.Model, model_path: Path) -> Path:
     return Path(tmp)
 
 
-def write_variant(model_path: str | os.PathLike[str], *, kind: str = "toptheta", k: int | None = None,
-                  dense_layers: Iterable[int] = (), thresholds: Thresholds | None = None,
-                  comp_mode: int | None = None) -> Path:
+def write_variant(
+    model_path: str | os.PathLike[str],
+    *,
+    kind: str = "toptheta",
+    k: int | None = None,
+    dense_layers: Iterable[int] = (),
+    thresholds: Thresholds | None = None,
+    comp_mode: int | None = None,
+) -> Path:
     """A variant of the Top-θ model at ``model_path``, saved next to it (the caller deletes it).
 
     ``kind``: ``toptheta`` (θ/ρ from ``thresholds`` when given), ``topk`` (exact top-k with ``k`` in every
@@ -417,8 +451,14 @@ def _require_ops_in(model: ir.Model, path: Path) -> None:
         raise TopThetaError(f"{path} has no TopThetaAttention node: {_NO_OP_FIX}")
 
 
-def prepare_variant(model_path: str | os.PathLike[str], *, expose_kept: bool = True, expose_io: bool = False,
-                    theta_fill: float | None = None, comp_mode: int | None = None) -> Path:
+def prepare_variant(
+    model_path: str | os.PathLike[str],
+    *,
+    expose_kept: bool = True,
+    expose_io: bool = False,
+    theta_fill: float | None = None,
+    comp_mode: int | None = None,
+) -> Path:
     """A modified copy of a Top-θ model for a session, saved next to it (the caller deletes it).
 
     ``expose_kept``: ``ExposeKept``. ``expose_io``: ``ExposeAttentionIO``. ``theta_fill``: every threshold
@@ -442,8 +482,9 @@ def prepare_variant(model_path: str | os.PathLike[str], *, expose_kept: bool = T
     return _save_next_to(model, path)
 
 
-def topk_attention_numpy(q: Any, k: Any, v: Any, kk: int, *, scale: float | None = None, causal: bool = False,
-                         key_padding: Any = None) -> tuple[np.ndarray, np.ndarray]:
+def topk_attention_numpy(
+    q: Any, k: Any, v: Any, kk: int, *, scale: float | None = None, causal: bool = False, key_padding: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Float64 NumPy top-k attention (the definition above), for tests: (output, kept counts)."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     b, hq, sq, d = q.shape
@@ -460,7 +501,7 @@ def topk_attention_numpy(q: Any, k: Any, v: Any, kk: int, *, scale: float | None
         valid = valid & np.asarray(key_padding, bool)[:, None, None, :]
     valid = np.broadcast_to(valid, s.shape)
     masked = np.where(valid, s, -np.inf)
-    kth = -np.sort(-masked, axis=-1)[..., min(kk, ktot) - 1:min(kk, ktot)]
+    kth = -np.sort(-masked, axis=-1)[..., min(kk, ktot) - 1 : min(kk, ktot)]
     keep = valid & (s >= kth)
     z = np.where(keep, s, -np.inf)
     mx = z.max(-1, keepdims=True)

@@ -33,9 +33,7 @@ def library_path(required: bool = True) -> Path | None:
     if env:
         p = Path(env)
         if not p.is_file():
-            raise TopThetaError(
-                f"{LIBRARY_ENV}={env} does not exist: point it at a built {LIBRARY_NAME} or unset it"
-            )
+            raise TopThetaError(f"{LIBRARY_ENV}={env} does not exist: point it at a built {LIBRARY_NAME} or unset it")
         return p
     p = Path(__file__).resolve().parent.parent / "_lib" / LIBRARY_NAME
     if p.is_file():
@@ -92,8 +90,13 @@ def session_options(threads: int | None = None, library: str | os.PathLike | Non
     return so
 
 
-def session(model_path: str | os.PathLike, *, device: str = "auto", threads: int | None = None,
-            library: str | os.PathLike | None = None):
+def session(
+    model_path: str | os.PathLike,
+    *,
+    device: str = "auto",
+    threads: int | None = None,
+    library: str | os.PathLike | None = None,
+):
     """An ``onnxruntime.InferenceSession`` for ``model_path`` with the Top-θ library registered.
 
     ``model_path`` is an .onnx file or an output folder (its ``model.onnx``). When a ``library.json``
@@ -136,23 +139,35 @@ def library_for(model_path: str | os.PathLike) -> Path:
         record = json.loads(record_path.read_text())
         recorded_lib, recorded_sha = record.get("path"), record["sha256"]
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
-        raise TopThetaError(f"{record_path} is not a library record written by topθ-export ({type(e).__name__}): "
-                            "re-run 'topθ-export export' or delete it") from None
+        raise TopThetaError(
+            f"{record_path} is not a library record written by topθ-export ({type(e).__name__}): "
+            "re-run 'topθ-export export' or delete it"
+        ) from None
     lib = library_path(required=False)
     if lib is None and recorded_lib and Path(recorded_lib).is_file():
         lib = Path(recorded_lib)
     if lib is None:
-        raise TopThetaError(f"custom-op library {LIBRARY_NAME} for {model_path} not found (neither installed nor at "
-                            f"{recorded_lib}, named in {record_path}): build it with 'pip install .' or set "
-                            f"{LIBRARY_ENV}")
+        raise TopThetaError(
+            f"custom-op library {LIBRARY_NAME} for {model_path} not found (neither installed nor at "
+            f"{recorded_lib}, named in {record_path}): build it with 'pip install .' or set "
+            f"{LIBRARY_ENV}"
+        )
     sha = _sha256(lib)
     if sha != recorded_sha:
-        warnings.warn(f"{model_path} was built with {LIBRARY_NAME} sha256 {recorded_sha[:12]}, this session loads "
-                      f"{lib} with sha256 {sha[:12]}: re-export if results differ", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"{model_path} was built with {LIBRARY_NAME} sha256 {recorded_sha[:12]}, this session loads "
+            f"{lib} with sha256 {sha[:12]}: re-export if results differ",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     recorded_ort = record.get("onnxruntime_version")
     if recorded_ort and recorded_ort != ort.__version__:
-        warnings.warn(f"{model_path} was built with onnxruntime {recorded_ort}, this is {ort.__version__}: "
-                      "re-export if results differ", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"{model_path} was built with onnxruntime {recorded_ort}, this is {ort.__version__}: "
+            "re-export if results differ",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return lib
 
 
@@ -170,5 +185,11 @@ def library_info() -> dict[str, Any]:
     import onnxruntime as ort
 
     lib = library_path()
-    return {"path": str(lib), "sha256": _sha256(lib), "onnxruntime_version": ort.__version__,
-            "domain": DOMAIN, "op": OP_TYPE, "op_version": OP_VERSION}
+    return {
+        "path": str(lib),
+        "sha256": _sha256(lib),
+        "onnxruntime_version": ort.__version__,
+        "domain": DOMAIN,
+        "op": OP_TYPE,
+        "op_version": OP_VERSION,
+    }

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -59,9 +60,14 @@ class KeptRecorder:
         return sum(self.kept.get(i, 0.0) for i in layers) / valid if valid else float("nan")
 
     def per_layer(self) -> list[dict[str, Any]]:
-        return [{"layer": i, "mean_kept": self.kept[i] / self.rows[i] if self.rows[i] else float("nan"),
-                 "mean_valid": self.valid[i] / self.rows[i] if self.rows[i] else float("nan")}
-                for i in sorted(self.rows)]
+        return [
+            {
+                "layer": i,
+                "mean_kept": self.kept[i] / self.rows[i] if self.rows[i] else float("nan"),
+                "mean_valid": self.valid[i] / self.rows[i] if self.rows[i] else float("nan"),
+            }
+            for i in sorted(self.rows)
+        ]
 
 
 @dataclass
@@ -77,6 +83,7 @@ class _State:
 
 # -- the registered functions --------------------------------------------------------------------------
 
+
 def _mask_fn(*args, **kwargs):
     """Boolean [B, 1, Sq, Kv] mask, never skipped for causal models (the reference needs it explicit)."""
     from transformers.masking_utils import sdpa_mask
@@ -89,8 +96,10 @@ def _attention_fn(module, query, key, value, attention_mask, scaling=None, dropo
     """Attention function registered as ``IMPL_NAME``; returns ([B, Sq, Hq, Dv], None) like HF's."""
     state: _State | None = getattr(module, _STATE_ATTR, None)
     if state is None:
-        raise TopThetaError(f"attention implementation '{IMPL_NAME}' used outside topthetaexport.attention_mode: "
-                            "wrap the forward pass in 'with attention_mode(model, ...)'")
+        raise TopThetaError(
+            f"attention implementation '{IMPL_NAME}' used outside topthetaexport.attention_mode: "
+            "wrap the forward pass in 'with attention_mode(model, ...)'"
+        )
     layer = getattr(module, _LAYER_ATTR)
     mask = attention_mask
     causal = bool(getattr(module, "is_causal", False)) and mask is None and query.shape[2] > 1
@@ -108,8 +117,7 @@ def _dispatch(state: _State, layer, q, k, v, mask, scale, causal):
     if state.mode == "dense":
         return _sdpa_dense(q, k, v, mask, scale, causal), None
     if state.mode == "topk":
-        return reference.topk_attention(q, k, v, state.k, scale=scale, causal=causal, attn_mask=mask,
-                                        return_kept=True)
+        return reference.topk_attention(q, k, v, state.k, scale=scale, causal=causal, attn_mask=mask, return_kept=True)
     theta, sdc = state.thresholds.layer(layer)
     keep = None
     if state.keep_masks is not None:
@@ -117,10 +125,23 @@ def _dispatch(state: _State, layer, q, k, v, mask, scale, causal):
         if keep is None:  # a silently unpinned layer would pass for a pinned one
             raise TopThetaError(f"keep_masks has no mask for layer {layer}: pass one for every attention layer")
         if keep.shape[-2:] != (q.shape[2], k.shape[2]):
-            raise TopThetaError(f"keep mask of layer {layer} is {list(keep.shape)} but the call has {q.shape[2]} "
-                                f"queries and {k.shape[2]} keys: pin masks from a run on the same input")
-    return reference.toptheta_attention(q, k, v, theta, scale=scale, causal=causal, attn_mask=mask, sdc=sdc,
-                                        comp_mode=state.comp_mode, return_kept=True, keep_mask=keep)
+            raise TopThetaError(
+                f"keep mask of layer {layer} is {list(keep.shape)} but the call has {q.shape[2]} "
+                f"queries and {k.shape[2]} keys: pin masks from a run on the same input"
+            )
+    return reference.toptheta_attention(
+        q,
+        k,
+        v,
+        theta,
+        scale=scale,
+        causal=causal,
+        attn_mask=mask,
+        sdc=sdc,
+        comp_mode=state.comp_mode,
+        return_kept=True,
+        keep_mask=keep,
+    )
 
 
 def _sdpa_dense(q, k, v, mask, scale, causal) -> torch.Tensor:
@@ -165,12 +186,18 @@ def _register() -> None:
 
 # -- switching a model ---------------------------------------------------------------------------------
 
+
 def attention_modules(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
     """(layer index, module) of every self-attention module that calls the attention interface."""
     found = []
     for _, mod in model.named_modules():
-        if hasattr(mod, "scaling") and hasattr(mod, "layer_idx") and hasattr(mod, "config") \
-                and type(mod).__name__.endswith("Attention") and not getattr(mod, "is_cross_attention", False):
+        if (
+            hasattr(mod, "scaling")
+            and hasattr(mod, "layer_idx")
+            and hasattr(mod, "config")
+            and type(mod).__name__.endswith("Attention")
+            and not getattr(mod, "is_cross_attention", False)
+        ):
             found.append(mod)
     out = []
     for i, mod in enumerate(found):
@@ -184,9 +211,17 @@ def _unwrap(model):
 
 
 @contextlib.contextmanager
-def attention_mode(model, mode: str, *, thresholds=None, comp_mode: int = 0, k: int | None = None,
-                   recorder=None, score_hook: Callable | None = None,
-                   keep_masks: dict[int, torch.Tensor] | None = None) -> Iterator[None]:
+def attention_mode(
+    model,
+    mode: str,
+    *,
+    thresholds=None,
+    comp_mode: int = 0,
+    k: int | None = None,
+    recorder=None,
+    score_hook: Callable | None = None,
+    keep_masks: dict[int, torch.Tensor] | None = None,
+) -> Iterator[None]:
     """Run ``model`` (nn.Module or LoadedModel) with ``mode`` attention inside the ``with`` block.
 
     mode: "dense" (exact masked softmax, through torch SDPA), "toptheta" (reference Top-θ; needs
@@ -237,5 +272,6 @@ def _check_thresholds(net, mods, thresholds) -> None:
     heads = getattr(net.config, "num_attention_heads", thresholds.num_heads)
     for what, mine, theirs in (("layers", thresholds.num_layers, n_layers), ("heads", thresholds.num_heads, heads)):
         if mine != theirs:
-            raise TopThetaError(f"thresholds have {mine} {what} but the model has {theirs}: "
-                                "calibrate thresholds for this model")
+            raise TopThetaError(
+                f"thresholds have {mine} {what} but the model has {theirs}: calibrate thresholds for this model"
+            )

@@ -41,6 +41,7 @@ def _kth_hook(acc: _Accumulator, k: int, dense: set[int]):
         n_valid = valid.sum(-1)
         kth = s.masked_fill(~valid, float("-inf")).topk(k, dim=-1, sorted=True).values[..., -1]
         acc.add(layer, kth, n_valid > k)
+
     return hook
 
 
@@ -54,6 +55,7 @@ def _sdc_hook(acc: _Accumulator, theta: torch.Tensor):
         n_pruned = pruned.sum(-1)
         mass = torch.exp(torch.where(pruned, s - th, float("-inf"))).sum(-1)
         acc.add(layer, mass / n_pruned.clamp(min=1), n_pruned > 0)
+
     return hook
 
 
@@ -73,22 +75,34 @@ def _run(model, tokens: torch.Tensor, batch_size: int, hook, step, label: str) -
     body = getattr(model, "base_model", model)  # no LM head: calibration needs attention scores only
     with torch.no_grad(), attention_mode(model, "dense", score_hook=hook):
         for start in range(0, tokens.shape[0], batch_size):
-            ids = tokens[start:start + batch_size]
+            ids = tokens[start : start + batch_size]
             body(input_ids=ids, attention_mask=torch.ones_like(ids))
             step(f"{label} {min(start + batch_size, tokens.shape[0])}/{tokens.shape[0]}")
 
 
 def _check_args(loaded: LoadedModel, k, seq_len, num_samples, dense_layers, batch_size) -> None:
     if k < 1 or num_samples < 1 or batch_size < 1 or seq_len < 2:
-        raise TopThetaError(f"need k >= 1, num_samples >= 1, batch_size >= 1 and seq_len >= 2 (got k={k}, "
-                            f"num_samples={num_samples}, batch_size={batch_size}, seq_len={seq_len})")
+        raise TopThetaError(
+            f"need k >= 1, num_samples >= 1, batch_size >= 1 and seq_len >= 2 (got k={k}, "
+            f"num_samples={num_samples}, batch_size={batch_size}, seq_len={seq_len})"
+        )
     if not 0 <= dense_layers <= loaded.num_layers:
-        raise TopThetaError(f"dense_layers={dense_layers} is outside 0..{loaded.num_layers} "
-                            f"(the model has {loaded.num_layers} layers)")
+        raise TopThetaError(
+            f"dense_layers={dense_layers} is outside 0..{loaded.num_layers} (the model has {loaded.num_layers} layers)"
+        )
 
 
-def calibrate(model, data, *, k: int = 64, seq_len: int = 512, num_samples: int = 16, dense_layers: int = 2,
-              batch_size: int = 1, progress: Progress | None = None) -> Thresholds:
+def calibrate(
+    model,
+    data,
+    *,
+    k: int = 64,
+    seq_len: int = 512,
+    num_samples: int = 16,
+    dense_layers: int = 2,
+    batch_size: int = 1,
+    progress: Progress | None = None,
+) -> Thresholds:
     """Calibrate θ (mean k-th largest valid score per layer/head/row) and ρ (SDC) on ``data``.
 
     model: LoadedModel, alias or path. data: file/folder path, "builtin:pydoc", list of texts, or a token
@@ -100,8 +114,9 @@ def calibrate(model, data, *, k: int = 64, seq_len: int = 512, num_samples: int 
     tokens = as_token_tensor(data, loaded.tokenizer, seq_len=seq_len, num_samples=num_samples)
     n, rows = tokens.shape
     if loaded.max_positions and rows > loaded.max_positions:
-        raise TopThetaError(f"seq_len {rows} exceeds the model's {loaded.max_positions} positions: "
-                            "use a smaller seq_len")
+        raise TopThetaError(
+            f"seq_len {rows} exceeds the model's {loaded.max_positions} positions: use a smaller seq_len"
+        )
     layers, heads = loaded.num_layers, loaded.num_heads
     dense = set(range(dense_layers))
     batches = -(-n // batch_size)

@@ -104,8 +104,22 @@ def _row_table(table: torch.Tensor, sq: int, ktot: int, dt) -> torch.Tensor:
     return table.to(dt)[:, rr][None, :, :, None]
 
 
-def toptheta_attention(q, k, v, thresholds, *, scale=None, causal=False, attn_mask=None, past_key=None,
-                       past_value=None, sdc=None, comp_mode=0, return_kept=False, keep_mask=None):
+def toptheta_attention(
+    q,
+    k,
+    v,
+    thresholds,
+    *,
+    scale=None,
+    causal=False,
+    attn_mask=None,
+    past_key=None,
+    past_value=None,
+    sdc=None,
+    comp_mode=0,
+    return_kept=False,
+    keep_mask=None,
+):
     """Top-θ attention exactly as docs/op.md.
 
     q [B,Hq,Sq,D], k/v [B,Hkv,Sk,D(v)], thresholds [Hq,R] -> out [B,Hq,Sq,Dv]
@@ -144,8 +158,9 @@ def toptheta_attention(q, k, v, thresholds, *, scale=None, causal=False, attn_ma
         use = n_pruned > 0
         # exp(θ - m) with m = θ when nothing is kept (docs/op.md): 1 there, also for θ = +inf.
         any_kept = n_kept > 0
-        factor = torch.where(use & any_kept, torch.exp(torch.where(use & any_kept, th - ms, torch.zeros_like(ms))),
-                             torch.ones_like(ms))
+        factor = torch.where(
+            use & any_kept, torch.exp(torch.where(use & any_kept, th - ms, torch.zeros_like(ms))), torch.ones_like(ms)
+        )
         dp = torch.where(use, n_pruned * rho * factor, torch.zeros_like(ms))
         if comp_mode == 2:  # the V mean is read only where there is pruned mass to compensate
             vbar = _weighted_rows(valid.to(dt), valid, vv) / n_valid.clamp(min=1).to(dt)[..., None]
@@ -154,24 +169,37 @@ def toptheta_attention(q, k, v, thresholds, *, scale=None, causal=False, attn_ma
 
     # Zeros where the denominator is 0; a NaN denominator (NaN score) stays NaN.
     use = (den > 0) | torch.isnan(den)
-    out = torch.where(use[..., None], num / torch.where(use, den, torch.ones_like(den))[..., None],
-                      torch.zeros_like(num))
+    out = torch.where(
+        use[..., None], num / torch.where(use, den, torch.ones_like(den))[..., None], torch.zeros_like(num)
+    )
     out = out.to(q.dtype)
     if return_kept:
         return out, n_kept.to(torch.int32)
     return out
 
 
-def dense_attention(q, k, v, *, scale=None, causal=False, attn_mask=None, past_key=None, past_value=None,
-                    return_kept=False):
+def dense_attention(
+    q, k, v, *, scale=None, causal=False, attn_mask=None, past_key=None, past_value=None, return_kept=False
+):
     """Dense masked softmax attention (Top-θ with every θ = -inf)."""
     th = torch.full((q.shape[1], 1), _NEG_INF, dtype=torch.float32, device=q.device)
-    return toptheta_attention(q, k, v, th, scale=scale, causal=causal, attn_mask=attn_mask, past_key=past_key,
-                              past_value=past_value, return_kept=return_kept)
+    return toptheta_attention(
+        q,
+        k,
+        v,
+        th,
+        scale=scale,
+        causal=causal,
+        attn_mask=attn_mask,
+        past_key=past_key,
+        past_value=past_value,
+        return_kept=return_kept,
+    )
 
 
-def topk_attention(q, k, v, k_keep, *, scale=None, causal=False, attn_mask=None, past_key=None, past_value=None,
-                   return_kept=False):
+def topk_attention(
+    q, k, v, k_keep, *, scale=None, causal=False, attn_mask=None, past_key=None, past_value=None, return_kept=False
+):
     """Keep the ``k_keep`` largest valid scores of every row (ties: lower key index first), then softmax."""
     dt = _compute_dtype(q)
     k, v = _cat_past(k, v, past_key, past_value)
@@ -186,8 +214,11 @@ def topk_attention(q, k, v, k_keep, *, scale=None, causal=False, attn_mask=None,
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m).masked_fill(~kept, 0.0)
     den = e.sum(-1, keepdim=True)
-    out = torch.where(den > 0, torch.matmul(e, vv) / torch.where(den > 0, den, torch.ones_like(den)),
-                      torch.zeros((), dtype=dt, device=q.device)).to(q.dtype)
+    out = torch.where(
+        den > 0,
+        torch.matmul(e, vv) / torch.where(den > 0, den, torch.ones_like(den)),
+        torch.zeros((), dtype=dt, device=q.device),
+    ).to(q.dtype)
     if return_kept:
         return out, kept.sum(-1).to(torch.int32)
     return out
