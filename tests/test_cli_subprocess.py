@@ -165,6 +165,7 @@ def test_run_and_session_need_only_out(pipeline, tmp_path):
     assert "library.json" in one_line(res.stderr) and "pip install" in res.stderr
 
 
+@pytest.mark.slow  # builds and evaluates an output in subprocesses
 def test_run_refuses_out_without_tokenizer(pipeline, tmp_path):
     copy = tmp_path / "out"
     shutil.copytree(pipeline, copy)
@@ -190,6 +191,7 @@ def _prose(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # builds and evaluates an output in subprocesses
 def test_eval_reads_task_specs(pipeline, work, tmp_path):
     prose = _prose(tmp_path / "prose.txt")
     items = [
