@@ -318,6 +318,12 @@ def _mask_var() -> Any:
     return pattern.Var("mask", can_match_none=True)
 
 
+def _repeated_over_group(op: Any, source: Any, axes: Any, which: str) -> Any:
+    """The GQA repeat of K or V over the query group: ``Reshape(Expand(Unsqueeze(source, axes)))``."""
+    grouped = op.Expand(op.Unsqueeze(source, axes), pattern.ANY_VALUE, _outputs=[f"{which}_grouped"])
+    return op.Reshape(grouped, pattern.ANY_VALUE, _outputs=[f"{which}_expanded"])
+
+
 class CachedGqaAttention(_AttentionRule):
     """Decoder with a KV cache and fewer kv heads: ``Concat(past, new)`` (the ``present`` output) repeated over
     the query group by ``Unsqueeze(axis 2) → Expand → Reshape``. The op reads the ``present`` tensors."""
@@ -327,16 +333,8 @@ class CachedGqaAttention(_AttentionRule):
     def pattern(self, op, query, past_key, new_key, past_value, new_value, key_axes, value_axes):
         present_key = op.Concat(past_key, new_key, _outputs=["present_key"])
         present_value = op.Concat(past_value, new_value, _outputs=["present_value"])
-        key = op.Reshape(
-            op.Expand(op.Unsqueeze(present_key, key_axes), pattern.ANY_VALUE, _outputs=["key_grouped"]),
-            pattern.ANY_VALUE,
-            _outputs=["key_expanded"],
-        )
-        value = op.Reshape(
-            op.Expand(op.Unsqueeze(present_value, value_axes), pattern.ANY_VALUE, _outputs=["value_grouped"]),
-            pattern.ANY_VALUE,
-            _outputs=["value_expanded"],
-        )
+        key = _repeated_over_group(op, present_key, key_axes, "key")
+        value = _repeated_over_group(op, present_value, value_axes, "value")
         return op.Attention(query, key, value, _mask_var(), _outputs=["attention_y"])
 
     def form_problem(self, num_heads: int, **b: Any) -> str | None:
@@ -357,16 +355,8 @@ class GqaAttention(_AttentionRule):
     gqa = True
 
     def pattern(self, op, query, key_source, value_source, key_axes, value_axes):
-        key = op.Reshape(
-            op.Expand(op.Unsqueeze(key_source, key_axes), pattern.ANY_VALUE, _outputs=["key_grouped"]),
-            pattern.ANY_VALUE,
-            _outputs=["key_expanded"],
-        )
-        value = op.Reshape(
-            op.Expand(op.Unsqueeze(value_source, value_axes), pattern.ANY_VALUE, _outputs=["value_grouped"]),
-            pattern.ANY_VALUE,
-            _outputs=["value_expanded"],
-        )
+        key = _repeated_over_group(op, key_source, key_axes, "key")
+        value = _repeated_over_group(op, value_source, value_axes, "value")
         return op.Attention(query, key, value, _mask_var(), _outputs=["attention_y"])
 
     def form_problem(self, num_heads: int, **b: Any) -> str | None:
