@@ -131,7 +131,8 @@ def _task_accuracy(om, items: list[dict], tok, max_len: int) -> dict[str, Any]:
 
 def _embed(om, ids: np.ndarray, batch: int = 8) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """Mean-pooled, L2-normalised embeddings of unpadded windows, and the kept counts."""
-    outs, kept = [], {}
+    outs: list[np.ndarray] = []
+    kept: dict[int, list[np.ndarray]] = {}
     for s in range(0, ids.shape[0], batch):
         r = om.run(ids[s : s + batch])
         outs.append(r.output.mean(1))
@@ -261,7 +262,7 @@ def evaluate(
             cross_data,
             token_batches(tok, cross_data, seq_len=seq_len, num_samples=cross_windows or windows).numpy(),
         )
-    task_sets = []  # (name, kind, payload, source, domain)
+    task_sets: list[tuple[str, str, Any, str, str | None]] = []  # (name, kind, payload, source, domain)
     skipped = {}
     for dom, (src, win) in domains.items():
         if is_lm:
@@ -434,7 +435,7 @@ def _retrieval_accuracy(om, pairs, dense_emb: dict, name: str, is_dense: bool) -
     b, _ = _embed(om, pairs[1])
     sim = a @ b.T
     acc = float((sim.argmax(1) == np.arange(len(a))).mean())
-    out = {"acc": acc, "items": len(a)}
+    out: dict[str, Any] = {"acc": acc, "items": len(a)}
     key = "task:" + name
     if is_dense:
         dense_emb[key] = np.concatenate([a, b])

@@ -350,7 +350,7 @@ def decode_through_cache(
         for layer, k in res.kept.items():
             kept_rows[layer] += float(k.astype(np.float64).mean())
         if union:
-            for layer, keep in fp64_keep_masks(res.io, attrs, thresholds).items():
+            for layer, keep in fp64_keep_masks(res.io, attrs or {}, thresholds).items():
                 union_rows[layer] += float(kv_group_union(keep, om.kv_heads).double().mean())
         dense_rows += t + 1
     sparse = [i for i in range(om.num_layers) if i not in set(dense_layers)]
