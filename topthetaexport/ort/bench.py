@@ -31,14 +31,16 @@ def _graphs(hq: int, hkv: int, d: int, scale: float):
                      domain=runtime.DOMAIN, scale=scale, causal=1, num_heads=hq, num_kv_heads=hkv, comp_mode=0)
     g_tt = h.make_graph([tt], "tt", [q, k, v, theta, mask], [y, kept])
     m_tt = h.make_model(g_tt, opset_imports=[h.make_opsetid("", 23), h.make_opsetid(runtime.DOMAIN, 1)])
-    # Dense reference: ONNX Attention (opset 23) with the same bool key mask broadcast to 4-D.
-    mask4 = h.make_node("Unsqueeze", ["mask", "axes"], ["mask4"])
-    axes = h.make_tensor("axes", TP.INT64, [2], [1, 2])
-    att = h.make_node("Attention", ["q", "k", "v", "mask4"], ["y"], scale=scale, is_causal=1,
-                      q_num_heads=hq, kv_num_heads=hkv)
-    g_d = h.make_graph([mask4, att], "dense", [q, k, v, mask], [y], initializer=[axes])
-    m_d = h.make_model(g_d, opset_imports=[h.make_opsetid("", 23)])
-    return m_tt.SerializeToString(), m_d.SerializeToString()
+    # Dense references: ONNX Attention (opset 23) without a mask (the key mask fed to Top-θ is all ones).
+    # Its is_causal is top-left aligned, so it is right only for a square prefill; a one-row decode sees every
+    # key, which is the bottom-right causal row, so it runs without is_causal.
+    dense = {}
+    for phase, causal in (("prefill", 1), ("decode", 0)):
+        att = h.make_node("Attention", ["q", "k", "v"], ["y"], scale=scale, is_causal=causal,
+                          q_num_heads=hq, kv_num_heads=hkv)
+        g_d = h.make_graph([att], f"dense_{phase}", [q, k, v], [y])
+        dense[phase] = h.make_model(g_d, opset_imports=[h.make_opsetid("", 23)]).SerializeToString()
+    return m_tt.SerializeToString(), dense
 
 
 def _median_ms(sess, feeds, repeats: int) -> float:
@@ -64,12 +66,20 @@ def run_bench(*, device="cpu", heads=8, kv_heads=2, head_dim=64, seqs=(512, 2048
               repeats=20, batch=1, seed=0):
     import onnxruntime as ort
 
+    from .._errors import TopThetaError
+    from .._io import check_options
+
+    check_options(device=device, heads=heads, kv_heads=kv_heads, head_dim=head_dim, seqs=list(seqs), keep=keep,
+                  repeats=repeats)
+    if heads % kv_heads:
+        raise TopThetaError(f"--heads {heads} is not a multiple of --kv-heads {kv_heads}: grouped-query attention "
+                            "shares each kv head among a whole number of query heads")
     rng = np.random.default_rng(seed)
     scale = 1.0 / np.sqrt(head_dim)
-    m_tt, m_d = _graphs(heads, kv_heads, head_dim, scale)
+    m_tt, m_dense = _graphs(heads, kv_heads, head_dim, scale)
     providers = runtime.providers_for(device)
     s_tt = ort.InferenceSession(m_tt, runtime.session_options(), providers=providers)
-    s_d = ort.InferenceSession(m_d, providers=providers)
+    s_dense = {phase: ort.InferenceSession(m, providers=providers) for phase, m in m_dense.items()}
     rows = []
     for T in seqs:
         k = rng.standard_normal((batch, kv_heads, T, head_dim), dtype=np.float32)
@@ -77,9 +87,9 @@ def run_bench(*, device="cpu", heads=8, kv_heads=2, head_dim=64, seqs=(512, 2048
         for phase, S in (("prefill", T), ("decode", 1)):
             q = rng.standard_normal((batch, heads, S, head_dim), dtype=np.float32)
             theta = np.repeat(thresholds_for_keep(q, k, scale, keep)[:, None], 1, axis=1)
-            feeds = {"q": q, "k": k, "v": v, "mask": np.ones((batch, T), bool)}
-            dense_ms = _median_ms(s_d, feeds, repeats)
-            tt_feeds = {**feeds, "theta": theta}
+            feeds = {"q": q, "k": k, "v": v}
+            dense_ms = _median_ms(s_dense[phase], feeds, repeats)
+            tt_feeds = {**feeds, "theta": theta, "mask": np.ones((batch, T), bool)}
             tt_ms = _median_ms(s_tt, tt_feeds, repeats)
             kept = s_tt.run(["kept"], tt_feeds)[0].astype(np.float64)
             valid = np.arange(T - S, T) + 1.0  # causal, bottom-right aligned rows
