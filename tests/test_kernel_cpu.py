@@ -439,3 +439,103 @@ def test_nan_in_pruned_value_row_is_not_read(comp_mode):
     dense = dict(f, thresholds=np.full_like(f["thresholds"], -np.inf))
     out = S.run(sess(past=True, sdc=True, causal=1, comp_mode=comp_mode), **dense)["output"]
     assert np.isnan(out[:, 2:]).all() and np.isfinite(out[:, :2]).all()
+
+
+# -- Fuzz: fp32 scores with the rounding bound and double recompute near θ keep the float64 decisions ---------
+#
+# The kernel scores in fp32 and recomputes in double only the scores within its rounding bound of θ. These cases
+# put θ exactly on scores (ties: inputs on a coarse dyadic grid, so every score is exact in fp32 and fp64) or
+# within 1e-7 relative of them (Gaussian inputs), over shapes with many key tiles, causal tile edges, masks,
+# past, GQA and the key splits of decode; the kept counts must equal the float64 torch reference's exactly.
+
+ISAS = ["avx2", "scalar"]  # TOPTHETA_CPU_ISA: the AVX2 body (when the CPU has it) and the portable one
+
+
+def _fuzz_case(seed):
+    rng = np.random.default_rng(1000 + seed)
+    ties = seed % 2 == 0
+    B = int(rng.integers(1, 3))
+    Hkv = int(rng.integers(1, 4))
+    Hq = Hkv * int(rng.integers(1, 4))
+    D = int(rng.choice([8, 16, 64] if ties else [8, 16, 24, 64, 20]))  # 20: portable body only
+    Dv = int(rng.choice([8, 16, 64]))
+    decode = rng.random() < 0.4
+    if decode:  # Ktot >= 1024 with few tasks: the kernel splits the keys
+        Sq, P = 1, int(rng.integers(1024, 2200))
+    else:
+        Sq, P = int(rng.integers(1, 150)), int(rng.choice([0, int(rng.integers(1, 130))]))
+    Ktot = P + Sq
+    R = int(rng.choice([1, 7, Ktot]))
+    causal = int(rng.random() < 0.7)
+
+    def draw(shape):
+        if ties:  # multiples of 1/4 in [-2, 2]: products and sums of <= 64 terms are exact in fp32
+            return (rng.integers(-8, 9, shape) / 4.0).astype(np.float32)
+        return rng.standard_normal(shape).astype(np.float32)
+
+    f = dict(query=draw((B, Hq, Sq, D)), key=draw((B, Hkv, Sq, D)), value=rng.standard_normal((B, Hkv, Sq, Dv)).astype(np.float32),
+             past_key=draw((B, Hkv, P, D)) if P else None,
+             past_value=rng.standard_normal((B, Hkv, P, Dv)).astype(np.float32) if P else None,
+             sdc=rng.uniform(0.05, 0.9, (Hq, R)).astype(np.float32), thresholds=np.zeros((Hq, R), np.float32))
+    mask_kind = rng.choice(["none", "bool", "float32"])
+    mask = None
+    if mask_kind == "bool":
+        mask = rng.random((B, Ktot)) > 0.2
+        mask[:, -1] = True
+    elif mask_kind == "float32":  # ties: additive values on the grid too, some excluded
+        mask = (rng.integers(-4, 5, (B, 1, Sq, Ktot)) / 4.0).astype(np.float32)
+        mask[rng.random(mask.shape) < 0.15] = -np.inf
+    # scale 1/sqrt(D) is exact (a power of 2) for D in 16, 64; others get an explicit exact scale
+    scale = 0.0 if D in (16, 64) else 0.25
+    _, _, scores = S.reference(f["query"], f["key"], f["value"], f["thresholds"], mask, f["past_key"],
+                               f["past_value"], scale=scale, causal=causal)
+    for h in range(Hq):
+        for rr in range(R):
+            rows = [i for i in range(Sq) if min(Ktot - Sq + i, R - 1) == rr]
+            s = scores[:, h, rows].ravel() if rows else np.array([])
+            s = s[np.isfinite(s)]
+            if s.size == 0 or (rr < R - 1 and rng.random() < 0.1):  # a few dense (-inf) rows
+                f["thresholds"][h, rr] = -np.inf
+                continue
+            target = float(np.quantile(s, rng.uniform(0.5, 0.97)))
+            target = float(s[np.argmin(np.abs(s - target))])  # an actual score
+            if not ties:  # within 1e-7 relative: below, on (rounded to fp32) or above
+                target *= 1 + rng.choice([-1e-7, -3e-8, 0.0, 3e-8, 1e-7])
+            f["thresholds"][h, rr] = np.float32(target)
+    return f, mask, dict(scale=scale, causal=causal), ties
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("seed", range(16))
+def test_fuzz_decisions_equal_float64_reference(seed, isa, monkeypatch):
+    import torch
+
+    from topthetaexport.torch import reference
+
+    monkeypatch.setenv("TOPTHETA_CPU_ISA", isa)
+    f, mask, attrs, ties = _fuzz_case(seed)
+    mask_type = None if mask is None else str(mask.dtype)
+    comp_mode = seed % 3
+    got = S.run(sess(mask=mask_type, past=f["past_key"] is not None, sdc=True, comp_mode=comp_mode, **attrs),
+                **f, attn_mask=mask)
+
+    def t(x):
+        return None if x is None else torch.from_numpy(np.asarray(x, np.float64))
+
+    want, want_kept = reference.toptheta_attention(
+        t(f["query"]), t(f["key"]), t(f["value"]), torch.from_numpy(f["thresholds"]), scale=attrs["scale"] or None,
+        causal=bool(attrs["causal"]), attn_mask=None if mask is None else torch.from_numpy(mask),
+        past_key=t(f["past_key"]), past_value=t(f["past_value"]), sdc=t(f["sdc"]), comp_mode=comp_mode,
+        return_kept=True)
+    np.testing.assert_array_equal(got["kept"], want_kept.numpy())
+    assert np.abs(got["output"] - want.numpy()).max() <= F32_TOL
+
+    # The case has teeth: θ sits on (ties) or within fp32 rounding of scores, where a plain fp32 comparison errs.
+    _, _, scores = S.reference(f["query"], f["key"], f["value"], f["thresholds"], mask, f["past_key"],
+                               f["past_value"], scale=attrs["scale"], causal=attrs["causal"])
+    Ktot, Sq = scores.shape[-1], scores.shape[2]
+    rr = np.minimum(np.arange(Ktot - Sq, Ktot), f["thresholds"].shape[1] - 1)
+    th = np.broadcast_to(f["thresholds"][:, rr].astype(np.float64)[None, :, :, None], scores.shape)
+    use = np.isfinite(th) & np.isfinite(scores)
+    gap = np.abs(scores[use] - th[use]) / np.maximum(np.abs(th[use]), 1e-30)
+    assert (gap <= (0 if ties else 2e-7)).any()

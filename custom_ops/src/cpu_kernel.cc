@@ -135,8 +135,6 @@ void FinishRowT(const AttnParams& p, int64_t b, int64_t h, int64_t i, const RowS
   const float rho = p.sdc ? p.sdc[h * p.R + rr] : 0.f;
   const float m = st.m;
   const int64_t n_pruned = st.n_valid - st.n_kept;
-  // Every kept score -inf (or NaN): m = -inf and exp(s - m) is NaN, as in the reference.
-  const bool nan_row = st.n_kept > 0 && m == -std::numeric_limits<float>::infinity();
 
   float dp = 0.f;
   if (p.comp_mode >= 1 && p.sdc && n_pruned > 0) {
@@ -162,7 +160,7 @@ void FinishRowT(const AttnParams& p, int64_t b, int64_t h, int64_t i, const RowS
     }
   }
   const float w = vbar.empty() ? 0.f : dp / static_cast<float>(st.n_valid);
-  const float denom = nan_row ? std::numeric_limits<float>::quiet_NaN() : st.dk + dp;
+  const float denom = st.dk + dp;
   const float inv = !(denom <= 0.f) ? 1.f / denom : 0.f;  // 0 -> zeros; NaN stays NaN
   for (int64_t d = 0; d < p.Dv; ++d) {
     const float num = st.acc[d] + (vbar.empty() ? 0.f : w * vbar[d]);
