@@ -137,6 +137,10 @@ void RunTask(const TaskPlan& plan, size_t task, unsigned char* scratch) {
     }
   }
 
+  // theta = -inf keeps every valid key whatever its rounding: no bound to test, no key norms to compute.
+  bool any_finite_theta = false;
+  for (int64_t x = 0; x < rows; ++x) any_finite_theta |= th[x] != -__builtin_inff();
+
   // Keys of this task: its split, and (causal) those the last row of the block can see.
   int64_t k0 = split * plan.split_keys, k1 = plan.splits > 1 ? MinI(p.Ktot, k0 + plan.split_keys) : p.Ktot;
   if (p.causal) k1 = MinI(k1, p.Ktot - p.Sq + i1);
@@ -158,7 +162,7 @@ void RunTask(const TaskPlan& plan, size_t task, unsigned char* scratch) {
     }
     const float* V = f16 ? vtile : reinterpret_cast<const float*>(Vbase) + j0 * Dv;
     bool v_converted = false;
-    Isa::Norms(K, n, D, kn);
+    if (any_finite_theta) Isa::Norms(K, n, D, kn);
     const void* mask_row_cached = nullptr;
     uint64_t mask_bits = ~uint64_t{0};
     bool has_add = false;
@@ -186,7 +190,7 @@ void RunTask(const TaskPlan& plan, size_t task, unsigned char* scratch) {
         Isa::Dots(q, K, nvis, D, dots);
         uint64_t keep = 0, near = 0;
         Isa::Filter(dots, nvis, p.scale, has_add ? add : nullptr, theta, cq[x], kn, s, &keep, &near);
-        near &= valid;
+        near = theta == -__builtin_inff() ? 0 : near & valid;
         while (near) {  // rare: decide in double
           const int64_t j = __builtin_ctzll(near);
           near &= near - 1;

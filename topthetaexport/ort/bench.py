@@ -64,11 +64,14 @@ def _graphs(hq: int, hkv: int, d: int, scale: float, phase: str, methods=METHODS
                             [("", 17), ("com.microsoft", 1)])
     if "gqa" in methods:  # always causal (bottom-right); decode: past of T - 1 keys + 1 new
         gqa = h.make_node("GroupQueryAttention", ["qs", "kn", "vn", "pk", "pv", "seqlens_k", "total_len"],
-                          ["ys", "", ""], domain="com.microsoft", num_heads=hq, kv_num_heads=hkv, scale=scale)
+                          ["ys", "present_k", "present_v"], domain="com.microsoft", num_heads=hq, kv_num_heads=hkv,
+                          scale=scale)  # presents requested: onnxruntime 1.32 crashes at 32k without them
         out["gqa"] = _model(gqa, [_vi("qs", ["B", "S", hq * d]), _vi("kn", ["B", "S", hkv * d]),
                                   _vi("vn", ["B", "S", hkv * d]), _vi("pk", ["B", hkv, "P", d]),
                                   _vi("pv", ["B", hkv, "P", d]), _vi("seqlens_k", ["B"], TP.INT32),
-                                  _vi("total_len", [], TP.INT32)], [_vi("ys", ["B", "S", hq * d])],
+                                  _vi("total_len", [], TP.INT32)],
+                            [_vi("ys", ["B", "S", hq * d]), _vi("present_k", ["B", hkv, "T", d]),
+                             _vi("present_v", ["B", hkv, "T", d])],
                             [("", 17), ("com.microsoft", 1)])
     return out
 
