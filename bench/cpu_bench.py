@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from topthetaexport.ort.bench import DENSE, METHODS, run_suite  # noqa: E402
 
-SHAPES = {"SmolLM2 (9/3 heads, d 64)": (9, 3, 64), "Qwen2.5-1.5B (12/2 heads, d 128)": (12, 2, 128)}
+SHAPES = {"smollm2": (9, 3, 64), "qwen2.5-1.5b": (12, 2, 128)}  # query heads, kv heads, head dim
 PHASES = {"prefill": (512, 2048, 4096), "decode": (2048, 8192, 32768)}
 KEEPS = (1.0, 1 / 8, 1 / 32)
 
@@ -60,7 +60,7 @@ def table(rows) -> str:
         ratio = r[f"{DENSE}_ms"] / r["toptheta_ms"]
         keep = "1 (θ=-inf)" if r["keep"] >= 1 else f"1/{round(1 / r['keep'])}"
         c = ceiling(r) if r["keep"] < 1 else None
-        out.append(f"| {r['shape'].split(' ')[0]} | {r['phase']} | {r['context']} | {keep} | {r['kept_fraction']:.3f} | "
+        out.append(f"| {r['shape']} | {r['phase']} | {r['context']} | {keep} | {r['kept_fraction']:.3f} | "
                    f"{r[f'{DENSE}_ms']:.2f} | {r['mha_ms']:.2f} | {r['gqa_ms']:.2f} | {r['toptheta_ms']:.2f} | "
                    f"**{ratio:.2f}x** | {'' if c is None else f'{c:.2f}x'} | {'' if c is None else f'{ratio / c:.0%}'} | "
                    f"{r['load_before']:.1f}–{r['load_after']:.1f} |")
