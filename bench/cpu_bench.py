@@ -70,7 +70,8 @@ def table(rows) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="output path without suffix (OUT.json, OUT.md)")
-    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--repeats", type=int, default=9, help="rounds per prefill configuration")
+    ap.add_argument("--decode-repeats", type=int, default=41, help="rounds per decode configuration (calls are short)")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated keys of SHAPES")
     ap.add_argument("--phases", default="prefill,decode")
     args = ap.parse_args()
@@ -82,7 +83,8 @@ def main():
             for T in PHASES[phase]:
                 before = load()
                 got = run_suite(heads=hq, kv_heads=hkv, head_dim=d, phase=phase, seqs=[T], keeps=KEEPS,
-                                repeats=args.repeats, methods=METHODS)
+                                repeats=args.repeats if phase == "prefill" else args.decode_repeats,
+                                methods=METHODS)
                 after = load()
                 for r in got:
                     r.update(shape=name, load_before=before, load_after=after)

@@ -277,6 +277,8 @@ void TopThetaCpu(const AttnParams& p, ParallelForFn parallel_for, void* runner) 
   plan.group = p.Hq / p.Hkv;
   // 32 rows per head and block: enough rows to reuse each K/V tile from L1, enough blocks to balance causal work.
   plan.rows_per_block = std::min<int64_t>(p.Sq, 32);
+  // The K and V tiles stay in L1 (<= 16 KB together) while every row of the task reads them.
+  plan.tile_keys = std::clamp<int64_t>(4096 / (p.D + p.Dv) / 8 * 8, 8, kTileKeys);
   plan.row_blocks = (p.Sq + plan.rows_per_block - 1) / plan.rows_per_block;
   // Too few tasks for the threads (decode: B * Hkv of them): split the keys too, >= 512 keys a split.
   const int64_t threads = std::max(1u, std::thread::hardware_concurrency());
@@ -285,7 +287,7 @@ void TopThetaCpu(const AttnParams& p, ParallelForFn parallel_for, void* runner) 
   if (base < 4 * threads && p.Ktot >= 1024) {
     const int64_t want = std::min((8 * threads + base - 1) / base, p.Ktot / 512);
     plan.split_keys = (p.Ktot + want - 1) / want;
-    plan.split_keys = (plan.split_keys + kTileKeys - 1) / kTileKeys * kTileKeys;
+    plan.split_keys = (plan.split_keys + plan.tile_keys - 1) / plan.tile_keys * plan.tile_keys;
     plan.splits = (p.Ktot + plan.split_keys - 1) / plan.split_keys;
   }
   plan.scratch_bytes = ScratchBytes(p, plan.group * plan.rows_per_block);

@@ -3,7 +3,7 @@
 // builtins rather than <cmath>/<algorithm>: see cpu_plan.h for why.
 //
 // Per task (batch b, kv head g, a block of query rows of every head of the group, one key split), key tiles of
-// kTileKeys keys are visited once and shared by all rows of the task (GQA heads read the same K/V tile):
+// plan.tile_keys keys are visited once and shared by all rows of the task (GQA heads read the same K/V tile):
 //   1. fp32 scores of the tile for one row (Isa::Dots), scaled and mask-added (Isa::Filter), which also tests
 //      the threshold and flags scores within the fp32 rounding bound of theta;
 //   2. those flagged scores only are recomputed in double and decided in double (decisions equal the float64
@@ -18,7 +18,8 @@ namespace toptheta {
 namespace cpu {
 namespace {
 
-constexpr int64_t kPad = 8;  // compacted arrays are padded to a multiple of 8
+constexpr int64_t kPad = 8;       // compacted arrays are padded to a multiple of 8
+constexpr int64_t kRowChunk = 8;  // rows whose kept lists are built before their V rows are read
 
 inline int64_t MinI(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t MaxI(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -26,7 +27,7 @@ inline size_t Align64(size_t n) { return (n + 63) & ~size_t{63}; }
 
 // Byte offsets of the task's scratch regions.
 struct ScratchLayout {
-  size_t qf, acc, cq, th, mrun, dk, nv, nk, dots, s, cs, w, add, kn, cidx, ktile, vtile, total;
+  size_t qf, acc, cq, th, mrun, dk, nv, nk, dots, s, cs, w, add, kn, cidx, ckept, ktile, vtile, total;
   ScratchLayout(const AttnParams& p, int64_t rows) {
     size_t at = 0;
     auto take = [&at](size_t bytes) {
@@ -45,11 +46,12 @@ struct ScratchLayout {
     nk = take(rows * sizeof(int64_t));
     dots = take(n * f);
     s = take(n * f);
-    cs = take(n * f);
+    cs = take(kRowChunk * n * f);
     w = take(n * f);
     add = take(n * f);
     kn = take(n * f);
-    cidx = take(n * sizeof(int32_t));
+    cidx = take(kRowChunk * n * sizeof(int32_t));
+    ckept = take(kRowChunk * sizeof(int64_t));
     ktile = take(p.dtype == DType::kF16 ? kTileKeys * p.D * f : 0);
     vtile = take(p.dtype == DType::kF16 ? kTileKeys * p.Dv * f : 0);
     total = at;
@@ -83,7 +85,7 @@ inline float RowCoef(double scale, double qnorm, int64_t D) {
 template <class Isa>
 void RunTask(const TaskPlan& plan, size_t task, unsigned char* scratch) {
   const AttnParams& p = *plan.p;
-  const int64_t N = kTileKeys, G = plan.group, D = p.D, Dv = p.Dv;
+  const int64_t N = plan.tile_keys, G = plan.group, D = p.D, Dv = p.Dv;
   int64_t t = static_cast<int64_t>(task);
   const int64_t split = t % plan.splits;
   t /= plan.splits;
@@ -105,11 +107,12 @@ void RunTask(const TaskPlan& plan, size_t task, unsigned char* scratch) {
   int64_t* nk = reinterpret_cast<int64_t*>(scratch + L.nk);
   float* dots = reinterpret_cast<float*>(scratch + L.dots);
   float* s = reinterpret_cast<float*>(scratch + L.s);
-  float* cs = reinterpret_cast<float*>(scratch + L.cs);
+  float* chunk_s = reinterpret_cast<float*>(scratch + L.cs);
   float* w = reinterpret_cast<float*>(scratch + L.w);
   float* add = reinterpret_cast<float*>(scratch + L.add);
   float* kn = reinterpret_cast<float*>(scratch + L.kn);
-  int32_t* cidx = reinterpret_cast<int32_t*>(scratch + L.cidx);
+  int32_t* chunk_idx = reinterpret_cast<int32_t*>(scratch + L.cidx);
+  int64_t* chunk_kept = reinterpret_cast<int64_t*>(scratch + L.ckept);
   float* ktile = reinterpret_cast<float*>(scratch + L.ktile);
   float* vtile = reinterpret_cast<float*>(scratch + L.vtile);
 
@@ -148,6 +151,9 @@ void RunTask(const TaskPlan& plan, size_t task, unsigned char* scratch) {
   const unsigned char* Kbase = static_cast<const unsigned char*>(p.k) + (b * p.Hkv + g) * p.Ktot * D * esz;
   const unsigned char* Vbase = static_cast<const unsigned char*>(p.v) + (b * p.Hkv + g) * p.Ktot * Dv * esz;
   const bool has_mask = p.mask_kind != MaskKind::kNone;
+  // Decode (one row per head): the kept V rows are scattered over the cache and come from memory.
+  const bool prefetch_v = rb == 1;
+  const int64_t v_row_bytes = Dv * static_cast<int64_t>(esz);
 
   for (int64_t j0 = k0; j0 < k1; j0 += N) {
     const int64_t n = MinI(N, k1 - j0);
@@ -167,10 +173,14 @@ void RunTask(const TaskPlan& plan, size_t task, unsigned char* scratch) {
     uint64_t mask_bits = ~uint64_t{0};
     bool has_add = false;
 
-    for (int64_t hl = 0; hl < G; ++hl) {
-      const int64_t h = g * G + hl;
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t x = hl * rb + (i - i0);
+    // Rows in chunks of kRowChunk: first every row's scores and kept list (with the kept V rows prefetched in
+    // decode, where they come from memory), then every row's softmax update and V accumulation.
+    for (int64_t xa = 0; xa < rows; xa += kRowChunk) {
+      const int64_t xb = MinI(rows, xa + kRowChunk);
+      for (int64_t x = xa; x < xb; ++x) {
+        int64_t& kept = chunk_kept[x - xa];
+        kept = 0;
+        const int64_t h = g * G + x / rb, i = i0 + x % rb;
         const int64_t r = p.Ktot - p.Sq + i;
         const int64_t nvis = p.causal ? MinI(n, r + 1 - j0) : n;
         if (nvis <= 0) continue;
@@ -201,9 +211,22 @@ void RunTask(const TaskPlan& plan, size_t task, unsigned char* scratch) {
         }
         keep &= valid;
         if (!keep) continue;  // the whole tile is pruned for this row: no V row read
-
-        const int64_t kept = Isa::Compact(s, keep, cs, cidx);
+        float* cs = chunk_s + (x - xa) * (kTileKeys + kPad);
+        int32_t* cidx = chunk_idx + (x - xa) * (kTileKeys + kPad);
+        kept = Isa::Compact(s, keep, cs, cidx);
         nk[x] += kept;
+        if (prefetch_v) {
+          for (int64_t t = 0; t < kept; ++t) {
+            const unsigned char* row = Vbase + (j0 + cidx[t]) * v_row_bytes;
+            for (int64_t o = 0; o < v_row_bytes; o += 64) __builtin_prefetch(row + o);
+          }
+        }
+      }
+      for (int64_t x = xa; x < xb; ++x) {
+        const int64_t kept = chunk_kept[x - xa];
+        if (!kept) continue;
+        const float* cs = chunk_s + (x - xa) * (kTileKeys + kPad);
+        const int32_t* cidx = chunk_idx + (x - xa) * (kTileKeys + kPad);
         const float tile_max = Isa::MaxKept(cs, kept);
         if (tile_max > mrun[x]) {
           const float f = __builtin_expf(mrun[x] - tile_max);

@@ -12,16 +12,17 @@
 namespace toptheta {
 namespace cpu {
 
-constexpr int64_t kTileKeys = 64;  // keys per tile: one uint64_t of keep bits
+constexpr int64_t kTileKeys = 64;  // the most keys per tile: one uint64_t of keep bits
 
 // How TopThetaCpu cut the call into tasks. Task t = ((b * Hkv + g) * row_blocks + block) * splits + split.
 // A task covers the query heads of kv head g (GQA group), `rows_per_block` rows of each and the keys of one
 // split; splits > 1 only when there are too few (batch, group, row block) tasks for the threads (decode).
 struct TaskPlan {
   const AttnParams* p = nullptr;
-  int64_t group = 1;  // Hq / Hkv
+  int64_t group = 1;       // Hq / Hkv
+  int64_t tile_keys = 64;  // <= kTileKeys, a multiple of 8
   int64_t rows_per_block = 1, row_blocks = 1;
-  int64_t splits = 1, split_keys = 0;  // split_keys: a multiple of kTileKeys
+  int64_t splits = 1, split_keys = 0;  // split_keys: a multiple of tile_keys
   float* partial = nullptr;            // splits > 1: [B*Hq*Sq, splits, kPartialHead + Dv]
   size_t scratch_bytes = 0;            // per task, see ScratchLayout in cpu_kernel_body.h
 };
