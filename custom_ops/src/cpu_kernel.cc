@@ -281,7 +281,7 @@ void TopThetaCpu(const AttnParams& p, ParallelForFn parallel_for, void* runner) 
   plan.tile_keys = std::clamp<int64_t>(4096 / (p.D + p.Dv) / 8 * 8, 8, kTileKeys);
   plan.row_blocks = (p.Sq + plan.rows_per_block - 1) / plan.rows_per_block;
   // Too few tasks for the threads (decode: B * Hkv of them): split the keys too, >= 512 keys a split.
-  const int64_t threads = std::max(1u, std::thread::hardware_concurrency());
+  static const int64_t threads = std::max(1u, std::thread::hardware_concurrency());  // reads /sys: once
   const int64_t base = p.B * p.Hkv * plan.row_blocks;
   plan.split_keys = p.Ktot;
   if (base < 4 * threads && p.Ktot >= 1024) {
