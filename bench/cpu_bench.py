@@ -53,18 +53,51 @@ def ceiling(row) -> float | None:
     return 2.0 / (1.0 + row["kept_fraction"])
 
 
+def decode_gbs(row, ms_key) -> float | None:
+    """Decode: GB/s of the bytes the method must read (dense: all K and V; Top-θ: all K and the V rows read)."""
+    if row["phase"] != "decode":
+        return None
+    hq, hkv, d = SHAPES[row["shape"]]
+    kv = hkv * row["context"] * d * 4
+    read = kv * (1 + row["v_rows_read"]) if ms_key == "toptheta_ms" else 2 * kv
+    return read / (row[ms_key] * 1e-3) / 1e9
+
+
 def table(rows) -> str:
     out = ["| shape | phase | T | keep | kept | dense Attention ms | MHA ms | GQA ms | Top-θ ms | dense ÷ Top-θ | "
-           "ceiling | of ceiling | load |", "|" + "---|" * 13]
+           "ceiling | dense, Top-θ GB/s | load |", "|" + "---|" * 13]
     for r in rows:
         ratio = r[f"{DENSE}_ms"] / r["toptheta_ms"]
         keep = "1 (θ=-inf)" if r["keep"] >= 1 else f"1/{round(1 / r['keep'])}"
         c = ceiling(r) if r["keep"] < 1 else None
+        gbs = "" if r["phase"] != "decode" else f"{decode_gbs(r, f'{DENSE}_ms'):.1f}, {decode_gbs(r, 'toptheta_ms'):.1f}"
         out.append(f"| {r['shape']} | {r['phase']} | {r['context']} | {keep} | {r['kept_fraction']:.3f} | "
                    f"{r[f'{DENSE}_ms']:.2f} | {r['mha_ms']:.2f} | {r['gqa_ms']:.2f} | {r['toptheta_ms']:.2f} | "
-                   f"**{ratio:.2f}x** | {'' if c is None else f'{c:.2f}x'} | {'' if c is None else f'{ratio / c:.0%}'} | "
+                   f"**{ratio:.2f}x** | {'' if c is None else f'{c:.2f}x'} | {gbs} | "
                    f"{r['load_before']:.1f}–{r['load_after']:.1f} |")
     return "\n".join(out)
+
+
+def stream_read_gbs() -> float:
+    """This machine's single-thread streaming read now (numpy sum of 256 MB, best of 5): the decode yardstick."""
+    import numpy as np
+
+    a = np.ones(64 << 20, np.float32)
+    best = min(_timed(a.sum) for _ in range(5))
+    return a.nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    import time
+
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def render(info, rows) -> str:
+    head = "\n".join(f"* {k}: {v}" for k, v in info.items())
+    return f"# CPU operator benchmark\n\n{head}\n\n{table(rows)}\n"
 
 
 def main():
@@ -74,8 +107,15 @@ def main():
     ap.add_argument("--decode-repeats", type=int, default=41, help="rounds per decode configuration (calls are short)")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated keys of SHAPES")
     ap.add_argument("--phases", default="prefill,decode")
+    ap.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json")
     args = ap.parse_args()
+    out = Path(args.out)
+    if args.render:
+        saved = json.loads(out.with_suffix(".json").read_text())
+        out.with_suffix(".md").write_text(render(saved["machine"], saved["rows"]))
+        return
     info = machine()
+    info["stream_read_gbs_1_thread"] = round(stream_read_gbs(), 1)
     rows = []
     for name in args.shapes.split(","):
         hq, hkv, d = SHAPES[name]
@@ -90,11 +130,9 @@ def main():
                     r.update(shape=name, load_before=before, load_after=after)
                     rows.append(r)
                     print(table([r]).splitlines()[-1], flush=True)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
-    head = "\n".join(f"* {k}: {v}" for k, v in info.items())
-    out.with_suffix(".md").write_text(f"# CPU operator benchmark\n\n{head}\n\n{table(rows)}\n")
+    out.with_suffix(".md").write_text(render(info, rows))
 
 
 if __name__ == "__main__":
