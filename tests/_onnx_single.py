@@ -127,8 +127,9 @@ def _valid_and_additive(mask, b, h, Sq, Ktot):
     return valid, np.where(valid, a, 0.0)
 
 
-def reference(q, k, v, thresholds, mask=None, past_key=None, past_value=None, sdc=None, *,
-              scale=0.0, causal=0, comp_mode=0):
+def reference(
+    q, k, v, thresholds, mask=None, past_key=None, past_value=None, sdc=None, *, scale=0.0, causal=0, comp_mode=0
+):
     """float64 TopThetaAttention: returns (output, kept, scores) with scores [B, Hq, Sq, Ktot]
     (NaN where the key is not valid), for tests that need to know how close scores are to θ."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
@@ -155,7 +156,7 @@ def reference(q, k, v, thresholds, mask=None, past_key=None, past_value=None, sd
                 theta = th[h, rr]
                 ok = valid[i].copy()
                 if causal:
-                    ok[r + 1:] = False
+                    ok[r + 1 :] = False
                 s = s_all[i]
                 scores[b, h, i, ok] = s[ok]
                 keep = ok & (s >= theta)

@@ -51,14 +51,24 @@ def make_case(rng, B, Hq, Hkv, Sq, P, D, Dv, R, dtype=np.float32, dense_rows=0):
 
 def untie(f, causal, mask=None):
     """θ moved away from every score it is compared with, so fp32 and fp64 keep the same keys."""
-    _, _, scores = S.reference(f["query"], f["key"], f["value"], f["thresholds"], mask, f["past_key"],
-                               f["past_value"], causal=causal)
+    _, _, scores = S.reference(
+        f["query"], f["key"], f["value"], f["thresholds"], mask, f["past_key"], f["past_value"], causal=causal
+    )
     return S.untie_thresholds(f["thresholds"], scores)
 
 
 def ref(f, mask=None, sdc=True, **attrs):
-    return S.reference(f["query"], f["key"], f["value"], f["thresholds"], mask, f["past_key"], f["past_value"],
-                       f["sdc"] if sdc else None, **attrs)
+    return S.reference(
+        f["query"],
+        f["key"],
+        f["value"],
+        f["thresholds"],
+        mask,
+        f["past_key"],
+        f["past_value"],
+        f["sdc"] if sdc else None,
+        **attrs,
+    )
 
 
 def test_library_registers_the_op(library):
@@ -68,8 +78,9 @@ def test_library_registers_the_op(library):
     model = S.make_model(causal=1).SerializeToString()
     with pytest.raises(Exception, match="TopThetaAttention"):
         ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    s = ort.InferenceSession(model, sess_options=runtime.session_options(library=library),
-                             providers=["CPUExecutionProvider"])
+    s = ort.InferenceSession(
+        model, sess_options=runtime.session_options(library=library), providers=["CPUExecutionProvider"]
+    )
     assert [i.name for i in s.get_inputs()] == ["query", "key", "value", "thresholds"]
     assert [o.name for o in s.get_outputs()] == ["output", "kept"]
 
@@ -77,11 +88,11 @@ def test_library_registers_the_op(library):
 @pytest.mark.parametrize(
     "B,Hq,Hkv,Sq,P,D,Dv,R,causal,comp_mode",
     [
-        (1, 4, 4, 13, 0, 16, 16, 13, 1, 0),   # MHA, causal prefill
-        (2, 6, 2, 33, 0, 20, 12, 40, 1, 1),   # GQA, Dv != D, D not a multiple of 8, R > Ktot
-        (2, 3, 1, 20, 0, 8, 8, 5, 0, 2),      # MQA, non-causal, rows past R reuse the last row
-        (1, 4, 2, 7, 9, 16, 16, 64, 1, 2),    # chunked prefill on top of a cache
-        (3, 2, 2, 17, 0, 64, 64, 17, 1, 1),   # D = 64 (vector path), several batches
+        (1, 4, 4, 13, 0, 16, 16, 13, 1, 0),  # MHA, causal prefill
+        (2, 6, 2, 33, 0, 20, 12, 40, 1, 1),  # GQA, Dv != D, D not a multiple of 8, R > Ktot
+        (2, 3, 1, 20, 0, 8, 8, 5, 0, 2),  # MQA, non-causal, rows past R reuse the last row
+        (1, 4, 2, 7, 9, 16, 16, 64, 1, 2),  # chunked prefill on top of a cache
+        (3, 2, 2, 17, 0, 64, 64, 17, 1, 1),  # D = 64 (vector path), several batches
     ],
 )
 def test_random_shapes_fp32(B, Hq, Hkv, Sq, P, D, Dv, R, causal, comp_mode):
@@ -130,8 +141,14 @@ def test_decode_with_past_matches_prefill():
     full = make_case(rng, B, Hq, Hkv, N, 0, D, D, 32, dense_rows=2)
     full["thresholds"] = untie(full, 1)
     pre = S.run(sess(sdc=True, causal=1, comp_mode=1), **full)
-    step = dict(full, query=full["query"][:, :, -1:], key=full["key"][:, :, -1:], value=full["value"][:, :, -1:],
-                past_key=full["key"][:, :, :-1], past_value=full["value"][:, :, :-1])
+    step = dict(
+        full,
+        query=full["query"][:, :, -1:],
+        key=full["key"][:, :, -1:],
+        value=full["value"][:, :, -1:],
+        past_key=full["key"][:, :, :-1],
+        past_value=full["value"][:, :, :-1],
+    )
     got = S.run(sess(past=True, present=True, sdc=True, causal=1, comp_mode=1), **step)
     np.testing.assert_array_equal(got["present_key"], full["key"])
     np.testing.assert_array_equal(got["present_value"], full["value"])
@@ -146,7 +163,7 @@ def test_decode_without_present_outputs_and_empty_past():
     rng = np.random.default_rng(4)
     f = make_case(rng, 1, 4, 2, 1, 12, 8, 8, 16)
     f["thresholds"] = untie(f, 1)
-    got = S.run(sess(past=True, sdc=True, causal=1, comp_mode=2), **f)   # past given, presents not requested
+    got = S.run(sess(past=True, sdc=True, causal=1, comp_mode=2), **f)  # past given, presents not requested
     want, want_kept, _ = ref(f, causal=1, comp_mode=2)
     assert np.abs(got["output"] - want).max() <= F32_TOL
     np.testing.assert_array_equal(got["kept"], want_kept)
@@ -198,7 +215,7 @@ def test_all_pruned_rows(comp_mode):
 def _masks(rng, B, Hq, Sq, Ktot):
     pad = rng.random((B, Ktot)) > 0.25
     pad[:, -1] = True
-    pad[0, :] = False                         # batch 0 fully masked: zero rows
+    pad[0, :] = False  # batch 0 fully masked: zero rows
     m4 = rng.random((B, 1, Sq, Ktot)) > 0.3
     mh = rng.random((1, Hq, 1, Ktot)) > 0.3
     add = rng.uniform(-1.0, 0.0, (B, 1, Sq, Ktot)).astype(np.float32)
@@ -237,8 +254,9 @@ def test_fp16(mask_type):
         mask = rng.uniform(-1, 0, (B, 1, Sq, P + Sq)).astype(mask_type)
         mask[rng.random(mask.shape) < 0.2] = -65504.0 if mask_type == "float16" else -np.inf
     f["thresholds"] = untie(f, 1, mask)
-    got = S.run(sess("float16", mask=mask_type, past=True, present=True, sdc=True, causal=1, comp_mode=2),
-                attn_mask=mask, **f)
+    got = S.run(
+        sess("float16", mask=mask_type, past=True, present=True, sdc=True, causal=1, comp_mode=2), attn_mask=mask, **f
+    )
     assert got["output"].dtype == np.float16 and got["present_key"].dtype == np.float16
     want, want_kept, _ = ref(f, mask, causal=1, comp_mode=2)
     err = np.abs(got["output"].astype(np.float64) - want).max() / np.abs(want).max()
@@ -278,8 +296,12 @@ def test_optional_outputs_can_be_omitted():
 
 
 def _base(rng):
-    return dict(query=randn(rng, (1, 4, 5, 8)), key=randn(rng, (1, 2, 5, 8)), value=randn(rng, (1, 2, 5, 8)),
-                thresholds=np.zeros((4, 3), np.float32))
+    return dict(
+        query=randn(rng, (1, 4, 5, 8)),
+        key=randn(rng, (1, 2, 5, 8)),
+        value=randn(rng, (1, 2, 5, 8)),
+        thresholds=np.zeros((4, 3), np.float32),
+    )
 
 
 @pytest.mark.parametrize(
@@ -288,8 +310,11 @@ def _base(rng):
         ({"thresholds": np.zeros((3, 3), np.float32)}, {}, "thresholds must be float32 [Hq, R] = [4, R>=1]"),
         ({"thresholds": np.zeros((4, 0), np.float32)}, {}, "thresholds must be float32 [Hq, R]"),
         ({"query": np.zeros((4, 5, 8), np.float32)}, {}, "query must be [B, Hq, Sq, D]"),
-        ({"key": np.zeros((1, 3, 5, 8), np.float32), "value": np.zeros((1, 3, 5, 8), np.float32)}, {},
-         "must be a multiple of key/value heads Hkv=3"),
+        (
+            {"key": np.zeros((1, 3, 5, 8), np.float32), "value": np.zeros((1, 3, 5, 8), np.float32)},
+            {},
+            "must be a multiple of key/value heads Hkv=3",
+        ),
         ({"key": np.zeros((1, 2, 5, 4), np.float32)}, {}, "key shape [1, 2, 5, 4] does not match query"),
         ({"value": np.zeros((1, 2, 4, 8), np.float32)}, {}, "value shape [1, 2, 4, 8] does not match key"),
         ({"sdc": np.zeros((4, 2), np.float32)}, {"sdc": True}, "sdc shape [4, 2] must equal thresholds shape [4, 3]"),
@@ -298,10 +323,16 @@ def _base(rng):
         ({"attn_mask": np.ones((1, 4), bool)}, {"mask": "bool"}, "attn_mask shape [1, 4] does not fit"),
         ({"attn_mask": np.ones((1, 5, 5), bool)}, {"mask": "bool"}, "got rank-3 shape"),
         ({"attn_mask": np.ones((2, 1, 5, 5), bool)}, {"mask": "bool"}, "attn_mask shape [2, 1, 5, 5] does not fit"),
-        ({"past_key": np.zeros((1, 2, 3, 8), np.float32), "past_value": np.zeros((1, 2, 2, 8), np.float32)},
-         {"past": True}, "past_value must be [B, Hkv, P, Dv] = [1, 2, 3, 8]"),
-        ({"past_key": np.zeros((1, 1, 3, 8), np.float32), "past_value": np.zeros((1, 1, 3, 8), np.float32)},
-         {"past": True}, "past_key must be [B, Hkv, P, D]"),
+        (
+            {"past_key": np.zeros((1, 2, 3, 8), np.float32), "past_value": np.zeros((1, 2, 2, 8), np.float32)},
+            {"past": True},
+            "past_value must be [B, Hkv, P, Dv] = [1, 2, 3, 8]",
+        ),
+        (
+            {"past_key": np.zeros((1, 1, 3, 8), np.float32), "past_value": np.zeros((1, 1, 3, 8), np.float32)},
+            {"past": True},
+            "past_key must be [B, Hkv, P, D]",
+        ),
         ({"query": np.zeros((1, 4, 6, 8), np.float32)}, {}, "query length Sq=6 exceeds key length Ktot=P+Sk=5"),
     ],
 )
@@ -316,8 +347,13 @@ def test_bad_inputs_give_clear_errors(change, model_kw, message):
     assert "TopThetaAttention node 'tt0'" in str(e.value)
 
 
-@pytest.mark.parametrize("attrs,message", [({"comp_mode": 3}, "comp_mode must be 0 (none), 1 (SDC) or 2"),
-                                           ({"causal": 2}, "attribute causal must be 0 or 1")])
+@pytest.mark.parametrize(
+    "attrs,message",
+    [
+        ({"comp_mode": 3}, "comp_mode must be 0 (none), 1 (SDC) or 2"),
+        ({"causal": 2}, "attribute causal must be 0 or 1"),
+    ],
+)
 def test_bad_attributes_fail_at_session_creation(attrs, message):
     with pytest.raises(Exception) as e:
         S.session(S.make_model(**attrs))
@@ -350,6 +386,7 @@ def test_runtime_session_runs_the_op(tmp_path, library):
 
 # -- NaN (docs/op.md, "NaN"): a NaN score is kept and makes its row NaN; pruned V rows are not read ---------
 
+
 def _torch_ref(f, causal, comp_mode, mask=None):
     """topthetaexport.torch.reference (PyTorch, float64) on the feeds: (output, kept)."""
     import torch
@@ -360,9 +397,18 @@ def _torch_ref(f, causal, comp_mode, mask=None):
         return None if x is None else torch.from_numpy(np.asarray(x, np.float64))
 
     out, kept = reference.toptheta_attention(
-        t(f["query"]), t(f["key"]), t(f["value"]), torch.from_numpy(f["thresholds"]), causal=bool(causal),
-        attn_mask=None if mask is None else torch.from_numpy(mask), past_key=t(f["past_key"]),
-        past_value=t(f["past_value"]), sdc=t(f["sdc"]), comp_mode=comp_mode, return_kept=True)
+        t(f["query"]),
+        t(f["key"]),
+        t(f["value"]),
+        torch.from_numpy(f["thresholds"]),
+        causal=bool(causal),
+        attn_mask=None if mask is None else torch.from_numpy(mask),
+        past_key=t(f["past_key"]),
+        past_value=t(f["past_value"]),
+        sdc=t(f["sdc"]),
+        comp_mode=comp_mode,
+        return_kept=True,
+    )
     return out.numpy(), kept.numpy()
 
 
@@ -406,7 +452,7 @@ def test_nan_in_key_row_gives_nan_in_the_rows_that_see_it():
     got = S.run(sess(past=True, sdc=True, causal=1, comp_mode=1), **f)
     want, want_kept = _torch_ref(f, 1, 1)
     out = got["output"]
-    assert np.isnan(out[0, 2:, 4:]).all()       # query heads 2, 3 read kv head 1
+    assert np.isnan(out[0, 2:, 4:]).all()  # query heads 2, 3 read kv head 1
     assert np.isfinite(out[0, 2:, :4]).all() and np.isfinite(out[0, :2]).all()
     _assert_same_with_nan(out, want, F32_TOL)
     np.testing.assert_array_equal(got["kept"], want_kept)
@@ -420,7 +466,7 @@ def test_nan_in_pruned_value_row_is_not_read(comp_mode):
     B, Hq, Hkv, Sq, P, D = 2, 4, 2, 10, 6, 16
     f = make_case(rng, B, Hq, Hkv, Sq, P, D, D, 16)
     j = 3  # a past key, visible to every row
-    f["past_key"][:, :, j] = 0.0                     # its score is 0 in every row ...
+    f["past_key"][:, :, j] = 0.0  # its score is 0 in every row ...
     f["thresholds"] = np.maximum(f["thresholds"], 0.25).astype(np.float32)  # ... and every θ is above it
     f["thresholds"] = untie(f, 1)
     f["past_value"][:, 1, j] = np.nan
@@ -439,3 +485,138 @@ def test_nan_in_pruned_value_row_is_not_read(comp_mode):
     dense = dict(f, thresholds=np.full_like(f["thresholds"], -np.inf))
     out = S.run(sess(past=True, sdc=True, causal=1, comp_mode=comp_mode), **dense)["output"]
     assert np.isnan(out[:, 2:]).all() and np.isfinite(out[:, :2]).all()
+
+
+# -- Fuzz: fp32 scores with the rounding bound and double recompute near θ keep the float64 decisions ---------
+#
+# The kernel scores in fp32 and recomputes in double only the scores within its rounding bound of θ. These cases
+# put θ exactly on scores (ties: inputs on a coarse dyadic grid, so every score is exact in fp32 and fp64) or
+# within 1e-7 relative of them (Gaussian inputs), over shapes with many key tiles, causal tile edges, masks,
+# past, GQA and the key splits of decode; the kept counts must equal the float64 torch reference's exactly.
+
+ISAS = ["avx2", "scalar"]  # TOPTHETA_CPU_ISA: the AVX2 body (when the CPU has it) and the portable one
+
+
+def _fuzz_case(seed):
+    rng = np.random.default_rng(1000 + seed)
+    ties = seed % 2 == 0
+    B = int(rng.integers(1, 3))
+    Hkv = int(rng.integers(1, 4))
+    Hq = Hkv * int(rng.integers(1, 4))
+    D = int(rng.choice([8, 16, 64] if ties else [8, 16, 24, 64, 20]))  # 20: portable body only
+    Dv = int(rng.choice([8, 16, 64]))
+    decode = rng.random() < 0.4
+    if decode:  # Ktot >= 1024 with few tasks: the kernel splits the keys
+        Sq, P = 1, int(rng.integers(1024, 2200))
+    else:
+        Sq, P = int(rng.integers(1, 150)), int(rng.choice([0, int(rng.integers(1, 130))]))
+    Ktot = P + Sq
+    R = int(rng.choice([1, 7, Ktot]))
+    causal = int(rng.random() < 0.7)
+
+    def draw(shape):
+        if ties:  # multiples of 1/4 in [-2, 2]: products and sums of <= 64 terms are exact in fp32
+            return (rng.integers(-8, 9, shape) / 4.0).astype(np.float32)
+        return rng.standard_normal(shape).astype(np.float32)
+
+    f = dict(
+        query=draw((B, Hq, Sq, D)),
+        key=draw((B, Hkv, Sq, D)),
+        value=rng.standard_normal((B, Hkv, Sq, Dv)).astype(np.float32),
+        past_key=draw((B, Hkv, P, D)) if P else None,
+        past_value=rng.standard_normal((B, Hkv, P, Dv)).astype(np.float32) if P else None,
+        sdc=rng.uniform(0.05, 0.9, (Hq, R)).astype(np.float32),
+        thresholds=np.zeros((Hq, R), np.float32),
+    )
+    mask_kind = rng.choice(["none", "bool", "float32"])
+    mask = None
+    if mask_kind == "bool":
+        mask = rng.random((B, Ktot)) > 0.2
+        mask[:, -1] = True
+    elif mask_kind == "float32":  # ties: additive values on the grid too, some excluded
+        mask = (rng.integers(-4, 5, (B, 1, Sq, Ktot)) / 4.0).astype(np.float32)
+        mask[rng.random(mask.shape) < 0.15] = -np.inf
+    # scale 1/sqrt(D) is exact (a power of 2) for D in 16, 64; others get an explicit exact scale
+    scale = 0.0 if D in (16, 64) else 0.25
+    _, _, scores = S.reference(
+        f["query"],
+        f["key"],
+        f["value"],
+        f["thresholds"],
+        mask,
+        f["past_key"],
+        f["past_value"],
+        scale=scale,
+        causal=causal,
+    )
+    for h in range(Hq):
+        for rr in range(R):
+            rows = [i for i in range(Sq) if min(Ktot - Sq + i, R - 1) == rr]
+            s = scores[:, h, rows].ravel() if rows else np.array([])
+            s = s[np.isfinite(s)]
+            if s.size == 0 or (rr < R - 1 and rng.random() < 0.1):  # a few dense (-inf) rows
+                f["thresholds"][h, rr] = -np.inf
+                continue
+            target = float(np.quantile(s, rng.uniform(0.5, 0.97)))
+            target = float(s[np.argmin(np.abs(s - target))])  # an actual score
+            if not ties:  # within 1e-7 relative: below, on (rounded to fp32) or above
+                target *= 1 + rng.choice([-1e-7, -3e-8, 0.0, 3e-8, 1e-7])
+            f["thresholds"][h, rr] = np.float32(target)
+    return f, mask, dict(scale=scale, causal=causal), ties
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("seed", range(16))
+def test_fuzz_decisions_equal_float64_reference(seed, isa, monkeypatch):
+    import torch
+
+    from topthetaexport.torch import reference
+
+    monkeypatch.setenv("TOPTHETA_CPU_ISA", isa)
+    f, mask, attrs, ties = _fuzz_case(seed)
+    mask_type = None if mask is None else str(mask.dtype)
+    comp_mode = seed % 3
+    got = S.run(
+        sess(mask=mask_type, past=f["past_key"] is not None, sdc=True, comp_mode=comp_mode, **attrs),
+        **f,
+        attn_mask=mask,
+    )
+
+    def t(x):
+        return None if x is None else torch.from_numpy(np.asarray(x, np.float64))
+
+    want, want_kept = reference.toptheta_attention(
+        t(f["query"]),
+        t(f["key"]),
+        t(f["value"]),
+        torch.from_numpy(f["thresholds"]),
+        scale=attrs["scale"] or None,
+        causal=bool(attrs["causal"]),
+        attn_mask=None if mask is None else torch.from_numpy(mask),
+        past_key=t(f["past_key"]),
+        past_value=t(f["past_value"]),
+        sdc=t(f["sdc"]),
+        comp_mode=comp_mode,
+        return_kept=True,
+    )
+    np.testing.assert_array_equal(got["kept"], want_kept.numpy())
+    assert np.abs(got["output"] - want.numpy()).max() <= F32_TOL
+
+    # The case has teeth: θ sits on (ties) or within fp32 rounding of scores, where a plain fp32 comparison errs.
+    _, _, scores = S.reference(
+        f["query"],
+        f["key"],
+        f["value"],
+        f["thresholds"],
+        mask,
+        f["past_key"],
+        f["past_value"],
+        scale=attrs["scale"],
+        causal=attrs["causal"],
+    )
+    Ktot, Sq = scores.shape[-1], scores.shape[2]
+    rr = np.minimum(np.arange(Ktot - Sq, Ktot), f["thresholds"].shape[1] - 1)
+    th = np.broadcast_to(f["thresholds"][:, rr].astype(np.float64)[None, :, :, None], scores.shape)
+    use = np.isfinite(th) & np.isfinite(scores)
+    gap = np.abs(scores[use] - th[use]) / np.maximum(np.abs(th[use]), 1e-30)
+    assert (gap <= (0 if ties else 2e-7)).any()

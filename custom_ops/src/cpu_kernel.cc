@@ -1,58 +1,35 @@
-// CPU kernel of TopThetaAttention. One task = (batch, query head, block of query rows). Per row:
-// score the valid keys, keep those with s >= theta (and NaN scores), and read V rows of kept keys only
-// (plus all valid V rows for the V-mean of comp_mode 2, when there is pruned mass to compensate).
+// CPU kernel of TopThetaAttention: the plan (tasks over batch x kv head x row block [x key split]), ISA
+// dispatch, the portable body, the split merge and the per-row finish (compensation, normalization, store).
+// The task body itself is cpu_kernel_body.h (design notes there).
 #include "cpu_kernel.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <thread>
 #include <vector>
 
+#include "cpu_kernel_body.h"
+#include "cpu_plan.h"
 #include "half.h"
 
 namespace toptheta {
+namespace cpu {
 namespace {
-
-constexpr int64_t kRowsPerTask = 16;
 
 inline void Store(float* p, int64_t i, float v) { p[i] = v; }
 inline void Store(uint16_t* p, int64_t i, float v) { p[i] = FloatToHalf(v); }
 
-// A row of T as floats: float rows are used in place, float16 rows are converted into buf.
-inline const float* AsFloat(const float* row, int64_t, float*) { return row; }
-inline const float* AsFloat(const uint16_t* row, int64_t n, float* buf) {
-  HalfToFloatRow(row, buf, n);
-  return buf;
-}
-
-// <q, k> accumulated in double; 8 independent partial sums so the compiler can vectorize.
-// Scores are compared with θ in double so that the keep decision equals the float64 reference's
-// (topthetaexport.reference) except for exact ties: see docs/op.md, "Numerics".
-inline double Dot(const float* q, const float* k, int64_t n) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t d = 0;
-  for (; d + 8 <= n; d += 8) {
-    for (int u = 0; u < 8; ++u) acc[u] += static_cast<double>(q[d + u]) * k[d + u];
-  }
-  double s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-  for (; d < n; ++d) s += static_cast<double>(q[d]) * k[d];
-  return s;
-}
-
-// acc += w * v
-inline void Axpy(float* acc, float w, const float* v, int64_t n) {
-  for (int64_t d = 0; d < n; ++d) acc[d] += w * v[d];
-}
-
-// Additive-mask value of key j, or -inf when the mask excludes it; 0 without mask.
+// Additive-mask value of key j, or "excluded"; 0 without mask.
 struct MaskRow {
   MaskKind kind = MaskKind::kNone;
   const void* row = nullptr;
   bool f16 = false;  // kAdditive with T = float16
 
-  inline bool Excluded(int64_t j, float* add) const {
+  bool Excluded(int64_t j, float* add) const {
     switch (kind) {
       case MaskKind::kNone: *add = 0.f; return false;
       case MaskKind::kBool: *add = 0.f; return !static_cast<const bool*>(row)[j];
@@ -69,174 +46,267 @@ struct MaskRow {
   }
 };
 
-// 4 query rows (contiguous, stride d) against one key row: out[r] = <q_r, k>.
-inline void Dot4(const float* q, const float* k, int64_t n, double* out) {
-  double acc[4][8] = {};
-  int64_t d = 0;
-  for (; d + 8 <= n; d += 8) {
-    for (int r = 0; r < 4; ++r) {
-      for (int u = 0; u < 8; ++u) acc[r][u] += static_cast<double>(q[r * n + d + u]) * k[d + u];
-    }
-  }
-  for (int r = 0; r < 4; ++r) {
-    const double* a = acc[r];
-    double s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
-    for (int64_t e = d; e < n; ++e) s += static_cast<double>(q[r * n + e]) * k[e];
-    out[r] = s;
-  }
+bool HalfMask(const AttnParams& p) { return p.mask_kind == MaskKind::kAdditive && p.dtype != DType::kF32; }
+
+MaskRow MaskOf(const AttnParams& p, const void* row) {
+  MaskRow m;
+  m.kind = p.mask_kind;
+  m.row = row;
+  m.f16 = HalfMask(p);
+  return m;
 }
 
-struct Scratch {
-  std::vector<float> q;                      // [kRowsPerTask, D] query rows as float
-  std::vector<double> dots;                  // [kRowsPerTask, Ktot] <q_i, k_j>
-  std::vector<float> acc, vbar, score, row;  // row: one K or V row converted to float
-  std::vector<int32_t> idx;
-  void Fit(const AttnParams& p) {
-    auto fit = [](auto& v, int64_t n) {
-      if (static_cast<int64_t>(v.size()) < n) v.resize(n);
-    };
-    fit(q, kRowsPerTask * p.D);
-    fit(dots, kRowsPerTask * p.Ktot);
-    fit(row, std::max(p.D, p.Dv));
-    fit(acc, p.Dv);
-    fit(vbar, p.Dv);
-    fit(score, p.Ktot);
-    fit(idx, p.Ktot);
+// The portable instruction-set policy of cpu_kernel_body.h (any D, Dv).
+struct ScalarIsa {
+  static void Dots(const float* q, const float* K, int64_t n, int64_t D, float* dots) {
+    for (int64_t j = 0; j < n; ++j) {
+      const float* k = K + j * D;
+      float a[4] = {0, 0, 0, 0};
+      int64_t d = 0;
+      for (; d + 4 <= D; d += 4) {
+        for (int u = 0; u < 4; ++u) a[u] += q[d + u] * k[d + u];
+      }
+      for (; d < D; ++d) a[0] += q[d] * k[d];
+      dots[j] = (a[0] + a[2]) + (a[1] + a[3]);
+    }
+  }
+  static void Norms(const float* K, int64_t n, int64_t D, float* kn) {
+    for (int64_t j = 0; j < n; ++j) {
+      float a = 0;
+      for (int64_t d = 0; d < D; ++d) a += K[j * D + d] * K[j * D + d];
+      kn[j] = std::sqrt(a);
+    }
+  }
+  static void Filter(const float* dots, int64_t n, float scale, const float* add, float theta, float cq,
+                     const float* kn, float* s, uint64_t* keep, uint64_t* near) {
+    uint64_t kb = 0, nb = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      float v = scale * dots[j];
+      if (add) v += add[j];
+      s[j] = v;
+      const uint64_t bit = uint64_t{1} << j;
+      if (!(v < theta)) kb |= bit;
+      if (!(std::fabs(v - theta) > cq * kn[j] + kAbsCoef * std::fabs(v))) nb |= bit;
+    }
+    *keep = kb;
+    *near = nb;
+  }
+  static int64_t Compact(const float* s, uint64_t keep, float* cs, int32_t* cidx) {
+    int64_t k = 0;
+    for (; keep; keep &= keep - 1, ++k) {
+      const int j = __builtin_ctzll(keep);
+      cs[k] = s[j];
+      cidx[k] = j;
+    }
+    return k;
+  }
+  static float MaxKept(const float* cs, int64_t k) {
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < k; ++t) {
+      if (cs[t] > m) m = cs[t];  // NaN is not > m: NaN scores do not set the max (docs/op.md)
+    }
+    return m;
+  }
+  static float ExpSub(const float* cs, int64_t k, float m, float* w) {
+    if (m == -std::numeric_limits<float>::infinity()) m = 0.f;  // only -inf / NaN scores so far (see FinishRow)
+    float sum = 0;
+    for (int64_t t = 0; t < k; ++t) sum += (w[t] = std::exp(cs[t] - m));
+    return sum;
+  }
+  static void Accumulate(float* acc, const float* w, const int32_t* idx, int64_t k, const float* V, int64_t Dv) {
+    for (int64_t t = 0; t < k; ++t) {
+      const float* v = V + static_cast<int64_t>(idx[t]) * Dv;
+      for (int64_t d = 0; d < Dv; ++d) acc[d] += w[t] * v[d];
+    }
+  }
+  static void ScaleRow(float* acc, float f, int64_t Dv) {
+    for (int64_t d = 0; d < Dv; ++d) acc[d] *= f;
   }
 };
 
-Scratch& ThreadScratch() {
-  thread_local Scratch s;
-  return s;
-}
-
-// s.dots[r * Ktot + j] = <q_{i0+r}, k_j> for r < nrows, j < jmax: each K row is read (and converted)
-// once for the whole block of query rows.
 template <typename T>
-void BlockDots(const AttnParams& p, const T* Q, const T* K, int64_t nrows, int64_t jmax, Scratch& s) {
-  for (int64_t r = 0; r < nrows; ++r) {
-    const float* qf = AsFloat(Q + r * p.D, p.D, s.q.data() + r * p.D);
-    if (qf != s.q.data() + r * p.D) std::memcpy(s.q.data() + r * p.D, qf, sizeof(float) * p.D);
-  }
-  const float* qf = s.q.data();
-  double four[4];
-  for (int64_t j = 0; j < jmax; ++j) {
-    const float* k = AsFloat(K + j * p.D, p.D, s.row.data());
-    int64_t r = 0;
-    for (; r + 4 <= nrows; r += 4) {
-      Dot4(qf + r * p.D, k, p.D, four);
-      for (int u = 0; u < 4; ++u) s.dots[(r + u) * p.Ktot + j] = four[u];
-    }
-    for (; r < nrows; ++r) s.dots[r * p.Ktot + j] = Dot(qf + r * p.D, k, p.D);
-  }
-}
-
-// One query row i of (b, h); dots = <q_i, k_j> for the row's keys.
-template <typename T>
-void ComputeRow(const AttnParams& p, int64_t b, int64_t h, int64_t i, const double* dots, Scratch& s) {
+void FinishRowT(const AttnParams& p, int64_t b, int64_t h, int64_t i, const RowState& st) {
   const int64_t g = h / (p.Hq / p.Hkv);
   const T* V = static_cast<const T*>(p.v) + (b * p.Hkv + g) * p.Ktot * p.Dv;
   T* out = static_cast<T*>(p.out) + ((b * p.Hq + h) * p.Sq + i) * p.Dv;
-
   const int64_t r = RowPosition(p, i);
   const int64_t rr = std::max<int64_t>(0, ThresholdRow(p, i));
   const float theta = p.theta[h * p.R + rr];
   const float rho = p.sdc ? p.sdc[h * p.R + rr] : 0.f;
-  const int64_t jend = p.causal ? std::min(r + 1, p.Ktot) : p.Ktot;
+  const float m = st.m;
+  const int64_t n_pruned = st.n_valid - st.n_kept;
 
-  MaskRow mask;
-  if (p.mask_kind != MaskKind::kNone) {
-    const bool half_mask = p.mask_kind == MaskKind::kAdditive && p.dtype != DType::kF32;
-    const int64_t esz = p.mask_kind == MaskKind::kBool ? 1 : half_mask ? 2 : 4;
-    const int64_t off = b * p.mask_sb + h * p.mask_sh + i * p.mask_sq;
-    mask.kind = p.mask_kind;
-    mask.row = static_cast<const char*>(p.mask) + off * esz;
-    mask.f16 = half_mask;
-  }
-  float* row = s.row.data();
-
-  // Pass 1: scores of valid keys; remember the kept ones.
-  int64_t n_valid = 0, n_kept = 0;
-  float smax = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < jend; ++j) {
-    float add;
-    if (mask.Excluded(j, &add)) continue;
-    ++n_valid;
-    const double sc = static_cast<double>(p.scale) * dots[j] + add;
-    // `!(s < θ)`: a NaN score counts as kept and makes the row NaN below, as in dense attention.
-    if (!(sc < static_cast<double>(theta))) {
-      s.idx[n_kept] = static_cast<int32_t>(j);
-      s.score[n_kept] = static_cast<float>(sc);
-      ++n_kept;
-      if (!std::isnan(sc)) smax = std::max(smax, static_cast<float>(sc));
-    }
-  }
-
-  // Pass 2: softmax numerator / denominator over kept keys only (V rows of pruned keys are not read).
-  const float m = n_kept > 0 ? std::max(theta, smax) : theta;
-  float* acc = s.acc.data();
-  std::fill(acc, acc + p.Dv, 0.f);
-  float dk = 0.f;
-  for (int64_t t = 0; t < n_kept; ++t) {
-    const float w = std::exp(s.score[t] - m);
-    dk += w;
-    Axpy(acc, w, AsFloat(V + static_cast<int64_t>(s.idx[t]) * p.Dv, p.Dv, row), p.Dv);
-  }
-
-  // Compensation for the pruned mass.
-  const int64_t n_pruned = n_valid - n_kept;
   float dp = 0.f;
   if (p.comp_mode >= 1 && p.sdc && n_pruned > 0) {
-    dp = static_cast<float>(n_pruned) * rho * (n_kept > 0 ? std::exp(theta - m) : 1.f);
+    dp = static_cast<float>(n_pruned) * rho * (st.n_kept > 0 ? std::exp(theta - m) : 1.f);
   }
+  std::vector<float> vbar;
   if (p.comp_mode == 2 && dp > 0.f) {  // VMC: mean of the row's valid V rows
-    float* vbar = s.vbar.data();
-    std::fill(vbar, vbar + p.Dv, 0.f);
+    vbar.assign(p.Dv, 0.f);
+    std::vector<float> row(p.Dv);
+    const MaskRow mask = MaskOf(p, MaskRowAddress(p, b, h, i));
+    const int64_t jend = p.causal ? std::min(r + 1, p.Ktot) : p.Ktot;
     for (int64_t j = 0; j < jend; ++j) {
       float add;
-      if (!mask.Excluded(j, &add)) Axpy(vbar, 1.f, AsFloat(V + j * p.Dv, p.Dv, row), p.Dv);
+      if (mask.Excluded(j, &add)) continue;
+      const float* v;
+      if constexpr (sizeof(T) == 2) {
+        HalfToFloatRow(reinterpret_cast<const uint16_t*>(V) + j * p.Dv, row.data(), p.Dv);
+        v = row.data();
+      } else {
+        v = reinterpret_cast<const float*>(V) + j * p.Dv;
+      }
+      for (int64_t d = 0; d < p.Dv; ++d) vbar[d] += v[d];
     }
-    const float w = dp / static_cast<float>(n_valid);
-    for (int64_t d = 0; d < p.Dv; ++d) acc[d] += w * vbar[d];
   }
-
-  const float denom = dk + dp;
+  const float w = vbar.empty() ? 0.f : dp / static_cast<float>(st.n_valid);
+  const float denom = st.dk + dp;
   const float inv = !(denom <= 0.f) ? 1.f / denom : 0.f;  // 0 -> zeros; NaN stays NaN
-  for (int64_t d = 0; d < p.Dv; ++d) Store(out, d, acc[d] * inv);
-  if (p.kept) p.kept[(b * p.Hq + h) * p.Sq + i] = static_cast<int32_t>(n_kept);
+  for (int64_t d = 0; d < p.Dv; ++d) {
+    const float num = st.acc[d] + (vbar.empty() ? 0.f : w * vbar[d]);
+    Store(out, d, num * inv);
+  }
+  if (p.kept) p.kept[(b * p.Hq + h) * p.Sq + i] = static_cast<int32_t>(st.n_kept);
 }
 
-template <typename T>
-void RunTask(void* data, size_t task) {
-  const AttnParams& p = *static_cast<const AttnParams*>(data);
-  const int64_t blocks = (p.Sq + kRowsPerTask - 1) / kRowsPerTask;
-  const int64_t bh = static_cast<int64_t>(task) / blocks;
-  const int64_t i0 = (static_cast<int64_t>(task) % blocks) * kRowsPerTask;
-  const int64_t i1 = std::min(p.Sq, i0 + kRowsPerTask);
-  const int64_t b = bh / p.Hq, h = bh % p.Hq, g = h / (p.Hq / p.Hkv);
-  Scratch& s = ThreadScratch();
-  s.Fit(p);
-  const T* Q = static_cast<const T*>(p.q) + ((b * p.Hq + h) * p.Sq + i0) * p.D;
-  const T* K = static_cast<const T*>(p.k) + (b * p.Hkv + g) * p.Ktot * p.D;
-  // Keys any row of the block can see (causal: up to the last row's position).
-  const int64_t jmax = p.causal ? std::min(p.Ktot, RowPosition(p, i1 - 1) + 1) : p.Ktot;
-  BlockDots(p, Q, K, i1 - i0, jmax, s);
-  for (int64_t i = i0; i < i1; ++i) ComputeRow<T>(p, b, h, i, s.dots.data() + (i - i0) * p.Ktot, s);
+// Merges the key splits of every row (online-softmax states with their own maxima) and finishes the rows.
+void MergeSplits(const TaskPlan& plan) {
+  const AttnParams& p = *plan.p;
+  const int64_t stride = kPartialHead + p.Dv;
+  std::vector<float> acc(p.Dv);
+  for (int64_t b = 0; b < p.B; ++b) {
+    for (int64_t h = 0; h < p.Hq; ++h) {
+      for (int64_t i = 0; i < p.Sq; ++i) {
+        const float* part = plan.partial + ((b * p.Hq + h) * p.Sq + i) * plan.splits * stride;
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t s = 0; s < plan.splits; ++s) m = std::max(m, part[s * stride]);  // each >= theta
+        RowState st{m, 0.f, 0, 0, acc.data()};
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t s = 0; s < plan.splits; ++s) {
+          const float* ps = part + s * stride;
+          st.n_valid += static_cast<int64_t>(ps[2]);
+          const int64_t kept = static_cast<int64_t>(ps[3]);
+          if (kept == 0) continue;
+          st.n_kept += kept;
+          const float f = ps[0] == m ? 1.f : std::exp(ps[0] - m);
+          st.dk += f * ps[1];
+          for (int64_t d = 0; d < p.Dv; ++d) acc[d] += f * ps[kPartialHead + d];
+        }
+        FinishRow(p, b, h, i, st);
+      }
+    }
+  }
+}
+
+#ifdef TOPTHETA_CPU_AVX2
+bool UseAvx2(const AttnParams& p) {
+  static const bool cpu_has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* force = std::getenv("TOPTHETA_CPU_ISA");  // "scalar": the portable body (tests run both)
+  if (force && std::strcmp(force, "scalar") == 0) return false;
+  return cpu_has && p.D % 8 == 0 && p.Dv % 8 == 0;
+}
+#endif
+
+struct Job {
+  TaskPlan plan;
+  void (*run)(const TaskPlan&, size_t, unsigned char*);
+};
+
+unsigned char* ThreadScratch(size_t bytes) {
+  thread_local std::vector<unsigned char> buf;
+  if (buf.size() < bytes + 64) buf.resize(bytes + 64);
+  const uintptr_t at = reinterpret_cast<uintptr_t>(buf.data());
+  return buf.data() + ((64 - at % 64) % 64);
+}
+
+void RunJobTask(void* data, size_t task) {
+  const Job& job = *static_cast<const Job*>(data);
+  job.run(job.plan, task, ThreadScratch(job.plan.scratch_bytes));
 }
 
 }  // namespace
 
-void TopThetaCpu(const AttnParams& p, ParallelForFn parallel_for, void* runner) {
-  if (p.B == 0 || p.Hq == 0 || p.Sq == 0) return;
-  const int64_t blocks = (p.Sq + kRowsPerTask - 1) / kRowsPerTask;
-  const size_t total = static_cast<size_t>(p.B * p.Hq * blocks);
-  void (*fn)(void*, size_t) = p.dtype == DType::kF16 ? &RunTask<uint16_t> : &RunTask<float>;
-  void* data = const_cast<AttnParams*>(&p);
-  if (parallel_for && total > 1) {
-    parallel_for(runner, fn, total, data);
+void FinishRow(const AttnParams& p, int64_t b, int64_t h, int64_t i, const RowState& st) {
+  if (p.dtype == DType::kF16) {
+    FinishRowT<uint16_t>(p, b, h, i, st);
   } else {
-    for (size_t t = 0; t < total; ++t) fn(data, t);
+    FinishRowT<float>(p, b, h, i, st);
   }
+}
+
+const void* MaskRowAddress(const AttnParams& p, int64_t b, int64_t h, int64_t i) {
+  if (p.mask_kind == MaskKind::kNone) return nullptr;
+  const int64_t esz = p.mask_kind == MaskKind::kBool ? 1 : HalfMask(p) ? 2 : 4;
+  const int64_t off = b * p.mask_sb + h * p.mask_sh + i * p.mask_sq;
+  return static_cast<const char*>(p.mask) + off * esz;
+}
+
+uint64_t MaskTile(const AttnParams& p, const void* mask_row, int64_t j0, int64_t n, float* add, bool* has_add) {
+  const MaskRow mask = MaskOf(p, mask_row);
+  uint64_t bits = 0;
+  bool any = false;
+  for (int64_t j = 0; j < n; ++j) {
+    float a;
+    if (mask.Excluded(j0 + j, &a)) {
+      add[j] = 0.f;
+    } else {
+      add[j] = a;
+      any |= a != 0.f;
+      bits |= uint64_t{1} << j;
+    }
+  }
+  *has_add = any;
+  return bits;
+}
+
+void HalfRowToFloat(const uint16_t* src, float* dst, int64_t n) { HalfToFloatRow(src, dst, n); }
+
+void RunTaskScalar(const TaskPlan& plan, size_t task, unsigned char* scratch) {
+  RunTask<ScalarIsa>(plan, task, scratch);
+}
+
+size_t ScratchBytes(const AttnParams& p, int64_t rows) { return ScratchLayout(p, rows).total; }
+
+}  // namespace cpu
+
+void TopThetaCpu(const AttnParams& p, ParallelForFn parallel_for, void* runner) {
+  using namespace cpu;
+  if (p.B == 0 || p.Hq == 0 || p.Sq == 0) return;
+  TaskPlan plan;
+  plan.p = &p;
+  plan.group = p.Hq / p.Hkv;
+  // 32 rows per head and block: enough rows to reuse each K/V tile from L1, enough blocks to balance causal work.
+  plan.rows_per_block = std::min<int64_t>(p.Sq, 32);
+  // The K and V tiles stay in L1 (<= 16 KB together) while every row of the task reads them.
+  plan.tile_keys = std::clamp<int64_t>(4096 / (p.D + p.Dv) / 8 * 8, 8, kTileKeys);
+  plan.row_blocks = (p.Sq + plan.rows_per_block - 1) / plan.rows_per_block;
+  // Too few tasks for the threads (decode: B * Hkv of them): split the keys too, >= 512 keys a split.
+  static const int64_t threads = std::max(1u, std::thread::hardware_concurrency());  // reads /sys: once
+  const int64_t base = p.B * p.Hkv * plan.row_blocks;
+  plan.split_keys = p.Ktot;
+  if (base < 4 * threads && p.Ktot >= 1024) {
+    const int64_t want = std::min((8 * threads + base - 1) / base, p.Ktot / 512);
+    plan.split_keys = (p.Ktot + want - 1) / want;
+    plan.split_keys = (plan.split_keys + plan.tile_keys - 1) / plan.tile_keys * plan.tile_keys;
+    plan.splits = (p.Ktot + plan.split_keys - 1) / plan.split_keys;
+  }
+  plan.scratch_bytes = ScratchBytes(p, plan.group * plan.rows_per_block);
+  std::vector<float> partial;
+  if (plan.splits > 1) {
+    partial.resize(static_cast<size_t>(p.B * p.Hq * p.Sq * plan.splits * (kPartialHead + p.Dv)));
+    plan.partial = partial.data();
+  }
+  Job job{plan, &RunTaskScalar};
+#ifdef TOPTHETA_CPU_AVX2
+  if (UseAvx2(p)) job.run = &RunTaskAvx2;
+#endif
+  const size_t total = static_cast<size_t>(base * plan.splits);
+  if (parallel_for && total > 1) {
+    parallel_for(runner, &RunJobTask, total, &job);
+  } else {
+    for (size_t t = 0; t < total; ++t) RunJobTask(&job, t);
+  }
+  if (plan.splits > 1) MergeSplits(plan);
 }
 
 }  // namespace toptheta
