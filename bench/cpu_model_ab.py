@@ -39,4 +39,4 @@ for r in range(reps):
         sess[n].run(None, feeds)
         ts[n].append(time.perf_counter() - t)
 for n, v in ts.items():
-    print(n, "median s %.3f  min s %.3f" % (np.median(v), min(v)))
+    print(n, f"median s {np.median(v):.3f}  min s {min(v):.3f}")
