@@ -17,7 +17,8 @@ from rich.table import Table
 
 from topthetaexport import __version__
 from topthetaexport._errors import TopThetaError
-from topthetaexport._io import check_options, check_writable_dir, output_parents, staged_files
+from topthetaexport._io import check_writable_dir, output_parents, staged_files
+from topthetaexport.options import check_options
 
 console = Console(stderr=True)
 # Results go to stdout as plain text: no markup parsing (shapes like [batch, seq] and generated text keep

@@ -19,6 +19,7 @@ LAYERS = {
     "_errors": 0,
     "_io": 0,
     "progress": 0,
+    "options": 0,
     "architectures": 1,
     "data": 1,
     "thresholds": 1,

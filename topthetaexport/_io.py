@@ -197,68 +197,6 @@ def check_writable_dir(folder: str | os.PathLike) -> Path:
     return folder
 
 
-# -- options: every numeric / choice option is checked here, before any work -------------------------
-
-COMP_MODES = {0: "none", 1: "SDC", 2: "SDC + V-mean"}
-DEVICES = ("auto", "cpu", "cuda")
-
-# API name -> (command-line flag, smallest allowed value); values may be ints or lists of ints
-_MINIMUM = {
-    "k": ("--k", 1),
-    "seq_len": ("--seq-len", 2),
-    "num_samples": ("--samples", 1),
-    "dense_layers": ("--dense-layers", 0),
-    "eval_windows": ("--eval-windows", 1),
-    "num_windows": ("--windows", 1),
-    "eval_cmd_windows": ("--windows", 2),
-    "decode_steps": ("--decode-steps", 1),
-    "task_items": ("--task-items", 1),
-    "threads": ("--threads", 1),
-    "max_new_tokens": ("--max-new-tokens", 1),
-    "sweep": ("--sweep", 1),
-    "heads": ("--heads", 1),
-    "kv_heads": ("--kv-heads", 1),
-    "head_dim": ("--head-dim", 1),
-    "seqs": ("--seq", 1),
-    "repeats": ("--repeats", 1),
-}
-_COMP = {"comp_mode": "--comp-mode", "comp_modes": "--comp-modes", "sweep_comp_modes": "--sweep-comp-modes"}
-
-
-def check_options(**options) -> None:
-    """Raise a one-line TopThetaError for the first option out of its range or choices (None = not given).
-
-    Names are the API's (``k``, ``seq_len``, ``num_samples``, ``comp_mode``, ``device``, ``keep``, ...);
-    messages name the command-line flag, since that is what most users typed.
-    """
-    for name, value in options.items():
-        if value is None:
-            continue
-        values = list(value) if isinstance(value, (list, tuple)) else [value]
-        if name in _MINIMUM:
-            flag, low = _MINIMUM[name]
-            for v in values:
-                if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                    raise TopThetaError(
-                        f"{flag} must be an integer >= {low}, got {v!r}: pass e.g. {flag} {max(low, 4)}"
-                    )
-        elif name in _COMP:
-            for v in values:
-                if isinstance(v, bool) or v not in COMP_MODES:
-                    raise TopThetaError(
-                        f"compensation mode {v!r} does not exist ({_COMP[name]}): use "
-                        + ", ".join(f"{m} ({what})" for m, what in COMP_MODES.items())
-                    )
-        elif name == "device":
-            if value not in DEVICES:
-                raise TopThetaError(f"unknown device {value!r} (--device): use auto, cpu or cuda")
-        elif name == "keep":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-                raise TopThetaError(f"--keep must be a fraction in (0, 1], got {value!r}: pass e.g. --keep 0.125")
-        else:
-            raise TypeError(f"check_options: unknown option {name}")
-
-
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -10,8 +10,9 @@ from typing import Any
 
 from . import __version__
 from ._errors import TopThetaError
-from ._io import check_options, staged_files, staged_output_dir, write_json
+from ._io import staged_files, staged_output_dir, write_json
 from .data import describe_data
+from .options import check_options
 from .ort.library import library_info, library_path
 from .progress import Progress
 

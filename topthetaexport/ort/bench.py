@@ -225,7 +225,7 @@ def run_bench(
 ):
     """``topθ-export bench``: prefill and decode rows at each context, Top-θ vs ONNX Attention."""
     from .._errors import TopThetaError
-    from .._io import check_options
+    from ..options import check_options
 
     check_options(
         device=device, heads=heads, kv_heads=kv_heads, head_dim=head_dim, seqs=list(seqs), keep=keep, repeats=repeats
