@@ -77,7 +77,8 @@ if has bench; then
 fi
 if has profile; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-  timeout 300 "$NCU" --target-processes all -k "regex:Prefill|flash_fwd|DecodeKernel|CombineKernel" \
+  # --clock-control none: ncu's default locks the card's clocks during replay, and the card's settings stay as they are
+  timeout 300 "$NCU" --clock-control none --target-processes all -k "regex:Prefill|flash_fwd|DecodeKernel|CombineKernel" \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis -c 10 \
     python3 bench/profile_kernels.py "$LIB" > "$OUT/ncu.txt" 2>&1
@@ -93,7 +94,7 @@ if has ortwall; then  # host-clock cross-check of the onnxruntime decode timings
 fi
 if has b1ncu; then  # decode B=1 kernel durations and DRAM bytes under Nsight Compute (SDPA, ours, ORT GQA)
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-  PROFILE_WHAT=b1 timeout 200 "$NCU" --metrics gpu__time_duration.sum,dram__bytes_read.sum \
+  PROFILE_WHAT=b1 timeout 200 "$NCU" --clock-control none --metrics gpu__time_duration.sum,dram__bytes_read.sum \
     python3 bench/profile_kernels.py "$LIB" > /tmp/ncu_b1.txt 2>&1
   grep -E "^  [a-zA-Z_].*\(|gpu__time_duration|dram__bytes_read" /tmp/ncu_b1.txt | sed -E 's/\(.*\) \(([0-9, ]+)\)x.*/ grid(\1)/' \
     | cut -c1-120 | tee "$OUT/ncu_b1_summary.txt"
