@@ -19,6 +19,7 @@ from topthetaexport import __version__
 from topthetaexport._errors import TopThetaError
 from topthetaexport._io import check_writable_dir, output_parents, staged_files
 from topthetaexport.options import check_options, resolve_dtype
+from topthetaexport.ort.library import runs_on_cuda
 
 console = Console(stderr=True)
 # Results go to stdout as plain text: no markup parsing (shapes like [batch, seq] and generated text keep
@@ -198,7 +199,7 @@ def pipeline_cmd(
         dtype=dtype,
         threads=threads,
     )
-    resolve_dtype(dtype, device)
+    resolve_dtype(dtype, device, cuda=runs_on_cuda(device))
     from topthetaexport.pipeline import run_pipeline
 
     with _progress() as p:
@@ -271,7 +272,7 @@ def export_cmd(
     dtype: str = DTYPE_OPT,
     device: str = typer.Option("cpu", "--device", help="device the model will run on (picks --dtype auto)"),
 ):
-    resolved = resolve_dtype(dtype, device)
+    resolved = resolve_dtype(dtype, device, cuda=runs_on_cuda(device))
     with output_parents(out):
         from topthetaexport.models import load_model
         from topthetaexport.onnx.exporter import export_onnx

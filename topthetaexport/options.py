@@ -68,15 +68,13 @@ def check_options(**options) -> None:
             raise TypeError(f"check_options: unknown option {name}")
 
 
-def resolve_dtype(dtype: str, device: str) -> str:
-    """The dtype the exported model runs in: ``auto`` is float16 when ``device`` resolves to CUDA, else float32.
+def resolve_dtype(dtype: str, device: str, *, cuda: bool) -> str:
+    """The dtype the exported model runs in: ``auto`` is float16 when the device resolves to CUDA (``cuda``:
+    ``ort.library.runs_on_cuda(device)``), else float32.
 
     bfloat16 on CPU is refused before any work: the op's CPU kernel is registered for float32 and float16 only.
     """
     check_options(dtype=dtype, device=device)
-    from .ort.library import cuda_available
-
-    cuda = device != "cpu" and cuda_available()  # 'cuda' without a CUDA provider falls back to CPU
     if dtype == "auto":
         return "float16" if cuda else "float32"
     if dtype == "bfloat16" and not cuda:

@@ -13,7 +13,7 @@ from ._errors import TopThetaError
 from ._io import staged_files, staged_output_dir, write_json
 from .data import describe_data
 from .options import check_options, resolve_dtype
-from .ort.library import library_info, library_path
+from .ort.library import library_info, library_path, runs_on_cuda
 from .progress import Progress
 
 # Tokenizer files in an output folder: 'run' needs no Hugging Face folder besides OUT/.
@@ -64,7 +64,7 @@ def export(
     from .thresholds import Thresholds
 
     check_options(comp_mode=comp_mode)
-    dtype = resolve_dtype(dtype, device)
+    dtype = resolve_dtype(dtype, device, cuda=runs_on_cuda(device))
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     th = thresholds if isinstance(thresholds, Thresholds) else Thresholds.load(thresholds)
     th.check_compatible(loaded)
@@ -129,7 +129,7 @@ def run_pipeline(
         device=device,
         dtype=dtype,
     )
-    dtype = resolve_dtype(dtype, device)  # bfloat16 on CPU fails here, before any work
+    dtype = resolve_dtype(dtype, device, cuda=runs_on_cuda(device))  # bfloat16 on CPU fails here, before any work
     prog = progress or (lambda stage, message, fraction: None)
     library_path()  # fail early, before minutes of calibration, if the library is missing
     timings: dict[str, float] = {}
