@@ -109,6 +109,8 @@ def summary_table(report: dict) -> Table:
     t = Table(title=f"Top-θ summary: {report.get('model', v.get('model', ''))}", show_lines=False)
     t.add_column("metric")
     t.add_column("value", justify="right")
+    if v.get("dtype"):
+        t.add_row("model runs in", v["dtype"])
     ae = v.get("attention_elements", {})
     if ae:
         t.add_row("attention elements / row (dense)", _fmt(ae.get("dense_per_row"), ".1f"))

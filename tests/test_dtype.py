@@ -3,6 +3,7 @@ reference, greedy-decodes the same tokens, says float16 in inspect and report.js
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -12,12 +13,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tokens
+from rich.console import Console
 
 try:  # installed layout: the CLI lives in topthetaexport.cli
     from topthetaexport.cli.main import main as cli_main
+    from topthetaexport.cli.main import summary_table
 except ImportError:  # running from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from cli.main import main as cli_main
+    from cli.main import summary_table
 
 from topthetaexport._errors import TopThetaError
 from topthetaexport.models import load_model
@@ -90,6 +94,10 @@ def test_report_and_inspect_say_float16(fp16_out, capsys):
     assert report["dtype"] == "float16"
     assert report["validation"]["dtype"] == "float16"
     assert json.loads((out / "report.json").read_text())["dtype"] == "float16"
+    console = Console(record=True, width=120, file=io.StringIO())
+    console.print(summary_table(report))
+    table = console.export_text()
+    assert "model runs in" in table and "float16" in table
     rc = cli_main(["inspect", str(out), "--json"])
     info = json.loads(capsys.readouterr().out)
     assert rc == 0 and info["dtype"] == "float16"

@@ -8,8 +8,9 @@ Parity is judged against the PyTorch Top-θ reference *pinned to onnxruntime's k
 in float64 from the Q and K each node received, which is what the CPU kernel decides) and run in float64: what
 is left is the onnxruntime graph's own float32 rounding. The same pinned run in float32 is reported next to the
 dense float32 floor (both are the two runtimes' float32 rounding added up). Rows where the unpinned PyTorch run
-decides differently are counted as decision flips. Thread counts are pinned (and reported) so that two runs
-give the same numbers.
+decides differently are counted as decision flips. A float16 / bfloat16 graph is compared with the same float32
+PyTorch model, at a tolerance for its own rounding (``PARITY_TOLS``). Thread counts are pinned (and reported)
+so that two runs give the same numbers.
 """
 
 from __future__ import annotations
