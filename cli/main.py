@@ -18,7 +18,8 @@ from rich.table import Table
 from topthetaexport import __version__
 from topthetaexport._errors import TopThetaError
 from topthetaexport._io import check_writable_dir, output_parents, staged_files
-from topthetaexport.options import check_options
+from topthetaexport.options import check_options, resolve_dtype
+from topthetaexport.ort.library import runs_on_cuda
 
 console = Console(stderr=True)
 # Results go to stdout as plain text: no markup parsing (shapes like [batch, seq] and generated text keep
@@ -62,6 +63,13 @@ DEVICE_OPT = typer.Option(
     "cpu", "--device", help="onnxruntime device: cpu, cuda or auto (cuda falls back to cpu with a warning)"
 )
 
+DTYPE_OPT = typer.Option(
+    "auto",
+    "--dtype",
+    help="dtype the exported model runs in: auto (float16 on CUDA, float32 on CPU), float32, float16 or "
+    "bfloat16 (CUDA only); calibration always runs in float32",
+)
+
 
 def _progress() -> Progress:
     # bars only on a terminal: piped or logged stderr gets the errors and warnings, one line each
@@ -101,6 +109,8 @@ def summary_table(report: dict) -> Table:
     t = Table(title=f"Top-θ summary: {report.get('model', v.get('model', ''))}", show_lines=False)
     t.add_column("metric")
     t.add_column("value", justify="right")
+    if v.get("dtype"):
+        t.add_row("model runs in", v["dtype"])
     ae = v.get("attention_elements", {})
     if ae:
         t.add_row("attention elements / row (dense)", _fmt(ae.get("dense_per_row"), ".1f"))
@@ -177,6 +187,7 @@ def pipeline_cmd(
     eval_windows: int = typer.Option(4, "--eval-windows", help="number of held-out windows to validate on"),
     no_validate: bool = typer.Option(False, "--no-validate", help="skip validation"),
     device: str = DEVICE_OPT,
+    dtype: str = DTYPE_OPT,
     threads: int | None = THREADS_OPT,
 ):
     check_options(
@@ -187,8 +198,10 @@ def pipeline_cmd(
         comp_mode=comp_mode,
         eval_windows=eval_windows,
         device=device,
+        dtype=dtype,
         threads=threads,
     )
+    resolve_dtype(dtype, device, cuda=runs_on_cuda(device))
     from topthetaexport.pipeline import run_pipeline
 
     with _progress() as p:
@@ -206,6 +219,7 @@ def pipeline_cmd(
             eval_windows=eval_windows,
             do_validate=not no_validate,
             device=device,
+            dtype=dtype,
             threads=threads,
             progress=bars,
         )
@@ -257,14 +271,23 @@ def export_cmd(
     model: str = typer.Argument(..., help="HF model folder or alias"),
     out: Path = typer.Option(..., "-o", "--out", help="output .onnx file"),
     no_cache: bool = typer.Option(False, "--no-cache", help="decoder LMs: export without KV-cache inputs/outputs"),
+    dtype: str = DTYPE_OPT,
+    device: str = typer.Option("cpu", "--device", help="device the model will run on (picks --dtype auto)"),
 ):
+    resolved = resolve_dtype(dtype, device, cuda=runs_on_cuda(device))
     with output_parents(out):
         from topthetaexport.models import load_model
         from topthetaexport.onnx.exporter import export_onnx
 
         loaded = load_model(model)
         with _progress() as p:
-            path = export_onnx(loaded, out, with_cache=False if no_cache else None, progress=_StageBars(p, ["export"]))
+            path = export_onnx(
+                loaded,
+                out,
+                with_cache=False if no_cache else None,
+                dtype=resolved,
+                progress=_StageBars(p, ["export"]),
+            )
     out_console.print(f"wrote {path}", soft_wrap=True)
 
 

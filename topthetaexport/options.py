@@ -6,6 +6,7 @@ from ._errors import TopThetaError
 
 COMP_MODES = {0: "none", 1: "SDC", 2: "SDC + V-mean"}
 DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 # API name -> (command-line flag, smallest allowed value); values may be ints or lists of ints
 _MINIMUM = {
@@ -57,8 +58,28 @@ def check_options(**options) -> None:
         elif name == "device":
             if value not in DEVICES:
                 raise TopThetaError(f"unknown device {value!r} (--device): use auto, cpu or cuda")
+        elif name == "dtype":
+            if value not in DTYPES:
+                raise TopThetaError(f"unknown dtype {value!r} (--dtype): use auto, float32, float16 or bfloat16")
         elif name == "keep":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
                 raise TopThetaError(f"--keep must be a fraction in (0, 1], got {value!r}: pass e.g. --keep 0.125")
         else:
             raise TypeError(f"check_options: unknown option {name}")
+
+
+def resolve_dtype(dtype: str, device: str, *, cuda: bool) -> str:
+    """The dtype the exported model runs in: ``auto`` is float16 when the device resolves to CUDA (``cuda``:
+    ``ort.library.runs_on_cuda(device)``), else float32.
+
+    bfloat16 on CPU is refused before any work: the op's CPU kernel is registered for float32 and float16 only.
+    """
+    check_options(dtype=dtype, device=device)
+    if dtype == "auto":
+        return "float16" if cuda else "float32"
+    if dtype == "bfloat16" and not cuda:
+        raise TopThetaError(
+            "--dtype bfloat16 needs --device cuda with onnxruntime-gpu and a GPU: TopThetaAttention's CPU kernel "
+            "has only float32 and float16 (custom_ops/src/register.cc); use --dtype float16 or float32 on CPU"
+        )
+    return dtype

@@ -12,8 +12,8 @@ from . import __version__
 from ._errors import TopThetaError
 from ._io import staged_files, staged_output_dir, write_json
 from .data import describe_data
-from .options import check_options
-from .ort.library import library_info, library_path
+from .options import check_options, resolve_dtype
+from .ort.library import library_info, library_path, runs_on_cuda
 from .progress import Progress
 
 # Tokenizer files in an output folder: 'run' needs no Hugging Face folder besides OUT/.
@@ -41,9 +41,19 @@ def save_model_files(loaded, folder: str | os.PathLike) -> None:
 
 
 def export(
-    model, thresholds, out_dir: str | os.PathLike, *, comp_mode: int = 0, progress: Progress | None = None
+    model,
+    thresholds,
+    out_dir: str | os.PathLike,
+    *,
+    comp_mode: int = 0,
+    dtype: str = "auto",
+    device: str = "cpu",
+    progress: Progress | None = None,
 ) -> Path:
     """Export ``model`` to ONNX and rewrite its attention into TopThetaAttention: ``out_dir/model.onnx``.
+
+    ``dtype`` (auto, float32, float16, bfloat16; auto = float16 if ``device`` resolves to CUDA, else
+    float32) is what the graph runs in; a float32 ``model`` is exported from a cast copy and left as it is.
 
     Also saves the thresholds, ``library.json`` and the model's config, tokenizer and generation config
     next to it (all moved into ``out_dir`` together at the end). Returns the model path.
@@ -54,13 +64,14 @@ def export(
     from .thresholds import Thresholds
 
     check_options(comp_mode=comp_mode)
+    dtype = resolve_dtype(dtype, device, cuda=runs_on_cuda(device))
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     th = thresholds if isinstance(thresholds, Thresholds) else Thresholds.load(thresholds)
     th.check_compatible(loaded)
     out_dir = Path(out_dir)
     with staged_files(out_dir) as stage:
         with tempfile.TemporaryDirectory(prefix="toptheta-dense-", dir=stage) as tmp:
-            dense = export_onnx(loaded, Path(tmp) / "dense.onnx", progress=progress)
+            dense = export_onnx(loaded, Path(tmp) / "dense.onnx", dtype=dtype, progress=progress)
             rewrite(dense, th, stage / "model.onnx", comp_mode=comp_mode)
         th.save(stage)
         write_json(stage / "library.json", library_info())
@@ -94,11 +105,17 @@ def run_pipeline(
     decode_steps: int = 16,
     do_validate: bool = True,
     device: str = "cpu",
+    dtype: str = "auto",
     threads: int | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """calibrate → export → rewrite → validate into ``out``; returns the report (also ``out/report.json``)."""
+    """calibrate → export → rewrite → validate into ``out``; returns the report (also ``out/report.json``).
+
+    Calibration runs the model in float32 PyTorch; the export runs in ``dtype`` (see ``export``), from a
+    cast copy of the same loaded model, and validation compares it with the float32 model.
+    """
     from .models import load_model
+    from .onnx.summary import graph_dtype
     from .torch.calibration import calibrate
 
     check_options(
@@ -110,7 +127,9 @@ def run_pipeline(
         eval_windows=eval_windows,
         decode_steps=decode_steps,
         device=device,
+        dtype=dtype,
     )
+    dtype = resolve_dtype(dtype, device, cuda=runs_on_cuda(device))  # bfloat16 on CPU fails here, before any work
     prog = progress or (lambda stage, message, fraction: None)
     library_path()  # fail early, before minutes of calibration, if the library is missing
     timings: dict[str, float] = {}
@@ -139,7 +158,7 @@ def run_pipeline(
         prog("calibrate", "thresholds ready", 1.0)
 
         t = time.perf_counter()
-        export(loaded, th, stage, comp_mode=comp_mode, progress=progress)
+        export(loaded, th, stage, comp_mode=comp_mode, dtype=dtype, device=device, progress=progress)
         timings["export_s"] = time.perf_counter() - t
         prog("export", "model.onnx written", 1.0)
 
@@ -147,6 +166,7 @@ def run_pipeline(
             "toptheta_export_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "model": loaded.name,
+            "dtype": graph_dtype(stage / "model.onnx"),
             "calibration": {
                 "data": describe_data(calib),
                 "k": k,

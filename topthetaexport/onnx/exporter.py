@@ -8,6 +8,8 @@ Graph inputs/outputs are described in docs/graph.md.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import logging
 import os
 import time
@@ -28,6 +30,7 @@ __all__ = ["EXTERNAL_DATA_THRESHOLD", "META_PREFIX", "export_onnx", "input_names
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of parameters above which weights go to model.onnx.data
 _SAMPLE_BATCH, _SAMPLE_SEQ, _SAMPLE_PAST = 2, 5, 3
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # -- graph signature ---------------------------------------------------------------------------------
@@ -205,6 +208,7 @@ def export_onnx(
     with_cache: bool | None = None,
     opset: int = 23,
     batch_dynamic: bool = True,
+    dtype: str | None = None,
     progress: Progress | None = None,
 ) -> Path:
     """Export ``loaded`` (a ``LoadedModel``) densely to ``out_path`` and return the path.
@@ -212,10 +216,18 @@ def export_onnx(
     Decoder LMs get a KV-cache signature (``with_cache`` defaults to True); encoders get
     ``input_ids``/``attention_mask`` -> ``last_hidden_state``. Weights go to ``<name>.data`` when the model
     is larger than 1 GB. The file is written atomically and checked with ``onnx.checker``.
+    ``dtype`` ('float32', 'float16', 'bfloat16'; None = the model's own) is the dtype of the weights, the
+    KV cache and the outputs of the graph: a model in another dtype is exported from a cast copy (the
+    caller's model is left as it is, e.g. float32 for calibration and validation).
     """
     from ..models import load_model
+    from ..options import DTYPES
 
+    if dtype is not None and dtype not in TORCH_DTYPES:
+        raise TopThetaError(f"unknown export dtype {dtype!r}: use one of {', '.join(DTYPES[1:])}")
     loaded = load_model(loaded)
+    if dtype is not None and next(loaded.model.parameters()).dtype != TORCH_DTYPES[dtype]:
+        loaded = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model).to(TORCH_DTYPES[dtype]))
     prog = emitter(progress, "export")
     out_path = Path(out_path)
     if out_path.is_dir() or out_path.suffix != ".onnx":

@@ -13,7 +13,26 @@ import numpy as np
 from .names import DOMAIN, LAYER_META, META_PREFIX, OP_TYPE
 from .rewriter import layer_of, load_onnx
 
-__all__ = ["format_summary", "summarize"]
+__all__ = ["format_summary", "graph_dtype", "summarize"]
+
+# ONNX element types (TensorProto and onnx_ir.DataType share the numbers) -> the names --dtype uses
+_FLOAT_TYPES = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64"}
+
+
+def _dtype_of(elem_types) -> str | None:
+    """The one floating-point type among a graph's inputs/outputs (None: none; 'mixed: a, b' if several)."""
+    found = sorted({_FLOAT_TYPES[int(t)] for t in elem_types if t is not None and int(t) in _FLOAT_TYPES})
+    if not found:
+        return None
+    return found[0] if len(found) == 1 else "mixed: " + ", ".join(found)
+
+
+def graph_dtype(path) -> str | None:
+    """What the model at ``path`` runs in, read from its graph inputs/outputs (weights are not loaded)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return _dtype_of(v.type.tensor_type.elem_type for v in [*graph.input, *graph.output])
 
 
 def _dims(value) -> list:
@@ -93,6 +112,7 @@ def summarize(path) -> dict[str, Any]:
         "ir_version": model.ir_version,
         "opset": dict(model.opset_imports),
         "producer": f"{model.producer_name or ''} {model.producer_version or ''}".strip(),
+        "dtype": _dtype_of(v.dtype for v in [*graph.inputs, *graph.outputs]),
         "inputs": [_io(v) for v in graph.inputs],
         "outputs": [_io(v) for v in graph.outputs],
         "num_nodes": sum(counts.values()),
@@ -164,7 +184,7 @@ def format_summary(s: dict[str, Any], *, max_ops: int = 12) -> str:
     opsets = ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in s["opset"].items())
     lines = [
         f"{s['path']}  ({s['size_bytes'] / 1e6:.1f} MB{', external data' if s['external_data'] else ''})",
-        f"opsets: {opsets}; {s['num_nodes']} nodes",
+        f"opsets: {opsets}; {s['num_nodes']} nodes; runs in {s['dtype'] or 'no floating-point I/O'}",
     ]
     lines.append("inputs:")
     lines += _io_lines(s["inputs"])

@@ -52,6 +52,11 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+def runs_on_cuda(device: str) -> bool:
+    """Whether ``device`` resolves to CUDA in ``providers_for`` ('cuda' without a CUDA provider falls back)."""
+    return device != "cpu" and cuda_available()
+
+
 def providers_for(device: str = "auto") -> list[str]:
     """Execution providers for ``device`` in {'auto', 'cpu', 'cuda'}.
 

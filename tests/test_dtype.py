@@ -1,0 +1,155 @@
+"""--dtype: a float16 export of a tiny llama runs in onnxruntime (CPU, our library) close to the PyTorch Top-θ
+reference, greedy-decodes the same tokens, says float16 in inspect and report.json, and validates."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tokens
+from rich.console import Console
+
+try:  # installed layout: the CLI lives in topthetaexport.cli
+    from topthetaexport.cli.main import main as cli_main
+    from topthetaexport.cli.main import summary_table
+except ImportError:  # running from a source checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from cli.main import main as cli_main
+    from cli.main import summary_table
+
+from topthetaexport._errors import TopThetaError
+from topthetaexport.models import load_model
+from topthetaexport.ort.sessions import OnnxModel
+from topthetaexport.thresholds import Thresholds
+from topthetaexport.torch.attention import attention_mode
+
+SEQ = 48
+STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def fp16_out(tmp_path_factory, tiny_llama) -> tuple[Path, dict[str, Any]]:
+    """One float16 pipeline run (calibrate in float32, export float16, validate) shared by the tests."""
+    from topthetaexport.pipeline import run_pipeline
+
+    out = tmp_path_factory.mktemp("dtype") / "out16"
+    report = run_pipeline(
+        str(tiny_llama),
+        make_tokens(3, SEQ, seed=1),
+        out,
+        k=6,
+        seq_len=SEQ,
+        num_samples=3,
+        dense_layers=1,
+        eval_data=make_tokens(1, SEQ, seed=2),
+        eval_windows=1,
+        decode_steps=4,
+        dtype="float16",
+        threads=1,
+    )
+    return out, report
+
+
+def _torch_toptheta(model: torch.nn.Module, th: Thresholds, ids: torch.Tensor) -> np.ndarray:
+    with torch.no_grad(), attention_mode(model, "toptheta", thresholds=th):
+        return model(input_ids=ids).logits.float().numpy()
+
+
+def test_float16_graph_matches_torch_reference_and_greedy_tokens(fp16_out, tiny_llama):
+    out, _ = fp16_out
+    om = OnnxModel(out, device="cpu", threads=1)
+    assert om.dtype == np.float16 and om.providers == ["CPUExecutionProvider"]
+    th = Thresholds.load(out)
+    loaded = load_model(tiny_llama)  # float32: the reference the thresholds were calibrated on
+    ids = make_tokens(1, 24, seed=3)
+
+    got = om.run(ids.numpy()).output
+    assert got.dtype == np.float16
+    ref = _torch_toptheta(loaded.model, th, ids)
+    rel = float(np.abs(got.astype(np.float32) - ref).max() / np.abs(ref).max())
+    assert rel <= 1e-2, rel
+
+    # greedy through the float16 KV cache vs the float32 PyTorch reference (full recompute each step)
+    tokens = om.generate(ids.numpy(), STEPS)[0].tolist()
+    seq, ref_tokens, margins = ids, [], []
+    for _ in range(STEPS):
+        last = _torch_toptheta(loaded.model, th, seq)[0, -1]
+        top2 = np.sort(last)[-2:]
+        margins.append(float(top2[1] - top2[0]))
+        ref_tokens.append(int(last.argmax()))
+        seq = torch.cat([seq, torch.tensor([[ref_tokens[-1]]])], dim=1)
+    # meaningful only if no step is a near-tie that float16 rounding (~1e-3 here) could flip
+    assert min(margins) > 5e-3, margins
+    assert tokens == ref_tokens
+
+
+def test_report_and_inspect_say_float16(fp16_out, capsys):
+    out, report = fp16_out
+    assert report["dtype"] == "float16"
+    assert report["validation"]["dtype"] == "float16"
+    assert json.loads((out / "report.json").read_text())["dtype"] == "float16"
+    console = Console(record=True, width=120, file=io.StringIO())
+    console.print(summary_table(report))
+    table = console.export_text()
+    assert "model runs in" in table and "float16" in table
+    rc = cli_main(["inspect", str(out), "--json"])
+    info = json.loads(capsys.readouterr().out)
+    assert rc == 0 and info["dtype"] == "float16"
+    types = {v["name"]: v["dtype"] for v in info["inputs"] + info["outputs"]}
+    assert types["logits"] == types["past_key_values.0.key"] == types["present.2.value"] == "float16"
+    assert types["input_ids"] == "int64"
+
+
+def test_validate_accepts_float16_out(fp16_out, tiny_llama):
+    from topthetaexport.eval.validation import validate
+
+    out, _ = fp16_out
+    rep = validate(
+        out, model=str(tiny_llama), data=make_tokens(1, SEQ, seed=4), seq_len=SEQ, num_windows=1, decode_steps=4
+    )
+    par = rep["parity"]
+    assert rep["dtype"] == "float16" and par["tolerance"] == 1e-2
+    assert par["pinned_rows_differing_from_ort"] == 0  # fp64 re-decisions from fp16 Q/K reproduce ORT's
+    assert 1e-4 < par["max_abs_diff_vs_torch_toptheta_pinned"] <= 1e-2  # float16 rounding, not float32's
+    assert par["pass"] and par["operator_pass"]
+    assert rep["decode"]  # decoding fed float16 past through the cache
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--dtype", "float64"], ["unknown dtype 'float64'", "--dtype", "float16"]),
+        (["--dtype", "bfloat16", "--device", "cpu"], ["bfloat16", "CPU kernel", "float16 or float32"]),
+    ],
+)
+@pytest.mark.parametrize("command", ["pipeline", "export"])
+def test_bad_dtype_is_one_line_before_work(tmp_path, capsys, command, args, words):
+    out = tmp_path / ("out" if command == "pipeline" else "dense.onnx")
+    # a model that does not exist: the dtype error must come first, before anything is loaded
+    argv = [command, str(tmp_path / "no-model"), "-o", str(out), *args]
+    if command == "pipeline":
+        argv += ["--calib", "builtin:pydoc"]
+    rc = cli_main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert all(w in err for w in words), err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_api_checks_dtype(tmp_path, tiny_llama):
+    from topthetaexport.onnx.exporter import export_onnx
+    from topthetaexport.pipeline import run_pipeline
+
+    with pytest.raises(TopThetaError, match="--dtype"):
+        run_pipeline(str(tiny_llama), "builtin:pydoc", tmp_path / "o", dtype="half")
+    with pytest.raises(TopThetaError, match="CPU kernel"):
+        run_pipeline(str(tiny_llama), "builtin:pydoc", tmp_path / "o", dtype="bfloat16", device="cpu")
+    with pytest.raises(TopThetaError, match="unknown export dtype"):
+        export_onnx(load_model(tiny_llama), tmp_path / "m.onnx", dtype="fp16")
+    assert not (tmp_path / "o").exists()
