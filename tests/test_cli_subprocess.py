@@ -255,9 +255,10 @@ def test_bench_runs_prefill_and_decode(tmp_path):
     assert len(rows) == 4 and sum("decode" in r for r in rows) == 2
 
 
-def test_bench_dense_reference_equals_toptheta_keeping_everything():
-    """θ = -inf keeps every key: TopThetaAttention must equal the dense reference in both phases (causal
-    bottom-right for the decode row), so the benchmark compares the same attention."""
+def test_bench_dense_references_equal_toptheta_keeping_everything():
+    """θ = -inf keeps every key: TopThetaAttention must equal every dense reference the bench times (ONNX
+    Attention, MultiHeadAttention, GroupQueryAttention) in both phases, so the benchmark compares the same
+    attention (causal bottom-right for the decode row)."""
     import numpy as np
     import onnxruntime as ort
 
@@ -265,19 +266,20 @@ def test_bench_dense_reference_equals_toptheta_keeping_everything():
     from topthetaexport.ort.library import session_options
 
     hq, hkv, d, t = 4, 2, 8, 12
-    m_tt, m_dense = bench._graphs(hq, hkv, d, d**-0.5)
-    s_tt = ort.InferenceSession(m_tt, session_options(), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     k, v = (rng.standard_normal((1, hkv, t, d), dtype=np.float32) for _ in range(2))
+    theta = np.full(hq, -np.inf, np.float32)
     for phase, s in (("prefill", t), ("decode", 1)):
         q = rng.standard_normal((1, hq, s, d), dtype=np.float32)
-        dense = ort.InferenceSession(m_dense[phase], providers=["CPUExecutionProvider"])
-        y_dense = dense.run(None, {"q": q, "k": k, "v": v})[0]
-        y_tt = s_tt.run(
-            ["y"],
-            {"q": q, "k": k, "v": v, "theta": np.full((hq, 1), -np.inf, np.float32), "mask": np.ones((1, t), bool)},
-        )[0]
-        np.testing.assert_allclose(y_tt, y_dense, atol=1e-5, err_msg=phase)
+        models = bench._graphs(hq, hkv, d, d**-0.5, phase)
+        assert set(models) == {"toptheta", bench.DENSE, "mha", "gqa"}
+        outputs = {}
+        for method, model in models.items():
+            sess = ort.InferenceSession(model, session_options(), providers=["CPUExecutionProvider"])
+            y = sess.run(None, bench._feeds(method, q, k, v, theta))[0]
+            outputs[method] = y if y.ndim == 4 else y.reshape(1, s, hq, d).transpose(0, 2, 1, 3)
+        for method, y in outputs.items():
+            np.testing.assert_allclose(outputs["toptheta"], y, atol=1e-5, err_msg=f"{phase}: {method}")
 
 
 # -- bad input: one line on stderr, exit 2, nothing written --------------------------------------------
