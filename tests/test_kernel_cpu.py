@@ -387,7 +387,7 @@ def test_runtime_session_runs_the_op(tmp_path, library):
 # -- NaN (docs/op.md, "NaN"): a NaN score is kept and makes its row NaN; pruned V rows are not read ---------
 
 
-def _torch_ref(f, causal, comp_mode, mask=None):
+def _torch_ref(f, causal, comp_mode, mask=None, scale=None):
     """topthetaexport.torch.reference (PyTorch, float64) on the feeds: (output, kept)."""
     import torch
 
@@ -401,6 +401,7 @@ def _torch_ref(f, causal, comp_mode, mask=None):
         t(f["key"]),
         t(f["value"]),
         torch.from_numpy(f["thresholds"]),
+        scale=scale,
         causal=bool(causal),
         attn_mask=None if mask is None else torch.from_numpy(mask),
         past_key=t(f["past_key"]),
@@ -568,10 +569,6 @@ def _fuzz_case(seed):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("seed", range(16))
 def test_fuzz_decisions_equal_float64_reference(seed, isa, monkeypatch):
-    import torch
-
-    from topthetaexport.torch import reference
-
     monkeypatch.setenv("TOPTHETA_CPU_ISA", isa)
     f, mask, attrs, ties = _fuzz_case(seed)
     mask_type = None if mask is None else str(mask.dtype)
@@ -582,25 +579,9 @@ def test_fuzz_decisions_equal_float64_reference(seed, isa, monkeypatch):
         attn_mask=mask,
     )
 
-    def t(x):
-        return None if x is None else torch.from_numpy(np.asarray(x, np.float64))
-
-    want, want_kept = reference.toptheta_attention(
-        t(f["query"]),
-        t(f["key"]),
-        t(f["value"]),
-        torch.from_numpy(f["thresholds"]),
-        scale=attrs["scale"] or None,
-        causal=bool(attrs["causal"]),
-        attn_mask=None if mask is None else torch.from_numpy(mask),
-        past_key=t(f["past_key"]),
-        past_value=t(f["past_value"]),
-        sdc=t(f["sdc"]),
-        comp_mode=comp_mode,
-        return_kept=True,
-    )
-    np.testing.assert_array_equal(got["kept"], want_kept.numpy())
-    assert np.abs(got["output"] - want.numpy()).max() <= F32_TOL
+    want, want_kept = _torch_ref(f, attrs["causal"], comp_mode, mask, scale=attrs["scale"] or None)
+    np.testing.assert_array_equal(got["kept"], want_kept)
+    assert np.abs(got["output"] - want).max() <= F32_TOL
 
     # The case has teeth: θ sits on (ties) or within fp32 rounding of scores, where a plain fp32 comparison errs.
     _, _, scores = S.reference(
