@@ -7,7 +7,7 @@
 #   .whl/*.whl                     pytest and its dependencies, used only if pytest is missing
 #   onnxruntime-gpu: /root/ortgpu already installed, or the wheel's parts in /root/ortgpu-parts/part.*
 #                    plus the last part(s) in .ortgpu/p*/part.* (sha256 in ORTGPU_SHA256)
-# Usage: bash bench/gpu_session.sh [STEPS] [bench args...]   STEPS: comma list of tests, ktests, bench,
+# Usage: bash bench/gpu_session.sh [STEPS] [bench args...]   STEPS: comma list of tests, ktests, sanitize, bench,
 #        profile, ortwall (bench/ort_session_wall.py), b1ncu (ncu durations of B=1 decode kernels),
 #        realqkv (bench/real_qkv_bench.py on .gpubuild/smollm2_qkv.pt)
 #        (default tests,bench; "all" = tests,bench; "ktests" = the kernel tests only, no onnxruntime-gpu needed)
@@ -71,6 +71,15 @@ if has ktests; then
   timeout ${KTEST_TIMEOUT:-200} python3 -m pytest tests/test_cuda.py -q -rfEs -p no:cacheprovider --maxfail=12 \
     -k "not onnxruntime and not exported" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest-kernels.log"
   rc_tests=${PIPESTATUS[0]}
+fi
+if has sanitize; then  # compute-sanitizer memcheck and racecheck on the decode kernel tests (no onnxruntime needed)
+  CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  for tool in memcheck racecheck; do
+    timeout ${SANITIZE_TIMEOUT:-150} "$CS" --tool $tool --error-exitcode 9 --target-processes all \
+      python3 -m pytest tests/test_cuda.py -q -x -p no:cacheprovider -k "${SANITIZE_K:-decode}" 2>&1 \
+      | grep -vE "^\s*$" | tail -25 | tee "$OUT/sanitize-$tool.log"
+    echo "$tool rc=${PIPESTATUS[0]}" | tee -a "$OUT/sanitize-$tool.log"
+  done
 fi
 if has bench; then
   timeout ${BENCH_TIMEOUT:-320} python3 bench/attention_bench.py --library "$LIB" --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
