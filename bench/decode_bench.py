@@ -1,0 +1,280 @@
+"""Decode at the memory limit: Top-θ decode kernel vs torch SDPA and onnxruntime GroupQueryAttention (issue 16).
+
+One query token per batch row against a K/V cache of L keys, fp16, for GQA 32/8 and 12/2 (Qwen2.5-1.5B) with
+head dim 128, B = 1, 8, 16 and L = 16k .. 128k. θ per head is set on random q/k so that the union over each GQA
+group reads 1/3 or 7% of the V rows (``theta = "random"``).
+
+Bytes moved per call (the floor): dense reads all K and V; Top-θ reads all K plus the kept V rows; both read
+Q and write the output. ``achieved_GBps`` = Top-θ floor / Top-θ time; ``copy_GBps`` is an event-timed
+device-to-device copy of 2 GiB launched plainly (not inside a CUDA graph), the median of 20, measured in the
+same run. Timing of SDPA and our kernel: CUDA graphs of several calls replayed between events; onnxruntime:
+CUPTI busy time (attention_bench.time_kernels). Inputs rotate over enough copies to exceed the L2.
+
+Usage: python bench/decode_bench.py --library LIB --out DIR [--quick]
+Writes DIR/decode.json (a list of rows with the keys of issue 16) and DIR/decode.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention_bench import Ort, kernel_note, n_sets, time_graph, time_kernels  # noqa: E402
+from toptheta_cuda import Kernels  # noqa: E402
+
+DT = torch.float16
+D = 128
+CONFIGS = [(32, 8), (12, 2)]
+
+
+def copy_ceiling() -> float:
+    """GB/s (read + write) of a plain event-timed 2 GiB device copy, median of 20."""
+    x = torch.empty(2**31, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(20):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        y.copy_(x)
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3)
+    return 2 * 2**31 / statistics.median(ts) / 1e9
+
+
+def scores(q, k, hkv):
+    """scale * q k^T: [B, Hq, L] fp32."""
+    b, hq = q.shape[0], q.shape[1]
+    qg = q.float().view(b, hkv, hq // hkv, D)
+    return (torch.einsum("bgjd,bgld->bgjl", qg, k.float()) / math.sqrt(D)).reshape(b, hq, -1)
+
+
+def theta_for_keep(s, keep):
+    hq = s.shape[1]
+    flat = s.transpose(0, 1).reshape(hq, -1)
+    if flat.shape[1] > 2**22:
+        flat = flat[:, torch.randperm(flat.shape[1], device=flat.device)[: 2**22]]
+    return torch.quantile(flat, 1 - keep, dim=1)[:, None].contiguous()
+
+
+def v_fraction(s, th, hkv):
+    kept = s >= th[None]
+    b, hq, L = kept.shape
+    return float(kept.view(b, hkv, hq // hkv, L).any(2).float().mean())
+
+
+def theta_for_vrows(s, target, hkv):
+    lo, hi = 1e-5, target
+    for _ in range(16):
+        mid = (lo + hi) / 2
+        if v_fraction(s, theta_for_keep(s, mid), hkv) > target:
+            hi = mid
+        else:
+            lo = mid
+    return theta_for_keep(s, lo)
+
+
+def gqa_model(hq, hkv):
+    from onnx import TensorProto, helper
+
+    f16 = TensorProto.FLOAT16
+    ins = [
+        helper.make_tensor_value_info("query", f16, ["b", "s", hq * D]),
+        helper.make_tensor_value_info("key", f16, ["b", "s", hkv * D]),
+        helper.make_tensor_value_info("value", f16, ["b", "s", hkv * D]),
+        helper.make_tensor_value_info("past_key", f16, ["b", hkv, "m", D]),
+        helper.make_tensor_value_info("past_value", f16, ["b", hkv, "m", D]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["b"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [1]),
+    ]
+    outs = [
+        helper.make_tensor_value_info("output", f16, ["b", "s", hq * D]),
+        helper.make_tensor_value_info("present_key", f16, ["b", hkv, "t", D]),
+        helper.make_tensor_value_info("present_value", f16, ["b", hkv, "t", D]),
+    ]
+    node = helper.make_node(
+        "GroupQueryAttention",
+        [i.name for i in ins],
+        [o.name for o in outs],
+        domain="com.microsoft",
+        num_heads=hq,
+        kv_num_heads=hkv,
+    )
+    g = helper.make_graph([node], "gqa", ins, outs)
+    return helper.make_model(
+        g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], ir_version=10
+    )
+
+
+def gqa_time(ort, sets, hq, hkv):
+    """CUPTI busy time per call of GQA decode with past/present sharing one buffer (L-1 cached + 1 new)."""
+    sess = ort.session(gqa_model(hq, hkv), custom=False)
+    binds = []
+    for q, k, v in sets:
+        b, _, L, _ = k.shape
+        kn = k[:, :, L - 1 :].transpose(1, 2).reshape(b, 1, hkv * D).contiguous()
+        vn = v[:, :, L - 1 :].transpose(1, 2).reshape(b, 1, hkv * D).contiguous()
+        o = torch.empty(b, 1, hq * D, device="cuda", dtype=DT)
+        seq = torch.full((b,), L - 1, device="cuda", dtype=torch.int32)
+        ins = {"query": q.reshape(b, 1, hq * D), "key": kn, "value": vn, "past_key": k, "past_value": v}
+        ins["seqlens_k"] = seq
+        binds.append(
+            (
+                Ort.bind(
+                    sess,
+                    ins,
+                    {"output": o, "present_key": k, "present_value": v},
+                    {"total_sequence_length": np.array([L], np.int32)},
+                ),
+                (kn, vn, o, seq),
+            )
+        )
+    t, names = time_kernels(lambda i: sess.run_with_iobinding(binds[i][0]), len(sets))
+    return t, names
+
+
+def bench(kern, ort, hq, hkv, B, L, quick):
+    g = torch.Generator(device="cuda").manual_seed(B * 1000003 + L + hq)
+    kv_bytes = 2 * B * hkv * L * D * 2
+    ns = n_sets(kv_bytes)
+    sets = [
+        (
+            torch.randn(B, hq, 1, D, device="cuda", generator=g, dtype=DT),
+            torch.randn(B, hkv, L, D, device="cuda", generator=g, dtype=DT),
+            torch.randn(B, hkv, L, D, device="cuda", generator=g, dtype=DT),
+        )
+        for _ in range(ns)
+    ]
+    out = torch.empty(B, hq, 1, D, device="cuda", dtype=DT)
+    kept = torch.empty(B, hq, 1, device="cuda", dtype=torch.int32)
+    s0 = scores(sets[0][0], sets[0][1], hkv)
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa(i):
+        q, k, v = sets[i]
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    t_sdpa = time_graph(sdpa, ns)
+    t_gqa, gqa_names = (float("nan"), {})
+    if ort is not None and ort.ok:
+        t_gqa, gqa_names = gqa_time(ort, sets, hq, hkv)
+    dense_floor = 2 * B * hkv * L * D * 2 + 2 * B * hq * D * 2
+    rows = []
+    for target in (1 / 3,) if quick else (1 / 3, 0.07):
+        th = theta_for_vrows(s0, target, hkv)
+        kern.attention(*sets[0], th, causal=True, out=out, kept=kept)
+        torch.cuda.synchronize()
+        fv = v_fraction(s0, th, hkv)
+        t = time_graph(lambda i, th=th: kern.attention(*sets[i], th, causal=True, out=out, kept=kept), ns)
+        floor = B * hkv * L * D * 2 * (1 + fv) + 2 * B * hq * D * 2
+        rows.append(
+            dict(
+                B=B,
+                L=L,
+                hq=hq,
+                hkv=hkv,
+                d=D,
+                theta="random",
+                v_rows_fraction=fv,
+                k_bytes_fraction=1.0,
+                toptheta_us=t * 1e6,
+                sdpa_us=t_sdpa * 1e6,
+                gqa_us=t_gqa * 1e6,
+                copy_GBps=None,  # filled in by main
+                achieved_GBps=floor / t / 1e9,
+                dense_floor_us=None,
+                vs_gqa=t_gqa / t,
+                vs_sdpa=t_sdpa / t,
+                ceiling=dense_floor / floor,
+                splits=kern.last_splits,
+                gqa_kernels=kernel_note(gqa_names),
+            )
+        )
+    sets.clear()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def fmt(rows):
+    head = "| hq/hkv | B | L | V rows | Top-θ µs | SDPA µs | GQA µs | vs GQA | vs SDPA | ceiling | GB/s | % of copy |"
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        lines.append(
+            f"| {r['hq']}/{r['hkv']} | {r['B']} | {r['L'] // 1024}k | {r['v_rows_fraction']:.3f} | "
+            f"{r['toptheta_us']:.1f} | {r['sdpa_us']:.1f} | {r['gqa_us']:.1f} | {r['vs_gqa']:.2f}x | "
+            f"{r['vs_sdpa']:.2f}x | {r['ceiling']:.2f}x | {r['achieved_GBps']:.0f} | "
+            f"{100 * r['achieved_GBps'] / r['copy_GBps']:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--library", required=True)
+    ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--quick", action="store_true", help="B 1 and 8 at 16k/32k, V rows 1/3 only")
+    args = ap.parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kern = Kernels(args.library)
+    if not kern.available:
+        sys.exit(f"{args.library} has no CUDA kernels")
+    try:
+        ort = Ort(args.library)
+    except Exception as e:
+        print("onnxruntime unavailable:", e)
+        ort = None
+    t0 = time.time()
+    copy = copy_ceiling()
+    info = {
+        "device": torch.cuda.get_device_properties(0).name,
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "onnxruntime": getattr(ort, "version", None),
+        "copy_GBps": copy,
+    }
+    print(json.dumps(info), flush=True)
+    shapes = [(B, L) for B in (1, 8, 16) for L in (16384, 32768, 65536, 131072)]
+    if args.quick:
+        shapes = [(B, L) for B in (1, 8) for L in (16384, 32768)]
+    rows = []
+    for hq, hkv in CONFIGS:
+        for B, L in shapes:
+            if B * hkv * L * D * 2 * 2 > 24 * 2**30:  # the cache of one input set
+                continue
+            new = bench(kern, ort, hq, hkv, B, L, args.quick)
+            for r in new:
+                r["copy_GBps"] = copy
+                r["dense_floor_us"] = (2 * B * hkv * L * D * 2) / (copy * 1e9) * 1e6
+            rows += new
+            print(fmt(new).split("\n", 2)[-1], flush=True)
+    info["seconds"] = time.time() - t0
+    (out_dir / "decode.json").write_text(json.dumps(rows, indent=1))
+    md = [
+        f"Device: {info['device']}, {info['date']}; torch {info['torch']}, onnxruntime {info['onnxruntime']}; "
+        f"copy ceiling (plain launch, event-timed, 2 GiB) {copy:.0f} GB/s; {info['seconds']:.0f} s",
+        "",
+        fmt(rows),
+        "",
+    ]
+    (out_dir / "decode.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
