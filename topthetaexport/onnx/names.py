@@ -35,6 +35,10 @@ PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
 PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 KV_KINDS = ("key", "value")
+PAST_SEQUENCE_LENGTH = "past_sequence_length"  # shared-buffer KV cache: int32 [batch], valid rows per batch row
+MAX_SEQUENCE = "max_sequence"  # shared-buffer KV cache: the symbolic capacity dimension of the buffers
+KV_CACHE_META = META_PREFIX + "kv_cache"  # "concat" | "shared" (docs/graph.md)
+KV_CACHE_FORMS = ("concat", "shared")
 
 
 def past_name(layer: int, kind: str) -> str:
