@@ -31,10 +31,7 @@ _CONCAT_FIX = "keep the concat form (kv_cache='concat', --kv-cache concat)"
 
 def kv_cache_form(graph: ir.Graph) -> str | None:
     """``shared`` (a ``past_sequence_length`` input), ``concat`` (``past_key_values.*`` inputs) or None (no cache)."""
-    inputs = {v.name for v in graph.inputs}
-    if names.PAST_SEQUENCE_LENGTH in inputs:
-        return "shared"
-    return "concat" if any(names.PAST_RE.match(n or "") for n in inputs) else None
+    return names.kv_cache_form(v.name for v in graph.inputs)
 
 
 @dataclass
