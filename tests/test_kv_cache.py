@@ -8,6 +8,7 @@ of the concat form, and never reallocates its buffers.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +224,28 @@ def test_rewrite_refuses_shared_without_cache_or_key_padding_mask(rewritten, tmp
     assert graph_kv_cache(tmp_path / "plain.onnx") is None
     assert "toptheta.kv_cache" not in {p.key for p in onnx.load(str(tmp_path / "plain.onnx")).metadata_props}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nocache", "plain.onnx"]  # nothing half-written
+
+
+def test_cli_rewrite_and_inspect_name_the_form(rewritten, tmp_path, capsys):
+    try:  # installed layout: the CLI lives in topthetaexport.cli
+        from topthetaexport.cli.main import main as cli_main
+    except ImportError:  # running from a source checkout without installing
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from cli.main import main as cli_main
+
+    rw = rewritten("gpt2")
+    rw.thresholds.save(tmp_path / "th")
+    out = tmp_path / "m.onnx"
+    args = ["rewrite", rw.dense, "--thresholds", tmp_path / "th", "-o", out, "--kv-cache", "shared"]
+    assert cli_main([str(a) for a in args]) == 0
+    assert "(shared KV cache); wrote" in capsys.readouterr().out
+    assert graph_kv_cache(out) == "shared"
+    assert cli_main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "KV cache: shared" in text and "past_sequence_length: int32 [batch]" in text
+    assert "past_key_values.{0..2}.key: float [batch, 4, max_sequence, 16]" in text
+    assert cli_main(["rewrite", str(rw.dense), "--thresholds", str(tmp_path / "th"), "-o", str(out)]) == 0
+    assert "(concat KV cache)" in capsys.readouterr().out and graph_kv_cache(out) == "concat"  # CPU: auto = concat
 
 
 def test_resolve_kv_cache():
