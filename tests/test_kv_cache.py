@@ -356,6 +356,12 @@ def test_shared_cache_errors_and_past_arrays(rewritten):
     got = shared.run(nxt, mask2, a.present)
     np.testing.assert_allclose(got.output, want.output, rtol=RTOL, atol=ATOL)
     assert got.cache.capacity == 8 and got.cache.lengths.tolist() == [8, 8]
+    # reset: the same buffers serve a new prefill, whose stale rows past the new length are never read
+    cache, ptrs = got.cache, got.cache.data_ptrs()
+    cache.reset()
+    again = shared.run(ids, mask, cache)
+    np.testing.assert_allclose(again.output, a.output, rtol=RTOL, atol=ATOL)
+    assert cache.data_ptrs() == ptrs and cache.lengths.tolist() == [6, 6]
 
 
 def test_exposed_kept_and_attention_io_match_the_concat_form(rewritten):
@@ -401,3 +407,31 @@ def test_validate_a_shared_graph_gives_the_concat_numbers(rewritten, tmp_path, t
         assert b["decode"][key] == pytest.approx(a["decode"][key]), key
     assert b["decode"]["max_abs_diff_decode_vs_prefill"] <= 1e-4
     assert b["perplexity"]["toptheta_onnx"] == pytest.approx(a["perplexity"]["toptheta_onnx"], rel=1e-6)
+
+
+def test_smollm2_shared_form_generates_like_the_concat_form(smollm2, tmp_path):
+    """The real SmolLM2-135M (30 layers, GQA 9/3 heads), calibrated thresholds: a left-padded batch of two prompts
+    decodes to the same tokens and logits in both KV-cache forms."""
+    from topthetaexport.torch.calibration import calibrate
+
+    th = calibrate(smollm2, "builtin:pydoc", k=16, seq_len=64, num_samples=2, dense_layers=2)
+    dense = export_onnx(smollm2, tmp_path / "dense.onnx")
+    rewrite(dense, th, tmp_path / "concat.onnx")
+    rewrite(dense, th, tmp_path / "shared.onnx", kv_cache="shared")
+    tok = smollm2.tokenizer
+    rows = [tok(t)["input_ids"] for t in ("def fibonacci(n):", "The quick brown fox jumps over the")]
+    width = max(len(r) for r in rows)
+    ids = np.full((2, width), tok.eos_token_id or 0, np.int64)
+    mask = np.zeros((2, width), np.int64)
+    for b, r in enumerate(rows):  # left padding
+        ids[b, width - len(r) :], mask[b, width - len(r) :] = r, 1
+    concat, shared = OnnxModel(tmp_path / "concat.onnx"), OnnxModel(tmp_path / "shared.onnx")
+    logits: dict[str, list[np.ndarray]] = {"concat": [], "shared": []}
+    got = {
+        form: om.generate(ids, STEPS, attention_mask=mask, on_step=lambda s, form=form: logits[form].append(s.output))
+        for form, om in (("concat", concat), ("shared", shared))
+    }
+    np.testing.assert_array_equal(got["shared"], got["concat"])
+    assert len(logits["shared"]) == STEPS
+    for a, b in zip(logits["concat"], logits["shared"]):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)

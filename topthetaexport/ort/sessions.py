@@ -107,6 +107,12 @@ class KvCache:
     def capacity(self) -> int:
         return int(self.mask.shape[1])
 
+    def reset(self) -> None:
+        """Empty the cache for a new batch of sequences, keeping its buffers (and their addresses): rows at or past
+        ``lengths`` are never read, so the old contents need no clearing."""
+        self.lengths[:] = 0
+        self.mask[:] = 0
+
     def valid(self) -> list[np.ndarray]:
         """Views of rows ``[0, max(lengths))`` of every buffer (CPU caches; no copy)."""
         if self.arrays is None:
