@@ -145,7 +145,7 @@ def _embed(om, ids: np.ndarray, batch: int = 8) -> tuple[np.ndarray, dict[int, n
 # -- the run ---------------------------------------------------------------------------------------------
 
 
-def _open(model_path: Path, v: Variant, dense_layers, device: str, threads, max_length: int):
+def _open(model_path: Path, v: Variant, dense_layers, device: str, threads, max_length: int | None = None):
     from ..onnx.variants import write_variant
     from ..ort.sessions import OnnxModel
 
