@@ -191,16 +191,21 @@ def test_pass_refuses_other_readers_of_the_cache(rewritten, op, attrs, allowed):
     assert_one_line_error(ei, f"node 'extra' ({op}) reads past_key_values.1.key", "--kv-cache concat")
 
 
-def test_pass_refuses_other_readers_of_the_mask(rewritten):
+@pytest.mark.parametrize("attrs,allowed", [({}, False), ({"start": 1}, False), ({"end": 1}, True)])
+def test_pass_refuses_other_readers_of_the_mask(rewritten, attrs, allowed):
+    """Shape(attention_mask) is its length, which becomes the buffer's, except Shape(...)[0:1], the batch size."""
     model = ir.load(rewritten("gpt2").concat)
     am = next(v for v in model.graph.inputs if v.name == names.ATTENTION_MASK)
-    node = ir.Node("", "Shape", [am], num_outputs=1, name="mask_len")
+    node = ir.Node("", "Shape", [am], attributes=ir.convenience.convert_attributes(attrs), num_outputs=1, name="m")
     node.outputs[0].name = "mask_len_out"
     model.graph.append(node)
     model.graph.outputs.append(node.outputs[0])
+    if allowed:
+        assert ShareKvBuffer()(model).modified and node.inputs[0] is am
+        return
     with pytest.raises(TopThetaError) as ei:
         ShareKvBuffer()(model)
-    assert_one_line_error(ei, "node 'mask_len' (Shape) reads attention_mask", "spans the whole buffer")
+    assert_one_line_error(ei, "node 'm' (Shape) reads attention_mask", "spans the whole buffer")
 
 
 def test_rewrite_refuses_shared_without_cache_or_key_padding_mask(rewritten, tmp_path):
