@@ -31,6 +31,10 @@ class _AttnParams(ctypes.Structure):
         *[(n, ctypes.c_int64) for n in ("mask_sb", "mask_sh", "mask_sq")],
         ("out", ctypes.c_void_p),
         ("kept", ctypes.c_void_p),
+        ("past_lens", ctypes.c_void_p),  # int32 [B] or [1] (device), null: the concat form
+        ("past_lens_sb", ctypes.c_int64),
+        ("kv_capacity", ctypes.c_int64),
+        ("Sk", ctypes.c_int64),
     ]
 
 
@@ -153,6 +157,8 @@ class Kernels:
             sdc=rho.data_ptr() if rho is not None else None,
             out=out.data_ptr(),
             kept=kept.data_ptr() if want_kept else None,
+            kv_capacity=Ktot,
+            Sk=Ktot,
         )
         mask = None
         if attn_mask is not None:

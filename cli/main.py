@@ -18,7 +18,7 @@ from rich.table import Table
 from topthetaexport import __version__
 from topthetaexport._errors import TopThetaError
 from topthetaexport._io import check_writable_dir, output_parents, staged_files
-from topthetaexport.options import check_options, resolve_dtype
+from topthetaexport.options import check_options, resolve_dtype, resolve_kv_cache
 from topthetaexport.ort.library import runs_on_cuda
 
 console = Console(stderr=True)
@@ -68,6 +68,14 @@ DTYPE_OPT = typer.Option(
     "--dtype",
     help="dtype the exported model runs in: auto (float16 on CUDA, float32 on CPU), float32, float16 or "
     "bfloat16 (CUDA only); calibration always runs in float32",
+)
+
+KV_CACHE_OPT = typer.Option(
+    "auto",
+    "--kv-cache",
+    help="KV-cache form of the graph: auto (shared on CUDA, concat on CPU), concat (the graph concatenates past "
+    "and new K/V each step) or shared (one preallocated buffer per layer and kind, written in place; "
+    "docs/graph.md)",
 )
 
 
@@ -188,6 +196,7 @@ def pipeline_cmd(
     no_validate: bool = typer.Option(False, "--no-validate", help="skip validation"),
     device: str = DEVICE_OPT,
     dtype: str = DTYPE_OPT,
+    kv_cache: str = KV_CACHE_OPT,
     threads: int | None = THREADS_OPT,
 ):
     check_options(
@@ -199,6 +208,7 @@ def pipeline_cmd(
         eval_windows=eval_windows,
         device=device,
         dtype=dtype,
+        kv_cache=kv_cache,
         threads=threads,
     )
     resolve_dtype(dtype, device, cuda=runs_on_cuda(device))
@@ -220,6 +230,7 @@ def pipeline_cmd(
             do_validate=not no_validate,
             device=device,
             dtype=dtype,
+            kv_cache=kv_cache,
             threads=threads,
             progress=bars,
         )
@@ -291,22 +302,38 @@ def export_cmd(
     out_console.print(f"wrote {path}", soft_wrap=True)
 
 
+def _dense_has_cache(path: Path) -> bool:
+    """Whether the dense export at ``path`` has KV-cache inputs (False when unreadable: rewrite says why)."""
+    from topthetaexport.onnx.summary import graph_kv_cache
+
+    try:
+        return graph_kv_cache(path) is not None
+    except Exception:  # noqa: BLE001 - a missing or corrupt file is rewrite's one-line error
+        return False
+
+
 @app.command("rewrite", help="Replace every attention block of a dense export by TopThetaAttention.")
 def rewrite_cmd(
     dense: Path = typer.Argument(..., help="dense ONNX file from 'export'"),
     thresholds: Path = typer.Option(..., "--thresholds", help="folder or .safetensors from 'calibrate'"),
     out: Path = typer.Option(..., "-o", "--out", help="output .onnx file"),
     comp_mode: int = COMP_OPT,
+    kv_cache: str = KV_CACHE_OPT,
+    device: str = typer.Option("cpu", "--device", help="device the model will run on (picks --kv-cache auto)"),
 ):
-    check_options(comp_mode=comp_mode)
+    check_options(comp_mode=comp_mode, kv_cache=kv_cache, device=device)
+    if kv_cache == "auto":  # an explicit shared for a graph without a cache is refused by rewrite itself
+        cuda = runs_on_cuda(device)
+        kv_cache = resolve_kv_cache(kv_cache, device, cuda=cuda, has_cache=cuda and _dense_has_cache(dense))
     with output_parents(out):
         from topthetaexport.onnx.rewriter import rewrite
         from topthetaexport.thresholds import Thresholds
 
         th = Thresholds.load(thresholds)
-        rep = rewrite(dense, th, out, comp_mode=comp_mode)
+        rep = rewrite(dense, th, out, comp_mode=comp_mode, kv_cache=kv_cache)
     n = len(rep.get("layers", []))
-    out_console.print(f"rewrote {n} attention blocks into TopThetaAttention; wrote {out}", soft_wrap=True)
+    form = f" ({rep['kv_cache']} KV cache)" if rep.get("kv_cache") else ""
+    out_console.print(f"rewrote {n} attention blocks into TopThetaAttention{form}; wrote {out}", soft_wrap=True)
 
 
 @app.command(

@@ -20,7 +20,7 @@ _ONNX_TYPES = {
     "bool": TensorProto.BOOL,
 }
 
-INPUTS = ("query", "key", "value", "thresholds", "attn_mask", "past_key", "past_value", "sdc")
+INPUTS = ("query", "key", "value", "thresholds", "attn_mask", "past_key", "past_value", "sdc", "past_sequence_length")
 OUTPUTS = ("output", "present_key", "present_value", "kept")
 
 
@@ -32,6 +32,7 @@ def make_model(
     sdc: bool = False,
     present: bool = False,
     kept: bool = True,
+    past_lens: bool = False,
     **attrs,
 ) -> onnx.ModelProto:
     """A model with one TopThetaAttention node. Inputs/outputs carry no shapes, so one model serves any
@@ -39,7 +40,8 @@ def make_model(
 
     ``mask``: None, 'bool', 'float32' or 'float16' (type of input 4). ``attrs``: node attributes
     (scale, causal, num_heads, num_kv_heads, comp_mode). Omitted optional inputs/outputs that sit
-    before a used one are passed as '' (the ONNX convention).
+    before a used one are passed as '' (the ONNX convention). ``past_lens``: input 8
+    ``past_sequence_length`` (int32), the shared-buffer KV-cache form (with ``past`` and ``present``).
     """
     t = _ONNX_TYPES[dtype]
 
@@ -59,6 +61,8 @@ def make_model(
         used_in["past_value"] = vi("past_value", t)
     if sdc:
         used_in["sdc"] = vi("sdc", TensorProto.FLOAT)
+    if past_lens:
+        used_in["past_sequence_length"] = vi("past_sequence_length", TensorProto.INT32)
     used_out = {"output": vi("output", t)}
     if present:
         used_out["present_key"] = vi("present_key", t)
@@ -127,17 +131,51 @@ def _valid_and_additive(mask, b, h, Sq, Ktot):
     return valid, np.where(valid, a, 0.0)
 
 
+def key_lens(B, Ktot, past_lens=None, Sk=None):
+    """Keys of each batch row, Ktot_b: P_b + Sk in the shared form (``past_lens`` [B] or [1]), else Ktot."""
+    if past_lens is None:
+        return np.full(B, Ktot, np.int64)
+    return np.broadcast_to(np.asarray(past_lens, np.int64).reshape(-1), (B,)) + Sk
+
+
 def reference(
-    q, k, v, thresholds, mask=None, past_key=None, past_value=None, sdc=None, *, scale=0.0, causal=0, comp_mode=0
+    q,
+    k,
+    v,
+    thresholds,
+    mask=None,
+    past_key=None,
+    past_value=None,
+    sdc=None,
+    *,
+    scale=0.0,
+    causal=0,
+    comp_mode=0,
+    past_lens=None,
 ):
     """float64 TopThetaAttention: returns (output, kept, scores) with scores [B, Hq, Sq, Ktot]
-    (NaN where the key is not valid), for tests that need to know how close scores are to θ."""
+    (NaN where the key is not valid), for tests that need to know how close scores are to θ.
+
+    ``past_lens`` ([B] or [1]): the shared-buffer form; past_key/past_value are then the [B, Hkv, M, *]
+    buffers, batch row b attends over their first P_b rows followed by k/v, the mask is [B, M] (or 4-D
+    with M keys) and scores are [B, Hq, Sq, M]."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    if past_key is not None:
-        k = np.concatenate([np.asarray(past_key, np.float64), k], axis=2)
-        v = np.concatenate([np.asarray(past_value, np.float64), v], axis=2)
     B, Hq, Sq, D = q.shape
-    Hkv, Ktot, Dv = k.shape[1], k.shape[2], v.shape[3]
+    Sk = k.shape[2]
+    if past_lens is not None:
+        Ktot = past_key.shape[2]  # M
+        lens = key_lens(B, Ktot, past_lens, Sk)
+        pk, pv = np.asarray(past_key, np.float64), np.asarray(past_value, np.float64)
+        keys = [np.concatenate([pk[b, :, : lens[b] - Sk], k[b]], axis=1) for b in range(B)]
+        vals = [np.concatenate([pv[b, :, : lens[b] - Sk], v[b]], axis=1) for b in range(B)]
+    else:
+        if past_key is not None:
+            k = np.concatenate([np.asarray(past_key, np.float64), k], axis=2)
+            v = np.concatenate([np.asarray(past_value, np.float64), v], axis=2)
+        Ktot = k.shape[2]
+        lens = key_lens(B, Ktot)
+        keys, vals = list(k), list(v)
+    Hkv, Dv = k.shape[1], v.shape[3]
     R = thresholds.shape[1]
     scale = scale or 1.0 / np.sqrt(D)
     th = np.asarray(thresholds, np.float64)
@@ -146,48 +184,52 @@ def reference(
     kept = np.zeros((B, Hq, Sq), np.int32)
     scores = np.full((B, Hq, Sq, Ktot), np.nan)
     for b in range(B):
+        Kb = int(lens[b])
         for h in range(Hq):
             g = h // (Hq // Hkv)
             valid, add = _valid_and_additive(mask, b, h, Sq, Ktot)
-            s_all = scale * (q[b, h] @ k[b, g].T) + add
+            valid, add = valid[:, :Kb], add[:, :Kb]
+            s_all = scale * (q[b, h] @ keys[b][g].T) + add
             for i in range(Sq):
-                r = Ktot - Sq + i
+                r = Kb - Sq + i
                 rr = min(r, R - 1)
                 theta = th[h, rr]
                 ok = valid[i].copy()
                 if causal:
                     ok[r + 1 :] = False
                 s = s_all[i]
-                scores[b, h, i, ok] = s[ok]
+                scores[b, h, i, :Kb][ok] = s[ok]
                 keep = ok & (s >= theta)
                 n_valid, n_kept = int(ok.sum()), int(keep.sum())
                 m = max(theta, s[keep].max()) if n_kept else theta
                 w = np.exp(s[keep] - m)
-                dk, num = w.sum(), w @ v[b, g][keep]
+                dk, num = w.sum(), w @ vals[b][g][keep]
                 n_pruned = n_valid - n_kept
                 dp = 0.0
                 if comp_mode >= 1 and rho_all is not None and n_pruned > 0:
                     dp = n_pruned * rho_all[h, rr] * (np.exp(theta - m) if n_kept else 1.0)
                 if comp_mode == 2 and dp > 0:
-                    num = num + dp * v[b, g][ok].mean(axis=0)
+                    num = num + dp * vals[b][g][ok].mean(axis=0)
                 den = dk + dp
                 out[b, h, i] = num / den if den > 0 else 0.0
                 kept[b, h, i] = n_kept
     return out, kept, scores
 
 
-def untie_thresholds(thresholds, scores, gap=1e-3):
+def untie_thresholds(thresholds, scores, gap=1e-3, lens=None):
     """Moves every finite θ[h, rr] away from the scores it is compared with (|s - θ| >= gap), so that
-    float32 and float64 agree on which keys are kept. ``scores`` from ``reference``."""
+    float32 and float64 agree on which keys are kept. ``scores`` from ``reference``; ``lens``: the keys of
+    each batch row (``key_lens``; default: every row has all of them)."""
     th = np.array(thresholds, np.float32, copy=True)
     B, Hq, Sq, Ktot = scores.shape
     R = th.shape[1]
+    lens = key_lens(B, Ktot) if lens is None else lens
+    rr_of = np.minimum(np.asarray(lens)[:, None] - Sq + np.arange(Sq)[None, :], R - 1)  # [B, Sq]
     for h in range(Hq):
         for rr in range(R):
             if not np.isfinite(th[h, rr]):
                 continue
-            rows = [i for i in range(Sq) if min(Ktot - Sq + i, R - 1) == rr]
-            s = scores[:, h, rows].ravel()
+            s = scores[:, h][rr_of == rr].ravel()
             s = np.sort(s[np.isfinite(s)])
             t = float(th[h, rr])
             while s.size and np.abs(s - t).min() < gap:

@@ -296,6 +296,8 @@ BAD_OPTIONS = [
     (["{model}", "--calib", "{calib}", "-o", "a/b/out", "--nope"], "No such option: --nope"),
     (["calibrate", "{model}", "--calib", "{calib}", "-o", "a/b/th", "--samples", "0"], "--samples"),
     (["rewrite", "dense.onnx", "--thresholds", "th", "-o", "a/b/m.onnx", "--comp-mode", "3"], "--comp-mode"),
+    (["rewrite", "dense.onnx", "--thresholds", "th", "-o", "a/b/m.onnx", "--kv-cache", "ring"], "--kv-cache"),
+    (["{model}", "--calib", "{calib}", "-o", "a/b/out", "--kv-cache", "ring"], "--kv-cache"),
     (["validate", "{out}", "--windows", "0"], "--windows"),
     (["validate", "{out}", "--device", "tpu"], "--device"),
     (["eval", "{out}", "-o", "a/b/ev", "--windows", "1"], "--windows"),

@@ -601,3 +601,222 @@ def test_fuzz_decisions_equal_float64_reference(seed, isa, monkeypatch):
     use = np.isfinite(th) & np.isfinite(scores)
     gap = np.abs(scores[use] - th[use]) / np.maximum(np.abs(th[use]), 1e-30)
     assert (gap <= (0 if ties else 2e-7)).any()
+
+
+# -- Shared-buffer KV cache (input 8 past_sequence_length, docs/op.md): past/present are one [B, Hkv, M, *] buffer,
+# the Sk new rows go to [P_b, P_b + Sk) and batch row b attends over its first P_b + Sk rows. -----------------------
+
+
+def shared_case(rng, B, Hq, Hkv, Sq, lens, M, D, R, dtype=np.float32, mask=False):
+    """Shared-form feeds and mask ([B, M] key padding or None). Buffer rows at and above P_b are NaN: the new rows
+    overwrite [P_b, P_b + Sk), the rest must never be read."""
+    lens = np.asarray(lens, np.int32)
+    f = make_case(rng, B, Hq, Hkv, Sq, 0, D, D, R, dtype=dtype, dense_rows=2)
+    pk, pv = randn(rng, (B, Hkv, M, D), dtype), randn(rng, (B, Hkv, M, D), dtype)
+    for b in range(B):
+        pk[b, :, lens[b] :] = np.nan
+        pv[b, :, lens[b] :] = np.nan
+    f.update(past_key=pk, past_value=pv, past_sequence_length=lens)
+    m = rng.random((B, M)) > 0.25 if mask else None
+    _, _, scores = S.reference(f["query"], f["key"], f["value"], f["thresholds"], m, pk, pv, causal=1, past_lens=lens)
+    f["thresholds"] = S.untie_thresholds(f["thresholds"], scores, lens=S.key_lens(B, M, lens, Sq))
+    return f, m
+
+
+def concat_rows(f, mask, dtype, **attrs):
+    """The same call in the classic concat form, one batch row at a time with P = P_b: [(output, kept, presents)]."""
+    Sk = f["key"].shape[2]
+    s = sess(dtype, mask=None if mask is None else "bool", past=True, present=True, sdc=True, **attrs)
+    rows = []
+    for b, P in enumerate(f["past_sequence_length"]):
+        one = {n: np.ascontiguousarray(f[n][b : b + 1]) for n in ("query", "key", "value")}
+        for n in ("past_key", "past_value"):
+            one[n] = np.ascontiguousarray(f[n][b : b + 1, :, :P])
+        m = None if mask is None else np.ascontiguousarray(mask[b : b + 1, : P + Sk])
+        rows.append(S.run(s, thresholds=f["thresholds"], sdc=f["sdc"], attn_mask=m, **one))
+    return rows
+
+
+SHARED = {
+    "prefill": dict(Sq=13, lens=[0, 0, 0], M=40),
+    "chunk": dict(Sq=5, lens=[0, 7, 27], M=32),  # 27 + 5 = M: a full buffer
+    "decode": dict(Sq=1, lens=[3, 17, 30], M=31),
+    "decode_long": dict(Sq=1, lens=[1500, 40, 1100], M=1600),  # key splits (cut over the longest row)
+}
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("mask", [False, True], ids=["nomask", "keypad"])
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (6, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("kind", list(SHARED))
+def test_shared_form_equals_concat_form(kind, Hq, Hkv, mask, dtype, isa, monkeypatch):
+    monkeypatch.setenv("TOPTHETA_CPU_ISA", isa)
+    c = SHARED[kind]
+    B, D, R, Sq, M = 3, 16, 24, c["Sq"], c["M"]
+    rng = np.random.default_rng(list(SHARED).index(kind) * 100 + Hq + 10 * mask)
+    f, m = shared_case(rng, B, Hq, Hkv, Sq, c["lens"], M, D, R, np.dtype(dtype), mask)
+    inputs = {n: f[n].copy() for n in ("past_key", "past_value")}
+    attrs = dict(causal=1, comp_mode=2, num_heads=Hq, num_kv_heads=Hkv)
+    s = sess(dtype, mask=None if m is None else "bool", past=True, present=True, sdc=True, past_lens=True, **attrs)
+    got = S.run(s, attn_mask=m, **f)
+    for n in ("past_key", "past_value"):  # present is other memory here: the op copied past first
+        np.testing.assert_array_equal(f[n], inputs[n])
+    assert got["present_key"].shape == (B, Hkv, M, D)
+
+    want = concat_rows(f, m, dtype, **attrs)
+    exact = max(c["lens"]) + Sq < 1024  # no key splits: each batch row runs the very same tasks as alone
+    for b, (P, w) in enumerate(zip(c["lens"], want)):
+        np.testing.assert_array_equal(got["kept"][b], w["kept"][0])
+        if exact:
+            np.testing.assert_array_equal(got["output"][b], w["output"][0])
+        else:
+            err = np.abs(got["output"][b].astype(np.float64) - w["output"][0]).max()
+            assert err <= (F32_TOL if dtype == "float32" else 2e-3)
+        for n, new in (("present_key", "key"), ("present_value", "value")):
+            pres = got[n][b]
+            np.testing.assert_array_equal(pres[:, : P + Sq], w[n][0])  # [past rows ; new rows]
+            np.testing.assert_array_equal(pres[:, P : P + Sq], f[new][b])
+            np.testing.assert_array_equal(pres[:, P + Sq :], f["past_" + new][b, :, P + Sq :])  # untouched (NaN)
+
+    ref_out, ref_kept, _ = S.reference(
+        f["query"],
+        f["key"],
+        f["value"],
+        f["thresholds"],
+        m,
+        f["past_key"],
+        f["past_value"],
+        f["sdc"],
+        causal=1,
+        comp_mode=2,
+        past_lens=f["past_sequence_length"],
+    )
+    np.testing.assert_array_equal(got["kept"], ref_kept)
+    if dtype == "float32":
+        assert np.abs(got["output"] - ref_out).max() <= F32_TOL
+    else:
+        assert np.abs(got["output"].astype(np.float64) - ref_out).max() / np.abs(ref_out).max() <= F16_REL_TOL
+    valid = S.key_lens(B, M, c["lens"], Sq)[:, None, None]
+    assert 0 < ref_kept.sum() < (np.minimum(valid, M) * np.ones_like(ref_kept)).sum()  # prunes, keeps
+
+
+def test_shared_form_broadcast_length():
+    """A [1] past_sequence_length is the length of every batch row."""
+    rng = np.random.default_rng(40)
+    f, _ = shared_case(rng, 2, 4, 2, 2, [6, 6], 12, 8, 12)
+    s = sess(past=True, present=True, past_lens=True, causal=1)
+    full = S.run(s, **f)
+    one = S.run(s, **{**f, "past_sequence_length": np.array([6], np.int32)})
+    for n in full:
+        np.testing.assert_array_equal(one[n], full[n])
+
+
+def test_shared_buffer_in_place_with_iobinding():
+    """One CPU OrtValue bound as past_key input and present_key output (same for value): each decode step writes
+    its row at P_b of that buffer, leaves every other row as it was, and attends over the rows written before."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(41)
+    B, Hq, Hkv, D, M, R = 2, 4, 2, 16, 12, 12
+    lens = np.array([3, 8], np.int32)
+    f, _ = shared_case(rng, B, Hq, Hkv, 1, lens, M, D, R)
+    buf = {n: f[n].copy() for n in ("past_key", "past_value")}  # what the buffers must hold
+    vals = {n: ort.OrtValue.ortvalue_from_numpy(f[n].copy()) for n in buf}
+    s = sess(past=True, present=True, past_lens=True, sdc=True, causal=1, comp_mode=1)
+    for step in range(4):
+        P = lens + np.int32(step)
+        new = dict(query=randn(rng, (B, Hq, 1, D)), key=randn(rng, (B, Hkv, 1, D)), value=randn(rng, (B, Hkv, 1, D)))
+        out = ort.OrtValue.ortvalue_from_numpy(np.full((B, Hq, 1, D), np.nan, np.float32))
+        kept = ort.OrtValue.ortvalue_from_numpy(np.full((B, Hq, 1), -1, np.int32))
+        io = s.io_binding()
+        for n, x in dict(new, thresholds=f["thresholds"], sdc=f["sdc"], past_sequence_length=P).items():
+            io.bind_cpu_input(n, x)
+        for past, present in (("past_key", "present_key"), ("past_value", "present_value")):
+            io.bind_ortvalue_input(past, vals[past])
+            io.bind_ortvalue_output(present, vals[past])
+        io.bind_ortvalue_output("output", out)
+        io.bind_ortvalue_output("kept", kept)
+        s.run_with_iobinding(io)
+
+        for b in range(B):
+            buf["past_key"][b, :, P[b]] = new["key"][b, :, 0]
+            buf["past_value"][b, :, P[b]] = new["value"][b, :, 0]
+        for n in buf:  # the new rows appended in place, everything else untouched (NaN garbage included)
+            np.testing.assert_array_equal(vals[n].numpy(), buf[n])
+        want, want_kept, _ = S.reference(
+            new["query"],
+            new["key"],
+            new["value"],
+            f["thresholds"],
+            None,
+            buf["past_key"],
+            buf["past_value"],
+            f["sdc"],
+            causal=1,
+            comp_mode=1,
+            past_lens=P,
+        )
+        np.testing.assert_array_equal(kept.numpy(), want_kept)
+        assert np.abs(out.numpy() - want).max() <= F32_TOL
+
+
+def _shared_base(rng):
+    M = 8
+    pk = randn(rng, (2, 2, M, 8))
+    return dict(
+        query=randn(rng, (2, 4, 3, 8)),
+        key=randn(rng, (2, 2, 3, 8)),
+        value=randn(rng, (2, 2, 3, 8)),
+        thresholds=np.zeros((4, 3), np.float32),
+        past_key=pk,
+        past_value=pk.copy(),
+        past_sequence_length=np.array([2, 5], np.int32),
+    )
+
+
+SHARED_KW = dict(past=True, present=True, past_lens=True)
+
+
+@pytest.mark.parametrize(
+    "change,model_kw,message",
+    [
+        (
+            {"past_sequence_length": np.array([-1, 2], np.int32)},
+            SHARED_KW,
+            "past_sequence_length[0] = -1 is out of range: need 0 <= P_b and P_b + Sk <= M (Sk=3, M=8)",
+        ),
+        ({"past_sequence_length": np.array([2, 6], np.int32)}, SHARED_KW, "past_sequence_length[1] = 6 is out of"),
+        ({"past_sequence_length": np.array([6], np.int32)}, SHARED_KW, "past_sequence_length[0] = 6 is out of"),
+        (
+            {"past_sequence_length": np.array([1, 2, 3], np.int32)},
+            SHARED_KW,
+            "past_sequence_length must be int32 [B] = [2] or [1], got shape [3]",
+        ),
+        ({"past_sequence_length": np.array([[2, 5]], np.int32)}, SHARED_KW, "got shape [1, 2]"),
+        ({}, dict(past=True, past_lens=True), "needs the present_key and present_value outputs"),
+        ({}, dict(present=True, past_lens=True), "needs past_key and past_value: pass the [B, Hkv, M, D]"),
+        (
+            {"key": np.zeros((2, 2, 9, 8), np.float32), "value": np.zeros((2, 2, 9, 8), np.float32)},
+            SHARED_KW,
+            "key length Sk=9 exceeds the KV buffer capacity M=8",
+        ),
+        ({"query": np.zeros((2, 4, 4, 8), np.float32)}, SHARED_KW, "query length Sq=4 exceeds the new key length Sk=3"),
+        (
+            {"past_value": np.zeros((2, 2, 7, 8), np.float32)},
+            SHARED_KW,
+            "past_value must be [B, Hkv, M, Dv] = [2, 2, 8",
+        ),
+        (
+            {"attn_mask": np.ones((2, 5), bool)},
+            dict(SHARED_KW, mask="bool"),
+            "attn_mask shape [2, 5] does not fit: expected [B, M] = [2, 8]",
+        ),
+    ],
+)
+def test_shared_form_bad_inputs_give_clear_errors(change, model_kw, message):
+    feeds = {**_shared_base(np.random.default_rng(42)), **change}
+    with pytest.raises(Exception) as e:
+        S.run(sess(**model_kw), **feeds)
+    assert message in str(e.value)
+    assert "TopThetaAttention node 'tt0'" in str(e.value)

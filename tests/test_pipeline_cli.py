@@ -244,6 +244,7 @@ def test_default_model_pipeline_and_run(tmp_path, capsys, smollm2):
         ({"num_samples": 0}, "--samples"),
         ({"dense_layers": -1}, "--dense-layers"),
         ({"decode_steps": 0}, "--decode-steps"),
+        ({"kv_cache": "ring"}, "--kv-cache"),
     ],
 )
 def test_api_checks_options_before_loading_anything(bad, flag, tmp_path):
@@ -253,7 +254,7 @@ def test_api_checks_options_before_loading_anything(bad, flag, tmp_path):
 
     with pytest.raises(TopThetaError, match=flag):
         run_pipeline(str(tmp_path / "no-model"), "builtin:pydoc", tmp_path / "a" / "out", **bad)
-    if "comp_mode" in bad:
+    if "comp_mode" in bad or "kv_cache" in bad:
         with pytest.raises(TopThetaError, match=flag):
             export(str(tmp_path / "no-model"), tmp_path / "th", tmp_path / "a" / "out", **bad)
     assert list(tmp_path.iterdir()) == []

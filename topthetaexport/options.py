@@ -7,6 +7,7 @@ from ._errors import TopThetaError
 COMP_MODES = {0: "none", 1: "SDC", 2: "SDC + V-mean"}
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+KV_CACHES = ("auto", "concat", "shared")
 
 # API name -> (command-line flag, smallest allowed value); values may be ints or lists of ints
 _MINIMUM = {
@@ -61,6 +62,9 @@ def check_options(**options) -> None:
         elif name == "dtype":
             if value not in DTYPES:
                 raise TopThetaError(f"unknown dtype {value!r} (--dtype): use auto, float32, float16 or bfloat16")
+        elif name == "kv_cache":
+            if value not in KV_CACHES:
+                raise TopThetaError(f"unknown KV-cache form {value!r} (--kv-cache): use auto, concat or shared")
         elif name == "keep":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
                 raise TopThetaError(f"--keep must be a fraction in (0, 1], got {value!r}: pass e.g. --keep 0.125")
@@ -83,3 +87,21 @@ def resolve_dtype(dtype: str, device: str, *, cuda: bool) -> str:
             "has only float32 and float16 (custom_ops/src/register.cc); use --dtype float16 or float32 on CPU"
         )
     return dtype
+
+
+def resolve_kv_cache(kv_cache: str, device: str, *, cuda: bool, has_cache: bool = True) -> str:
+    """The KV-cache form of the rewritten graph: ``auto`` is ``shared`` (one preallocated buffer per layer and kind,
+    written in place) when the device resolves to CUDA (``cuda``, as for ``resolve_dtype``) and the model has a
+    cache, else ``concat`` (the graph concatenates past and new K/V each step).
+
+    ``shared`` for a model without a KV cache (an encoder, an export without the cache) is refused.
+    """
+    check_options(kv_cache=kv_cache, device=device)
+    if kv_cache == "auto":
+        return "shared" if cuda and has_cache else "concat"
+    if kv_cache == "shared" and not has_cache:
+        raise TopThetaError(
+            "--kv-cache shared needs a decoder exported with its KV cache, and this model has none: "
+            "use --kv-cache concat (or auto)"
+        )
+    return kv_cache

@@ -12,7 +12,7 @@ from . import __version__
 from ._errors import TopThetaError
 from ._io import staged_files, staged_output_dir, write_json
 from .data import describe_data
-from .options import check_options, resolve_dtype
+from .options import check_options, resolve_dtype, resolve_kv_cache
 from .ort.library import library_info, library_path, runs_on_cuda
 from .progress import Progress
 
@@ -48,12 +48,15 @@ def export(
     comp_mode: int = 0,
     dtype: str = "auto",
     device: str = "cpu",
+    kv_cache: str = "auto",
     progress: Progress | None = None,
 ) -> Path:
     """Export ``model`` to ONNX and rewrite its attention into TopThetaAttention: ``out_dir/model.onnx``.
 
     ``dtype`` (auto, float32, float16, bfloat16; auto = float16 if ``device`` resolves to CUDA, else
     float32) is what the graph runs in; a float32 ``model`` is exported from a cast copy and left as it is.
+    ``kv_cache`` (auto, concat, shared; auto = shared if ``device`` resolves to CUDA and the model has a KV
+    cache, else concat) is the graph's KV-cache form (docs/graph.md).
 
     Also saves the thresholds, ``library.json`` and the model's config, tokenizer and generation config
     next to it (all moved into ``out_dir`` together at the end). Returns the model path.
@@ -63,20 +66,26 @@ def export(
     from .onnx.rewriter import rewrite
     from .thresholds import Thresholds
 
-    check_options(comp_mode=comp_mode)
+    check_options(comp_mode=comp_mode, kv_cache=kv_cache)
     dtype = resolve_dtype(dtype, device, cuda=runs_on_cuda(device))
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    kv_cache = resolve_kv_cache(kv_cache, device, cuda=runs_on_cuda(device), has_cache=_has_cache(loaded))
     th = thresholds if isinstance(thresholds, Thresholds) else Thresholds.load(thresholds)
     th.check_compatible(loaded)
     out_dir = Path(out_dir)
     with staged_files(out_dir) as stage:
         with tempfile.TemporaryDirectory(prefix="toptheta-dense-", dir=stage) as tmp:
             dense = export_onnx(loaded, Path(tmp) / "dense.onnx", dtype=dtype, progress=progress)
-            rewrite(dense, th, stage / "model.onnx", comp_mode=comp_mode)
+            rewrite(dense, th, stage / "model.onnx", comp_mode=comp_mode, kv_cache=kv_cache)
         th.save(stage)
         write_json(stage / "library.json", library_info())
         save_model_files(loaded, stage)
     return out_dir / "model.onnx"
+
+
+def _has_cache(loaded) -> bool:
+    """Whether the export of ``loaded`` has a KV cache (decoder LMs; see ``export_onnx``)."""
+    return bool(loaded.causal and loaded.is_lm)
 
 
 def _check_data(data, what: str) -> None:
@@ -106,16 +115,18 @@ def run_pipeline(
     do_validate: bool = True,
     device: str = "cpu",
     dtype: str = "auto",
+    kv_cache: str = "auto",
     threads: int | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """calibrate → export → rewrite → validate into ``out``; returns the report (also ``out/report.json``).
 
     Calibration runs the model in float32 PyTorch; the export runs in ``dtype`` (see ``export``), from a
-    cast copy of the same loaded model, and validation compares it with the float32 model.
+    cast copy of the same loaded model, and validation compares it with the float32 model. ``kv_cache``: the
+    graph's KV-cache form (see ``export``).
     """
     from .models import load_model
-    from .onnx.summary import graph_dtype
+    from .onnx.summary import graph_dtype, graph_kv_cache
     from .torch.calibration import calibrate
 
     check_options(
@@ -128,6 +139,7 @@ def run_pipeline(
         decode_steps=decode_steps,
         device=device,
         dtype=dtype,
+        kv_cache=kv_cache,
     )
     dtype = resolve_dtype(dtype, device, cuda=runs_on_cuda(device))  # bfloat16 on CPU fails here, before any work
     prog = progress or (lambda stage, message, fraction: None)
@@ -142,6 +154,8 @@ def run_pipeline(
         loaded = load_model(model)
         prog("load", loaded.name, 1.0)
         timings["load_s"] = time.perf_counter() - t
+        # a shared cache for a model without one fails here, before minutes of calibration
+        kv_cache = resolve_kv_cache(kv_cache, device, cuda=runs_on_cuda(device), has_cache=_has_cache(loaded))
 
         t = time.perf_counter()
         th = calibrate(
@@ -158,7 +172,7 @@ def run_pipeline(
         prog("calibrate", "thresholds ready", 1.0)
 
         t = time.perf_counter()
-        export(loaded, th, stage, comp_mode=comp_mode, dtype=dtype, device=device, progress=progress)
+        export(loaded, th, stage, comp_mode=comp_mode, dtype=dtype, device=device, kv_cache=kv_cache, progress=progress)
         timings["export_s"] = time.perf_counter() - t
         prog("export", "model.onnx written", 1.0)
 
@@ -167,6 +181,7 @@ def run_pipeline(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "model": loaded.name,
             "dtype": graph_dtype(stage / "model.onnx"),
+            "kv_cache": graph_kv_cache(stage / "model.onnx"),
             "calibration": {
                 "data": describe_data(calib),
                 "k": k,

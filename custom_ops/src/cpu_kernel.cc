@@ -127,10 +127,11 @@ struct ScalarIsa {
 template <typename T>
 void FinishRowT(const AttnParams& p, int64_t b, int64_t h, int64_t i, const RowState& st) {
   const int64_t g = h / (p.Hq / p.Hkv);
-  const T* V = static_cast<const T*>(p.v) + (b * p.Hkv + g) * p.Ktot * p.Dv;
+  const T* V = static_cast<const T*>(p.v) + (b * p.Hkv + g) * p.kv_capacity * p.Dv;
   T* out = static_cast<T*>(p.out) + ((b * p.Hq + h) * p.Sq + i) * p.Dv;
-  const int64_t r = RowPosition(p, i);
-  const int64_t rr = std::max<int64_t>(0, ThresholdRow(p, i));
+  const int64_t klen = KeyLen(p, b);
+  const int64_t r = RowPosition(p, klen, i);
+  const int64_t rr = std::max<int64_t>(0, ThresholdRow(p, klen, i));
   const float theta = p.theta[h * p.R + rr];
   const float rho = p.sdc ? p.sdc[h * p.R + rr] : 0.f;
   const float m = st.m;
@@ -145,7 +146,7 @@ void FinishRowT(const AttnParams& p, int64_t b, int64_t h, int64_t i, const RowS
     vbar.assign(p.Dv, 0.f);
     std::vector<float> row(p.Dv);
     const MaskRow mask = MaskOf(p, MaskRowAddress(p, b, h, i));
-    const int64_t jend = p.causal ? std::min(r + 1, p.Ktot) : p.Ktot;
+    const int64_t jend = p.causal ? std::min(r + 1, klen) : klen;
     for (int64_t j = 0; j < jend; ++j) {
       float add;
       if (mask.Excluded(j, &add)) continue;
@@ -282,13 +283,18 @@ void TopThetaCpu(const AttnParams& p, ParallelForFn parallel_for, void* runner) 
   plan.row_blocks = (p.Sq + plan.rows_per_block - 1) / plan.rows_per_block;
   // Too few tasks for the threads (decode: B * Hkv of them): split the keys too, >= 512 keys a split.
   static const int64_t threads = std::max(1u, std::thread::hardware_concurrency());  // reads /sys: once
+  // Keys per batch row (all Ktot in the concat form); the splits are cut over the longest row.
+  std::vector<int64_t> key_len(static_cast<size_t>(p.B));
+  int64_t kmax = 0;
+  for (int64_t b = 0; b < p.B; ++b) kmax = std::max(kmax, key_len[b] = KeyLen(p, b));
+  plan.key_len = key_len.data();
   const int64_t base = p.B * p.Hkv * plan.row_blocks;
-  plan.split_keys = p.Ktot;
-  if (base < 4 * threads && p.Ktot >= 1024) {
-    const int64_t want = std::min((8 * threads + base - 1) / base, p.Ktot / 512);
-    plan.split_keys = (p.Ktot + want - 1) / want;
+  plan.split_keys = kmax;
+  if (base < 4 * threads && kmax >= 1024) {
+    const int64_t want = std::min((8 * threads + base - 1) / base, kmax / 512);
+    plan.split_keys = (kmax + want - 1) / want;
     plan.split_keys = (plan.split_keys + plan.tile_keys - 1) / plan.tile_keys * plan.tile_keys;
-    plan.splits = (p.Ktot + plan.split_keys - 1) / plan.split_keys;
+    plan.splits = (kmax + plan.split_keys - 1) / plan.split_keys;
   }
   plan.scratch_bytes = ScratchBytes(p, plan.group * plan.rows_per_block);
   std::vector<float> partial;

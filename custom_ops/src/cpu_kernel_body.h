@@ -94,6 +94,7 @@ void RunTask(const TaskPlan& plan, size_t task, unsigned char* scratch) {
   const int64_t g = t % p.Hkv, b = t / p.Hkv;
   const int64_t i0 = block * plan.rows_per_block, i1 = MinI(p.Sq, i0 + plan.rows_per_block);
   const int64_t rb = i1 - i0, rows = G * rb;  // row x = hl * rb + (i - i0), head h = g * G + hl
+  const int64_t Kb = plan.key_len[b];         // keys of this batch row (rows of K/V: p.kv_capacity)
   const bool f16 = p.dtype == DType::kF16;
 
   const ScratchLayout L(p, rows);
@@ -130,7 +131,7 @@ void RunTask(const TaskPlan& plan, size_t task, unsigned char* scratch) {
       double qq = 0;
       for (int64_t d = 0; d < D; ++d) qq += static_cast<double>(q[d]) * q[d];
       cq[x] = RowCoef(p.scale, __builtin_sqrt(qq), D);
-      const int64_t r = p.Ktot - p.Sq + i;
+      const int64_t r = Kb - p.Sq + i;
       const int64_t rr = MaxI(0, MinI(r, p.R - 1));
       th[x] = p.theta[h * p.R + rr];
       mrun[x] = th[x];  // kept scores are >= theta, so the final max is max(theta, max kept) (docs/op.md)
@@ -145,11 +146,13 @@ void RunTask(const TaskPlan& plan, size_t task, unsigned char* scratch) {
   for (int64_t x = 0; x < rows; ++x) any_finite_theta |= th[x] != -__builtin_inff();
 
   // Keys of this task: its split, and (causal) those the last row of the block can see.
-  int64_t k0 = split * plan.split_keys, k1 = plan.splits > 1 ? MinI(p.Ktot, k0 + plan.split_keys) : p.Ktot;
-  if (p.causal) k1 = MinI(k1, p.Ktot - p.Sq + i1);
+  // A split may lie wholly past Kb (shared form): then it has no keys and leaves the empty state.
+  int64_t k0 = split * plan.split_keys, k1 = plan.splits > 1 ? MinI(Kb, k0 + plan.split_keys) : Kb;
+  if (p.causal) k1 = MinI(k1, Kb - p.Sq + i1);
   const size_t esz = f16 ? 2 : 4;
-  const unsigned char* Kbase = static_cast<const unsigned char*>(p.k) + (b * p.Hkv + g) * p.Ktot * D * esz;
-  const unsigned char* Vbase = static_cast<const unsigned char*>(p.v) + (b * p.Hkv + g) * p.Ktot * Dv * esz;
+  const int64_t cap = p.kv_capacity;
+  const unsigned char* Kbase = static_cast<const unsigned char*>(p.k) + (b * p.Hkv + g) * cap * D * esz;
+  const unsigned char* Vbase = static_cast<const unsigned char*>(p.v) + (b * p.Hkv + g) * cap * Dv * esz;
   const bool has_mask = p.mask_kind != MaskKind::kNone;
   // Decode (one row per head): the kept V rows are scattered over the cache and come from memory.
   const bool prefetch_v = rb == 1;
@@ -181,7 +184,7 @@ void RunTask(const TaskPlan& plan, size_t task, unsigned char* scratch) {
         int64_t& kept = chunk_kept[x - xa];
         kept = 0;
         const int64_t h = g * G + x / rb, i = i0 + x % rb;
-        const int64_t r = p.Ktot - p.Sq + i;
+        const int64_t r = Kb - p.Sq + i;
         const int64_t nvis = p.causal ? MinI(n, r + 1 - j0) : n;
         if (nvis <= 0) continue;
         uint64_t valid = nvis == 64 ? ~uint64_t{0} : (uint64_t{1} << nvis) - 1;

@@ -24,6 +24,7 @@ struct TaskPlan {
   int64_t rows_per_block = 1, row_blocks = 1;
   int64_t splits = 1, split_keys = 0;  // split_keys: a multiple of tile_keys
   float* partial = nullptr;            // splits > 1: [B*Hq*Sq, splits, kPartialHead + Dv]
+  const int64_t* key_len = nullptr;    // [B]: KeyLen(p, b), the keys of each batch row
   size_t scratch_bytes = 0;            // per task, see ScratchLayout in cpu_kernel_body.h
 };
 

@@ -66,13 +66,17 @@ InputInfo GetInput(const Ort::KernelContext& ctx, size_t index) {
   return r;
 }
 
-void* AllocOutput(const Ort::KernelContext& ctx, size_t index, const Shape& shape, bool required) {
+// Allocates output `index` when the node has it (*exists tells, where given) and returns its data.
+void* AllocOutput(const Ort::KernelContext& ctx, size_t index, const Shape& shape, bool required,
+                  bool* exists = nullptr) {
+  if (exists) *exists = false;
   if (index >= ctx.GetOutputCount()) return nullptr;
   Ort::UnownedValue v = ctx.GetOutput(index, shape);
   if (!v) {
     if (required) throw OpError(std::string(kOpName) + ": could not allocate output " + std::to_string(index));
     return nullptr;
   }
+  if (exists) *exists = true;
   return v.GetTensorMutableRawData();
 }
 
@@ -84,8 +88,9 @@ void CheckType(const Checker& c, const InputInfo& in, const char* name, ONNXTens
   c.Check(in.type == want, std::string(name) + " must be " + TypeName(want) + ", got " + TypeName(in.type));
 }
 
-// Fills the mask fields of p from input 4 (absent, [B, Ktot], or 4-D broadcastable to [B, Hq, Sq, Ktot]).
-void ParseMask(const Checker& c, const InputInfo& m, DType dtype, AttnParams& p) {
+// Fills the mask fields of p from input 4 (absent, [B, Ktot], or 4-D broadcastable to [B, Hq, Sq, Ktot]);
+// `kname` names the key dimension in messages (M in the shared form, where Ktot is the capacity).
+void ParseMask(const Checker& c, const InputInfo& m, DType dtype, AttnParams& p, const std::string& kname) {
   if (!m.present) return;
   if (m.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL) {
     p.mask_kind = MaskKind::kBool;
@@ -98,8 +103,8 @@ void ParseMask(const Checker& c, const InputInfo& m, DType dtype, AttnParams& p)
            TypeName(m.type));
   }
   const Shape& s = m.shape;
-  const std::string want = "[B, Ktot] = [" + std::to_string(p.B) + ", " + std::to_string(p.Ktot) +
-                           "] or 4-D broadcastable to [B, Hq, Sq, Ktot] = [" + std::to_string(p.B) + ", " +
+  const std::string want = "[B, " + kname + "] = [" + std::to_string(p.B) + ", " + std::to_string(p.Ktot) +
+                           "] or 4-D broadcastable to [B, Hq, Sq, " + kname + "] = [" + std::to_string(p.B) + ", " +
                            std::to_string(p.Hq) + ", " + std::to_string(p.Sq) + ", " + std::to_string(p.Ktot) + "]";
   auto fits = [](int64_t d, int64_t full) { return d == full || d == 1; };
   if (s.size() == 2) {
@@ -169,11 +174,16 @@ OpAttributes ReadAttributes(const OrtKernelInfo* info) {
 size_t PreparedCall::RowBytes(int t) const { return static_cast<size_t>(t == 0 ? params.D : params.Dv) * elem_bytes; }
 
 size_t PreparedCall::KVBytes(int t) const {
-  return static_cast<size_t>(params.B * params.Hkv * params.Ktot) * RowBytes(t);
+  return static_cast<size_t>(params.B * params.Hkv * params.kv_capacity) * RowBytes(t);
 }
 
 std::vector<Copy2D> PreparedCall::KVCopies(int t, void* dst) const {
   std::vector<Copy2D> out;
+  if (Shared()) {  // the whole buffer, unless present is past itself (the point of the shared form)
+    const size_t bytes = KVBytes(t);
+    if (past[t] && past[t] != dst && bytes > 0) out.push_back(Copy2D{dst, bytes, past[t], bytes, bytes, 1});
+    return out;
+  }
   const size_t row = RowBytes(t);
   const size_t height = static_cast<size_t>(params.B * params.Hkv);
   const size_t dpitch = static_cast<size_t>(params.Ktot) * row;
@@ -193,6 +203,35 @@ std::vector<Copy2D> PreparedCall::KVCopies(int t, void* dst) const {
   return out;
 }
 
+std::vector<Copy2D> PreparedCall::AppendCopies(int t, void* dst) const {
+  std::vector<Copy2D> out;
+  const AttnParams& p = params;
+  const size_t row = RowBytes(t);
+  if (!Shared() || p.Sk == 0 || p.Hkv == 0 || row == 0) return out;
+  for (int64_t b = 0; b < p.B; ++b) {
+    const int64_t P = KeyLen(p, b) - p.Sk;  // checked by CheckPastLengthsOnHost on the CPU
+    char* to = static_cast<char*>(dst) + static_cast<size_t>(b * p.Hkv * p.kv_capacity + P) * row;
+    const char* from = static_cast<const char*>(fresh[t]) + static_cast<size_t>(b * p.Hkv * p.Sk) * row;
+    out.push_back(Copy2D{to, static_cast<size_t>(p.kv_capacity) * row, from, static_cast<size_t>(p.Sk) * row,
+                         static_cast<size_t>(p.Sk) * row, static_cast<size_t>(p.Hkv)});
+  }
+  return out;
+}
+
+void CheckPastLengthsOnHost(const PreparedCall& call) {
+  const AttnParams& p = call.params;
+  if (!call.Shared()) return;
+  const Checker c(call.node_name ? *call.node_name : std::string());
+  const int64_t n = p.past_lens_sb == 0 ? 1 : p.B;
+  for (int64_t b = 0; b < n; ++b) {
+    const int64_t P = p.past_lens[b];
+    c.Check(P >= 0 && P + p.Sk <= p.kv_capacity,
+            "past_sequence_length[" + std::to_string(b) + "] = " + std::to_string(P) +
+                " is out of range: need 0 <= P_b and P_b + Sk <= M (Sk=" + std::to_string(p.Sk) +
+                ", M=" + std::to_string(p.kv_capacity) + "); pass the valid cache rows of each batch row");
+  }
+}
+
 void PreparedCall::SetKV(int t, const void* buf) {
   if (t == 0) {
     params.k = buf;
@@ -207,6 +246,8 @@ PreparedCall PrepareCall(const Ort::KernelContext& ctx, const OpAttributes& attr
   const InputInfo q = GetInput(ctx, kQuery), k = GetInput(ctx, kKey), v = GetInput(ctx, kValue);
   const InputInfo th = GetInput(ctx, kThresholds), mask = GetInput(ctx, kMask);
   const InputInfo pk = GetInput(ctx, kPastKey), pv = GetInput(ctx, kPastValue), sdc = GetInput(ctx, kSdc);
+  const InputInfo lens = GetInput(ctx, kPastLens);
+  const bool shared = lens.present;
   c.Check(q.present && k.present && v.present && th.present, "query, key, value and thresholds are required");
 
   CheckRank(c, q, "query", 4, "[B, Hq, Sq, D]");
@@ -217,6 +258,7 @@ PreparedCall PrepareCall(const Ort::KernelContext& ctx, const OpAttributes& attr
   CheckType(c, v, "value", T);
 
   PreparedCall call;
+  call.node_name = &attrs.node_name;
   AttnParams& p = call.params;
   p.dtype = dtype;
   call.elem_bytes = ElementBytes(dtype);
@@ -254,29 +296,51 @@ PreparedCall PrepareCall(const Ort::KernelContext& ctx, const OpAttributes& attr
     p.sdc = static_cast<const float*>(sdc.data);
   }
 
-  // past key/value
+  // past key/value: the concatenated past (P rows), or in the shared form the cache buffer (M rows)
   c.Check(pk.present == pv.present, "past_key and past_value must be given together");
+  if (shared) {
+    c.Check(pk.present,
+            "past_sequence_length (shared KV buffer form) needs past_key and past_value: pass the [B, Hkv, M, D] "
+            "cache buffers");
+    CheckType(c, lens, "past_sequence_length", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32);
+    c.Check(lens.shape.size() == 1 && (lens.shape[0] == p.B || lens.shape[0] == 1),
+            "past_sequence_length must be int32 [B] = [" + std::to_string(p.B) + "] or [1], got shape " +
+                ShapeStr(lens.shape));
+  }
+  const std::string rows = shared ? "M" : "P";
   if (pk.present) {
     CheckType(c, pk, "past_key", T);
     CheckType(c, pv, "past_value", T);
     c.Check(pk.shape.size() == 4 && pk.shape[0] == p.B && pk.shape[1] == p.Hkv && pk.shape[3] == p.D,
-            "past_key must be [B, Hkv, P, D] = [" + std::to_string(p.B) + ", " + std::to_string(p.Hkv) + ", P, " +
-                std::to_string(p.D) + "], got " + ShapeStr(pk.shape));
+            "past_key must be [B, Hkv, " + rows + ", D] = [" + std::to_string(p.B) + ", " + std::to_string(p.Hkv) +
+                ", " + rows + ", " + std::to_string(p.D) + "], got " + ShapeStr(pk.shape));
     call.past_len = pk.shape[2];
     c.Check(pv.shape.size() == 4 && pv.shape[0] == p.B && pv.shape[1] == p.Hkv && pv.shape[2] == call.past_len &&
                 pv.shape[3] == p.Dv,
-            "past_value must be [B, Hkv, P, Dv] = [" + std::to_string(p.B) + ", " + std::to_string(p.Hkv) + ", " +
-                std::to_string(call.past_len) + ", " + std::to_string(p.Dv) + "], got " + ShapeStr(pv.shape));
+            "past_value must be [B, Hkv, " + rows + ", Dv] = [" + std::to_string(p.B) + ", " + std::to_string(p.Hkv) +
+                ", " + std::to_string(call.past_len) + ", " + std::to_string(p.Dv) + "], got " + ShapeStr(pv.shape));
     if (call.past_len > 0) {
       call.past[0] = pk.data;
       call.past[1] = pv.data;
     }
   }
-  p.Ktot = call.past_len + call.new_len;
-  c.Check(p.Sq <= p.Ktot, "query length Sq=" + std::to_string(p.Sq) + " exceeds key length Ktot=P+Sk=" +
-                              std::to_string(p.Ktot) + " (rows are bottom-right aligned; pass past_key/past_value)");
+  p.Sk = call.new_len;
+  if (shared) {
+    p.past_lens = static_cast<const int32_t*>(lens.data);
+    p.past_lens_sb = lens.shape[0] == 1 ? 0 : 1;
+    p.Ktot = call.past_len;  // M: kernels size their grids with it and stop at KeyLen(p, b)
+    c.Check(p.Sk <= p.Ktot, "key length Sk=" + std::to_string(p.Sk) + " exceeds the KV buffer capacity M=" +
+                                std::to_string(p.Ktot) + ": allocate past_key/past_value with more rows");
+    c.Check(p.Sq <= p.Sk, "query length Sq=" + std::to_string(p.Sq) + " exceeds the new key length Sk=" +
+                              std::to_string(p.Sk) + " (shared KV buffer form: pass the keys of every query row)");
+  } else {
+    p.Ktot = call.past_len + call.new_len;
+    c.Check(p.Sq <= p.Ktot, "query length Sq=" + std::to_string(p.Sq) + " exceeds key length Ktot=P+Sk=" +
+                                std::to_string(p.Ktot) + " (rows are bottom-right aligned; pass past_key/past_value)");
+  }
+  p.kv_capacity = p.Ktot;
 
-  ParseMask(c, mask, dtype, p);
+  ParseMask(c, mask, dtype, p, shared ? "M" : "Ktot");
 
   p.scale = attrs.scale != 0.f ? attrs.scale : 1.0f / std::sqrt(static_cast<float>(p.D));
   p.causal = attrs.causal;
@@ -288,8 +352,12 @@ PreparedCall PrepareCall(const Ort::KernelContext& ctx, const OpAttributes& attr
   p.v = v.data;
 
   p.out = AllocOutput(ctx, kOut, {p.B, p.Hq, p.Sq, p.Dv}, true);
-  call.present[0] = AllocOutput(ctx, kPresentKey, {p.B, p.Hkv, p.Ktot, p.D}, false);
-  call.present[1] = AllocOutput(ctx, kPresentValue, {p.B, p.Hkv, p.Ktot, p.Dv}, false);
+  bool has_present[2];
+  call.present[0] = AllocOutput(ctx, kPresentKey, {p.B, p.Hkv, p.Ktot, p.D}, false, &has_present[0]);
+  call.present[1] = AllocOutput(ctx, kPresentValue, {p.B, p.Hkv, p.Ktot, p.Dv}, false, &has_present[1]);
+  c.Check(!shared || (has_present[0] && has_present[1]),
+          "past_sequence_length (shared KV buffer form) needs the present_key and present_value outputs: add them "
+          "to the node and bind them to the past_key/past_value buffers");
   p.kept = static_cast<int32_t*>(AllocOutput(ctx, kKept, {p.B, p.Hq, p.Sq}, false));
   return call;
 }

@@ -19,7 +19,18 @@ constexpr const char* kDomain = "ai.toptheta";
 constexpr const char* kOpName = "TopThetaAttention";
 constexpr int kOpVersion = 1;
 
-enum Input : size_t { kQuery = 0, kKey, kValue, kThresholds, kMask, kPastKey, kPastValue, kSdc, kNumInputs };
+enum Input : size_t {
+  kQuery = 0,
+  kKey,
+  kValue,
+  kThresholds,
+  kMask,
+  kPastKey,
+  kPastValue,
+  kSdc,
+  kPastLens,  // past_sequence_length: the shared-buffer KV-cache form
+  kNumInputs
+};
 enum Output : size_t { kOut = 0, kPresentKey, kPresentValue, kKept, kNumOutputs };
 
 // A user-facing error of one op call (bad shapes, types or attributes).
@@ -55,27 +66,39 @@ struct Copy2D {
 
 // Result of PrepareCall: the kernel parameters plus what the caller must still do for K/V.
 //
-// t = 0 is key, t = 1 is value. When NeedsKV(t) the kernel must read a concatenated
-// [B, Hkv, Ktot, *] buffer: present[t] when that output was requested, else a scratch buffer of
-// KVBytes(t) the caller allocates (in the op's memory space). The caller runs KVCopies(t, dst)
-// (memcpy / cudaMemcpy2DAsync) and then SetKV(t, dst). Without NeedsKV(t), params already point at
-// the `key` / `value` inputs.
+// t = 0 is key, t = 1 is value. When NeedsKV(t) the kernel must read a [B, Hkv, kv_capacity, *] buffer:
+// present[t] when that output was requested, else a scratch buffer of KVBytes(t) the caller allocates
+// (in the op's memory space). The caller runs KVCopies(t, dst) (memcpy / cudaMemcpy2DAsync), in the
+// shared form then appends the new rows at P_b (AppendCopies on the host; a device kernel on CUDA), and
+// then SetKV(t, dst). Without NeedsKV(t), params already point at the `key` / `value` inputs.
+//
+// Shared form (params.past_lens set): past and present are the [B, Hkv, M, *] cache buffer, present is
+// always requested, and KVCopies copies past into present only when they are different memory.
 struct PreparedCall {
   AttnParams params;
-  int64_t past_len = 0;   // P
+  int64_t past_len = 0;   // rows of past_key: P (concat form) or M (shared form)
   int64_t new_len = 0;    // Sk
   size_t elem_bytes = 0;  // bytes of one T element
   const void* past[2] = {nullptr, nullptr};
   const void* fresh[2] = {nullptr, nullptr};
   void* present[2] = {nullptr, nullptr};
+  const std::string* node_name = nullptr;  // for errors raised after PrepareCall (owned by the kernel)
 
-  bool NeedsKV(int t) const { return past[t] != nullptr || present[t] != nullptr; }
+  bool Shared() const { return params.past_lens != nullptr; }
+  bool NeedsKV(int t) const { return Shared() || past[t] != nullptr || present[t] != nullptr; }
   size_t RowBytes(int t) const;  // D or Dv elements
-  size_t KVBytes(int t) const;   // B * Hkv * Ktot rows
-  // The copies that fill dst ([B, Hkv, Ktot, *]) with [past ; new] per (batch, kv head).
+  size_t KVBytes(int t) const;   // B * Hkv * kv_capacity rows
+  // Concat form: the copies that fill dst ([B, Hkv, Ktot, *]) with [past ; new] per (batch, kv head).
+  // Shared form: the copy of past into dst when they differ (nothing when the buffer is shared).
   std::vector<Copy2D> KVCopies(int t, void* dst) const;
+  // Shared form, lengths readable on the host: the copies of the new rows to [P_b, P_b + Sk) of dst.
+  std::vector<Copy2D> AppendCopies(int t, void* dst) const;
   void SetKV(int t, const void* buf);
 };
+
+// Shared form on the host (CPU op): checks 0 <= P_b and P_b + Sk <= M for every batch row; throws OpError.
+// (The CUDA op cannot read device memory here; its kernels clamp instead: params.h KeyLen.)
+void CheckPastLengthsOnHost(const PreparedCall& call);
 
 // Validates the inputs of one call against docs/op.md, allocates the requested outputs
 // (`output` always; present_key/present_value/kept when the node has them) and fills the

@@ -56,6 +56,7 @@ struct TopThetaOp : Ort::CustomOpBase<TopThetaOp<Kernel, DT>, OpKernel<Kernel>, 
   ONNXTensorElementDataType GetInputType(size_t i) const {
     if (i == kThresholds || i == kSdc) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     if (i == kMask) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    if (i == kPastLens) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
     return OnnxType(DT);
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {

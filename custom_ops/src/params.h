@@ -6,6 +6,13 @@
 
 #include <cstdint>
 
+// Helpers below are called from CUDA kernels too (params.h is included by the .cu files).
+#if defined(__CUDACC__)
+#define TOPTHETA_HD __host__ __device__
+#else
+#define TOPTHETA_HD
+#endif
+
 namespace toptheta {
 
 enum class DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
@@ -18,8 +25,9 @@ enum class MaskKind : int {
 };
 
 struct AttnParams {
-  // Sizes. K/V pointers below always hold the full, contiguous [B, Hkv, Ktot, D] tensors
-  // (past already concatenated by the op layer).
+  // Sizes. K/V pointers below hold [B, Hkv, kv_capacity, D] tensors: in the concat form the full
+  // [past ; new] keys (kv_capacity = Ktot), in the shared-buffer form the cache buffer (kv_capacity =
+  // Ktot = M) whose rows [0, KeyLen(p, b)) are valid for batch row b.
   int64_t B = 0, Hq = 0, Hkv = 0, Sq = 0, Ktot = 0, D = 0, Dv = 0, R = 0;
   float scale = 0.f;
   bool causal = false;
@@ -34,19 +42,38 @@ struct AttnParams {
 
   // Mask element (b, h, i, j) lives at mask + b*mask_sb + h*mask_sh + i*mask_sq + j
   // (strides in elements; 0 for broadcast dimensions). A [B, Ktot] key-padding mask has
-  // mask_sh = mask_sq = 0.
+  // mask_sh = mask_sq = 0 (shared form: [B, M]).
   MaskKind mask_kind = MaskKind::kNone;
   const void* mask = nullptr;
   int64_t mask_sb = 0, mask_sh = 0, mask_sq = 0;
 
   void* out = nullptr;      // [B, Hq, Sq, Dv]
   int32_t* kept = nullptr;  // [B, Hq, Sq] or null
+
+  // Shared-buffer KV cache (docs/op.md): P_b = past_lens[b * past_lens_sb] valid rows before the Sk new
+  // ones (already written at [P_b, P_b + Sk) of k/v). Null: the classic concat form. The lengths live in
+  // the memory of the kernel (device memory on CUDA).
+  const int32_t* past_lens = nullptr;
+  int64_t past_lens_sb = 0;  // 1 for a [B] tensor, 0 for [1] (broadcast)
+  int64_t kv_capacity = 0;   // rows per (b, kv head) in k/v: M (shared form), Ktot (concat form)
+  int64_t Sk = 0;            // new keys of this call
 };
 
-// Row position of query index i (bottom-right aligned) and its threshold row.
-inline int64_t RowPosition(const AttnParams& p, int64_t i) { return p.Ktot - p.Sq + i; }
-inline int64_t ThresholdRow(const AttnParams& p, int64_t i) {
-  int64_t r = RowPosition(p, i);
+// Keys of batch row b, Ktot_b = P_b + Sk (Ktot in the concat form). P_b is clamped to [0, M - Sk]: the CPU op
+// has rejected other values, the CUDA op cannot (no host read of device memory), so its kernels stay in bounds.
+TOPTHETA_HD inline int64_t KeyLen(const AttnParams& p, int64_t b) {
+  if (p.past_lens == nullptr) return p.Ktot;
+  const int64_t hi = p.kv_capacity - p.Sk;
+  int64_t P = p.past_lens[b * p.past_lens_sb];
+  P = P < 0 ? 0 : (P > hi ? hi : P);
+  return P + p.Sk;
+}
+
+// Row position of query index i of a batch row with klen = KeyLen(p, b) keys (bottom-right aligned), and
+// its threshold row.
+TOPTHETA_HD inline int64_t RowPosition(const AttnParams& p, int64_t klen, int64_t i) { return klen - p.Sq + i; }
+TOPTHETA_HD inline int64_t ThresholdRow(const AttnParams& p, int64_t klen, int64_t i) {
+  int64_t r = RowPosition(p, klen, i);
   return r < p.R - 1 ? r : p.R - 1;
 }
 

@@ -19,14 +19,24 @@ void OrtParallelFor(void* runner, void (*fn)(void*, size_t), size_t total, void*
   static_cast<const Ort::KernelContext*>(runner)->ParallelFor(fn, total, 0, data);
 }
 
-// The CPU execution provider's kernel (op shell: op_shell.h): [past ; new] K/V by memcpy, then TopThetaCpu
-// on onnxruntime's intra-op thread pool.
+void RunCopies(const std::vector<Copy2D>& copies) {
+  for (const Copy2D& c : copies) {
+    for (size_t row = 0; row < c.height; ++row) {
+      std::memcpy(static_cast<char*>(c.dst) + row * c.dst_pitch, static_cast<const char*>(c.src) + row * c.src_pitch,
+                  c.width);
+    }
+  }
+}
+
+// The CPU execution provider's kernel (op shell: op_shell.h): [past ; new] K/V by memcpy (shared form: the new
+// rows into the cache buffer at P_b), then TopThetaCpu on onnxruntime's intra-op thread pool.
 struct CpuKernel {
   static constexpr const char* kExecutionProvider = "CPUExecutionProvider";
 
   explicit CpuKernel(const OrtKernelInfo*) {}
 
   void Compute(const Ort::KernelContext& ctx, PreparedCall& call) {
+    CheckPastLengthsOnHost(call);  // before anything is written
     std::vector<char> scratch[2];
     for (int t = 0; t < 2; ++t) {
       if (!call.NeedsKV(t)) continue;
@@ -35,12 +45,8 @@ struct CpuKernel {
         scratch[t].resize(call.KVBytes(t));
         dst = scratch[t].data();
       }
-      for (const Copy2D& c : call.KVCopies(t, dst)) {
-        for (size_t row = 0; row < c.height; ++row) {
-          std::memcpy(static_cast<char*>(c.dst) + row * c.dst_pitch,
-                      static_cast<const char*>(c.src) + row * c.src_pitch, c.width);
-        }
-      }
+      RunCopies(call.KVCopies(t, dst));
+      RunCopies(call.AppendCopies(t, dst));
       call.SetKV(t, dst);
     }
     TopThetaCpu(call.params, &OrtParallelFor, const_cast<void*>(static_cast<const void*>(&ctx)));

@@ -145,15 +145,15 @@ def _embed(om, ids: np.ndarray, batch: int = 8) -> tuple[np.ndarray, dict[int, n
 # -- the run ---------------------------------------------------------------------------------------------
 
 
-def _open(model_path: Path, v: Variant, dense_layers, device: str, threads):
+def _open(model_path: Path, v: Variant, dense_layers, device: str, threads, max_length: int | None = None):
     from ..onnx.variants import write_variant
     from ..ort.sessions import OnnxModel
 
     path = write_variant(
         model_path, kind=v.kind, k=v.k, dense_layers=dense_layers, thresholds=v.thresholds, comp_mode=v.comp_mode
     )
-    try:
-        return OnnxModel(path, device=device, threads=threads)
+    try:  # max_length: the buffers of a shared-form KV cache hold a whole window
+        return OnnxModel(path, device=device, threads=threads, max_length=max_length)
     finally:
         path.unlink(missing_ok=True)
 
@@ -195,6 +195,7 @@ def evaluate(
     """
     from ..data import token_batches
     from ..models import load_model
+    from ..onnx.summary import graph_kv_cache
     from ..thresholds import Thresholds
     from ..torch.calibration import calibrate
     from .measure import KeptElements, Perplexity, decode_through_cache, v_rows_read, valid_counts
@@ -209,6 +210,11 @@ def evaluate(
             f"{out_dir} holds no model.onnx: pass a folder written by 'topθ-export MODEL --calib DATA -o OUT'"
         )
     specs = [parse_task_spec(t) for t in tasks or []]
+    if topk and graph_kv_cache(model_path) == "shared":
+        raise TopThetaError(
+            f"{model_path} has the shared-buffer KV cache, and the top-k baseline replaces the operator, which "
+            "holds that cache: pass --no-topk (topk=False), or evaluate the rewrite with --kv-cache concat"
+        )
     th = Thresholds.load(out_dir)
     meta = th.meta
     for m in list(comp_modes) + list(sweep_comp_modes or []):
@@ -321,7 +327,7 @@ def evaluate(
         frac = 0.1 + 0.85 * vi / len(variants)
         step(f"{v.name}: opening session", frac)
         t0 = time.perf_counter()
-        om = _open(model_path, v, dense_layers, device, threads)
+        om = _open(model_path, v, dense_layers, device, threads, seq_len)
         r: dict[str, Any] = {"name": v.name, "kind": v.kind, "k": v.k, "comp_mode": v.comp_mode, "tasks": {}}
         for dom, (_src, win) in domains.items():
             step(f"{v.name}: {dom} windows", frac)

@@ -345,7 +345,7 @@ def decode_through_cache(
     mask = np.ones((1, pre), np.int64)
     for t in range(pre, s):
         mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-        res = om.run(ids[:, t : t + 1], mask, res.present)
+        res = om.run(ids[:, t : t + 1], mask, res.cache)
         max_diff = max(max_diff, float(np.abs(res.output[:, -1] - full.output[:, t]).max()))
         for layer, k in res.kept.items():
             kept_rows[layer] += float(k.astype(np.float64).mean())

@@ -124,9 +124,10 @@ def _measure(
 ) -> dict[str, Any]:
     """Every run of the validation, with threads already pinned; the report without its provenance keys."""
     step("opening onnxruntime session", 0.05)
-    om = OnnxModel(onnx_path, device=device, threads=threads, with_kept=True, expose_io=True)
-    om_dense = OnnxModel(onnx_path, device=device, threads=threads, theta_fill=float("-inf"))
     n_win, seq_len = int(tokens.shape[0]), int(tokens.shape[1])
+    # max_length: a shared-form KV cache holds the decode check's whole window
+    om = OnnxModel(onnx_path, device=device, threads=threads, with_kept=True, expose_io=True, max_length=seq_len)
+    om_dense = OnnxModel(onnx_path, device=device, threads=threads, theta_fill=float("-inf"))
     causal, is_lm, net = bool(loaded.causal), bool(loaded.is_lm), loaded.model
     valid = valid_counts(seq_len, causal)
     elements = KeptElements(th.num_layers)
@@ -180,13 +181,14 @@ def _measure(
             a, b = out.mean(1), dense.mean(1)
             cos.append(float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b))))
 
-    from ..onnx.summary import graph_dtype
+    from ..onnx.summary import graph_dtype, graph_kv_cache
 
     dtype = graph_dtype(onnx_path)
     tol = PARITY_TOLS.get(dtype or "float32", PARITY_TOL)
     report: dict[str, Any] = {
         "model": loaded.name,
         "dtype": dtype,
+        "kv_cache": graph_kv_cache(onnx_path),
         "providers": om.providers,
         "seq_len": seq_len,
         "windows": n_win,

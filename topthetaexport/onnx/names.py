@@ -35,6 +35,19 @@ PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
 PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 KV_KINDS = ("key", "value")
+PAST_SEQUENCE_LENGTH = "past_sequence_length"  # shared-buffer KV cache: int32 [batch], valid rows per batch row
+MAX_SEQUENCE = "max_sequence"  # shared-buffer KV cache: the symbolic capacity dimension of the buffers
+KV_CACHE_META = META_PREFIX + "kv_cache"  # "concat" | "shared" (docs/graph.md)
+KV_CACHE_FORMS = ("concat", "shared")
+
+
+def kv_cache_form(input_names) -> str | None:
+    """The KV-cache form of a graph from its input names: ``shared`` (it has ``past_sequence_length``),
+    ``concat`` (``past_key_values.*`` only) or None (no cache)."""
+    input_names = set(input_names)
+    if PAST_SEQUENCE_LENGTH in input_names:
+        return "shared"
+    return "concat" if any(PAST_RE.match(n or "") for n in input_names) else None
 
 
 def past_name(layer: int, kind: str) -> str:

@@ -124,19 +124,26 @@ def _is_causal(th_meta: dict, onnx_meta: dict) -> bool | None:
 # -- the pass ----------------------------------------------------------------------------------------
 
 
-def rewrite(onnx_in, thresholds, onnx_out, *, comp_mode: int = 0, expose_kept: bool = False) -> dict[str, Any]:
+def rewrite(
+    onnx_in, thresholds, onnx_out, *, comp_mode: int = 0, expose_kept: bool = False, kv_cache: str = "concat"
+) -> dict[str, Any]:
     """Rewrite ``onnx_in`` (a dense export) into ``onnx_out`` with one TopThetaAttention per layer.
 
     ``thresholds``: a ``Thresholds`` or its path. Returns a report dict (per-layer matching details).
-    The matching itself is the rule set of ``topthetaexport.onnx.rules`` (docs/graph.md).
+    The matching itself is the rule set of ``topthetaexport.onnx.rules`` (docs/graph.md). ``kv_cache``:
+    ``concat`` (the graph concatenates past and new K/V, as exported) or ``shared`` (``ShareKvBuffer``: one
+    preallocated buffer per layer and kind, bound as past and present).
     """
     import onnx_ir as ir
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+    from .kv_cache import ShareKvBuffer, kv_cache_form
     from .rules import RuleContext, attention_rules, unsupported_reason
 
     if comp_mode not in (0, 1, 2):
         raise TopThetaError(f"comp_mode must be 0 (none), 1 (SDC) or 2 (SDC + V-mean), got {comp_mode}")
+    if kv_cache not in names.KV_CACHE_FORMS:
+        raise TopThetaError(f"unknown KV-cache form {kv_cache!r} (--kv-cache): use concat or shared")
     onnx_in, onnx_out = Path(onnx_in), Path(onnx_out)
     if onnx_out.suffix != ".onnx" or onnx_out.is_dir():
         raise TopThetaError(f"output path {onnx_out} must be a file ending in .onnx: pass e.g. model.onnx")
@@ -147,6 +154,11 @@ def rewrite(onnx_in, thresholds, onnx_out, *, comp_mode: int = 0, expose_kept: b
     onnx_meta = dict(model.metadata_props)
     if any(n.op_type == OP_TYPE and n.domain == DOMAIN for n in graph):
         raise TopThetaError(f"{onnx_in} already contains TopThetaAttention nodes: rewrite the dense export instead")
+    if kv_cache == "shared" and kv_cache_form(graph) is None:
+        raise TopThetaError(
+            f"{onnx_in} has no KV cache (no past_key_values.* inputs), so there is no buffer to share: "
+            "use kv_cache='concat' (--kv-cache concat), or export the decoder with the cache"
+        )
 
     layers = attention_layers(graph)
     for node, (layer, name) in sorted(layers.items(), key=lambda item: item[1]):
@@ -171,14 +183,19 @@ def rewrite(onnx_in, thresholds, onnx_out, *, comp_mode: int = 0, expose_kept: b
 
         ExposeKept()(model)
     RemoveUnusedNodesPass()(model)
+    if kv_cache == "shared":
+        ShareKvBuffer()(model)  # after the dead-node pass: the 4-D mask subgraph no longer reads the cache
     model.opset_imports[DOMAIN] = OP_VERSION
     model.metadata_props.update(_metadata(th, th_source, comp_mode))
+    form = kv_cache_form(graph)
+    if form is not None:
+        model.metadata_props[names.KV_CACHE_META] = form
     external = _initializer_bytes(graph) > _export.EXTERNAL_DATA_THRESHOLD
     if not external:
         ir.external_data.load_to_model(model)
     write_onnx(model, onnx_out, external)
     matched = [context.matched[layer] for layer in sorted(context.matched)]
-    return _report(matched, th, comp_mode, expose_kept, onnx_in, onnx_out, th_source)
+    return _report(matched, th, comp_mode, expose_kept, onnx_in, onnx_out, th_source) | {"kv_cache": form}
 
 
 def _initializer_bytes(graph) -> int:

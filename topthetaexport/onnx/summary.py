@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from .names import DOMAIN, LAYER_META, META_PREFIX, OP_TYPE
+from .names import DOMAIN, LAYER_META, META_PREFIX, OP_TYPE, kv_cache_form
 from .rewriter import layer_of, load_onnx
 
-__all__ = ["format_summary", "graph_dtype", "summarize"]
+__all__ = ["format_summary", "graph_dtype", "graph_kv_cache", "summarize"]
 
 # ONNX element types (TensorProto and onnx_ir.DataType share the numbers) -> the names --dtype uses
 _FLOAT_TYPES = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64"}
@@ -33,6 +33,13 @@ def graph_dtype(path) -> str | None:
 
     graph = onnx.load(str(path), load_external_data=False).graph
     return _dtype_of(v.type.tensor_type.elem_type for v in [*graph.input, *graph.output])
+
+
+def graph_kv_cache(path) -> str | None:
+    """The KV-cache form of the model at ``path`` (``concat``, ``shared``, None: no cache), from its input names."""
+    import onnx
+
+    return kv_cache_form(v.name for v in onnx.load(str(path), load_external_data=False).graph.input)
 
 
 def _dims(value) -> list:
@@ -113,6 +120,7 @@ def summarize(path) -> dict[str, Any]:
         "opset": dict(model.opset_imports),
         "producer": f"{model.producer_name or ''} {model.producer_version or ''}".strip(),
         "dtype": _dtype_of(v.dtype for v in [*graph.inputs, *graph.outputs]),
+        "kv_cache": kv_cache_form(v.name for v in graph.inputs),
         "inputs": [_io(v) for v in graph.inputs],
         "outputs": [_io(v) for v in graph.outputs],
         "num_nodes": sum(counts.values()),
@@ -138,6 +146,12 @@ def _overall(nodes: list[dict]) -> dict[str, Any]:
         "theta_max": max((n["theta_max"] for n in sparse), default=None),
         "theta_mean": float(np.mean(means)) if means else None,
     }
+
+
+_KV_CACHE_TEXT = {
+    "concat": "the graph concatenates past and new K/V into present.*",
+    "shared": "one buffer per layer and kind, bound as past_key_values.* and present.*, with past_sequence_length",
+}
 
 
 def _fmt_shape(shape: list) -> str:
@@ -186,6 +200,9 @@ def format_summary(s: dict[str, Any], *, max_ops: int = 12) -> str:
         f"{s['path']}  ({s['size_bytes'] / 1e6:.1f} MB{', external data' if s['external_data'] else ''})",
         f"opsets: {opsets}; {s['num_nodes']} nodes; runs in {s['dtype'] or 'no floating-point I/O'}",
     ]
+    kv = s.get("kv_cache")
+    if kv is not None:
+        lines.append(f"KV cache: {kv} ({_KV_CACHE_TEXT[kv]})")
     lines.append("inputs:")
     lines += _io_lines(s["inputs"])
     lines.append("outputs:")

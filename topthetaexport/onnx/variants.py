@@ -52,6 +52,7 @@ __all__ = [
 
 KEPT_PREFIX = names.KEPT_PREFIX
 _THETA_INPUT, _MASK_INPUT, _SDC_INPUT, _KEPT_OUTPUT = 3, 4, 7, 3
+PAST_LENGTH_INPUT = 8  # past_sequence_length: present on the op in the shared-buffer KV-cache form (kv_cache.py)
 _NO_OP_FIX = "run 'topθ-export rewrite' on it first"
 
 
@@ -64,6 +65,11 @@ def op_nodes(graph: ir.Graph) -> list[tuple[int, ir.Node]]:
             layer = names.layer_of_theta(theta.name or "") if theta is not None else None
             out.append((len(out) if layer is None else layer, node))
     return out
+
+
+def is_shared_kv(node: ir.Node) -> bool:
+    """Whether a TopThetaAttention node runs in the shared-buffer KV-cache form (it has input 8)."""
+    return len(node.inputs) > PAST_LENGTH_INPUT and node.inputs[PAST_LENGTH_INPUT] is not None
 
 
 def _require_ops(model: ir.Model) -> list[tuple[int, ir.Node]]:
@@ -117,20 +123,25 @@ class ExposeKept(InPlacePass):
 
 class ExposeAttentionIO(InPlacePass):
     """The op's Q, K, V, mask and output of every layer as graph outputs ``toptheta.io.{layer}.{q,k,v,mask,y}``
-    (operator-level parity checks), each through an Identity so the names do not clash with the graph's."""
+    (operator-level parity checks), each through an Identity so the names do not clash with the graph's.
+
+    In the shared-buffer KV-cache form K, V and mask are the valid part of the buffers, rows
+    ``[0, max(past_sequence_length) + Sq)`` of ``present`` and of the ``[B, M]`` mask: what the concat form
+    exposes when every batch row has the same past length.
+    """
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
         ops = op_nodes(graph)
         for layer, node in ops:
-            sources = [
-                ("q", node.inputs[0]),
-                ("k", node.inputs[1]),
-                ("v", node.inputs[2]),
-                ("mask", node.inputs[_MASK_INPUT] if len(node.inputs) > _MASK_INPUT else None),
-                ("y", node.outputs[0]),
-            ]
-            identities = []
+            mask = node.inputs[_MASK_INPUT] if len(node.inputs) > _MASK_INPUT else None
+            k, v, built = node.inputs[1], node.inputs[2], None
+            if is_shared_kv(node):
+                built, k, v, mask = _valid_rows(layer, node, mask)
+                for value in built.initializers:
+                    graph.register_initializer(value)
+            sources = [("q", node.inputs[0]), ("k", k), ("v", v), ("mask", mask), ("y", node.outputs[0])]
+            identities = [] if built is None else list(built.nodes)
             for slot, source in sources:
                 if source is None:
                     continue
@@ -143,6 +154,22 @@ class ExposeAttentionIO(InPlacePass):
                 graph.outputs.append(alias)
             graph.insert_after(node, identities)
         return PassResult(model, bool(ops))
+
+
+def _valid_rows(layer: int, node: ir.Node, mask: ir.Value | None) -> tuple[_TopKBuilder, ir.Value, ir.Value, Any]:
+    """(builder, K, V, mask) of a shared-form node cut to its ``max(P) + Sq`` valid rows."""
+    n = _TopKBuilder(layer, prefix=f"toptheta/io.{layer}/")
+    past_len = n("Cast", n("ReduceMax", node.inputs[PAST_LENGTH_INPUT], keepdims=1), to=ir.DataType.INT64)
+    ktot = n("Add", past_len, n("Shape", node.inputs[0], start=2, end=3))  # [1]
+    zero = n.ints("zero", 0)
+    k = n("Slice", node.outputs[1], zero, ktot, n.ints("axis2", 2))
+    v = n("Slice", node.outputs[2], zero, ktot, n.ints("axis2v", 2))
+    for value, like in ((k, node.outputs[1]), (v, node.outputs[2])):
+        value.dtype = like.dtype
+    if mask is not None:
+        cut = n("Slice", mask, zero, ktot, n.ints("axis1", 1))
+        cut.dtype, mask = mask.dtype, cut
+    return n, k, v, mask
 
 
 def _set_initializer(value: ir.Value | None, array: np.ndarray) -> bool:
@@ -238,8 +265,8 @@ def _mask_kind(mask: ir.Value) -> tuple[bool, int]:
 class _TopKBuilder:
     """Nodes and constant initializers of one layer's top-k replacement, named under ``toptheta/topk.{l}/``."""
 
-    def __init__(self, layer: int) -> None:
-        self.prefix = f"{names.TOPK_NODE_PREFIX}{layer}/"
+    def __init__(self, layer: int, prefix: str | None = None) -> None:
+        self.prefix = prefix or f"{names.TOPK_NODE_PREFIX}{layer}/"
         self.nodes: list[ir.Node] = []
         self.initializers: list[ir.Value] = []
 
@@ -347,6 +374,11 @@ class ReplaceWithTopK(InPlacePass):
         for layer, node in _require_ops(model):
             if layer in self.dense:
                 continue
+            if is_shared_kv(node):  # its K/V are this call's rows only; the cache is in the op's buffers
+                raise TopThetaError(
+                    f"layer {layer}: the top-k replacement needs the concat-form KV cache, this model has the "
+                    "shared-buffer form: rewrite it with kv_cache='concat' (--kv-cache concat)"
+                )
             built, y, kept = _topk_subgraph(layer, node, self.k)
             for value in built.initializers:
                 graph.register_initializer(value)

@@ -20,7 +20,7 @@ using toptheta::cuda::Plan;
 
 static_assert(std::is_standard_layout_v<AttnParams> && std::is_trivially_copyable_v<AttnParams>,
               "AttnParams crosses the C entry point");
-static_assert(sizeof(AttnParams) == 176, "AttnParams changed: update bench/toptheta_cuda.py (_AttnParams)");
+static_assert(sizeof(AttnParams) == 208, "AttnParams changed: update bench/toptheta_cuda.py (_AttnParams)");
 static_assert(sizeof(KernelOptions) == 12, "KernelOptions changed: update bench/toptheta_cuda.py");
 static_assert(sizeof(Plan) == 24, "Plan changed: update bench/toptheta_cuda.py");
 
@@ -29,7 +29,7 @@ static_assert(sizeof(Plan) == 24, "Plan changed: update bench/toptheta_cuda.py")
 #define TOPTHETA_ATTN_PARAMS_FIELDS(X)                                                          \
   X(B) X(Hq) X(Hkv) X(Sq) X(Ktot) X(D) X(Dv) X(R) X(scale) X(causal) X(comp_mode) X(dtype)    \
   X(q) X(k) X(v) X(theta) X(sdc) X(mask_kind) X(mask) X(mask_sb) X(mask_sh) X(mask_sq) X(out) \
-  X(kept)
+  X(kept) X(past_lens) X(past_lens_sb) X(kv_capacity) X(Sk)
 // clang-format on
 #define TOPTHETA_KERNEL_OPTIONS_FIELDS(X) X(force_generic) X(decode_splits) X(prefill_variant)
 #define TOPTHETA_PLAN_FIELDS(X) X(path) X(splits) X(prefill_variant) X(workspace)
@@ -87,11 +87,14 @@ __attribute__((visibility("default"))) int toptheta_cuda_attention(const AttnPar
     if (err && err_len > 0) std::snprintf(err, err_len, "%s: %s", what, why);
     return -1;
   };
-  const AttnParams& p = *params;
+  AttnParams p = *params;
+  if (p.kv_capacity == 0) p.kv_capacity = p.Ktot;  // callers that leave the field out: the concat form
   const int dtype = static_cast<int>(p.dtype), mask_kind = static_cast<int>(p.mask_kind);
   if (dtype < 0 || dtype > 2 || mask_kind < 0 || mask_kind > 3 || p.Hkv <= 0 || p.Hq % p.Hkv != 0 || !(p.scale > 0.f)) {
     return fail("params", "dtype, mask_kind, Hq / Hkv or scale out of range");
   }
+  if (p.kv_capacity != p.Ktot) return fail("params", "kv_capacity must equal Ktot");
+  if (p.past_lens) return fail("params", "the shared-buffer form (past_lens) is not implemented on CUDA yet");
 
   int device = 0;
   cudaGetDevice(&device);

@@ -96,6 +96,11 @@ class CudaKernel {
   explicit CudaKernel(const OrtKernelInfo*) : options_(KernelOptionsFromEnv()) {}
 
   void Compute(const Ort::KernelContext& ctx, PreparedCall& call) {
+    if (call.Shared()) {
+      throw OpError(
+          "TopThetaAttention (CUDA): the shared-buffer KV-cache form (past_sequence_length) is not "
+          "implemented on CUDA yet: run it on the CPU or leave input 8 out");
+    }
     AttnParams& p = call.params;
     cudaStream_t stream = static_cast<cudaStream_t>(ctx.GetGPUComputeStream());
     const int device = ctx.GetInput(0).GetTensorMemoryInfo().GetDeviceId();

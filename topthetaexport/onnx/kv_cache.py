@@ -1,0 +1,271 @@
+"""The KV-cache form of a rewritten graph: ``concat`` (as exported) or ``shared`` (one buffer per layer and kind).
+
+Concat form (what the export and the rewrite give): every step the graph concatenates the past cache and the new
+K/V into ``present.{i}.*``, so the whole cache is copied each step. Shared form (``ShareKvBuffer``): the caller
+preallocates one buffer ``[B, Hkv, M, D]`` per layer and kind and binds it both as ``past_key_values.{i}.*`` and as
+``present.{i}.*`` (onnxruntime IOBinding); TopThetaAttention writes the new rows in place at
+``[past_sequence_length[b], past_sequence_length[b] + S)`` (docs/op.md, input 8) and nothing else is copied.
+docs/graph.md has both signatures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx_ir as ir
+from onnx_ir.passes import InPlacePass, PassResult
+
+from .._errors import TopThetaError
+from . import names
+from .variants import PAST_LENGTH_INPUT, op_nodes
+
+__all__ = ["ShareKvBuffer", "kv_cache_form"]
+
+_KEY_INPUT = {"key": 1, "value": 2}
+_PAST_INPUT = {"key": 5, "value": 6}
+_PRESENT_OUTPUT = {"key": 1, "value": 2}
+_MASK_INPUT = 4
+_POSITIONS_NAME = "toptheta.past_length"  # int64 [1]: max(past_sequence_length), where Shape(past)[2] was
+_CONCAT_FIX = "keep the concat form (kv_cache='concat', --kv-cache concat)"
+
+
+def kv_cache_form(graph: ir.Graph) -> str | None:
+    """``shared`` (a ``past_sequence_length`` input), ``concat`` (``past_key_values.*`` inputs) or None (no cache)."""
+    return names.kv_cache_form(v.name for v in graph.inputs)
+
+
+@dataclass
+class _Layer:
+    """One layer's cache in the concat form: its past inputs, the Concats that build present, the op reading them."""
+
+    index: int
+    op: ir.Node
+    past: dict[str, ir.Value]
+    concat: dict[str, ir.Node]
+
+
+def _node_label(node: ir.Node) -> str:
+    return f"node '{node.name or '?'}' ({node.op_type})"
+
+
+def _shape_range(node: ir.Node, rank: int) -> tuple[int, int]:
+    """The [start, end) dimension range a Shape node reads (opset 15+ start/end attributes)."""
+
+    def attr(name: str, default: int) -> int:
+        a = node.attributes.get(name)
+        v = default if a is None else int(a.value)
+        return min(max(v + rank if v < 0 else v, 0), rank)
+
+    return attr("start", 0), attr("end", rank)
+
+
+class ShareKvBuffer(InPlacePass):
+    """Turn a rewritten concat-form graph into the shared-buffer form (docs/graph.md, "KV cache forms").
+
+    Per layer, TopThetaAttention takes the new K/V (the cache Concat's second input) as ``key``/``value``, the
+    graph inputs ``past_key_values.{i}.*`` (now ``[batch, Hkv, max_sequence, D]``) as ``past_key``/``past_value``
+    and the new input ``past_sequence_length`` (int32 ``[batch]``) as input 8; its outputs 1/2 become the graph
+    outputs ``present.{i}.*`` and the Concats go. ``Shape(past)[2]`` (the positions' offset) becomes
+    ``Cast(ReduceMax(past_sequence_length), int64)``; ``attention_mask`` spans ``max_sequence``. Anything else
+    that reads the cache or its length is refused (one-line TopThetaError naming the node).
+    """
+
+    def call(self, model: ir.Model) -> PassResult:
+        graph = model.graph
+        ops = op_nodes(graph)
+        if not ops:
+            raise TopThetaError("the model has no TopThetaAttention node: run 'topθ-export rewrite' on it first")
+        form = kv_cache_form(graph)
+        if form == "shared":
+            raise TopThetaError("the model already has the shared-buffer KV cache: nothing to do")
+        if form is None:
+            raise TopThetaError(
+                "the model has no KV cache (no past_key_values.* inputs), so there is no buffer to share: "
+                "export the decoder with the cache (the default) or keep kv_cache='concat'"
+            )
+        pasts = {m.group(1, 2): v for v in graph.inputs if (m := names.PAST_RE.match(v.name or ""))}
+        layers = [self._layer(int(i), pasts, ops) for i in sorted({int(i) for i, _ in pasts}, key=int)]
+        for layer, node in ops:
+            if not any(entry.op is node for entry in layers):
+                raise TopThetaError(
+                    f"layer {layer}: {_node_label(node)} reads no KV cache (its K/V are not a "
+                    f"Concat(past_key_values.*, new)): {_CONCAT_FIX}"
+                )
+        mask_value = self._check_mask(graph, [entry.op for entry in layers])
+        shape_users = self._check_past_readers(graph, layers)
+
+        batch = layers[0].past["key"].shape[0] if layers[0].past["key"].shape is not None else "batch"
+        past_len = ir.Value(
+            name=names.PAST_SEQUENCE_LENGTH, type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape([batch])
+        )
+        at = next((k + 1 for k, v in enumerate(graph.inputs) if v.name == names.ATTENTION_MASK), 1)
+        graph.inputs.insert(at, past_len)
+        if shape_users:
+            self._replace_positions(graph, past_len, shape_users)
+        for entry in layers:
+            self._share(graph, entry, past_len, batch)
+        attention_mask = next(v for v in graph.inputs if v.name == names.ATTENTION_MASK)
+        attention_mask.shape = ir.Shape([batch, names.MAX_SEQUENCE])
+        if mask_value is not attention_mask:
+            mask_value.shape = ir.Shape([batch, names.MAX_SEQUENCE])
+        model.metadata_props[names.KV_CACHE_META] = "shared"
+        return PassResult(model, True)
+
+    # -- checks ------------------------------------------------------------------------------------------
+
+    def _layer(self, index: int, pasts: dict, ops: list[tuple[int, ir.Node]]) -> _Layer:
+        op_set = {id(node) for _, node in ops}
+        past, concat, readers = {}, {}, {}
+        for kind in names.KV_KINDS:
+            value = pasts.get((str(index), kind))
+            if value is None:
+                raise TopThetaError(
+                    f"the graph has no input {names.past_name(index, kind)} beside the other cache inputs: "
+                    "re-export the model with topthetaexport.export_onnx"
+                )
+            concats = [n for n, _ in value.uses() if n.op_type == "Concat"]
+            if len(concats) != 1:
+                raise TopThetaError(
+                    f"{value.name} feeds {len(concats)} Concat nodes, not the one cache Concat: {_CONCAT_FIX}"
+                )
+            node = concats[0]
+            present = node.outputs[0]
+            axis = node.attributes.get("axis")
+            if list(node.inputs[:1]) != [value] or len(node.inputs) != 2 or axis is None or axis.value not in (2, -2):
+                raise TopThetaError(
+                    f"{_node_label(node)} is not Concat({value.name}, new) on the sequence axis 2: {_CONCAT_FIX}"
+                )
+            if not present.is_graph_output() or present.name != names.present_name(index, kind):
+                raise TopThetaError(
+                    f"{_node_label(node)} concatenates {value.name} but its output '{present.name}' is not the "
+                    f"graph output {names.present_name(index, kind)}: {_CONCAT_FIX}"
+                )
+            users = list(present.uses())
+            if len(users) != 1 or id(users[0][0]) not in op_set or users[0][1] != _KEY_INPUT[kind]:
+                other = next((n for n, i in users if id(n) not in op_set or i != _KEY_INPUT[kind]), None)
+                what = _node_label(other) if other is not None else "no TopThetaAttention node"
+                raise TopThetaError(
+                    f"{present.name} is read by {what}, not only by TopThetaAttention as its {kind}: the shared "
+                    f"KV cache needs every layer to be a TopThetaAttention on its cache (not a top-k variant): "
+                    f"{_CONCAT_FIX}"
+                )
+            past[kind], concat[kind], readers[kind] = value, node, users[0][0]
+        op = readers["key"]
+        if readers["value"] is not op:
+            raise TopThetaError(
+                f"layer {index}: present.{index}.key and .value are read by two different nodes: {_CONCAT_FIX}"
+            )
+        if any(i < len(op.inputs) and op.inputs[i] is not None for i in (5, 6, PAST_LENGTH_INPUT)):
+            raise TopThetaError(f"layer {index}: {_node_label(op)} already has past inputs: {_CONCAT_FIX}")
+        for i in _PRESENT_OUTPUT.values():
+            if i < len(op.outputs) and (op.outputs[i].uses() or op.outputs[i].is_graph_output()):
+                raise TopThetaError(f"layer {index}: {_node_label(op)} output {i} is already in use: {_CONCAT_FIX}")
+        return _Layer(index, op, past, concat)
+
+    def _check_mask(self, graph: ir.Graph, ops: list[ir.Node]) -> ir.Value:
+        """The key-padding mask every op reads: ``attention_mask`` cast to bool (or itself, when bool); it and its
+        source must feed nothing else, since both now span the buffer's capacity."""
+        attention_mask = next((v for v in graph.inputs if v.name == names.ATTENTION_MASK), None)
+        masks = {id(op.inputs[_MASK_INPUT]) if len(op.inputs) > _MASK_INPUT else 0 for op in ops}
+        mask = ops[0].inputs[_MASK_INPUT] if len(ops[0].inputs) > _MASK_INPUT else None
+        producer = None if mask is None else mask.producer()
+        from_input = mask is not None and (
+            mask is attention_mask
+            or (producer is not None and producer.op_type == "Cast" and producer.inputs[0] is attention_mask)
+        )
+        if attention_mask is None or len(masks) != 1 or mask is None or not from_input:
+            raise TopThetaError(
+                "the attention layers do not all read the key-padding mask cast from attention_mask (a sliding "
+                "window or a 4-D mask was kept by the rewrite), and the shared KV cache needs it to span the "
+                f"buffer: {_CONCAT_FIX}"
+            )
+        op_ids = {id(op) for op in ops}
+        for value in {id(mask): mask, id(attention_mask): attention_mask}.values():
+            for node, index in value.uses():
+                ok = (id(node) in op_ids and index == _MASK_INPUT) or (value is attention_mask and node is producer)
+                # Shape(attention_mask)[0:1] is the batch size, which the shared form keeps (some exports read it)
+                ok = ok or (
+                    node.op_type == "Shape" and node.domain in ("", "ai.onnx") and _shape_range(node, 2)[1] <= 1
+                )
+                if not ok:
+                    raise TopThetaError(
+                        f"{_node_label(node)} reads {value.name}, which spans the whole buffer in the shared KV "
+                        f"cache form: {_CONCAT_FIX}"
+                    )
+        return mask
+
+    def _check_past_readers(self, graph: ir.Graph, layers: list[_Layer]) -> list[ir.Node]:
+        """Shape nodes reading ``Shape(past)[2]`` (the past length: replaced); other Shape nodes of the batch, heads
+        or head size stay (the buffer has the same); anything else is refused."""
+        length_users: list[ir.Node] = []
+        for entry in layers:
+            for kind, value in entry.past.items():
+                for node, _ in value.uses():
+                    if node is entry.concat[kind]:
+                        continue
+                    if node.op_type == "Shape" and node.domain in ("", "ai.onnx"):
+                        start, end = _shape_range(node, 4)
+                        if not start <= 2 < end:
+                            continue
+                        if (start, end) == (2, 3):
+                            length_users.append(node)
+                            continue
+                    raise TopThetaError(
+                        f"{_node_label(node)} reads {value.name} (beyond its batch, head and head-size dimensions), "
+                        f"which the shared KV cache replaces by a buffer of another length: {_CONCAT_FIX}"
+                    )
+        return length_users
+
+    # -- the edit --------------------------------------------------------------------------------------
+
+    def _replace_positions(self, graph: ir.Graph, past_len: ir.Value, shape_nodes: list[ir.Node]) -> None:
+        """``Shape(past)[2:3]`` (int64 [1], the past length P of the concat form) -> ``Cast(ReduceMax(P_b))``: the
+        same value when every row has the same past length, as the concat form requires."""
+        reduce = ir.Node(
+            "",
+            "ReduceMax",
+            [past_len],
+            attributes=[ir.AttrInt64("keepdims", 1)],
+            num_outputs=1,
+            name="toptheta/past_length_max",
+        )
+        reduce.outputs[0].name = "toptheta.past_length_max"
+        reduce.outputs[0].dtype, reduce.outputs[0].shape = ir.DataType.INT32, ir.Shape([1])
+        cast = ir.Node(
+            "",
+            "Cast",
+            [reduce.outputs[0]],
+            attributes=[ir.AttrInt64("to", ir.DataType.INT64)],
+            num_outputs=1,
+            name="toptheta/past_length",
+        )
+        positions = cast.outputs[0]
+        positions.name, positions.dtype, positions.shape = _POSITIONS_NAME, ir.DataType.INT64, ir.Shape([1])
+        graph.insert_before(graph.node(0), [reduce, cast])
+        for node in shape_nodes:
+            node.outputs[0].replace_all_uses_with(positions, replace_graph_outputs=True)
+            graph.remove(node, safe=True)
+
+    def _share(self, graph: ir.Graph, entry: _Layer, past_len: ir.Value, batch) -> None:
+        op = entry.op
+        if len(op.inputs) <= PAST_LENGTH_INPUT:
+            op.resize_inputs(PAST_LENGTH_INPUT + 1)
+        if len(op.outputs) <= max(_PRESENT_OUTPUT.values()):
+            op.resize_outputs(max(_PRESENT_OUTPUT.values()) + 1)
+        for kind in names.KV_KINDS:
+            concat, past = entry.concat[kind], entry.past[kind]
+            old = concat.outputs[0]
+            op.replace_input_with(_KEY_INPUT[kind], concat.inputs[1])  # the new rows of this call
+            op.replace_input_with(_PAST_INPUT[kind], past)
+            shape = past.shape
+            heads, dim = (shape[1], shape[3]) if shape is not None and len(shape) == 4 else (None, None)
+            past.shape = ir.Shape([batch, heads, names.MAX_SEQUENCE, dim])
+            present = op.outputs[_PRESENT_OUTPUT[kind]]
+            present.dtype, present.shape = past.dtype, ir.Shape([batch, heads, names.MAX_SEQUENCE, dim])
+            where = [k for k, v in enumerate(graph.outputs) if v is old]
+            old.name = None  # free the graph output's name for the op's output
+            present.name = names.present_name(entry.index, kind)
+            for k in where:
+                graph.outputs[k] = present
+            graph.remove(concat, safe=True)
+        op.replace_input_with(PAST_LENGTH_INPUT, past_len)
