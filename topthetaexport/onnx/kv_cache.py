@@ -183,6 +183,10 @@ class ShareKvBuffer(InPlacePass):
         for value in {id(mask): mask, id(attention_mask): attention_mask}.values():
             for node, index in value.uses():
                 ok = (id(node) in op_ids and index == _MASK_INPUT) or (value is attention_mask and node is producer)
+                # Shape(attention_mask)[0:1] is the batch size, which the shared form keeps (some exports read it)
+                ok = ok or (
+                    node.op_type == "Shape" and node.domain in ("", "ai.onnx") and _shape_range(node, 2)[1] <= 1
+                )
                 if not ok:
                     raise TopThetaError(
                         f"{_node_label(node)} reads {value.name}, which spans the whole buffer in the shared KV "
