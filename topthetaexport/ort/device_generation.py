@@ -98,8 +98,10 @@ class OrtBuffers:
         import onnxruntime as ort
 
         np_type, onnx_type = _ORT_TYPES[ort_type]
+        if self.device == "cpu" and np_type is not None:  # zeroed host memory (the OrtValue keeps the array alive)
+            return OrtValueBuffer(ort.OrtValue.ortvalue_from_numpy(np.zeros(list(shape), np_type)), shape)
         element: Any = np_type if np_type is not None else onnx_type
-        value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), element, self.device, 0)
+        value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), element, self.device, 0)  # not zeroed
         return OrtValueBuffer(value, shape)
 
     def from_numpy(self, array: np.ndarray) -> OrtValueBuffer:
@@ -216,7 +218,11 @@ class DeviceSession:
         def providers(graph: bool) -> list:
             if self.device != "cuda":
                 return ["CPUExecutionProvider"]
-            cuda = {"device_id": "0", **{k: str(v) for k, v in extra.items()}, "enable_cuda_graph": "1" if graph else "0"}
+            cuda = {
+                "device_id": "0",
+                **{k: str(v) for k, v in extra.items()},
+                "enable_cuda_graph": "1" if graph else "0",
+            }
             if stream:
                 cuda["user_compute_stream"] = str(int(stream))
             return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
@@ -350,7 +356,9 @@ class DeviceGenerator:
     ):
         sig = session.signature
         if batch_size < 1 or max_length < 2:
-            raise TopThetaError(f"batch size {batch_size} / max length {max_length}: both must be positive (length ≥ 2)")
+            raise TopThetaError(
+                f"batch size {batch_size} / max length {max_length}: both must be positive (length ≥ 2)"
+            )
         missing = [n for n in sig.extra_inputs if n not in extra_inputs]
         if missing:
             raise TopThetaError(f"{session.path} has inputs {missing} the generator does not feed: pass extra_inputs")
@@ -366,15 +374,25 @@ class DeviceGenerator:
         self.next = self.buffers.empty([b, 1], "tensor(int64)") if sig.has_next_token else None
         self.logits = self.buffers.empty([b, 1, sig.vocab], sig.cache_type) if sig.vocab else None
         self.cache: list[Any] = []
+        self.mask: Any = None
+        self.past_len: Any = None
+        self.step_ids: Any = None
         if sig.form == "shared" and share is not None:
-            if share.sig.form != "shared" or (share.batch, share.max_length) != (b, m) or [
-                tuple(c.shape) for c in share.cache
-            ] != [self._kv_shape(i) for i in range(len(sig.past))]:
+            if (
+                share.sig.form != "shared"
+                or (share.batch, share.max_length) != (b, m)
+                or [tuple(c.shape) for c in share.cache] != [self._kv_shape(i) for i in range(len(sig.past))]
+            ):
                 raise TopThetaError(
                     "the generator to share buffers with has another cache shape (form, batch, length, heads): "
                     "share only between graphs of one model at the same batch and length"
                 )
-            self.cache, self.mask, self.past_len, self.step_ids = share.cache, share.mask, share.past_len, share.step_ids
+            self.cache, self.mask, self.past_len, self.step_ids = (
+                share.cache,
+                share.mask,
+                share.past_len,
+                share.step_ids,
+            )
             self.position, self.mask_host = share.position, share.mask_host
         elif sig.form == "shared":
             self.cache = [self.buffers.empty(self._kv_shape(i), sig.cache_type) for i in range(len(sig.past))]
@@ -499,7 +517,7 @@ class DeviceGenerator:
     # -- steps ---------------------------------------------------------------------------------------------------------
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> StepOutput:
-        """Run the prompt ``input_ids`` [B, S] (left-padded rows: ``attention_mask`` 0 on the padding) from position 0."""
+        """Run the prompt ``input_ids`` [B, S] from position 0 (``attention_mask`` 0 on left padding)."""
         t0 = time.perf_counter()
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         if ids.ndim != 2 or ids.shape[0] != self.batch:
@@ -511,7 +529,9 @@ class DeviceGenerator:
             )
         mask = np.ones_like(ids) if attention_mask is None else np.ascontiguousarray(attention_mask, dtype=np.int64)
         if mask.shape != ids.shape:
-            raise TopThetaError(f"attention_mask must have the shape of input_ids {list(ids.shape)}, got {list(mask.shape)}")
+            raise TopThetaError(
+                f"attention_mask must have the shape of input_ids {list(ids.shape)}, got {list(mask.shape)}"
+            )
         self.position = 0
         self.mask_host = mask
         binding = self.sess.io_binding()
