@@ -18,6 +18,7 @@ from rich.table import Table
 from topthetaexport import __version__
 from topthetaexport._errors import TopThetaError
 from topthetaexport._io import check_writable_dir, output_parents, staged_files
+from topthetaexport.onnx.names import KEPT_PREFIX
 from topthetaexport.options import check_options, resolve_dtype, resolve_kv_cache
 from topthetaexport.ort.library import runs_on_cuda
 
@@ -504,35 +505,64 @@ def eval_cmd(
 
 @app.command(
     "run",
-    help="Greedy generation with OUT/model.onnx in onnxruntime (KV cache) and the tokenizer saved in "
-    "OUT/, printing kept-row stats.",
+    help="Greedy generation with OUT/model.onnx in onnxruntime (KV cache) and the tokenizer saved in OUT/: "
+    "inputs, outputs and the cache stay on the device (IOBinding; CUDA graphs for the decode step on CUDA), the text "
+    "streams to stdout, prefill ms and decode tokens/s (and kept-row stats with --kept) go to stderr.",
 )
 def run_cmd(
     out: Path = typer.Argument(..., help="folder written by topθ-export"),
     prompt: str = typer.Option(..., "--prompt", help="prompt text"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="tokens to generate at most"),
     device: str = DEVICE_OPT,
+    kept: bool | None = typer.Option(
+        None,
+        "--kept/--no-kept",
+        help="print the V rows read per decode step (the op's kept counts); default on for the CPU, off on CUDA "
+        "(the kept output takes slower kernels and no CUDA graph)",
+    ),
+    cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="decode steps as ORT CUDA graphs"),
 ):
     check_options(max_new_tokens=max_new_tokens, device=device)
     import numpy as np
 
-    from topthetaexport.ort.sessions import OnnxModel
+    from topthetaexport.onnx.summary import summarize
+    from topthetaexport.ort.device_generation import DeviceSession
     from topthetaexport.pipeline import tokenizer_for
 
     tok = tokenizer_for(out)  # from OUT/ itself: the folder needs nothing else
-    om = OnnxModel(out, device=device, with_kept=True)
+    model = out / "model.onnx" if out.is_dir() else out
+    with_kept = (not runs_on_cuda(device)) if kept is None else kept
+    if with_kept and kept is None and not summarize(model).get("toptheta_nodes"):
+        with_kept = False  # a dense model has no kept counts
+    ds = DeviceSession(out, device=device, cuda_graph=cuda_graph, with_kept=with_kept)
     ids = np.asarray(tok(prompt)["input_ids"], dtype=np.int64)[None, :]
-    stats = []
+    gen = ds.generator(1, ids.shape[1] + max_new_tokens)
+    stats: list[float] = []
+    new: list[int] = []
+    shown = [prompt]
+    out_console.file.write(prompt)
+
+    def on_token(tokens, i):
+        new.append(int(tokens[0]))
+        text = prompt + tok.decode(new, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and text.startswith(shown[0]):  # an unfinished UTF-8 character waits
+            out_console.file.write(text[len(shown[0]) :])
+            out_console.file.flush()
+            shown[0] = text
 
     def on_step(step):
-        if step.output.shape[1] == 1:
-            stats.append(np.mean([k.mean() for k in step.kept.values()]))
+        kept_counts = [v.numpy() for n, v in step.extras.items() if n.startswith(KEPT_PREFIX)]
+        if kept_counts and kept_counts[0].shape[-1] == 1:  # decode steps
+            stats.append(float(np.mean([k.mean() for k in kept_counts])))
 
-    new = om.generate(ids, max_new_tokens, eos_token_id=tok.eos_token_id, on_step=on_step)
-    out_console.print(prompt + tok.decode(new[0], skip_special_tokens=True), soft_wrap=True)
+    res = gen.generate(ids, max_new_tokens, eos_token_id=tok.eos_token_id, on_token=on_token, on_step=on_step)
+    final = prompt + tok.decode(new, skip_special_tokens=True)
+    out_console.file.write(final[len(shown[0]) :] + "\n")
+    out_console.file.flush()
+    console.print(f"[dim]{escape(res.summary())}; providers {ds.providers}[/dim]", soft_wrap=True)
     if stats:
         console.print(
-            f"[dim]providers {om.providers}; mean V rows read per decode step: {np.mean(stats):.1f} "
+            f"[dim]mean V rows read per decode step: {np.mean(stats):.1f} "
             f"of {ids.shape[1] + len(stats) / 2:.0f} on average[/dim]"
         )
 
@@ -549,8 +579,14 @@ def inspect_cmd(
     out_console.print(json.dumps(info, indent=2, default=str) if as_json else format_summary(info), soft_wrap=True)
 
 
-@app.command("bench", help="Time TopThetaAttention against dense attention (ONNX Attention) in onnxruntime.")
+@app.command(
+    "bench",
+    help="Time TopThetaAttention against dense attention (ONNX Attention) in onnxruntime; with OUT --e2e, the whole "
+    "model: prefill and decode of OUT's Top-θ graph, its dense export and its GroupQueryAttention twin.",
+)
 def bench_cmd(
+    out: Path | None = typer.Argument(None, help="with --e2e: a folder written by topθ-export"),
+    e2e: bool = typer.Option(False, "--e2e", help="end-to-end benchmark of OUT (docs/benchmarks.md, End to end)"),
     device: str = DEVICE_OPT,
     heads: int = typer.Option(8, "--heads"),
     kv_heads: int = typer.Option(2, "--kv-heads"),
@@ -558,7 +594,22 @@ def bench_cmd(
     seq: str = typer.Option("512,2048", "--seq", help="comma-separated context lengths"),
     keep: float = typer.Option(0.125, "--keep", help="fraction of keys the thresholds keep"),
     repeats: int = typer.Option(20, "--repeats"),
+    contexts: str = typer.Option(
+        "2048,8192,16384,32768", "--contexts", help="--e2e: contexts (beyond the model's positions: skipped)"
+    ),
+    batches: str = typer.Option("1,8,16", "--batches", help="--e2e: batch sizes"),
+    results: Path = typer.Option(Path("bench-results"), "--results", help="--e2e: folder of the JSON/Markdown rows"),
+    dense: Path | None = typer.Option(
+        None,
+        "--dense",
+        help="--e2e: the dense export of OUT (default: re-exported from the model named in OUT's metadata)",
+    ),
 ):
+    if e2e:
+        _bench_e2e(out, device, _ints(contexts, "--contexts"), _ints(batches, "--batches"), results, dense)
+        return
+    if out is not None:
+        raise TopThetaError(f"'bench {out}' times a model only with --e2e: add --e2e, or drop OUT for the op bench")
     seqs = _ints(seq, "--seq")
     check_options(
         device=device, heads=heads, kv_heads=kv_heads, head_dim=head_dim, seqs=seqs, keep=keep, repeats=repeats
@@ -581,6 +632,34 @@ def bench_cmd(
             f"{r['kept_fraction']:.3f}",
         )
     out_console.print(t)
+
+
+def _bench_e2e(out: Path | None, device: str, contexts: list[int], batches: list[int], results: Path, dense):
+    import tempfile
+
+    check_options(device=device)
+    for flag, values in (("--contexts", contexts), ("--batches", batches)):
+        if not values or min(values) < 1:
+            raise TopThetaError(f"{flag} needs positive integers, got {values}: pass e.g. {flag} 2048,8192")
+    if out is None:
+        raise TopThetaError("bench --e2e needs the folder to time: pass OUT (a folder written by topθ-export)")
+    from topthetaexport.ort.e2e import prepare_output, run_e2e
+
+    results.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(results)
+    with tempfile.TemporaryDirectory(prefix="toptheta-e2e-") as work:
+        graphs = Path(work) / "graphs"
+        prepare_output(out, graphs, dense=dense, log=lambda m: console.print(f"[dim]{escape(m)}[/dim]"))
+        res = run_e2e(
+            [graphs],
+            results,
+            contexts=contexts,
+            batches=batches,
+            device="cuda" if runs_on_cuda(device) else "cpu",
+            work_dir=Path(work) / "run",
+            log=lambda m: console.print(f"[dim]{escape(m)}[/dim]"),
+        )
+    out_console.print(Path(res["paths"][-1]).read_text(), soft_wrap=True)
 
 
 def _version_callback(value: bool):

@@ -39,6 +39,7 @@ PUBLIC_FUNCTIONS = (
     "evaluate",
     "session",
     "session_options",
+    "generate",
     "load_model",
     "export_onnx",
     "run_pipeline",

@@ -39,6 +39,8 @@ PAST_SEQUENCE_LENGTH = "past_sequence_length"  # shared-buffer KV cache: int32 [
 MAX_SEQUENCE = "max_sequence"  # shared-buffer KV cache: the symbolic capacity dimension of the buffers
 KV_CACHE_META = META_PREFIX + "kv_cache"  # "concat" | "shared" (docs/graph.md)
 KV_CACHE_FORMS = ("concat", "shared")
+NEXT_TOKEN = "toptheta.next_token"  # int64 [batch, 1]: greedy next token (onnx/decoding.py GreedyNextToken)
+THETA_INPUT = "toptheta.theta"  # float32 [Hq, R]: θ of every layer as one graph input (onnx/decoding.py ThetaInput)
 
 
 def kv_cache_form(input_names) -> str | None:
