@@ -9,7 +9,9 @@
 #                    plus the last part(s) in .ortgpu/p*/part.* (sha256 in ORTGPU_SHA256)
 # Usage: bash bench/gpu_session.sh [STEPS] [bench args...]   STEPS: comma list of tests, ktests, sanitize, bench, decode (bench/decode_bench.py),
 #        profile, ortwall (bench/ort_session_wall.py), b1ncu (ncu durations of B=1 decode kernels),
-#        realqkv (bench/real_qkv_bench.py on .gpubuild/smollm2_qkv.pt)
+#        realqkv (bench/real_qkv_bench.py on .gpubuild/smollm2_qkv.pt),
+#        e2e (bench/e2e.py run on the carried graph folders .gpubuild/e2e-*, made here by bench/e2e.py prepare;
+#             E2E_ARGS adds options, e.g. "--contexts 8192 --batches 8"; E2E_BUDGET seconds, default 400)
 #        (default tests,bench; "all" = tests,bench; "ktests" = the kernel tests only, no onnxruntime-gpu needed)
 set -uo pipefail
 ORTGPU_SHA256=${ORTGPU_SHA256:-05d548956197b9d01f59b625de740e0d6be3593f874e241a12dc0362650ecdf7}
@@ -112,8 +114,18 @@ if has b1ncu; then  # decode B=1 kernel durations and DRAM bytes under Nsight Co
   grep -E "^  [a-zA-Z_].*\(|gpu__time_duration|dram__bytes_read" /tmp/ncu_b1.txt | sed -E 's/\(.*\) \(([0-9, ]+)\)x.*/ grid(\1)/' \
     | cut -c1-120 | tee "$OUT/ncu_b1_summary.txt"
 fi
+if has e2e; then  # end to end: Top-θ (shared buffer) vs the dense export vs GroupQueryAttention, same weights
+  E2E_DIRS=$(ls -d .gpubuild/e2e-*/ 2>/dev/null | sort)  # qwen2.5-1.5b before smollm2-135m
+  if [ -z "$E2E_DIRS" ]; then
+    echo "no graph folders .gpubuild/e2e-* carried: run 'python bench/e2e.py prepare' here first" >&2
+  else
+    timeout ${E2E_TIMEOUT:-560} python3 bench/e2e.py run --graphs $E2E_DIRS --out "$OUT" --library "$LIB" \
+      --budget-s ${E2E_BUDGET:-400} ${E2E_ARGS:-} 2>&1 | grep -v "plugin EP" | tee "$OUT/e2e.log"
+  fi
+fi
 echo "== summary =="
 [ -f "$OUT/pytest.log" ] && tail -1 "$OUT/pytest.log"
 [ -f "$OUT/pytest-kernels.log" ] && tail -1 "$OUT/pytest-kernels.log"
 [ -f "$OUT/bench.log" ] && sed -n '/== speedup/,$p' "$OUT/bench.log"
+ls "$OUT"/e2e-*.md >/dev/null 2>&1 && cat "$OUT"/e2e-*.md
 exit $rc_tests

@@ -34,8 +34,17 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prepared(root):
+    """The tiny shape's graphs. Its export is forced to external data (as a model over 1 GB is) and the strip size
+    raised above its [64, 32] matrices, so that initializers in the export's data file that stay in the graphs must
+    be moved inline by prepare."""
+    from topthetaexport.onnx import exporter
+
     out = root / "tiny"
-    e2e.prepare_shape("tiny", out, dtype="float32", exports_dir=root / "exports", log=lambda m: None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(exporter, "EXTERNAL_DATA_THRESHOLD", 0)
+        mp.setattr(e2e, "STRIP_BYTES", 10000)
+        e2e.prepare_shape("tiny", out, dtype="float32", exports_dir=root / "exports", log=lambda m: None)
+    assert (root / "exports" / "dense.onnx.data").is_file()
     return out
 
 
@@ -46,6 +55,7 @@ def out_folder(root, prepared):
     out = root / "out"
     out.mkdir()
     shutil.copyfile(root / "exports" / "toptheta.onnx", out / "model.onnx")
+    shutil.copyfile(root / "exports" / "toptheta.onnx.data", out / "toptheta.onnx.data")  # its weights' file name
     tiny_bpe_tokenizer().save_pretrained(str(out))
     e2e.shape_config("tiny").to_json_file(str(out / "config.json"))
     return out
@@ -62,10 +72,13 @@ def test_prepare_writes_graphs_without_weights(prepared):
     assert len(embed) == 1 and embed[0]["shape"] == [1000, 64]  # the embedding: B rows read per step
     assert man["streamed_weight_bytes"] == sum(w["nbytes"] for w in man["weights"] if not w["gather_only"])
     stored = {w["name"]: w for w in man["weights"]}
+    assert min(w["nbytes"] for w in man["weights"]) >= 10000
     for gname, fname in man["graphs"].items():
         model = onnx.load(str(prepared / fname), load_external_data=False)
         external = {t.name: t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
-        assert external and set(external) <= set(stored), gname
+        assert external and set(external) <= set(stored), gname  # nothing still points at the export's data
+        inline = [t for t in model.graph.initializer if t.name not in external and len(t.dims) == 2]
+        assert any(list(t.dims) == [64, 32] and t.raw_data for t in inline), gname  # moved inline
         for name, t in external.items():
             info = {e.key: e.value for e in t.external_data}
             assert info["location"] == e2e.WEIGHTS and int(info["offset"]) == stored[name]["offset"], name

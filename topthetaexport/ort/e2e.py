@@ -22,6 +22,7 @@ Two halves, so that a GPU machine with little time and small uploads only runs:
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import shutil
@@ -382,6 +383,9 @@ def _write_graphs(models: dict[str, Any], out_dir: Path, info: dict[str, Any], *
         for value in model.graph.initializers.values():
             found = entries.get(value.name or "")
             if found is None or value.const_value is None or value.const_value.nbytes < STRIP_BYTES:
+                if isinstance(value.const_value, ir.ExternalTensor):  # small, but in the export's data file: inline
+                    t = value.const_value
+                    value.const_value = ir.Tensor(t.numpy(), dtype=t.dtype, name=value.name)
                 continue
             e = found
             value.const_value = ir.ExternalTensor(
@@ -980,7 +984,7 @@ class _ModelBench:
                 continue
             try:
                 rows += self._context(c, sorted(int(b) for b in batches), log)
-            except TopThetaError as e:
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory: the other contexts stay
                 self.info["skipped"].append(f"context {c}: {e}")
                 log(f"  context {c} failed: {e}")
             later += [(b, c) for b in batches if b > 1]
@@ -992,7 +996,7 @@ class _ModelBench:
                 continue
             try:
                 rows.append(self._prefill_row(b, c, log))
-            except TopThetaError as e:
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory: the other rows stay
                 self.info["skipped"].append(f"prefill {b} x {c}: {e}")
                 log(f"  prefill {b} x {c} failed: {e}")
             if self.cuda:
@@ -1001,6 +1005,16 @@ class _ModelBench:
 
     def _row(self, c: int, b: int, phase: str) -> dict[str, Any]:
         return {"model": self.man["name"], "dtype": self.man["dtype"], "context": c, "batch": b, "phase": phase}
+
+    def _guard(self, errors: dict[str, str], key: str, fn: Callable[[], Any]) -> Any:
+        """``fn()``, or None with the one-line reason in ``errors[key]`` (one graph failing keeps the others' rows)."""
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - onnxruntime and CUDA errors of one graph are recorded, not fatal
+            errors[key] = " ".join(str(e).split())[:300] or type(e).__name__
+            if self.cuda:
+                self.torch.cuda.empty_cache()
+            return None
 
     def _context(self, c: int, batches: list[int], log: Callable) -> list[dict[str, Any]]:
         """θ at context c, the decode rows of every batch (caches replicated from one batch-1 prefill), the batch-1
@@ -1015,111 +1029,128 @@ class _ModelBench:
         else:
             theta, search = None, {"tokens": ga.prefill(ids).tokens, "dense_logits": None}
         pre_a = self._time_prefill(ga, ids)
-        tokens1 = pre_a["tokens"]
         rows = []
         for b in batches:
-            rows.append(self._decode_row(ga, b, c, tokens1, theta, log))
-        del_row = self._row(c, 1, "prefill")
+            errors: dict[str, str] = {}
+            decode = functools.partial(self._decode_row, ga, b, c, pre_a["tokens"], theta, log)
+            row = self._guard(errors, "toptheta", decode)
+            if row is None:
+                self.info["skipped"].append(f"decode {b} x {c}: {errors['toptheta']}")
+                log(f"  decode {b} x {c} failed: {errors['toptheta']}")
+            else:
+                rows.append(row)
+        errors = {}
         gc = self._gen("dense_gqa", 1, length)
-        pre_c = self._time_prefill(gc, ids)
-        if search.get("dense_logits") is not None and gc.logits is not None:
+        pre_c = self._guard(errors, "dense_gqa", lambda: self._time_prefill(gc, ids))
+        if pre_c is not None and search.get("dense_logits") is not None and gc.logits is not None:
             self.info.setdefault("dense_parity", {})[str(c)] = float(
                 np.abs(gc.logits.read().astype(np.float32) - search["dense_logits"]).max()
             )
-        del gc
-        pre_b = None
-        if self._scores_gb(1, c) <= self.max_scores_gb:
-            gb = self._gen("dense", 1, length)
-            pre_b = self._time_prefill(gb, ids)
-            del gb
-        rows.insert(0, self._prefill_fields(del_row, pre_a, pre_b, pre_c, 1, c))
+        gc = None  # frees its buffers
+        pre_b = self._dense_prefill(errors, 1, c, ids, length)
+        rows.insert(0, self._prefill_fields(self._row(c, 1, "prefill"), pre_a, pre_b, pre_c, errors, 1, c))
         return rows
 
-    def _prefill_fields(self, row, pre_a, pre_b, pre_c, b, c) -> dict[str, Any]:
+    def _dense_prefill(self, errors: dict[str, str], b: int, c: int, ids: np.ndarray, length: int) -> Any:
+        if self._scores_gb(b, c) > self.max_scores_gb:
+            errors["dense"] = (
+                f"skipped: the dense export's S x S scores need {self._scores_gb(b, c):.0f} GB > "
+                f"{self.max_scores_gb:.0f} GB"
+            )
+            return None
+        gb = self._gen("dense", b, length)
+        return self._guard(errors, "dense", lambda: self._time_prefill(gb, ids))
+
+    def _prefill_fields(self, row, pre_a, pre_b, pre_c, errors, b, c) -> dict[str, Any]:
+        def get(res, key):
+            return res[key] if res else None
+
         row.update(
             toptheta_ms=pre_a["gpu_ms"],
-            dense_ms=pre_b["gpu_ms"] if pre_b else None,
-            dense_gqa_ms=pre_c["gpu_ms"],
+            dense_ms=get(pre_b, "gpu_ms"),
+            dense_gqa_ms=get(pre_c, "gpu_ms"),
             toptheta_wall_ms=pre_a["wall_ms"],
             v_rows_fraction=None,
             ceiling=None,
             kernels=_attention_kernels(pre_a["kernels"]),
-            dense_wall_ms=pre_b["wall_ms"] if pre_b else None,
-            dense_gqa_wall_ms=pre_c["wall_ms"],
+            dense_wall_ms=get(pre_b, "wall_ms"),
+            dense_gqa_wall_ms=get(pre_c, "wall_ms"),
             toptheta_busy_ms=pre_a["busy_ms"],
-            dense_busy_ms=pre_b["busy_ms"] if pre_b else None,
-            dense_gqa_busy_ms=pre_c["busy_ms"],
-            dense_gqa_kernels=_top_kernels(pre_c["kernels"]),
+            dense_busy_ms=get(pre_b, "busy_ms"),
+            dense_gqa_busy_ms=get(pre_c, "busy_ms"),
+            dense_gqa_kernels=_top_kernels(pre_c["kernels"]) if pre_c else [],
             generic_kernel=any("GenericKernel" in n for n in pre_a["kernels"]),
         )
-        if pre_b is None:
-            row["dense_skipped"] = (
-                f"the dense export's S x S scores need {self._scores_gb(b, c):.0f} GB > {self.max_scores_gb:.0f} GB"
-            )
-        if row["dense_gqa_ms"] and row["toptheta_ms"]:
-            row["speedup_vs_gqa"] = row["dense_gqa_ms"] / row["toptheta_ms"]
-        if row["dense_ms"] and row["toptheta_ms"]:
-            row["speedup_vs_dense"] = row["dense_ms"] / row["toptheta_ms"]
+        if errors:
+            row["errors"] = dict(errors)
+        _speedups(row)
         return row
 
     def _decode_row(self, ga1, b: int, c: int, tokens1: np.ndarray, theta: float | None, log: Callable) -> dict:
         length = ga1.max_length
+        errors: dict[str, str] = {}
         ga = self._gen("toptheta", b, length)
         for dst, src in zip(ga.cache, ga1.cache):
             dst.tensor.copy_(src.tensor.expand(b, *src.tensor.shape[1:]))
         ga.start_at(c)
         tokens = np.repeat(tokens1, b)
         dec_a = self._time_decode(ga, tokens)
-        m = self._measure(ga, tokens, theta, c)
+        m = self._guard(errors, "toptheta_measure", lambda: self._measure(ga, tokens, theta, c)) or {}
         gc = self._gen("dense_gqa", b, length, share=ga)
         gc.position = c
-        dec_c = self._time_decode(gc, tokens)
-        del gc
-        gb = self._gen("dense", b, length)
-        past = [self.buffers.empty([b, h, c, d], ga.sig.cache_type) for h, d in gb.sig.kv_shapes]
-        for dst, src in zip(past, ga.cache):
-            dst.tensor.copy_(src.tensor[:, :, :c])
-        gb.set_past(past, c)
-        dec_b = self._time_decode(gb, tokens)
-        del gb, past, ga
+        dec_c = self._guard(errors, "dense_gqa", lambda: self._time_decode(gc, tokens))
+        gc = None  # frees its buffers
+
+        def dense():
+            gb = self._gen("dense", b, length)
+            past = [self.buffers.empty([b, h, c, d], ga.sig.cache_type) for h, d in gb.sig.kv_shapes]
+            for dst, src in zip(past, ga.cache):
+                dst.tensor.copy_(src.tensor[:, :, :c])
+            gb.set_past(past, c)
+            return self._time_decode(gb, tokens)
+
+        dec_b = self._guard(errors, "dense", dense)
+        ga = None
         v_rows = m.get("v_rows_fraction")
         dense_bytes, tt_bytes = self._bytes(b, c + 1, v_rows)
+
+        def get(res, key):
+            return res[key] if res else None
+
         row = self._row(c, b, "decode")
         row.update(
             toptheta_ms=dec_a["gpu_ms"],
-            dense_ms=dec_b["gpu_ms"],
-            dense_gqa_ms=dec_c["gpu_ms"],
+            dense_ms=get(dec_b, "gpu_ms"),
+            dense_gqa_ms=get(dec_c, "gpu_ms"),
             toptheta_wall_ms=dec_a["wall_ms"],
             v_rows_fraction=v_rows,
             ceiling=(dense_bytes / tt_bytes) if tt_bytes else None,
             kernels=_attention_kernels(dec_a["kernels"]),
-            dense_wall_ms=dec_b["wall_ms"],
-            dense_gqa_wall_ms=dec_c["wall_ms"],
+            dense_wall_ms=get(dec_b, "wall_ms"),
+            dense_gqa_wall_ms=get(dec_c, "wall_ms"),
             toptheta_busy_ms=dec_a["busy_ms"],
-            dense_busy_ms=dec_b["busy_ms"],
-            dense_gqa_busy_ms=dec_c["busy_ms"],
-            dense_gqa_kernels=_top_kernels(dec_c["kernels"]),
-            kept_fraction=m["kept_fraction"],
+            dense_busy_ms=get(dec_b, "busy_ms"),
+            dense_gqa_busy_ms=get(dec_c, "busy_ms"),
+            dense_gqa_kernels=_top_kernels(dec_c["kernels"]) if dec_c else [],
+            kept_fraction=m.get("kept_fraction"),
             kept_rows_differing=m.get("kept_rows_differing"),
             theta=theta,
             dense_bytes=dense_bytes,
             toptheta_bytes=tt_bytes,
             cuda_graph={
                 "toptheta": dec_a["cuda_graph"],
-                "dense": dec_b["cuda_graph"],
-                "dense_gqa": dec_c["cuda_graph"],
+                "dense": get(dec_b, "cuda_graph"),
+                "dense_gqa": get(dec_c, "cuda_graph"),
             },
             generic_kernel=any("GenericKernel" in n for n in dec_a["kernels"]),
         )
-        if row["dense_gqa_ms"] and row["toptheta_ms"]:
-            row["speedup_vs_gqa"] = row["dense_gqa_ms"] / row["toptheta_ms"]
-            if row["ceiling"]:
-                row["ceiling_fraction_vs_gqa"] = row["speedup_vs_gqa"] / row["ceiling"]
-        if row["dense_ms"] and row["toptheta_ms"]:
-            row["speedup_vs_dense"] = row["dense_ms"] / row["toptheta_ms"]
+        if errors:
+            row["errors"] = errors
+        _speedups(row)
         log(
             f"  decode {b} x {c}: Top-θ {_fmt(row['toptheta_ms'])} ms, dense {_fmt(row['dense_ms'])}, "
             f"GQA {_fmt(row['dense_gqa_ms'])}; V rows {_fmt(v_rows)}, ceiling {_fmt(row['ceiling'])}"
+            + (f"; errors {errors}" if errors else "")
         )
         return row
 
@@ -1128,23 +1159,30 @@ class _ModelBench:
         if self.search:
             self._set_theta(float(self.info["theta_by_context"][str(c)]["theta"]))
         ids = self._ids(b, c)
+        errors: dict[str, str] = {}
         ga = self._gen("toptheta", b, length)
         pre_a = self._time_prefill(ga, ids)
-        del ga
+        ga = None
         gc = self._gen("dense_gqa", b, length)
-        pre_c = self._time_prefill(gc, ids)
-        del gc
-        pre_b = None
-        if self._scores_gb(b, c) <= self.max_scores_gb:
-            gb = self._gen("dense", b, length)
-            pre_b = self._time_prefill(gb, ids)
-            del gb
-        row = self._prefill_fields(self._row(c, b, "prefill"), pre_a, pre_b, pre_c, b, c)
+        pre_c = self._guard(errors, "dense_gqa", lambda: self._time_prefill(gc, ids))
+        gc = None  # frees its buffers
+        pre_b = self._dense_prefill(errors, b, c, ids, length)
+        row = self._prefill_fields(self._row(c, b, "prefill"), pre_a, pre_b, pre_c, errors, b, c)
         log(
             f"  prefill {b} x {c}: Top-θ {_fmt(row['toptheta_ms'])} ms, dense {_fmt(row['dense_ms'])}, "
-            f"GQA {_fmt(row['dense_gqa_ms'])}"
+            f"GQA {_fmt(row['dense_gqa_ms'])}" + (f"; {errors}" if errors else "")
         )
         return row
+
+
+def _speedups(row: dict[str, Any]) -> None:
+    """dense time / Top-θ time against (c) and (b), and against (c) as a fraction of the bytes ceiling."""
+    if row["dense_gqa_ms"] and row["toptheta_ms"]:
+        row["speedup_vs_gqa"] = row["dense_gqa_ms"] / row["toptheta_ms"]
+        if row.get("ceiling"):
+            row["ceiling_fraction_vs_gqa"] = row["speedup_vs_gqa"] / row["ceiling"]
+    if row["dense_ms"] and row["toptheta_ms"]:
+        row["speedup_vs_dense"] = row["dense_ms"] / row["toptheta_ms"]
 
 
 def _fmt(x: Any, spec: str = ".3g") -> str:
