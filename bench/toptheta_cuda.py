@@ -1,7 +1,9 @@
 """ctypes access to the CUDA kernels of libtoptheta_ops (``toptheta_cuda_attention``), on torch tensors.
 
 Used by the GPU tests and the benchmark to run the kernels without an onnxruntime session. K/V are the
-full ``[B, Hkv, Ktot, *]`` tensors (no past concatenation). Semantics: docs/op.md.
+full ``[B, Hkv, Ktot, *]`` tensors (no past concatenation), or in the shared-buffer form (``past_lens``) the
+``[B, Hkv, M, *]`` cache buffers with the new rows already at ``[P_b, P_b + Sk)`` (``append_kv`` writes them
+as the op does). Semantics: docs/op.md.
 """
 
 from __future__ import annotations
@@ -93,6 +95,9 @@ class Kernels:
                 ctypes.c_int,
             ]
             fn.restype = ctypes.c_int
+            app = self.lib.toptheta_cuda_append_kv
+            app.argtypes = [ctypes.POINTER(_AttnParams)] + [ctypes.c_void_p] * 5 + [ctypes.c_char_p, ctypes.c_int]
+            app.restype = ctypes.c_int
             self.lib.toptheta_cuda_options_from_env.argtypes = [ctypes.POINTER(_KernelOptions)]
             self.lib.toptheta_cuda_options_from_env.restype = None
         self.last_path = None
@@ -122,15 +127,22 @@ class Kernels:
         stream=None,
         want_kept=True,
         options=None,
+        past_lens=None,
+        new_len=None,
     ):
         """Top-θ attention on the current CUDA stream; returns (out, kept). ``want_kept=False`` leaves the
         `kept` output out (as in a rewritten model without exposed counts; kept is then None). ``options``:
-        kernel-choice overrides (``options_from_env()``, which is what None uses, read at each call)."""
+        kernel-choice overrides (``options_from_env()``, which is what None uses, read at each call).
+        ``past_lens`` (int32 CUDA tensor [B] or [1]) with ``new_len`` (Sk): the shared-buffer form, k/v being the
+        [B, Hkv, M, *] buffers whose rows [P_b, P_b + Sk) hold the new keys; the attn_mask is then [B, M]."""
         B, Hq, Sq, D = q.shape
         Hkv, Ktot, Dv = k.shape[1], k.shape[2], v.shape[3]
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not (t.is_cuda and t.is_contiguous() and t.dtype == q.dtype and t.data_ptr() % 16 == 0):
                 raise ValueError(f"{name} must be a contiguous, 16-byte aligned CUDA tensor of q's dtype")
+        lens = None if past_lens is None else _lengths(past_lens, B)
+        if lens is not None and new_len is None:
+            raise ValueError("the shared-buffer form (past_lens) needs new_len (Sk)")
         th = thresholds.to(device=q.device, dtype=torch.float32).contiguous()
         rho = None if sdc is None else sdc.to(device=q.device, dtype=torch.float32).contiguous()
         if out is None:
@@ -158,8 +170,10 @@ class Kernels:
             out=out.data_ptr(),
             kept=kept.data_ptr() if want_kept else None,
             kv_capacity=Ktot,
-            Sk=Ktot,
+            Sk=Ktot if lens is None else int(new_len),
         )
+        if lens is not None:
+            a.past_lens, a.past_lens_sb = lens.data_ptr(), (0 if lens.numel() == 1 else 1)
         mask = None
         if attn_mask is not None:
             mask = attn_mask.contiguous()
@@ -178,8 +192,42 @@ class Kernels:
         ):
             raise RuntimeError(err.value.decode())
         self.last_path, self.last_splits, self.last_variant = PATHS[plan.path], plan.splits, plan.prefill_variant
-        self._keep = (th, rho, mask)  # alive until the next call (the launch is asynchronous)
+        self._keep = (th, rho, mask, lens)  # alive until the next call (the launch is asynchronous)
         return out, kept
+
+    def append_kv(self, k_buf, v_buf, key, value, past_lens, stream=None):
+        """The op's append of the shared-buffer form: writes key/value [B, Hkv, Sk, *] to rows [P_b, P_b + Sk) of
+        the [B, Hkv, M, *] CUDA buffers, P_b read on the device and clamped to [0, M - Sk]."""
+        B, Hkv, Sk, D = key.shape
+        for name, t in (("k_buf", k_buf), ("v_buf", v_buf), ("key", key), ("value", value)):
+            if not (t.is_cuda and t.is_contiguous() and t.dtype == key.dtype):
+                raise ValueError(f"{name} must be a contiguous CUDA tensor of key's dtype")
+        lens = _lengths(past_lens, B)
+        a = _AttnParams(
+            B=B,
+            Hkv=Hkv,
+            D=D,
+            Dv=value.shape[3],
+            Ktot=k_buf.shape[2],
+            kv_capacity=k_buf.shape[2],
+            Sk=Sk,
+            dtype=_DTYPES[key.dtype],
+            past_lens=lens.data_ptr(),
+            past_lens_sb=0 if lens.numel() == 1 else 1,
+        )
+        err = ctypes.create_string_buffer(256)
+        s = stream if stream is not None else torch.cuda.current_stream(key.device).cuda_stream
+        ptrs = (k_buf.data_ptr(), v_buf.data_ptr(), key.data_ptr(), value.data_ptr(), s)
+        if self.lib.toptheta_cuda_append_kv(ctypes.byref(a), *map(ctypes.c_void_p, ptrs), err, 256) != 0:
+            raise RuntimeError(err.value.decode())
+
+
+def _lengths(past_lens, B):
+    if not (past_lens.is_cuda and past_lens.dtype == torch.int32 and past_lens.is_contiguous()):
+        raise ValueError("past_lens must be a contiguous int32 CUDA tensor")
+    if past_lens.dim() != 1 or past_lens.numel() not in (1, B):
+        raise ValueError(f"past_lens must be [B] = [{B}] or [1], got {list(past_lens.shape)}")
+    return past_lens
 
 
 def _mask_strides(shape, ktot):

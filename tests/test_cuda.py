@@ -775,3 +775,323 @@ def test_exported_model_on_cuda_matches_pytorch(ort_cuda, llama64, tmp_path, dty
         err = np.linalg.norm(got - want) / np.linalg.norm(want)
         assert err <= tol, (step, err)
     assert _node_providers(sess) == {"CUDAExecutionProvider"}
+
+
+# -- shared-buffer KV cache (past_sequence_length, docs/op.md) -------------------------------------------------------
+#
+# The cache is one [B, Hkv, M, *] buffer; batch row b holds P_b valid rows and attends over its first P_b + Sk.
+# Rows at and above P_b + Sk are NaN here: a kernel that read one of them (also only to multiply it by 0) would make
+# its output NaN.
+
+
+def untie_rows(theta, parts, gap=3e-5):
+    """``untie`` for batch rows of different lengths: parts = [(scores [1, Hq, Sq, K_b], valid, rr [Sq])], rr the
+    threshold row of each query row of that batch row."""
+    theta = theta.clone()
+    Hq = theta.shape[0]
+    for _ in range(5000):
+        hit = torch.zeros_like(theta, dtype=torch.bool)
+        for s, valid, rr in parts:
+            th_rows = theta[:, rr]  # [Hq, Sq]
+            d = (s - th_rows[None, :, :, None]).abs().masked_fill(~valid, float("inf")).amin(-1).amin(0)
+            bad = (d < gap) & torch.isfinite(th_rows)
+            h_idx = torch.arange(Hq, device=theta.device)[:, None].expand_as(bad)
+            hit[h_idx[bad], rr[None, :].expand_as(bad)[bad]] = True
+        if not hit.any():
+            return theta
+        theta[hit] += gap
+    raise AssertionError("could not untie thresholds")
+
+
+def shared_case(
+    dtype="f16",
+    B=3,
+    Hq=8,
+    Hkv=2,
+    Sq=1,
+    lens=(5, 300, 1000),
+    M=1100,
+    D=64,
+    causal=True,
+    mask=None,
+    comp_mode=0,
+    R=None,
+    seed=0,
+):
+    """Shared-form GPU inputs (the new rows already in the buffers, as the op's append leaves them) and, per batch
+    row, the concat-form case of that row alone (``make_case``'s keys; its thresholds untied for every row)."""
+    g = torch.Generator().manual_seed(seed)
+    dt = DT[dtype]
+    assert max(lens) + Sq <= M
+    q = torch.randn(B, Hq, Sq, D, generator=g)
+    kbuf, vbuf = torch.randn(B, Hkv, M, D, generator=g), torch.randn(B, Hkv, M, D, generator=g)
+    k_new, v_new = torch.randn(B, Hkv, Sq, D, generator=g), torch.randn(B, Hkv, Sq, D, generator=g)
+    for b, P in enumerate(lens):
+        kbuf[b, :, P : P + Sq], vbuf[b, :, P : P + Sq] = k_new[b], v_new[b]
+        kbuf[b, :, P + Sq :] = vbuf[b, :, P + Sq :] = float("nan")
+    q, kbuf, vbuf, k_new, v_new = (x.to("cuda", dt) for x in (q, kbuf, vbuf, k_new, v_new))
+    m = None
+    if mask == "pad":
+        m = (torch.rand(B, M, generator=g) > 0.2).cuda()
+    R = R or M
+    theta = (torch.rand(Hq, R, generator=g) + 0.2).cuda()  # scores are about N(0, 1): keeps 10-40 %
+    theta[(torch.rand(Hq, R, generator=g) < 0.1).cuda()] = float("-inf")
+    rows, parts = [], []
+    for b, P in enumerate(lens):
+        Kb = P + Sq
+        k, v = kbuf[b : b + 1, :, :Kb].contiguous(), vbuf[b : b + 1, :, :Kb].contiguous()
+        mb = None if m is None else m[b : b + 1, :Kb].contiguous()
+        s, valid = reference.valid_and_scores(q[b : b + 1], k, causal=causal, attn_mask=mb)
+        parts.append((s.float(), valid, (torch.arange(Sq, device="cuda") + P).clamp(max=R - 1)))
+        rows.append(dict(q=q[b : b + 1].contiguous(), k=k, v=v, attn_mask=mb))
+    theta = untie_rows(theta, parts)
+    sdc = (torch.rand(Hq, R, generator=g) * 0.9).cuda() if comp_mode else None
+    for r in rows:
+        r.update(thresholds=theta, sdc=sdc, causal=causal, comp_mode=comp_mode)
+    shared = dict(
+        q=q,
+        k=kbuf,
+        v=vbuf,
+        thresholds=theta,
+        attn_mask=m,
+        sdc=sdc,
+        causal=causal,
+        comp_mode=comp_mode,
+        past_lens=torch.tensor(lens, dtype=torch.int32, device="cuda"),
+        new_len=Sq,
+    )
+    return shared, rows, (k_new, v_new)
+
+
+def run_shared(kernels, case, want_kept=True):
+    B, Hq, Sq, _ = case["q"].shape
+    out = torch.full((B, Hq, Sq, case["v"].shape[3]), float("nan"), device="cuda", dtype=case["q"].dtype)
+    kept = torch.full((B, Hq, Sq), -1, device="cuda", dtype=torch.int32) if want_kept else None
+    args = {k: case[k] for k in ("causal", "attn_mask", "sdc", "comp_mode", "past_lens", "new_len")}
+    kernels.attention(
+        case["q"], case["k"], case["v"], case["thresholds"], out=out, kept=kept, want_kept=want_kept, **args
+    )
+    torch.cuda.synchronize()
+    return out, kept
+
+
+SHARED_CUDA = [
+    dict(dtype="f16", B=3, Hq=32, Hkv=8, Sq=1, lens=(5, 300, 1000), M=1100, D=128),  # decode, GQA
+    dict(dtype="bf16", B=2, Hq=4, Hkv=4, Sq=1, lens=(700, 0), M=2000, D=64, mask="pad", comp_mode=2),  # MHA
+    dict(dtype="f16", B=3, Hq=8, Hkv=2, Sq=3, lens=(0, 17, 4000), M=4003, D=64, comp_mode=1, R=1000),  # full buffer
+    dict(dtype="f16", B=2, Hq=8, Hkv=2, Sq=200, lens=(0, 0), M=333, D=128),  # prefill
+    dict(dtype="bf16", B=3, Hq=4, Hkv=1, Sq=70, lens=(0, 100, 250), M=400, D=64, mask="pad", comp_mode=2),  # chunked
+    dict(dtype="f32", B=2, Hq=4, Hkv=2, Sq=1, lens=(30, 500), M=600, D=64, mask="pad", comp_mode=2),  # generic
+    dict(dtype="f32", B=2, Hq=4, Hkv=2, Sq=20, lens=(0, 40), M=100, D=32, causal=False),  # generic prefill
+]
+SHARED_PATH = {"f32": "generic"}
+
+
+@pytest.mark.parametrize("want_kept", [True, False], ids=["kept", "no-kept"])
+@pytest.mark.parametrize("cfg", SHARED_CUDA, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_shared_form_kernels_equal_concat_form(kernels, cfg, want_kept):
+    """Each batch row of the shared form equals the concat form of that row alone (P = P_b), and the reference.
+    no-kept: on sm_90 the prefill cases run the Hopper kernel."""
+    case, rows, _ = shared_case(**cfg, seed=51)
+    out, kept = run_shared(kernels, case, want_kept)
+    path = SHARED_PATH.get(cfg["dtype"], "decode" if cfg["Sq"] * cfg["Hq"] // cfg["Hkv"] <= 16 else "prefill")
+    assert kernels.last_path == path
+    assert torch.isfinite(out.float()).all(), "unwritten output, or a row at or past P_b + Sk was read"
+    for b, row in enumerate(rows):
+        want, want_k = _run_nan(kernels, row, want_kept)  # the same kernel choice (with or without counts)
+        assert kernels.last_path == path
+        ref_out, ref_kept = ref_of(row)
+        if path == "decode":  # the splits divide other key ranges: another fp32 summation order
+            assert rel_err(out[b : b + 1], want) <= 2e-3
+        else:  # the very same blocks
+            assert torch.equal(out[b : b + 1], want)
+        assert rel_err(out[b : b + 1], ref_out) <= REL_TOL
+        if want_kept:
+            assert torch.equal(kept[b : b + 1], want_k)
+            assert torch.equal(kept[b : b + 1].cpu(), ref_kept.cpu())
+
+
+@pytest.mark.parametrize("splits", ["1", "7", "64"])
+def test_shared_form_decode_splits_over_short_rows(kernels, env, splits):
+    """Splits are planned for M; rows far shorter than M leave most of them empty, which the combine skips."""
+    env("TOPTHETA_DECODE_SPLITS", splits)
+    case, rows, _ = shared_case("f16", B=3, Hq=8, Hkv=2, Sq=1, lens=(3, 50, 2000), M=2100, D=128, comp_mode=2)
+    out, kept = run_shared(kernels, case)
+    assert kernels.last_path == "decode" and kernels.last_splits == min(int(splits), (2100 + 15) // 16)
+    assert torch.isfinite(out.float()).all()
+    for b, row in enumerate(rows):
+        ref_out, ref_kept = ref_of(row)
+        assert rel_err(out[b : b + 1], ref_out) <= REL_TOL
+        assert torch.equal(kept[b : b + 1].cpu(), ref_kept.cpu())
+
+
+@pytest.mark.parametrize(
+    "dtype,D,Dv", [("f32", 64, 64), ("f16", 20, 20), ("f16", 6, 10), ("bf16", 3, 5)], ids=["u16B", "u8B", "u4B", "u2B"]
+)
+def test_append_kv_writes_rows_at_the_past_lengths(kernels, dtype, D, Dv):
+    """The append kernel (every copy width): the Sk new rows land at [P_b, P_b + Sk), P_b clamped to [0, M - Sk];
+    every other row is left as it was. A [1] length serves every batch row."""
+    g = torch.Generator().manual_seed(52)
+    dt, B, Hkv, M, Sk = DT[dtype], 4, 3, 20, 3
+    kbuf = torch.randn(B, Hkv, M, D, generator=g).to("cuda", dt)
+    vbuf = torch.randn(B, Hkv, M, Dv, generator=g).to("cuda", dt)
+    key = torch.randn(B, Hkv, Sk, D, generator=g).to("cuda", dt)
+    value = torch.randn(B, Hkv, Sk, Dv, generator=g).to("cuda", dt)
+    for lens, used in (([0, 7, -4, 1000], [0, 7, 0, M - Sk]), ([5], [5] * B)):
+        want_k, want_v = kbuf.clone(), vbuf.clone()
+        for b, P in enumerate(used):
+            want_k[b, :, P : P + Sk], want_v[b, :, P : P + Sk] = key[b], value[b]
+        kernels.append_kv(kbuf, vbuf, key, value, torch.tensor(lens, dtype=torch.int32, device="cuda"))
+        torch.cuda.synchronize()
+        assert torch.equal(kbuf, want_k) and torch.equal(vbuf, want_v)
+
+
+def test_shared_form_out_of_range_lengths_are_clamped(kernels):
+    """CUDA reads P_b on the device and cannot report it: a P_b below 0 acts as 0, one above M - Sk as M - Sk."""
+    case, _, _ = shared_case("f16", B=2, Hq=8, Hkv=2, Sq=1, lens=(0, 99), M=100, D=64, seed=53)
+    for bad, good in (([-5, 500], [0, 99]), ([-1, 100], [0, 99])):
+        a, _ = run_shared(kernels, {**case, "past_lens": torch.tensor(bad, dtype=torch.int32, device="cuda")})
+        b, _ = run_shared(kernels, {**case, "past_lens": torch.tensor(good, dtype=torch.int32, device="cuda")})
+        assert torch.isfinite(a.float()).all() and torch.equal(a, b)
+
+
+def _ov(ort, x):
+    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), "cuda", 0)
+
+
+def _shared_steps(dtype, seed, B=2, Hq=8, Hkv=2, D=64, M=64, prompt=(20, 9), steps=4):
+    """A prefill of prompt[b] tokens into an empty buffer (row b starts at P_b = 0, with its prompt padded to the
+    longest one: Sk is the same for every row, the real tokens are the first prompt[b]), then `steps` decode steps;
+    everything as numpy feeds, with the buffer contents before each step, and θ untied from every step's scores."""
+    from _onnx_single import reference as np_reference
+
+    g = np.random.default_rng(seed)
+    npdt = {"f32": np.float32, "f16": np.float16}[dtype]
+    S0 = max(prompt)
+    kbuf = g.standard_normal((B, Hkv, M, D)).astype(npdt)
+    vbuf = g.standard_normal((B, Hkv, M, D)).astype(npdt)
+    lens = np.zeros(B, np.int32)
+    theta = g.uniform(0.2, 1.2, (Hq, M)).astype(np.float32)
+    sdc = g.uniform(0.05, 0.9, (Hq, M)).astype(np.float32)
+    feeds, bufs, all_scores = [], [], []
+    for step in range(steps + 1):
+        Sq = S0 if step == 0 else 1
+        f = dict(
+            query=g.standard_normal((B, Hq, Sq, D)).astype(npdt),
+            key=g.standard_normal((B, Hkv, Sq, D)).astype(npdt),
+            value=g.standard_normal((B, Hkv, Sq, D)).astype(npdt),
+            past_sequence_length=lens.copy(),
+        )
+        bufs.append((kbuf.copy(), vbuf.copy()))
+        _, _, scores = np_reference(f["query"], f["key"], f["value"], theta, None, kbuf, vbuf, causal=1, past_lens=lens)
+        all_scores.append((scores, lens + Sq))
+        for b in range(B):
+            kbuf[b, :, lens[b] : lens[b] + Sq] = f["key"][b]
+            vbuf[b, :, lens[b] : lens[b] + Sq] = f["value"][b]
+        lens = lens + (np.array(prompt, np.int32) if step == 0 else 1)
+        feeds.append(f)
+    th = theta
+    for _ in range(50):  # every step's scores at least 3e-3 away from their threshold
+        before = th.copy()
+        for scores, klen in all_scores:
+            th = untie_np(th, scores, klen)
+        if np.array_equal(th, before):
+            break
+    for f in feeds:
+        f.update(thresholds=th, sdc=sdc)
+    return feeds, bufs
+
+
+def untie_np(th, scores, klen, gap=3e-3):
+    from _onnx_single import untie_thresholds
+
+    return untie_thresholds(th, scores, gap=gap, lens=klen)
+
+
+def _shared_model(dtype):
+    from _onnx_single import make_model
+
+    return make_model(
+        {"f32": "float32", "f16": "float16"}[dtype],
+        past=True,
+        present=True,
+        past_lens=True,
+        sdc=True,
+        kept=True,
+        causal=1,
+        comp_mode=1,
+    )
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_onnxruntime_cuda_shared_buffer_in_place(ort_cuda, dtype):
+    """CUDA EP with IOBinding, everything on the GPU, one buffer bound as past_key and present_key (same for value):
+    prefill then decode steps append their rows in place, and each step equals the CPU op on the same inputs."""
+    from _onnx_single import run
+
+    ort = ort_cuda
+    feeds, bufs = _shared_steps(dtype, seed=54)
+    cpu, gpu = _sessions(ort, _shared_model(dtype))
+    kv = {"past_key": _ov(ort, bufs[0][0]), "past_value": _ov(ort, bufs[0][1])}
+    for f, (kb, vb) in zip(feeds, bufs):
+        want = run(cpu, past_key=kb, past_value=vb, **f)
+        B, Hq, Sq, D = f["query"].shape
+        out = _ov(ort, np.zeros((B, Hq, Sq, D), f["query"].dtype))
+        kept = _ov(ort, np.full((B, Hq, Sq), -1, np.int32))
+        io = gpu.io_binding()
+        inputs = {n: _ov(ort, x) for n, x in f.items()}  # alive until the run
+        for n, v in inputs.items():
+            io.bind_ortvalue_input(n, v)
+        for past, present in (("past_key", "present_key"), ("past_value", "present_value")):
+            io.bind_ortvalue_input(past, kv[past])
+            io.bind_ortvalue_output(present, kv[past])
+        io.bind_ortvalue_output("output", out)
+        io.bind_ortvalue_output("kept", kept)
+        gpu.run_with_iobinding(io)
+        np.testing.assert_array_equal(kv["past_key"].numpy(), want["present_key"])  # rows appended in place
+        np.testing.assert_array_equal(kv["past_value"].numpy(), want["present_value"])
+        np.testing.assert_array_equal(kept.numpy(), want["kept"])
+        a, b = out.numpy().astype(np.float64), want["output"].astype(np.float64)
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) <= (1e-4 if dtype == "f32" else REL_TOL)
+
+
+def test_onnxruntime_cuda_graph_replays_read_the_current_lengths(ort_cuda):
+    """Decode steps under an ORT CUDA graph (enable_cuda_graph): every input at a fixed device address, updated in
+    place between runs. The graph is captured once; replays must read the lengths (and the buffer) of their own
+    step, which only holds when the op reads past_sequence_length on the device."""
+    from _onnx_single import run
+
+    ort = ort_cuda
+    feeds, bufs = _shared_steps("f16", seed=55, steps=6)
+    cpu = _sessions(ort, _shared_model("f16"))[0]
+    so = runtime.session_options()
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    gpu = ort.InferenceSession(
+        _shared_model("f16").SerializeToString(),
+        sess_options=so,
+        providers=[("CUDAExecutionProvider", {"enable_cuda_graph": "1"})],
+    )
+    first = feeds[1]  # decode steps only: one shape for the graph
+    vals = {n: _ov(ort, x) for n, x in first.items()}
+    kv = {"past_key": _ov(ort, bufs[1][0]), "past_value": _ov(ort, bufs[1][1])}
+    B, Hq, _, D = first["query"].shape
+    out = _ov(ort, np.zeros((B, Hq, 1, D), np.float16))
+    kept = _ov(ort, np.full((B, Hq, 1), -1, np.int32))
+    io = gpu.io_binding()
+    for n, v in vals.items():
+        io.bind_ortvalue_input(n, v)
+    for past, present in (("past_key", "present_key"), ("past_value", "present_value")):
+        io.bind_ortvalue_input(past, kv[past])
+        io.bind_ortvalue_output(present, kv[past])
+    io.bind_ortvalue_output("output", out)
+    io.bind_ortvalue_output("kept", kept)
+    for f, (kb, vb) in zip(feeds[1:], bufs[1:]):
+        for n, x in f.items():
+            vals[n].update_inplace(np.ascontiguousarray(x))
+        gpu.run_with_iobinding(io)
+        want = run(cpu, past_key=kb, past_value=vb, **f)
+        np.testing.assert_array_equal(kv["past_key"].numpy(), want["present_key"])
+        np.testing.assert_array_equal(kept.numpy(), want["kept"])
+        a, b = out.numpy().astype(np.float64), want["output"].astype(np.float64)
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) <= REL_TOL

@@ -1,7 +1,8 @@
 // C entry point to the CUDA kernels without onnxruntime, for tests and benchmarks (ctypes on device
 // pointers, e.g. from torch tensors). It takes the op's own AttnParams; K/V are the full [B, Hkv, Ktot, *]
-// tensors (no past concat). bench/toptheta_cuda.py mirrors AttnParams, KernelOptions and Plan field for
-// field and checks its mirrors against toptheta_cuda_abi() before the first call.
+// tensors (no past concat), or in the shared-buffer form the [B, Hkv, M, *] buffers with the new rows in place
+// (toptheta_cuda_append_kv writes them as the op does). bench/toptheta_cuda.py mirrors AttnParams, KernelOptions and
+// Plan field for field and checks its mirrors against toptheta_cuda_abi() before the first call.
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -93,8 +94,10 @@ __attribute__((visibility("default"))) int toptheta_cuda_attention(const AttnPar
   if (dtype < 0 || dtype > 2 || mask_kind < 0 || mask_kind > 3 || p.Hkv <= 0 || p.Hq % p.Hkv != 0 || !(p.scale > 0.f)) {
     return fail("params", "dtype, mask_kind, Hq / Hkv or scale out of range");
   }
-  if (p.kv_capacity != p.Ktot) return fail("params", "kv_capacity must equal Ktot");
-  if (p.past_lens) return fail("params", "the shared-buffer form (past_lens) is not implemented on CUDA yet");
+  if (p.kv_capacity != p.Ktot) return fail("params", "kv_capacity must equal Ktot (M in the shared form)");
+  if (p.past_lens && (p.Sk < p.Sq || p.Sk > p.Ktot || (p.past_lens_sb != 0 && p.past_lens_sb != 1))) {
+    return fail("params", "shared form: need Sq <= Sk <= Ktot = M and past_lens_sb 0 or 1");
+  }
 
   int device = 0;
   cudaGetDevice(&device);
@@ -113,6 +116,25 @@ __attribute__((visibility("default"))) int toptheta_cuda_attention(const AttnPar
   const cudaError_t e = cuda::Launch(p, plan, buf, s);
   if (e != cudaSuccess) return fail("launch", cudaGetErrorString(e));
   return 0;
+}
+
+// The shared-buffer form's append (what the op runs before the kernels): key / value [B, Hkv, Sk, *] into rows
+// [P_b, P_b + Sk) of k_buf / v_buf, sizes, dtype and lengths from params (Ktot = kv_capacity = M). Returns 0, or -1
+// with a message in err.
+__attribute__((visibility("default"))) int toptheta_cuda_append_kv(const AttnParams* params, void* k_buf, void* v_buf,
+                                                                   const void* key, const void* value, void* stream,
+                                                                   char* err, int err_len) {
+  const AttnParams& p = *params;
+  auto fail = [&](const char* why) {
+    if (err && err_len > 0) std::snprintf(err, err_len, "append: %s", why);
+    return -1;
+  };
+  if (!p.past_lens || p.kv_capacity != p.Ktot || p.Sk > p.kv_capacity || p.Sk < 0 || static_cast<int>(p.dtype) < 0 ||
+      static_cast<int>(p.dtype) > 2) {
+    return fail("need past_lens, kv_capacity = Ktot = M >= Sk and a valid dtype");
+  }
+  const cudaError_t e = toptheta::cuda::LaunchAppendKV(p, k_buf, v_buf, key, value, static_cast<cudaStream_t>(stream));
+  return e == cudaSuccess ? 0 : fail(cudaGetErrorString(e));
 }
 
 }  // extern "C"

@@ -222,15 +222,15 @@ __device__ __forceinline__ const char* MaskRow(const KernelArgs& a, int64_t b, i
   return static_cast<const char*>(a.p.mask) + (b * a.p.mask_sb + h * a.p.mask_sh + i * a.p.mask_sq) * esz;
 }
 
-// Key-padding masks ([B, Ktot] bool) are the same for every row: the kernels then treat a tile whose
-// keys are all allowed like an unmasked one. Returns that batch's mask row, or null for other masks.
+// Key-padding masks ([B, Ktot] bool; [B, M] in the shared form) are the same for every row: the kernels then treat
+// a tile whose keys are all allowed like an unmasked one. Returns that batch's mask row, or null for other masks.
 __device__ __forceinline__ const uint8_t* KeyPaddingRow(const KernelArgs& a, int64_t b) {
   if (a.p.mask_kind != MaskKind::kBool || a.p.mask_sh != 0 || a.p.mask_sq != 0) return nullptr;
   return static_cast<const uint8_t*>(a.p.mask) + b * a.p.mask_sb;
 }
 
-// True (in every lane) when keys [k0, k0 + n) are all < Ktot and allowed by the key-padding row kp
-// (each lane reads n / 32 bytes).
+// True (in every lane) when keys [k0, k0 + n) are all < ktot (the batch row's keys) and allowed by the key-padding
+// row kp (each lane reads n / 32 bytes).
 __device__ __forceinline__ bool KeysAllAllowed(const uint8_t* kp, int64_t k0, int n, int64_t ktot, int lane) {
   bool ok = true;
   for (int c = lane; c < n; c += 32) ok = ok && k0 + c < ktot && kp[k0 + c] != 0;
@@ -262,9 +262,10 @@ struct RowConst {
   float rho;
 };
 
-__device__ __forceinline__ RowConst RowConstants(const KernelArgs& a, int64_t h, int64_t i) {
+// Row i of query head h in a batch row of klen = KeyLen(a.p, b) keys.
+__device__ __forceinline__ RowConst RowConstants(const KernelArgs& a, int64_t klen, int64_t h, int64_t i) {
   RowConst c;
-  c.pos = a.p.Ktot - a.p.Sq + i;
+  c.pos = klen - a.p.Sq + i;
   int64_t rr = c.pos < a.p.R - 1 ? c.pos : a.p.R - 1;
   rr = rr < 0 ? 0 : rr;
   c.theta = a.p.theta[h * a.p.R + rr];

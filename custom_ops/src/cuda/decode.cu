@@ -24,9 +24,9 @@ __device__ __forceinline__ float Rescale(float from, float to) {
 }
 
 // Warp-level copy of 16 K or V rows (keys k0..k0+15) into a swizzled tile; rows whose bit in `rows`
-// is clear (or past Ktot) are zero-filled without reading memory.
+// is clear (or past the batch row's klen keys) are zero-filled without reading memory.
 template <typename T, int D>
-__device__ __forceinline__ void LoadRows(const KernelArgs& a, const T* base, int64_t k0, uint32_t dst, uint32_t rows,
+__device__ __forceinline__ void LoadRows(const T* base, int64_t k0, int64_t klen, uint32_t dst, uint32_t rows,
                                          int lane) {
   constexpr int CH = D / 8;             // 16-byte chunks per row
   constexpr int RSTEP = 32 / CH;        // rows one warp-wide pass covers
@@ -36,7 +36,7 @@ __device__ __forceinline__ void LoadRows(const KernelArgs& a, const T* base, int
 #pragma unroll
   for (int i = 0; i < PASSES; ++i) {
     const int r = r0 + i * RSTEP;
-    const bool ok = ((rows >> r) & 1u) && k0 + r < a.p.Ktot;
+    const bool ok = ((rows >> r) & 1u) && k0 + r < klen;
     CpAsync16(dst + Swz<CH>(r, ch), ok ? src + i * RSTEP * D : base, ok);
   }
 }
@@ -51,8 +51,9 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
   const int64_t split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   const bool mean = a.mean_pass != 0;
   const int nrows = static_cast<int>(a.G * a.p.Sq);
-  const T* Kg = static_cast<const T*>(a.p.k) + (b * a.p.Hkv + kvh) * a.p.Ktot * D;
-  const T* Vg = static_cast<const T*>(a.p.v) + (b * a.p.Hkv + kvh) * a.p.Ktot * D;
+  const int64_t klen = KeyLen(a.p, b);  // keys of this batch row; the buffer has kv_capacity rows
+  const T* Kg = static_cast<const T*>(a.p.k) + (b * a.p.Hkv + kvh) * a.p.kv_capacity * D;
+  const T* Vg = static_cast<const T*>(a.p.v) + (b * a.p.Hkv + kvh) * a.p.kv_capacity * D;
   const uint32_t wbase = SmemAddr(smem) + warp * (kKStages + kVStages) * kTileBytes;
   const uint32_t vbase = wbase + kKStages * kTileBytes;
 
@@ -68,7 +69,7 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
     row_ok[e] = rl < nrows;
     hq[e] = kvh * a.G + (row_ok[e] ? rl / a.p.Sq : 0);
     qi[e] = row_ok[e] ? rl % a.p.Sq : 0;
-    const RowConst rc = RowConstants(a, hq[e], qi[e]);
+    const RowConst rc = RowConstants(a, klen, hq[e], qi[e]);
     pos[e] = row_ok[e] ? rc.pos : -1;
     theta[e] = !row_ok[e] ? INFINITY : (mean ? -INFINITY : rc.theta);
     rho[e] = rc.rho;
@@ -86,13 +87,15 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
     }
   }
 
-  // This warp's key steps: block range [s_begin, s_end) of 16-key steps, warp w takes s_begin + w + 4i.
-  const int64_t nsub = (a.p.Ktot + kSub - 1) / kSub;
+  // This warp's key steps: block range [s_begin, s_end) of 16-key steps, warp w takes s_begin + w + 4i. The
+  // splits divide this batch row's keys (the grid is sized for Ktot = M): a split may be empty, its partial
+  // then holds no keys.
+  const int64_t nsub = (klen + kSub - 1) / kSub;
   const int64_t per = (nsub + a.plan.splits - 1) / a.plan.splits;
   const int64_t s_begin = split * per, s_end = min(nsub, s_begin + per);
   const int64_t first = s_begin + warp;
   const int steps = first < s_end ? static_cast<int>((s_end - first + kWarps - 1) / kWarps) : 0;
-  const int64_t min_pos = a.p.Ktot - a.p.Sq;  // smallest row position of the block
+  const int64_t min_pos = klen - a.p.Sq;  // smallest row position of the block
 
   float o[NO][4];
 #pragma unroll
@@ -138,10 +141,10 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
 
   // Prologue: groups in the order the loop expects (V of step -2, K0, V of step -1, K1); V ones empty.
   CpAsyncCommit();
-  if (steps > 0 && !mean) LoadRows<T, D>(a, Kg, key0(0), wbase, 0xffffu, lane);
+  if (steps > 0 && !mean) LoadRows<T, D>(Kg, key0(0), klen, wbase, 0xffffu, lane);
   CpAsyncCommit();
   CpAsyncCommit();
-  if (steps > 1 && !mean) LoadRows<T, D>(a, Kg, key0(1), wbase + kTileBytes, 0xffffu, lane);
+  if (steps > 1 && !mean) LoadRows<T, D>(Kg, key0(1), klen, wbase + kTileBytes, 0xffffu, lane);
   CpAsyncCommit();
 
   for (int step = 0; step < steps; ++step) {
@@ -161,8 +164,8 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
     }
 
     // Threshold test; bit c of `keys` = some row keeps key k0 + c.
-    bool full = k0 + kSub <= a.p.Ktot && (!a.p.causal || k0 + kSub - 1 <= min_pos);
-    if (MASK) full = full && kpad != nullptr && KeysAllAllowed(kpad, k0, kSub, a.p.Ktot, lane);
+    bool full = k0 + kSub <= klen && (!a.p.causal || k0 + kSub - 1 <= min_pos);
+    if (MASK) full = full && kpad != nullptr && KeysAllAllowed(kpad, k0, kSub, klen, lane);
     uint32_t keys = 0;
     float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -174,7 +177,7 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
         float x = s[n][e] * a.p.scale, add = 0.f;
         bool valid = row_ok[r];
         if (!full) {
-          valid = valid && j < a.p.Ktot && (!a.p.causal || j <= pos[r]);
+          valid = valid && j < klen && (!a.p.causal || j <= pos[r]);
           if (MASK && valid) valid = MaskAt(a, mrow[r], j, &add);
         }
         x += add;
@@ -219,10 +222,10 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
     }
 
     __syncwarp();
-    if (keys != 0) LoadRows<T, D>(a, Vg, k0, vbase + (step % kVStages) * kTileBytes, keys, lane);
+    if (keys != 0) LoadRows<T, D>(Vg, k0, klen, vbase + (step % kVStages) * kTileBytes, keys, lane);
     CpAsyncCommit();
     if (step + 2 < steps && !mean) {
-      LoadRows<T, D>(a, Kg, key0(step + 2), wbase + ((step + 2) % kKStages) * kTileBytes, 0xffffu, lane);
+      LoadRows<T, D>(Kg, key0(step + 2), klen, wbase + ((step + 2) % kKStages) * kTileBytes, 0xffffu, lane);
     }
     CpAsyncCommit();
 
@@ -305,7 +308,7 @@ __global__ void CombineKernel(const KernelArgs a) {
   const int d = threadIdx.x, lane = threadIdx.x & 31;
   const bool final_pass = !a.mean_pass;
   RowConst rc = {0, 0.f, 0.f};
-  if (final_pass) rc = RowConstants(a, (row / a.p.Sq) % a.p.Hq, row % a.p.Sq);
+  if (final_pass) rc = RowConstants(a, KeyLen(a.p, row / (a.p.Hq * a.p.Sq)), (row / a.p.Sq) % a.p.Hq, row % a.p.Sq);
   GridDependencyWait();
 
   const int parts = a.plan.splits;

@@ -72,9 +72,10 @@ __global__ void __launch_bounds__(kThreads) GenericKernel(const KernelArgs a) {
   const int64_t g = h / a.G;
   const int64_t row = (b * a.p.Hq + h) * a.p.Sq + i;
   const T* q = static_cast<const T*>(a.p.q) + row * a.p.D;
-  const T* K = static_cast<const T*>(a.p.k) + (b * a.p.Hkv + g) * a.p.Ktot * a.p.D;
-  const T* V = static_cast<const T*>(a.p.v) + (b * a.p.Hkv + g) * a.p.Ktot * a.p.Dv;
-  const RowConst rc = RowConstants(a, h, i);
+  const int64_t klen = KeyLen(a.p, b);  // keys of this batch row; the buffer has kv_capacity rows
+  const T* K = static_cast<const T*>(a.p.k) + (b * a.p.Hkv + g) * a.p.kv_capacity * a.p.D;
+  const T* V = static_cast<const T*>(a.p.v) + (b * a.p.Hkv + g) * a.p.kv_capacity * a.p.Dv;
+  const RowConst rc = RowConstants(a, klen, h, i);
   const char* mrow = MaskRow(a, b, h, i);
   const bool vmc = a.p.comp_mode == 2 && a.p.sdc != nullptr;
   const int tid = threadIdx.x;
@@ -85,7 +86,7 @@ __global__ void __launch_bounds__(kThreads) GenericKernel(const KernelArgs a) {
 
   // Pass 1: counts and the largest kept score.
   float mx = -INFINITY, nk = 0.f, nv = 0.f;
-  for (int64_t j = tid; j < a.p.Ktot; j += kThreads) {
+  for (int64_t j = tid; j < klen; j += kThreads) {
     float add;
     if (!Valid(a, mrow, rc.pos, j, &add)) continue;
     nv += 1.f;
@@ -102,10 +103,10 @@ __global__ void __launch_bounds__(kThreads) GenericKernel(const KernelArgs a) {
 
   // Pass 2: weights of one chunk of keys, then acc += sum_c w_c * v_c over the kept rows.
   float dk = 0.f;
-  for (int64_t j0 = 0; j0 < a.p.Ktot; j0 += kThreads) {
+  for (int64_t j0 = 0; j0 < klen; j0 += kThreads) {
     const int64_t j = j0 + tid;
     float w = 0.f, u = 0.f, add;
-    if (j < a.p.Ktot && Valid(a, mrow, rc.pos, j, &add)) {
+    if (j < klen && Valid(a, mrow, rc.pos, j, &add)) {
       u = 1.f;
       const float s = a.p.scale * Score(a, qs, K + j * a.p.D) + add;
       if (!(s < rc.theta)) w = expf(s - m);
@@ -115,7 +116,7 @@ __global__ void __launch_bounds__(kThreads) GenericKernel(const KernelArgs a) {
     pw[tid] = w;
     uw[tid] = u;
     __syncthreads();
-    const int n = a.p.Ktot - j0 < kThreads ? static_cast<int>(a.p.Ktot - j0) : kThreads;
+    const int n = klen - j0 < kThreads ? static_cast<int>(klen - j0) : kThreads;
     for (int64_t d = tid; d < a.p.Dv; d += kThreads) {
       float s = acc[d], t = vsum[d];
       for (int c = 0; c < n; ++c) {

@@ -48,6 +48,10 @@ bool PrefillSm90Available(int device);
 cudaError_t LaunchPrefillSm90(const KernelArgs& a, cudaStream_t stream);
 cudaError_t LaunchDecode(const KernelArgs& a, cudaStream_t stream);
 cudaError_t LaunchDecodeCombine(const KernelArgs& a, cudaStream_t stream);
+// Shared-buffer form (append.cu): writes key / value [B, Hkv, Sk, *] to rows [P_b, P_b + Sk) of the
+// [B, Hkv, kv_capacity, *] buffers k_buf / v_buf, P_b read on the device (KeyLen). Nothing without p.past_lens.
+cudaError_t LaunchAppendKV(const AttnParams& p, void* k_buf, void* v_buf, const void* key, const void* value,
+                           cudaStream_t stream);
 // Decode blocks that fit on one SM at once (head dim 64 or 128).
 int DecodeBlocksPerSm(int D);
 

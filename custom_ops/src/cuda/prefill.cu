@@ -15,12 +15,13 @@ namespace {
 
 constexpr int kBN = 64;  // keys per tile
 
-// Block-wide copy of the K (when with_k) and V rows [k0, k0 + kBN) into swizzled tiles. Thread tid
+// Block-wide copy of the K (when with_k) and V rows [k0, k0 + kBN) into swizzled tiles (rows >= klen, the
+// batch row's keys, zero-filled without reading memory). Thread tid
 // always copies chunk tid % CH of rows tid / CH + i * RPI; RPI is a multiple of 8, so the swizzle of
 // its rows is one per-thread constant and every copy is a fixed offset from the first.
 template <typename T, int D, int THREADS>
-__device__ __forceinline__ void LoadTile(const KernelArgs& a, const T* Kg, const T* Vg, int k0, uint32_t ks,
-                                         uint32_t vs, bool with_k) {
+__device__ __forceinline__ void LoadTile(const T* Kg, const T* Vg, int k0, int klen, uint32_t ks, uint32_t vs,
+                                         bool with_k) {
   constexpr int CH = D / 8;
   constexpr int RPI = THREADS / CH;  // rows per pass
   static_assert(RPI % 8 == 0 && kBN % RPI == 0, "tile copy layout");
@@ -29,7 +30,7 @@ __device__ __forceinline__ void LoadTile(const KernelArgs& a, const T* Kg, const
   const int64_t goff = static_cast<int64_t>(k0 + r0) * D + ch * 8;
 #pragma unroll
   for (int i = 0; i < kBN / RPI; ++i) {
-    const bool ok = k0 + r0 + i * RPI < a.p.Ktot;
+    const bool ok = k0 + r0 + i * RPI < klen;
     const int64_t g = ok ? goff + i * RPI * D : 0;
     const uint32_t so = soff + i * RPI * CH * 16;
     if (with_k) CpAsync16(ks + so, Kg + g, ok);
@@ -68,7 +69,12 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
   constexpr uint32_t kQBytes = MT == 2 ? kBM * kRowBytes : 0;
   extern __shared__ __align__(128) unsigned char smem[];
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  // Register pressure (variant 2, D = 128 sits at 255): the broadcasts from lane 0 below tell ptxas that a value is
+  // warp-uniform, so that what derives from it may live in uniform registers. Applied where ptxas -v shows they
+  // avoid spills (COUNT without a mask: none left), left out where it allocates worse with them.
+  int warp_index = threadIdx.x / 32;
+  if constexpr (COUNT && !MASK) warp_index = __shfl_sync(kFull, warp_index, 0);
+  const int warp = warp_index, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   // Row and key indices fit in int (a head's K alone would otherwise exceed any GPU's memory).
   const PrefillBlock blk = PrefillBlockOf(a, kBM);
   const int64_t h = blk.h, b = blk.b;
@@ -78,8 +84,8 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
   const float inv_scale = 1.f / a.p.scale;
   const float c2 = a.p.scale * kLog2e;  // raw score -> log2 units
   const T* Qg = static_cast<const T*>(a.p.q) + (b * a.p.Hq + h) * a.p.Sq * D;
-  const T* Kg = static_cast<const T*>(a.p.k) + (b * a.p.Hkv + kvh) * a.p.Ktot * D;
-  const T* Vg = static_cast<const T*>(a.p.v) + (b * a.p.Hkv + kvh) * a.p.Ktot * D;
+  const T* Kg = static_cast<const T*>(a.p.k) + (b * a.p.Hkv + kvh) * a.p.kv_capacity * D;
+  const T* Vg = static_cast<const T*>(a.p.v) + (b * a.p.Hkv + kvh) * a.p.kv_capacity * D;
   const uint32_t qbase = SmemAddr(smem), sbase = qbase + kQBytes;
 
   // Per-lane ldmatrix offsets in a swizzled tile (Swz): physical chunk = chunk ^ (row & 7), and since a
@@ -89,7 +95,11 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
   const uint32_t lane_v = ((((lane >> 3) & 1) * 8 + r7) * kRowBytes) | ((((lane >> 4) ^ r7)) << 4);
   const uint32_t lane_q = ((warp * 16 * MT + ((lane >> 3) & 1) * 8 + r7) * kRowBytes) | ((((lane >> 4) ^ r7)) << 4);
 
-  const int Sq = static_cast<int>(a.p.Sq), Ktot = static_cast<int>(a.p.Ktot);
+  // Ktot: this batch row's keys (KeyLen; the buffer has kv_capacity rows), from memory in the shared form.
+  const int Sq = static_cast<int>(a.p.Sq);
+  int key_len = static_cast<int>(KeyLen(a.p, b));
+  if constexpr (!(MASK && COUNT)) key_len = __shfl_sync(kFull, key_len, 0);
+  const int Ktot = key_len;
   const int w0 = i0 + warp * 16 * MT;  // first row of this warp
   const int off = Ktot - Sq;           // row position = off + row index
   auto row_of = [&](int r) { return w0 + 16 * (r >> 1) + g + 8 * (r & 1); };
@@ -101,7 +111,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
     const int i = row_of(r);
     mrow[r] = nullptr;
     if (i < Sq) {
-      th[r] = mean ? -INFINITY : RowConstants(a, h, i).theta * inv_scale;
+      th[r] = mean ? -INFINITY : RowConstants(a, Ktot, h, i).theta * inv_scale;
       if (MASK) mrow[r] = MaskRow(a, b, h, i);
     } else {
       th[r] = INFINITY;
@@ -153,12 +163,12 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
     nk[r] = nv[r] = 0;
   }
 
-  if (ntiles > 0) LoadTile<T, D, THREADS>(a, Kg, Vg, 0, sbase, sbase + 2 * kTileBytes, !mean);
+  if (ntiles > 0) LoadTile<T, D, THREADS>(Kg, Vg, 0, Ktot, sbase, sbase + 2 * kTileBytes, !mean);
   CpAsyncCommit();
   for (int tile = 0; tile < ntiles; ++tile) {
     const int buf = tile & 1;
     if (tile + 1 < ntiles) {
-      LoadTile<T, D, THREADS>(a, Kg, Vg, (tile + 1) * kBN, sbase + (buf ^ 1) * kTileBytes,
+      LoadTile<T, D, THREADS>(Kg, Vg, (tile + 1) * kBN, Ktot, sbase + (buf ^ 1) * kTileBytes,
                               sbase + (2 + (buf ^ 1)) * kTileBytes, !mean);
     }
     CpAsyncCommit();
@@ -407,8 +417,9 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
       }
       continue;
     }
-    const RowConst rc = RowConstants(a, h, i);
-    const int n_valid = MASK ? nv[r] : static_cast<int>(a.p.causal ? min(rc.pos + 1, a.p.Ktot) : a.p.Ktot);
+    const int64_t klen = KeyLen(a.p, b);  // read again: Ktot need not stay live through the tile loop
+    const RowConst rc = RowConstants(a, klen, h, i);
+    const int n_valid = MASK ? nv[r] : static_cast<int>(a.p.causal ? min(rc.pos + 1, klen) : klen);
     const RowFinal f = FinishRow(a, lsum[r], m[r] * a.p.scale, rc.theta, rc.rho, nk[r], n_valid);
     const float* vbar = f.dp_inv != 0.f ? a.vbar + row * D : nullptr;
     T* out = static_cast<T*>(a.p.out) + row * D;

@@ -152,9 +152,11 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
   const float inv_scale = 1.f / a.p.scale;
   const float c2 = a.p.scale * kLog2e;
   const T* Qg = static_cast<const T*>(a.p.q) + (b * a.p.Hq + h) * a.p.Sq * D;
-  const T* Kg = static_cast<const T*>(a.p.k) + (b * a.p.Hkv + kvh) * a.p.Ktot * D;
-  const T* Vg = static_cast<const T*>(a.p.v) + (b * a.p.Hkv + kvh) * a.p.Ktot * D;
-  const int Sq = static_cast<int>(a.p.Sq), Ktot = static_cast<int>(a.p.Ktot);
+  const T* Kg = static_cast<const T*>(a.p.k) + (b * a.p.Hkv + kvh) * a.p.kv_capacity * D;
+  const T* Vg = static_cast<const T*>(a.p.v) + (b * a.p.Hkv + kvh) * a.p.kv_capacity * D;
+  // Ktot: this batch row's keys (KeyLen; the buffer has kv_capacity rows), read from memory in the shared form and
+  // broadcast from lane 0 like the warp index, so that the branches on it stay warp-uniform for ptxas.
+  const int Sq = static_cast<int>(a.p.Sq), Ktot = __shfl_sync(kFull, static_cast<int>(KeyLen(a.p, b)), 0);
   const int off = Ktot - Sq;
   // MASK: the [B, Ktot] bool key-padding row. Whether a tile's 128 keys are all allowed is read one tile
   // ahead (4 bytes per lane into registers), so its latency hides behind a tile of work.
@@ -177,7 +179,7 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
     const int i = w0 + g + 8 * e;
-    th[e] = i < Sq ? RowConstants(a, h, i).theta * inv_scale : INFINITY;
+    th[e] = i < Sq ? RowConstants(a, Ktot, h, i).theta * inv_scale : INFINITY;
     m[e] = th[e];
     l[e][0] = l[e][1] = 0.f;
   }
@@ -396,8 +398,8 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
     ls += __shfl_xor_sync(kFull, ls, 2);
     const int i = w0 + g + 8 * r;
     if (i >= Sq) continue;
-    const RowConst rc = RowConstants(a, h, i);
-    const int n_valid = static_cast<int>(a.p.causal ? min(rc.pos + 1, a.p.Ktot) : a.p.Ktot);
+    const RowConst rc = RowConstants(a, Ktot, h, i);
+    const int n_valid = static_cast<int>(a.p.causal ? min(rc.pos + 1, int64_t{Ktot}) : Ktot);
     const RowFinal f = FinishRow(a, ls, m[r] * a.p.scale, rc.theta, rc.rho, 0, n_valid);
     T* out = static_cast<T*>(a.p.out) + ((b * a.p.Hq + h) * a.p.Sq + i) * D;
 #pragma unroll

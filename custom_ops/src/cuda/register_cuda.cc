@@ -96,11 +96,6 @@ class CudaKernel {
   explicit CudaKernel(const OrtKernelInfo*) : options_(KernelOptionsFromEnv()) {}
 
   void Compute(const Ort::KernelContext& ctx, PreparedCall& call) {
-    if (call.Shared()) {
-      throw OpError(
-          "TopThetaAttention (CUDA): the shared-buffer KV-cache form (past_sequence_length) is not "
-          "implemented on CUDA yet: run it on the CPU or leave input 8 out");
-    }
     AttnParams& p = call.params;
     cudaStream_t stream = static_cast<cudaStream_t>(ctx.GetGPUComputeStream());
     const int device = ctx.GetInput(0).GetTensorMemoryInfo().GetDeviceId();
@@ -127,6 +122,11 @@ class CudaKernel {
               "K/V copy");
       }
       call.SetKV(t, dst);
+    }
+    // Shared form: the new rows into the buffer at P_b, which only the device reads (no host sync: the op stays
+    // capturable in a CUDA graph, and a replay appends at the lengths of its own run).
+    if (call.Shared()) {
+      Check(LaunchAppendKV(p, call.present[0], call.present[1], call.fresh[0], call.fresh[1], stream), "K/V append");
     }
     Check(Launch(p, plan, plan.workspace ? scratch.data() + ws_off : nullptr, stream), "kernel launch");
   }
