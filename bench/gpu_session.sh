@@ -49,7 +49,11 @@ if [ ! -d /root/ortgpu/onnxruntime ] && ls /root/ortgpu-parts/part.* .ortgpu/p*/
     python3 -m pip install -q --no-deps --no-compile --target /root/ortgpu "$whl" && echo "onnxruntime-gpu installed"
   fi
 fi
-export PYTHONPATH="/root/ortgpu:$ROOT"
+# Pure-Python wheels carried in .gpubuild/whl (versions the image lacks, e.g. onnx-ir) go before the image's own.
+if ls .gpubuild/whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /root/ttsite .gpubuild/whl/*.whl
+fi
+export PYTHONPATH="/root/ortgpu:/root/ttsite:$ROOT"
 if ! python3 -c "import pytest" 2>/dev/null; then
   python3 -m pip install -q --no-deps --no-compile --target /tmp/pyt .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/pyt"
 fi

@@ -901,8 +901,9 @@ def test_shared_form_kernels_equal_concat_form(kernels, cfg, want_kept):
         want, want_k = _run_nan(kernels, row, want_kept)  # the same kernel choice (with or without counts)
         assert kernels.last_path == path
         ref_out, ref_kept = ref_of(row)
-        if path == "decode":  # the splits divide other key ranges: another fp32 summation order
-            assert rel_err(out[b : b + 1], want) <= 2e-3
+        if path == "decode":  # the splits divide other key ranges: another fp32 summation order, then
+            # rounding to T; bfloat16 keeps 8 bits, so one ulp is 2^-8 relative (seen on the H200: 2.2e-3)
+            assert rel_err(out[b : b + 1], want) <= (8e-3 if cfg["dtype"] == "bf16" else 2e-3)
         else:  # the very same blocks
             assert torch.equal(out[b : b + 1], want)
         assert rel_err(out[b : b + 1], ref_out) <= REL_TOL
