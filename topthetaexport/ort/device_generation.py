@@ -340,8 +340,9 @@ class DeviceGenerator:
     (``advance=False`` keeps the position: the step is repeated at the same context, for benchmarks), ``generate``
     runs a whole greedy generation. ``buffers``: what allocates device memory (default ``OrtBuffers``; bench/e2e.py
     passes torch tensors). ``extra_inputs``: arrays (or buffers) for the graph's other inputs, e.g. ``toptheta.theta``;
-    ``set_input`` updates one in place. ``cache``: shared-form buffers of another generator of the same shape to
-    run on (e.g. another graph of the same model).
+    ``set_input`` updates one in place. ``share``: a shared-form generator of another session of the same model (e.g.
+    its GroupQueryAttention twin) whose cache, mask and step buffers this one uses, from its position. ``run_hook``:
+    when set, called with each Run (a no-argument callable) instead of calling it, e.g. to time it.
     """
 
     def __init__(
@@ -403,7 +404,8 @@ class DeviceGenerator:
             raise TopThetaError("only shared-form generators share buffers: this model has the concat-form cache")
         self.run_hook: Callable[[Callable[[], None]], None] | None = None
         self.graph_id: int | None = None
-        if session.cuda_graph and sig.form == "shared" and not sig.extra_outputs and self.next is not None:
+        fixed_outputs = self.next is not None and self.logits is not None and not sig.extra_outputs
+        if session.cuda_graph and sig.form == "shared" and fixed_outputs:  # a captured graph needs fixed addresses
             self.graph_id = session.new_graph_id()
         self.captured = False
         self._run_prefill = self._run_options(-1)

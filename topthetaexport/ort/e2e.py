@@ -397,6 +397,9 @@ def _write_graphs(models: dict[str, Any], out_dir: Path, info: dict[str, Any], *
                 name=value.name,
                 base_dir=str(out_dir),
             )
+        for node in model.graph:  # torch's name scopes and stack traces: 80 % of the file, not needed to run
+            for key in [k for k in node.metadata_props if not k.startswith(names.META_PREFIX)]:
+                del node.metadata_props[key]
         ir.save(model, out_dir / GRAPHS[gname])
     scale = _op_scale(models["toptheta"])
     manifest = {
