@@ -218,11 +218,11 @@ def unserialize(data: bytes, where: str = "R data") -> Any:
     magic = r.take(2)
     if magic != b"X\n":
         raise r.fail(f"magic {magic!r} is not XDR ('X\\n'; ASCII and native formats are not read)")
-    version = r.int()
-    r.int()  # writer's R version
-    r.int()  # oldest R version that reads it
+    version = r.i32()
+    r.i32()  # writer's R version
+    r.i32()  # oldest R version that reads it
     if version == 3:
-        r.take(r.int())  # native encoding
+        r.take(r.i32())  # native encoding
     elif version != 2:
         raise r.fail(f"serialisation version {version} is not 2 or 3")
     return r.item()
