@@ -241,8 +241,17 @@ def calibrate_cmd(
     seq_len: int = SEQ_OPT,
     samples: int = SAMPLES_OPT,
     dense_layers: int = DENSE_OPT,
+    aggregation: str = typer.Option(
+        "mean", "--aggregation", help="θ over samples: mean, or mean+sigma (mean + c·σ, c = --sigma-c)"
+    ),
+    sigma_c: float = typer.Option(0.1, "--sigma-c", help="c of --aggregation mean+sigma (the official code's 0.1)"),
+    calib_topk: bool = typer.Option(
+        False, "--calib-topk", help="apply top-k during calibration (later layers see sparsified attention)"
+    ),
 ):
-    check_options(k=k, seq_len=seq_len, num_samples=samples, dense_layers=dense_layers)
+    check_options(
+        k=k, seq_len=seq_len, num_samples=samples, dense_layers=dense_layers, aggregation=aggregation, sigma_c=sigma_c
+    )
     from topthetaexport.models import load_model
     from topthetaexport.pipeline import path_reference
     from topthetaexport.torch.calibration import calibrate
@@ -257,6 +266,9 @@ def calibrate_cmd(
                 seq_len=seq_len,
                 num_samples=samples,
                 dense_layers=dense_layers,
+                aggregation=aggregation,
+                sigma_c=sigma_c,
+                calib_topk=calib_topk,
                 progress=_StageBars(p, ["calibrate"]),
             )
         th.meta["model_path"] = path_reference(model)
