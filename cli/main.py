@@ -309,14 +309,25 @@ def rewrite_cmd(
     thresholds: Path = typer.Option(..., "--thresholds", help="folder or .safetensors from 'calibrate'"),
     out: Path = typer.Option(..., "-o", "--out", help="output .onnx file"),
     comp_mode: int = COMP_OPT,
+    theta_extrapolation: str = typer.Option(
+        "last-row",
+        "--theta-extrapolation",
+        help="θ past the calibrated rows: fit (per-head a + b·ln(r+1), materialised up to --max-context) or "
+        "last-row (the operator reuses the last calibrated row)",
+    ),
+    max_context: int | None = typer.Option(
+        None, "--max-context", help="rows of θ to materialise (default: the model's maximum position)"
+    ),
 ):
-    check_options(comp_mode=comp_mode)
+    check_options(comp_mode=comp_mode, theta_extrapolation=theta_extrapolation, max_context=max_context)
     with output_parents(out):
         from topthetaexport.onnx.rewriter import rewrite
         from topthetaexport.thresholds import Thresholds
 
         th = Thresholds.load(thresholds)
-        rep = rewrite(dense, th, out, comp_mode=comp_mode)
+        rep = rewrite(
+            dense, th, out, comp_mode=comp_mode, theta_extrapolation=theta_extrapolation, max_context=max_context
+        )
     n = len(rep.get("layers", []))
     out_console.print(f"rewrote {n} attention blocks into TopThetaAttention; wrote {out}", soft_wrap=True)
 

@@ -48,6 +48,8 @@ def export(
     comp_mode: int = 0,
     dtype: str = "auto",
     device: str = "cpu",
+    theta_extrapolation: str = "last-row",
+    max_context: int | None = None,
     progress: Progress | None = None,
 ) -> Path:
     """Export ``model`` to ONNX and rewrite its attention into TopThetaAttention: ``out_dir/model.onnx``.
@@ -57,17 +59,21 @@ def export(
 
     Also saves the thresholds, ``library.json`` and the model's config, tokenizer and generation config
     next to it (all moved into ``out_dir`` together at the end). Returns the model path.
+    ``theta_extrapolation`` / ``max_context``: θ for rows past the calibrated length (``rewrite``); the
+    thresholds saved are the ones the graph carries.
     """
     from .models import LoadedModel, load_model
     from .onnx.exporter import export_onnx
-    from .onnx.rewriter import rewrite
+    from .onnx.rewriter import extend_for_context, rewrite
     from .thresholds import Thresholds
 
-    check_options(comp_mode=comp_mode)
+    check_options(comp_mode=comp_mode, theta_extrapolation=theta_extrapolation, max_context=max_context)
     dtype = resolve_dtype(dtype, device, cuda=runs_on_cuda(device))
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     th = thresholds if isinstance(thresholds, Thresholds) else Thresholds.load(thresholds)
     th.check_compatible(loaded)
+    th.meta.setdefault("max_positions", loaded.max_positions)
+    th = extend_for_context(th, theta_extrapolation, max_context)
     out_dir = Path(out_dir)
     with staged_files(out_dir) as stage:
         with tempfile.TemporaryDirectory(prefix="toptheta-dense-", dir=stage) as tmp:

@@ -274,6 +274,7 @@ def _meta(loaded: LoadedModel, data, *, k: int, n: int, rows: int, dense: list[i
         "num_heads": loaded.num_heads,
         "num_kv_heads": loaded.num_kv_heads,
         "head_dim": loaded.head_dim,
+        "max_positions": loaded.max_positions,
         "calib_source": source,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
