@@ -392,6 +392,62 @@ def _ints(text: str, what: str) -> list[int]:
         raise TopThetaError(f"{what} must be comma-separated integers, got '{text}'") from None
 
 
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise TopThetaError(f"{what} must be comma-separated numbers, got '{text}'") from None
+
+
+def _long_context_eval(out, output, *, context, theta_extrapolation, needle_depths, needle_trials, no_needle, **opts):
+    contexts = _ints(context, "--context")
+    exts = tuple(e.strip() for e in theta_extrapolation.split(",") if e.strip())
+    for e in exts:
+        check_options(theta_extrapolation=e)
+    depths = _floats(needle_depths, "--needle-depths")
+    if not contexts or any(c < 2 for c in contexts):
+        raise TopThetaError(f"--context needs lengths >= 2, got '{context}': pass e.g. --context 4096,8192")
+    if any(not 0.0 <= d <= 1.0 for d in depths):
+        raise TopThetaError(f"--needle-depths must lie in [0, 1], got '{needle_depths}': pass e.g. 0.1,0.5,0.9")
+    check_options(
+        num_windows=opts["windows"], threads=opts["threads"], device=opts["device"], needle_trials=needle_trials
+    )
+    from topthetaexport.eval.long_context import evaluate_long_context
+
+    command = _eval_command(
+        out,
+        output,
+        context=context,
+        theta_extrapolation=theta_extrapolation,
+        needle_depths=needle_depths,
+        needle_trials=needle_trials,
+        no_needle=no_needle,
+        **opts,
+    )
+    with output_parents(output), _progress() as p:
+        rep = evaluate_long_context(
+            out,
+            contexts=contexts,
+            extrapolations=exts,
+            needle_depths=tuple(depths),
+            needle_trials=needle_trials,
+            needle=not no_needle,
+            output=output,
+            command=command,
+            progress=_StageBars(p, ["eval"]),
+            **opts,
+        )
+    cols = ["context", "theta_extrapolation", "domain", "ppl_dense", "ppl_toptheta", "kept_per_row"]
+    cols += ["v_rows_reduction", "needle_dense", "needle_toptheta"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rep["results"]:
+        lines.append(
+            "| " + " | ".join(_fmt(r[c], ".4g") if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"
+        )
+    out_console.print("\n".join(lines), soft_wrap=True)
+    out_console.print(f"wrote {output}/long-context.json", soft_wrap=True)
+
+
 @app.command(
     "eval",
     help="Accuracy of OUT/model.onnx vs dense and top-k through onnxruntime: perplexity, "
@@ -427,7 +483,35 @@ def eval_cmd(
     no_topk: bool = typer.Option(False, "--no-topk", help="skip the top-k baseline"),
     threads: int | None = typer.Option(None, "--threads", help="onnxruntime intra-op threads"),
     device: str = DEVICE_OPT,
+    context: str | None = typer.Option(
+        None,
+        "--context",
+        help="long-context evaluation instead: comma-separated context lengths, e.g. 4096,8192 (perplexity, kept "
+        "per row, V rows per decode step, needle in a haystack; writes long-context.json)",
+    ),
+    theta_extrapolation: str = typer.Option(
+        "fit,last-row", "--theta-extrapolation", help="--context: θ past the calibrated rows, fit and/or last-row"
+    ),
+    needle_depths: str = typer.Option("0.1,0.5,0.9", "--needle-depths", help="--context: relative needle depths"),
+    needle_trials: int = typer.Option(1, "--needle-trials", help="--context: needles per depth and context"),
+    no_needle: bool = typer.Option(False, "--no-needle", help="--context: skip the needle-in-a-haystack task"),
 ):
+    if context is not None:
+        _long_context_eval(
+            out,
+            output,
+            data=data,
+            cross_data=cross_data,
+            windows=windows,
+            threads=threads,
+            device=device,
+            context=context,
+            theta_extrapolation=theta_extrapolation,
+            needle_depths=needle_depths,
+            needle_trials=needle_trials,
+            no_needle=no_needle,
+        )
+        return
     from topthetaexport.eval.tasks import parse_task_spec
 
     sweep_ks = _ints(sweep, "--sweep") if sweep else None

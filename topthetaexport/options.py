@@ -30,6 +30,7 @@ _MINIMUM = {
     "seqs": ("--seq", 1),
     "repeats": ("--repeats", 1),
     "max_context": ("--max-context", 2),
+    "needle_trials": ("--needle-trials", 1),
 }
 _COMP = {"comp_mode": "--comp-mode", "comp_modes": "--comp-modes", "sweep_comp_modes": "--sweep-comp-modes"}
 
