@@ -91,6 +91,13 @@ def test_long_context_eval_report(short_calibrated):
         fit, last = by[(c, "fit", "in_domain")], by[(c, "last-row", "in_domain")]
         assert fit["ppl_dense"] == last["ppl_dense"]  # one dense run per context
         assert fit["kept_per_row"] != last["kept_per_row"]  # the fitted rows really are in the graph
+    assert set(by[(4 * CALIB, "fit", "in_domain")]["kept_per_row_by_band"]) == {"1x", "2x", "4x"}
+    # a shorter context is measured on the prefix of the longest one's window: the same as its own run
+    short = evaluate_long_context(out, contexts=[2 * CALIB], data="builtin:pydoc", windows=1, needle=False)
+    for r in short["results"]:
+        twin = by[(2 * CALIB, r["theta_extrapolation"], "in_domain")]
+        assert r["ppl_toptheta"] == pytest.approx(twin["ppl_toptheta"], rel=1e-9)
+        assert r["kept_per_row"] == twin["kept_per_row"] and r["v_rows_reduction"] == twin["v_rows_reduction"]
 
 
 def test_long_context_cli_errors(short_calibrated, capsys):

@@ -36,6 +36,7 @@ __all__ = ["LONG_FILES", "evaluate_long_context", "needle_items"]
 LONG_FILES = {"long-context.json", "long-context-details.json"}
 DECODE_ROWS = 16
 KEPT_ROWS = 512
+BAND_ROWS = 256  # kept per row at m x the calibrated length: the mean over the BAND_ROWS rows before m·R
 _NAMES = (
     "the blue door",
     "Captain Harville's sea chest",
@@ -148,14 +149,18 @@ def evaluate_long_context(
     device: str = "cpu",
     output=None,
     command: str | None = None,
+    checkpoint=None,
+    needle_variants: tuple[str, ...] | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Measure ``out_dir/model.onnx`` at each context of ``contexts`` (see the module doc)."""
+    """Measure ``out_dir/model.onnx`` at each context of ``contexts`` (see the module doc). ``checkpoint``: a
+    JSON file rewritten (atomically) after every stage with what is measured so far. ``needle_variants``: the
+    variants ("dense", "toptheta/fit", "toptheta/last-row") that run the needle task (default: all)."""
+    from .._io import write_json
     from ..models import load_model
     from ..onnx.variants import write_variant
     from ..ort.sessions import OnnxModel
     from ..thresholds import EXTRAPOLATIONS, Thresholds
-    from .measure import KeptElements, Perplexity, valid_counts
 
     t_start = time.perf_counter()
     step = emitter(progress, "eval")
@@ -190,68 +195,65 @@ def evaluate_long_context(
     tables = {e: base.extended(rows_needed, e) for e in extrapolations}
 
     step("tokenizing held-out text", 0.01)
-    texts: dict[str, dict[int, tuple[np.ndarray, list[str]]]] = {"in_domain": {}, "cross_domain": {}}
-    for c in contexts:
-        texts["in_domain"][c] = _book_windows(tok, data, c, windows)
-        if cross_data:
-            texts["cross_domain"][c] = _book_windows(tok, cross_data, c, windows)
-    used = {n for c in contexts for n in texts["in_domain"][c][1]}
+    c_max = max(contexts)
+    texts: dict[str, Any] = {"in_domain": _book_windows(tok, data, c_max, windows)}
+    if cross_data:
+        texts["cross_domain"] = _book_windows(tok, cross_data, c_max, windows)
+    used = set(texts["in_domain"][1])
     hay = _haystack(tok, data, used) if needle else []
     needles = {c: needle_items(tok, hay, c, list(needle_depths), needle_trials) for c in contexts} if needle else {}
 
     variants = [("dense", None)] + [(f"toptheta/{e}", e) for e in extrapolations]
-    measured: dict[str, dict[int, dict[str, Any]]] = {}
-    total = len(variants) * len(contexts)
-    done = 0
+    sessions = {}
     for name, ext in variants:
+        step(f"{name}: opening session", 0.02)
         path = (
             write_variant(model_path, kind="dense")
             if ext is None
             else write_variant(model_path, kind="toptheta", thresholds=tables[ext])
         )
         try:
-            om = OnnxModel(path, device=device, threads=threads)
+            sessions[name] = OnnxModel(path, device=device, threads=threads)
         finally:
             path.unlink(missing_ok=True)
-        measured[name] = {}
-        for c in contexts:
-            step(f"{name}: context {c}", 0.02 + 0.96 * done / total)
+    measured: dict[str, dict[int, dict[str, Any]]] = {name: {c: {} for c in contexts} for name, _ in variants}
+    bands = [m for m in (1, 2, 4, 8, 16, 32, 64) if m * calib_rows <= max(contexts)]
+    # the most telling measurements first: in-domain text, the other text, then needles by context
+    stages: list[tuple[str, int]] = [(dom, 0) for dom in texts]
+    stages += [("needle", c) for c in sorted(contexts)] if needle else []
+    n_steps, done = len(stages) * len(variants), 0
+    for what, c_needle in stages:
+        for name, _ in variants:
+            if what == "needle" and needle_variants is not None and name not in needle_variants:
+                continue
+            om = sessions[name]
+            step(f"{name}: {what}{f' at {c_needle}' if c_needle else ''}", 0.03 + 0.95 * done / n_steps)
             t0 = time.perf_counter()
-            res_c: dict[str, Any] = {}
-            for dom, by_c in texts.items():
-                if c not in by_c:
-                    continue
-                win, names = by_c[c]
-                ppl, counts = Perplexity(), KeptElements(th.num_layers)
-                kept_rows = []
-                for w in range(win.shape[0]):
-                    r = om.run(win[w : w + 1])
-                    ppl.add(r.output, win[w : w + 1])
-                    counts.add(r.kept, valid_counts(c, True), DECODE_ROWS)
-                    if r.kept and sparse:
-                        kept_rows.append(np.mean([r.kept[i][..., -KEPT_ROWS:].mean() for i in sparse]))
-                    del r
-                summ = counts.summary(dense_layers)
-                res_c[dom] = {
-                    "data": sorted(set(names)),
-                    "windows": int(win.shape[0]),
-                    "perplexity": ppl.value,
-                    "tokens": ppl.tokens,
-                    "kept_per_row_sparse_last_rows": float(np.mean(kept_rows)) if kept_rows else None,
-                    "kept_per_row_all_rows": summ["kept_per_row"],
-                    "decode": summ.get("decode"),
-                }
-            if needle:
+            if what == "needle":
                 passed = []
-                for it in needles[c]:
+                for it in needles[c_needle]:
                     r = om.run(it["ids"])
                     passed.append({"depth": it["depth"], "pass": _passes(r.output, it["ids"], it["answer_positions"])})
                     del r
-                res_c["needle"] = passed
-            res_c["seconds"] = time.perf_counter() - t0
-            measured[name][c] = res_c
+                measured[name][c_needle]["needle"] = passed
+                measured[name][c_needle]["needle_seconds"] = time.perf_counter() - t0
+            else:
+                _windows_at_every_context(
+                    om,
+                    texts[what],
+                    contexts,
+                    calib_rows,
+                    bands,
+                    sparse,
+                    dense_layers,
+                    th.num_layers,
+                    measured[name],
+                    what,
+                )
             done += 1
-        del om
+            if checkpoint is not None:
+                write_json(checkpoint, {"done": f"{what} {name}", "measured": _jsonable(measured)})
+    del sessions
 
     rows = _rows(loaded, th, calib_rows, contexts, extrapolations, measured, needle)
     report = {
@@ -269,13 +271,71 @@ def evaluate_long_context(
         "needle_depths": list(needle_depths),
         "needle_trials": needle_trials,
         "results": rows,
-        "measured": {v: {str(c): m for c, m in by_c.items()} for v, by_c in measured.items()},
+        "measured": _jsonable(measured),
+        "band_rows": BAND_ROWS,
         "total_s": time.perf_counter() - t_start,
     }
     if output is not None:
         _write(Path(output), report)
     step("done", 1.0)
     return report
+
+
+def _windows_at_every_context(om, windows, contexts, calib_rows, bands, sparse, dense_layers, layers, out, dom):
+    """One forward per window at the longest context; every shorter context is measured on its prefix (causal
+    attention: positions < C see the same keys and the same θ rows whatever follows them)."""
+    from .measure import KeptElements, valid_counts
+
+    win, names = windows
+    t0 = time.perf_counter()
+    acc = {c: {"nll": 0.0, "tokens": 0, "counts": KeptElements(layers), "last": []} for c in contexts}
+    band_sums = {m: 0.0 for m in bands}
+    for w in range(win.shape[0]):
+        ids = win[w : w + 1]
+        r = om.run(ids)
+        for c in contexts:
+            a = acc[c]
+            s_, n_ = _nll(r.output[:, :c], ids[:, :c])
+            a["nll"] += s_
+            a["tokens"] += n_
+            a["counts"].add({i: k[..., :c] for i, k in r.kept.items()}, valid_counts(c, True), DECODE_ROWS)
+            if sparse:
+                a["last"].append(float(np.mean([r.kept[i][..., max(0, c - KEPT_ROWS) : c].mean() for i in sparse])))
+        if sparse:
+            per_row = np.mean([r.kept[i].astype(np.float64).mean((0, 1)) for i in sparse], 0)
+            for m in bands:
+                band_sums[m] += float(per_row[max(0, m * calib_rows - BAND_ROWS) : m * calib_rows].mean())
+        del r
+    for c in contexts:
+        a = acc[c]
+        summ = a["counts"].summary(dense_layers)
+        out[c][dom] = {
+            "data": sorted(set(names)),
+            "windows": int(win.shape[0]),
+            "perplexity": float(np.exp(a["nll"] / max(a["tokens"], 1))),
+            "tokens": a["tokens"],
+            "kept_per_row_sparse_last_rows": float(np.mean(a["last"])) if a["last"] else None,
+            "kept_per_row_all_rows": summ["kept_per_row"],
+            "decode": summ.get("decode"),
+            "seconds_all_contexts": time.perf_counter() - t0,
+        }
+    out[max(contexts)][dom]["kept_per_row_sparse_by_band"] = {f"{m}x": band_sums[m] / win.shape[0] for m in bands}
+
+
+def _nll(logits: np.ndarray, ids: np.ndarray, chunk: int = 512) -> tuple[float, int]:
+    """``measure.nll`` in chunks of positions: an 8k window's float64 logits would be 3 GB at once."""
+    from .measure import nll
+
+    total, count = 0.0, 0
+    for p0 in range(0, ids.shape[1] - 1, chunk):
+        p1 = min(ids.shape[1], p0 + chunk + 1)  # one position of overlap: the last logits predict p1 - 1
+        s_, n_ = nll(logits[:, p0:p1], ids[:, p0:p1])
+        total, count = total + s_, count + n_
+    return total, count
+
+
+def _jsonable(measured):
+    return {v: {str(c): m for c, m in by_c.items()} for v, by_c in measured.items()}
 
 
 def _version() -> str:
@@ -319,6 +379,7 @@ def _rows(loaded, th, calib_rows, contexts, extrapolations, measured, needle) ->
                         "v_rows_per_step_dense": dec.get("v_rows_dense_per_token"),
                         "v_rows_per_step_toptheta": dec.get("v_rows_kept_per_token"),
                         "needle_items": len(top.get("needle") or []) if dom == "in_domain" and needle else 0,
+                        "kept_per_row_by_band": t.get("kept_per_row_sparse_by_band"),
                     }
                 )
     return rows
