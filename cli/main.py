@@ -399,7 +399,19 @@ def _floats(text: str, what: str) -> list[float]:
         raise TopThetaError(f"{what} must be comma-separated numbers, got '{text}'") from None
 
 
-def _long_context_eval(out, output, *, context, theta_extrapolation, needle_depths, needle_trials, no_needle, **opts):
+def _long_context_eval(
+    out,
+    output,
+    *,
+    context,
+    theta_extrapolation,
+    needle_depths,
+    needle_trials,
+    no_needle,
+    needle_variants,
+    checkpoint,
+    **opts,
+):
     contexts = _ints(context, "--context")
     exts = tuple(e.strip() for e in theta_extrapolation.split(",") if e.strip())
     for e in exts:
@@ -412,6 +424,12 @@ def _long_context_eval(out, output, *, context, theta_extrapolation, needle_dept
     check_options(
         num_windows=opts["windows"], threads=opts["threads"], device=opts["device"], needle_trials=needle_trials
     )
+    chosen = None
+    if needle_variants:
+        chosen = tuple(v if v == "dense" else f"toptheta/{v}" for v in needle_variants.split(",") if v.strip())
+        for v in chosen:
+            if v != "dense" and v[len("toptheta/") :] not in exts:
+                raise TopThetaError(f"--needle-variants names {v!r}: use dense and the --theta-extrapolation values")
     from topthetaexport.eval.long_context import evaluate_long_context
 
     command = _eval_command(
@@ -422,6 +440,7 @@ def _long_context_eval(out, output, *, context, theta_extrapolation, needle_dept
         needle_depths=needle_depths,
         needle_trials=needle_trials,
         no_needle=no_needle,
+        needle_variants=needle_variants,
         **opts,
     )
     with output_parents(output), _progress() as p:
@@ -432,6 +451,8 @@ def _long_context_eval(out, output, *, context, theta_extrapolation, needle_dept
             needle_depths=tuple(depths),
             needle_trials=needle_trials,
             needle=not no_needle,
+            needle_variants=chosen,
+            checkpoint=checkpoint,
             output=output,
             command=command,
             progress=_StageBars(p, ["eval"]),
@@ -495,6 +516,12 @@ def eval_cmd(
     needle_depths: str = typer.Option("0.1,0.5,0.9", "--needle-depths", help="--context: relative needle depths"),
     needle_trials: int = typer.Option(1, "--needle-trials", help="--context: needles per depth and context"),
     no_needle: bool = typer.Option(False, "--no-needle", help="--context: skip the needle-in-a-haystack task"),
+    needle_variants: str | None = typer.Option(
+        None, "--needle-variants", help="--context: variants that run the needle task, e.g. dense,fit (default: all)"
+    ),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="--context: JSON file rewritten after every stage with what is measured so far"
+    ),
 ):
     if context is not None:
         _long_context_eval(
@@ -510,6 +537,8 @@ def eval_cmd(
             needle_depths=needle_depths,
             needle_trials=needle_trials,
             no_needle=no_needle,
+            needle_variants=needle_variants,
+            checkpoint=checkpoint,
         )
         return
     from topthetaexport.eval.tasks import parse_task_spec
