@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 from topthetaexport._io import write_json
 from topthetaexport.thresholds import Thresholds
 

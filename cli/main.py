@@ -189,6 +189,12 @@ def pipeline_cmd(
     device: str = DEVICE_OPT,
     dtype: str = DTYPE_OPT,
     threads: int | None = THREADS_OPT,
+    theta_extrapolation: str = typer.Option(
+        "last-row", "--theta-extrapolation", help="θ past --seq-len: fit (materialised to --max-context) or last-row"
+    ),
+    max_context: int | None = typer.Option(
+        None, "--max-context", help="rows of θ to materialise with fit (default: the model's maximum position)"
+    ),
 ):
     check_options(
         k=k,
@@ -200,6 +206,8 @@ def pipeline_cmd(
         device=device,
         dtype=dtype,
         threads=threads,
+        theta_extrapolation=theta_extrapolation,
+        max_context=max_context,
     )
     resolve_dtype(dtype, device, cuda=runs_on_cuda(device))
     from topthetaexport.pipeline import run_pipeline
@@ -221,6 +229,8 @@ def pipeline_cmd(
             device=device,
             dtype=dtype,
             threads=threads,
+            theta_extrapolation=theta_extrapolation,
+            max_context=max_context,
             progress=bars,
         )
     if no_validate:

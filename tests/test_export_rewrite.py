@@ -526,8 +526,8 @@ def test_rewrite_materialises_fitted_theta(exported, tmp_path):
     ex = exported("llama")
     lm = ex.loaded
 
-    def z(r):  # Φ⁻¹(1 - k/(r+1)) with k = 3
-        return math.sqrt(2.0) * torch.erfinv(2.0 * (1.0 - 3.0 / (r + 1.0)) - 1.0)
+    def z(r):  # Φ⁻¹(1 - k/(r+1)) with k = 3 (clamped like the fit for rows with at most k keys)
+        return math.sqrt(2.0) * torch.erfinv(2.0 * (1.0 - 3.0 / (r + 1.0)).clamp(1e-9, 1 - 1e-12) - 1.0)
 
     r = torch.arange(ROWS, dtype=torch.float64)
     a = torch.linspace(-1.0, 0.5, lm.num_layers * lm.num_heads, dtype=torch.float64).view(lm.num_layers, -1)

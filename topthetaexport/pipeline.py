@@ -113,9 +113,12 @@ def run_pipeline(
     device: str = "cpu",
     dtype: str = "auto",
     threads: int | None = None,
+    theta_extrapolation: str = "last-row",
+    max_context: int | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """calibrate → export → rewrite → validate into ``out``; returns the report (also ``out/report.json``).
+    ``theta_extrapolation`` / ``max_context``: θ for rows past ``seq_len`` (``export``).
 
     Calibration runs the model in float32 PyTorch; the export runs in ``dtype`` (see ``export``), from a
     cast copy of the same loaded model, and validation compares it with the float32 model.
@@ -134,6 +137,8 @@ def run_pipeline(
         decode_steps=decode_steps,
         device=device,
         dtype=dtype,
+        theta_extrapolation=theta_extrapolation,
+        max_context=max_context,
     )
     dtype = resolve_dtype(dtype, device, cuda=runs_on_cuda(device))  # bfloat16 on CPU fails here, before any work
     prog = progress or (lambda stage, message, fraction: None)
@@ -164,7 +169,17 @@ def run_pipeline(
         prog("calibrate", "thresholds ready", 1.0)
 
         t = time.perf_counter()
-        export(loaded, th, stage, comp_mode=comp_mode, dtype=dtype, device=device, progress=progress)
+        export(
+            loaded,
+            th,
+            stage,
+            comp_mode=comp_mode,
+            dtype=dtype,
+            device=device,
+            theta_extrapolation=theta_extrapolation,
+            max_context=max_context,
+            progress=progress,
+        )
         timings["export_s"] = time.perf_counter() - t
         prog("export", "model.onnx written", 1.0)
 
