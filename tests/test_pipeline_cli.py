@@ -244,6 +244,8 @@ def test_default_model_pipeline_and_run(tmp_path, capsys, smollm2):
         ({"num_samples": 0}, "--samples"),
         ({"dense_layers": -1}, "--dense-layers"),
         ({"decode_steps": 0}, "--decode-steps"),
+        ({"theta_extrapolation": "spline"}, "--theta-extrapolation"),
+        ({"max_context": 1}, "--max-context"),
     ],
 )
 def test_api_checks_options_before_loading_anything(bad, flag, tmp_path):
