@@ -25,7 +25,11 @@ $(INSTALLED): $(PACKAGE_SOURCES) | $(VENV)/bin/python
 	$(PIP) install -q ".[test]"
 	touch $@
 
+# Long public-domain text for the long-context evaluation (austen:* data): Debian's r-cran-janeaustenr, pinned
+# by version and sha256 in topthetaexport/austen.py, unpacked into $${TOPTHETA_CACHE:-~/.cache/toptheta-export};
+# skipped with one line where apt-get is not available.
 install: $(INSTALLED)
+	$(PY) -m topthetaexport.austen install
 
 install-lint: $(VENV)/bin/python
 	$(PIP) install -q ruff==0.17.6 mypy==2.4.1 clang-format==23.1.5

@@ -199,6 +199,12 @@ def pipeline_cmd(
     dtype: str = DTYPE_OPT,
     kv_cache: str = KV_CACHE_OPT,
     threads: int | None = THREADS_OPT,
+    theta_extrapolation: str = typer.Option(
+        "last-row", "--theta-extrapolation", help="θ past --seq-len: fit (materialised to --max-context) or last-row"
+    ),
+    max_context: int | None = typer.Option(
+        None, "--max-context", help="rows of θ to materialise with fit (default: the model's maximum position)"
+    ),
 ):
     check_options(
         k=k,
@@ -211,6 +217,8 @@ def pipeline_cmd(
         dtype=dtype,
         kv_cache=kv_cache,
         threads=threads,
+        theta_extrapolation=theta_extrapolation,
+        max_context=max_context,
     )
     resolve_dtype(dtype, device, cuda=runs_on_cuda(device))
     from topthetaexport.pipeline import run_pipeline
@@ -233,6 +241,8 @@ def pipeline_cmd(
             dtype=dtype,
             kv_cache=kv_cache,
             threads=threads,
+            theta_extrapolation=theta_extrapolation,
+            max_context=max_context,
             progress=bars,
         )
     if no_validate:
@@ -253,8 +263,17 @@ def calibrate_cmd(
     seq_len: int = SEQ_OPT,
     samples: int = SAMPLES_OPT,
     dense_layers: int = DENSE_OPT,
+    aggregation: str = typer.Option(
+        "mean", "--aggregation", help="θ over samples: mean, or mean+sigma (mean + c·σ, c = --sigma-c)"
+    ),
+    sigma_c: float = typer.Option(0.1, "--sigma-c", help="c of --aggregation mean+sigma (the official code's 0.1)"),
+    calib_topk: bool = typer.Option(
+        False, "--calib-topk", help="apply top-k during calibration (later layers see sparsified attention)"
+    ),
 ):
-    check_options(k=k, seq_len=seq_len, num_samples=samples, dense_layers=dense_layers)
+    check_options(
+        k=k, seq_len=seq_len, num_samples=samples, dense_layers=dense_layers, aggregation=aggregation, sigma_c=sigma_c
+    )
     from topthetaexport.models import load_model
     from topthetaexport.pipeline import path_reference
     from topthetaexport.torch.calibration import calibrate
@@ -269,6 +288,9 @@ def calibrate_cmd(
                 seq_len=seq_len,
                 num_samples=samples,
                 dense_layers=dense_layers,
+                aggregation=aggregation,
+                sigma_c=sigma_c,
+                calib_topk=calib_topk,
                 progress=_StageBars(p, ["calibrate"]),
             )
         th.meta["model_path"] = path_reference(model)
@@ -321,8 +343,23 @@ def rewrite_cmd(
     comp_mode: int = COMP_OPT,
     kv_cache: str = KV_CACHE_OPT,
     device: str = typer.Option("cpu", "--device", help="device the model will run on (picks --kv-cache auto)"),
+    theta_extrapolation: str = typer.Option(
+        "last-row",
+        "--theta-extrapolation",
+        help="θ past the calibrated rows: fit (per-head a + b·ln(r+1), materialised up to --max-context) or "
+        "last-row (the operator reuses the last calibrated row)",
+    ),
+    max_context: int | None = typer.Option(
+        None, "--max-context", help="rows of θ to materialise (default: the model's maximum position)"
+    ),
 ):
-    check_options(comp_mode=comp_mode, kv_cache=kv_cache, device=device)
+    check_options(
+        comp_mode=comp_mode,
+        kv_cache=kv_cache,
+        device=device,
+        theta_extrapolation=theta_extrapolation,
+        max_context=max_context,
+    )
     if kv_cache == "auto":  # an explicit shared for a graph without a cache is refused by rewrite itself
         cuda = runs_on_cuda(device)
         kv_cache = resolve_kv_cache(kv_cache, device, cuda=cuda, has_cache=cuda and _dense_has_cache(dense))
@@ -331,7 +368,15 @@ def rewrite_cmd(
         from topthetaexport.thresholds import Thresholds
 
         th = Thresholds.load(thresholds)
-        rep = rewrite(dense, th, out, comp_mode=comp_mode, kv_cache=kv_cache)
+        rep = rewrite(
+            dense,
+            th,
+            out,
+            comp_mode=comp_mode,
+            kv_cache=kv_cache,
+            theta_extrapolation=theta_extrapolation,
+            max_context=max_context,
+        )
     n = len(rep.get("layers", []))
     form = f" ({rep['kv_cache']} KV cache)" if rep.get("kv_cache") else ""
     out_console.print(f"rewrote {n} attention blocks into TopThetaAttention{form}; wrote {out}", soft_wrap=True)
@@ -397,6 +442,83 @@ def _ints(text: str, what: str) -> list[int]:
         raise TopThetaError(f"{what} must be comma-separated integers, got '{text}'") from None
 
 
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise TopThetaError(f"{what} must be comma-separated numbers, got '{text}'") from None
+
+
+def _long_context_eval(
+    out,
+    output,
+    *,
+    context,
+    theta_extrapolation,
+    needle_depths,
+    needle_trials,
+    no_needle,
+    needle_variants,
+    checkpoint,
+    **opts,
+):
+    contexts = _ints(context, "--context")
+    exts = tuple(e.strip() for e in theta_extrapolation.split(",") if e.strip())
+    for e in exts:
+        check_options(theta_extrapolation=e)
+    depths = _floats(needle_depths, "--needle-depths")
+    if not contexts or any(c < 2 for c in contexts):
+        raise TopThetaError(f"--context needs lengths >= 2, got '{context}': pass e.g. --context 4096,8192")
+    if any(not 0.0 <= d <= 1.0 for d in depths):
+        raise TopThetaError(f"--needle-depths must lie in [0, 1], got '{needle_depths}': pass e.g. 0.1,0.5,0.9")
+    check_options(
+        num_windows=opts["windows"], threads=opts["threads"], device=opts["device"], needle_trials=needle_trials
+    )
+    chosen = None
+    if needle_variants:
+        chosen = tuple(v if v == "dense" else f"toptheta/{v}" for v in needle_variants.split(",") if v.strip())
+        for v in chosen:
+            if v != "dense" and v[len("toptheta/") :] not in exts:
+                raise TopThetaError(f"--needle-variants names {v!r}: use dense and the --theta-extrapolation values")
+    from topthetaexport.eval.long_context import evaluate_long_context
+
+    command = _eval_command(
+        out,
+        output,
+        context=context,
+        theta_extrapolation=theta_extrapolation,
+        needle_depths=needle_depths,
+        needle_trials=needle_trials,
+        no_needle=no_needle,
+        needle_variants=needle_variants,
+        **opts,
+    )
+    with output_parents(output), _progress() as p:
+        rep = evaluate_long_context(
+            out,
+            contexts=contexts,
+            extrapolations=exts,
+            needle_depths=tuple(depths),
+            needle_trials=needle_trials,
+            needle=not no_needle,
+            needle_variants=chosen,
+            checkpoint=checkpoint,
+            output=output,
+            command=command,
+            progress=_StageBars(p, ["eval"]),
+            **opts,
+        )
+    cols = ["context", "theta_extrapolation", "domain", "ppl_dense", "ppl_toptheta", "kept_per_row"]
+    cols += ["v_rows_reduction", "needle_dense", "needle_toptheta"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rep["results"]:
+        lines.append(
+            "| " + " | ".join(_fmt(r[c], ".4g") if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"
+        )
+    out_console.print("\n".join(lines), soft_wrap=True)
+    out_console.print(f"wrote {output}/long-context.json", soft_wrap=True)
+
+
 @app.command(
     "eval",
     help="Accuracy of OUT/model.onnx vs dense and top-k through onnxruntime: perplexity, "
@@ -432,7 +554,43 @@ def eval_cmd(
     no_topk: bool = typer.Option(False, "--no-topk", help="skip the top-k baseline"),
     threads: int | None = typer.Option(None, "--threads", help="onnxruntime intra-op threads"),
     device: str = DEVICE_OPT,
+    context: str | None = typer.Option(
+        None,
+        "--context",
+        help="long-context evaluation instead: comma-separated context lengths, e.g. 4096,8192 (perplexity, kept "
+        "per row, V rows per decode step, needle in a haystack; writes long-context.json)",
+    ),
+    theta_extrapolation: str = typer.Option(
+        "fit,last-row", "--theta-extrapolation", help="--context: θ past the calibrated rows, fit and/or last-row"
+    ),
+    needle_depths: str = typer.Option("0.1,0.5,0.9", "--needle-depths", help="--context: relative needle depths"),
+    needle_trials: int = typer.Option(1, "--needle-trials", help="--context: needles per depth and context"),
+    no_needle: bool = typer.Option(False, "--no-needle", help="--context: skip the needle-in-a-haystack task"),
+    needle_variants: str | None = typer.Option(
+        None, "--needle-variants", help="--context: variants that run the needle task, e.g. dense,fit (default: all)"
+    ),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="--context: JSON file rewritten after every stage with what is measured so far"
+    ),
 ):
+    if context is not None:
+        _long_context_eval(
+            out,
+            output,
+            data=data,
+            cross_data=cross_data,
+            windows=windows,
+            threads=threads,
+            device=device,
+            context=context,
+            theta_extrapolation=theta_extrapolation,
+            needle_depths=needle_depths,
+            needle_trials=needle_trials,
+            no_needle=no_needle,
+            needle_variants=needle_variants,
+            checkpoint=checkpoint,
+        )
+        return
     from topthetaexport.eval.tasks import parse_task_spec
 
     sweep_ks = _ints(sweep, "--sweep") if sweep else None

@@ -217,3 +217,78 @@ def test_smollm2_toptheta_perplexity(smollm2):
         sparse, kept, _ = ppl("toptheta", thresholds=th, comp_mode=comp)
         assert abs(sparse / dense - 1) < 0.05, (comp, sparse, dense)
         assert 40 < kept < 100 and kept < valid / 1.5, kept  # about k=64 of ~160 valid keys per row
+
+
+def _unchunked_reference(lm, toks, k, dense_layers):
+    """The calibration before chunking (one full [S, S] score matrix per layer, dense SDPA outputs), kept here
+    as the oracle of the chunked one."""
+    layers, heads, rows = lm.num_layers, lm.num_heads, toks.shape[1]
+    sums = [torch.zeros(layers, heads, rows, dtype=torch.float64) for _ in range(2)]
+    cnts = [torch.zeros(layers, heads, rows, dtype=torch.float64) for _ in range(2)]
+    dense = set(range(dense_layers))
+    theta = None
+
+    def kth_hook(layer, s, valid):
+        if layer in dense or s.shape[-1] <= k:
+            return
+        kth = s.masked_fill(~valid, float("-inf")).topk(k, dim=-1).values[..., -1]
+        ok = valid.sum(-1) > k
+        sums[0][layer] += torch.where(ok, kth.double(), 0.0).sum(0)
+        cnts[0][layer] += ok.sum(0).double()
+
+    def sdc_hook(layer, s, valid):
+        th = theta[layer][None, :, :, None]
+        if not torch.isfinite(th).any():
+            return
+        pruned = valid & (s < th)
+        n = pruned.sum(-1)
+        mass = torch.exp(torch.where(pruned, s - th, float("-inf"))).sum(-1) / n.clamp(min=1)
+        sums[1][layer] += torch.where(n > 0, mass.double(), 0.0).sum(0)
+        cnts[1][layer] += (n > 0).sum(0).double()
+
+    body = getattr(lm.model, "base_model", lm.model)
+    for i, hook in enumerate((kth_hook, sdc_hook)):
+        with torch.no_grad(), attention_mode(lm.model, "dense", score_hook=hook):
+            for row in toks:
+                body(input_ids=row[None], attention_mask=torch.ones_like(row[None]))
+        mean = torch.where(cnts[i] > 0, sums[i] / cnts[i].clamp(min=1), float("-inf") if i == 0 else 0.0).float()
+        if i == 0:
+            theta = mean
+            theta[list(dense)] = float("-inf")
+    return theta, mean
+
+
+def test_chunked_calibration_equals_unchunked(tiny_llama, tiny_tokens):
+    """Chunks of 3 query rows give the θ and ρ of the full-matrix calibration (GQA model)."""
+    lm = load_model(tiny_llama)
+    k, seq = 7, 40
+    toks = tiny_tokens(3, seq, seed=5)
+    theta_ref, sdc_ref = _unchunked_reference(lm, toks, k, 1)
+    one_chunk = calibrate(lm, toks, k=k, num_samples=3, dense_layers=1, progress=None)
+    heads = lm.num_heads
+    for budget in (3 * heads * seq,):
+        th = calibrate(lm, toks, k=k, num_samples=3, dense_layers=1, chunk_elements=budget, progress=None)
+        assert torch.equal(torch.isfinite(th.theta), torch.isfinite(theta_ref))
+        fin = torch.isfinite(theta_ref)
+        torch.testing.assert_close(th.theta[fin], theta_ref[fin], rtol=0, atol=2e-5)
+        torch.testing.assert_close(th.sdc, sdc_ref, rtol=0, atol=2e-5)
+        torch.testing.assert_close(th.theta[fin], one_chunk.theta[fin], rtol=0, atol=1e-5)  # fp32 matmul order
+    assert fin.sum() > 0 and th.meta["aggregation"] == "mean" and th.meta["calib_device"] == "cpu"
+
+
+def test_calibration_options(tiny_llama, tiny_tokens):
+    """mean + c·σ lies above the mean where rows vary; top-k during calibration changes later layers only."""
+    lm = load_model(tiny_llama)
+    toks = tiny_tokens(4, 40, seed=6)
+    base = calibrate(lm, toks, k=6, dense_layers=1, progress=None)
+    sig = calibrate(lm, toks, k=6, dense_layers=1, aggregation="mean+sigma", sigma_c=0.1, progress=None)
+    fin = torch.isfinite(base.theta)
+    diff = sig.theta[fin] - base.theta[fin]
+    assert (diff >= -1e-6).all() and diff.max() > 1e-4 and sig.meta["aggregation"] == "mean+0.1sigma"
+    topk = calibrate(lm, toks, k=6, dense_layers=1, calib_topk=True, progress=None)
+    torch.testing.assert_close(topk.theta[1], base.theta[1])  # layer 1 sees dense layer 0 in both
+    assert (topk.theta[2][fin[2]] - base.theta[2][fin[2]]).abs().max() > 1e-5 and topk.meta["calib_topk"]
+    with pytest.raises(TopThetaError, match="aggregation 'median' is unknown"):
+        calibrate(lm, toks, aggregation="median", progress=None)
+    with pytest.raises(TopThetaError, match="sigma_c"):
+        calibrate(lm, toks, aggregation="mean+sigma", sigma_c=-1, progress=None)

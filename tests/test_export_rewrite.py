@@ -6,6 +6,7 @@ onnxruntime session (with the custom-op library) against the PyTorch model.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -517,3 +518,41 @@ class _nullctx:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_rewrite_materialises_fitted_theta(exported, tmp_path):
+    """--theta-extrapolation fit: the graph carries θ for max_context rows (the calibrated ones unchanged, the
+    rest a + b·Φ⁻¹(1 - k/(r+1)) per head), and onnxruntime keeps what the PyTorch reference keeps with it."""
+    ex = exported("llama")
+    lm = ex.loaded
+
+    def z(r):  # Φ⁻¹(1 - k/(r+1)) with k = 3 (clamped like the fit for rows with at most k keys)
+        return math.sqrt(2.0) * torch.erfinv(2.0 * (1.0 - 3.0 / (r + 1.0)).clamp(1e-9, 1 - 1e-12) - 1.0)
+
+    r = torch.arange(ROWS, dtype=torch.float64)
+    a = torch.linspace(-1.0, 0.5, lm.num_layers * lm.num_heads, dtype=torch.float64).view(lm.num_layers, -1)
+    theta = (a[..., None] + 0.3 * z(r)).float()
+    theta[0] = float("-inf")  # a dense layer stays dense
+    th = Thresholds(theta, torch.full_like(theta, 0.25), {"dense_layers": [0], "k": 3})
+    out = tmp_path / "model.onnx"
+    rewrite(ex.path, th, out, expose_kept=True, theta_extrapolation="fit", max_context=24)
+    m = onnx.load(str(out))
+    meta = {p.key: p.value for p in m.metadata_props}
+    assert meta["toptheta.theta_extrapolation"] == "fit" and meta["toptheta.theta_rows"] == "24"
+    ext = th.extended(24, "fit")
+    want = a[1, :, None] + 0.3 * z(torch.arange(ROWS, 24, dtype=torch.float64))
+    torch.testing.assert_close(ext.theta[1, :, ROWS:].double(), want, rtol=0, atol=1e-5)
+    log = th.extended(24, "fit", model="log")  # the other model: a + b·ln(r+1), fitted on rows 3..5
+    assert (log.theta[1, :, ROWS:] - ext.theta[1, :, ROWS:]).abs().max() > 1e-3
+    assert torch.equal(ext.theta[:, :, :ROWS], th.theta) and bool(torch.isneginf(ext.theta[0]).all())
+    ids, mask = padded_batch(1, 20, seed=2)
+    rec = KeptRecorder()
+    with torch.no_grad(), attention_mode(lm.model, "toptheta", thresholds=ext, recorder=rec):
+        lm.model(input_ids=ids, attention_mask=mask)
+    outs = ort_run(session(out), ids, mask)
+    for layer in range(lm.num_layers):
+        assert int(outs[f"toptheta.kept.{layer}"].sum()) == int(rec.kept[layer])
+    with pytest.raises(TopThetaError, match="--max-context"):
+        rewrite(ex.path, th, tmp_path / "m2.onnx", theta_extrapolation="fit")
+    with pytest.raises(TopThetaError, match="unknown --theta-extrapolation"):
+        rewrite(ex.path, th, tmp_path / "m2.onnx", theta_extrapolation="spline")

@@ -21,6 +21,8 @@ LAYERS = {
     "progress": 0,
     "options": 0,
     "architectures": 1,
+    "rdata": 1,
+    "austen": 1,
     "data": 1,
     "thresholds": 1,
     "models": 2,

@@ -245,6 +245,8 @@ def test_default_model_pipeline_and_run(tmp_path, capsys, smollm2):
         ({"dense_layers": -1}, "--dense-layers"),
         ({"decode_steps": 0}, "--decode-steps"),
         ({"kv_cache": "ring"}, "--kv-cache"),
+        ({"theta_extrapolation": "spline"}, "--theta-extrapolation"),
+        ({"max_context": 1}, "--max-context"),
     ],
 )
 def test_api_checks_options_before_loading_anything(bad, flag, tmp_path):

@@ -15,6 +15,7 @@ __all__ = ["BUILTIN_PYDOC", "BUILTIN_LICENSES", "load_texts", "token_batches", "
 
 BUILTIN_PYDOC = "builtin:pydoc"
 BUILTIN_LICENSES = "builtin:licenses"  # /usr/share/common-licenses (base-files, on every Debian/Ubuntu)
+AUSTEN_PREFIX = "austen:"  # Jane Austen's novels from Debian's r-cran-janeaustenr (topthetaexport.austen)
 LICENSES_DIR = Path("/usr/share/common-licenses")
 _DOC_SPLIT = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")  # two or more blank lines separate documents
 
@@ -25,7 +26,8 @@ def load_texts(source) -> list[str]:
     ``"builtin:pydoc"`` (Python's pydoc_data topics), ``"builtin:licenses"`` (the license texts of
     /usr/share/common-licenses, one document per file, symlinked duplicates skipped), a ``.txt`` file
     (documents separated by two or more blank lines; a file without such gaps is one document), a ``.jsonl``
-    file (a ``"text"`` field per line),
+    file (a ``"text"`` field per line), ``"austen:NAME"`` (a Jane Austen novel, one document per book;
+    ``austen:emma+persuasion``, ``austen:all``, ``austen:all-but-emma``; see topthetaexport.austen),
     a directory of ``.txt``/``.jsonl`` files, or a list of strings.
     """
     if isinstance(source, (list, tuple)):
@@ -35,6 +37,10 @@ def load_texts(source) -> list[str]:
         texts, where = _pydoc_texts(), BUILTIN_PYDOC
     elif str(source) == BUILTIN_LICENSES:
         texts, where = _license_texts(), BUILTIN_LICENSES
+    elif str(source).startswith(AUSTEN_PREFIX):
+        from .austen import book_texts
+
+        texts, where = book_texts(str(source)), str(source)
     else:
         path = Path(source).expanduser()
         texts, where = _path_texts(path), str(path)

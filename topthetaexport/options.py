@@ -8,6 +8,8 @@ COMP_MODES = {0: "none", 1: "SDC", 2: "SDC + V-mean"}
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 KV_CACHES = ("auto", "concat", "shared")
+AGGREGATIONS = ("mean", "mean+sigma")
+EXTRAPOLATIONS = ("fit", "last-row")
 
 # API name -> (command-line flag, smallest allowed value); values may be ints or lists of ints
 _MINIMUM = {
@@ -28,6 +30,8 @@ _MINIMUM = {
     "head_dim": ("--head-dim", 1),
     "seqs": ("--seq", 1),
     "repeats": ("--repeats", 1),
+    "max_context": ("--max-context", 2),
+    "needle_trials": ("--needle-trials", 1),
 }
 _COMP = {"comp_mode": "--comp-mode", "comp_modes": "--comp-modes", "sweep_comp_modes": "--sweep-comp-modes"}
 
@@ -65,6 +69,15 @@ def check_options(**options) -> None:
         elif name == "kv_cache":
             if value not in KV_CACHES:
                 raise TopThetaError(f"unknown KV-cache form {value!r} (--kv-cache): use auto, concat or shared")
+        elif name == "aggregation":
+            if value not in AGGREGATIONS:
+                raise TopThetaError(f"unknown aggregation {value!r} (--aggregation): use mean or mean+sigma")
+        elif name == "sigma_c":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < float("inf"):
+                raise TopThetaError(f"--sigma-c must be a finite number >= 0, got {value!r}: pass e.g. --sigma-c 0.1")
+        elif name == "theta_extrapolation":
+            if value not in EXTRAPOLATIONS:
+                raise TopThetaError(f"unknown --theta-extrapolation {value!r}: use fit or last-row")
         elif name == "keep":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
                 raise TopThetaError(f"--keep must be a fraction in (0, 1], got {value!r}: pass e.g. --keep 0.125")

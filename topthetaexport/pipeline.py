@@ -49,6 +49,8 @@ def export(
     dtype: str = "auto",
     device: str = "cpu",
     kv_cache: str = "auto",
+    theta_extrapolation: str = "last-row",
+    max_context: int | None = None,
     progress: Progress | None = None,
 ) -> Path:
     """Export ``model`` to ONNX and rewrite its attention into TopThetaAttention: ``out_dir/model.onnx``.
@@ -60,18 +62,24 @@ def export(
 
     Also saves the thresholds, ``library.json`` and the model's config, tokenizer and generation config
     next to it (all moved into ``out_dir`` together at the end). Returns the model path.
+    ``theta_extrapolation`` / ``max_context``: θ for rows past the calibrated length (``rewrite``); the
+    thresholds saved are the ones the graph carries.
     """
     from .models import LoadedModel, load_model
     from .onnx.exporter import export_onnx
-    from .onnx.rewriter import rewrite
+    from .onnx.rewriter import extend_for_context, rewrite
     from .thresholds import Thresholds
 
-    check_options(comp_mode=comp_mode, kv_cache=kv_cache)
+    check_options(
+        comp_mode=comp_mode, kv_cache=kv_cache, theta_extrapolation=theta_extrapolation, max_context=max_context
+    )
     dtype = resolve_dtype(dtype, device, cuda=runs_on_cuda(device))
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     kv_cache = resolve_kv_cache(kv_cache, device, cuda=runs_on_cuda(device), has_cache=_has_cache(loaded))
     th = thresholds if isinstance(thresholds, Thresholds) else Thresholds.load(thresholds)
     th.check_compatible(loaded)
+    th.meta.setdefault("max_positions", loaded.max_positions)
+    th = extend_for_context(th, theta_extrapolation, max_context)
     out_dir = Path(out_dir)
     with staged_files(out_dir) as stage:
         with tempfile.TemporaryDirectory(prefix="toptheta-dense-", dir=stage) as tmp:
@@ -117,9 +125,12 @@ def run_pipeline(
     dtype: str = "auto",
     kv_cache: str = "auto",
     threads: int | None = None,
+    theta_extrapolation: str = "last-row",
+    max_context: int | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """calibrate → export → rewrite → validate into ``out``; returns the report (also ``out/report.json``).
+    ``theta_extrapolation`` / ``max_context``: θ for rows past ``seq_len`` (``export``).
 
     Calibration runs the model in float32 PyTorch; the export runs in ``dtype`` (see ``export``), from a
     cast copy of the same loaded model, and validation compares it with the float32 model. ``kv_cache``: the
@@ -140,6 +151,8 @@ def run_pipeline(
         device=device,
         dtype=dtype,
         kv_cache=kv_cache,
+        theta_extrapolation=theta_extrapolation,
+        max_context=max_context,
     )
     dtype = resolve_dtype(dtype, device, cuda=runs_on_cuda(device))  # bfloat16 on CPU fails here, before any work
     prog = progress or (lambda stage, message, fraction: None)
@@ -172,7 +185,18 @@ def run_pipeline(
         prog("calibrate", "thresholds ready", 1.0)
 
         t = time.perf_counter()
-        export(loaded, th, stage, comp_mode=comp_mode, dtype=dtype, device=device, kv_cache=kv_cache, progress=progress)
+        export(
+            loaded,
+            th,
+            stage,
+            comp_mode=comp_mode,
+            dtype=dtype,
+            device=device,
+            kv_cache=kv_cache,
+            theta_extrapolation=theta_extrapolation,
+            max_context=max_context,
+            progress=progress,
+        )
         timings["export_s"] = time.perf_counter() - t
         prog("export", "model.onnx written", 1.0)
 

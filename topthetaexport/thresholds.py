@@ -13,7 +13,13 @@ import torch
 from ._errors import TopThetaError
 from ._io import atomic_path, write_json
 
-__all__ = ["FORMAT_VERSION", "META_FILE", "TENSORS_FILE", "Thresholds"]
+__all__ = ["EXTRAPOLATIONS", "FORMAT_VERSION", "META_FILE", "TENSORS_FILE", "Thresholds", "fit_rows"]
+
+EXTRAPOLATIONS = ("fit", "last-row")
+FIT_MODELS = ("gauss", "log")
+# Rows fitted by "fit": the last FIT_FRACTION of the calibrated rows (the short rows near the start, with a few
+# dozen keys, follow another curve and would bend the line; the extrapolation is for rows far past R).
+FIT_FRACTION = 0.5
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "thresholds.safetensors"
@@ -63,6 +69,42 @@ class Thresholds:
         if not 0 <= i < self.num_layers:
             raise TopThetaError(f"layer {i} is out of range: the thresholds have {self.num_layers} layers")
         return self.theta[i], self.sdc[i]
+
+    def extended(self, rows: int, method: str = "fit", *, model: str = "gauss") -> Thresholds:
+        """Thresholds materialised for ``rows`` rows (>= the calibrated ones, which are kept as they are).
+
+        ``method`` "fit": for every (layer, head), θ(r) = a + b·x(r) fitted by least squares on the finite θ
+        of the last ``FIT_FRACTION`` of the calibrated rows and evaluated for the new rows, with (``model``)
+        "gauss": x(r) = Φ⁻¹(1 - k/(r + 1)), the k-th largest of r + 1 normal scores (the default: it
+        extrapolates best on SmolLM2, docs/accuracy.md "Long context"), or "log": x(r) = ln(r + 1). ρ of the
+        new rows is ρ of the last calibrated row. "last-row": every new row repeats the last calibrated row,
+        exactly what the operator does with rows past R (docs/op.md), so the thresholds are returned as they
+        are. Heads with fewer than two finite θ in the fitted range also repeat the last row (dense layers
+        stay -inf).
+        """
+        if method not in EXTRAPOLATIONS:
+            raise TopThetaError(f"unknown θ extrapolation '{method}': use one of {', '.join(EXTRAPOLATIONS)}")
+        if model not in FIT_MODELS:
+            raise TopThetaError(f"unknown θ fit model '{model}': use one of {', '.join(FIT_MODELS)}")
+        if rows < self.num_rows:
+            raise TopThetaError(f"cannot extend {self.num_rows} calibrated rows to {rows}: pass at least that many")
+        meta = dict(self.meta)
+        meta["theta_extrapolation"] = method
+        meta.setdefault("calibrated_rows", self.num_rows)
+        if method == "last-row" or rows == self.num_rows:
+            return Thresholds(self.theta.clone(), self.sdc.clone(), meta)
+        k = int(self.meta.get("k") or 0)
+        if model == "gauss" and k < 1:
+            raise TopThetaError("the gauss θ fit needs the thresholds' k (meta 'k'): recalibrate, or use model 'log'")
+        a, b, ok = fit_rows(self.theta, FIT_FRACTION, model=model, k=k)
+        r = torch.arange(self.num_rows, rows, dtype=torch.float64)
+        ext = a[..., None] + b[..., None] * _fit_x(r, model, k)  # [L, H, rows - R]
+        last = self.theta[..., -1:].double().expand_as(ext)
+        ext = torch.where(ok[..., None], ext, last).float()
+        sdc = self.sdc[..., -1:].expand(-1, -1, rows - self.num_rows)
+        formula = "a + b*PhiInv(1 - k/(r+1))" if model == "gauss" else "a + b*ln(r+1)"
+        meta["theta_fit"] = {"model": formula, "rows_fitted_from": int(self.num_rows * (1 - FIT_FRACTION))}
+        return Thresholds(torch.cat([self.theta, ext], -1), torch.cat([self.sdc, sdc], -1), meta)
 
     # -- io ----------------------------------------------------------------------------------------
     def save(self, out_dir) -> Path:
@@ -165,6 +207,37 @@ class Thresholds:
             "sdc_max": float(self.sdc.max()) if self.sdc.numel() else None,
             "per_layer": per_layer,
         }
+
+
+def _fit_x(r: torch.Tensor, model: str, k: int) -> torch.Tensor:
+    if model == "log":
+        return torch.log1p(r)
+    p = (1.0 - k / (r + 1.0)).clamp(min=1e-9, max=1.0 - 1e-12)
+    return math.sqrt(2.0) * torch.erfinv(2.0 * p - 1.0)  # Φ⁻¹(p)
+
+
+def fit_rows(theta: torch.Tensor, fraction: float = FIT_FRACTION, *, model: str = "gauss", k: int = 0):
+    """Least-squares θ ≈ a + b·x(r) per (layer, head) over the finite θ of the last ``fraction`` of rows
+    (``Thresholds.extended``; rows with at most k + 1 keys are left out of the gauss fit).
+
+    Returns (a, b, ok), each [L, H] (float64; ``ok``: at least two finite rows were fitted).
+    """
+    rows = theta.shape[-1]
+    r0 = min(int(rows * (1 - fraction)), rows - 1)
+    if model == "gauss":
+        r0 = max(r0, min(k + 1, rows - 1))
+    y = theta[..., r0:].double()
+    x = _fit_x(torch.arange(r0, rows, dtype=torch.float64), model, k).expand_as(y)
+    w = torch.isfinite(y).double()
+    y = torch.where(w > 0, y, 0.0)
+    n = w.sum(-1)
+    sx, sy = (w * x).sum(-1), (w * y).sum(-1)
+    sxx, sxy = (w * x * x).sum(-1), (w * x * y).sum(-1)
+    den = n * sxx - sx * sx
+    ok = (n >= 2) & (den.abs() > 1e-12)
+    b = torch.where(ok, (n * sxy - sx * sy) / torch.where(ok, den, 1.0), 0.0)
+    a = torch.where(ok, (sy - b * sx) / n.clamp(min=1), 0.0)
+    return a, b, ok
 
 
 def _first_line(e: Exception) -> str:

@@ -125,7 +125,15 @@ def _is_causal(th_meta: dict, onnx_meta: dict) -> bool | None:
 
 
 def rewrite(
-    onnx_in, thresholds, onnx_out, *, comp_mode: int = 0, expose_kept: bool = False, kv_cache: str = "concat"
+    onnx_in,
+    thresholds,
+    onnx_out,
+    *,
+    comp_mode: int = 0,
+    expose_kept: bool = False,
+    kv_cache: str = "concat",
+    theta_extrapolation: str = "last-row",
+    max_context: int | None = None,
 ) -> dict[str, Any]:
     """Rewrite ``onnx_in`` (a dense export) into ``onnx_out`` with one TopThetaAttention per layer.
 
@@ -133,6 +141,9 @@ def rewrite(
     The matching itself is the rule set of ``topthetaexport.onnx.rules`` (docs/graph.md). ``kv_cache``:
     ``concat`` (the graph concatenates past and new K/V, as exported) or ``shared`` (``ShareKvBuffer``: one
     preallocated buffer per layer and kind, bound as past and present).
+    ``theta_extrapolation`` "fit": θ materialised up to ``max_context`` rows (default: the model's maximum
+    position, from the calibration metadata) with the per-head log fit of ``Thresholds.extended``;
+    "last-row": the calibrated rows only, the operator reuses the last one past them (docs/op.md).
     """
     import onnx_ir as ir
     from onnx_ir.passes.common import RemoveUnusedNodesPass
@@ -149,6 +160,7 @@ def rewrite(
         raise TopThetaError(f"output path {onnx_out} must be a file ending in .onnx: pass e.g. model.onnx")
     th, th_source = _load_thresholds(thresholds)
     th.check_values()  # in-memory thresholds can have been edited after they were built
+    th = extend_for_context(th, theta_extrapolation, max_context)
     model = load_onnx(onnx_in)
     graph = model.graph
     onnx_meta = dict(model.metadata_props)
@@ -198,6 +210,23 @@ def rewrite(
     return _report(matched, th, comp_mode, expose_kept, onnx_in, onnx_out, th_source) | {"kv_cache": form}
 
 
+def extend_for_context(th, theta_extrapolation: str, max_context: int | None):
+    """``th`` materialised for deployment (see ``rewrite``); unchanged when already long enough."""
+    if theta_extrapolation not in ("fit", "last-row"):
+        raise TopThetaError(f"unknown --theta-extrapolation '{theta_extrapolation}': use fit or last-row")
+    if theta_extrapolation == "last-row" and not max_context:
+        return th
+    rows = max_context or th.meta.get("max_positions")
+    if not rows:
+        raise TopThetaError(
+            "θ extrapolation 'fit' needs the deployment length: pass --max-context N (these thresholds do not "
+            "record the model's maximum position)"
+        )
+    if th.meta.get("theta_extrapolation") and th.num_rows >= int(rows):
+        return th  # extended before (e.g. by the pipeline, which saves the thresholds it deploys)
+    return th.extended(max(int(rows), th.num_rows), theta_extrapolation)
+
+
 def _initializer_bytes(graph) -> int:
     return sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)
 
@@ -212,6 +241,9 @@ def _metadata(th, source: str, comp_mode: int) -> dict[str, str]:
         META_PREFIX + "thresholds_source": source,
         META_PREFIX + "calib_source": str(th.meta.get("calib_source", "")),
         META_PREFIX + "dense_layers": ",".join(str(i) for i in th.dense_layers),
+        META_PREFIX + "theta_extrapolation": str(th.meta.get("theta_extrapolation", "last-row")),
+        META_PREFIX + "calibrated_rows": str(th.meta.get("calibrated_rows", th.num_rows)),
+        META_PREFIX + "theta_rows": str(th.num_rows),
     }
 
 

@@ -79,6 +79,7 @@ class _State:
     recorder: Any = None
     score_hook: Callable | None = None
     keep_masks: dict[int, torch.Tensor] | None = None
+    attention_fn: Callable | None = None
 
 
 # -- the registered functions --------------------------------------------------------------------------
@@ -114,6 +115,8 @@ def _dispatch(state: _State, layer, q, k, v, mask, scale, causal):
     if state.score_hook is not None:
         s, valid = reference.valid_and_scores(q, k, scale=scale, causal=causal, attn_mask=mask)
         state.score_hook(layer, s, valid)
+    if state.attention_fn is not None:
+        return state.attention_fn(layer, q, k, v, mask, scale, causal), None
     if state.mode == "dense":
         return _sdpa_dense(q, k, v, mask, scale, causal), None
     if state.mode == "topk":
@@ -221,6 +224,7 @@ def attention_mode(
     recorder=None,
     score_hook: Callable | None = None,
     keep_masks: dict[int, torch.Tensor] | None = None,
+    attention_fn: Callable | None = None,
 ) -> Iterator[None]:
     """Run ``model`` (nn.Module or LoadedModel) with ``mode`` attention inside the ``with`` block.
 
@@ -229,6 +233,8 @@ def attention_mode(
     receives per-call counts [B, Hq, Sq]. ``score_hook(layer, scores, valid)`` sees the scaled, masked scores
     (used by calibration). ``keep_masks`` ("toptheta" only): layer -> bool [B, Hq, Sq, Ktot] keep decisions
     used instead of ``s >= θ`` (pinned to another runtime's decisions for parity; every layer needs one).
+    ``attention_fn(layer, q, k, v, mask, scale, causal)`` ("dense" only): computes the attention output
+    [B, Hq, Sq, Dv] itself (calibration: chunked over query rows, so that no [Sq, Ktot] score matrix is held).
     """
     if mode not in MODES:
         raise TopThetaError(f"unknown attention mode '{mode}': use one of {', '.join(MODES)}")
@@ -238,6 +244,8 @@ def attention_mode(
         raise TopThetaError("attention mode 'topk' needs k >= 1")
     if keep_masks is not None and mode != "toptheta":
         raise TopThetaError(f"keep_masks pin Top-θ keep decisions: use them with mode 'toptheta', not '{mode}'")
+    if attention_fn is not None and mode != "dense":
+        raise TopThetaError(f"attention_fn replaces dense attention: use it with mode 'dense', not '{mode}'")
     if comp_mode not in (0, 1, 2):
         raise TopThetaError(f"comp_mode must be 0 (none), 1 (SDC) or 2 (SDC + VMC), got {comp_mode}")
     net = _unwrap(model)
@@ -247,7 +255,9 @@ def attention_mode(
     if mode == "toptheta":
         _check_thresholds(net, mods, thresholds)
     _register()
-    state = _State(mode, thresholds, comp_mode, None if k is None else int(k), recorder, score_hook, keep_masks)
+    state = _State(
+        mode, thresholds, comp_mode, None if k is None else int(k), recorder, score_hook, keep_masks, attention_fn
+    )
     previous = net.config._attn_implementation
     saved = [(mod, getattr(mod, _STATE_ATTR, None)) for _, mod in mods]  # allows nesting
     for idx, mod in mods:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from datetime import datetime, timezone
 
@@ -10,6 +11,7 @@ import torch
 from .._errors import TopThetaError
 from ..data import as_token_tensor
 from ..models import LoadedModel, load_model
+from ..options import AGGREGATIONS
 from ..progress import Progress, emitter
 from ..thresholds import FORMAT_VERSION, Thresholds
 from .attention import attention_mode
@@ -17,46 +19,124 @@ from .attention import attention_mode
 __all__ = ["calibrate"]
 
 
+DEFAULT_SIGMA_C = 0.1  # the official code's c in mean + c·σ
+# Scores held at once per attention call (query rows x keys x heads x batch): 2^23 float32 = 32 MiB.
+CHUNK_ELEMENTS = 1 << 23
+
+
 class _Accumulator:
-    """Running sums and counts per (layer, head, row) in float64."""
+    """Running sums, sums of squares and counts per (layer, head, row) in float64."""
 
     def __init__(self, layers: int, heads: int, rows: int):
         self.sum = torch.zeros(layers, heads, rows, dtype=torch.float64)
+        self.sq = torch.zeros(layers, heads, rows, dtype=torch.float64)
         self.cnt = torch.zeros(layers, heads, rows, dtype=torch.float64)
 
-    def add(self, layer: int, values: torch.Tensor, ok: torch.Tensor) -> None:
-        """values, ok: [B, H, S]; only entries with ``ok`` count."""
-        rows = values.shape[-1]
-        self.sum[layer, :, :rows] += torch.where(ok, values.double(), 0.0).sum(0)
-        self.cnt[layer, :, :rows] += ok.sum(0).double()
+    def add(self, layer: int, values: torch.Tensor, ok: torch.Tensor, row0: int = 0) -> None:
+        """values, ok: [B, H, C] for rows ``row0 .. row0 + C``; only entries with ``ok`` count."""
+        rows = slice(row0, row0 + values.shape[-1])
+        v = torch.where(ok, values.double(), 0.0).cpu()
+        self.sum[layer, :, rows] += v.sum(0)
+        self.sq[layer, :, rows] += (v * v).sum(0)
+        self.cnt[layer, :, rows] += ok.sum(0).double().cpu()
 
     def mean(self, empty: float) -> torch.Tensor:
         return torch.where(self.cnt > 0, self.sum / self.cnt.clamp(min=1), empty).float()
 
-
-def _kth_hook(acc: _Accumulator, k: int, dense: set[int]):
-    def hook(layer, s, valid):
-        if layer in dense or s.shape[-1] <= k:
-            return
-        n_valid = valid.sum(-1)
-        kth = s.masked_fill(~valid, float("-inf")).topk(k, dim=-1, sorted=True).values[..., -1]
-        acc.add(layer, kth, n_valid > k)
-
-    return hook
+    def mean_plus_sigma(self, c: float, empty: float) -> torch.Tensor:
+        """mean + c·σ (σ: sample standard deviation over the samples, 0 where a row has one sample)."""
+        n = self.cnt.clamp(min=1)
+        mean = self.sum / n
+        var = ((self.sq - n * mean * mean) / (n - 1).clamp(min=1)).clamp(min=0)
+        return torch.where(self.cnt > 0, mean + c * var.sqrt(), empty).float()
 
 
-def _sdc_hook(acc: _Accumulator, theta: torch.Tensor):
-    def hook(layer, s, valid):
-        rows = s.shape[-2]
-        th = theta[layer, :, :rows].to(s.dtype)[None, :, :, None]
+def _row_chunks(b: int, h: int, sq: int, ktot: int, budget: int):
+    rows = max(1, budget // max(b * h * ktot, 1))
+    for r0 in range(0, sq, rows):
+        yield r0, min(sq, r0 + rows)
+
+
+def _chunk_scores(q, k, mask, scale, causal, r0: int, r1: int):
+    """Scores [B, Hq, r1-r0, Kc] and valid mask of query rows r0..r1 against the keys they can see (Kc <= Ktot).
+
+    Row position r = Ktot - Sq + i (bottom-right aligned, docs/op.md); causal rows never see keys past r1's row,
+    so those keys are left out.
+    """
+    from .reference import _expand_kv, _mask_parts
+
+    b, hq, sq, d = q.shape
+    ktot = k.shape[2]
+    offset = ktot - sq
+    kend = min(ktot, offset + r1) if causal else ktot
+    scale = (1.0 / math.sqrt(d)) if not scale else float(scale)
+    kk = _expand_kv(k[:, :, :kend], hq).float()
+    s = torch.matmul(q[:, :, r0:r1].float(), kk.transpose(-1, -2)) * scale
+    valid = torch.ones((1, 1, r1 - r0, kend), dtype=torch.bool, device=q.device)
+    if causal:
+        r = torch.arange(r0, r1, device=q.device) + offset
+        valid = valid & (torch.arange(kend, device=q.device)[None, :] <= r[:, None])[None, None]
+    if mask is not None:  # [B, Ktot] or 4-D broadcastable to [B, Hq, Sq, Ktot]
+        if mask.dim() == 2:
+            m = mask[:, :kend]
+        else:
+            m = mask[..., :kend] if mask.shape[-2] == 1 else mask[..., r0:r1, :kend]
+        allowed, add = _mask_parts(m, b, kend, torch.float32)
+        if allowed is not None:
+            valid = valid & allowed
+        if add is not None:
+            s = s + add
+    return s, valid.expand(b, hq, r1 - r0, kend), kend
+
+
+class _ChunkedPass:
+    """The attention function of one calibration pass: per chunk of query rows, the scores against the keys
+    the rows see, a statistic per row (``collect``), and the attention output (dense; with ``topk`` the exact
+    top-k of each row, so that later layers see sparsified activations)."""
+
+    def __init__(self, collect, dense: set[int], k: int, topk: bool, budget: int):
+        self.collect, self.dense, self.k, self.topk, self.budget = collect, dense, k, topk, budget
+
+    def __call__(self, layer, q, k, v, mask, scale, causal):
+        from .reference import _expand_kv
+
+        b, hq, sq, _ = q.shape
+        out = torch.empty(b, hq, sq, v.shape[-1], dtype=torch.float32, device=q.device)
+        for r0, r1 in _row_chunks(b, hq, sq, k.shape[2], self.budget):
+            s, valid, kend = _chunk_scores(q, k, mask, scale, causal, r0, r1)
+            masked = s.masked_fill(~valid, float("-inf"))
+            n_valid = valid.sum(-1)
+            sparse = layer not in self.dense and kend > self.k
+            kth = masked.topk(self.k, dim=-1, sorted=True).values[..., -1] if sparse else None
+            if sparse:
+                self.collect(layer, r0, s, valid, n_valid, kth)
+            use = valid
+            if self.topk and kth is not None:
+                use = valid & ((masked >= kth[..., None]) | (n_valid <= self.k)[..., None])
+            p = torch.softmax(s.masked_fill(~use, float("-inf")), dim=-1)
+            p = torch.nan_to_num(p, nan=0.0)  # rows without a valid key give zeros (docs/op.md)
+            out[:, :, r0:r1] = torch.matmul(p, _expand_kv(v[:, :, :kend], hq).float())
+        return out.to(q.dtype)
+
+
+def _kth_collector(acc: _Accumulator, k: int):
+    def collect(layer, r0, s, valid, n_valid, kth):
+        acc.add(layer, kth, n_valid > k, r0)
+
+    return collect
+
+
+def _sdc_collector(acc: _Accumulator, theta: torch.Tensor):
+    def collect(layer, r0, s, valid, n_valid, kth):
+        th = theta[layer, :, r0 : r0 + s.shape[-2]].to(s.device, s.dtype)[None, :, :, None]
         if not torch.isfinite(th).any():
             return
         pruned = valid & (s < th)
         n_pruned = pruned.sum(-1)
         mass = torch.exp(torch.where(pruned, s - th, float("-inf"))).sum(-1)
-        acc.add(layer, mass / n_pruned.clamp(min=1), n_pruned > 0)
+        acc.add(layer, mass / n_pruned.clamp(min=1), n_pruned > 0, r0)
 
-    return hook
+    return collect
 
 
 def _counter(progress: Progress | None, total: int) -> Callable[[str], None]:
@@ -71,16 +151,20 @@ def _counter(progress: Progress | None, total: int) -> Callable[[str], None]:
     return step
 
 
-def _run(model, tokens: torch.Tensor, batch_size: int, hook, step, label: str) -> None:
+def _run(model, tokens: torch.Tensor, batch_size: int, fn, step, label: str, device: torch.device) -> None:
     body = getattr(model, "base_model", model)  # no LM head: calibration needs attention scores only
-    with torch.no_grad(), attention_mode(model, "dense", score_hook=hook):
+    with torch.no_grad(), attention_mode(model, "dense", attention_fn=fn):
         for start in range(0, tokens.shape[0], batch_size):
-            ids = tokens[start : start + batch_size]
+            ids = tokens[start : start + batch_size].to(device)
             body(input_ids=ids, attention_mask=torch.ones_like(ids))
             step(f"{label} {min(start + batch_size, tokens.shape[0])}/{tokens.shape[0]}")
 
 
-def _check_args(loaded: LoadedModel, k, seq_len, num_samples, dense_layers, batch_size) -> None:
+def _check_args(loaded: LoadedModel, k, seq_len, num_samples, dense_layers, batch_size, aggregation, c) -> None:
+    if aggregation not in AGGREGATIONS:
+        raise TopThetaError(f"aggregation '{aggregation}' is unknown: use one of {', '.join(AGGREGATIONS)}")
+    if not math.isfinite(c) or c < 0:
+        raise TopThetaError(f"sigma_c must be a finite number >= 0 (got {c}): e.g. 0.1, the official code's")
     if k < 1 or num_samples < 1 or batch_size < 1 or seq_len < 2:
         raise TopThetaError(
             f"need k >= 1, num_samples >= 1, batch_size >= 1 and seq_len >= 2 (got k={k}, "
@@ -101,16 +185,28 @@ def calibrate(
     num_samples: int = 16,
     dense_layers: int = 2,
     batch_size: int = 1,
+    aggregation: str = "mean",
+    sigma_c: float = DEFAULT_SIGMA_C,
+    calib_topk: bool = False,
+    device: str = "auto",
+    chunk_elements: int = CHUNK_ELEMENTS,
     progress: Progress | None = None,
 ) -> Thresholds:
-    """Calibrate θ (mean k-th largest valid score per layer/head/row) and ρ (SDC) on ``data``.
+    """Calibrate θ (the k-th largest valid score per layer/head/row, aggregated over samples) and ρ (SDC).
 
-    model: LoadedModel, alias or path. data: file/folder path, "builtin:pydoc", list of texts, or a token
-    tensor [N, S] (then S is the calibrated length). The first ``dense_layers`` layers stay dense (θ = -inf).
-    ρ is averaged over the samples in which the row pruned something (0 if it never did).
+    model: LoadedModel, alias or path. data: file/folder path, "builtin:pydoc", "austen:NAME", list of texts,
+    or a token tensor [N, S] (then S is the calibrated length). The first ``dense_layers`` layers stay dense
+    (θ = -inf). ``aggregation``: "mean" over samples, or "mean+sigma" (mean + ``sigma_c``·σ, the official
+    code's rule with c = 0.1). ``calib_topk``: later layers see top-k-sparsified attention (the paper's option)
+    instead of dense. ρ is averaged over the samples in which the row pruned something (0 if it never did).
+    Memory is bounded: each attention call is computed in chunks of query rows of at most ``chunk_elements``
+    scores (no [S, S] matrix per layer); ``device`` "auto" runs on CUDA when torch has it.
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    _check_args(loaded, k, seq_len, num_samples, dense_layers, batch_size)
+    _check_args(loaded, k, seq_len, num_samples, dense_layers, batch_size, aggregation, float(sigma_c))
+    if chunk_elements < 1:
+        raise TopThetaError(f"chunk_elements must be >= 1 (got {chunk_elements})")
+    dev = _device(device)
     tokens = as_token_tensor(data, loaded.tokenizer, seq_len=seq_len, num_samples=num_samples)
     n, rows = tokens.shape
     if loaded.max_positions and rows > loaded.max_positions:
@@ -123,14 +219,36 @@ def calibrate(
 
     step = _counter(progress, 2 * batches)
     acc = _Accumulator(layers, heads, rows)
-    _run(loaded.model, tokens, batch_size, _kth_hook(acc, k, dense), step, "θ pass")
-    theta = acc.mean(float("-inf"))
-    theta[list(dense)] = float("-inf")
-    acc2 = _Accumulator(layers, heads, rows)
-    _run(loaded.model, tokens, batch_size, _sdc_hook(acc2, theta), step, "ρ pass")
+    model_device = next(loaded.model.parameters()).device
+    try:
+        loaded.model.to(dev)
+        kth_pass = _ChunkedPass(_kth_collector(acc, k), dense, k, calib_topk, chunk_elements)
+        _run(loaded.model, tokens, batch_size, kth_pass, step, "θ pass", dev)
+        neg = float("-inf")
+        theta = acc.mean(neg) if aggregation == "mean" else acc.mean_plus_sigma(float(sigma_c), neg)
+        theta[list(dense)] = neg
+        acc2 = _Accumulator(layers, heads, rows)
+        sdc_pass = _ChunkedPass(_sdc_collector(acc2, theta), dense, k, calib_topk, chunk_elements)
+        _run(loaded.model, tokens, batch_size, sdc_pass, step, "ρ pass", dev)
+    finally:
+        loaded.model.to(model_device)
     sdc = acc2.mean(0.0)
 
-    return Thresholds(theta, sdc, _meta(loaded, data, k=k, n=n, rows=rows, dense=sorted(dense)))
+    meta = _meta(loaded, data, k=k, n=n, rows=rows, dense=sorted(dense))
+    meta["aggregation"] = aggregation if aggregation == "mean" else f"mean+{float(sigma_c):g}sigma"
+    meta["calib_topk"] = bool(calib_topk)
+    meta["calib_device"] = dev.type
+    return Thresholds(theta, sdc, meta)
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise TopThetaError(f"device '{device}' is unknown: use cpu, cuda or auto")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TopThetaError("device cuda was asked for but this torch has no CUDA device: use --device cpu or auto")
+    return torch.device(device)
 
 
 def _meta(loaded: LoadedModel, data, *, k: int, n: int, rows: int, dense: list[int]) -> dict:
@@ -156,6 +274,7 @@ def _meta(loaded: LoadedModel, data, *, k: int, n: int, rows: int, dense: list[i
         "num_heads": loaded.num_heads,
         "num_kv_heads": loaded.num_kv_heads,
         "head_dim": loaded.head_dim,
+        "max_positions": loaded.max_positions,
         "calib_source": source,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

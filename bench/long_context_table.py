@@ -1,0 +1,70 @@
+"""The long-context table (docs/accuracy.md) and long-context.json from an ``eval --context`` result: the
+finished ``long-context-details.json`` or the ``--checkpoint`` file of a run stopped part-way (then the rows hold
+what was measured; needle fields of variants not yet run are null).
+
+Usage: python bench/long_context_table.py CHECKPOINT_OR_DETAILS --thresholds OUT [--out docs/results/long-context.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from types import SimpleNamespace
+
+from topthetaexport._io import write_json
+from topthetaexport.eval.long_context import _rows
+from topthetaexport.thresholds import Thresholds
+
+
+def _f(x, spec):
+    return "n/a" if x is None else format(x, spec)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("source")
+    ap.add_argument("--thresholds", required=True)
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    src = json.loads(open(a.source).read())
+    measured = {v: {int(c): m for c, m in by_c.items()} for v, by_c in src["measured"].items()}
+    th = Thresholds.load(a.thresholds)
+    calib_rows = int(th.meta.get("calibrated_rows") or th.meta.get("seq_len") or th.num_rows)
+    contexts = sorted(next(iter(measured.values())))
+    exts = tuple(v.split("/", 1)[1] for v in measured if v.startswith("toptheta/"))
+    complete = {v: {c: m for c, m in by_c.items()} for v, by_c in measured.items()}
+    for v in complete:  # variants without any measurement of a text are dropped from that text's rows
+        for c in contexts:
+            complete[v].setdefault(c, {})
+    rows = _rows(SimpleNamespace(name=th.meta.get("model")), th, calib_rows, contexts, exts, complete, True)
+    for r in rows:  # needles: null where that variant's needles were not run
+        for key, var in (("needle_dense", "dense"), ("needle_toptheta", f"toptheta/{r['theta_extrapolation']}")):
+            if r["domain"] == "in_domain" and not measured[var].get(r["context"], {}).get("needle"):
+                r[key] = None
+    if a.out:
+        write_json(a.out, rows)
+    print(
+        "| context | θ past R | text | ppl dense | ppl Top-θ | Δ | kept/row (sparse, last 512 rows) | "
+        "V rows / decode step (dense → Top-θ) | reduction | needle dense | needle Top-θ |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['context']} | {r['theta_extrapolation']} | {r['data']} | {r['ppl_dense']:.2f} | "
+            f"{r['ppl_toptheta']:.2f} | {100 * r['ppl_relative_change']:+.1f}% | {_f(r['kept_per_row'], '.0f')} | "
+            f"{_f(r['v_rows_per_step_dense'], '.0f')} → {_f(r['v_rows_per_step_toptheta'], '.0f')} | "
+            f"{_f(r['v_rows_reduction'], '.2f')}x | {_f(r['needle_dense'], '.2f')} | "
+            f"{_f(r['needle_toptheta'], '.2f')} |"
+        )
+    print()
+    print("| θ past R | " + " | ".join(f"{b} R" for b in ("1x", "2x", "4x", "8x", "16x")) + " |")
+    print("|---|" + "---|" * 5)
+    for r in rows:
+        bands = r.get("kept_per_row_by_band")
+        if bands and r["domain"] == "in_domain":
+            cells = " | ".join(_f(bands.get(b), ".0f") for b in ("1x", "2x", "4x", "8x", "16x"))
+            print(f"| {r['theta_extrapolation']} ({r['data']}, context {r['context']}) | {cells} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Long-context evaluation (topthetaexport.eval.long_context, ``eval --context``) through onnxruntime, on a tiny
+LLaMA with a BPE tokenizer calibrated at 48 rows and measured at 2x and 4x that."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import save_tiny_llama_with_tokenizer
+
+from topthetaexport._errors import TopThetaError
+
+CALIB = 48
+KEYS = {
+    "model",
+    "context",
+    "calib_len",
+    "k",
+    "ppl_dense",
+    "ppl_toptheta",
+    "kept_per_row",
+    "v_rows_reduction",
+    "needle_dense",
+    "needle_toptheta",
+    "theta_extrapolation",
+}
+
+
+@pytest.fixture(scope="module")
+def short_calibrated(tmp_path_factory):
+    from topthetaexport.pipeline import run_pipeline
+
+    root = tmp_path_factory.mktemp("long")
+    save_tiny_llama_with_tokenizer(root / "model")
+    run_pipeline(
+        str(root / "model"),
+        "builtin:pydoc",
+        root / "out",
+        k=6,
+        seq_len=CALIB,
+        num_samples=3,
+        dense_layers=1,
+        do_validate=False,
+    )
+    return root
+
+
+def test_needle_items_place_the_fact_and_the_answer(short_calibrated):
+    from transformers import AutoTokenizer
+
+    from topthetaexport.eval.long_context import needle_items
+
+    tok = AutoTokenizer.from_pretrained(short_calibrated / "out")
+    hay = list(range(5, 2000))
+    items = needle_items(tok, hay, 300, [0.0, 0.5, 1.0], trials=2)
+    assert len(items) == 6 and all(it["ids"].shape == (1, 300) for it in items)
+    for it in items:
+        text = tok.decode(it["ids"][0, -40:].tolist())
+        assert f"is {it['fact']}" in text.replace("  ", " ") and it["answer_positions"][-1] == 299
+    with pytest.raises(TopThetaError, match="haystack"):
+        needle_items(tok, hay[:50], 300, [0.5], trials=1)
+
+
+def test_long_context_eval_report(short_calibrated):
+    from topthetaexport.eval.long_context import evaluate_long_context
+
+    out = short_calibrated / "out"
+    rep = evaluate_long_context(
+        out,
+        contexts=[2 * CALIB, 4 * CALIB],
+        data="builtin:pydoc",
+        cross_data="builtin:licenses",
+        windows=1,
+        needle_depths=(0.5,),
+        output=short_calibrated / "eval",
+    )
+    rows = json.loads((short_calibrated / "eval" / "long-context.json").read_text())
+    assert rows == json.loads(json.dumps(rep["results"]))
+    assert len(rows) == 2 * 2 * 2  # contexts x extrapolations x (in-domain, cross-domain)
+    for r in rows:
+        assert KEYS <= set(r) and r["calib_len"] == CALIB and r["k"] == 6
+        assert math.isfinite(r["ppl_dense"]) and math.isfinite(r["ppl_toptheta"])
+        assert r["v_rows_reduction"] > 1.0 and 0 < r["kept_per_row"] < r["context"]
+        if r["domain"] == "in_domain":
+            assert r["needle_dense"] in (0.0, 1.0) and r["needle_toptheta"] in (0.0, 1.0)
+        else:
+            assert r["needle_dense"] is None
+    by = {(r["context"], r["theta_extrapolation"], r["domain"]): r for r in rows}
+    for c in (2 * CALIB, 4 * CALIB):
+        fit, last = by[(c, "fit", "in_domain")], by[(c, "last-row", "in_domain")]
+        assert fit["ppl_dense"] == last["ppl_dense"]  # one dense run per context
+        assert fit["kept_per_row"] != last["kept_per_row"]  # the fitted rows really are in the graph
+    assert set(by[(4 * CALIB, "fit", "in_domain")]["kept_per_row_by_band"]) == {"1x", "2x", "4x"}
+    # a shorter context is measured on the prefix of the longest one's window: the same as its own run
+    short = evaluate_long_context(out, contexts=[2 * CALIB], data="builtin:pydoc", windows=1, needle=False)
+    for r in short["results"]:
+        twin = by[(2 * CALIB, r["theta_extrapolation"], "in_domain")]
+        assert r["ppl_toptheta"] == pytest.approx(twin["ppl_toptheta"], rel=1e-9)
+        assert r["kept_per_row"] == twin["kept_per_row"] and r["v_rows_reduction"] == twin["v_rows_reduction"]
+
+
+def test_long_context_cli_errors(short_calibrated, capsys):
+    try:
+        from topthetaexport.cli.main import main
+    except ImportError:
+        from cli.main import main
+
+    out = short_calibrated / "out"
+    assert main(["eval", str(out), "-o", str(short_calibrated / "e2"), "--context", "96", "--needle-depths", "2"]) == 2
+    assert "--needle-depths must lie in [0, 1]" in capsys.readouterr().err
+    assert (
+        main(
+            ["eval", str(out), "-o", str(short_calibrated / "e2"), "--context", "96", "--theta-extrapolation", "spline"]
+        )
+        == 2
+    )
+    assert "unknown --theta-extrapolation" in capsys.readouterr().err
+    assert main(["eval", str(out), "-o", str(short_calibrated / "e2"), "--context", "4096"]) == 2
+    assert "positions" in capsys.readouterr().err
+    assert not (short_calibrated / "e2").exists()
