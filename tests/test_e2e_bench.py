@@ -18,11 +18,16 @@ import onnx
 import pytest
 from conftest import tiny_bpe_tokenizer
 
-from cli.main import main as cli_main
 from topthetaexport.onnx import names
 from topthetaexport.ort import e2e
 
 ROOT = Path(__file__).resolve().parents[1]
+
+try:  # installed layout: the CLI lives in topthetaexport.cli
+    from topthetaexport.cli.main import main as cli_main
+except ImportError:  # running from a source checkout without installing
+    sys.path.insert(0, str(ROOT))
+    from cli.main import main as cli_main
 KEYS = {"model", "dtype", "context", "batch", "phase", "toptheta_ms", "dense_ms", "dense_gqa_ms"}
 KEYS |= {"toptheta_wall_ms", "v_rows_fraction", "ceiling", "kernels"}
 
