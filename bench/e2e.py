@@ -18,7 +18,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+try:  # the installed package (its custom-op library sits beside it)
+    import topthetaexport  # noqa: F401
+except ImportError:  # a source checkout: gpu_session.sh runs it so, with TOPTHETA_OPS_LIBRARY set
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from topthetaexport._errors import TopThetaError  # noqa: E402
 
