@@ -36,6 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from toptheta_cuda import Kernels  # noqa: E402
 
+from topthetaexport.ort.e2e import kernel_intervals  # noqa: E402
+
 HQ, HKV, D = 32, 8, 128
 DT = torch.float16
 L2_BYTES = 50 * 2**20
@@ -75,18 +77,6 @@ def time_graph(fn, nsets: int, inner: int = 10, reps: int = 30) -> float:
     return statistics.median(times)
 
 
-def _kernel_intervals(prof):
-    """(name, start_ns, end_ns) of every GPU kernel in a torch.profiler run (memcpy/memset left out)."""
-    out = []
-    for e in prof.profiler.kineto_results.events():
-        if e.device_type() != torch.autograd.DeviceType.CUDA or e.name().startswith(("Memcpy", "Memset")):
-            continue
-        start = e.start_ns() if hasattr(e, "start_ns") else e.start_us() * 1000
-        dur = e.duration_ns() if hasattr(e, "duration_ns") else e.duration_us() * 1000
-        out.append((e.name(), start, start + dur))
-    return out
-
-
 def time_kernels(fn, nsets: int, runs: int = 20, groups: int = 5) -> tuple[float, dict]:
     """onnxruntime sessions: median over `groups` of the GPU busy time per fn(i) call, read with CUPTI
     (torch.profiler): the union of the kernels' [start, end) intervals over `runs` calls, divided by `runs`.
@@ -105,7 +95,7 @@ def time_kernels(fn, nsets: int, runs: int = 20, groups: int = 5) -> tuple[float
             for i in range(runs):
                 fn(i % nsets)
             torch.cuda.synchronize()
-        iv = sorted(_kernel_intervals(prof), key=lambda x: x[1])
+        iv = sorted(kernel_intervals(prof), key=lambda x: x[1])
         if not iv:
             return float("nan"), {}
         busy, cur_s, cur_e = 0, iv[0][1], iv[0][2]

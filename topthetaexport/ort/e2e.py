@@ -588,7 +588,8 @@ class _Timer:
         self.gpu.append(start.elapsed_time(end))
 
 
-def _kernel_intervals(prof) -> list[tuple[str, int, int]]:
+def kernel_intervals(prof) -> list[tuple[str, int, int]]:
+    """(name, start_ns, end_ns) of every GPU kernel in a torch.profiler run (memcpy/memset left out)."""
     import torch
 
     out = []
@@ -614,7 +615,7 @@ def _profiled(fn: Callable[[], Any], calls: int, cuda: bool) -> tuple[float | No
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    iv = sorted(_kernel_intervals(prof), key=lambda x: x[1])
+    iv = sorted(kernel_intervals(prof), key=lambda x: x[1])
     if not iv:
         return None, {}
     busy, (cur_s, cur_e) = 0, iv[0][1:]
