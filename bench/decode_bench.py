@@ -10,6 +10,11 @@ device-to-device copy of 2 GiB launched plainly (not inside a CUDA graph), the m
 same run. Timing of SDPA and our kernel: CUDA graphs of several calls replayed between events; onnxruntime:
 CUPTI busy time (attention_bench.time_kernels). Inputs rotate over enough copies to exceed the L2.
 
+Side by side in the same run: the kernel's default K pipeline (4 stages, ``toptheta_us``), the earlier 3-stage
+one (``toptheta_k3_us``, TOPTHETA_DECODE_KSTAGES=3), and the default with an all-true ``[B, L]`` key-padding
+mask (``toptheta_masked_us``), which is what a rewritten decoder passes the op. Every Top-θ call is the one a
+rewritten model makes: no ``kept`` output, no compensation (so the kernel keeps no counts).
+
 Usage: python bench/decode_bench.py --library LIB --out DIR [--quick]
 Writes DIR/decode.json (a list of rows with the keys of issue 16) and DIR/decode.md.
 """
@@ -20,6 +25,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -159,8 +165,8 @@ def bench(kern, ort, hq, hkv, B, L, quick):
         for _ in range(ns)
     ]
     out = torch.empty(B, hq, 1, D, device="cuda", dtype=DT)
-    kept = torch.empty(B, hq, 1, device="cuda", dtype=torch.int32)
     s0 = scores(sets[0][0], sets[0][1], hkv)
+    pad = torch.ones(B, L, device="cuda", dtype=torch.bool)
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -177,10 +183,17 @@ def bench(kern, ort, hq, hkv, B, L, quick):
     rows = []
     for target in (1 / 3,) if quick else (1 / 3, 0.07):
         th = theta_for_vrows(s0, target, hkv)
-        kern.attention(*sets[0], th, causal=True, out=out, kept=kept)
+        kern.attention(*sets[0], th, causal=True, out=out, want_kept=False)
         torch.cuda.synchronize()
         fv = v_fraction(s0, th, hkv)
-        t = time_graph(lambda i, th=th: kern.attention(*sets[i], th, causal=True, out=out, kept=kept), ns)
+        t = time_graph(lambda i, th=th: kern.attention(*sets[i], th, causal=True, out=out, want_kept=False), ns)
+        splits = kern.last_splits
+        os.environ["TOPTHETA_DECODE_KSTAGES"] = "3"
+        t_k3 = time_graph(lambda i, th=th: kern.attention(*sets[i], th, causal=True, out=out, want_kept=False), ns)
+        del os.environ["TOPTHETA_DECODE_KSTAGES"]
+        t_mask = time_graph(
+            lambda i, th=th: kern.attention(*sets[i], th, causal=True, attn_mask=pad, out=out, want_kept=False), ns
+        )
         floor = B * hkv * L * D * 2 * (1 + fv) + 2 * B * hq * D * 2
         rows.append(
             dict(
@@ -193,6 +206,8 @@ def bench(kern, ort, hq, hkv, B, L, quick):
                 v_rows_fraction=fv,
                 k_bytes_fraction=1.0,
                 toptheta_us=t * 1e6,
+                toptheta_k3_us=t_k3 * 1e6,
+                toptheta_masked_us=t_mask * 1e6,
                 sdpa_us=t_sdpa * 1e6,
                 gqa_us=t_gqa * 1e6,
                 copy_GBps=None,  # filled in by main
@@ -201,7 +216,7 @@ def bench(kern, ort, hq, hkv, B, L, quick):
                 vs_gqa=t_gqa / t,
                 vs_sdpa=t_sdpa / t,
                 ceiling=dense_floor / floor,
-                splits=kern.last_splits,
+                splits=splits,
                 gqa_kernels=kernel_note(gqa_names),
             )
         )
@@ -211,12 +226,16 @@ def bench(kern, ort, hq, hkv, B, L, quick):
 
 
 def fmt(rows):
-    head = "| hq/hkv | B | L | V rows | Top-θ µs | SDPA µs | GQA µs | vs GQA | vs SDPA | ceiling | GB/s | % of copy |"
-    lines = [head, "|" + "---|" * 12]
+    head = (
+        "| hq/hkv | B | L | V rows | Top-θ µs | 3 K stages µs | masked µs | SDPA µs | GQA µs | vs GQA | vs SDPA "
+        "| ceiling | GB/s | % of copy |"
+    )
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         lines.append(
             f"| {r['hq']}/{r['hkv']} | {r['B']} | {r['L'] // 1024}k | {r['v_rows_fraction']:.3f} | "
-            f"{r['toptheta_us']:.1f} | {r['sdpa_us']:.1f} | {r['gqa_us']:.1f} | {r['vs_gqa']:.2f}x | "
+            f"{r['toptheta_us']:.1f} | {r['toptheta_k3_us']:.1f} | {r['toptheta_masked_us']:.1f} | "
+            f"{r['sdpa_us']:.1f} | {r['gqa_us']:.1f} | {r['vs_gqa']:.2f}x | "
             f"{r['vs_sdpa']:.2f}x | {r['ceiling']:.2f}x | {r['achieved_GBps']:.0f} | "
             f"{100 * r['achieved_GBps'] / r['copy_GBps']:.0f}% |"
         )

@@ -5,7 +5,9 @@ and decode B=8, L=32768 (SDPA, then ours with thresholds reading ~1/3 of the V r
 the default prefill variant only; PROFILE_WHAT=decode: our decode at B=1, L=16384 only; PROFILE_WHAT=gqa:
 onnxruntime's GroupQueryAttention decode at B=1, L=32768 (to read its DRAM bytes with ncu); PROFILE_WHAT=b1:
 decode at B=1, L=16384 and 32768, one call each of SDPA, ours (V rows 1/3) and onnxruntime's GQA;
-PROFILE_WHAT=sm90: prefill B=1, S=8192 without the kept output: SDPA, the default kernel, variant 2.
+PROFILE_WHAT=sm90: prefill B=1, S=8192 without the kept output: SDPA, the default kernel, variant 2;
+PROFILE_WHAT=kstages: our decode at B=8, L=32768 (V rows 1/3) with 3 K stages, then 4; PROFILE_WHAT=mask: the
+e2e call at B=16, L=32768, GQA 12/2 (keep ~1/10 per head), without and then with a [B, L] key-padding mask.
 """
 
 import math
@@ -79,6 +81,29 @@ if what == "gqa":  # onnxruntime's dense GroupQueryAttention decode, B=1, L=3276
         sess.run_with_iobinding(bd)
     torch.cuda.synchronize()
     print("K+V bytes", 2 * k.numel() * 2)
+    sys.exit(0)
+if what == "mask":  # the e2e call, B=16, L=32768, GQA 12/2, V rows 1/3: without, then with a [B, L] key-padding mask
+    B, L, hq, hkv = 16, 32768, 12, 2
+    q = torch.randn(B, hq, 1, D, device="cuda", dtype=DT)
+    k = torch.randn(B, hkv, L, D, device="cuda", dtype=DT)
+    v = torch.randn(B, hkv, L, D, device="cuda", dtype=DT)
+    s = (q.float().reshape(B, hkv, hq // hkv, D) @ k.float().transpose(-1, -2)).reshape(B, hq, L) / math.sqrt(D)
+    th = torch.quantile(s[0, :, :4096].float(), 0.9, dim=-1).reshape(hq, 1).contiguous()
+    pad = torch.ones(B, L, device="cuda", dtype=torch.bool)
+    kern.attention(q, k, v, th, causal=True, want_kept=False)
+    kern.attention(q, k, v, th, causal=True, attn_mask=pad, want_kept=False)
+    torch.cuda.synchronize()
+    sys.exit(0)
+if what == "kstages":  # our decode at B=8, L=32768, V rows 1/3: 3 K stages, then 4 (the default)
+    B, L = 8, 32768
+    q = torch.randn(B, HQ, 1, D, device="cuda", dtype=DT)
+    k = torch.randn(B, HKV, L, D, device="cuda", dtype=DT)
+    v = torch.randn(B, HKV, L, D, device="cuda", dtype=DT)
+    th = theta_for_vrows(decode_scores(q, k), 1 / 3)
+    for stages in ("3", "4"):
+        os.environ["TOPTHETA_DECODE_KSTAGES"] = stages
+        kern.attention(q, k, v, th, causal=True, want_kept=False)
+    torch.cuda.synchronize()
     sys.exit(0)
 g = torch.Generator(device="cuda").manual_seed(0)
 B, S = 1, 8192

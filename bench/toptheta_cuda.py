@@ -47,6 +47,7 @@ class _KernelOptions(ctypes.Structure):
         ("force_generic", ctypes.c_int32),
         ("decode_splits", ctypes.c_int32),
         ("prefill_variant", ctypes.c_int32),
+        ("decode_kstages", ctypes.c_int32),
     ]
 
 
@@ -57,6 +58,7 @@ class _Plan(ctypes.Structure):
         ("path", ctypes.c_int32),
         ("splits", ctypes.c_int32),
         ("prefill_variant", ctypes.c_int32),
+        ("decode_kstages", ctypes.c_int32),
         ("workspace", ctypes.c_size_t),
     ]
 
@@ -192,6 +194,7 @@ class Kernels:
         ):
             raise RuntimeError(err.value.decode())
         self.last_path, self.last_splits, self.last_variant = PATHS[plan.path], plan.splits, plan.prefill_variant
+        self.last_kstages = plan.decode_kstages
         self._keep = (th, rho, mask, lens)  # alive until the next call (the launch is asynchronous)
         return out, kept
 

@@ -359,12 +359,23 @@ def test_decode_kernel_matches_reference(kernels, cfg):
     check(kernels, make_case(**cfg, seed=2), "decode")
 
 
-@pytest.mark.parametrize("splits", ["1", "3", "64"])
+@pytest.mark.parametrize("splits", ["1", "3", "64", "65", "150"])
 def test_decode_splits_agree(kernels, env, splits):
+    """More than 64 splits: the combine merges its partials in chunks of 64."""
     env("TOPTHETA_DECODE_SPLITS", splits)
     case = make_case(dtype="f16", B=2, Hq=8, Hkv=2, Sq=2, Ktot=3001, D=128, comp_mode=2, seed=3)
     check(kernels, case, "decode")
     assert kernels.last_splits == min(int(splits), (3001 + 15) // 16)
+
+
+@pytest.mark.parametrize("kstages", ["3", "4"])
+@pytest.mark.parametrize("cfg", DECODE, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_decode_kernel_k_stages(kernels, env, cfg, kstages):
+    """Both K pipeline depths (TOPTHETA_DECODE_KSTAGES) compute the op; few splits give each warp many steps."""
+    env("TOPTHETA_DECODE_KSTAGES", kstages)
+    env("TOPTHETA_DECODE_SPLITS", "2")
+    check(kernels, make_case(**cfg, seed=4), "decode")
+    assert kernels.last_kstages == int(kstages)
 
 
 GENERIC = [

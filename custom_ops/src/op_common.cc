@@ -339,6 +339,9 @@ PreparedCall PrepareCall(const Ort::KernelContext& ctx, const OpAttributes& attr
                                 std::to_string(p.Ktot) + " (rows are bottom-right aligned; pass past_key/past_value)");
   }
   p.kv_capacity = p.Ktot;
+  // The kernels index keys and rows with 32-bit integers.
+  c.Check(p.Ktot < (int64_t{1} << 31),
+          "key length " + std::to_string(p.Ktot) + " must be below 2^31 (split the cache into several calls)");
 
   ParseMask(c, mask, dtype, p, shared ? "M" : "Ktot");
 

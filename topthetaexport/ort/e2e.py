@@ -1083,6 +1083,7 @@ class _ModelBench:
             dense_busy_ms=get(pre_b, "busy_ms"),
             dense_gqa_busy_ms=get(pre_c, "busy_ms"),
             dense_gqa_kernels=_top_kernels(pre_c["kernels"]) if pre_c else [],
+            toptheta_top_kernels=_top_kernels(pre_a["kernels"], 6),
             generic_kernel=any("GenericKernel" in n for n in pre_a["kernels"]),
         )
         if errors:
@@ -1136,6 +1137,7 @@ class _ModelBench:
             dense_busy_ms=get(dec_b, "busy_ms"),
             dense_gqa_busy_ms=get(dec_c, "busy_ms"),
             dense_gqa_kernels=_top_kernels(dec_c["kernels"]) if dec_c else [],
+            toptheta_top_kernels=_top_kernels(dec_a["kernels"], 6),
             kept_fraction=m.get("kept_fraction"),
             kept_rows_differing=m.get("kept_rows_differing"),
             theta=theta,

@@ -22,7 +22,7 @@ using toptheta::cuda::Plan;
 static_assert(std::is_standard_layout_v<AttnParams> && std::is_trivially_copyable_v<AttnParams>,
               "AttnParams crosses the C entry point");
 static_assert(sizeof(AttnParams) == 208, "AttnParams changed: update bench/toptheta_cuda.py (_AttnParams)");
-static_assert(sizeof(KernelOptions) == 12, "KernelOptions changed: update bench/toptheta_cuda.py");
+static_assert(sizeof(KernelOptions) == 16, "KernelOptions changed: update bench/toptheta_cuda.py");
 static_assert(sizeof(Plan) == 24, "Plan changed: update bench/toptheta_cuda.py");
 
 // The fields of each struct in declaration order (what bench/toptheta_cuda.py's mirrors must list).
@@ -32,8 +32,8 @@ static_assert(sizeof(Plan) == 24, "Plan changed: update bench/toptheta_cuda.py")
   X(q) X(k) X(v) X(theta) X(sdc) X(mask_kind) X(mask) X(mask_sb) X(mask_sh) X(mask_sq) X(out) \
   X(kept) X(past_lens) X(past_lens_sb) X(kv_capacity) X(Sk)
 // clang-format on
-#define TOPTHETA_KERNEL_OPTIONS_FIELDS(X) X(force_generic) X(decode_splits) X(prefill_variant)
-#define TOPTHETA_PLAN_FIELDS(X) X(path) X(splits) X(prefill_variant) X(workspace)
+#define TOPTHETA_KERNEL_OPTIONS_FIELDS(X) X(force_generic) X(decode_splits) X(prefill_variant) X(decode_kstages)
+#define TOPTHETA_PLAN_FIELDS(X) X(path) X(splits) X(prefill_variant) X(decode_kstages) X(workspace)
 
 // "Name size: field@offset ...; ..." of the three structs.
 std::string Abi() {

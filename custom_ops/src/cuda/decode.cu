@@ -1,7 +1,7 @@
 // Decode kernels of TopThetaAttention: few query rows (the Hq/Hkv heads of one kv head times Sq <= 16
 // rows in all) against a long K/V cache. Split-K: a block owns one (batch, kv head, key range) and its
 // 4 warps take 16-key steps of that range in turn, each warp on its own (no block barriers):
-//   K step t (cp.async, 3 stages) -> S = Q K^T on tensor cores -> threshold, online softmax ->
+//   K step t (cp.async, 3 or 4 stages) -> S = Q K^T on tensor cores -> threshold, online softmax ->
 //   gather the V rows of step t that some row kept (cp.async; pruned rows are never read, their
 //   shared-memory rows are zero-filled) -> P·V of step t-2 (two steps behind, to hide the gather).
 // The block merges its warps' (m, l, n_kept, n_valid, O) in shared memory and writes one partial per
@@ -16,49 +16,92 @@ namespace {
 constexpr int kWarps = kDecodeWarps;
 constexpr int kThreads = kWarps * 32;
 constexpr int kSub = kDecodeSubKeys;
-constexpr int kKStages = 3;
-constexpr int kVStages = 3;
+constexpr int kVStages = 3;  // V of step t is gathered in step t and multiplied in step t + 2
 
 __device__ __forceinline__ float Rescale(float from, float to) {
   return isfinite(to) ? Exp2((from - to) * kLog2e) : 1.f;
 }
 
+// A value the compiler must keep in a register: it cannot recompute it from the thread index in the loop (which
+// it otherwise does, at several instructions per use, to save registers the kernel has to spare).
+__device__ __forceinline__ uint32_t Pinned(uint32_t x) {
+  uint32_t y;
+  asm volatile("mov.b32 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
+// Per-lane shared-memory offsets of a warp's 16-row tile, computed once per kernel: the swizzle of the rows a
+// lane copies and of the ldmatrix reads of Q·Kᵀ (K rows) and P·V (V rows, transposed). Keeping them in registers
+// takes the index arithmetic out of the key loop, which otherwise re-derives them every step.
+template <int D>
+struct TileOffsets {
+  static constexpr int CH = D / 8;             // 16-byte chunks per row
+  static constexpr int RSTEP = 32 / CH;        // rows one warp-wide copy pass covers
+  static constexpr int PASSES = kSub / RSTEP;  // copy passes per 16-row tile
+  uint32_t copy[PASSES];                       // chunk (lane % CH) of row lane / CH + i * RSTEP
+  uint32_t k_ld[D / 16];                       // Q·Kᵀ B fragments, per 16 of D
+  uint32_t v_ld[D / 16];                       // P·V B fragments (transposed), per 16 of Dv
+  __device__ __forceinline__ explicit TileOffsets(int lane) {
+#pragma unroll
+    for (int i = 0; i < PASSES; ++i) copy[i] = Pinned(Swz<CH>(lane / CH + i * RSTEP, lane % CH));
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      k_ld[ks] = Pinned(Swz<CH>((lane >> 4) * 8 + (lane & 7), ks * 2 + ((lane >> 3) & 1)));
+      v_ld[ks] = Pinned(Swz<CH>(((lane >> 3) & 1) * 8 + (lane & 7), ks * 2 + (lane >> 4)));
+    }
+  }
+};
+
 // Warp-level copy of 16 K or V rows (keys k0..k0+15) into a swizzled tile; rows whose bit in `rows`
 // is clear (or past the batch row's klen keys) are zero-filled without reading memory.
 template <typename T, int D>
-__device__ __forceinline__ void LoadRows(const T* base, int64_t k0, int64_t klen, uint32_t dst, uint32_t rows,
-                                         int lane) {
-  constexpr int CH = D / 8;             // 16-byte chunks per row
-  constexpr int RSTEP = 32 / CH;        // rows one warp-wide pass covers
-  constexpr int PASSES = kSub / RSTEP;  // passes per 16-row tile
-  const int ch = lane % CH, r0 = lane / CH;
-  const T* src = base + (k0 + r0) * D + ch * 8;
+__device__ __forceinline__ void LoadRows(const T* base, int k0, int klen, uint32_t dst, uint32_t rows,
+                                         const TileOffsets<D>& off, int lane) {
+  using O = TileOffsets<D>;
+  const int r0 = lane / O::CH;
+  const T* src = base + static_cast<int64_t>(k0 + r0) * D + (lane % O::CH) * 8;
+  if (k0 + kSub <= klen) {  // every row exists: no bounds test, no pointer select
 #pragma unroll
-  for (int i = 0; i < PASSES; ++i) {
-    const int r = r0 + i * RSTEP;
-    const bool ok = ((rows >> r) & 1u) && k0 + r < klen;
-    CpAsync16(dst + Swz<CH>(r, ch), ok ? src + i * RSTEP * D : base, ok);
+    for (int i = 0; i < O::PASSES; ++i) {
+      CpAsync16(dst + off.copy[i], src + i * O::RSTEP * D, (rows >> (r0 + i * O::RSTEP)) & 1u);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < O::PASSES; ++i) {
+      const int r = r0 + i * O::RSTEP;
+      const bool ok = ((rows >> r) & 1u) && k0 + r < klen;
+      CpAsync16(dst + off.copy[i], ok ? src + i * O::RSTEP * D : base, ok);
+    }
   }
 }
 
-template <typename T, int D, bool MASK>
-__global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
-  constexpr int CH = D / 8, KS = D / 16, NO = D / 8;
+// KST K stages: K of step t + KST - 1 is issued in step t. Its cp.async group follows V(t - 2)'s, so waiting for
+// V(t - 2) waits for K up to t + 1 at most: more than 3 steps ahead (KST > 4) would not be in flight longer.
+// COUNT: keep the kept / valid counts (the `kept` output or the compensation needs them).
+// Key indices are 32-bit (the op checks M < 2^31); pointers are 64-bit.
+template <typename T, int D, bool MASK, bool COUNT, int KST>
+__global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2) DecodeKernel(const KernelArgs a) {
+  static_assert(KST == 3 || KST == 4, "K stages");
+  constexpr int kKStages = KST, kAhead = KST - 1;
+  constexpr int KS = D / 16, NO = D / 8;
   constexpr uint32_t kTileBytes = kSub * D * 2;
   extern __shared__ __align__(128) unsigned char smem[];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-  const int64_t split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   const bool mean = a.mean_pass != 0;
   const int nrows = static_cast<int>(a.G * a.p.Sq);
-  const int64_t klen = KeyLen(a.p, b);  // keys of this batch row; the buffer has kv_capacity rows
-  const T* Kg = static_cast<const T*>(a.p.k) + (b * a.p.Hkv + kvh) * a.p.kv_capacity * D;
-  const T* Vg = static_cast<const T*>(a.p.v) + (b * a.p.Hkv + kvh) * a.p.kv_capacity * D;
+  const int klen = static_cast<int>(KeyLen(a.p, b));  // keys of this batch row; the buffer has kv_capacity rows
+  const int64_t head = static_cast<int64_t>(b) * a.p.Hkv + kvh;
+  const T* Kg = static_cast<const T*>(a.p.k) + head * a.p.kv_capacity * D;
+  const T* Vg = static_cast<const T*>(a.p.v) + head * a.p.kv_capacity * D;
   const uint32_t wbase = SmemAddr(smem) + warp * (kKStages + kVStages) * kTileBytes;
   const uint32_t vbase = wbase + kKStages * kTileBytes;
+  const TileOffsets<D> off(lane);
 
   // Rows of this thread: local rows g and g + 8 (local row = head-in-group * Sq + query index).
-  int64_t pos[2], hq[2], qi[2];
+  int pos[2];
+  int64_t hq[2], qi[2];
   float theta[2], rho[2];
   bool row_ok[2];
   const char* mrow[2];
@@ -70,7 +113,7 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
     hq[e] = kvh * a.G + (row_ok[e] ? rl / a.p.Sq : 0);
     qi[e] = row_ok[e] ? rl % a.p.Sq : 0;
     const RowConst rc = RowConstants(a, klen, hq[e], qi[e]);
-    pos[e] = row_ok[e] ? rc.pos : -1;
+    pos[e] = row_ok[e] ? static_cast<int>(rc.pos) : -1;
     theta[e] = !row_ok[e] ? INFINITY : (mean ? -INFINITY : rc.theta);
     rho[e] = rc.rho;
     mrow[e] = (MASK && row_ok[e]) ? MaskRow(a, b, hq[e], qi[e]) : nullptr;
@@ -90,12 +133,15 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
   // This warp's key steps: block range [s_begin, s_end) of 16-key steps, warp w takes s_begin + w + 4i. The
   // splits divide this batch row's keys (the grid is sized for Ktot = M): a split may be empty, its partial
   // then holds no keys.
-  const int64_t nsub = (klen + kSub - 1) / kSub;
-  const int64_t per = (nsub + a.plan.splits - 1) / a.plan.splits;
-  const int64_t s_begin = split * per, s_end = min(nsub, s_begin + per);
-  const int64_t first = s_begin + warp;
-  const int steps = first < s_end ? static_cast<int>((s_end - first + kWarps - 1) / kWarps) : 0;
-  const int64_t min_pos = klen - a.p.Sq;  // smallest row position of the block
+  const int nsub = (klen + kSub - 1) / kSub;
+  const int per = (nsub + a.plan.splits - 1) / a.plan.splits;
+  const int s_begin = split * per, s_end = min(nsub, s_begin + per);
+  const int first = s_begin + warp;
+  const int steps = first < s_end ? (s_end - first + kWarps - 1) / kWarps : 0;
+  const int min_pos = klen - static_cast<int>(a.p.Sq);  // smallest row position of the block
+  const float scale = a.p.scale;
+  const uint32_t key_bit =
+      Pinned(1u << (2 * t));  // bit of key c = n * 8 + 2t + (e & 1) is key_bit << (n * 8 + (e & 1))
 
   float o[NO][4];
 #pragma unroll
@@ -109,7 +155,7 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
   float mp[2][2] = {{m[0], m[1]}, {m[0], m[1]}};  // reference max of each pending P
   bool pending[2] = {false, false};
 
-  auto key0 = [&](int step) { return (first + static_cast<int64_t>(step) * kWarps) * kSub; };
+  auto key0 = [&](int step) { return (first + step * kWarps) * kSub; };
   auto pv = [&](int step, const uint32_t* pa, const float* mref) {
     if (!mean) {  // bring o to this step's reference max (skipped by the warp when no row's max moved)
       const float al0 = Rescale(mo[0], mref[0]), al1 = Rescale(mo[1], mref[1]);
@@ -129,7 +175,7 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
 #pragma unroll
     for (int np = 0; np < NO / 2; ++np) {
       uint32_t bf[4];
-      LdMatrixX4Trans(bf, vb + Swz<CH>(((lane >> 3) & 1) * 8 + (lane & 7), np * 2 + (lane >> 4)));
+      LdMatrixX4Trans(bf, vb + off.v_ld[np]);
       Mma16816<T>(o[2 * np], pa, bf);
       Mma16816<T>(o[2 * np + 1], pa, bf + 2);
     }
@@ -139,17 +185,31 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
   // row constants before waiting for this whole grid.
   TriggerDependents();
 
-  // Prologue: groups in the order the loop expects (V of step -2, K0, V of step -1, K1); V ones empty.
-  CpAsyncCommit();
-  if (steps > 0 && !mean) LoadRows<T, D>(Kg, key0(0), klen, wbase, 0xffffu, lane);
-  CpAsyncCommit();
-  CpAsyncCommit();
-  if (steps > 1 && !mean) LoadRows<T, D>(Kg, key0(1), klen, wbase + kTileBytes, 0xffffu, lane);
-  CpAsyncCommit();
+  // Key-padding bytes of a step (lanes < kSub; 1 where nothing is masked), read one step ahead of their use:
+  // the mask row is small and L2-resident, so one step hides the load.
+  auto pad_of = [&](int step) -> int {
+    if (!MASK || kpad == nullptr || step >= steps || lane >= kSub) return 1;
+    const int j = key0(step) + lane;
+    return j < klen ? __ldg(kpad + j) : 0;
+  };
+  int pad_next = pad_of(0);
+
+  // Prologue: groups in the order the loop expects, (V of step i - kAhead, K of step i) for i < kAhead; the V
+  // ones empty. The loop commits (V(t), K(t + kAhead)) in step t.
+#pragma unroll
+  for (int i = 0; i < kAhead; ++i) {
+    CpAsyncCommit();
+    if (steps > i && !mean) LoadRows<T, D>(Kg, key0(i), klen, wbase + i * kTileBytes, 0xffffu, off, lane);
+    CpAsyncCommit();
+  }
 
   for (int step = 0; step < steps; ++step) {
-    const int64_t k0 = key0(step);
-    CpAsyncWait<2>();  // K of this step and V of step - 2 (only V(step-1) and K(step+1) may be in flight)
+    const int k0 = key0(step);
+    const int pad = pad_next;
+    pad_next = pad_of(step + 1);
+    // K of this step and V of step - 2: the groups after V(step - 2) (K(step + kAhead - 2), V(step - 1),
+    // K(step + kAhead - 1)) may be in flight; with kAhead = 2 the first of them is K(step) itself, so one less.
+    CpAsyncWait<kAhead == 2 ? 2 : 3>();
     __syncwarp();
     float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
     if (!mean) {
@@ -157,36 +217,58 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks) {
         uint32_t bf[4];
-        LdMatrixX4(bf, kb + Swz<CH>((lane >> 4) * 8 + (lane & 7), ks * 2 + ((lane >> 3) & 1)));
+        LdMatrixX4(bf, kb + off.k_ld[ks]);
         Mma16816<T>(s[0], qf[ks], bf);
         Mma16816<T>(s[1], qf[ks], bf + 2);
       }
     }
 
-    // Threshold test; bit c of `keys` = some row keeps key k0 + c.
+    // Threshold test; bit c of `keys` = some row keeps key k0 + c. A full step (all 16 keys exist, are
+    // visible to every row and allowed by the mask: every step but the last few) tests the threshold only.
     bool full = k0 + kSub <= klen && (!a.p.causal || k0 + kSub - 1 <= min_pos);
-    if (MASK) full = full && kpad != nullptr && KeysAllAllowed(kpad, k0, kSub, klen, lane);
+    if (MASK) full = full && kpad != nullptr && __all_sync(kFull, pad != 0);
     uint32_t keys = 0;
     float tmax[2] = {-INFINITY, -INFINITY};
+    if (full) {
 #pragma unroll
-    for (int n = 0; n < 2; ++n) {
+      for (int n = 0; n < 2; ++n) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1, c = n * 8 + 2 * t + (e & 1);
-        const int64_t j = k0 + c;
-        float x = s[n][e] * a.p.scale, add = 0.f;
-        bool valid = row_ok[r];
-        if (!full) {
-          valid = valid && j < klen && (!a.p.causal || j <= pos[r]);
-          if (MASK && valid) valid = MaskAt(a, mrow[r], j, &add);
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1;
+          const float x = s[n][e] * scale;
+          // One compare: theta is -inf in the mean pass and +inf for rows past nrows (their q is 0, so x is 0
+          // unless K holds inf / NaN, which only adds a V row to the gather; such rows are never written).
+          const bool kept = !(x < theta[r]);  // NaN is kept: the row becomes NaN
+          if (COUNT) nk[r] += kept;
+          s[n][e] = kept ? x : -INFINITY;
+          tmax[r] = fmaxf(tmax[r], s[n][e]);
+          if (kept) keys |= key_bit << (n * 8 + (e & 1));
         }
-        x += add;
-        const bool kept = valid && (mean || !(x < theta[r]));  // NaN is kept: the row becomes NaN
-        nv[r] += valid;
-        nk[r] += kept;
-        s[n][e] = kept ? x : -INFINITY;
-        tmax[r] = fmaxf(tmax[r], s[n][e]);
-        keys |= static_cast<uint32_t>(kept) << c;
+      }
+      if (COUNT) {
+        nv[0] += row_ok[0] ? 4 : 0;
+        nv[1] += row_ok[1] ? 4 : 0;
+      }
+    } else {
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1, c = n * 8 + 2 * t + (e & 1);
+          const int j = k0 + c;
+          float x = s[n][e] * scale, add = 0.f;
+          bool valid = row_ok[r] && j < klen && (!a.p.causal || j <= pos[r]);
+          if (MASK && valid) valid = MaskAt(a, mrow[r], j, &add);
+          x += add;
+          const bool kept = valid && (mean || !(x < theta[r]));
+          if (COUNT) {
+            nv[r] += valid;
+            nk[r] += kept;
+          }
+          s[n][e] = kept ? x : -INFINITY;
+          tmax[r] = fmaxf(tmax[r], s[n][e]);
+          keys |= static_cast<uint32_t>(kept) << c;
+        }
       }
     }
     keys = __reduce_or_sync(kFull, keys);
@@ -222,10 +304,11 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
     }
 
     __syncwarp();
-    if (keys != 0) LoadRows<T, D>(Vg, k0, klen, vbase + (step % kVStages) * kTileBytes, keys, lane);
+    if (keys != 0) LoadRows<T, D>(Vg, k0, klen, vbase + (step % kVStages) * kTileBytes, keys, off, lane);
     CpAsyncCommit();
-    if (step + 2 < steps && !mean) {
-      LoadRows<T, D>(Kg, key0(step + 2), klen, wbase + ((step + 2) % kKStages) * kTileBytes, 0xffffu, lane);
+    if (step + kAhead < steps && !mean) {
+      LoadRows<T, D>(Kg, key0(step + kAhead), klen, wbase + ((step + kAhead) % kKStages) * kTileBytes, 0xffffu, off,
+                     lane);
     }
     CpAsyncCommit();
 
@@ -258,10 +341,12 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
     const float alpha = mean ? 1.f : Rescale(mo[r], m[r]);
     l[r] += __shfl_xor_sync(kFull, l[r], 1);
     l[r] += __shfl_xor_sync(kFull, l[r], 2);
-    nk[r] += __shfl_xor_sync(kFull, nk[r], 1);
-    nk[r] += __shfl_xor_sync(kFull, nk[r], 2);
-    nv[r] += __shfl_xor_sync(kFull, nv[r], 1);
-    nv[r] += __shfl_xor_sync(kFull, nv[r], 2);
+    if (COUNT) {
+      nk[r] += __shfl_xor_sync(kFull, nk[r], 1);
+      nk[r] += __shfl_xor_sync(kFull, nk[r], 2);
+      nv[r] += __shfl_xor_sync(kFull, nv[r], 1);
+      nv[r] += __shfl_xor_sync(kFull, nv[r], 2);
+    }
     const int rl = g + 8 * r;
     float* wo = so + (warp * 16 + rl) * D;
 #pragma unroll
@@ -297,10 +382,10 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(const KernelArgs a) {
 // One block of Dv threads per output row: merges the row's partials (and applies the compensation).
 // Launched as a programmatic dependent of DecodeKernel (sm_90): the row constants are read before
 // griddepcontrol.wait, which returns once DecodeKernel has completed and its writes are visible.
-// Up to kFastParts partials: every thread issues all its partial-O loads at once (a register array),
-// while each warp reduces the part statistics across its lanes (shuffles, no shared memory, no block
-// barrier), so the merge is one round of loads long. More partials: the same merge in a plain loop.
-constexpr int kFastParts = 64;
+// Partials come in chunks of kChunk: every thread issues all its partial-O loads of a chunk at once (a register
+// array), while each warp reduces the part statistics across its lanes (shuffles, no shared memory, no block
+// barrier). The common case (splits <= kChunk) is one round of loads long; more splits add one round per chunk.
+constexpr int kChunk = 64;
 
 __global__ void CombineKernel(const KernelArgs a) {
   const int64_t row = blockIdx.x;
@@ -314,91 +399,103 @@ __global__ void CombineKernel(const KernelArgs a) {
   const int parts = a.plan.splits;
   const float4* st = a.part_stats + row * parts;
   const float* po = a.part_o + row * parts * D + d;
-  float dk = 0.f, n = 0.f, M = -INFINITY;
+  float x[kChunk];  // partial O of the chunk being merged
+  auto load_chunk = [&](int c0) {
+#pragma unroll
+    for (int p = 0; p < kChunk; ++p) x[p] = c0 + p < parts ? po[(c0 + p) * D] : 0.f;
+  };
+  load_chunk(0);
+  float M = -INFINITY;  // over all partials first, so that every chunk is weighed against the same max
+  for (int p = lane; p < parts; p += 32) M = fmaxf(M, st[p].x);
+  for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(kFull, M, o));
+  const bool fin = isfinite(M);
+  const float4 none = make_float4(-INFINITY, 0.f, __int_as_float(0), __int_as_float(0));
+  float dk = 0.f, n = 0.f;
   int nk = 0, nv = 0;
-  if (parts <= kFastParts) {
-    float x[kFastParts];
+  for (int c0 = 0;;) {
+    const float4 v0 = c0 + lane < parts ? st[c0 + lane] : none;
+    const float4 v1 = c0 + lane + 32 < parts ? st[c0 + lane + 32] : none;
+    const float w0 = c0 + lane < parts ? (fin ? Exp2((v0.x - M) * kLog2e) : 1.f) : 0.f;
+    const float w1 = c0 + lane + 32 < parts ? (fin ? Exp2((v1.x - M) * kLog2e) : 1.f) : 0.f;
+    dk += w0 * v0.y + w1 * v1.y;
+    nk += __float_as_int(v0.z) + __float_as_int(v1.z);
+    nv += __float_as_int(v0.w) + __float_as_int(v1.w);
 #pragma unroll
-    for (int p = 0; p < kFastParts; ++p) x[p] = p < parts ? po[p * D] : 0.f;
-    const float4 none = make_float4(-INFINITY, 0.f, __int_as_float(0), __int_as_float(0));
-    const float4 v0 = lane < parts ? st[lane] : none;
-    const float4 v1 = lane + 32 < parts ? st[lane + 32] : none;
-    M = fmaxf(v0.x, v1.x);
-    for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(kFull, M, o));
-    const bool fin = isfinite(M);
-    const float w0 = lane < parts ? (fin ? Exp2((v0.x - M) * kLog2e) : 1.f) : 0.f;
-    const float w1 = lane + 32 < parts ? (fin ? Exp2((v1.x - M) * kLog2e) : 1.f) : 0.f;
-    dk = w0 * v0.y + w1 * v1.y;
-    nk = __float_as_int(v0.z) + __float_as_int(v1.z);
-    nv = __float_as_int(v0.w) + __float_as_int(v1.w);
-    for (int o = 16; o > 0; o >>= 1) {
-      dk += __shfl_xor_sync(kFull, dk, o);
-      nk += __shfl_xor_sync(kFull, nk, o);
-      nv += __shfl_xor_sync(kFull, nv, o);
-    }
-#pragma unroll
-    for (int p = 0; p < kFastParts; ++p) {
+    for (int p = 0; p < kChunk; ++p) {
       const float w = __shfl_sync(kFull, p < 32 ? w0 : w1, p & 31);
       n = fmaf(w, x[p], n);
     }
-  } else {
-    for (int p = 0; p < parts; ++p) M = fmaxf(M, st[p].x);
-    const bool fin = isfinite(M);
-#pragma unroll 4
-    for (int p = 0; p < parts; ++p) {
-      const float4 v = st[p];
-      const float w = fin ? Exp2((v.x - M) * kLog2e) : 1.f;
-      dk = fmaf(w, v.y, dk);
-      nk += __float_as_int(v.z);
-      nv += __float_as_int(v.w);
-      n = fmaf(w, po[p * D], n);
-    }
+    c0 += kChunk;
+    if (c0 >= parts) break;
+    load_chunk(c0);
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    dk += __shfl_xor_sync(kFull, dk, o);
+    nk += __shfl_xor_sync(kFull, nk, o);
+    nv += __shfl_xor_sync(kFull, nv, o);
   }
   if (!final_pass) {
     a.vbar[row * D + d] = dk > 0.f ? n / dk : 0.f;
     return;
   }
   const RowFinal f = FinishRow(a, dk, M, rc.theta, rc.rho, nk, nv);
-  float x = n * f.inv;
-  if (f.dp_inv != 0.f) x = fmaf(f.dp_inv, a.vbar[row * D + d], x);
+  float out = n * f.inv;
+  if (f.dp_inv != 0.f) out = fmaf(f.dp_inv, a.vbar[row * D + d], out);
   if (a.p.dtype == DType::kBF16) {
-    static_cast<__nv_bfloat16*>(a.p.out)[row * D + d] = __float2bfloat16_rn(x);
+    static_cast<__nv_bfloat16*>(a.p.out)[row * D + d] = __float2bfloat16_rn(out);
   } else {
-    static_cast<__half*>(a.p.out)[row * D + d] = __float2half_rn(x);
+    static_cast<__half*>(a.p.out)[row * D + d] = __float2half_rn(out);
   }
   if (a.p.kept && d == 0) a.p.kept[row] = nk;
 }
 
-template <int D>
+template <int D, int KST>
 constexpr int DecodeSmem() {
-  return kWarps * (kKStages + kVStages) * kSub * D * 2;
+  return kWarps * (KST + kVStages) * kSub * D * 2;
 }
 
-template <typename T, int D, bool MASK>
+template <typename T, int D, bool MASK, bool COUNT, int KST>
 cudaError_t Run(const KernelArgs& a, cudaStream_t stream) {
-  constexpr int smem = DecodeSmem<D>();
-  cudaError_t e = AllowSmem<DecodeKernel<T, D, MASK>>(smem);
+  constexpr int smem = DecodeSmem<D, KST>();
+  cudaError_t e = AllowSmem<DecodeKernel<T, D, MASK, COUNT, KST>>(smem);
   if (e != cudaSuccess) return e;
   dim3 grid(static_cast<unsigned>(a.plan.splits), static_cast<unsigned>(a.p.Hkv), static_cast<unsigned>(a.p.B));
-  DecodeKernel<T, D, MASK><<<grid, kThreads, smem, stream>>>(a);
+  DecodeKernel<T, D, MASK, COUNT, KST><<<grid, kThreads, smem, stream>>>(a);
   return cudaGetLastError();
+}
+
+template <typename T, int D, bool MASK, bool COUNT>
+cudaError_t RunK(const KernelArgs& a, cudaStream_t stream) {
+  return a.plan.decode_kstages == 3 ? Run<T, D, MASK, COUNT, 3>(a, stream) : Run<T, D, MASK, COUNT, 4>(a, stream);
+}
+
+// Counts are needed for the `kept` output and the compensation (both read n_kept / n_valid), not otherwise.
+template <typename T, int D>
+cudaError_t RunD(const KernelArgs& a, cudaStream_t stream) {
+  const bool mask = a.p.mask_kind != MaskKind::kNone;
+  const bool count = a.p.kept != nullptr || (a.p.comp_mode >= 1 && a.p.sdc != nullptr);
+  if (mask) return count ? RunK<T, D, true, true>(a, stream) : RunK<T, D, true, false>(a, stream);
+  return count ? RunK<T, D, false, true>(a, stream) : RunK<T, D, false, false>(a, stream);
 }
 
 template <typename T>
 cudaError_t RunT(const KernelArgs& a, cudaStream_t stream) {
-  const bool mask = a.p.mask_kind != MaskKind::kNone;
-  if (a.p.D == 64) return mask ? Run<T, 64, true>(a, stream) : Run<T, 64, false>(a, stream);
-  return mask ? Run<T, 128, true>(a, stream) : Run<T, 128, false>(a, stream);
+  return a.p.D == 64 ? RunD<T, 64>(a, stream) : RunD<T, 128>(a, stream);
 }
 
 }  // namespace
 
-int DecodeBlocksPerSm(int D) {
-  static int cached[2] = {0, 0};  // D = 64, 128 (same for every T / mask instantiation)
-  int& c = cached[D == 64 ? 0 : 1];
+int DecodeBlocksPerSm(int D, int kstages) {
+  static int cached[2][2] = {{0, 0}, {0, 0}};  // [D = 64, 128][3, 4 K stages] (the largest variant)
+  int& c = cached[D == 64 ? 0 : 1][kstages == 3 ? 0 : 1];
   if (c <= 0) {
-    c = D == 64 ? BlocksPerSm<DecodeKernel<__half, 64, false>>(kThreads, DecodeSmem<64>())
-                : BlocksPerSm<DecodeKernel<__half, 128, false>>(kThreads, DecodeSmem<128>());
+    if (kstages == 3) {
+      c = D == 64 ? BlocksPerSm<DecodeKernel<__half, 64, true, true, 3>>(kThreads, DecodeSmem<64, 3>())
+                  : BlocksPerSm<DecodeKernel<__half, 128, true, true, 3>>(kThreads, DecodeSmem<128, 3>());
+    } else {
+      c = D == 64 ? BlocksPerSm<DecodeKernel<__half, 64, true, true, 4>>(kThreads, DecodeSmem<64, 4>())
+                  : BlocksPerSm<DecodeKernel<__half, 128, true, true, 4>>(kThreads, DecodeSmem<128, 4>());
+    }
   }
   return c;
 }

@@ -51,6 +51,7 @@ KernelOptions KernelOptionsFromEnv() {
   o.force_generic = path && std::strcmp(path, "generic") == 0 ? 1 : 0;
   o.decode_splits = std::max(0, EnvInt("TOPTHETA_DECODE_SPLITS", 0));
   o.prefill_variant = EnvInt("TOPTHETA_PREFILL_VARIANT", kPrefillDefault);
+  o.decode_kstages = EnvInt("TOPTHETA_DECODE_KSTAGES", 0);
   return o;
 }
 
@@ -61,7 +62,11 @@ Plan MakePlan(const AttnParams& p, const DeviceProps& device, const KernelOption
   if (fast) {
     plan.path = (p.Hq / p.Hkv) * p.Sq <= kDecodeRows ? Path::kDecode : Path::kPrefill;
   }
-  if (plan.path == Path::kDecode) plan.splits = DecodeSplits(p, device, options);
+  if (plan.path == Path::kDecode) {
+    plan.splits = DecodeSplits(p, device, options);
+    plan.decode_kstages =
+        options.decode_kstages == 3 || options.decode_kstages == 4 ? options.decode_kstages : kDecodeKStagesDefault;
+  }
   if (plan.path == Path::kPrefill) {
     int v = options.prefill_variant;
     if (v < -1 || v > 3) v = kPrefillDefault;

@@ -28,6 +28,7 @@ struct KernelOptions {
   int32_t force_generic = 0;                  // TOPTHETA_CUDA_PATH=generic: 1
   int32_t decode_splits = 0;                  // TOPTHETA_DECODE_SPLITS=N (> 0; 0 = heuristic)
   int32_t prefill_variant = kPrefillDefault;  // TOPTHETA_PREFILL_VARIANT=0|1|2|3
+  int32_t decode_kstages = 0;                 // TOPTHETA_DECODE_KSTAGES=3|4 (0 = kDecodeKStagesDefault)
 };
 
 // The TOPTHETA_* environment variables above (unset or invalid: the default).
@@ -36,7 +37,7 @@ KernelOptions KernelOptionsFromEnv();
 // What the heuristics need to know about the GPU (queried once per device by DevicePropsOf in launch.cc).
 struct DeviceProps {
   int sm_count = 100;
-  int decode_blocks_per_sm_d64 = 1;   // resident decode blocks per SM, head dim 64
+  int decode_blocks_per_sm_d64 = 1;   // resident decode blocks per SM, head dim 64 (kDecodeKStagesDefault)
   int decode_blocks_per_sm_d128 = 1;  // and 128
   bool prefill_sm90 = false;          // this build has the Hopper prefill kernel and the GPU is sm_90
 };
@@ -45,6 +46,7 @@ struct Plan {
   Path path = Path::kGeneric;
   int32_t splits = 1;                         // decode: key splits per (batch, kv head), one partial each
   int32_t prefill_variant = kPrefillDefault;  // prefill: the kernel (above); kPrefillDefault: 2
+  int32_t decode_kstages = 0;                 // decode: K tiles in flight + 1 (3 or 4)
   size_t workspace = 0;                       // device scratch bytes Launch needs
 };
 
@@ -67,6 +69,9 @@ inline bool NeedsVMean(const AttnParams& p) { return p.comp_mode == 2 && p.sdc !
 constexpr int kDecodeRows = 16;
 constexpr int kDecodeWarps = 4;
 constexpr int kDecodeSubKeys = 16;  // keys per warp step
+// K pipeline depth of the decode kernel: 4 stages keep 3 K tiles of a warp in flight (2 blocks of 4 warps fit an
+// SM's shared memory at head dim 128 either way); 3 is the earlier design, kept as an override for comparison.
+constexpr int kDecodeKStagesDefault = 4;
 
 }  // namespace cuda
 }  // namespace toptheta

@@ -52,8 +52,8 @@ cudaError_t LaunchDecodeCombine(const KernelArgs& a, cudaStream_t stream);
 // [B, Hkv, kv_capacity, *] buffers k_buf / v_buf, P_b read on the device (KeyLen). Nothing without p.past_lens.
 cudaError_t LaunchAppendKV(const AttnParams& p, void* k_buf, void* v_buf, const void* key, const void* value,
                            cudaStream_t stream);
-// Decode blocks that fit on one SM at once (head dim 64 or 128).
-int DecodeBlocksPerSm(int D);
+// Decode blocks that fit on one SM at once (head dim 64 or 128, 3 or 4 K stages).
+int DecodeBlocksPerSm(int D, int kstages);
 
 }  // namespace cuda
 }  // namespace toptheta

@@ -23,8 +23,8 @@ const DeviceProps& DevicePropsOf(int device) {
     } else {
       cudaGetLastError();
     }
-    p.decode_blocks_per_sm_d64 = DecodeBlocksPerSm(64);
-    p.decode_blocks_per_sm_d128 = DecodeBlocksPerSm(128);
+    p.decode_blocks_per_sm_d64 = DecodeBlocksPerSm(64, kDecodeKStagesDefault);
+    p.decode_blocks_per_sm_d128 = DecodeBlocksPerSm(128, kDecodeKStagesDefault);
     p.prefill_sm90 = PrefillSm90Available(device);
     known[d].store(true, std::memory_order_release);
   }
