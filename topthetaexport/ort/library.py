@@ -79,10 +79,18 @@ def providers_for(device: str = "auto") -> list[str]:
 
 
 def session_options(threads: int | None = None, library: str | os.PathLike | None = None):
+    """``onnxruntime.SessionOptions`` with the Top-θ library registered (``threads``: intra-op threads).
+
+    ``library``: a library file, or an output folder / .onnx file (the library that ``session`` would load for
+    it, checked against its ``library.json``); default: the installed one. For runtimes that open the session
+    themselves, e.g. ``ORTModelForCausalLM.from_pretrained(OUT, session_options=tt.session_options(library=OUT))``.
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     lib = Path(library) if library else library_path()
+    if lib.is_dir() or lib.suffix == ".onnx":
+        lib = library_for(lib / "model.onnx" if lib.is_dir() else lib)
     try:
         so.register_custom_ops_library(str(lib))
     except Exception as e:  # onnxruntime raises a bare RuntimeError/Fail
@@ -133,7 +141,8 @@ RECORD_FILE = "library.json"
 def library_for(model_path: str | os.PathLike) -> Path:
     """The library to run ``model_path`` with, checked against the ``library.json`` written beside it at export.
 
-    The installed (or ``$TOPTHETA_OPS_LIBRARY``) library comes first; without one the recorded path is used.
+    The installed (or ``$TOPTHETA_OPS_LIBRARY``) library comes first; without one the copy beside the model
+    (``libtoptheta_ops.so``, written by the pipeline), then the recorded path.
     """
     import onnxruntime as ort
 
@@ -149,11 +158,14 @@ def library_for(model_path: str | os.PathLike) -> Path:
             "re-run 'topθ-export export' or delete it"
         ) from None
     lib = library_path(required=False)
+    bundled = record_path.parent / LIBRARY_NAME  # the copy the pipeline puts beside the model (deploy.py)
+    if lib is None and bundled.is_file():
+        lib = bundled
     if lib is None and recorded_lib and Path(recorded_lib).is_file():
         lib = Path(recorded_lib)
     if lib is None:
         raise TopThetaError(
-            f"custom-op library {LIBRARY_NAME} for {model_path} not found (neither installed nor at "
+            f"custom-op library {LIBRARY_NAME} for {model_path} not found (neither installed, nor beside it, nor at "
             f"{recorded_lib}, named in {record_path}): build it with 'pip install .' or set "
             f"{LIBRARY_ENV}"
         )
