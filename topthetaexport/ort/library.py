@@ -46,8 +46,24 @@ def library_path(required: bool = True) -> Path | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def import_onnxruntime():
+    """The onnxruntime module, or a one-line error naming the extra that installs it.
+
+    The package depends on neither wheel by default: the extra ``[cpu]`` pulls ``onnxruntime``, ``[gpu]``
+    ``onnxruntime-gpu`` (both install the module ``onnxruntime``, so only one of them may be installed)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise TopThetaError(
+            "onnxruntime is not installed: pip install 'topthetaexport[cpu]' (CPU) or 'topthetaexport[gpu]' "
+            "(onnxruntime-gpu, NVIDIA GPUs)"
+        ) from None
+    return onnxruntime
+
+
 def cuda_available() -> bool:
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
@@ -85,7 +101,7 @@ def session_options(threads: int | None = None, library: str | os.PathLike | Non
     it, checked against its ``library.json``); default: the installed one. For runtimes that open the session
     themselves, e.g. ``ORTModelForCausalLM.from_pretrained(OUT, session_options=tt.session_options(library=OUT))``.
     """
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     so = ort.SessionOptions()
     lib = Path(library) if library else library_path()
@@ -117,7 +133,7 @@ def session(
     (sha256) or another onnxruntime version a warning. ``device='auto'`` uses CUDA when onnxruntime-gpu
     sees a GPU, else CPU.
     """
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     model_path = Path(model_path)
     if model_path.is_dir():
@@ -144,7 +160,7 @@ def library_for(model_path: str | os.PathLike) -> Path:
     The installed (or ``$TOPTHETA_OPS_LIBRARY``) library comes first; without one the copy beside the model
     (``libtoptheta_ops.so``, written by the pipeline), then the recorded path.
     """
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     record_path = Path(model_path).parent / RECORD_FILE
     if not record_path.is_file():
@@ -199,7 +215,7 @@ def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:  # size and mtim
 
 
 def library_info() -> dict[str, Any]:
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     lib = library_path()
     return {
