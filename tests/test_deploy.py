@@ -162,3 +162,23 @@ def test_cpp_example_logits_equal_python(moved_out, prompt_ids, run_tokens, tmp_
     assert cpp_tokens == py_tokens == run_tokens
     assert float(np.abs(cpp_logits - py_logits).max()) <= 1e-5
     assert "prefill logits[0:8]:" in res.stdout
+
+
+def test_genai_config_refuses_an_encoder(tiny_bert, tmp_path):
+    from topthetaexport.deploy import genai_config
+    from topthetaexport.models import load_model
+
+    with pytest.raises(topthetaexport.TopThetaError, match="decoder language models"):
+        genai_config(load_model(tiny_bert), tmp_path / "model.onnx", "libtoptheta_ops.so")
+
+
+def test_missing_onnxruntime_names_the_extras(monkeypatch):
+    from topthetaexport.ort.library import import_onnxruntime
+
+    import_onnxruntime.cache_clear()
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what Python does when the module is not installed
+    try:
+        with pytest.raises(topthetaexport.TopThetaError, match=r"topthetaexport\[cpu\].*topthetaexport\[gpu\]"):
+            topthetaexport.session_options()
+    finally:
+        import_onnxruntime.cache_clear()
