@@ -182,3 +182,18 @@ def test_missing_onnxruntime_names_the_extras(monkeypatch):
             topthetaexport.session_options()
     finally:
         import_onnxruntime.cache_clear()
+
+
+@pytest.mark.slow
+def test_genai_config_refuses_the_shared_cache(moved_out, tiny_llama_bpe, tmp_path):
+    import onnx_ir as ir
+
+    from topthetaexport.deploy import genai_config
+    from topthetaexport.models import load_model
+    from topthetaexport.onnx.kv_cache import ShareKvBuffer
+
+    model = ir.load(str(moved_out / "model.onnx"))
+    ShareKvBuffer()(model)
+    ir.save(model, str(tmp_path / "model.onnx"))
+    with pytest.raises(topthetaexport.TopThetaError, match="shared-buffer KV cache.*--kv-cache concat"):
+        genai_config(load_model(tiny_llama_bpe), tmp_path / "model.onnx", "libtoptheta_ops.so")

@@ -38,9 +38,10 @@ def _token_id(value) -> int | list[int] | None:
 def genai_config(loaded, model_file: str | os.PathLike, library_name: str, max_length: int | None = None) -> dict:
     """The ``genai_config.json`` content for the rewritten decoder ``model_file`` of ``loaded``.
 
-    The graph's own input names decide the KV-cache entries: the concat form (``past_key_values.*`` in,
-    ``present.*`` out, a fresh tensor each step) is ``past_present_share_buffer: false``; the shared form (one
-    buffer bound as past and present, ``past_sequence_length`` input) is ``true``."""
+    The graph's KV-cache form (its ``toptheta.kv_cache``, from its input names) decides: the concat
+    form (``past_key_values.*`` in, ``present.*`` out, a fresh tensor each step) is
+    ``past_present_share_buffer: false``. The shared form is refused: genai 0.18 binds shared buffers but feeds
+    a decoder graph no ``past_sequence_length`` (measured: "Missing Input: past_sequence_length")."""
     import onnx
 
     genai_type = GENAI_TYPES.get(loaded.model_type)
@@ -51,10 +52,14 @@ def genai_config(loaded, model_file: str | os.PathLike, library_name: str, max_l
         )
     proto = onnx.load(str(model_file), load_external_data=False)
     input_names = [v.name for v in proto.graph.input]
-    recorded = {p.key: p.value for p in proto.metadata_props}.get("toptheta.kv_cache")
-    form = recorded or kv_cache_form(input_names)
+    form = kv_cache_form(input_names)  # what the rewrite records as toptheta.kv_cache, read from the graph itself
     if form is None:
         raise TopThetaError(f"{model_file} has no KV cache: export it with the cache (the default) for genai")
+    if form != "concat":
+        raise TopThetaError(
+            f"{model_file} has the shared-buffer KV cache, whose past_sequence_length input onnxruntime-genai "
+            "0.18 does not feed: export with --kv-cache concat for genai (docs/deploy.md)"
+        )
     cfg = loaded.config
     context = int(loaded.max_positions or max_length or 2048)
     inputs: dict[str, str] = {
@@ -65,8 +70,6 @@ def genai_config(loaded, model_file: str | os.PathLike, library_name: str, max_l
     }
     if "position_ids" in input_names:
         inputs["position_ids"] = "position_ids"
-    if form == "shared":
-        inputs["past_sequence_length"] = "past_sequence_length"
     eos = _token_id(getattr(cfg, "eos_token_id", None))
     pad = _token_id(getattr(cfg, "pad_token_id", None))
     if pad is None:
@@ -105,7 +108,7 @@ def genai_config(loaded, model_file: str | os.PathLike, library_name: str, max_l
             "num_beams": 1,
             "max_length": int(max_length or context),
             "min_length": 0,
-            "past_present_share_buffer": form == "shared",
+            "past_present_share_buffer": False,  # the concat form: genai feeds past, takes present
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,
@@ -116,10 +119,13 @@ def genai_config(loaded, model_file: str | os.PathLike, library_name: str, max_l
 
 def write_deploy_files(loaded, folder: str | os.PathLike, library: str | os.PathLike) -> list[Path]:
     """Into ``folder`` (which holds ``model.onnx``): the library copy and, for decoder LMs of a type genai
-    runs, ``genai_config.json``. Returns the files written."""
+    runs with the concat-form cache, ``genai_config.json``. Returns the files written."""
+    from .onnx.summary import graph_kv_cache
+
     folder = Path(folder)
     written = [bundle_library(library, folder)]
-    if loaded.causal and loaded.is_lm and loaded.model_type in GENAI_TYPES:
+    genai_runs = loaded.causal and loaded.is_lm and loaded.model_type in GENAI_TYPES
+    if genai_runs and graph_kv_cache(folder / "model.onnx") == "concat":
         cfg = genai_config(loaded, folder / "model.onnx", written[0].name)
         written.append(write_json(folder / GENAI_CONFIG, cfg))
     return written
