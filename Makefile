@@ -30,11 +30,13 @@ $(INSTALLED): $(PACKAGE_SOURCES) | $(VENV)/bin/python
 	touch $@
 
 # optimum-onnx pins transformers 4.x, so optimum gets a venv of its own (tests/test_deploy.py runs it in a
-# subprocess with only our package on its path). CPU torch first, as above. Where it cannot be installed (no
-# package index) the half-made venv is removed and the optimum test skips, saying so.
-$(OPTIMUM_VENV)/.installed:
+# subprocess with only our package on its path). CPU torch first, as above; optimum-onnx does not pull
+# onnxruntime, so the one of $(VENV) is added (the same version the library is checked against). Where it cannot
+# be installed (no package index) the half-made venv is removed and the optimum test skips, saying so.
+$(OPTIMUM_VENV)/.installed: | $(INSTALLED)
 	python3 -m venv $(OPTIMUM_VENV) && $(OPTIMUM_VENV)/bin/python -m pip install -q torch==2.13.0 \
-	  && $(OPTIMUM_VENV)/bin/python -m pip install -q optimum-onnx==0.1.0 && touch $@ \
+	  && $(OPTIMUM_VENV)/bin/python -m pip install -q optimum-onnx==0.1.0 \
+	     "onnxruntime==$$($(PY) -c 'import onnxruntime; print(onnxruntime.__version__)')" && touch $@ \
 	  || { rm -rf $(OPTIMUM_VENV); echo "optimum venv not installed: tests/test_deploy.py skips optimum"; }
 
 optimum-venv: $(OPTIMUM_VENV)/.installed

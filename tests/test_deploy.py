@@ -77,9 +77,24 @@ def test_out_holds_library_copy_and_genai_config(moved_out):
     assert "logits" in [o.name for o in sess.get_outputs()]
 
 
+@pytest.fixture(scope="module")
+def og():
+    """onnxruntime-genai (module scope and first in the arguments: a skip comes before the export)."""
+    return pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed (pip install '.[genai]')")
+
+
+@pytest.fixture(scope="module")
+def optimum_python() -> Path:
+    """optimum's own venv (transformers 4.x): $TOPTHETA_OPTIMUM_PYTHON, else .venv-optimum (make optimum-venv)."""
+    env = os.environ.get("TOPTHETA_OPTIMUM_PYTHON")
+    path = Path(env) if env else REPO / ".venv-optimum" / "bin" / "python"
+    if not path.is_file():
+        pytest.skip(f"no optimum venv at {path}: 'make optimum-venv' or set TOPTHETA_OPTIMUM_PYTHON")
+    return path
+
+
 @pytest.mark.slow
-def test_genai_greedy_tokens_equal_run(moved_out, prompt_ids, run_tokens):
-    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed (pip install '.[genai]')")
+def test_genai_greedy_tokens_equal_run(og, moved_out, prompt_ids, run_tokens):
     model = og.Model(str(moved_out))  # genai_config.json registers OUT/libtoptheta_ops.so
     assert list(og.Tokenizer(model).encode(PROMPT)) == prompt_ids  # genai reads the tokenizer saved in OUT/
     params = og.GeneratorParams(model)
@@ -93,24 +108,14 @@ def test_genai_greedy_tokens_equal_run(moved_out, prompt_ids, run_tokens):
     _same_greedy_run(tokens, run_tokens, eos=2)
 
 
-def optimum_python() -> Path | None:
-    """optimum's own venv (transformers 4.x): $TOPTHETA_OPTIMUM_PYTHON, else .venv-optimum (make optimum-venv)."""
-    env = os.environ.get("TOPTHETA_OPTIMUM_PYTHON")
-    path = Path(env) if env else REPO / ".venv-optimum" / "bin" / "python"
-    return path if path.is_file() else None
-
-
 @pytest.mark.slow
-def test_optimum_generate_equals_run(moved_out, prompt_ids, run_tokens, tmp_path):
-    python = optimum_python()
-    if python is None:
-        pytest.skip("no optimum venv: 'make optimum-venv' or set TOPTHETA_OPTIMUM_PYTHON")
+def test_optimum_generate_equals_run(optimum_python, moved_out, prompt_ids, run_tokens, tmp_path):
     # only the package itself on optimum's path: its transformers 4.x must not meet this venv's 5.x
     (tmp_path / "path").mkdir()
     (tmp_path / "path" / "topthetaexport").symlink_to(Path(topthetaexport.__file__).parent)
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "path")}
     res = subprocess.run(
-        [str(python), str(Path(__file__).parent / "_optimum_generate.py"), str(moved_out),
+        [str(optimum_python), str(Path(__file__).parent / "_optimum_generate.py"), str(moved_out),
          ",".join(map(str, prompt_ids)), str(NEW_TOKENS)],
         capture_output=True, text=True, env=env, timeout=600, check=False,
     )  # fmt: skip
