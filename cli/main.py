@@ -35,8 +35,10 @@ Main job (calibrate → export → rewrite → validate):
 
 MODEL is a local Hugging Face folder or a built-in alias (smollm2-135m, all-minilm-l6-v2).
 DATA is a .txt/.jsonl file, a folder of them, or builtin:pydoc (Python's own documentation).
-OUT/ receives model.onnx, thresholds.safetensors + thresholds.json, library.json, report.json and the
-model's config.json, generation_config.json and tokenizer files, so that 'run OUT/' needs nothing else.
+OUT/ receives model.onnx, thresholds.safetensors + thresholds.json, library.json, report.json, the
+model's config.json, generation_config.json and tokenizer files, so that 'run OUT/' needs nothing else,
+and a copy of the custom-op library (libtoptheta_ops.so) with genai_config.json for onnxruntime-genai
+(docs/deploy.md: genai, optimum, C++, Triton).
 
 Bad input is one line on stderr (exit 2); Ctrl-C exits 130, SIGTERM 143; neither leaves partial output.
 """

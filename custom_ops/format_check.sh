@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Checks that custom_ops/src/**/*.{h,cc,cu,cuh} are formatted as the repository's .clang-format says.
+# Checks that custom_ops/src/**/*.{h,cc,cu,cuh} and examples/cpp/ are formatted as the repository's .clang-format says.
 # Exits 1 and lists the files that differ (with clang-format's diagnostics), 0 when all are formatted.
 #   custom_ops/format_check.sh            check
 #   custom_ops/format_check.sh --fix      format them in place
@@ -14,7 +14,7 @@ if ! command -v "$clang_format" >/dev/null 2>&1; then
 fi
 
 cd "$root"
-mapfile -t files < <(find custom_ops/src -type f \( -name '*.h' -o -name '*.cc' -o -name '*.cu' -o -name '*.cuh' \) | sort)
+mapfile -t files < <(find custom_ops/src examples/cpp -type f \( -name '*.h' -o -name '*.cc' -o -name '*.cu' -o -name '*.cuh' \) | sort)
 if [[ ${#files[@]} -eq 0 ]]; then
   echo "format_check: no sources under custom_ops/src" >&2
   exit 2

@@ -7,6 +7,7 @@ The public API mirrors the command line::
     th = tt.calibrate(loaded, "builtin:pydoc", k=64)
     tt.export(loaded, th, "out/")            # dense export + rewrite, writes out/model.onnx
     sess = tt.session("out/model.onnx")      # onnxruntime session with the custom op registered
+    so = tt.session_options(library="out/")  # SessionOptions with out/'s library (optimum, your own sessions)
     res = tt.generate("out/", [1, 2, 3], 32)  # greedy, cache on the device; res.tokens, res.prefill_ms, ...
     report = tt.validate("out/", data="builtin:pydoc")
     acc = tt.evaluate("out/", output="eval/", sweep=[32, 128])  # dense / top-k / Top-θ through onnxruntime

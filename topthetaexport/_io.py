@@ -25,6 +25,8 @@ OUR_FILES = {
     "library.json",
     "config.json",
     "generation_config.json",
+    "genai_config.json",
+    "libtoptheta_ops.so",
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",

@@ -12,6 +12,7 @@ from . import __version__
 from ._errors import TopThetaError
 from ._io import staged_files, staged_output_dir, write_json
 from .data import describe_data
+from .deploy import write_deploy_files
 from .options import check_options, resolve_dtype, resolve_kv_cache
 from .ort.library import library_info, library_path, runs_on_cuda
 from .progress import Progress
@@ -88,6 +89,7 @@ def export(
         th.save(stage)
         write_json(stage / "library.json", library_info())
         save_model_files(loaded, stage)
+        write_deploy_files(loaded, stage, library_path())
     return out_dir / "model.onnx"
 
 

@@ -46,8 +46,24 @@ def library_path(required: bool = True) -> Path | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def import_onnxruntime():
+    """The onnxruntime module, or a one-line error naming the extra that installs it.
+
+    The package depends on neither wheel by default: the extra ``[cpu]`` pulls ``onnxruntime``, ``[gpu]``
+    ``onnxruntime-gpu`` (both install the module ``onnxruntime``, so only one of them may be installed)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise TopThetaError(
+            "onnxruntime is not installed: pip install 'topthetaexport[cpu]' (CPU) or 'topthetaexport[gpu]' "
+            "(onnxruntime-gpu, NVIDIA GPUs)"
+        ) from None
+    return onnxruntime
+
+
 def cuda_available() -> bool:
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
@@ -79,10 +95,18 @@ def providers_for(device: str = "auto") -> list[str]:
 
 
 def session_options(threads: int | None = None, library: str | os.PathLike | None = None):
-    import onnxruntime as ort
+    """``onnxruntime.SessionOptions`` with the Top-θ library registered (``threads``: intra-op threads).
+
+    ``library``: a library file, or an output folder / .onnx file (the library that ``session`` would load for
+    it, checked against its ``library.json``); default: the installed one. For runtimes that open the session
+    themselves, e.g. ``ORTModelForCausalLM.from_pretrained(OUT, session_options=tt.session_options(library=OUT))``.
+    """
+    ort = import_onnxruntime()
 
     so = ort.SessionOptions()
     lib = Path(library) if library else library_path()
+    if lib.is_dir() or lib.suffix == ".onnx":
+        lib = library_for(lib / "model.onnx" if lib.is_dir() else lib)
     try:
         so.register_custom_ops_library(str(lib))
     except Exception as e:  # onnxruntime raises a bare RuntimeError/Fail
@@ -109,7 +133,7 @@ def session(
     (sha256) or another onnxruntime version a warning. ``device='auto'`` uses CUDA when onnxruntime-gpu
     sees a GPU, else CPU.
     """
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     model_path = Path(model_path)
     if model_path.is_dir():
@@ -133,9 +157,10 @@ RECORD_FILE = "library.json"
 def library_for(model_path: str | os.PathLike) -> Path:
     """The library to run ``model_path`` with, checked against the ``library.json`` written beside it at export.
 
-    The installed (or ``$TOPTHETA_OPS_LIBRARY``) library comes first; without one the recorded path is used.
+    The installed (or ``$TOPTHETA_OPS_LIBRARY``) library comes first; without one the copy beside the model
+    (``libtoptheta_ops.so``, written by the pipeline), then the recorded path.
     """
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     record_path = Path(model_path).parent / RECORD_FILE
     if not record_path.is_file():
@@ -149,11 +174,14 @@ def library_for(model_path: str | os.PathLike) -> Path:
             "re-run 'topθ-export export' or delete it"
         ) from None
     lib = library_path(required=False)
+    bundled = record_path.parent / LIBRARY_NAME  # the copy the pipeline puts beside the model (deploy.py)
+    if lib is None and bundled.is_file():
+        lib = bundled
     if lib is None and recorded_lib and Path(recorded_lib).is_file():
         lib = Path(recorded_lib)
     if lib is None:
         raise TopThetaError(
-            f"custom-op library {LIBRARY_NAME} for {model_path} not found (neither installed nor at "
+            f"custom-op library {LIBRARY_NAME} for {model_path} not found (neither installed, nor beside it, nor at "
             f"{recorded_lib}, named in {record_path}): build it with 'pip install .' or set "
             f"{LIBRARY_ENV}"
         )
@@ -187,7 +215,7 @@ def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:  # size and mtim
 
 
 def library_info() -> dict[str, Any]:
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     lib = library_path()
     return {
