@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -259,3 +260,151 @@ def test_genai_gqa_rewrite_matches_reference(loaded, calibrated, tmp_path, comp_
         cache = want.past_key_values
         diffs.append(float(np.abs(got["logits"] - want.logits.numpy()).max()))
     assert max(diffs) <= TOL, diffs
+
+
+def run_shared_buffer(sess, ids: np.ndarray, total: int, buffers: dict[str, Any]) -> np.ndarray:
+    """One call as onnxruntime-genai makes it with ``past_present_share_buffer``: past and present bound to one
+    preallocated buffer per layer and kind (IOBinding); returns the logits."""
+    io = sess.io_binding()
+    for name, array in genai_feed(ids, total).items():
+        io.bind_cpu_input(name, array)
+    io.bind_output("logits")
+    for past, buffer in buffers.items():
+        io.bind_ortvalue_input(past, buffer)
+        io.bind_ortvalue_output(past.replace("past_key_values.", "present."), buffer)
+    sess.run_with_iobinding(io)
+    return io.copy_outputs_to_cpu()[0]
+
+
+def test_genai_gqa_shared_buffer_matches_reference(loaded, calibrated, tmp_path):
+    """``kv_cache="shared"`` maps GroupQueryAttention's shared past/present buffer onto the op's shared form
+    (``past_sequence_length`` from seqlens_k): bound like genai binds it, the original graph equals dense
+    PyTorch and the rewritten one the Top-θ reference, over a prefill and three decode steps."""
+    from onnxruntime import InferenceSession, OrtValue
+
+    src, out = FIXTURES / "genai-cpu" / "model.onnx", tmp_path / "model.onnx"
+    rep = rewrite(src, calibrated, out, kv_cache="shared")
+    assert rep["kv_cache"] == "shared" and io_names(out) == io_names(src)
+    capacity, batch, seq = 24, 2, 10
+    sessions = {"dense": InferenceSession(str(src), providers=["CPUExecutionProvider"]), "toptheta": session(out)}
+    for kind, sess in sessions.items():
+        arrays = {n: np.zeros((batch, 2, capacity, 16), np.float32) for n in empty_past(sess, batch)}
+        buffers = {n: OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()}
+        ids = tokens(batch, seq, 5)
+        if kind == "dense":
+
+            def ref(**kw):
+                with torch.no_grad():
+                    return loaded.model(**{k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()})
+
+        else:
+            ref = reference(loaded, calibrated)
+        want = ref(input_ids=ids)
+        diffs = [float(np.abs(run_shared_buffer(sess, ids, seq, buffers) - want.logits.numpy()).max())]
+        cache, total = want.past_key_values, seq
+        for step in range(3):
+            ids, total = tokens(batch, 1, 30 + step), total + 1
+            got = run_shared_buffer(sess, ids, total, buffers)
+            want = ref(input_ids=ids, past_key_values=cache)
+            cache = want.past_key_values
+            diffs.append(float(np.abs(got - want.logits.numpy()).max()))
+        assert max(diffs) <= TOL, (kind, diffs)
+
+
+# -- (b) com.microsoft.MultiHeadAttention -----------------------------------------------------------------------
+# No exporter at hand emits it for a decoder, so these graphs are built here with onnx.helper: one
+# MultiHeadAttention node with the inputs onnxruntime's transformers optimizer gives it (3-D Q/K/V, no bias).
+
+MHA_B, MHA_H, MHA_D, MHA_S, MHA_P = 2, 4, 8, 5, 6
+
+
+def mha_graph(path: Path, *, cached: bool) -> dict[str, np.ndarray]:
+    """Write a one-node MultiHeadAttention model to ``path``; returns its feeds. ``cached``: past/present,
+    a 2-D int32 key padding mask (row 1 left-padded by 2) and ``unidirectional=1``; else an additive
+    attention bias ``[1, 1, S, S]``."""
+    from onnx import TensorProto, helper
+
+    b, h, d, s, p = MHA_B, MHA_H, MHA_D, MHA_S, MHA_P
+    rng = np.random.default_rng(7)
+    feeds = {n: rng.standard_normal((b, s, h * d)).astype(np.float32) for n in ("query", "key", "value")}
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [b, s, h * d]) for n in feeds]
+    node_inputs = ["query", "key", "value", ""]
+    outputs = [helper.make_tensor_value_info("output", TensorProto.FLOAT, [b, s, h * d])]
+    if cached:
+        mask = np.ones((b, p + s), np.int32)
+        mask[1, :2] = 0
+        feeds["key_padding_mask"] = mask
+        inputs.append(helper.make_tensor_value_info("key_padding_mask", TensorProto.INT32, [b, p + s]))
+        for kind in ("key", "value"):
+            feeds[f"past_{kind}"] = rng.standard_normal((b, h, p, d)).astype(np.float32)
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}", TensorProto.FLOAT, [b, h, p, d]))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}", TensorProto.FLOAT, [b, h, p + s, d]))
+        node_inputs += ["key_padding_mask", "", "past_key", "past_value"]
+    else:
+        feeds["attention_bias"] = rng.standard_normal((1, 1, s, s)).astype(np.float32)
+        inputs.append(helper.make_tensor_value_info("attention_bias", TensorProto.FLOAT, [1, 1, s, s]))
+        node_inputs += ["", "attention_bias"]
+    node = helper.make_node(
+        "MultiHeadAttention",
+        node_inputs,
+        [o.name for o in outputs],
+        domain="com.microsoft",
+        name="/encoder/layer.0/attention/MultiHeadAttention",
+        num_heads=h,
+        unidirectional=int(cached),
+    )
+    graph = helper.make_graph([node], "one_mha", inputs, outputs)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))
+    return feeds
+
+
+def heads(x: np.ndarray) -> torch.Tensor:
+    b, s, _ = x.shape
+    return torch.from_numpy(x).reshape(b, s, MHA_H, MHA_D).transpose(1, 2).double()
+
+
+@pytest.mark.parametrize("cached", (True, False))
+def test_multi_head_attention_rewrite_matches_reference(tmp_path, cached):
+    """A MultiHeadAttention graph → rewrite → onnxruntime equals topthetaexport.torch.reference (float64), and
+    the original node equals the dense reference (the mapping of its mask, cache and causality is right)."""
+    from onnxruntime import InferenceSession
+
+    from topthetaexport.thresholds import Thresholds
+    from topthetaexport.torch.reference import dense_attention, toptheta_attention
+
+    src, out = tmp_path / "mha.onnx", tmp_path / "model.onnx"
+    feeds = mha_graph(src, cached=cached)
+    g = torch.Generator().manual_seed(3)
+    theta = torch.randn(1, MHA_H, MHA_P + MHA_S, generator=g) * 0.5
+    meta = {"num_layers": 1, "num_heads": MHA_H, "num_kv_heads": MHA_H, "head_dim": MHA_D, "k": 4, "causal": cached}
+    th = Thresholds(theta, torch.rand(theta.shape, generator=g) * 0.5, meta)
+    rep = rewrite(src, th, out, comp_mode=1)
+    assert rep["layers"][0]["form"] == ("CachedMicrosoftMultiHeadAttention" if cached else "MicrosoftMultiHeadAttention")
+    assert io_names(out) == io_names(src)
+
+    q, k, v = (heads(feeds[n]) for n in ("query", "key", "value"))
+    kwargs: dict[str, Any] = {"scale": MHA_D**-0.5}
+    if cached:
+        kwargs |= {
+            "causal": True,
+            "attn_mask": torch.from_numpy(feeds["key_padding_mask"]).bool(),
+            "past_key": torch.from_numpy(feeds["past_key"]).double(),
+            "past_value": torch.from_numpy(feeds["past_value"]).double(),
+        }
+    else:
+        kwargs["attn_mask"] = torch.from_numpy(feeds["attention_bias"]).double()
+
+    def flat(y: torch.Tensor) -> np.ndarray:
+        return y.transpose(1, 2).reshape(MHA_B, MHA_S, MHA_H * MHA_D).numpy()
+
+    want = flat(toptheta_attention(q, k, v, theta[0].double(), sdc=th.sdc[0].double(), comp_mode=1, **kwargs))
+    dense = flat(dense_attention(q, k, v, **kwargs))
+    got = outputs(session(out), feeds)
+    original = outputs(InferenceSession(str(src), providers=["CPUExecutionProvider"]), feeds)
+    np.testing.assert_allclose(original["output"], dense, atol=TOL)
+    np.testing.assert_allclose(got["output"], want, atol=TOL)
+    assert np.abs(got["output"] - dense).max() > 1e-3  # θ prunes
+    if cached:
+        for kind in ("key", "value"):
+            np.testing.assert_array_equal(got[f"present_{kind}"], original[f"present_{kind}"])
