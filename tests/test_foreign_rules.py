@@ -120,9 +120,7 @@ def as_past(outs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def empty_past(sess, batch: int) -> dict[str, np.ndarray]:
-    return {
-        i.name: np.zeros((batch, 2, 0, 16), np.float32) for i in sess.get_inputs() if i.name.startswith("past_key")
-    }
+    return {i.name: np.zeros((batch, 2, 0, 16), np.float32) for i in sess.get_inputs() if i.name.startswith("past_key")}
 
 
 def io_names(path: Path) -> tuple[list, list]:
@@ -295,7 +293,9 @@ def test_genai_gqa_shared_buffer_matches_reference(loaded, calibrated, tmp_path)
 
             def ref(**kw):
                 with torch.no_grad():
-                    return loaded.model(**{k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()})
+                    return loaded.model(
+                        **{k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
+                    )
 
         else:
             ref = reference(loaded, calibrated)
@@ -380,7 +380,9 @@ def test_multi_head_attention_rewrite_matches_reference(tmp_path, cached):
     meta = {"num_layers": 1, "num_heads": MHA_H, "num_kv_heads": MHA_H, "head_dim": MHA_D, "k": 4, "causal": cached}
     th = Thresholds(theta, torch.rand(theta.shape, generator=g) * 0.5, meta)
     rep = rewrite(src, th, out, comp_mode=1)
-    assert rep["layers"][0]["form"] == ("CachedMicrosoftMultiHeadAttention" if cached else "MicrosoftMultiHeadAttention")
+    assert rep["layers"][0]["form"] == (
+        "CachedMicrosoftMultiHeadAttention" if cached else "MicrosoftMultiHeadAttention"
+    )
     assert io_names(out) == io_names(src)
 
     q, k, v = (heads(feeds[n]) for n in ("query", "key", "value"))
@@ -408,3 +410,80 @@ def test_multi_head_attention_rewrite_matches_reference(tmp_path, cached):
     if cached:
         for kind in ("key", "value"):
             np.testing.assert_array_equal(got[f"present_{kind}"], original[f"present_{kind}"])
+
+
+# -- layer mapping and refusals -------------------------------------------------------------------------------
+
+
+def one_line_error(excinfo, *needles: str) -> None:
+    msg = str(excinfo.value)
+    assert msg and "\n" not in msg, msg
+    for needle in needles:
+        assert needle in msg, msg
+
+
+def test_layer_count_mismatch_is_one_line_error(loaded, calibrated, tmp_path):
+    from topthetaexport._errors import TopThetaError
+    from topthetaexport.thresholds import Thresholds
+
+    three = Thresholds(
+        torch.cat([calibrated.theta, calibrated.theta[:1]]),
+        torch.cat([calibrated.sdc, calibrated.sdc[:1]]),
+        calibrated.meta | {"num_layers": 3},
+    )
+    for folder in ("optimum-opset18", "genai-cpu"):
+        with pytest.raises(TopThetaError) as e:
+            rewrite(FIXTURES / folder / "model.onnx", three, tmp_path / "model.onnx")
+        one_line_error(e, "the graph has 2 attention blocks", "the thresholds have 3 layers", "calibrate")
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_head_count_mismatch_is_one_line_error(calibrated, tmp_path):
+    from topthetaexport._errors import TopThetaError
+    from topthetaexport.thresholds import Thresholds
+
+    eight = Thresholds(
+        calibrated.theta.repeat(1, 2, 1), calibrated.sdc.repeat(1, 2, 1), calibrated.meta | {"num_heads": 8}
+    )
+    for folder in ("optimum-opset23", "genai-cpu"):
+        with pytest.raises(TopThetaError) as e:
+            rewrite(FIXTURES / folder / "model.onnx", eight, tmp_path / "model.onnx")
+        one_line_error(e, "layer 0", "4 query heads", "[4, R]")
+
+
+def test_ambiguous_layers_is_one_line_error(calibrated, tmp_path):
+    """Two attention blocks named for one layer: the mapping refuses to guess."""
+    from topthetaexport._errors import TopThetaError
+
+    model = onnx.load(str(FIXTURES / "optimum-opset18" / "model.onnx"))
+    for node in model.graph.node:
+        node.name = node.name.replace("/layers.1/", "/layers.0/")
+    src = tmp_path / "renamed.onnx"
+    onnx.save(model, str(src))
+    with pytest.raises(TopThetaError) as e:
+        rewrite(src, calibrated, tmp_path / "model.onnx")
+    one_line_error(e, "ambiguous", "both belong to layer 0")
+
+
+def test_unnamed_blocks_map_by_order(loaded, calibrated, tmp_path):
+    """Without layer numbers in the node names the blocks take their graph order; parity is unchanged."""
+    model = onnx.load(str(FIXTURES / "optimum-opset18" / "model.onnx"))
+    for i, node in enumerate(model.graph.node):
+        node.name = f"n{i}"
+    src, out = tmp_path / "unnamed.onnx", tmp_path / "model.onnx"
+    onnx.save(model, str(src))
+    rep = rewrite(src, calibrated, out)
+    assert [r["layer"] for r in rep["layers"]] == [0, 1]
+    ids = tokens(1, 8, 9)
+    feed = {"input_ids": ids, "attention_mask": np.ones((1, 8), np.int64), "position_ids": np.arange(8)[None]}
+    got = outputs(session(out), feed | empty_past(session(out), 1))["logits"]
+    want = reference(loaded, calibrated)(input_ids=ids).logits.numpy()
+    assert float(np.abs(got - want).max()) <= TOL
+
+
+def test_shared_kv_refused_for_decomposed_graph(calibrated, tmp_path):
+    from topthetaexport._errors import TopThetaError
+
+    with pytest.raises(TopThetaError) as e:
+        rewrite(FIXTURES / "optimum-opset18" / "model.onnx", calibrated, tmp_path / "model.onnx", kv_cache="shared")
+    one_line_error(e, "--kv-cache concat")

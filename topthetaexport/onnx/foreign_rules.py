@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
+from onnxscript.rewriter.pattern import MatchResult  # in a rule class, its own ``pattern`` method shadows the module
 
 from .._errors import TopThetaError
 from ..architectures import LAYER_PATH_RE
@@ -35,6 +36,7 @@ __all__ = [
     "DecomposedAttention",
     "MicrosoftGroupQueryAttention",
     "MicrosoftMultiHeadAttention",
+    "SharedMicrosoftGroupQueryAttention",
     "foreign_layers",
     "foreign_rules",
     "foreign_sites",
@@ -506,11 +508,11 @@ class MicrosoftGroupQueryAttention(_ForeignRule):
             _outputs=["attention_y", "present_key", "present_value"],
         )
 
-    def check(self, context: Any, attention_y: ir.Value, **b: Any) -> pattern.MatchResult:
+    def check(self, context: Any, attention_y: ir.Value, **b: Any) -> MatchResult:
         node = attention_y.producer()
         assert node is not None
         if self._layer(node) is None:
-            return pattern.MatchResult().fail("not an attention block", node)
+            return MatchResult().fail("not an attention block", node)
         why = self._problem(node)
         return self._reject(node, why) if why else pattern.MatchResult()
 
