@@ -119,7 +119,10 @@ def _is_kv_cache(value: ir.Value) -> bool:
 
 
 def _softmax_of_probs(probs: ir.Value | None) -> ir.Node | None:
-    """The Softmax behind attention probabilities: ``Softmax`` itself or ``Where(IsNaN(p), 0, p)`` of it."""
+    """The Softmax behind attention probabilities: ``Softmax`` itself or ``Where(IsNaN(p), 0, p)`` of it,
+    through ``Cast`` nodes (eager attention's softmax in float32, cast back to the query's type)."""
+    while (cast := _producer(probs, "Cast")) is not None:
+        probs = cast.inputs[0]
     softmax = _producer(probs, "Softmax")
     if softmax is not None:
         return softmax
