@@ -488,3 +488,34 @@ def test_shared_kv_refused_for_decomposed_graph(calibrated, tmp_path):
     with pytest.raises(TopThetaError) as e:
         rewrite(FIXTURES / "optimum-opset18" / "model.onnx", calibrated, tmp_path / "model.onnx", kv_cache="shared")
     one_line_error(e, "--kv-cache concat")
+
+
+def test_genai_gqa_separate_qkv(loaded, calibrated, tmp_path):
+    """GroupQueryAttention fed separate Q, K, V (the builder's packed projection split in front of it, an edit
+    of the real fixture): the rule's unpacked path equals the Top-θ reference over a prefill and a decode step."""
+    from onnx import helper
+
+    model = onnx.load(str(FIXTURES / "genai-cpu" / "model.onnx"))
+    nodes = list(model.graph.node)
+    for node in [n for n in nodes if n.op_type == "GroupQueryAttention"]:
+        qkv, parts = node.input[0], [f"{node.name}/{p}" for p in ("q", "k", "v")]
+        sizes = helper.make_tensor(f"{node.name}/sizes", onnx.TensorProto.INT64, [3], [64, 32, 32])
+        model.graph.initializer.append(sizes)
+        split = helper.make_node("Split", [qkv, sizes.name], parts, name=f"{node.name}/Split", axis=-1)
+        nodes.insert(nodes.index(node), split)
+        node.input[0], node.input[1], node.input[2] = parts
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    src, out = tmp_path / "separate.onnx", tmp_path / "model.onnx"
+    onnx.save(model, str(src))
+    rewrite(src, calibrated, out)
+    sess, ref = session(out), reference(loaded, calibrated)
+    ids = tokens(2, 9, 4)
+    got, want = outputs(sess, genai_feed(ids, 9) | empty_past(sess, 2)), ref(input_ids=ids)
+    diffs = [float(np.abs(got["logits"] - want.logits.numpy()).max())]
+    ids2 = tokens(2, 1, 40)
+    got = outputs(sess, genai_feed(ids2, 10) | as_past(got))
+    diffs.append(
+        float(np.abs(got["logits"] - ref(input_ids=ids2, past_key_values=want.past_key_values).logits.numpy()).max())
+    )
+    assert max(diffs) <= TOL, diffs

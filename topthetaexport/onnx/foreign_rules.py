@@ -525,6 +525,10 @@ class MicrosoftGroupQueryAttention(_ForeignRule):
             return "it uses a local (sliding) window"
         if float(_attr(node, "softcap", 0.0)) != 0.0:
             return "it uses softcap"
+        if int(_attr(node, "smooth_softmax", 0)) != 0:
+            return "it uses smooth_softmax"
+        if any(out is not None and (out.uses() or out.is_graph_output()) for out in node.outputs[3:]):
+            return "its output_qk is used"
         if any(v is not None for v in inputs[9:12]):
             return "it takes position_ids / attention_bias / head_sink inputs"
         if inputs[3] is None or inputs[4] is None:
@@ -567,7 +571,12 @@ class MicrosoftGroupQueryAttention(_ForeignRule):
             positions = op.Add(
                 op.Unsqueeze(past_rows, op.Constant(value_ints=[1])), op.Unsqueeze(steps, op.Constant(value_ints=[0]))
             )
-            rotary = dict(_domain=MS_DOMAIN, interleaved=int(_attr(node, "rotary_interleaved", 0)))
+            half = _static(cos, 1, rank=2)  # cos_cache [max_position, rotary_dim / 2]: partial rotary when < D
+            rotary = dict(
+                _domain=MS_DOMAIN,
+                interleaved=int(_attr(node, "rotary_interleaved", 0)),
+                rotary_embedding_dim=2 * half if half and 2 * half < head_dim else 0,
+            )
             q = op.RotaryEmbedding(q, positions, cos, sin, num_heads=heads, **rotary)
             k = op.RotaryEmbedding(k, positions, cos, sin, num_heads=kv_heads, **rotary)
         scale = float(_attr(node, "scale", 0.0)) or 1.0 / math.sqrt(head_dim)
