@@ -519,3 +519,26 @@ def test_genai_gqa_separate_qkv(loaded, calibrated, tmp_path):
         float(np.abs(got["logits"] - ref(input_ids=ids2, past_key_values=want.past_key_values).logits.numpy()).max())
     )
     assert max(diffs) <= TOL, diffs
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value", "reason"),
+    [("local_window_size", 4, "it uses a local (sliding) window"), ("softcap", 30.0, "it uses softcap")],
+)
+def test_gqa_refusal_names_the_reason(calibrated, tmp_path, attribute, value, reason):
+    """A GroupQueryAttention the op cannot compute is refused in one line with the rule's reason."""
+    from onnx import helper
+
+    from topthetaexport._errors import TopThetaError
+
+    model = onnx.load(str(FIXTURES / "genai-cpu" / "model.onnx"))
+    for node in model.graph.node:
+        if node.op_type == "GroupQueryAttention":
+            kept = [a for a in node.attribute if a.name != attribute]
+            del node.attribute[:]
+            node.attribute.extend([*kept, helper.make_attribute(attribute, value)])
+    src = tmp_path / "edited.onnx"
+    onnx.save(model, str(src))
+    with pytest.raises(TopThetaError) as e:
+        rewrite(src, calibrated, tmp_path / "model.onnx")
+    one_line_error(e, "layer 0", f"MicrosoftGroupQueryAttention: {reason}", "not supported")
