@@ -124,9 +124,16 @@ def empty_past(sess, batch: int) -> dict[str, np.ndarray]:
 
 
 def io_names(path: Path) -> tuple[list, list]:
+    """The graph's inputs and outputs: name, element type and dimensions (symbolic names included)."""
     model = onnx.load(str(path), load_external_data=False)
-    sig = [(v.name, v.type.tensor_type.elem_type) for v in model.graph.input]
-    return sig, [(v.name, v.type.tensor_type.elem_type) for v in model.graph.output]
+
+    def sig(values) -> list:
+        return [
+            (v.name, v.type.tensor_type.elem_type, [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim])
+            for v in values
+        ]
+
+    return sig(model.graph.input), sig(model.graph.output)
 
 
 # -- the fixtures are what they claim -------------------------------------------------------------------------
