@@ -77,9 +77,8 @@ def _static(value: ir.Value | None, axis: int, rank: int = 4) -> int | None:
 
 def _producer(value: ir.Value | None, op_type: str, domain: str = "") -> ir.Node | None:
     node = None if value is None else value.producer()
-    if node is None or node.op_type != op_type or node.domain not in (domain, "ai.onnx" if not domain else domain):
-        return None
-    return node
+    domains = (domain,) if domain else ("", "ai.onnx")
+    return node if node is not None and node.op_type == op_type and node.domain in domains else None
 
 
 def _peel_scale(value: ir.Value) -> tuple[ir.Value, float]:
@@ -104,15 +103,12 @@ def _peel_repeat_kv(value: ir.Value) -> ir.Value:
     reshape = _producer(value, "Reshape")
     expand = _producer(reshape.inputs[0] if reshape else None, "Expand")
     unsqueeze = _producer(expand.inputs[0] if expand else None, "Unsqueeze")
-    if unsqueeze is None or _ints(unsqueeze.inputs[1]) not in ([2], [-3]) or unsqueeze.inputs[0] is None:
+    if unsqueeze is None or unsqueeze.inputs[0] is None:
+        return value
+    axes = _ints(unsqueeze.inputs[1]) if len(unsqueeze.inputs) > 1 else list(_attr(unsqueeze, "axes", []))
+    if axes not in ([2], [-3]):
         return value
     return unsqueeze.inputs[0]
-
-
-def _is_kv_cache(value: ir.Value) -> bool:
-    """Whether ``value`` is ``Concat(past, new)`` on the sequence axis feeding a graph output."""
-    concat = _producer(value, "Concat")
-    return concat is not None and _attr(concat, "axis", None) in (2, -2) and value.is_graph_output()
 
 
 # -- which nodes are attention blocks, and which layer each one is ---------------------------------------------
@@ -159,9 +155,9 @@ def foreign_layers(graph: ir.Graph, thresholds: Thresholds) -> dict[ir.Node, tup
     sites = foreign_sites(graph)
     if not sites:
         return {}
-    from_names = [_layer_in_name(n.name or "") for n in sites]
-    numbered = all(i is not None for i in from_names)
-    layers = [int(i) for i in from_names] if numbered else list(range(len(sites)))  # type: ignore[arg-type]
+    layers = [i for n in sites if (i := _layer_in_name(n.name or "")) is not None]
+    if len(layers) != len(sites):  # not every block is named for its layer: graph order
+        layers = list(range(len(sites)))
     seen: dict[int, str] = {}
     for node, layer in zip(sites, layers):
         if layer in seen:
@@ -170,6 +166,11 @@ def foreign_layers(graph: ir.Graph, thresholds: Thresholds) -> dict[ir.Node, tup
                 f"layer {layer}: pass a graph with one attention block per transformer layer"
             )
         seen[layer] = node.name or node.op_type
+    if len(layers) == thresholds.num_layers and sorted(layers) != list(range(thresholds.num_layers)):
+        raise TopThetaError(
+            f"the graph's attention blocks are named for layers {sorted(layers)}, not 0..{len(layers) - 1}: "
+            "pass a graph whose node names number the layers from 0, or whose names carry no layer numbers"
+        )
     if sorted(layers) != list(range(thresholds.num_layers)):
         raise TopThetaError(
             f"the graph has {len(sites)} attention blocks (layers {sorted(layers)}) but the thresholds have "
