@@ -20,6 +20,7 @@ import torch
 
 from topthetaexport.onnx import names
 from topthetaexport.onnx.rewriter import rewrite
+from topthetaexport.onnx.summary import summarize
 from topthetaexport.ort import library as runtime
 from topthetaexport.torch.attention import attention_mode
 
@@ -291,6 +292,7 @@ def test_genai_gqa_shared_buffer_matches_reference(loaded, calibrated, tmp_path)
     src, out = FIXTURES / "genai-cpu" / "model.onnx", tmp_path / "model.onnx"
     rep = rewrite(src, calibrated, out, kv_cache="shared")
     assert rep["kv_cache"] == "shared" and io_names(out) == io_names(src)
+    assert summarize(out)["kv_cache"] == "shared"  # what `inspect` prints
     capacity, batch, seq = 24, 2, 10
     sessions = {"dense": InferenceSession(str(src), providers=["CPUExecutionProvider"]), "toptheta": session(out)}
     for kind, sess in sessions.items():

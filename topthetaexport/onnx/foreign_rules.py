@@ -236,9 +236,12 @@ class _ForeignRule(pattern.RewriteRuleClassBase):
             )
         theta_v = op.initializer(ir.tensor(np.ascontiguousarray(theta, np.float32)), names.theta_name(layer))
         sdc_v = op.initializer(ir.tensor(np.ascontiguousarray(sdc, np.float32)), names.sdc_name(layer))
+        inputs = [query, key, value, theta_v, mask, past_key, past_value, sdc_v, past_sequence_length]
+        while inputs[-1] is None:  # optional inputs left out at the end
+            inputs.pop()
         outs = op.op(
             names.OP_TYPE,
-            *[query, key, value, theta_v, mask, past_key, past_value, sdc_v, past_sequence_length],
+            *inputs,
             _domain=names.DOMAIN,
             _version=names.OP_VERSION,
             _outputs=num_outputs,
