@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from test_cli_subprocess import CLI  # the installed entry point, else this checkout's CLI
 
 from topthetaexport.onnx import names
 from topthetaexport.onnx.rewriter import rewrite
@@ -218,8 +218,8 @@ def test_optimum_rewrite_cli(loaded, calibrated, tmp_path):
     calibrated.save(tmp_path / "th")
     out = tmp_path / "model.onnx"
     res = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("_cli_launcher.py")), "rewrite"]
-        + [str(FIXTURES / "optimum-opset18" / "model.onnx"), "--thresholds", str(tmp_path / "th"), "-o", str(out)],
+        [*CLI, "rewrite", str(FIXTURES / "optimum-opset18" / "model.onnx"), "--thresholds", str(tmp_path / "th")]
+        + ["-o", str(out)],
         capture_output=True,
         text=True,
         check=False,
