@@ -337,9 +337,15 @@ def _dense_has_cache(path: Path) -> bool:
         return False
 
 
-@app.command("rewrite", help="Replace every attention block of a dense export by TopThetaAttention.")
+@app.command(
+    "rewrite",
+    help="Replace every attention block of a dense export by TopThetaAttention; also takes graphs made by "
+    "optimum-cli export onnx or onnxruntime-genai's model builder, keeping their inputs and outputs.",
+)
 def rewrite_cmd(
-    dense: Path = typer.Argument(..., help="dense ONNX file from 'export'"),
+    dense: Path = typer.Argument(
+        ..., help="dense ONNX file from 'export', or an optimum / onnxruntime-genai model.onnx (docs/graph.md)"
+    ),
     thresholds: Path = typer.Option(..., "--thresholds", help="folder or .safetensors from 'calibrate'"),
     out: Path = typer.Option(..., "-o", "--out", help="output .onnx file"),
     comp_mode: int = COMP_OPT,

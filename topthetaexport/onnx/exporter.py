@@ -356,8 +356,9 @@ def _run_exporter(wrapper, args, dyn, opset, names_in, names_out, name):
             ) from None
 
 
-def write_onnx(model, out_path: Path, external: bool) -> Path:
-    """Save an ``onnx_ir.Model`` atomically (``<name>.data`` holds the weights when ``external``), then check it.
+def write_onnx(model, out_path: Path, external: bool, check: bool = True) -> Path:
+    """Save an ``onnx_ir.Model`` atomically (``<name>.data`` holds the weights when ``external``), then check it
+    (``check=False``: no onnx.checker, for graphs with onnxruntime-only ops the checker does not know).
 
     The files are written in a temporary directory under their final names, so the external-data reference
     stays right; the data file is moved into place first and the ``.onnx`` last.
@@ -371,7 +372,8 @@ def write_onnx(model, out_path: Path, external: bool) -> Path:
             ir.save(model, tmp, external_data=data_name)
         else:
             ir.save(model, tmp)
-        check_onnx(tmp, external)
+        if check:
+            check_onnx(tmp, external)
         if external:
             os.replace(tmp.with_name(data_name), out_path.with_name(data_name))
         else:

@@ -166,6 +166,11 @@ def rewrite(
     onnx_meta = dict(model.metadata_props)
     if any(n.op_type == OP_TYPE and n.domain == DOMAIN for n in graph):
         raise TopThetaError(f"{onnx_in} already contains TopThetaAttention nodes: rewrite the dense export instead")
+    if not attention_nodes(graph):
+        from .foreign_rules import foreign_sites
+
+        if foreign_sites(graph):  # a graph made elsewhere (optimum, onnxruntime-genai): docs/graph.md
+            return _rewrite_foreign(model, th, th_source, onnx_in, onnx_out, comp_mode, expose_kept, kv_cache)
     if kv_cache == "shared" and kv_cache_form(graph) is None:
         raise TopThetaError(
             f"{onnx_in} has no KV cache (no past_key_values.* inputs), so there is no buffer to share: "
@@ -208,6 +213,55 @@ def rewrite(
     write_onnx(model, onnx_out, external)
     matched = [context.matched[layer] for layer in sorted(context.matched)]
     return _report(matched, th, comp_mode, expose_kept, onnx_in, onnx_out, th_source) | {"kv_cache": form}
+
+
+def _rewrite_foreign(model, th, th_source, onnx_in, onnx_out, comp_mode, expose_kept, kv_cache) -> dict[str, Any]:
+    """``rewrite`` of a graph made elsewhere (``foreign_rules``): its inputs and outputs are kept as they are."""
+    import onnx
+    import onnx_ir as ir
+    from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
+
+    from .foreign_rules import foreign_layers, foreign_rules
+    from .rules import RuleContext
+
+    graph = model.graph
+    ShapeInferencePass(strict_mode=False)(model)  # head counts: exporters store no intermediate shapes
+    layers = foreign_layers(graph, th)
+    if kv_cache == "shared" and not all(n.op_type == "GroupQueryAttention" for n in layers):
+        raise TopThetaError(
+            f"{onnx_in}: --kv-cache shared maps only GroupQueryAttention's KV buffer; this graph's inputs and "
+            "outputs stay as exported: use --kv-cache concat"
+        )
+    context = RuleContext(th, layers, comp_mode=comp_mode)
+    foreign_rules(context, kv_cache=kv_cache).apply_to_model(model)
+    for node, (layer, name) in sorted(layers.items(), key=lambda item: item[1]):
+        if layer not in context.matched:
+            raise TopThetaError(
+                f"layer {layer} ({name}): no rewrite rule accepts the attention block ({context.why_not(node)}); "
+                "this graph's attention form is not supported (docs/graph.md, 'Graphs made elsewhere')"
+            )
+    if expose_kept:
+        from .variants import ExposeKept
+
+        ExposeKept()(model)
+    RemoveUnusedNodesPass()(model)
+    model.opset_imports[DOMAIN] = OP_VERSION
+    model.metadata_props.update(_metadata(th, th_source, comp_mode))
+    model.metadata_props[META_PREFIX + "foreign_forms"] = ",".join(
+        sorted({context.matched[i].form for i in context.matched})
+    )
+    model.metadata_props[names.KV_CACHE_META] = kv_cache
+    external = _initializer_bytes(graph) > _export.EXTERNAL_DATA_THRESHOLD
+    if not external:
+        ir.external_data.load_to_model(model)
+    # onnxruntime-only ops (com.microsoft, SimplifiedLayerNormalization in the default domain) fail onnx.checker;
+    # the onnxruntime session is their check
+    runtime_only = any(
+        n.domain == "com.microsoft" or (n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)) for n in graph
+    )
+    write_onnx(model, onnx_out, external, check=not runtime_only)
+    matched = [context.matched[layer] for layer in sorted(context.matched)]
+    return _report(matched, th, comp_mode, expose_kept, onnx_in, onnx_out, th_source) | {"kv_cache": kv_cache}
 
 
 def extend_for_context(th, theta_extrapolation: str, max_context: int | None):

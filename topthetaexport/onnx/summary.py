@@ -120,7 +120,7 @@ def summarize(path) -> dict[str, Any]:
         "opset": dict(model.opset_imports),
         "producer": f"{model.producer_name or ''} {model.producer_version or ''}".strip(),
         "dtype": _dtype_of(v.dtype for v in [*graph.inputs, *graph.outputs]),
-        "kv_cache": kv_cache_form(v.name for v in graph.inputs),
+        "kv_cache": _kv_cache(model),
         "inputs": [_io(v) for v in graph.inputs],
         "outputs": [_io(v) for v in graph.outputs],
         "num_nodes": sum(counts.values()),
@@ -148,9 +148,19 @@ def _overall(nodes: list[dict]) -> dict[str, Any]:
     }
 
 
+def _kv_cache(model) -> str | None:
+    """The KV-cache form from the input names; for a graph made elsewhere (GroupQueryAttention's shared buffer
+    has no past_sequence_length input) the form its rewrite recorded."""
+    meta = model.metadata_props
+    if meta.get(META_PREFIX + "foreign_forms") and meta.get(META_PREFIX + "kv_cache"):
+        return meta[META_PREFIX + "kv_cache"]
+    return kv_cache_form(v.name for v in model.graph.inputs)
+
+
 _KV_CACHE_TEXT = {
     "concat": "the graph concatenates past and new K/V into present.*",
-    "shared": "one buffer per layer and kind, bound as past_key_values.* and present.*, with past_sequence_length",
+    "shared": "one buffer per layer and kind, bound as past_key_values.* and present.*, with past_sequence_length"
+    " (or seqlens_k in a GroupQueryAttention graph)",
 }
 
 
