@@ -19,8 +19,12 @@ def _no_window(cfg: Any) -> int:
     return 0
 
 
-def _mistral_window(cfg: Any) -> int:
-    """Mistral/Qwen2 configs carry ``sliding_window`` even when it is off; 0 means every layer is global."""
+def _config_window(cfg: Any) -> int:
+    """The window of the sliding layers (0: every layer is global).
+
+    Mistral/Qwen2/Qwen3 configs carry ``sliding_window`` even when it is off (``use_sliding_window``); Gemma 2/3
+    and Qwen mix sliding and global layers through ``layer_types``; Phi-3 slides on every layer when it is set.
+    """
     window = getattr(cfg, "sliding_window", None) or 0
     if getattr(cfg, "use_sliding_window", True) is False:
         return 0
@@ -50,8 +54,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     a.model_type: a
     for a in (
         Architecture("llama", causal=True, layers_attr="layers"),
-        Architecture("qwen2", causal=True, layers_attr="layers", sliding_window=_mistral_window),
-        Architecture("mistral", causal=True, layers_attr="layers", sliding_window=_mistral_window),
+        Architecture("qwen2", causal=True, layers_attr="layers", sliding_window=_config_window),
+        Architecture("mistral", causal=True, layers_attr="layers", sliding_window=_config_window),
+        Architecture("qwen3", causal=True, layers_attr="layers", sliding_window=_config_window),
+        Architecture("phi3", causal=True, layers_attr="layers", sliding_window=_config_window),
+        Architecture("gemma3_text", causal=True, layers_attr="layers", sliding_window=_config_window),
+        Architecture("gpt_neox", causal=True, layers_attr="layers"),
         Architecture("gpt2", causal=True, layers_attr="h"),
         Architecture("bert", causal=False, layers_attr="layer"),
     )
