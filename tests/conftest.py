@@ -173,12 +173,14 @@ def _tiny_config(kind: str):
 
 
 def build_tiny_model(kind: str, seed: int = 0):
-    """A tiny random-weight model of ``kind`` (see ``_tiny_config``), eval mode, sdpa attention."""
+    """A tiny random-weight model of ``kind`` (see ``_tiny_config``), eval mode, its registry attention."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     torch.manual_seed(seed)
     cfg = _tiny_config(kind)
-    cfg._attn_implementation = "sdpa"
+    from topthetaexport.architectures import ARCHITECTURES
+
+    cfg._attn_implementation = ARCHITECTURES[cfg.model_type].attn_implementation  # eager for gemma2
     cls = AutoModel if kind == "bert" else AutoModelForCausalLM
     return cls.from_config(cfg).eval()
 

@@ -44,6 +44,20 @@ class Architecture:
     # attribute holding the list of transformer blocks, as it appears in module paths ("model.layers.3")
     layers_attr: str
     sliding_window: Callable[[Any], int] = _no_window
+    # what the plain PyTorch model runs with: "sdpa", or "eager" where transformers' sdpa path does not apply
+    # (Gemma 2 caps its attention logits, which sdpa refuses); those export through onnx/softcap.py
+    attn_implementation: str = "sdpa"
+
+    def attention_kinds(self, cfg: Any) -> list[str]:
+        """``"sliding"`` or ``"global"`` for every layer: Gemma 2/3 and Qwen mix both (``layer_types``),
+        Mistral and Phi-3 slide on every layer when their window is set."""
+        layers = int(getattr(cfg, "num_hidden_layers", 0) or 0)
+        if not self.sliding_window(cfg):
+            return ["global"] * layers
+        types = list(getattr(cfg, "layer_types", None) or [])
+        if len(types) == layers:
+            return ["sliding" if t == "sliding_attention" else "global" for t in types]
+        return ["sliding"] * layers
 
     @property
     def auto_class(self) -> str:
@@ -58,6 +72,9 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("mistral", causal=True, layers_attr="layers", sliding_window=_config_window),
         Architecture("qwen3", causal=True, layers_attr="layers", sliding_window=_config_window),
         Architecture("phi3", causal=True, layers_attr="layers", sliding_window=_config_window),
+        Architecture(
+            "gemma2", causal=True, layers_attr="layers", sliding_window=_config_window, attn_implementation="eager"
+        ),
         Architecture("gemma3_text", causal=True, layers_attr="layers", sliding_window=_config_window),
         Architecture("gpt_neox", causal=True, layers_attr="layers"),
         Architecture("gpt2", causal=True, layers_attr="h"),

@@ -164,7 +164,7 @@ def _load_dir(path: Path, dtype, *, name: str) -> LoadedModel:
     arch = architecture(raw.get("model_type"), str(path / "config.json"))
     cls = AutoModelForCausalLM if arch.causal else AutoModel
     try:
-        model = cls.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+        model = cls.from_pretrained(str(path), dtype=dtype, attn_implementation=arch.attn_implementation)
     except Exception as e:
         raise TopThetaError(
             f"cannot load model weights from {path} ({_first_line(e)}): check that the directory "
@@ -183,8 +183,8 @@ def _wrap(model, tokenizer, name: str, source: str, dtype) -> LoadedModel:
     cfg = model.config
     arch = architecture(getattr(cfg, "model_type", None), f"the config of {name}")
     model = model.to(dtype).eval()
-    if getattr(cfg, "_attn_implementation", None) != "sdpa":
-        model.set_attn_implementation("sdpa")
+    if getattr(cfg, "_attn_implementation", None) != arch.attn_implementation:
+        model.set_attn_implementation(arch.attn_implementation)
     heads = int(cfg.num_attention_heads)
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
