@@ -140,3 +140,25 @@ def test_calibrate_thresholds_both_kinds_of_layers(tiny_models_dir, kind):
         else:
             assert valid > 2 * WINDOW
         assert k / 2 < kept < k * 2 and kept < valid, (which, kept, valid)
+
+
+def test_gemma2_topk_variant_caps_scores(exported, tmp_path):
+    """The exact top-k twin of a softcapped model caps its scores too (the PyTorch top-k mode does)."""
+    import onnx_ir as ir
+
+    from topthetaexport.onnx.variants import ReplaceWithTopK
+
+    ex = exported("gemma2")
+    rewritten = tmp_path / "tt.onnx"
+    rewrite(ex.path, random_thresholds(ex.loaded), rewritten)
+    model = ir.load(rewritten)
+    ReplaceWithTopK(3)(model)
+    assert "Tanh" in {n.op_type for n in model.graph}
+    topk = tmp_path / "topk.onnx"
+    ir.save(model, topk)
+
+    def ctx():
+        return attention_mode(ex.loaded.model, "topk", k=3)
+
+    diffs = compare_steps(ex.loaded, session(topk), mode_ctx=ctx, steps=2, seq=10)
+    assert max(diffs) <= TOL, diffs

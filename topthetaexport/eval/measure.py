@@ -272,7 +272,12 @@ def fp64_keep_masks(
             raise TopThetaError(f"the onnxruntime run exposes no Q/K of layer {layer}: open it with expose_io=True")
         q, k = t["q"].double(), t["k"].double()
         s, valid = valid_and_scores(
-            q, k, scale=_kernel_scale(a, q.shape[-1]), causal=bool(a.get("causal", 0)), attn_mask=t.get("mask")
+            q,
+            k,
+            scale=_kernel_scale(a, q.shape[-1]),
+            causal=bool(a.get("causal", 0)),
+            attn_mask=t.get("mask"),
+            softcap=float(a.get("softcap", 0.0)) or None,
         )
         theta = _row_table(thresholds.layer(layer)[0], q.shape[2], k.shape[2], torch.float64)
         masks[layer] = valid & (s >= theta)
@@ -310,6 +315,7 @@ def operator_parity(io: dict[str, np.ndarray], attrs: dict[int, dict[str, Any]],
             attn_mask=t.get("mask"),
             sdc=sdc,
             comp_mode=int(a.get("comp_mode", 0)),
+            softcap=float(a.get("softcap", 0.0)) or None,
         )
         per_layer[layer] = float((ref - t["y"].double()).abs().max())
     worst = max(per_layer.values()) if per_layer else float("nan")
