@@ -162,3 +162,31 @@ def test_gemma2_topk_variant_caps_scores(exported, tmp_path):
 
     diffs = compare_steps(ex.loaded, session(topk), mode_ctx=ctx, steps=2, seq=10)
     assert max(diffs) <= TOL, diffs
+
+
+@pytest.mark.slow  # the whole pipeline (calibrate, export, rewrite, validate) on two tiny models
+@pytest.mark.parametrize("kind", ("gemma2", "gemma3"))
+def test_pipeline_reports_sliding_and_global_layers(tmp_path, tiny_models_dir, kind):
+    from topthetaexport.pipeline import run_pipeline
+
+    report = run_pipeline(
+        str(save_tiny_model(kind, tiny_models_dir)),
+        make_tokens(3, 48, seed=1),
+        tmp_path / "out",
+        k=4,
+        seq_len=48,
+        num_samples=3,
+        dense_layers=0,
+        comp_mode=1,
+        eval_data=make_tokens(2, 48, seed=2),
+        eval_windows=2,
+        decode_steps=4,
+    )
+    v = report["validation"]
+    assert v["parity"]["pass"] and v["parity"]["max_abs_diff_vs_torch_toptheta_pinned"] <= TOL
+    assert v["parity"]["keep_decisions_window0"]["rows_with_different_kept_count"] == 0
+    by_kind = v["attention_elements"]["sparse_layers_kept_fraction_by_attention"]
+    assert set(by_kind) == {"sliding", "global"}
+    # both kinds prune, each against the keys it sees (a sliding row: at most the window of 6)
+    assert 0.3 < by_kind["sliding"] < 0.95 and 0.0 < by_kind["global"] < 0.5, by_kind
+    assert v["decode"]["max_abs_diff_decode_vs_prefill"] <= TOL
