@@ -81,7 +81,8 @@ def test_qwen_coder_1_5b_loads_and_codes(qwen_coder):
     with torch.no_grad():
         out = lm.model.generate(ids, max_new_tokens=24, do_sample=False)
     completion = tok.decode(out[0, ids.shape[1] :])
-    assert "fibonacci(n - 1)" in completion.replace("n-1", "n - 1") or "return" in completion, completion
+    # measured: " if n <= 1:\n         return n\n     else:\n         return fibonacci(n-1) + fibonacci(n-"
+    assert "return" in completion and "fibonacci(n-1)" in completion.replace(" ", ""), completion
     held_out = token_batches(tok, "builtin:pydoc", seq_len=128, num_samples=1, skip=4)
     dense, _ = _perplexity(lm, held_out)
-    assert 1.5 < dense < 30, dense
+    assert 1.5 < dense < 30, dense  # measured 11.4
