@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._errors import TopThetaError
-from ._io import atomic_path
+from ._io import atomic_path, cache_root
 
 __all__ = ["BUNDLES", "GgufBundle", "bundle_path", "fetch", "is_fetched"]
 
@@ -71,10 +71,7 @@ BUNDLES: dict[str, GgufBundle] = {
 
 
 def bundle_path(alias: str) -> Path:
-    from .models import cache_dir
-
-    b = BUNDLES[alias]
-    return cache_dir() / "gguf" / alias / b.file_name
+    return cache_root() / "gguf" / alias / BUNDLES[alias].file_name
 
 
 def is_fetched(alias: str) -> bool:

