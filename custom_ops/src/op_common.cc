@@ -161,11 +161,14 @@ OpAttributes ReadAttributes(const OrtKernelInfo* info) {
   OptionalAttr(info, "num_heads", &a.num_heads);
   OptionalAttr(info, "num_kv_heads", &a.num_kv_heads);
   OptionalAttr(info, "comp_mode", &comp_mode);
+  OptionalAttr(info, "softcap", &a.softcap);
   c.Check(causal == 0 || causal == 1, "attribute causal must be 0 or 1, got " + std::to_string(causal));
   c.Check(comp_mode >= 0 && comp_mode <= 2,
           "attribute comp_mode must be 0 (none), 1 (SDC) or 2 (SDC + VMC), got " + std::to_string(comp_mode));
   c.Check(a.num_heads >= 0 && a.num_kv_heads >= 0, "attributes num_heads / num_kv_heads must be >= 0");
   c.Check(std::isfinite(a.scale), "attribute scale must be finite");
+  c.Check(std::isfinite(a.softcap) && a.softcap >= 0.f,
+          "attribute softcap must be 0 (none) or a finite positive cap, got " + std::to_string(a.softcap));
   a.causal = causal == 1;
   a.comp_mode = static_cast<int>(comp_mode);
   return a;
@@ -348,6 +351,7 @@ PreparedCall PrepareCall(const Ort::KernelContext& ctx, const OpAttributes& attr
   p.scale = attrs.scale != 0.f ? attrs.scale : 1.0f / std::sqrt(static_cast<float>(p.D));
   p.causal = attrs.causal;
   p.comp_mode = attrs.comp_mode;
+  call.softcap = attrs.softcap;
   p.q = q.data;
   call.fresh[0] = k.data;
   call.fresh[1] = v.data;

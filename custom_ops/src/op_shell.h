@@ -11,6 +11,8 @@
 // and registers TopThetaOp<Kernel, T> for each element type T it supports (AddOps).
 #pragma once
 
+#include <cstring>
+
 #include "onnxruntime_cxx_api.h"
 #include "op_common.h"
 
@@ -20,7 +22,14 @@ namespace toptheta {
 template <typename Kernel>
 class OpKernel {
  public:
-  OpKernel(const OrtKernelInfo* info, DType dtype) : attrs_(ReadAttributes(info)), dtype_(dtype), kernel_(info) {}
+  OpKernel(const OrtKernelInfo* info, DType dtype) : attrs_(ReadAttributes(info)), dtype_(dtype), kernel_(info) {
+    // Only the CPU kernel caps scores; any other provider would silently compute uncapped attention.
+    if (attrs_.softcap != 0.f && std::strcmp(Kernel::kExecutionProvider, "CPUExecutionProvider") != 0) {
+      throw OpError("TopThetaAttention '" + attrs_.node_name + "': attribute softcap is implemented by the CPU " +
+                    "kernel only, not by " + Kernel::kExecutionProvider + ": run this model on the CPU " +
+                    "execution provider");
+    }
+  }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return StatusFrom([&] {

@@ -49,7 +49,7 @@ struct CpuKernel {
       RunCopies(call.AppendCopies(t, dst));
       call.SetKV(t, dst);
     }
-    TopThetaCpu(call.params, &OrtParallelFor, const_cast<void*>(static_cast<const void*>(&ctx)));
+    TopThetaCpu(call.params, &OrtParallelFor, const_cast<void*>(static_cast<const void*>(&ctx)), call.softcap);
   }
 };
 

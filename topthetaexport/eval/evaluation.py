@@ -198,7 +198,7 @@ def evaluate(
     from ..onnx.summary import graph_kv_cache
     from ..thresholds import Thresholds
     from ..torch.calibration import calibrate
-    from .measure import KeptElements, Perplexity, decode_through_cache, v_rows_read, valid_counts
+    from .measure import KeptElements, Perplexity, decode_through_cache, layer_windows, v_rows_read, valid_counts
     from .tasks import build_window_cloze, load_task, parse_task_spec
 
     t_start = time.perf_counter()
@@ -331,7 +331,7 @@ def evaluate(
         r: dict[str, Any] = {"name": v.name, "kind": v.kind, "k": v.k, "comp_mode": v.comp_mode, "tasks": {}}
         for dom, (_src, win) in domains.items():
             step(f"{v.name}: {dom} windows", frac)
-            counts = KeptElements(th.num_layers)
+            counts = KeptElements(th.num_layers, layer_windows(th.meta, th.num_layers))
             valid = valid_counts(win.shape[1], causal)
             if is_lm:
                 name, _, items, _, _ = next((t for t in task_sets if t[4] == dom), (None, 0, [], 0, 0))
@@ -383,7 +383,7 @@ def evaluate(
             step(f"{v.name}: KV-cache decode check", frac)
             win = domains["in_domain"][1]
             real = decode_through_cache(om, win[:1], decode_rows, dense_layers)
-            est = KeptElements(th.num_layers)
+            est = KeptElements(th.num_layers, layer_windows(th.meta, th.num_layers))
             est.add(om.run(win[:1]).kept, valid_counts(win.shape[1], causal), decode_rows)
             decode_checked = {
                 "variant": v.name,

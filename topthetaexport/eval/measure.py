@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_THREADS",
     "Agreement",
     "KeptElements",
+    "layer_windows",
     "Perplexity",
     "RowKept",
     "decode_through_cache",
@@ -136,32 +137,46 @@ class Agreement:
         return self.matches / max(self.positions, 1)
 
 
+def layer_windows(meta: dict[str, Any], num_layers: int) -> list[int]:
+    """Per layer the sliding window a row sees (0: global), from the thresholds meta (calibration records
+    ``attention_kinds`` and ``sliding_window``); all 0 when it does not say."""
+    kinds, window = meta.get("attention_kinds") or [], int(meta.get("sliding_window") or 0)
+    if not window or len(kinds) != num_layers:
+        return [0] * num_layers
+    return [window if kind == "sliding" else 0 for kind in kinds]
+
+
 class KeptElements:
     """Kept / valid attention elements per layer (prefill rows), and the V rows of each window's last
     ``decode_rows`` rows: with causal attention and the KV cache, decoding the token at position t reads the
-    V rows query row t keeps in a prefill (same θ row, same keys)."""
+    V rows query row t keeps in a prefill (same θ row, same keys). ``windows`` (``layer_windows``): a sliding
+    layer's row sees at most its window of keys, so its valid count is ``min(valid, window)``: the window's own
+    cut is not counted as pruned."""
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, windows: list[int] | None = None) -> None:
         self.kept, self.valid = np.zeros(num_layers), np.zeros(num_layers)
+        self.windows = list(windows) if windows else [0] * num_layers
         self.rows, self.valid_rows = 0, 0.0
-        self.dec_kept, self.dec_dense, self.dec_rows = np.zeros(num_layers), 0.0, 0
+        self.dec_kept, self.dec_dense, self.dec_rows = np.zeros(num_layers), np.zeros(num_layers), 0
 
     def add(self, kept: dict[int, np.ndarray], valid_per_row: np.ndarray, decode_rows: int = 0) -> None:
-        """``kept``: layer -> counts [B, Hq, S]; ``valid_per_row``: [S]."""
+        """``kept``: layer -> counts [B, Hq, S]; ``valid_per_row``: [S] (causal or full counts, no window)."""
         batch = None
         for layer, k in kept.items():
             k = k.astype(np.float64)
             batch, heads = k.shape[0], k.shape[1]
+            window = self.windows[layer]
+            valid = np.minimum(valid_per_row, window) if window else valid_per_row
             self.kept[layer] += k.sum()
-            self.valid[layer] += valid_per_row.sum() * batch * heads
+            self.valid[layer] += valid.sum() * batch * heads
             if decode_rows:
                 self.dec_kept[layer] += k[:, :, -decode_rows:].mean(1).sum()
+                self.dec_dense[layer] += float(valid[-decode_rows:].sum()) * batch
         if batch is None:
             return
         self.rows += batch * len(valid_per_row)
         self.valid_rows += float(valid_per_row.sum()) * batch
         if decode_rows:
-            self.dec_dense += float(valid_per_row[-decode_rows:].sum()) * batch
             self.dec_rows += decode_rows * batch
 
     def summary(self, dense_layers: list[int]) -> dict[str, Any]:
@@ -176,8 +191,17 @@ class KeptElements:
         out["kept_per_row"] = out["dense_per_row"] * out["kept_fraction"]
         out["reduction"] = 1.0 / max(out["kept_fraction"], 1e-12)
         out["sparse_layers_reduction"] = 1.0 / max(out["sparse_layers_kept_fraction"], 1e-12)
+        if any(self.windows):  # sliding and global layers, each against the keys it sees
+            by_kind = {
+                "sliding": [i for i in sparse if self.windows[i]],
+                "global": [i for i in sparse if not self.windows[i]],
+            }
+            out["sparse_layers_kept_fraction_by_attention"] = {
+                kind: float(self.kept[ls].sum() / max(self.valid[ls].sum(), 1)) for kind, ls in by_kind.items() if ls
+            }
         if self.dec_rows:
-            dense = self.dec_dense / self.dec_rows
+            dense = self.dec_dense.sum() / n / self.dec_rows
+            dense_sparse = self.dec_dense[sparse].sum() / max(len(sparse), 1) / self.dec_rows
             kept_all = self.dec_kept.sum() / n / self.dec_rows
             kept_sparse = self.dec_kept[sparse].sum() / max(len(sparse), 1) / self.dec_rows
             out["decode"] = {
@@ -186,7 +210,7 @@ class KeptElements:
                 "v_rows_kept_per_token": kept_all,
                 "v_rows_reduction": dense / max(kept_all, 1e-12),
                 "sparse_layers_v_rows_kept_per_token": kept_sparse,
-                "sparse_layers_v_rows_reduction": dense / max(kept_sparse, 1e-12),
+                "sparse_layers_v_rows_reduction": dense_sparse / max(kept_sparse, 1e-12),
             }
         return out
 
@@ -272,7 +296,12 @@ def fp64_keep_masks(
             raise TopThetaError(f"the onnxruntime run exposes no Q/K of layer {layer}: open it with expose_io=True")
         q, k = t["q"].double(), t["k"].double()
         s, valid = valid_and_scores(
-            q, k, scale=_kernel_scale(a, q.shape[-1]), causal=bool(a.get("causal", 0)), attn_mask=t.get("mask")
+            q,
+            k,
+            scale=_kernel_scale(a, q.shape[-1]),
+            causal=bool(a.get("causal", 0)),
+            attn_mask=t.get("mask"),
+            softcap=float(a.get("softcap", 0.0)) or None,
         )
         theta = _row_table(thresholds.layer(layer)[0], q.shape[2], k.shape[2], torch.float64)
         masks[layer] = valid & (s >= theta)
@@ -310,6 +339,7 @@ def operator_parity(io: dict[str, np.ndarray], attrs: dict[int, dict[str, Any]],
             attn_mask=t.get("mask"),
             sdc=sdc,
             comp_mode=int(a.get("comp_mode", 0)),
+            softcap=float(a.get("softcap", 0.0)) or None,
         )
         per_layer[layer] = float((ref - t["y"].double()).abs().max())
     worst = max(per_layer.values()) if per_layer else float("nan")

@@ -36,6 +36,7 @@ from .measure import (
     fp64_keep_masks,
     kept_count_diff,
     kept_counts,
+    layer_windows,
     model_output,
     operator_parity,
     pinned_threads,
@@ -130,7 +131,7 @@ def _measure(
     om_dense = OnnxModel(onnx_path, device=device, threads=threads, theta_fill=float("-inf"))
     causal, is_lm, net = bool(loaded.causal), bool(loaded.is_lm), loaded.model
     valid = valid_counts(seq_len, causal)
-    elements = KeptElements(th.num_layers)
+    elements = KeptElements(th.num_layers, layer_windows(th.meta, th.num_layers))
     ppl = {key: Perplexity() for key in ("dense", "toptheta_onnx", "toptheta_torch", "toptheta_torch_pinned")}
     agree = Agreement()
     d_ref = d_pinned = d_pinned32 = d_dense = floor = 0.0

@@ -169,6 +169,7 @@ class DenseGqa(InPlacePass):
             num_heads=hq,
             kv_num_heads=hkv,
             scale=float(_attr(node, "scale", 0.0)),
+            softcap=float(_attr(node, "softcap", 0.0)),
             do_rotary=0,
         )
         y4 = n("Transpose", n("Reshape", y, n.ints("bhsd", 0, 0, hq, d)), perm=[0, 2, 1, 3])

@@ -152,17 +152,28 @@ def _quiet():
                 lg.setLevel(lv)
 
 
+def _export_attention(loaded) -> str:
+    """The attention implementation the export traces: sdpa (one ONNX Attention node per block), or for
+    models whose scores sdpa cannot compute (Gemma 2's softcap) the one of onnx/softcap.py."""
+    if loaded.architecture.attn_implementation == "sdpa":
+        return "sdpa"
+    from .softcap import SOFTCAP_IMPL, register
+
+    register()
+    return SOFTCAP_IMPL
+
+
 @contextlib.contextmanager
-def _sdpa(model: Any) -> Iterator[None]:
-    """Run ``model`` with ``attn_implementation='sdpa'`` for the duration (restored afterwards)."""
+def _attention_impl(model: Any, impl: str) -> Iterator[None]:
+    """Run ``model`` with ``attn_implementation=impl`` for the duration (restored afterwards)."""
     cfg = model.config
     before = getattr(cfg, "_attn_implementation", None)
-    if before != "sdpa":
-        model.set_attn_implementation("sdpa")
+    if before != impl:
+        model.set_attn_implementation(impl)
     try:
         yield
     finally:
-        if before is not None and before != "sdpa":
+        if before is not None and before != impl:
             model.set_attn_implementation(before)
 
 
@@ -261,7 +272,7 @@ def export_onnx(
 
     prog(f"exporting {loaded.name} to ONNX (opset {opset})", 0.0)
     t0 = time.perf_counter()
-    program = _run_exporter(wrapper, args, dyn, opset, names_in, names_out, loaded.name)
+    program = _run_exporter(wrapper, args, dyn, opset, names_in, names_out, loaded.name, _export_attention(loaded))
     prog(f"traced in {time.perf_counter() - t0:.0f} s; optimizing the graph", 0.7)
     with _quiet():
         optimize_graph(program.model)
@@ -332,8 +343,13 @@ def _fix_batch(dyn):
     return {k: fix(v) for k, v in dyn.items()}
 
 
-def _run_exporter(wrapper, args, dyn, opset, names_in, names_out, name):
-    with _quiet(), _sdpa(wrapper.model), torch.no_grad():
+def _run_exporter(wrapper, args, dyn, opset, names_in, names_out, name, impl: str = "sdpa"):
+    table = None
+    if impl != "sdpa":
+        from .softcap import translation_table
+
+        table = translation_table()
+    with _quiet(), _attention_impl(wrapper.model, impl), torch.no_grad():
         try:
             return torch.onnx.export(
                 wrapper,
@@ -346,13 +362,14 @@ def _run_exporter(wrapper, args, dyn, opset, names_in, names_out, name):
                 verbose=False,
                 report=False,
                 optimize=False,
+                custom_translation_table=table,
             )
         except TopThetaError:
             raise
         except Exception as e:  # noqa: BLE001 - any export failure becomes the one-line error
             raise TopThetaError(
                 f"torch.onnx.export failed for {name} ({type(e).__name__}: {_first_line(e)}): "
-                "check that the model runs in PyTorch with attn_implementation='sdpa'"
+                f"check that the model runs in PyTorch with attn_implementation='{impl}'"
             ) from None
 
 

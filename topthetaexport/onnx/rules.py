@@ -122,8 +122,9 @@ def _attr(node: ir.Node, name: str, default: Any) -> Any:
 
 def unsupported_reason(node: ir.Node) -> str | None:
     """Why this Attention node cannot become a TopThetaAttention whatever its form, or None."""
-    if float(_attr(node, "softcap", 0.0)) != 0.0:
-        return "it uses softcap"
+    softcap = float(_attr(node, "softcap", 0.0))
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        return f"its softcap {softcap} is neither 0 nor a finite positive cap"
     if int(_attr(node, "qk_matmul_output_mode", 0)) != 0:
         return "it uses qk_matmul_output_mode"
     for out in node.outputs[1:]:
@@ -268,6 +269,8 @@ class _AttentionRule(pattern.RewriteRuleClassBase):
         else:
             mask_kind, causal = ("4d" if mask is not None else "none"), int(_attr(node, "is_causal", 0))
         scale = float(_attr(node, "scale", 0.0)) or 1.0 / math.sqrt(head_dim)
+        # Gemma 2's logit cap: only written when set, so other graphs keep the attributes they had
+        softcap = {"softcap": float(_attr(node, "softcap", 0.0))} if float(_attr(node, "softcap", 0.0)) else {}
         theta_v = op.initializer(ir.tensor(np.ascontiguousarray(theta, np.float32)), names.theta_name(layer))
         # ρ is always attached (a few KB per layer) so that a deployment can switch comp_mode without
         # re-exporting; with comp_mode 0 the operator ignores it.
@@ -290,6 +293,7 @@ class _AttentionRule(pattern.RewriteRuleClassBase):
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             comp_mode=int(ctx.comp_mode),
+            **softcap,
         )
         new = y.producer()
         new.metadata_props.update(node.metadata_props)

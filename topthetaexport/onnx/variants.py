@@ -306,6 +306,7 @@ def _topk_subgraph(layer: int, node: ir.Node, k: int) -> tuple[_TopKBuilder, ir.
     mask = node.inputs[_MASK_INPUT] if len(node.inputs) > _MASK_INPUT else None
     causal = int(node.attributes["causal"].value) if "causal" in node.attributes else 0
     scale = float(node.attributes["scale"].value) if "scale" in node.attributes else 0.0
+    softcap = float(node.attributes["softcap"].value) if "softcap" in node.attributes else 0.0
 
     shp_q, shp_k = n("Shape", q), n("Shape", key)
     hq = n("Slice", shp_q, n.ints("s1", 1), n.ints("e2", 2))
@@ -320,6 +321,9 @@ def _topk_subgraph(layer: int, node: ir.Node, k: int) -> tuple[_TopKBuilder, ir.
         s = n("Mul", s, n("Reciprocal", n("Sqrt", n("CastLike", d, s))))
     else:
         s = n("Mul", s, n("CastLike", n.const("scale", np.array(scale, np.float32)), s))
+    if softcap:  # Gemma 2: softcap · tanh(s / softcap), before the mask as in the op
+        cap = n("CastLike", n.const("softcap", np.array(softcap, np.float32)), s)
+        s = n("Mul", n("Tanh", n("Div", s, cap)), cap)
     neg_inf = n("CastLike", n.const("neginf", np.array(-np.inf, np.float32)), s)
     valid = None
     if mask is not None:

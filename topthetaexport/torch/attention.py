@@ -104,23 +104,30 @@ def _attention_fn(module, query, key, value, attention_mask, scaling=None, dropo
     layer = getattr(module, _LAYER_ATTR)
     mask = attention_mask
     causal = bool(getattr(module, "is_causal", False)) and mask is None and query.shape[2] > 1
-    out, kept = _dispatch(state, layer, query, key, value, mask, scaling, causal)
+    # Gemma 2 caps its scores (softcap * tanh(s / softcap)); None for every other model
+    softcap = kwargs.get("softcap") or None
+    out, kept = _dispatch(state, layer, query, key, value, mask, scaling, causal, softcap)
     if state.recorder is not None:
         n_valid = _valid_counts(query, key, mask, causal)
         state.recorder.record(layer, n_valid if kept is None else kept, n_valid)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _dispatch(state: _State, layer, q, k, v, mask, scale, causal):
+def _dispatch(state: _State, layer, q, k, v, mask, scale, causal, softcap=None):
     if state.score_hook is not None:
-        s, valid = reference.valid_and_scores(q, k, scale=scale, causal=causal, attn_mask=mask)
+        s, valid = reference.valid_and_scores(q, k, scale=scale, causal=causal, attn_mask=mask, softcap=softcap)
         state.score_hook(layer, s, valid)
     if state.attention_fn is not None:
-        return state.attention_fn(layer, q, k, v, mask, scale, causal), None
+        extra = {"softcap": softcap} if softcap else {}
+        return state.attention_fn(layer, q, k, v, mask, scale, causal, **extra), None
     if state.mode == "dense":
+        if softcap:  # torch SDPA has no softcap
+            return reference.dense_attention(q, k, v, scale=scale, causal=causal, attn_mask=mask, softcap=softcap), None
         return _sdpa_dense(q, k, v, mask, scale, causal), None
     if state.mode == "topk":
-        return reference.topk_attention(q, k, v, state.k, scale=scale, causal=causal, attn_mask=mask, return_kept=True)
+        return reference.topk_attention(
+            q, k, v, state.k, scale=scale, causal=causal, attn_mask=mask, return_kept=True, softcap=softcap
+        )
     theta, sdc = state.thresholds.layer(layer)
     keep = None
     if state.keep_masks is not None:
@@ -144,6 +151,7 @@ def _dispatch(state: _State, layer, q, k, v, mask, scale, causal):
         comp_mode=state.comp_mode,
         return_kept=True,
         keep_mask=keep,
+        softcap=softcap,
     )
 
 
@@ -233,8 +241,9 @@ def attention_mode(
     receives per-call counts [B, Hq, Sq]. ``score_hook(layer, scores, valid)`` sees the scaled, masked scores
     (used by calibration). ``keep_masks`` ("toptheta" only): layer -> bool [B, Hq, Sq, Ktot] keep decisions
     used instead of ``s >= θ`` (pinned to another runtime's decisions for parity; every layer needs one).
-    ``attention_fn(layer, q, k, v, mask, scale, causal)`` ("dense" only): computes the attention output
-    [B, Hq, Sq, Dv] itself (calibration: chunked over query rows, so that no [Sq, Ktot] score matrix is held).
+    ``attention_fn(layer, q, k, v, mask, scale, causal)`` ("dense" only; with ``softcap=`` too for models that
+    cap their scores, Gemma 2): computes the attention output [B, Hq, Sq, Dv] itself (calibration: chunked over
+    query rows, so that no [Sq, Ktot] score matrix is held). Scores are softcapped where the model caps them.
     """
     if mode not in MODES:
         raise TopThetaError(f"unknown attention mode '{mode}': use one of {', '.join(MODES)}")

@@ -57,7 +57,7 @@ def _row_chunks(b: int, h: int, sq: int, ktot: int, budget: int):
         yield r0, min(sq, r0 + rows)
 
 
-def _chunk_scores(q, k, mask, scale, causal, r0: int, r1: int):
+def _chunk_scores(q, k, mask, scale, causal, r0: int, r1: int, softcap=None):
     """Scores [B, Hq, r1-r0, Kc] and valid mask of query rows r0..r1 against the keys they can see (Kc <= Ktot).
 
     Row position r = Ktot - Sq + i (bottom-right aligned, docs/op.md); causal rows never see keys past r1's row,
@@ -72,6 +72,8 @@ def _chunk_scores(q, k, mask, scale, causal, r0: int, r1: int):
     scale = (1.0 / math.sqrt(d)) if not scale else float(scale)
     kk = _expand_kv(k[:, :, :kend], hq).float()
     s = torch.matmul(q[:, :, r0:r1].float(), kk.transpose(-1, -2)) * scale
+    if softcap:  # Gemma 2: θ lives in the space of the capped scores, which the softmax sees
+        s = torch.tanh(s / float(softcap)) * float(softcap)
     valid = torch.ones((1, 1, r1 - r0, kend), dtype=torch.bool, device=q.device)
     if causal:
         r = torch.arange(r0, r1, device=q.device) + offset
@@ -97,13 +99,13 @@ class _ChunkedPass:
     def __init__(self, collect, dense: set[int], k: int, topk: bool, budget: int):
         self.collect, self.dense, self.k, self.topk, self.budget = collect, dense, k, topk, budget
 
-    def __call__(self, layer, q, k, v, mask, scale, causal):
+    def __call__(self, layer, q, k, v, mask, scale, causal, softcap=None):
         from .reference import _expand_kv
 
         b, hq, sq, _ = q.shape
         out = torch.empty(b, hq, sq, v.shape[-1], dtype=torch.float32, device=q.device)
         for r0, r1 in _row_chunks(b, hq, sq, k.shape[2], self.budget):
-            s, valid, kend = _chunk_scores(q, k, mask, scale, causal, r0, r1)
+            s, valid, kend = _chunk_scores(q, k, mask, scale, causal, r0, r1, softcap)
             masked = s.masked_fill(~valid, float("-inf"))
             n_valid = valid.sum(-1)
             sparse = layer not in self.dense and kend > self.k
@@ -275,6 +277,9 @@ def _meta(loaded: LoadedModel, data, *, k: int, n: int, rows: int, dense: list[i
         "num_kv_heads": loaded.num_kv_heads,
         "head_dim": loaded.head_dim,
         "max_positions": loaded.max_positions,
+        # sliding-window and global layers are calibrated alike (each on the keys it sees); stats() reports both
+        "sliding_window": int(loaded.architecture.sliding_window(loaded.config) or 0),
+        "attention_kinds": loaded.architecture.attention_kinds(loaded.config),
         "calib_source": source,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

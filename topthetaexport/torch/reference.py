@@ -55,11 +55,12 @@ def _mask_parts(attn_mask, b, ktot, dt):
     return allowed, add
 
 
-def valid_and_scores(q, k, *, scale=None, causal=False, attn_mask=None):
-    """Scaled (and mask-added) scores ``s`` [B,Hq,Sq,Ktot] and the ``valid`` bool mask, per docs/op.md.
+def valid_and_scores(q, k, *, scale=None, causal=False, attn_mask=None, softcap=None):
+    """Scaled (softcapped, mask-added) scores ``s`` [B,Hq,Sq,Ktot] and the ``valid`` bool mask, per docs/op.md.
 
     ``k`` must already include the past and may have Hkv heads (expanded here). Invalid scores are left
-    as computed; callers mask them.
+    as computed; callers mask them. ``softcap`` (> 0; None or 0: none) caps the scaled scores to
+    ``softcap * tanh(s / softcap)`` before the mask is added (Gemma 2's attention logit softcapping).
     """
     dt = _compute_dtype(q)
     b, hq, sq, d = q.shape
@@ -67,6 +68,8 @@ def valid_and_scores(q, k, *, scale=None, causal=False, attn_mask=None):
     scale = (1.0 / math.sqrt(d)) if not scale else float(scale)
     kk = _expand_kv(k, hq).to(dt)
     s = torch.matmul(q.to(dt), kk.transpose(-1, -2)) * scale
+    if softcap:
+        s = torch.tanh(s / float(softcap)) * float(softcap)
     valid = torch.ones((1, 1, sq, ktot), dtype=torch.bool, device=q.device)
     if causal:
         r = torch.arange(sq, device=q.device) + (ktot - sq)
@@ -119,6 +122,7 @@ def toptheta_attention(
     comp_mode=0,
     return_kept=False,
     keep_mask=None,
+    softcap=None,
 ):
     """Top-θ attention exactly as docs/op.md.
 
@@ -135,7 +139,7 @@ def toptheta_attention(
     ktot = k.shape[2]
     if thresholds.dim() != 2 or thresholds.shape[0] != hq:
         raise ValueError(f"thresholds must be [Hq={hq}, R], got {list(thresholds.shape)}")
-    s, valid = valid_and_scores(q, k, scale=scale, causal=causal, attn_mask=attn_mask)
+    s, valid = valid_and_scores(q, k, scale=scale, causal=causal, attn_mask=attn_mask, softcap=softcap)
     vv = _expand_kv(v, hq).to(dt)
 
     theta = _row_table(thresholds.to(q.device), sq, ktot, dt)  # [1,Hq,Sq,1]
@@ -179,7 +183,17 @@ def toptheta_attention(
 
 
 def dense_attention(
-    q, k, v, *, scale=None, causal=False, attn_mask=None, past_key=None, past_value=None, return_kept=False
+    q,
+    k,
+    v,
+    *,
+    scale=None,
+    causal=False,
+    attn_mask=None,
+    past_key=None,
+    past_value=None,
+    return_kept=False,
+    softcap=None,
 ):
     """Dense masked softmax attention (Top-θ with every θ = -inf)."""
     th = torch.full((q.shape[1], 1), _NEG_INF, dtype=torch.float32, device=q.device)
@@ -194,17 +208,29 @@ def dense_attention(
         past_key=past_key,
         past_value=past_value,
         return_kept=return_kept,
+        softcap=softcap,
     )
 
 
 def topk_attention(
-    q, k, v, k_keep, *, scale=None, causal=False, attn_mask=None, past_key=None, past_value=None, return_kept=False
+    q,
+    k,
+    v,
+    k_keep,
+    *,
+    scale=None,
+    causal=False,
+    attn_mask=None,
+    past_key=None,
+    past_value=None,
+    return_kept=False,
+    softcap=None,
 ):
     """Keep the ``k_keep`` largest valid scores of every row (ties: lower key index first), then softmax."""
     dt = _compute_dtype(q)
     k, v = _cat_past(k, v, past_key, past_value)
     hq = q.shape[1]
-    s, valid = valid_and_scores(q, k, scale=scale, causal=causal, attn_mask=attn_mask)
+    s, valid = valid_and_scores(q, k, scale=scale, causal=causal, attn_mask=attn_mask, softcap=softcap)
     vv = _expand_kv(v, hq).to(dt)
     masked = s.masked_fill(~valid, _NEG_INF)
     order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
