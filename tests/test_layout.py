@@ -31,6 +31,7 @@ LAYERS = {
     "onnx": 4,
     "ort": 5,
     "eval": 6,
+    "deploy": 6,
     "pipeline": 7,
     "__init__": 8,
 }
