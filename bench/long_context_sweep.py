@@ -119,6 +119,7 @@ def write_out_dir(theta_file: str, setting: str, template: str, to: str, calib_m
     meta = json.loads((Path(template) / "thresholds.json").read_text())
     meta.update(calib_meta, k=k, k_growth=growth, dense_layers=list(range(dl)), seq_len=theta.shape[-1])
     meta["calibrated_by"] = "bench/long_context_sweep.py (θ only, ρ = 0)"
+    meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
     out = Path(to)
     out.mkdir(parents=True, exist_ok=True)
     for f in Path(template).iterdir():
@@ -257,6 +258,8 @@ SCHEDULES = {
     "frac16": (64, "fraction:0.0625"),
     "frac8": (64, "fraction:0.125"),
     "sqrt": (64, "power:0.5@512"),
+    "k192": (192, None),
+    "pow128": (128, "power:0.5@1024"),
 }
 
 if __name__ == "__main__":
