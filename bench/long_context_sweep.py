@@ -144,6 +144,7 @@ def main(argv=None) -> int:
         "θ past the calibrated rows by the last row instead of the fit",
     )
     ap.add_argument("--out", required=True)
+    ap.add_argument("--calibrate-only", action="store_true", help="stop after --save-theta (no evaluation)")
     ap.add_argument("--save-theta", help="also save the calibrated θ of every schedule (torch.save, name -> [L, H, R])")
     ap.add_argument(
         "--write-out",
@@ -169,6 +170,8 @@ def main(argv=None) -> int:
     thetas = calibrate_many(model, calib, schedules, layers, heads)
     if args.save_theta:
         torch.save(thetas, args.save_theta)
+    if args.calibrate_only:
+        return 0
     t_cal = time.perf_counter() - t0
     lengths = [int(x) for x in args.lengths.split(",")]
     evals = [token_batches(tok, spec, seq_len=args.context, num_samples=1) for spec in args.eval.split(",")]
