@@ -56,6 +56,12 @@ K_OPT = typer.Option(64, "--k", help="target number of kept attention elements p
 SEQ_OPT = typer.Option(512, "--seq-len", help="calibration / evaluation window length in tokens")
 SAMPLES_OPT = typer.Option(16, "--samples", help="number of calibration windows")
 DENSE_OPT = typer.Option(2, "--dense-layers", help="number of first layers kept dense")
+K_GROWTH_OPT = typer.Option(
+    "none",
+    "--k-growth",
+    help="k per row growing with the row: none, fraction:F (k(r) = max(k, F·(r+1))) or power:A@R "
+    "(max(k, k·((r+1)/R)^A)); docs/accuracy.md, Long context",
+)
 COMP_OPT = typer.Option(0, "--comp-mode", help="compensation: 0 none, 1 softmax denominator (SDC), 2 SDC + V-mean")
 THREADS_OPT = typer.Option(
     None,
@@ -194,6 +200,7 @@ def pipeline_cmd(
     seq_len: int = SEQ_OPT,
     samples: int = SAMPLES_OPT,
     dense_layers: int = DENSE_OPT,
+    k_growth: str = K_GROWTH_OPT,
     comp_mode: int = COMP_OPT,
     eval_data: str | None = typer.Option(None, "--eval-data", help="held-out text (default: later windows of --calib)"),
     eval_windows: int = typer.Option(4, "--eval-windows", help="number of held-out windows to validate on"),
@@ -214,6 +221,7 @@ def pipeline_cmd(
         seq_len=seq_len,
         num_samples=samples,
         dense_layers=dense_layers,
+        k_growth=k_growth,
         comp_mode=comp_mode,
         eval_windows=eval_windows,
         device=device,
@@ -236,6 +244,7 @@ def pipeline_cmd(
             seq_len=seq_len,
             num_samples=samples,
             dense_layers=dense_layers,
+            k_growth=k_growth,
             comp_mode=comp_mode,
             eval_data=eval_data,
             eval_windows=eval_windows,
@@ -273,9 +282,16 @@ def calibrate_cmd(
     calib_topk: bool = typer.Option(
         False, "--calib-topk", help="apply top-k during calibration (later layers see sparsified attention)"
     ),
+    k_growth: str = K_GROWTH_OPT,
 ):
     check_options(
-        k=k, seq_len=seq_len, num_samples=samples, dense_layers=dense_layers, aggregation=aggregation, sigma_c=sigma_c
+        k=k,
+        seq_len=seq_len,
+        num_samples=samples,
+        dense_layers=dense_layers,
+        aggregation=aggregation,
+        sigma_c=sigma_c,
+        k_growth=k_growth,
     )
     from topthetaexport.models import load_model
     from topthetaexport.pipeline import path_reference
@@ -294,6 +310,7 @@ def calibrate_cmd(
                 aggregation=aggregation,
                 sigma_c=sigma_c,
                 calib_topk=calib_topk,
+                k_growth=k_growth,
                 progress=_StageBars(p, ["calibrate"]),
             )
         th.meta["model_path"] = path_reference(model)

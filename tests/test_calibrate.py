@@ -9,7 +9,7 @@ import torch
 
 from topthetaexport._errors import TopThetaError
 from topthetaexport.models import load_model
-from topthetaexport.thresholds import Thresholds
+from topthetaexport.thresholds import Thresholds, check_k_growth, k_rows
 from topthetaexport.torch.attention import KeptRecorder, attention_mode
 from topthetaexport.torch.calibration import calibrate
 
@@ -219,10 +219,11 @@ def test_smollm2_toptheta_perplexity(smollm2):
         assert 40 < kept < 100 and kept < valid / 1.5, kept  # about k=64 of ~160 valid keys per row
 
 
-def _unchunked_reference(lm, toks, k, dense_layers):
+def _unchunked_reference(lm, toks, k, dense_layers, krow=None):
     """The calibration before chunking (one full [S, S] score matrix per layer, dense SDPA outputs), kept here
-    as the oracle of the chunked one."""
+    as the oracle of the chunked one. ``krow`` [S]: k per row (default: ``k`` for every row)."""
     layers, heads, rows = lm.num_layers, lm.num_heads, toks.shape[1]
+    krow = torch.full((rows,), k) if krow is None else krow
     sums = [torch.zeros(layers, heads, rows, dtype=torch.float64) for _ in range(2)]
     cnts = [torch.zeros(layers, heads, rows, dtype=torch.float64) for _ in range(2)]
     dense = set(range(dense_layers))
@@ -231,8 +232,10 @@ def _unchunked_reference(lm, toks, k, dense_layers):
     def kth_hook(layer, s, valid):
         if layer in dense or s.shape[-1] <= k:
             return
-        kth = s.masked_fill(~valid, float("-inf")).topk(k, dim=-1).values[..., -1]
-        ok = valid.sum(-1) > k
+        ordered = s.masked_fill(~valid, float("-inf")).sort(dim=-1, descending=True).values
+        at = (krow - 1).clamp(max=s.shape[-1] - 1).view(1, 1, -1, 1).expand(*s.shape[:3], 1)
+        kth = ordered.gather(-1, at)[..., 0]
+        ok = valid.sum(-1) > krow
         sums[0][layer] += torch.where(ok, kth.double(), 0.0).sum(0)
         cnts[0][layer] += ok.sum(0).double()
 
@@ -292,3 +295,40 @@ def test_calibration_options(tiny_llama, tiny_tokens):
         calibrate(lm, toks, aggregation="median", progress=None)
     with pytest.raises(TopThetaError, match="sigma_c"):
         calibrate(lm, toks, aggregation="mean+sigma", sigma_c=-1, progress=None)
+
+
+def test_k_growth_calibration(tiny_llama, tiny_tokens):
+    """--k-growth: θ of row r is the k(r)-th largest score (k(r) = max(k, ⌈F·(r+1)⌉)), chunked as unchunked;
+    the fit past the calibrated rows follows k(r) (a kept fraction: a constant θ); bad specs fail in one line."""
+    lm = load_model(tiny_llama)
+    k, seq = 3, 40
+    toks = tiny_tokens(3, seq, seed=7)
+    krow = k_rows(torch.arange(seq), k, "fraction:0.25")
+    assert krow[:12].tolist() == [3] * 12 and krow[-1] == 10
+    theta_ref, _ = _unchunked_reference(lm, toks, k, 1, krow=krow)
+    th = calibrate(
+        lm,
+        toks,
+        k=k,
+        num_samples=3,
+        dense_layers=1,
+        k_growth="fraction:0.25",
+        chunk_elements=3 * 4 * seq,
+        progress=None,
+    )
+    fin = torch.isfinite(theta_ref)
+    assert torch.equal(torch.isfinite(th.theta), fin) and th.meta["k_growth"] == "fraction:0.25"
+    torch.testing.assert_close(th.theta[fin], theta_ref[fin], rtol=0, atol=2e-5)
+    const = calibrate(lm, toks, k=k, num_samples=3, dense_layers=1, progress=None)
+    grown = fin.clone()
+    grown[..., :12] = False  # rows with k(r) > k keep more, so their θ is lower
+    assert bool((th.theta[grown] <= const.theta[grown] + 1e-6).all()) and const.meta["k_growth"] is None
+    ext = th.extended(100, "fit")
+    tail = ext.theta[1:, :, seq:]
+    want = th.theta[1:, :, seq // 2 :].double().mean(-1, keepdim=True)  # x(r) = Φ⁻¹(0.75) on every fitted row
+    torch.testing.assert_close(tail.double(), want.expand_as(tail), rtol=0, atol=1e-4)
+    for bad in ("fraction:0", "fraction:2", "power:0.5", "sqrt"):
+        with pytest.raises(TopThetaError, match="k growth"):
+            check_k_growth(bad)
+    assert check_k_growth("power:0.5@512") == "power:0.5@512" and check_k_growth("none") is None
+    assert k_rows(torch.tensor([1023, 2047]), 64, "power:0.5@512").tolist() == [91, 128]

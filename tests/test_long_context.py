@@ -80,6 +80,7 @@ def test_long_context_eval_report(short_calibrated):
     assert len(rows) == 2 * 2 * 2  # contexts x extrapolations x (in-domain, cross-domain)
     for r in rows:
         assert KEYS <= set(r) and r["calib_len"] == CALIB and r["k"] == 6
+        assert r["k_growth"] is None and r["dense_layers"] == 1  # the setting travels with each row
         assert math.isfinite(r["ppl_dense"]) and math.isfinite(r["ppl_toptheta"])
         assert r["v_rows_reduction"] > 1.0 and 0 < r["kept_per_row"] < r["context"]
         if r["domain"] == "in_domain":

@@ -78,6 +78,10 @@ def check_options(**options) -> None:
         elif name == "theta_extrapolation":
             if value not in EXTRAPOLATIONS:
                 raise TopThetaError(f"unknown --theta-extrapolation {value!r}: use fit or last-row")
+        elif name == "k_growth":
+            from .thresholds import check_k_growth
+
+            check_k_growth(value)
         elif name == "keep":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
                 raise TopThetaError(f"--keep must be a fraction in (0, 1], got {value!r}: pass e.g. --keep 0.125")

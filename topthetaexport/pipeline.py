@@ -120,6 +120,7 @@ def run_pipeline(
     dense_layers: int = 2,
     comp_mode: int = 0,
     eval_data=None,
+    k_growth: str | None = None,
     eval_windows: int = 4,
     decode_steps: int = 16,
     do_validate: bool = True,
@@ -132,7 +133,8 @@ def run_pipeline(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """calibrate → export → rewrite → validate into ``out``; returns the report (also ``out/report.json``).
-    ``theta_extrapolation`` / ``max_context``: θ for rows past ``seq_len`` (``export``).
+    ``theta_extrapolation`` / ``max_context``: θ for rows past ``seq_len`` (``export``). ``k_growth``: k per
+    row growing with the row (``calibrate``).
 
     Calibration runs the model in float32 PyTorch; the export runs in ``dtype`` (see ``export``), from a
     cast copy of the same loaded model, and validation compares it with the float32 model. ``kv_cache``: the
@@ -147,6 +149,7 @@ def run_pipeline(
         seq_len=seq_len,
         num_samples=num_samples,
         dense_layers=dense_layers,
+        k_growth=k_growth,
         comp_mode=comp_mode,
         eval_windows=eval_windows,
         decode_steps=decode_steps,
@@ -180,6 +183,7 @@ def run_pipeline(
             seq_len=seq_len,
             num_samples=num_samples,
             dense_layers=dense_layers,
+            k_growth=k_growth,
             progress=progress,
         )
         th.meta["model_path"] = path_reference(model)

@@ -13,7 +13,16 @@ import torch
 from ._errors import TopThetaError
 from ._io import atomic_path, write_json
 
-__all__ = ["EXTRAPOLATIONS", "FORMAT_VERSION", "META_FILE", "TENSORS_FILE", "Thresholds", "fit_rows"]
+__all__ = [
+    "EXTRAPOLATIONS",
+    "FORMAT_VERSION",
+    "META_FILE",
+    "TENSORS_FILE",
+    "Thresholds",
+    "check_k_growth",
+    "fit_rows",
+    "k_rows",
+]
 
 EXTRAPOLATIONS = ("fit", "last-row")
 FIT_MODELS = ("gauss", "log")
@@ -94,11 +103,12 @@ class Thresholds:
         if method == "last-row" or rows == self.num_rows:
             return Thresholds(self.theta.clone(), self.sdc.clone(), meta)
         k = int(self.meta.get("k") or 0)
+        growth = self.meta.get("k_growth")
         if model == "gauss" and k < 1:
             raise TopThetaError("the gauss θ fit needs the thresholds' k (meta 'k'): recalibrate, or use model 'log'")
-        a, b, ok = fit_rows(self.theta, FIT_FRACTION, model=model, k=k)
+        a, b, ok = fit_rows(self.theta, FIT_FRACTION, model=model, k=k, growth=growth)
         r = torch.arange(self.num_rows, rows, dtype=torch.float64)
-        ext = a[..., None] + b[..., None] * _fit_x(r, model, k)  # [L, H, rows - R]
+        ext = a[..., None] + b[..., None] * _fit_x(r, model, k, growth)  # [L, H, rows - R]
         last = self.theta[..., -1:].double().expand_as(ext)
         ext = torch.where(ok[..., None], ext, last).float()
         sdc = self.sdc[..., -1:].expand(-1, -1, rows - self.num_rows)
@@ -223,16 +233,68 @@ class Thresholds:
         }
 
 
-def _fit_x(r: torch.Tensor, model: str, k: int) -> torch.Tensor:
+# k growing with the row (calibrate --k-growth): "fraction:F" keeps k(r) = max(k, ⌈F·(r+1)⌉) keys of row r
+# (a share of its r + 1 keys), "power:A@R" keeps k(r) = max(k, round(k·((r+1)/R)^A)).
+K_GROWTH_KINDS = ("fraction", "power")
+
+
+def check_k_growth(growth: str | None) -> str | None:
+    """``growth`` normalised ("fraction:0.0625", "power:0.5@512"), or None for a constant k; a bad spec raises."""
+    if growth in (None, "", "none"):
+        return None
+    kind, _, rest = str(growth).partition(":")
+    try:
+        if kind == "fraction":
+            f = float(rest)
+            if 0.0 < f <= 1.0:
+                return f"fraction:{f:g}"
+        elif kind == "power":
+            a, _, ref = rest.partition("@")
+            if 0.0 < float(a) <= 1.0 and int(ref) >= 1:
+                return f"power:{float(a):g}@{int(ref)}"
+    except ValueError:
+        pass
+    raise TopThetaError(
+        f"k growth '{growth}' is not understood: use none, fraction:F (0 < F <= 1, k(r) = max(k, F·(r+1))) "
+        "or power:A@R (0 < A <= 1, k(r) = max(k, k·((r+1)/R)^A)), e.g. fraction:0.03125"
+    )
+
+
+def _k_real(r: torch.Tensor, k: int, growth: str | None) -> torch.Tensor:
+    """k(r) before rounding, float64 (the fit's x uses it unrounded: rounding would add a sawtooth)."""
+    g = check_k_growth(growth)
+    r1 = r.double() + 1.0
+    if g is None:
+        return torch.full_like(r1, float(k))
+    kind, _, rest = g.partition(":")
+    if kind == "fraction":
+        return (float(rest) * r1).clamp(min=float(k))
+    a, _, ref = rest.partition("@")
+    return (float(k) * (r1 / int(ref)) ** float(a)).clamp(min=float(k))
+
+
+def k_rows(r: torch.Tensor, k: int, growth: str | None = None) -> torch.Tensor:
+    """Target kept count k(r) of rows ``r`` (int64): ``k`` itself, or grown by ``growth`` (``check_k_growth``)."""
+    g = check_k_growth(growth)
+    kr = _k_real(r, k, g)
+    kr = kr.ceil() if g is not None and g.startswith("fraction") else kr.round()
+    return kr.long().clamp(min=int(k))
+
+
+def _fit_x(r: torch.Tensor, model: str, k: int, growth: str | None = None) -> torch.Tensor:
     if model == "log":
         return torch.log1p(r)
-    p = (1.0 - k / (r + 1.0)).clamp(min=1e-9, max=1.0 - 1e-12)
+    p = (1.0 - _k_real(r, k, growth) / (r + 1.0)).clamp(min=1e-9, max=1.0 - 1e-12)
     return math.sqrt(2.0) * torch.erfinv(2.0 * p - 1.0)  # Φ⁻¹(p)
 
 
-def fit_rows(theta: torch.Tensor, fraction: float = FIT_FRACTION, *, model: str = "gauss", k: int = 0):
+def fit_rows(
+    theta: torch.Tensor, fraction: float = FIT_FRACTION, *, model: str = "gauss", k: int = 0, growth: str | None = None
+):
     """Least-squares θ ≈ a + b·x(r) per (layer, head) over the finite θ of the last ``fraction`` of rows
-    (``Thresholds.extended``; rows with at most k + 1 keys are left out of the gauss fit).
+    (``Thresholds.extended``; rows with at most k + 1 keys are left out of the gauss fit). With ``growth`` the
+    gauss x(r) uses k(r); where x does not vary over the fitted rows (a kept fraction: Φ⁻¹(1 - F) for every
+    row) the fit is the constant a = mean θ, b = 0.
 
     Returns (a, b, ok), each [L, H] (float64; ``ok``: at least two finite rows were fitted).
     """
@@ -241,15 +303,17 @@ def fit_rows(theta: torch.Tensor, fraction: float = FIT_FRACTION, *, model: str 
     if model == "gauss":
         r0 = max(r0, min(k + 1, rows - 1))
     y = theta[..., r0:].double()
-    x = _fit_x(torch.arange(r0, rows, dtype=torch.float64), model, k).expand_as(y)
+    x = _fit_x(torch.arange(r0, rows, dtype=torch.float64), model, k, growth).expand_as(y)
     w = torch.isfinite(y).double()
     y = torch.where(w > 0, y, 0.0)
     n = w.sum(-1)
     sx, sy = (w * x).sum(-1), (w * y).sum(-1)
     sxx, sxy = (w * x * x).sum(-1), (w * x * y).sum(-1)
     den = n * sxx - sx * sx
-    ok = (n >= 2) & (den.abs() > 1e-12)
-    b = torch.where(ok, (n * sxy - sx * sy) / torch.where(ok, den, 1.0), 0.0)
+    spread = den / (n * n).clamp(min=1)  # the weighted variance of x
+    ok = n >= 2
+    varies = ok & (spread > 1e-9)
+    b = torch.where(varies, (n * sxy - sx * sy) / torch.where(varies, den, 1.0), 0.0)
     a = torch.where(ok, (sy - b * sx) / n.clamp(min=1), 0.0)
     return a, b, ok
 

@@ -380,6 +380,8 @@ def _rows(loaded, th, calib_rows, contexts, extrapolations, measured, needle) ->
                         "v_rows_per_step_toptheta": dec.get("v_rows_kept_per_token"),
                         "needle_items": len(top.get("needle") or []) if dom == "in_domain" and needle else 0,
                         "kept_per_row_by_band": t.get("kept_per_row_sparse_by_band"),
+                        "k_growth": th.meta.get("k_growth"),
+                        "dense_layers": len(th.dense_layers),
                     }
                 )
     return rows

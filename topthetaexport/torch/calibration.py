@@ -13,7 +13,7 @@ from ..data import as_token_tensor
 from ..models import LoadedModel, load_model
 from ..options import AGGREGATIONS
 from ..progress import Progress, emitter
-from ..thresholds import FORMAT_VERSION, Thresholds
+from ..thresholds import FORMAT_VERSION, Thresholds, check_k_growth, k_rows
 from .attention import attention_mode
 
 __all__ = ["calibrate"]
@@ -94,42 +94,49 @@ def _chunk_scores(q, k, mask, scale, causal, r0: int, r1: int, softcap=None):
 class _ChunkedPass:
     """The attention function of one calibration pass: per chunk of query rows, the scores against the keys
     the rows see, a statistic per row (``collect``), and the attention output (dense; with ``topk`` the exact
-    top-k of each row, so that later layers see sparsified activations)."""
+    top-k of each row, so that later layers see sparsified activations). Row r's k is k(r) (``k_rows``: ``k``,
+    or grown by ``growth``)."""
 
-    def __init__(self, collect, dense: set[int], k: int, topk: bool, budget: int):
+    def __init__(self, collect, dense: set[int], k: int, topk: bool, budget: int, growth: str | None = None):
         self.collect, self.dense, self.k, self.topk, self.budget = collect, dense, k, topk, budget
+        self.growth = growth
 
     def __call__(self, layer, q, k, v, mask, scale, causal, softcap=None):
         from .reference import _expand_kv
 
         b, hq, sq, _ = q.shape
+        offset = k.shape[2] - sq
         out = torch.empty(b, hq, sq, v.shape[-1], dtype=torch.float32, device=q.device)
         for r0, r1 in _row_chunks(b, hq, sq, k.shape[2], self.budget):
             s, valid, kend = _chunk_scores(q, k, mask, scale, causal, r0, r1, softcap)
             masked = s.masked_fill(~valid, float("-inf"))
             n_valid = valid.sum(-1)
-            sparse = layer not in self.dense and kend > self.k
-            kth = masked.topk(self.k, dim=-1, sorted=True).values[..., -1] if sparse else None
+            kr = k_rows(torch.arange(offset + r0, offset + r1), self.k, self.growth).to(q.device)  # [C]
+            sparse = layer not in self.dense and kend > int(kr.min())
+            kth = None
             if sparse:
-                self.collect(layer, r0, s, valid, n_valid, kth)
+                top = masked.topk(min(int(kr.max()), kend), dim=-1, sorted=True).values
+                at = (kr.clamp(max=top.shape[-1]) - 1).view(1, 1, -1, 1).expand(b, hq, -1, 1)
+                kth = top.gather(-1, at)[..., 0]
+                self.collect(layer, r0, s, valid, n_valid, kth, kr)
             use = valid
             if self.topk and kth is not None:
-                use = valid & ((masked >= kth[..., None]) | (n_valid <= self.k)[..., None])
+                use = valid & ((masked >= kth[..., None]) | (n_valid <= kr.view(1, 1, -1))[..., None])
             p = torch.softmax(s.masked_fill(~use, float("-inf")), dim=-1)
             p = torch.nan_to_num(p, nan=0.0)  # rows without a valid key give zeros (docs/op.md)
             out[:, :, r0:r1] = torch.matmul(p, _expand_kv(v[:, :, :kend], hq).float())
         return out.to(q.dtype)
 
 
-def _kth_collector(acc: _Accumulator, k: int):
-    def collect(layer, r0, s, valid, n_valid, kth):
-        acc.add(layer, kth, n_valid > k, r0)
+def _kth_collector(acc: _Accumulator):
+    def collect(layer, r0, s, valid, n_valid, kth, kr):
+        acc.add(layer, kth, n_valid > kr.view(1, 1, -1), r0)
 
     return collect
 
 
 def _sdc_collector(acc: _Accumulator, theta: torch.Tensor):
-    def collect(layer, r0, s, valid, n_valid, kth):
+    def collect(layer, r0, s, valid, n_valid, kth, kr):
         th = theta[layer, :, r0 : r0 + s.shape[-2]].to(s.device, s.dtype)[None, :, :, None]
         if not torch.isfinite(th).any():
             return
@@ -190,6 +197,7 @@ def calibrate(
     aggregation: str = "mean",
     sigma_c: float = DEFAULT_SIGMA_C,
     calib_topk: bool = False,
+    k_growth: str | None = None,
     device: str = "auto",
     chunk_elements: int = CHUNK_ELEMENTS,
     progress: Progress | None = None,
@@ -200,7 +208,10 @@ def calibrate(
     or a token tensor [N, S] (then S is the calibrated length). The first ``dense_layers`` layers stay dense
     (θ = -inf). ``aggregation``: "mean" over samples, or "mean+sigma" (mean + ``sigma_c``·σ, the official
     code's rule with c = 0.1). ``calib_topk``: later layers see top-k-sparsified attention (the paper's option)
-    instead of dense. ρ is averaged over the samples in which the row pruned something (0 if it never did).
+    instead of dense. ``k_growth``: k per row grows with the row ("fraction:F": k(r) = max(k, ⌈F·(r+1)⌉),
+    "power:A@R": max(k, k·((r+1)/R)^A); ``thresholds.k_rows``), so θ of row r is its k(r)-th largest score
+    and the fit past the calibrated rows follows the same k(r) (``Thresholds.extended``). ρ is averaged over
+    the samples in which the row pruned something (0 if it never did).
     Memory is bounded: each attention call is computed in chunks of query rows of at most ``chunk_elements``
     scores (no [S, S] matrix per layer); ``device`` "auto" runs on CUDA when torch has it.
     """
@@ -208,6 +219,7 @@ def calibrate(
     _check_args(loaded, k, seq_len, num_samples, dense_layers, batch_size, aggregation, float(sigma_c))
     if chunk_elements < 1:
         raise TopThetaError(f"chunk_elements must be >= 1 (got {chunk_elements})")
+    growth = check_k_growth(k_growth)
     dev = _device(device)
     tokens = as_token_tensor(data, loaded.tokenizer, seq_len=seq_len, num_samples=num_samples)
     n, rows = tokens.shape
@@ -224,13 +236,13 @@ def calibrate(
     model_device = next(loaded.model.parameters()).device
     try:
         loaded.model.to(dev)
-        kth_pass = _ChunkedPass(_kth_collector(acc, k), dense, k, calib_topk, chunk_elements)
+        kth_pass = _ChunkedPass(_kth_collector(acc), dense, k, calib_topk, chunk_elements, growth)
         _run(loaded.model, tokens, batch_size, kth_pass, step, "θ pass", dev)
         neg = float("-inf")
         theta = acc.mean(neg) if aggregation == "mean" else acc.mean_plus_sigma(float(sigma_c), neg)
         theta[list(dense)] = neg
         acc2 = _Accumulator(layers, heads, rows)
-        sdc_pass = _ChunkedPass(_sdc_collector(acc2, theta), dense, k, calib_topk, chunk_elements)
+        sdc_pass = _ChunkedPass(_sdc_collector(acc2, theta), dense, k, calib_topk, chunk_elements, growth)
         _run(loaded.model, tokens, batch_size, sdc_pass, step, "ρ pass", dev)
     finally:
         loaded.model.to(model_device)
@@ -239,6 +251,7 @@ def calibrate(
     meta = _meta(loaded, data, k=k, n=n, rows=rows, dense=sorted(dense))
     meta["aggregation"] = aggregation if aggregation == "mean" else f"mean+{float(sigma_c):g}sigma"
     meta["calib_topk"] = bool(calib_topk)
+    meta["k_growth"] = growth
     meta["calib_device"] = dev.type
     return Thresholds(theta, sdc, meta)
 

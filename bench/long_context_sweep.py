@@ -1,0 +1,269 @@
+"""Cheap long-context sweep in PyTorch: which k schedule / dense layers bring the Top-θ perplexity loss down.
+
+One process: calibrate θ for several k schedules at once on ``--calib`` windows of ``--calib-len`` tokens (one
+dense forward per window; each sparse row's sorted top scores give the k(r)-th largest for every schedule), then
+run held-out windows of ``--context`` tokens dense and with each setting's Top-θ (the operator's rule s >= θ,
+comp 0, θ past the calibrated rows by the schedule-aware fit or the last row), chunked over query rows.
+Perplexity at every length in ``--lengths`` is read from the prefix of the one forward (causal). Writes one
+JSON with every row and the command; ``--checkpoint`` after each setting.
+
+    nice -n 10 python bench/long_context_sweep.py --out docs/results/long-context-sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from topthetaexport.data import token_batches  # noqa: E402
+from topthetaexport.models import load_model  # noqa: E402
+from topthetaexport.thresholds import Thresholds, k_rows  # noqa: E402
+from topthetaexport.torch.attention import attention_mode  # noqa: E402
+from topthetaexport.torch.calibration import _Accumulator, _chunk_scores, _row_chunks  # noqa: E402
+from topthetaexport.torch.reference import _expand_kv  # noqa: E402
+
+BUDGET = 1 << 23
+DECODE_ROWS = 16
+KEPT_ROWS = 512
+
+
+def calibrate_many(model, windows, schedules: dict[str, tuple[int, str | None]], layers: int, heads: int):
+    """θ [L, H, R] per schedule (mean over windows of the k(r)-th largest valid score; -inf where n <= k(r))."""
+    rows = windows.shape[1]
+    r_all = torch.arange(rows)
+    ks = {name: k_rows(r_all, k, growth).long() for name, (k, growth) in schedules.items()}
+    kmax = int(max(int(v.max()) for v in ks.values()))
+    accs = {name: _Accumulator(layers, heads, rows) for name in schedules}
+
+    def fn(layer, q, k, v, mask, scale, causal):
+        b, hq, sq, _ = q.shape
+        out = torch.empty(b, hq, sq, v.shape[-1], dtype=torch.float32)
+        for r0, r1 in _row_chunks(b, hq, sq, k.shape[2], BUDGET):
+            s, valid, kend = _chunk_scores(q, k, mask, scale, causal, r0, r1)
+            masked = s.masked_fill(~valid, float("-inf"))
+            n_valid = valid.sum(-1)
+            top = masked.topk(min(kmax, kend), dim=-1, sorted=True).values
+            for name, kr in ks.items():
+                kk = kr[r0:r1].clamp(max=top.shape[-1])
+                kth = top.gather(-1, (kk - 1).view(1, 1, -1, 1).expand(b, hq, -1, 1))[..., 0]
+                accs[name].add(layer, kth, n_valid > kr[r0:r1].view(1, 1, -1), r0)
+            p = torch.softmax(masked, -1)
+            out[:, :, r0:r1] = torch.matmul(p, _expand_kv(v[:, :, :kend], hq).float())
+        return out.to(q.dtype)
+
+    body = model.model
+    with torch.no_grad(), attention_mode(model, "dense", attention_fn=fn):
+        for i in range(windows.shape[0]):
+            ids = windows[i : i + 1]
+            body(input_ids=ids, attention_mask=torch.ones_like(ids))
+            print(f"  calib window {i + 1}/{windows.shape[0]}", flush=True)
+    return {name: acc.mean(float("-inf")) for name, acc in accs.items()}
+
+
+def run_window(model, ids, theta, dense_layers: set[int]):
+    """(logits [S, V] float32, kept [L, H, S] int) with Top-θ by ``theta`` [L, H, >=S] (None: dense)."""
+    layers = model.config.num_hidden_layers
+    kept = torch.zeros(layers, model.config.num_attention_heads, ids.shape[1], dtype=torch.int32)
+
+    def fn(layer, q, k, v, mask, scale, causal):
+        b, hq, sq, _ = q.shape
+        out = torch.empty(b, hq, sq, v.shape[-1], dtype=torch.float32)
+        sparse = theta is not None and layer not in dense_layers
+        for r0, r1 in _row_chunks(b, hq, sq, k.shape[2], BUDGET):
+            s, valid, kend = _chunk_scores(q, k, mask, scale, causal, r0, r1)
+            use = valid
+            if sparse:
+                th = theta[layer, :, r0:r1][None, :, :, None]
+                use = valid & ~(s < th)
+            kept[layer, :, r0:r1] = use.sum(-1)[0].int()
+            p = torch.nan_to_num(torch.softmax(s.masked_fill(~use, float("-inf")), -1), nan=0.0)
+            out[:, :, r0:r1] = torch.matmul(p, _expand_kv(v[:, :, :kend], hq).float())
+        return out.to(q.dtype)
+
+    with torch.no_grad(), attention_mode(model, "dense", attention_fn=fn):
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+    return logits, kept
+
+
+def nll_prefix(logits, ids, lengths):
+    lp = torch.log_softmax(logits.double(), -1)
+    tok = lp[:-1].gather(-1, ids[0, 1:, None])[:, 0]
+    return {c: (float(-tok[: c - 1].sum()), c - 1) for c in lengths}
+
+
+def kept_stats(kept, c, sparse: list[int]):
+    """kept/row (sparse layers, last KEPT_ROWS rows before c) and V rows per decode step (last DECODE_ROWS
+    rows before c, all layers, per query head; dense reads r + 1)."""
+    last = kept[sparse][:, :, max(0, c - KEPT_ROWS) : c].double().mean()
+    dec = kept[:, :, c - DECODE_ROWS : c].double().mean()
+    dense_rows = torch.arange(c - DECODE_ROWS, c).double().add(1).mean()
+    return float(last), float(dec), float(dense_rows)
+
+
+def write_out_dir(theta_file: str, setting: str, template: str, to: str, calib_meta: dict) -> None:
+    """An OUT folder for ``eval --context``: the graph and files of ``template`` (linked) with the θ of
+    ``setting`` (NAME[/dN]) from ``theta_file`` (ρ = 0: the graph runs comp 0, which does not read it)."""
+    name, *parts = setting.split("/")
+    dl = next((int(p[1:]) for p in parts if p.startswith("d")), 2)
+    k, growth = SCHEDULES[name]
+    theta = torch.load(theta_file)[name].clone()
+    theta[:dl] = float("-inf")
+    meta = json.loads((Path(template) / "thresholds.json").read_text())
+    meta.update(calib_meta, k=k, k_growth=growth, dense_layers=list(range(dl)), seq_len=theta.shape[-1])
+    meta["calibrated_by"] = "bench/long_context_sweep.py (θ only, ρ = 0)"
+    meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+    out = Path(to)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in Path(template).iterdir():
+        if f.name not in ("thresholds.json", "thresholds.safetensors", "report.json") and not (out / f.name).exists():
+            (out / f.name).symlink_to(f.resolve())
+    Thresholds(theta, torch.zeros_like(theta), meta).save(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--calib", default="austen:emma")
+    ap.add_argument("--calib-len", type=int, default=2048)
+    ap.add_argument("--calib-windows", type=int, default=8)
+    ap.add_argument("--eval", default="austen:persuasion,austen:sensesensibility")
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--lengths", default="2048,4096")
+    ap.add_argument(
+        "--settings",
+        default="k64,k128,k256,frac32,frac16,sqrt",
+        help="comma list of NAME[/dN][/last]: schedule NAME (see SCHEDULES), N dense first layers (default 2), "
+        "θ past the calibrated rows by the last row instead of the fit",
+    )
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--calibrate-only", action="store_true", help="stop after --save-theta (no evaluation)")
+    ap.add_argument("--save-theta", help="also save the calibrated θ of every schedule (torch.save, name -> [L, H, R])")
+    ap.add_argument(
+        "--write-out",
+        nargs=3,
+        metavar=("THETA_FILE", "SETTING", "TEMPLATE_OUT"),
+        help="instead of the sweep: write --out as an OUT folder (TEMPLATE_OUT's graph, SETTING's θ)",
+    )
+    args = ap.parse_args(argv)
+    if args.write_out:
+        cal = {"calib_source": args.calib, "num_samples": args.calib_windows}
+        write_out_dir(*args.write_out, args.out, cal)
+        return 0
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    loaded = load_model(args.model)
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    layers, heads = loaded.num_layers, loaded.num_heads
+    settings = [s for s in args.settings.split(",") if s]
+    names = sorted({s.split("/")[0] for s in settings})
+    schedules = {n: SCHEDULES[n] for n in names}
+    calib = token_batches(tok, args.calib, seq_len=args.calib_len, num_samples=args.calib_windows)
+    print(f"calibrating {names} on {calib.shape[0]} x {args.calib_len} of {args.calib}", flush=True)
+    thetas = calibrate_many(model, calib, schedules, layers, heads)
+    if args.save_theta:
+        torch.save(thetas, args.save_theta)
+    if args.calibrate_only:
+        return 0
+    t_cal = time.perf_counter() - t0
+    lengths = [int(x) for x in args.lengths.split(",")]
+    evals = [token_batches(tok, spec, seq_len=args.context, num_samples=1) for spec in args.eval.split(",")]
+    report = {
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "model": loaded.name,
+        "calib": args.calib,
+        "calib_len": args.calib_len,
+        "calib_windows": calib.shape[0],
+        "eval": args.eval,
+        "context": args.context,
+        "comp_mode": 0,
+        "calibration_s": t_cal,
+        "rows": [],
+    }
+    print("dense", flush=True)
+    dense_nll = []
+    with torch.no_grad():  # the model's own (SDPA) attention: the dense reference needs no kept counts
+        for ids in evals:
+            dense_nll.append(nll_prefix(model(input_ids=ids).logits[0], ids, lengths))
+    for setting in settings:
+        parts = setting.split("/")
+        name = parts[0]
+        dl = next((int(p[1:]) for p in parts[1:] if p.startswith("d")), 2)
+        ext = "last-row" if "last" in parts[1:] else "fit"
+        k, growth = schedules[name]
+        meta = {"k": k, "k_growth": growth, "dense_layers": list(range(dl)), "seq_len": args.calib_len}
+        th = thetas[name].clone()
+        th[:dl] = float("-inf")
+        table = Thresholds(th, torch.zeros_like(th), meta).extended(args.context, ext).theta
+        t1 = time.perf_counter()
+        sparse = [i for i in range(layers) if i >= dl]
+        acc = {c: {"nll": 0.0, "n": 0, "nll_d": 0.0, "kept": [], "dec": [], "dec_d": []} for c in lengths}
+        for ids, dn in zip(evals, dense_nll):
+            logits, kept = run_window(model, ids, table, set(range(dl)))
+            tn = nll_prefix(logits, ids, lengths)
+            for c in lengths:
+                a = acc[c]
+                a["nll"] += tn[c][0]
+                a["nll_d"] += dn[c][0]
+                a["n"] += tn[c][1]
+                last, dec, dec_d = kept_stats(kept, c, sparse)
+                a["kept"].append(last)
+                a["dec"].append(dec)
+                a["dec_d"].append(dec_d)
+        for c in lengths:
+            a = acc[c]
+            pd, pt = math.exp(a["nll_d"] / a["n"]), math.exp(a["nll"] / a["n"])
+            row = {
+                "setting": setting,
+                "k": k,
+                "k_growth": growth,
+                "k_at_context": int(k_rows(torch.tensor([c - 1]), k, growth)[0]),
+                "dense_layers": dl,
+                "theta_extrapolation": ext,
+                "context": c,
+                "ppl_dense": pd,
+                "ppl_toptheta": pt,
+                "delta_pct": 100 * (pt / pd - 1),
+                "kept_per_row": sum(a["kept"]) / len(a["kept"]),
+                "v_rows_per_step_toptheta": sum(a["dec"]) / len(a["dec"]),
+                "v_rows_per_step_dense": sum(a["dec_d"]) / len(a["dec_d"]),
+                "v_rows_reduction": sum(a["dec_d"]) / sum(a["dec"]),
+                "seconds": time.perf_counter() - t1,
+            }
+            report["rows"].append(row)
+            print(
+                f"{setting:16s} C={c:5d} ppl {pd:7.3f} -> {pt:7.3f} ({row['delta_pct']:+6.2f}%) "
+                f"kept/row {row['kept_per_row']:6.1f}  V rows {row['v_rows_reduction']:5.2f}x",
+                flush=True,
+            )
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    report["total_s"] = time.perf_counter() - t0
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+# name -> (k, growth): growth None (constant k) or "fraction:F" (k(r) = max(k, ceil(F (r+1))))
+# or "power:A@R" (k(r) = max(k, round(k ((r+1)/R)^A))).
+SCHEDULES = {
+    "k64": (64, None),
+    "k128": (128, None),
+    "k256": (256, None),
+    "k512": (512, None),
+    "frac64": (64, "fraction:0.015625"),
+    "frac32": (64, "fraction:0.03125"),
+    "frac16": (64, "fraction:0.0625"),
+    "frac8": (64, "fraction:0.125"),
+    "sqrt": (64, "power:0.5@512"),
+    "k192": (192, None),
+    "pow128": (128, "power:0.5@1024"),
+}
+
+if __name__ == "__main__":
+    raise SystemExit(main())
