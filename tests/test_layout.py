@@ -19,7 +19,6 @@ LAYERS = {
     "_errors": 0,
     "_io": 0,
     "progress": 0,
-    "options": 0,
     "architectures": 1,
     "rdata": 1,
     "austen": 1,
@@ -27,6 +26,7 @@ LAYERS = {
     "thresholds": 1,
     "fetch": 1,
     "models": 2,
+    "options": 2,  # reads thresholds (k-growth specs); read by torch, onnx, ort and the pipeline
     "torch": 3,
     "onnx": 4,
     "ort": 5,
