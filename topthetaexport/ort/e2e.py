@@ -648,6 +648,30 @@ def _top_kernels(kernels: dict[str, float], top: int = 4) -> list[str]:
     return [f"{short_kernel(n)} {us:.0f}us" for n, us in items]
 
 
+def _get(res: dict | None, key: str) -> Any:
+    return res[key] if res else None
+
+
+def _timings(a: dict, b: dict | None, c: dict | None, **extra: Any) -> dict:
+    """The timing keys of a result row from the measurements of (a) Top-θ, (b) dense and (c) GQA (None: failed)."""
+    return dict(
+        toptheta_ms=a["gpu_ms"],
+        dense_ms=_get(b, "gpu_ms"),
+        dense_gqa_ms=_get(c, "gpu_ms"),
+        toptheta_wall_ms=a["wall_ms"],
+        **extra,
+        kernels=_attention_kernels(a["kernels"]),
+        dense_wall_ms=_get(b, "wall_ms"),
+        dense_gqa_wall_ms=_get(c, "wall_ms"),
+        toptheta_busy_ms=a["busy_ms"],
+        dense_busy_ms=_get(b, "busy_ms"),
+        dense_gqa_busy_ms=_get(c, "busy_ms"),
+        dense_gqa_kernels=_top_kernels(c["kernels"]) if c else [],
+        toptheta_top_kernels=_top_kernels(a["kernels"], 6),
+        generic_kernel=any("GenericKernel" in n for n in a["kernels"]),
+    )
+
+
 def _median(xs: list[float]) -> float | None:
     return float(statistics.median(xs)) if xs else None
 
@@ -1066,26 +1090,7 @@ class _ModelBench:
         return self._guard(errors, "dense", lambda: self._time_prefill(gb, ids))
 
     def _prefill_fields(self, row, pre_a, pre_b, pre_c, errors, b, c) -> dict[str, Any]:
-        def get(res, key):
-            return res[key] if res else None
-
-        row.update(
-            toptheta_ms=pre_a["gpu_ms"],
-            dense_ms=get(pre_b, "gpu_ms"),
-            dense_gqa_ms=get(pre_c, "gpu_ms"),
-            toptheta_wall_ms=pre_a["wall_ms"],
-            v_rows_fraction=None,
-            ceiling=None,
-            kernels=_attention_kernels(pre_a["kernels"]),
-            dense_wall_ms=get(pre_b, "wall_ms"),
-            dense_gqa_wall_ms=get(pre_c, "wall_ms"),
-            toptheta_busy_ms=pre_a["busy_ms"],
-            dense_busy_ms=get(pre_b, "busy_ms"),
-            dense_gqa_busy_ms=get(pre_c, "busy_ms"),
-            dense_gqa_kernels=_top_kernels(pre_c["kernels"]) if pre_c else [],
-            toptheta_top_kernels=_top_kernels(pre_a["kernels"], 6),
-            generic_kernel=any("GenericKernel" in n for n in pre_a["kernels"]),
-        )
+        row.update(_timings(pre_a, pre_b, pre_c, v_rows_fraction=None, ceiling=None))
         if errors:
             row["errors"] = dict(errors)
         _speedups(row)
@@ -1118,26 +1123,10 @@ class _ModelBench:
         ga = None
         v_rows = m.get("v_rows_fraction")
         dense_bytes, tt_bytes = self._bytes(b, c + 1, v_rows)
-
-        def get(res, key):
-            return res[key] if res else None
-
+        ceiling = dense_bytes / tt_bytes if tt_bytes else None
         row = self._row(c, b, "decode")
+        row.update(_timings(dec_a, dec_b, dec_c, v_rows_fraction=v_rows, ceiling=ceiling))
         row.update(
-            toptheta_ms=dec_a["gpu_ms"],
-            dense_ms=get(dec_b, "gpu_ms"),
-            dense_gqa_ms=get(dec_c, "gpu_ms"),
-            toptheta_wall_ms=dec_a["wall_ms"],
-            v_rows_fraction=v_rows,
-            ceiling=(dense_bytes / tt_bytes) if tt_bytes else None,
-            kernels=_attention_kernels(dec_a["kernels"]),
-            dense_wall_ms=get(dec_b, "wall_ms"),
-            dense_gqa_wall_ms=get(dec_c, "wall_ms"),
-            toptheta_busy_ms=dec_a["busy_ms"],
-            dense_busy_ms=get(dec_b, "busy_ms"),
-            dense_gqa_busy_ms=get(dec_c, "busy_ms"),
-            dense_gqa_kernels=_top_kernels(dec_c["kernels"]) if dec_c else [],
-            toptheta_top_kernels=_top_kernels(dec_a["kernels"], 6),
             kept_fraction=m.get("kept_fraction"),
             kept_rows_differing=m.get("kept_rows_differing"),
             theta=theta,
@@ -1145,10 +1134,9 @@ class _ModelBench:
             toptheta_bytes=tt_bytes,
             cuda_graph={
                 "toptheta": dec_a["cuda_graph"],
-                "dense": get(dec_b, "cuda_graph"),
-                "dense_gqa": get(dec_c, "cuda_graph"),
+                "dense": _get(dec_b, "cuda_graph"),
+                "dense_gqa": _get(dec_c, "cuda_graph"),
             },
-            generic_kernel=any("GenericKernel" in n for n in dec_a["kernels"]),
         )
         if errors:
             row["errors"] = errors
