@@ -183,18 +183,18 @@ def theta_for_vrows(s, target: float) -> torch.Tensor:
 # -- onnxruntime models ----------------------------------------------------------------------------------------
 
 
-def ort_gqa_model(past: bool):
+def ort_gqa_model(past: bool, hq: int = HQ, hkv: int = HKV):
     from onnx import TensorProto, helper
 
     f16 = TensorProto.FLOAT16
     ins = [
-        helper.make_tensor_value_info("query", f16, ["b", "s", HQ * D]),
-        helper.make_tensor_value_info("key", f16, ["b", "s", HKV * D]),
-        helper.make_tensor_value_info("value", f16, ["b", "s", HKV * D]),
+        helper.make_tensor_value_info("query", f16, ["b", "s", hq * D]),
+        helper.make_tensor_value_info("key", f16, ["b", "s", hkv * D]),
+        helper.make_tensor_value_info("value", f16, ["b", "s", hkv * D]),
     ]
     names = ["query", "key", "value"]
     if past:
-        ins += [helper.make_tensor_value_info(n, f16, ["b", HKV, "m", D]) for n in ("past_key", "past_value")]
+        ins += [helper.make_tensor_value_info(n, f16, ["b", hkv, "m", D]) for n in ("past_key", "past_value")]
         names += ["past_key", "past_value"]
     else:
         names += ["", ""]
@@ -204,17 +204,42 @@ def ort_gqa_model(past: bool):
     ]
     names += ["seqlens_k", "total_sequence_length"]
     outs = [
-        helper.make_tensor_value_info("output", f16, ["b", "s", HQ * D]),
-        helper.make_tensor_value_info("present_key", f16, ["b", HKV, "t", D]),
-        helper.make_tensor_value_info("present_value", f16, ["b", HKV, "t", D]),
+        helper.make_tensor_value_info("output", f16, ["b", "s", hq * D]),
+        helper.make_tensor_value_info("present_key", f16, ["b", hkv, "t", D]),
+        helper.make_tensor_value_info("present_value", f16, ["b", hkv, "t", D]),
     ]
     node = helper.make_node(
-        "GroupQueryAttention", names, [o.name for o in outs], domain="com.microsoft", num_heads=HQ, kv_num_heads=HKV
+        "GroupQueryAttention", names, [o.name for o in outs], domain="com.microsoft", num_heads=hq, kv_num_heads=hkv
     )
     g = helper.make_graph([node], "gqa", ins, outs)
     return helper.make_model(
         g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], ir_version=10
     )
+
+
+def gqa_decode_binding(sess, q, k, v):
+    """IOBinding of one GroupQueryAttention decode call (``ort_gqa_model(past=True)``) on k/v [B, Hkv, L, D]: past
+    and present share them, the last row is the new token (L - 1 cached). Returns (binding, output, inputs); the
+    tensors must outlive the binding."""
+    b, hkv, L, d = k.shape
+    kn = k[:, :, L - 1 :].transpose(1, 2).reshape(b, 1, hkv * d).contiguous()
+    vn = v[:, :, L - 1 :].transpose(1, 2).reshape(b, 1, hkv * d).contiguous()
+    out = torch.empty(b, 1, q[0].numel(), device=k.device, dtype=k.dtype)
+    ins = {
+        "query": q.reshape(b, 1, -1),
+        "key": kn,
+        "value": vn,
+        "past_key": k,
+        "past_value": v,
+        "seqlens_k": torch.full((b,), L - 1, device=k.device, dtype=torch.int32),
+    }
+    binding = Ort.bind(
+        sess,
+        ins,
+        {"output": out, "present_key": k, "present_value": v},
+        {"total_sequence_length": np.array([L], np.int32)},
+    )
+    return binding, out, ins
 
 
 def ort_toptheta_model():
@@ -390,41 +415,11 @@ def ort_decode(ort: Ort, sets, B, L, th, s0, label) -> list[dict]:
     rows = []
     # GQA: past [B, Hkv, L, D] shared with present; L-1 cached tokens + the new one.
     gqa = ort.session(ort_gqa_model(past=True), custom=False)
-    binds = []
-    for q, k, v in sets:
-        kn, vn = k[:, :, L - 1 :].transpose(1, 2).reshape(B, 1, HKV * D).contiguous(), None
-        vn = v[:, :, L - 1 :].transpose(1, 2).reshape(B, 1, HKV * D).contiguous()
-        o = torch.empty(B, 1, HQ * D, device="cuda", dtype=DT)
-        seq = torch.full((B,), L - 1, device="cuda", dtype=torch.int32)
-        ins = {
-            "query": q.reshape(B, 1, HQ * D),
-            "key": kn,
-            "value": vn,
-            "past_key": k,
-            "past_value": v,
-            "seqlens_k": seq,
-        }
-        binds.append(
-            (
-                Ort.bind(
-                    gqa,
-                    ins,
-                    {"output": o, "present_key": k, "present_value": v},
-                    {"total_sequence_length": np.array([L], np.int32)},
-                ),
-                ins,
-            )
-        )
+    binds = [gqa_decode_binding(gqa, q, k, v) for q, k, v in sets]
     t, names = time_kernels(lambda i: gqa.run_with_iobinding(binds[i][0]), len(sets))
     # check the dense output (set 0) against SDPA: the timing is only meaningful if all L keys were used
     q, k, v = sets[0]
-    o0 = torch.empty(B, 1, HQ * D, device="cuda", dtype=DT)
-    b0 = Ort.bind(
-        gqa,
-        binds[0][1],
-        {"output": o0, "present_key": k, "present_value": v},
-        {"total_sequence_length": np.array([L], np.int32)},
-    )
+    b0, o0, _ = gqa_decode_binding(gqa, q, k, v)
     gqa.run_with_iobinding(b0)
     torch.cuda.synchronize()
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)

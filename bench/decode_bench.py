@@ -31,11 +31,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention_bench import Ort, kernel_note, n_sets, time_graph, time_kernels  # noqa: E402
+from attention_bench import (  # noqa: E402
+    Ort,
+    gqa_decode_binding,
+    kernel_note,
+    n_sets,
+    ort_gqa_model,
+    time_graph,
+    time_kernels,
+)
 from toptheta_cuda import Kernels  # noqa: E402
 
 DT = torch.float16
@@ -93,61 +100,10 @@ def theta_for_vrows(s, target, hkv):
     return theta_for_keep(s, lo)
 
 
-def gqa_model(hq, hkv):
-    from onnx import TensorProto, helper
-
-    f16 = TensorProto.FLOAT16
-    ins = [
-        helper.make_tensor_value_info("query", f16, ["b", "s", hq * D]),
-        helper.make_tensor_value_info("key", f16, ["b", "s", hkv * D]),
-        helper.make_tensor_value_info("value", f16, ["b", "s", hkv * D]),
-        helper.make_tensor_value_info("past_key", f16, ["b", hkv, "m", D]),
-        helper.make_tensor_value_info("past_value", f16, ["b", hkv, "m", D]),
-        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["b"]),
-        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [1]),
-    ]
-    outs = [
-        helper.make_tensor_value_info("output", f16, ["b", "s", hq * D]),
-        helper.make_tensor_value_info("present_key", f16, ["b", hkv, "t", D]),
-        helper.make_tensor_value_info("present_value", f16, ["b", hkv, "t", D]),
-    ]
-    node = helper.make_node(
-        "GroupQueryAttention",
-        [i.name for i in ins],
-        [o.name for o in outs],
-        domain="com.microsoft",
-        num_heads=hq,
-        kv_num_heads=hkv,
-    )
-    g = helper.make_graph([node], "gqa", ins, outs)
-    return helper.make_model(
-        g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], ir_version=10
-    )
-
-
 def gqa_time(ort, sets, hq, hkv):
     """CUPTI busy time per call of GQA decode with past/present sharing one buffer (L-1 cached + 1 new)."""
-    sess = ort.session(gqa_model(hq, hkv), custom=False)
-    binds = []
-    for q, k, v in sets:
-        b, _, L, _ = k.shape
-        kn = k[:, :, L - 1 :].transpose(1, 2).reshape(b, 1, hkv * D).contiguous()
-        vn = v[:, :, L - 1 :].transpose(1, 2).reshape(b, 1, hkv * D).contiguous()
-        o = torch.empty(b, 1, hq * D, device="cuda", dtype=DT)
-        seq = torch.full((b,), L - 1, device="cuda", dtype=torch.int32)
-        ins = {"query": q.reshape(b, 1, hq * D), "key": kn, "value": vn, "past_key": k, "past_value": v}
-        ins["seqlens_k"] = seq
-        binds.append(
-            (
-                Ort.bind(
-                    sess,
-                    ins,
-                    {"output": o, "present_key": k, "present_value": v},
-                    {"total_sequence_length": np.array([L], np.int32)},
-                ),
-                (kn, vn, o, seq),
-            )
-        )
+    sess = ort.session(ort_gqa_model(True, hq, hkv), custom=False)
+    binds = [gqa_decode_binding(sess, q, k, v) for q, k, v in sets]
     t, names = time_kernels(lambda i: sess.run_with_iobinding(binds[i][0]), len(sets))
     return t, names
 

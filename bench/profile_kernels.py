@@ -24,8 +24,7 @@ from toptheta_cuda import Kernels  # noqa: E402
 kern = Kernels(sys.argv[1])
 what = os.environ.get("PROFILE_WHAT", "all")  # all, prefill (default variant only), decode, gqa, b1
 if what == "b1":  # decode B=1, L=16k and 32k: SDPA, ours (V rows 1/3), onnxruntime GQA; one call each
-    import numpy as np
-    from attention_bench import Ort, ort_gqa_model
+    from attention_bench import Ort, gqa_decode_binding, ort_gqa_model
 
     ort = Ort(sys.argv[1])
     sess = ort.session(ort_gqa_model(past=True), custom=False)
@@ -37,29 +36,12 @@ if what == "b1":  # decode B=1, L=16k and 32k: SDPA, ours (V rows 1/3), onnxrunt
         th = theta_for_vrows(decode_scores(q, k), 1 / 3)
         torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         kern.attention(q, k, v, th, causal=True)
-        kn = k[:, :, L - 1 :].transpose(1, 2).reshape(B, 1, HKV * D).contiguous()
-        vn = v[:, :, L - 1 :].transpose(1, 2).reshape(B, 1, HKV * D).contiguous()
-        o = torch.empty(B, 1, HQ * D, device="cuda", dtype=DT)
-        seq = torch.full((B,), L - 1, device="cuda", dtype=torch.int32)
-        bd = Ort.bind(
-            sess,
-            {
-                "query": q.reshape(B, 1, HQ * D),
-                "key": kn,
-                "value": vn,
-                "past_key": k,
-                "past_value": v,
-                "seqlens_k": seq,
-            },
-            {"output": o, "present_key": k, "present_value": v},
-            {"total_sequence_length": np.array([L], np.int32)},
-        )
+        bd, _, _ = gqa_decode_binding(sess, q, k, v)
         sess.run_with_iobinding(bd)
         torch.cuda.synchronize()
     sys.exit(0)
 if what == "gqa":  # onnxruntime's dense GroupQueryAttention decode, B=1, L=32768 (bytes it really reads)
-    import numpy as np
-    from attention_bench import Ort, ort_gqa_model
+    from attention_bench import Ort, gqa_decode_binding, ort_gqa_model
 
     ort = Ort(sys.argv[1])
     B, L = 1, 32768
@@ -67,16 +49,7 @@ if what == "gqa":  # onnxruntime's dense GroupQueryAttention decode, B=1, L=3276
     q = torch.randn(B, 1, HQ * D, device="cuda", dtype=DT)
     k = torch.randn(B, HKV, L, D, device="cuda", dtype=DT)
     v = torch.randn(B, HKV, L, D, device="cuda", dtype=DT)
-    kn = k[:, :, L - 1 :].transpose(1, 2).reshape(B, 1, HKV * D).contiguous()
-    vn = v[:, :, L - 1 :].transpose(1, 2).reshape(B, 1, HKV * D).contiguous()
-    o = torch.empty(B, 1, HQ * D, device="cuda", dtype=DT)
-    seq = torch.full((B,), L - 1, device="cuda", dtype=torch.int32)
-    bd = Ort.bind(
-        sess,
-        {"query": q, "key": kn, "value": vn, "past_key": k, "past_value": v, "seqlens_k": seq},
-        {"output": o, "present_key": k, "present_value": v},
-        {"total_sequence_length": np.array([L], np.int32)},
-    )
+    bd, _, _ = gqa_decode_binding(sess, q, k, v)
     for _ in range(3):
         sess.run_with_iobinding(bd)
     torch.cuda.synchronize()
