@@ -16,7 +16,8 @@ from topthetaexport.models import cache_dir, load_model
 from topthetaexport.torch.attention import KeptRecorder, attention_mode
 from topthetaexport.torch.calibration import calibrate
 
-pytestmark = pytest.mark.slow
+# bigmodel: documented runs on the larger fetched models (make test-big-models), not part of make test-models / CI
+pytestmark = [pytest.mark.slow, pytest.mark.bigmodel]
 
 
 def _installed(alias: str):
