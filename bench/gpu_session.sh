@@ -10,6 +10,7 @@
 # Usage: bash bench/gpu_session.sh [STEPS] [bench args...]   STEPS: comma list of tests, ktests, sanitize, bench, decode (bench/decode_bench.py),
 #        profile, ortwall (bench/ort_session_wall.py), b1ncu (ncu durations of B=1 decode kernels),
 #        realqkv (bench/real_qkv_bench.py on .gpubuild/smollm2_qkv.pt),
+#        shadow (bench/shadow_decode_bench.py; real rows from .gpubuild/*decode*.pt (shadow_k_study.py --decode-out) when carried),
 #        e2e (bench/e2e.py run on the carried graph folders .gpubuild/e2e-*, made here by bench/e2e.py prepare;
 #             E2E_ARGS adds options, e.g. "--contexts 8192 --batches 8"; E2E_BUDGET seconds, default 400)
 #        (default tests,bench; "all" = tests,bench; "ktests" = the kernel tests only, no onnxruntime-gpu needed)
@@ -93,6 +94,11 @@ fi
 if has decode; then  # issue 16: decode vs SDPA and ORT GQA, GQA 32/8 and 12/2, B 1/8/16, L 16k-128k
   timeout ${DECODE_TIMEOUT:-400} python3 bench/decode_bench.py --library "$LIB" --out "$OUT" ${DECODE_ARGS:-} 2>&1 \
     | grep -v "plugin EP" | tee "$OUT/decode.log"
+fi
+if has shadow; then  # issue 16 part 2: the shadow-K decode path vs the plain kernel, ORT GQA and SDPA
+  REAL=$(ls .gpubuild/*decode*.pt 2>/dev/null | head -1)
+  timeout ${SHADOW_TIMEOUT:-300} python3 bench/shadow_decode_bench.py --library "$LIB" --out "$OUT" \
+    ${REAL:+--real "$REAL"} ${SHADOW_ARGS:-} 2>&1 | grep -v "plugin EP" | tee "$OUT/shadow.log"
 fi
 if has profile; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)

@@ -37,6 +37,8 @@ class _AttnParams(ctypes.Structure):
         ("past_lens_sb", ctypes.c_int64),
         ("kv_capacity", ctypes.c_int64),
         ("Sk", ctypes.c_int64),
+        ("shadow_k", ctypes.c_void_p),  # uint8 [B, Hkv, M, D / 2] (shadow_k() below), null: none
+        ("shadow_range", ctypes.c_void_p),  # K's dtype [B, Hkv, ceil(M / 64), 2, D]
     ]
 
 
@@ -48,6 +50,7 @@ class _KernelOptions(ctypes.Structure):
         ("decode_splits", ctypes.c_int32),
         ("prefill_variant", ctypes.c_int32),
         ("decode_kstages", ctypes.c_int32),
+        ("no_shadow", ctypes.c_int32),
     ]
 
 
@@ -59,6 +62,7 @@ class _Plan(ctypes.Structure):
         ("splits", ctypes.c_int32),
         ("prefill_variant", ctypes.c_int32),
         ("decode_kstages", ctypes.c_int32),
+        ("shadow", ctypes.c_int32),
         ("workspace", ctypes.c_size_t),
     ]
 
@@ -131,12 +135,14 @@ class Kernels:
         options=None,
         past_lens=None,
         new_len=None,
+        shadow=None,
     ):
         """Top-θ attention on the current CUDA stream; returns (out, kept). ``want_kept=False`` leaves the
         `kept` output out (as in a rewritten model without exposed counts; kept is then None). ``options``:
         kernel-choice overrides (``options_from_env()``, which is what None uses, read at each call).
         ``past_lens`` (int32 CUDA tensor [B] or [1]) with ``new_len`` (Sk): the shared-buffer form, k/v being the
-        [B, Hkv, M, *] buffers whose rows [P_b, P_b + Sk) hold the new keys; the attn_mask is then [B, M]."""
+        [B, Hkv, M, *] buffers whose rows [P_b, P_b + Sk) hold the new keys; the attn_mask is then [B, M].
+        ``shadow``: (codes, range) of ``shadow_k(k)``, for the decode kernel's shadow-K scan."""
         B, Hq, Sq, D = q.shape
         Hkv, Ktot, Dv = k.shape[1], k.shape[2], v.shape[3]
         for name, t in (("q", q), ("k", k), ("v", v)):
@@ -174,6 +180,9 @@ class Kernels:
             kv_capacity=Ktot,
             Sk=Ktot if lens is None else int(new_len),
         )
+        if shadow is not None:
+            codes, rng = shadow
+            a.shadow_k, a.shadow_range = codes.data_ptr(), rng.data_ptr()
         if lens is not None:
             a.past_lens, a.past_lens_sb = lens.data_ptr(), (0 if lens.numel() == 1 else 1)
         mask = None
@@ -195,7 +204,8 @@ class Kernels:
             raise RuntimeError(err.value.decode())
         self.last_path, self.last_splits, self.last_variant = PATHS[plan.path], plan.splits, plan.prefill_variant
         self.last_kstages = plan.decode_kstages
-        self._keep = (th, rho, mask, lens)  # alive until the next call (the launch is asynchronous)
+        self.last_shadow = bool(plan.shadow)
+        self._keep = (th, rho, mask, lens, shadow)  # alive until the next call (the launch is asynchronous)
         return out, kept
 
     def append_kv(self, k_buf, v_buf, key, value, past_lens, stream=None):
@@ -238,3 +248,53 @@ def _mask_strides(shape, ktot):
         return (0 if shape[0] == 1 else ktot), 0, 0
     b, h, s, _ = shape
     return (0 if b == 1 else h * s * ktot), (0 if h == 1 else s * ktot), (0 if s == 1 else ktot)
+
+
+SHADOW_BLOCK = 64  # keys per (min, step) grid: kShadowBlock in custom_ops/src/params.h
+SHADOW_LEVELS = 15  # 4-bit codes
+
+
+def _shadow_lane_order(d: int) -> torch.Tensor:
+    """Channel of each nibble slot of a key's code row (docs/cuda-notes.md, "Shadow K"): slot (t, i, n) of
+    lane t's word i, nibble n = 4·odd + 2·kp + half, holds channel 16·(2i + kp) + 2t + 8·half + odd."""
+    words = d // 32
+    order = []
+    for t in range(4):
+        for i in range(words):
+            for n in range(8):
+                odd, kp, half = n >> 2, (n >> 1) & 1, n & 1
+                order.append(16 * (2 * i + kp) + 2 * t + 8 * half + odd)
+    return torch.tensor(order)
+
+
+def shadow_k(k: torch.Tensor, valid: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 4-bit shadow of a K cache [B, Hkv, M, D] (fp16/bf16, CUDA): (codes uint8 [B, Hkv, M, D/2], range
+    [B, Hkv, ceil(M/64), 2, D] of (min, step) in K's dtype). Per block of 64 keys and channel: min is the block's
+    smallest value, step at least (max - min) / 15 (rounded up in K's dtype), code = round((k - min) / step), so
+    min + code·step is within step / 2 of k. Blocks with keys at or past ``valid`` (default M) are left zero: the
+    kernel never reads them (it treats their keys as candidates)."""
+    B, H, M, D = k.shape
+    nb = (M + SHADOW_BLOCK - 1) // SHADOW_BLOCK
+    full = (M if valid is None else valid) // SHADOW_BLOCK
+    codes = torch.zeros(B, H, M, D, dtype=torch.uint8, device=k.device)
+    rng = torch.zeros(B, H, nb, 2, D, dtype=k.dtype, device=k.device)
+    if full:
+        blocks = k[:, :, : full * SHADOW_BLOCK].float().view(B, H, full, SHADOW_BLOCK, D)
+        lo, hi = blocks.amin(3), blocks.amax(3)
+        lo_t = lo.to(k.dtype)  # exact: lo is a value of K
+        rel = 2.0**-9 if k.dtype == torch.float16 else 2.0**-7
+        step = (hi - lo_t.float()) / SHADOW_LEVELS
+        tiny = torch.where(step > 0, 2.0**-24, 0.0)  # fp16 subnormals are 2^-24 apart
+        step_t = (step * (1 + rel) + tiny).to(k.dtype)
+        bump = step_t.float() < step  # rounded below the exact step: take the next value up
+        step_t = torch.where(bump, (step_t.float() * (1 + 4 * rel) + tiny).to(k.dtype), step_t)
+        if not bool((step_t.float() >= step).all()):
+            raise ArithmeticError("shadow_k: a grid step rounded below (max - min) / 15")
+        s = step_t.float().unsqueeze(3)
+        c = torch.where(s > 0, torch.round((blocks - lo_t.float().unsqueeze(3)) / torch.where(s > 0, s, 1.0)), 0.0)
+        codes[:, :, : full * SHADOW_BLOCK] = c.clamp(0, SHADOW_LEVELS).to(torch.uint8).view(B, H, -1, D)
+        rng[:, :, :full, 0] = lo_t
+        rng[:, :, :full, 1] = step_t
+    slots = codes[..., _shadow_lane_order(D).to(k.device)]
+    packed = slots[..., 0::2] | (slots[..., 1::2] << 4)
+    return packed.contiguous(), rng.contiguous()

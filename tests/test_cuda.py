@@ -172,7 +172,7 @@ def ref_of(case):
     )
 
 
-def run_kernel(kernels, case):
+def run_kernel(kernels, case, **extra):
     B, Hq, Sq, _ = case["q"].shape
     out = torch.full((B, Hq, Sq, case["v"].shape[3]), float("nan"), device="cuda", dtype=case["q"].dtype)
     kept = torch.full((B, Hq, Sq), -1, device="cuda", dtype=torch.int32)
@@ -187,6 +187,7 @@ def run_kernel(kernels, case):
         comp_mode=case["comp_mode"],
         out=out,
         kept=kept,
+        **extra,
     )
     torch.cuda.synchronize()
     return out, kept
@@ -376,6 +377,79 @@ def test_decode_kernel_k_stages(kernels, env, cfg, kstages):
     env("TOPTHETA_DECODE_SPLITS", "2")
     check(kernels, make_case(**cfg, seed=4), "decode")
     assert kernels.last_kstages == int(kstages)
+
+
+# -- shadow K: the scan prunes only keys whose bound is below θ, so it keeps exactly the plain kernel's keys ----
+
+SHADOW = [
+    dict(dtype="f16", B=2, Hq=32, Hkv=8, Sq=1, Ktot=5000, D=128, causal=True, keep=0.1),
+    dict(dtype="bf16", B=3, Hq=12, Hkv=2, Sq=1, Ktot=2049, D=128, causal=True, mask="pad", keep=0.05),
+    dict(dtype="f16", B=1, Hq=9, Hkv=3, Sq=1, Ktot=8190, D=64, causal=True, keep=0.02, R=4096),
+    dict(dtype="f16", B=2, Hq=8, Hkv=2, Sq=2, Ktot=777, D=64, causal=True, mask="bool4", keep=1 / 3),
+    dict(dtype="bf16", B=1, Hq=4, Hkv=4, Sq=1, Ktot=60, D=128, causal=True),  # no complete block of 64 keys
+]
+
+
+def _check_shadow_equals_plain(kernels, case):
+    from toptheta_cuda import shadow_k
+
+    plain, plain_kept = run_kernel(kernels, case)
+    assert kernels.last_path == "decode" and not kernels.last_shadow
+    out, kept = run_kernel(kernels, case, shadow=shadow_k(case["k"]))
+    assert kernels.last_path == "decode" and kernels.last_shadow
+    assert torch.equal(kept, plain_kept), (kept - plain_kept).abs().max()
+    # other keys per step and split: another fp32 summation order, then rounding to T (bf16: 2^-8 per ulp)
+    assert rel_err(out, plain) <= (8e-3 if case["q"].dtype == torch.bfloat16 else 2e-3)
+    return out, kept
+
+
+@pytest.mark.parametrize("cfg", SHADOW, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_shadow_k_decode_equals_plain_kernel(kernels, cfg):
+    case = make_case(**cfg, seed=61)
+    out, kept = _check_shadow_equals_plain(kernels, case)
+    ref_out, ref_kept = ref_of(case)
+    assert torch.equal(kept.cpu(), ref_kept.cpu())
+    assert rel_err(out, ref_out) <= REL_TOL
+
+
+@pytest.mark.parametrize("ulps", [-1, 0, 1])
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_shadow_k_keys_right_at_the_threshold(kernels, dtype, ulps):
+    """A quarter of the keys are copies of one key, and θ is that key's float32 score (± ulps): hundreds of scores
+    sit at θ, where the bound's slack is all that keeps the scan from pruning a key the plain kernel keeps."""
+    g = torch.Generator().manual_seed(71)
+    B, Hq, Hkv, K, D = 2, 12, 2, 3000, 128
+    dt = DT[dtype]
+    q = torch.randn(B, Hq, 1, D, generator=g).to("cuda", dt)
+    k = torch.randn(B, Hkv, K, D, generator=g)
+    k[:, :, ::4] = k[:, :, 100:101]
+    k = k.to("cuda", dt)
+    v = torch.randn(B, Hkv, K, D, generator=g).to("cuda", dt)
+    scale = 1.0 / D**0.5
+    kg = k.float().repeat_interleave(Hq // Hkv, dim=1)  # [B, Hq, K, D]
+    at = (q.float() @ kg[:, :, 100:101].transpose(-1, -2))[0, :, 0, 0] * scale  # [Hq], batch row 0
+    for _ in range(abs(ulps)):
+        at = torch.nextafter(at, torch.full_like(at, float("inf") if ulps > 0 else float("-inf")))
+    theta = torch.full((Hq, K), float("-inf"), device="cuda")
+    theta[:, K - 1] = at
+    case = dict(q=q, k=k, v=v, thresholds=theta, attn_mask=None, sdc=None, causal=True, comp_mode=0)
+    _, kept = _check_shadow_equals_plain(kernels, case)
+    assert int(kept[0].min()) >= 1 or ulps > 0  # row 0 keeps its copies of key 100 unless θ is above them
+
+
+def test_shadow_k_ignored_where_it_does_not_apply(kernels, env):
+    """Compensation (it counts every valid key) and additive masks take the plain kernel; TOPTHETA_SHADOW=0 too."""
+    from toptheta_cuda import shadow_k
+
+    for cfg in (dict(comp_mode=1), dict(mask="add32")):
+        case = make_case(dtype="f16", B=1, Hq=8, Hkv=2, Sq=1, Ktot=1000, D=128, seed=5, **cfg)
+        out, kept = run_kernel(kernels, case, shadow=shadow_k(case["k"]))
+        assert kernels.last_path == "decode" and not kernels.last_shadow
+        assert torch.equal(kept.cpu(), ref_of(case)[1].cpu())
+    env("TOPTHETA_SHADOW", "0")
+    case = make_case(dtype="f16", B=1, Hq=8, Hkv=2, Sq=1, Ktot=1000, D=128, seed=5)
+    run_kernel(kernels, case, shadow=shadow_k(case["k"]))
+    assert not kernels.last_shadow
 
 
 GENERIC = [

@@ -57,7 +57,18 @@ struct AttnParams {
   int64_t past_lens_sb = 0;  // 1 for a [B] tensor, 0 for [1] (broadcast)
   int64_t kv_capacity = 0;   // rows per (b, kv head) in k/v: M (shared form), Ktot (concat form)
   int64_t Sk = 0;            // new keys of this call
+
+  // Shadow K (docs/op.md, "Shadow K"; CUDA decode only): kShadowBits-bit codes of every key, [B, Hkv, kv_capacity,
+  // D / 2] bytes in the lane order of docs/cuda-notes.md, and per block of kShadowBlock keys and channel the
+  // grid's (min, step) in the type of K, [B, Hkv, ceil(kv_capacity / kShadowBlock), 2, D]. Key j's code c gives
+  // min + c * step, within step / 2 of K. Only blocks whose kShadowBlock keys are all in the cache are read. Null:
+  // no shadow.
+  const uint8_t* shadow_k = nullptr;
+  const void* shadow_range = nullptr;
 };
+
+constexpr int kShadowBlock = 64;
+constexpr int kShadowBits = 4;
 
 // Keys of batch row b, Ktot_b = P_b + Sk (Ktot in the concat form). P_b is clamped to [0, M - Sk]: the CPU op
 // has rejected other values, the CUDA op cannot (no host read of device memory), so its kernels stay in bounds.

@@ -7,6 +7,9 @@
 // The block merges its warps' (m, l, n_kept, n_valid, O) in shared memory and writes one partial per
 // row; CombineKernel merges the partials of a row into the output (and the V mean of comp_mode 2,
 // mean_pass = 1: all valid V rows, P = 1).
+// With a shadow K (plan.shadow; docs/cuda-notes.md, "Shadow K"), ShadowScanKernel first streams the 4-bit codes and
+// lists the keys whose score bound reaches θ; DecodeKernel<LIST> then takes its 16-key steps from those lists, so
+// it reads the K rows of candidates only. Scores, and so the kept keys, are those of the plain kernel.
 #include "common.cuh"
 
 namespace toptheta {
@@ -75,11 +78,29 @@ __device__ __forceinline__ void LoadRows(const T* base, int k0, int klen, uint32
   }
 }
 
+// LIST: the warp-level copy of 16 rows whose keys come from a candidate list: lane c (mod 16) holds the key of row c
+// in `jlane` (-1: no row; zero-filled like a row whose bit in `rows` is clear).
+template <typename T, int D>
+__device__ __forceinline__ void LoadListedRows(const T* base, int jlane, uint32_t dst, uint32_t rows,
+                                               const TileOffsets<D>& off, int lane) {
+  using O = TileOffsets<D>;
+  const int r0 = lane / O::CH;
+#pragma unroll
+  for (int i = 0; i < O::PASSES; ++i) {
+    const int r = r0 + i * O::RSTEP;
+    const int j = __shfl_sync(kFull, jlane, r);
+    const bool ok = ((rows >> r) & 1u) && j >= 0;
+    CpAsync16(dst + off.copy[i], ok ? base + static_cast<int64_t>(j) * D + (lane % O::CH) * 8 : base, ok);
+  }
+}
+
 // KST K stages: K of step t + KST - 1 is issued in step t. Its cp.async group follows V(t - 2)'s, so waiting for
 // V(t - 2) waits for K up to t + 1 at most: more than 3 steps ahead (KST > 4) would not be in flight longer.
 // COUNT: keep the kept / valid counts (the `kept` output or the compensation needs them).
 // Key indices are 32-bit (the op checks M < 2^31); pointers are 64-bit.
-template <typename T, int D, bool MASK, bool COUNT, int KST>
+// LIST: keys from the shadow scan's candidate lists (plan.shadow; never with the mean pass or the valid counts of
+// the compensation, see ShadowCovers).
+template <typename T, int D, bool MASK, bool COUNT, int KST, bool LIST>
 __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2) DecodeKernel(const KernelArgs a) {
   static_assert(KST == 3 || KST == 4, "K stages");
   constexpr int kKStages = KST, kAhead = KST - 1;
@@ -133,9 +154,20 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2) DecodeKernel(const 
   // This warp's key steps: block range [s_begin, s_end) of 16-key steps, warp w takes s_begin + w + 4i. The
   // splits divide this batch row's keys (the grid is sized for Ktot = M): a split may be empty, its partial
   // then holds no keys.
-  const int nsub = (klen + kSub - 1) / kSub;
-  const int per = (nsub + a.plan.splits - 1) / a.plan.splits;
-  const int s_begin = split * per, s_end = min(nsub, s_begin + per);
+  // LIST: the split's four lists (one per scan warp), read as one in order; "keys" below are list positions.
+  const int32_t* lists = nullptr;
+  int lp1 = 0, lp2 = 0, lp3 = 0, nlist = 0;
+  if (LIST) {
+    const int64_t li = (head * a.plan.splits + split) * kWarps;
+    lists = a.cand + li * a.cand_cap;
+    lp1 = a.cand_n[li];
+    lp2 = lp1 + a.cand_n[li + 1];
+    lp3 = lp2 + a.cand_n[li + 2];
+    nlist = lp3 + a.cand_n[li + 3];
+  }
+  const int nsub = LIST ? (nlist + kSub - 1) / kSub : (klen + kSub - 1) / kSub;
+  const int per = LIST ? nsub : (nsub + a.plan.splits - 1) / a.plan.splits;
+  const int s_begin = LIST ? 0 : split * per, s_end = min(nsub, s_begin + per);
   const int first = s_begin + warp;
   const int steps = first < s_end ? (s_end - first + kWarps - 1) / kWarps : 0;
   const int min_pos = klen - static_cast<int>(a.p.Sq);  // smallest row position of the block
@@ -156,6 +188,18 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2) DecodeKernel(const 
   bool pending[2] = {false, false};
 
   auto key0 = [&](int step) { return (first + step * kWarps) * kSub; };
+  // LIST: the key of list position key0(step) + lane % 16 (-1 past the lists), in a ring jr[i] = step + i that is
+  // read one step before the K copy of its step is issued.
+  auto listed = [&](int step) -> int {
+    const int p = key0(step) + (lane & 15);
+    if (!LIST || p >= nlist) return -1;
+    const int u = (p >= lp1) + (p >= lp2) + (p >= lp3);
+    const int from = u == 0 ? 0 : (u == 1 ? lp1 : (u == 2 ? lp2 : lp3));
+    return __ldg(lists + u * a.cand_cap + (p - from));
+  };
+  int jr[kAhead + 1];
+#pragma unroll
+  for (int i = 0; i <= kAhead; ++i) jr[i] = LIST ? listed(i) : 0;
   auto pv = [&](int step, const uint32_t* pa, const float* mref) {
     if (!mean) {  // bring o to this step's reference max (skipped by the warp when no row's max moved)
       const float al0 = Rescale(mo[0], mref[0]), al1 = Rescale(mo[1], mref[1]);
@@ -188,7 +232,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2) DecodeKernel(const 
   // Key-padding bytes of a step (lanes < kSub; 1 where nothing is masked), read one step ahead of their use:
   // the mask row is small and L2-resident, so one step hides the load.
   auto pad_of = [&](int step) -> int {
-    if (!MASK || kpad == nullptr || step >= steps || lane >= kSub) return 1;
+    if (!MASK || LIST || kpad == nullptr || step >= steps || lane >= kSub) return 1;
     const int j = key0(step) + lane;
     return j < klen ? __ldg(kpad + j) : 0;
   };
@@ -199,7 +243,13 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2) DecodeKernel(const 
 #pragma unroll
   for (int i = 0; i < kAhead; ++i) {
     CpAsyncCommit();
-    if (steps > i && !mean) LoadRows<T, D>(Kg, key0(i), klen, wbase + i * kTileBytes, 0xffffu, off, lane);
+    if (steps > i && !mean) {
+      if (LIST) {
+        LoadListedRows<T, D>(Kg, jr[i], wbase + i * kTileBytes, 0xffffu, off, lane);
+      } else {
+        LoadRows<T, D>(Kg, key0(i), klen, wbase + i * kTileBytes, 0xffffu, off, lane);
+      }
+    }
     CpAsyncCommit();
   }
 
@@ -225,8 +275,14 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2) DecodeKernel(const 
 
     // Threshold test; bit c of `keys` = some row keeps key k0 + c. A full step (all 16 keys exist, are
     // visible to every row and allowed by the mask: every step but the last few) tests the threshold only.
-    bool full = k0 + kSub <= klen && (!a.p.causal || k0 + kSub - 1 <= min_pos);
-    if (MASK) full = full && kpad != nullptr && __all_sync(kFull, pad != 0);
+    const int jl = jr[0];  // LIST: key of list position k0 + lane % 16
+    bool full;
+    if (LIST) {  // a masked call tests every key (the list has no mask bytes read ahead)
+      full = !MASK && __all_sync(kFull, jl >= 0 && (!a.p.causal || jl <= min_pos));
+    } else {
+      full = k0 + kSub <= klen && (!a.p.causal || k0 + kSub - 1 <= min_pos);
+      if (MASK) full = full && kpad != nullptr && __all_sync(kFull, pad != 0);
+    }
     uint32_t keys = 0;
     float tmax[2] = {-INFINITY, -INFINITY};
     if (full) {
@@ -255,9 +311,9 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2) DecodeKernel(const 
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = e >> 1, c = n * 8 + 2 * t + (e & 1);
-          const int j = k0 + c;
+          const int j = LIST ? __shfl_sync(kFull, jl, c) : k0 + c;
           float x = s[n][e] * scale, add = 0.f;
-          bool valid = row_ok[r] && j < klen && (!a.p.causal || j <= pos[r]);
+          bool valid = row_ok[r] && j >= 0 && j < klen && (!a.p.causal || j <= pos[r]);
           if (MASK && valid) valid = MaskAt(a, mrow[r], j, &add);
           x += add;
           const bool kept = valid && (mean || !(x < theta[r]));
@@ -304,13 +360,28 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2) DecodeKernel(const 
     }
 
     __syncwarp();
-    if (keys != 0) LoadRows<T, D>(Vg, k0, klen, vbase + (step % kVStages) * kTileBytes, keys, off, lane);
-    CpAsyncCommit();
-    if (step + kAhead < steps && !mean) {
-      LoadRows<T, D>(Kg, key0(step + kAhead), klen, wbase + ((step + kAhead) % kKStages) * kTileBytes, 0xffffu, off,
-                     lane);
+    if (keys != 0) {
+      if (LIST) {
+        LoadListedRows<T, D>(Vg, jl, vbase + (step % kVStages) * kTileBytes, keys, off, lane);
+      } else {
+        LoadRows<T, D>(Vg, k0, klen, vbase + (step % kVStages) * kTileBytes, keys, off, lane);
+      }
     }
     CpAsyncCommit();
+    if (step + kAhead < steps && !mean) {
+      const uint32_t kdst = wbase + ((step + kAhead) % kKStages) * kTileBytes;
+      if (LIST) {
+        LoadListedRows<T, D>(Kg, jr[kAhead], kdst, 0xffffu, off, lane);
+      } else {
+        LoadRows<T, D>(Kg, key0(step + kAhead), klen, kdst, 0xffffu, off, lane);
+      }
+    }
+    CpAsyncCommit();
+    if (LIST) {
+#pragma unroll
+      for (int i = 0; i < kAhead; ++i) jr[i] = jr[i + 1];
+      jr[kAhead] = listed(step + kAhead + 1);
+    }
 
     if (pending[0]) pv(step - 2, pend[0], mp[0]);
     pending[0] = pending[1];
@@ -377,6 +448,187 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2) DecodeKernel(const 
     a.part_o[part * D + d] = acc;
     if (d == 0) a.part_stats[part] = make_float4(M, lsum, __int_as_float(ksum), __int_as_float(vsum));
   }
+}
+
+// ---- shadow K scan ----------------------------------------------------------------------------------------
+// Layout (docs/cuda-notes.md, "Shadow K"): a key's D / 2 code bytes are D / 8 32-bit words; lane t of a quad reads
+// words [t * D / 32, (t + 1) * D / 32), which hold exactly the channels of its mma B fragments: word i has, at
+// nibble n = 4 * odd + 2 * kp + half, channel 16 * (2 i + kp) + 2 t + 8 * half + odd. So (word >> 4m) & 0x000F000F
+// is the code pair of one B register (m = 2 kp + half).
+
+// Two codes (bits 0-3 and 16-19 of x) as a pair of T, exactly: OR-ed into the mantissa of 1024 (fp16) or 128 (bf16),
+// which is then subtracted.
+template <typename T>
+__device__ __forceinline__ uint32_t CodePair(uint32_t x);
+
+template <>
+__device__ __forceinline__ uint32_t CodePair<__half>(uint32_t x) {
+  uint32_t h = (x & 0x000F000Fu) | 0x64006400u;
+  const __half2 v = __hsub2(*reinterpret_cast<__half2*>(&h), __half2half2(__ushort_as_half(0x6400)));
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+template <>
+__device__ __forceinline__ uint32_t CodePair<__nv_bfloat16>(uint32_t x) {
+  uint32_t h = (x & 0x000F000Fu) | 0x43004300u;
+  const __nv_bfloat162 v =
+      __hsub2(*reinterpret_cast<__nv_bfloat162*>(&h), __bfloat162bfloat162(__ushort_as_bfloat16(0x4300)));
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+template <typename T>
+__device__ __forceinline__ float2 PairToF(uint32_t x);
+
+template <>
+__device__ __forceinline__ float2 PairToF<__half>(uint32_t x) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&x));
+}
+
+template <>
+__device__ __forceinline__ float2 PairToF<__nv_bfloat16>(uint32_t x) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x));
+}
+
+// Slack of the bound, times mag = sum_c |q_c| (|min_c| + 16 step_c) >= sum_c |q_c k_c|: it covers the rounding of
+// w = q * step to T (2^-9 relative in bf16, times codes <= 15), the float32 sums here and the float32 score of the
+// decode kernel (D * 2^-24 relative), with room to spare.
+constexpr float kShadowSlack = 1.f / 128.f;
+
+// One block per (split, kv head, batch), the decode kernel's grid: warp w takes shadow blocks w, w + 4, ... of the
+// split's range. For a block (64 keys) it loads the codes of its 4 steps of 16 keys, the block's (min, step) of its
+// channels, and forms, per row (query head), w = q * step (the A operand) and the constant
+//   bias = sum_c q_c min_c + sum_c |q_c| step_c / 2 + slack * mag.
+// Then bound(key) = scale * (w . code + bias) >= score(key) for every key of the block, and a key is a candidate of
+// the group unless the bound of every row is below θ. Keys of the last, incomplete block are all candidates.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) ShadowScanKernel(const KernelArgs a) {
+  constexpr int KS = D / 16, W = D / 32;
+  constexpr int kBlk = kShadowBlock, kSteps = kBlk / kSub;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  const int nrows = static_cast<int>(a.G * a.p.Sq);
+  const int klen = static_cast<int>(KeyLen(a.p, b));
+  const int64_t head = static_cast<int64_t>(b) * a.p.Hkv + kvh;
+  const int64_t range_blocks = (a.p.kv_capacity + kBlk - 1) / kBlk;
+  const uint8_t* codes = a.p.shadow_k + head * a.p.kv_capacity * (D / 2);
+  const T* range = static_cast<const T*>(a.p.shadow_range) + head * range_blocks * 2 * D;
+
+  float theta[2];
+  uint32_t qf[KS][4];
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int rl = g + 8 * e;
+    const bool ok = rl < nrows;
+    const int64_t hq = kvh * a.G + (ok ? rl / a.p.Sq : 0), qi = ok ? rl % a.p.Sq : 0;
+    theta[e] = ok ? RowConstants(a, klen, hq, qi).theta : INFINITY;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      const T* p = static_cast<const T*>(a.p.q) + ((b * a.p.Hq + hq) * a.p.Sq + qi) * D + ks * 16 + 2 * t;
+      qf[ks][e] = ok ? *reinterpret_cast<const uint32_t*>(p) : 0u;
+      qf[ks][2 + e] = ok ? *reinterpret_cast<const uint32_t*>(p + 8) : 0u;
+    }
+  }
+
+  const int nblk = (klen + kBlk - 1) / kBlk, complete = klen / kBlk;
+  const int per = (nblk + a.plan.splits - 1) / a.plan.splits;
+  const int b_begin = split * per, b_end = min(nblk, b_begin + per);
+  const int64_t li = (head * a.plan.splits + split) * kWarps + warp;
+  int32_t* list = a.cand + li * a.cand_cap;
+  const float scale = a.p.scale;
+  int cnt = 0;
+
+  for (int blk = b_begin + warp; blk < b_end; blk += kWarps) {
+    const int j0 = blk * kBlk;
+    uint32_t cand[kSteps];
+    if (blk >= complete) {
+#pragma unroll
+      for (int s = 0; s < kSteps; ++s) {
+        const int n = klen - (j0 + s * kSub);
+        cand[s] = n >= kSub ? 0xffffu : (n <= 0 ? 0u : (1u << n) - 1u);
+      }
+    } else {
+      uint32_t cw[kSteps][2][W];  // codes of keys j0 + 16 s + 8 n + g, this lane's words
+#pragma unroll
+      for (int s = 0; s < kSteps; ++s) {
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          const uint32_t* src =
+              reinterpret_cast<const uint32_t*>(codes + static_cast<int64_t>(j0 + s * kSub + n * 8 + g) * (D / 2)) +
+              t * W;
+          if constexpr (W == 4) {
+            const uint4 v = __ldg(reinterpret_cast<const uint4*>(src));
+            cw[s][n][0] = v.x;
+            cw[s][n][1] = v.y;
+            cw[s][n][2] = v.z;
+            cw[s][n][3] = v.w;
+          } else {
+            const uint2 v = __ldg(reinterpret_cast<const uint2*>(src));
+            cw[s][n][0] = v.x;
+            cw[s][n][1] = v.y;
+          }
+        }
+      }
+      const T* rg = range + static_cast<int64_t>(blk) * 2 * D;
+      uint32_t wf[KS][4];
+      float bias[2] = {0.f, 0.f}, mag[2] = {0.f, 0.f};
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int c = ks * 16 + 2 * t + 8 * hh;
+          const float2 mn = PairToF<T>(__ldg(reinterpret_cast<const unsigned int*>(rg + c)));
+          const float2 st = PairToF<T>(__ldg(reinterpret_cast<const unsigned int*>(rg + D + c)));
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float2 q = PairToF<T>(qf[ks][2 * hh + e]);
+            bias[e] += q.x * mn.x + q.y * mn.y + 0.5f * (fabsf(q.x) * st.x + fabsf(q.y) * st.y);
+            mag[e] += fabsf(q.x) * (fabsf(mn.x) + 16.f * st.x) + fabsf(q.y) * (fabsf(mn.y) + 16.f * st.y);
+            wf[ks][2 * hh + e] = Elem<T>::Pack(q.x * st.x, q.y * st.y);
+          }
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        bias[e] += __shfl_xor_sync(kFull, bias[e], 1);
+        bias[e] += __shfl_xor_sync(kFull, bias[e], 2);
+        mag[e] += __shfl_xor_sync(kFull, mag[e], 1);
+        mag[e] += __shfl_xor_sync(kFull, mag[e], 2);
+        bias[e] += kShadowSlack * mag[e];
+      }
+#pragma unroll
+      for (int s = 0; s < kSteps; ++s) {
+        float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+          const int sh = (ks & 1) * 8;
+#pragma unroll
+          for (int n = 0; n < 2; ++n) {
+            const uint32_t word = cw[s][n][ks / 2];
+            const uint32_t bf[2] = {CodePair<T>(word >> sh), CodePair<T>(word >> (sh + 4))};
+            Mma16816<T>(acc[n], wf[ks], bf);
+          }
+        }
+        uint32_t bits = 0;
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = e >> 1;
+            const float x = scale * (acc[n][e] + bias[r]);
+            if (!(x < theta[r])) bits |= 1u << (n * 8 + 2 * t + (e & 1));  // NaN: a candidate
+          }
+        }
+        cand[s] = __reduce_or_sync(kFull, bits);
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      const uint32_t m = cand[s];
+      if (lane < kSub && ((m >> lane) & 1u)) list[cnt + __popc(m & ((1u << lane) - 1u))] = j0 + s * kSub + lane;
+      cnt += __popc(m);
+    }
+  }
+  if (lane == 0) a.cand_n[li] = cnt;
 }
 
 // One block of Dv threads per output row: merges the row's partials (and applies the compensation).
@@ -454,19 +706,22 @@ constexpr int DecodeSmem() {
   return kWarps * (KST + kVStages) * kSub * D * 2;
 }
 
-template <typename T, int D, bool MASK, bool COUNT, int KST>
+template <typename T, int D, bool MASK, bool COUNT, int KST, bool LIST>
 cudaError_t Run(const KernelArgs& a, cudaStream_t stream) {
   constexpr int smem = DecodeSmem<D, KST>();
-  cudaError_t e = AllowSmem<DecodeKernel<T, D, MASK, COUNT, KST>>(smem);
+  cudaError_t e = AllowSmem<DecodeKernel<T, D, MASK, COUNT, KST, LIST>>(smem);
   if (e != cudaSuccess) return e;
   dim3 grid(static_cast<unsigned>(a.plan.splits), static_cast<unsigned>(a.p.Hkv), static_cast<unsigned>(a.p.B));
-  DecodeKernel<T, D, MASK, COUNT, KST><<<grid, kThreads, smem, stream>>>(a);
+  DecodeKernel<T, D, MASK, COUNT, KST, LIST><<<grid, kThreads, smem, stream>>>(a);
   return cudaGetLastError();
 }
 
+// The shadow path has the default K stages only.
 template <typename T, int D, bool MASK, bool COUNT>
 cudaError_t RunK(const KernelArgs& a, cudaStream_t stream) {
-  return a.plan.decode_kstages == 3 ? Run<T, D, MASK, COUNT, 3>(a, stream) : Run<T, D, MASK, COUNT, 4>(a, stream);
+  if (a.plan.shadow) return Run<T, D, MASK, COUNT, kDecodeKStagesDefault, true>(a, stream);
+  return a.plan.decode_kstages == 3 ? Run<T, D, MASK, COUNT, 3, false>(a, stream)
+                                    : Run<T, D, MASK, COUNT, 4, false>(a, stream);
 }
 
 // Counts are needed for the `kept` output and the compensation (both read n_kept / n_valid), not otherwise.
@@ -490,11 +745,11 @@ int DecodeBlocksPerSm(int D, int kstages) {
   int& c = cached[D == 64 ? 0 : 1][kstages == 3 ? 0 : 1];
   if (c <= 0) {
     if (kstages == 3) {
-      c = D == 64 ? BlocksPerSm<DecodeKernel<__half, 64, true, true, 3>>(kThreads, DecodeSmem<64, 3>())
-                  : BlocksPerSm<DecodeKernel<__half, 128, true, true, 3>>(kThreads, DecodeSmem<128, 3>());
+      c = D == 64 ? BlocksPerSm<DecodeKernel<__half, 64, true, true, 3, false>>(kThreads, DecodeSmem<64, 3>())
+                  : BlocksPerSm<DecodeKernel<__half, 128, true, true, 3, false>>(kThreads, DecodeSmem<128, 3>());
     } else {
-      c = D == 64 ? BlocksPerSm<DecodeKernel<__half, 64, true, true, 4>>(kThreads, DecodeSmem<64, 4>())
-                  : BlocksPerSm<DecodeKernel<__half, 128, true, true, 4>>(kThreads, DecodeSmem<128, 4>());
+      c = D == 64 ? BlocksPerSm<DecodeKernel<__half, 64, true, true, 4, false>>(kThreads, DecodeSmem<64, 4>())
+                  : BlocksPerSm<DecodeKernel<__half, 128, true, true, 4, false>>(kThreads, DecodeSmem<128, 4>());
     }
   }
   return c;
@@ -502,6 +757,21 @@ int DecodeBlocksPerSm(int D, int kstages) {
 
 cudaError_t LaunchDecode(const KernelArgs& a, cudaStream_t stream) {
   return a.p.dtype == DType::kBF16 ? RunT<__nv_bfloat16>(a, stream) : RunT<__half>(a, stream);
+}
+
+template <typename T>
+cudaError_t RunScan(const KernelArgs& a, cudaStream_t stream) {
+  dim3 grid(static_cast<unsigned>(a.plan.splits), static_cast<unsigned>(a.p.Hkv), static_cast<unsigned>(a.p.B));
+  if (a.p.D == 64) {
+    ShadowScanKernel<T, 64><<<grid, kThreads, 0, stream>>>(a);
+  } else {
+    ShadowScanKernel<T, 128><<<grid, kThreads, 0, stream>>>(a);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchShadowScan(const KernelArgs& a, cudaStream_t stream) {
+  return a.p.dtype == DType::kBF16 ? RunScan<__nv_bfloat16>(a, stream) : RunScan<__half>(a, stream);
 }
 
 cudaError_t LaunchDecodeCombine(const KernelArgs& a, cudaStream_t stream) {

@@ -52,6 +52,8 @@ KernelOptions KernelOptionsFromEnv() {
   o.decode_splits = std::max(0, EnvInt("TOPTHETA_DECODE_SPLITS", 0));
   o.prefill_variant = EnvInt("TOPTHETA_PREFILL_VARIANT", kPrefillDefault);
   o.decode_kstages = EnvInt("TOPTHETA_DECODE_KSTAGES", 0);
+  const char* shadow = std::getenv("TOPTHETA_SHADOW");
+  o.no_shadow = shadow && std::strcmp(shadow, "0") == 0 ? 1 : 0;
   return o;
 }
 
@@ -66,6 +68,7 @@ Plan MakePlan(const AttnParams& p, const DeviceProps& device, const KernelOption
     plan.splits = DecodeSplits(p, device, options);
     plan.decode_kstages =
         options.decode_kstages == 3 || options.decode_kstages == 4 ? options.decode_kstages : kDecodeKStagesDefault;
+    plan.shadow = ShadowCovers(p) && !options.no_shadow ? 1 : 0;
   }
   if (plan.path == Path::kPrefill) {
     int v = options.prefill_variant;
@@ -91,6 +94,13 @@ WorkspaceLayout MakeLayout(const AttnParams& p, const Plan& plan) {
     off += AlignUp(static_cast<size_t>(Rows(p)) * parts * 16);
     l.part_o = off;
     off += AlignUp(static_cast<size_t>(Rows(p)) * parts * static_cast<size_t>(p.Dv) * sizeof(float));
+    if (plan.shadow) {
+      const size_t lists = static_cast<size_t>(p.B * p.Hkv) * parts * kDecodeWarps;
+      l.cand = off;
+      off += AlignUp(lists * static_cast<size_t>(ShadowListCap(p.kv_capacity, plan.splits)) * sizeof(int32_t));
+      l.cand_n = off;
+      off += AlignUp(lists * sizeof(int32_t));
+    }
   }
   l.total = off;
   return l;

@@ -29,6 +29,7 @@ struct KernelOptions {
   int32_t decode_splits = 0;                  // TOPTHETA_DECODE_SPLITS=N (> 0; 0 = heuristic)
   int32_t prefill_variant = kPrefillDefault;  // TOPTHETA_PREFILL_VARIANT=0|1|2|3
   int32_t decode_kstages = 0;                 // TOPTHETA_DECODE_KSTAGES=3|4 (0 = kDecodeKStagesDefault)
+  int32_t no_shadow = 0;                      // TOPTHETA_SHADOW=0: 1 (ignore a shadow K that the call passes)
 };
 
 // The TOPTHETA_* environment variables above (unset or invalid: the default).
@@ -47,6 +48,7 @@ struct Plan {
   int32_t splits = 1;                         // decode: key splits per (batch, kv head), one partial each
   int32_t prefill_variant = kPrefillDefault;  // prefill: the kernel (above); kPrefillDefault: 2
   int32_t decode_kstages = 0;                 // decode: K tiles in flight + 1 (3 or 4)
+  int32_t shadow = 0;                         // decode: 1 = scan the shadow K first, read K rows of candidates only
   size_t workspace = 0;                       // device scratch bytes Launch needs
 };
 
@@ -55,6 +57,8 @@ struct WorkspaceLayout {
   size_t vbar = 0;    // comp_mode 2: V mean [B*Hq*Sq, Dv] fp32
   size_t stats = 0;   // decode: (m, l, n_kept, n_valid) per row and split
   size_t part_o = 0;  // decode: O [B*Hq*Sq, splits, Dv] fp32
+  size_t cand = 0;    // shadow: candidate keys, [B*Hkv, splits, kDecodeWarps, ShadowListCap] int32
+  size_t cand_n = 0;  // shadow: their counts, [B*Hkv, splits, kDecodeWarps] int32
   size_t total = 0;
 };
 
@@ -65,6 +69,14 @@ WorkspaceLayout MakeLayout(const AttnParams& p, const Plan& plan);
 // Whether the call needs the V mean (comp_mode 2 with sdc).
 inline bool NeedsVMean(const AttnParams& p) { return p.comp_mode == 2 && p.sdc != nullptr; }
 
+// Whether a decode call can use its shadow K: the bound is for scores alone, so no additive mask (a bool mask only
+// removes keys), and no compensation (it counts every valid key, which the candidate lists do not hold).
+inline bool ShadowCovers(const AttnParams& p) {
+  return p.shadow_k != nullptr && p.shadow_range != nullptr && p.dtype != DType::kF32 &&
+         (p.mask == nullptr || p.mask_kind == MaskKind::kNone || p.mask_kind == MaskKind::kBool) &&
+         !(p.comp_mode >= 1 && p.sdc != nullptr);
+}
+
 // Rows per decode block tile (query heads of one kv head times query tokens).
 constexpr int kDecodeRows = 16;
 constexpr int kDecodeWarps = 4;
@@ -72,6 +84,14 @@ constexpr int kDecodeSubKeys = 16;  // keys per warp step
 // K pipeline depth of the decode kernel: 4 stages keep 3 K tiles of a warp in flight (2 blocks of 4 warps fit an
 // SM's shared memory at head dim 128 either way); 3 is the earlier design, kept as an override for comparison.
 constexpr int kDecodeKStagesDefault = 4;
+
+// Candidate slots per decode warp with a shadow K: a split covers ceil(blocks / splits) shadow blocks of
+// kShadowBlock keys, and its warps take every kDecodeWarps-th of them.
+inline int64_t ShadowListCap(int64_t kv_capacity, int64_t splits) {
+  const int64_t blocks = (kv_capacity + kShadowBlock - 1) / kShadowBlock;
+  const int64_t per_split = (blocks + splits - 1) / splits;
+  return (per_split + kDecodeWarps - 1) / kDecodeWarps * kShadowBlock;
+}
 
 }  // namespace cuda
 }  // namespace toptheta

@@ -25,6 +25,10 @@ struct KernelArgs {
   // decode partials, one per row and split (plan.splits): stats (m, l, n_kept, n_valid) and O [Dv] fp32.
   float4* part_stats = nullptr;  // [B*Hq*Sq, splits]
   float* part_o = nullptr;       // [B*Hq*Sq, splits, Dv]
+  // shadow K (plan.shadow): the scan's candidate keys and counts per (batch, kv head, split, warp).
+  int32_t* cand = nullptr;
+  int32_t* cand_n = nullptr;
+  int32_t cand_cap = 0;  // ShadowListCap
 
   KernelArgs(const AttnParams& params, const Plan& plan_) : p(params), plan(plan_), G(params.Hq / params.Hkv) {
     if (p.mask == nullptr) p.mask_kind = MaskKind::kNone;  // the kernels branch on the kind only
@@ -48,6 +52,8 @@ bool PrefillSm90Available(int device);
 cudaError_t LaunchPrefillSm90(const KernelArgs& a, cudaStream_t stream);
 cudaError_t LaunchDecode(const KernelArgs& a, cudaStream_t stream);
 cudaError_t LaunchDecodeCombine(const KernelArgs& a, cudaStream_t stream);
+// Shadow-K scan (plan.shadow, decode.cu): the candidate lists that DecodeKernel then reads instead of every key.
+cudaError_t LaunchShadowScan(const KernelArgs& a, cudaStream_t stream);
 // Shared-buffer form (append.cu): writes key / value [B, Hkv, Sk, *] to rows [P_b, P_b + Sk) of the
 // [B, Hkv, kv_capacity, *] buffers k_buf / v_buf, P_b read on the device (KeyLen). Nothing without p.past_lens.
 cudaError_t LaunchAppendKV(const AttnParams& p, void* k_buf, void* v_buf, const void* key, const void* value,

@@ -42,6 +42,11 @@ cudaError_t Launch(const AttnParams& p, const Plan& plan, void* workspace, cudaS
   if (plan.path == Path::kDecode) {
     a.part_stats = reinterpret_cast<float4*>(ws + l.stats);
     a.part_o = reinterpret_cast<float*>(ws + l.part_o);
+    if (plan.shadow) {
+      a.cand = reinterpret_cast<int32_t*>(ws + l.cand);
+      a.cand_n = reinterpret_cast<int32_t*>(ws + l.cand_n);
+      a.cand_cap = static_cast<int32_t>(ShadowListCap(p.kv_capacity, plan.splits));
+    }
   }
   for (int pass = NeedsVMean(p) ? 1 : 0; pass >= 0; --pass) {
     a.mean_pass = pass;
@@ -49,7 +54,8 @@ cudaError_t Launch(const AttnParams& p, const Plan& plan, void* workspace, cudaS
     if (plan.path == Path::kPrefill) {
       e = LaunchPrefill(a, stream);
     } else {
-      e = LaunchDecode(a, stream);
+      e = plan.shadow ? LaunchShadowScan(a, stream) : cudaSuccess;
+      if (e == cudaSuccess) e = LaunchDecode(a, stream);
       if (e == cudaSuccess) e = LaunchDecodeCombine(a, stream);
     }
     if (e != cudaSuccess) return e;
