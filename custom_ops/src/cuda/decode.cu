@@ -489,6 +489,34 @@ __device__ __forceinline__ float2 PairToF<__nv_bfloat16>(uint32_t x) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x));
 }
 
+// The codes of shadow block blk (keys 64 blk + 16 s + 8 n + g), lane t's words; nothing when blk has no shadow yet
+// (incomplete) or lies outside the warp's range.
+template <int D>
+__device__ __forceinline__ void LoadCodes(const uint8_t* codes, int blk, int b_end, int complete, int g, int t,
+                                          uint32_t (&cw)[kShadowBlock / kSub][2][D / 32]) {
+  constexpr int W = D / 32;
+  if (blk >= b_end || blk >= complete) return;
+#pragma unroll
+  for (int s = 0; s < kShadowBlock / kSub; ++s) {
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      const int64_t key = static_cast<int64_t>(blk) * kShadowBlock + s * kSub + n * 8 + g;
+      const uint32_t* src = reinterpret_cast<const uint32_t*>(codes + key * (D / 2)) + t * W;
+      if constexpr (W == 4) {
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(src));
+        cw[s][n][0] = v.x;
+        cw[s][n][1] = v.y;
+        cw[s][n][2] = v.z;
+        cw[s][n][3] = v.w;
+      } else {
+        const uint2 v = __ldg(reinterpret_cast<const uint2*>(src));
+        cw[s][n][0] = v.x;
+        cw[s][n][1] = v.y;
+      }
+    }
+  }
+}
+
 // Slack of the bound, times mag = sum_c |q_c| (|min_c| + 16 step_c) >= sum_c |q_c k_c|: it covers the rounding of
 // w = q * step to T (2^-9 relative in bf16, times codes <= 15), the float32 sums here and the float32 score of the
 // decode kernel (D * 2^-24 relative), with room to spare.
@@ -537,6 +565,9 @@ __global__ void __launch_bounds__(kThreads) ShadowScanKernel(const KernelArgs a)
   const float scale = a.p.scale;
   int cnt = 0;
 
+  // Codes are loaded one block ahead (a block's 4 KB per warp is not enough in flight to cover the memory latency).
+  uint32_t next[kSteps][2][W];
+  LoadCodes<D>(codes, b_begin + warp, b_end, complete, g, t, next);
   for (int blk = b_begin + warp; blk < b_end; blk += kWarps) {
     const int j0 = blk * kBlk;
     uint32_t cand[kSteps];
@@ -547,27 +578,16 @@ __global__ void __launch_bounds__(kThreads) ShadowScanKernel(const KernelArgs a)
         cand[s] = n >= kSub ? 0xffffu : (n <= 0 ? 0u : (1u << n) - 1u);
       }
     } else {
-      uint32_t cw[kSteps][2][W];  // codes of keys j0 + 16 s + 8 n + g, this lane's words
+      uint32_t cw[kSteps][2][W];  // this block's codes; the next block's are in flight meanwhile
 #pragma unroll
       for (int s = 0; s < kSteps; ++s) {
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
-          const uint32_t* src =
-              reinterpret_cast<const uint32_t*>(codes + static_cast<int64_t>(j0 + s * kSub + n * 8 + g) * (D / 2)) +
-              t * W;
-          if constexpr (W == 4) {
-            const uint4 v = __ldg(reinterpret_cast<const uint4*>(src));
-            cw[s][n][0] = v.x;
-            cw[s][n][1] = v.y;
-            cw[s][n][2] = v.z;
-            cw[s][n][3] = v.w;
-          } else {
-            const uint2 v = __ldg(reinterpret_cast<const uint2*>(src));
-            cw[s][n][0] = v.x;
-            cw[s][n][1] = v.y;
-          }
+#pragma unroll
+          for (int w = 0; w < W; ++w) cw[s][n][w] = next[s][n][w];
         }
       }
+      LoadCodes<D>(codes, blk + kWarps, b_end, complete, g, t, next);
       const T* rg = range + static_cast<int64_t>(blk) * 2 * D;
       uint32_t wf[KS][4];
       float bias[2] = {0.f, 0.f}, mag[2] = {0.f, 0.f};
