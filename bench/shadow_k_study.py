@@ -1,15 +1,19 @@
 """How much of K can an exact low-bit shadow copy prune? A measurement on real attention (issue 16, part 2).
 
 Runs on the CPU. A real model (SmolLM2-135M by default: 9 query heads, 3 KV heads, head dim 64), windows of S
-tokens of builtin:pydoc: θ is calibrated (topthetaexport.torch.calibration, for each k given) on the first
-`--calib` windows, and q/k (after RoPE, rounded to fp16 as the device's cache holds them) of every layer are
-captured inside the dense attention of the next `--held` windows, which calibration never saw. The last `--rows`
-query rows of each held-out window act as decode steps against their causal prefix.
+tokens of builtin:pydoc, each run through the model once (dense attention). The last `--rows` query rows of a
+window act as decode steps at context ~S against their causal prefix. Held out by leave-one-out: θ of window i's
+rows is calibrated on the other `--windows` - 1 windows, as topthetaexport.torch.calibration.calibrate defines it
+(per layer, head and row the mean over the windows of the k-th largest score; the first `--dense-layers` layers
+dense), computed for the studied rows only, because calibrate's two passes over every row take hours at 8k on a
+shared CPU (`--check-calibrate` runs calibrate on windows 2..N and prints the largest difference from window 1's
+θ). q/k (after RoPE) of every layer are captured inside the dense attention and rounded to fp16, as the device's
+cache holds them.
 
 Shadow K, the layout of the planned CUDA kernel: per block of `block` consecutive keys and per channel, an fp16
 min (the block's min rounded down to fp16) and an fp16 step (step = (max - min) / (2^bits - 1) rounded up to fp16),
 and per element a `bits`-bit code on the grid min + code · step; so the stored value is within step/2 of the true
-one (checked here: `max_quant_excess` ≤ 0). For query q the score bound is
+one (checked here: `max_quant_excess`, at most float32 rounding). For query q the score bound is
     scale · (q·k̂ + Σ_c |q_c| · step_c / 2) + margin
 (margin: a float32 rounding allowance, 1e-4 · (1 + |bound|)), which is never below the true score. A key is a
 candidate unless its bound is below θ; only candidates have their fp16 K row read, so every kept key
@@ -23,9 +27,12 @@ Bytes per key and KV head (D = head dim, f_c = candidate fraction, f_v = V-row f
     all K + kept V       D·2 + f_v·D·2
     shadow               D·bits/8 + 2·2·D/block (min, step in fp16) + f_c·D·2 + f_v·D·2
 
-Usage: python bench/shadow_k_study.py --seq 4096 --calib 2 --held 3 [--model smollm2-135m] [--k 64 32]
-       [--bits 2 3 4 8] [--blocks 16 32 64] [--out docs/results/shadow-k.json]
-The rows of one (model, seq) replace that pair's rows in --out; other rows there are kept.
+Usage: python bench/shadow_k_study.py --seq 4096 --windows 3 [--rows 32] [--model smollm2-135m]
+       [--k 64 32] [--bits 2 3 4 8] [--blocks 16 32 64] [--out docs/results/shadow-k.json]
+       [--decode-out .gpubuild/smollm2_decode_8k.pt [--decode-layers 4 15 27]]
+The rows of one (model, seq) replace that pair's rows in --out; other rows there are kept. --decode-out also
+writes the real decode inputs of the first window for the device bench (save_decode: K/V cache, q of
+the studied rows, their θ per k).
 """
 
 from __future__ import annotations
@@ -46,13 +53,14 @@ from topthetaexport.torch import attention as torch_attention
 from topthetaexport.torch import reference
 
 
-def capture(loaded, tokens, *, fp16: bool, with_v: bool = False):
+def capture(loaded, tokens, *, with_v: bool = False):
     """{layer: (q [Hq, S, D], k [Hkv, S, D], v [Hkv, S, D] or None, scale)} of a dense forward of one window
-    (float32; with ``fp16`` rounded to fp16 values, as the device's cache holds them). Runs the decoder without
-    the LM head: only attention inputs are wanted."""
+    (float32). Runs the decoder without the LM head: only attention inputs are wanted."""
     got = {}
     orig = torch_attention._dispatch
-    cast = (lambda t: t[0].half().float()) if fp16 else (lambda t: t[0].float().clone())
+
+    def cast(t):
+        return t[0].float().clone()
 
     def spy(state, layer, q, k, v, mask, scale, causal, softcap=None):
         got[layer] = (cast(q), cast(k), cast(v) if with_v else None, float(scale))
@@ -75,19 +83,28 @@ def kth_scores(q, k, scale, rows, kvals):
     return {kv: top[..., kv - 1].double() for kv in kvals}
 
 
-def row_thetas(loaded, windows, rows, kvals, dense_layers):
-    """θ of the last ``rows`` rows, {layer: {k: [Hq, rows]}}: the mean over the calibration ``windows`` of each
-    row's k-th largest score, as topthetaexport.torch.calibration.calibrate defines it (aggregation "mean",
-    the first ``dense_layers`` layers dense), computed for these rows only (one dense forward per window)."""
-    acc: dict = {}
-    for tokens in windows:
-        for layer, (q, k, _, scale) in capture(loaded, tokens[None], fp16=False).items():
-            if layer < dense_layers:
-                continue
-            for kv, t in kth_scores(q, k, scale, rows, kvals).items():
-                slot = acc.setdefault(layer, {})
-                slot[kv] = slot.get(kv, 0) + t
-    return {layer: {kv: (t / len(windows)).float() for kv, t in d.items()} for layer, d in acc.items()}
+def window_stats(loaded, tokens, rows, kvals, dense_layers, v_layers=()):
+    """One dense forward of one window: ({layer: (q of the last ``rows`` rows, k, v or None, scale)} in fp16
+    values, as the device's cache holds them; {layer: {k: the k-th largest score of those rows [Hq, rows]}} from
+    the float32 q/k, as calibrate sees them) for the layers after the first ``dense_layers``."""
+    inputs, kth = {}, {}
+    for layer, (q, k, v, scale) in capture(loaded, tokens, with_v=bool(v_layers)).items():
+        if layer < dense_layers:
+            continue
+        kth[layer] = kth_scores(q, k, scale, rows, kvals)
+        half = v.half().float() if layer in v_layers else None
+        inputs[layer] = (q[:, -rows:].half().float(), k.half().float(), half, scale)
+    return inputs, kth
+
+
+def leave_one_out(kths, i):
+    """θ of window ``i``'s rows, {layer: {k: [Hq, rows]}}: the mean over the other windows of each row's k-th
+    largest score (calibrate's θ with aggregation "mean", computed for these rows only)."""
+    others = [w for j, w in enumerate(kths) if j != i]
+    return {
+        layer: {kv: (sum(w[layer][kv] for w in others) / len(others)).float() for kv in kths[i][layer]}
+        for layer in kths[i]
+    }
 
 
 def fp16_down(x):
@@ -124,11 +141,11 @@ def unmargin(theta):
 
 
 def study_layer(q, k, scale, thetas, settings):
-    """Counts of the query rows of one layer (the last ``R`` rows, R = θ's row count), per k: valid keys, V rows,
-    per-head kept keys and, per (bits, block) setting, candidates and kept keys that the bound pruned (candidates
-    and V rows as the union over each GQA group)."""
-    hq, s, d = q.shape
-    hkv = k.shape[0]
+    """Counts of the last R query rows (R = θ's row count; q may hold only those) of one layer, per k: valid
+    keys, V rows, per-head kept keys and, per (bits, block) setting, candidates and kept keys that the bound
+    pruned (candidates and V rows as the union over each GQA group)."""
+    hq, d = q.shape[0], q.shape[2]
+    hkv, s = k.shape[:2]
     grp = hq // hkv
     rows = next(iter(thetas.values())).shape[1]
     pos = torch.arange(s - rows, s)
@@ -170,11 +187,13 @@ def study_layer(q, k, scale, thetas, settings):
 
 def save_decode(path, win, thetas, layers, kvals, meta):
     """The device bench's real decode inputs: per layer the K/V cache of the window, q of its last rows and θ."""
-    data = dict(meta, layers={})
+    rows = next(iter(thetas.values()))[kvals[0]].shape[1]
+    # row i of q and θ is the query at position first_row + i: it sees keys 0 .. first_row + i
+    data = dict(meta, rows=rows, first_row=meta["seq"] - rows, layers={})
     for layer in layers:
         q, k, v, scale = win[layer]
         data["layers"][layer] = dict(
-            q=q[None, :, -thetas[layer][kvals[0]].shape[1] :].half().contiguous(),  # [1, Hq, R, D]
+            q=q[None].half().contiguous(),  # [1, Hq, R, D]
             k=k[None].half().contiguous(),  # [1, Hkv, S, D]
             v=v[None].half().contiguous(),
             theta={kv: thetas[layer][kv].contiguous() for kv in kvals},  # [Hq, R]
@@ -188,15 +207,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--calib", type=int, default=2)
-    ap.add_argument("--held", type=int, default=2)
-    ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--windows", type=int, default=3, help="windows; θ of each is calibrated on the others")
+    ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--k", type=int, nargs="+", default=[64, 32])
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
     ap.add_argument("--blocks", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--dense-layers", type=int, default=2)
     ap.add_argument("--out", default="docs/results/shadow-k.json")
-    ap.add_argument("--decode-out", default=None, help="also write the first held-out window's decode inputs here")
+    ap.add_argument("--decode-out", default=None, help="also write the first window's decode inputs here")
     ap.add_argument("--decode-layers", type=int, nargs="+", default=[4, 15, 27])
     ap.add_argument(
         "--check-calibrate", action="store_true", help="compare θ with topthetaexport's calibrate (slow: all rows)"
@@ -204,41 +222,49 @@ def main():
     args = ap.parse_args()
     if any(not 1 <= b <= 8 for b in args.bits):
         raise TopThetaError(f"--bits must lie in 1..8 (got {args.bits}): codes are packed into bytes")
-    if args.calib < 1 or args.held < 1 or not max(args.k) <= args.seq - args.rows:
+    if args.windows < 2 or not max(args.k) <= args.seq - args.rows:
         raise TopThetaError(
-            f"need --calib >= 1, --held >= 1 and every --k <= --seq - --rows (got {args.calib}, {args.held}, "
-            f"{args.k}, {args.seq} - {args.rows})"
+            f"need --windows >= 2 and every --k <= --seq - --rows (got {args.windows}, {args.k}, "
+            f"{args.seq} - {args.rows})"
         )
     t0 = time.time()
     loaded = tt.load_model(args.model)
-    if args.decode_out and max(args.decode_layers) >= loaded.num_layers:
-        raise TopThetaError(f"--decode-layers must be below the model's {loaded.num_layers} layers")
+    layers_ok = args.dense_layers <= min(args.decode_layers) <= max(args.decode_layers) < loaded.num_layers
+    if args.decode_out and not layers_ok:
+        raise TopThetaError(
+            f"--decode-layers must lie in {args.dense_layers}..{loaded.num_layers - 1} (the layers with a θ)"
+        )
     if loaded.max_positions and args.seq > loaded.max_positions:
         raise TopThetaError(f"--seq {args.seq} exceeds the model's {loaded.max_positions} positions")
-    n = args.calib + args.held
+    n = args.windows
     tokens = as_token_tensor("builtin:pydoc", loaded.tokenizer, seq_len=args.seq, num_samples=n)
     if tokens.shape[0] < n:
-        raise TopThetaError(f"builtin:pydoc holds only {tokens.shape[0]} windows of {args.seq}: lower --held")
-    thetas = row_thetas(loaded, tokens[: args.calib], args.rows, args.k, args.dense_layers)
-    print(f"θ of the last {args.rows} rows, {args.calib} windows of {args.seq}: {time.time() - t0:.0f}s", flush=True)
+        raise TopThetaError(f"builtin:pydoc holds only {tokens.shape[0]} windows of {args.seq}: lower --windows")
+    inputs, kths = [], []
+    for i in range(n):
+        v_layers = args.decode_layers if args.decode_out and i == 0 else ()
+        got, kth = window_stats(loaded, tokens[i : i + 1], args.rows, args.k, args.dense_layers, v_layers)
+        inputs.append(got)
+        kths.append(kth)
+        print(f"window {i + 1}/{n} captured at {time.time() - t0:.0f}s", flush=True)
     if args.check_calibrate:
+        th0 = leave_one_out(kths, 0)
         for kv in args.k:
-            ref = tt.calibrate(loaded, tokens[: args.calib], k=kv, dense_layers=args.dense_layers, progress=None)
-            diff = max(float((ref.layer(i)[0][:, -args.rows :] - th[kv]).abs().max()) for i, th in thetas.items())
+            ref = tt.calibrate(loaded, tokens[1:n], k=kv, dense_layers=args.dense_layers, progress=None)
+            diff = max(float((ref.layer(i)[0][:, -args.rows :] - th[kv]).abs().max()) for i, th in th0.items())
             print(f"k={kv}: largest |θ - calibrate's θ| over the studied rows: {diff:.3g}", flush=True)
     settings = [(b, blk) for b in args.bits for blk in args.blocks]
-    per_win: dict = {kv: [] for kv in args.k}  # per k: the totals of each held-out window
+    per_win: dict = {kv: [] for kv in args.k}  # per k: the totals of each window
     worst_excess = float("-inf")
-    for i in range(args.calib, n):
-        save = args.decode_out and i == args.calib
-        win = capture(loaded, tokens[i : i + 1], fp16=True, with_v=bool(save))
-        if save:
-            meta = dict(model=args.model, data="builtin:pydoc", seq=args.seq, window=i, calib_windows=args.calib)
-            save_decode(args.decode_out, win, thetas, args.decode_layers, args.k, meta)
+    for i in range(n):
+        thetas = leave_one_out(kths, i)
+        if args.decode_out and i == 0:
+            meta = dict(model=args.model, data="builtin:pydoc", seq=args.seq, window=0, calib_windows=n - 1)
+            save_decode(args.decode_out, inputs[0], thetas, args.decode_layers, args.k, meta)
             print(f"wrote {args.decode_out} ({Path(args.decode_out).stat().st_size / 1e6:.1f} MB)", flush=True)
         tot: dict = {kv: {} for kv in args.k}
         for layer, th in sorted(thetas.items()):
-            q, k, _, scale = win[layer]
+            q, k, _, scale = inputs[i][layer]
             one, excess = study_layer(q, k, scale, th, settings)
             worst_excess = max(worst_excess, excess)
             for kv, counts in one.items():
@@ -248,10 +274,10 @@ def main():
                         tot[kv][key] = (c + val[0], p + val[1])
                     else:
                         tot[kv][key] = tot[kv].get(key, 0.0) + val
-        del win
+        inputs[i] = {}
         for kv in args.k:
             per_win[kv].append(tot[kv])
-        print(f"window {i - args.calib + 1}/{args.held} done at {time.time() - t0:.0f}s", flush=True)
+        print(f"window {i + 1}/{n} studied at {time.time() - t0:.0f}s", flush=True)
     d, hq, hkv = loaded.head_dim, loaded.num_heads, loaded.num_kv_heads
     results = []
     for kv in args.k:
@@ -276,10 +302,10 @@ def main():
                 k=kv,
                 bits=bits,
                 block=block,
-                calib_windows=args.calib,
-                windows=args.held,
+                windows=n,
+                calib_windows_per_theta=n - 1,
                 rows_per_window=args.rows,
-                sparse_layers=len(thetas),
+                sparse_layers=len(kths[0]),
                 kept_fraction_per_head=fk,
                 v_rows_fraction=fv,
                 v_rows_fraction_per_window=fv_win,
