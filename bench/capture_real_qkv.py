@@ -8,6 +8,12 @@ of Python's documentation (builtin:pydoc):
 
 Usage: python bench/capture_real_qkv.py --out .gpubuild/smollm2_qkv.pt [--seq 4096] [--layers 4 15 27]
 Then on the GPU: python bench/real_qkv_bench.py --library LIB --data .gpubuild/smollm2_qkv.pt
+
+This is the prefill format (every query row of the window, θ and ρ for every row). At 4k it is 24 MB; at
+8k it would be 49 MB, and calibrate's two passes over every row of two 8k windows take over an hour on a
+shared 2-core CPU (one 2k window took 404 s). Real decode inputs at 8k (the K/V cache, q of the last rows and
+their θ: 19 MB for three layers) come from bench/shadow_k_study.py --seq 8192 --decode-out
+.gpubuild/smollm2_decode_8k.pt (docs/cuda-notes.md).
 """
 
 import argparse
