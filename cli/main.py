@@ -485,6 +485,7 @@ def _long_context_eval(
     needle_trials,
     no_needle,
     needle_variants,
+    needle_contexts,
     checkpoint,
     **opts,
 ):
@@ -506,6 +507,13 @@ def _long_context_eval(
         for v in chosen:
             if v != "dense" and v[len("toptheta/") :] not in exts:
                 raise TopThetaError(f"--needle-variants names {v!r}: use dense and the --theta-extrapolation values")
+    needle_at = None
+    if needle_contexts:
+        needle_at = tuple(_ints(needle_contexts, "--needle-contexts"))
+        if not set(needle_at) <= set(contexts):
+            raise TopThetaError(
+                f"--needle-contexts {needle_contexts} names lengths not in --context {context}: pick from those"
+            )
     from topthetaexport.eval.long_context import evaluate_long_context
 
     command = _eval_command(
@@ -517,6 +525,7 @@ def _long_context_eval(
         needle_trials=needle_trials,
         no_needle=no_needle,
         needle_variants=needle_variants,
+        needle_contexts=needle_contexts,
         **opts,
     )
     with output_parents(output), _progress() as p:
@@ -528,6 +537,7 @@ def _long_context_eval(
             needle_trials=needle_trials,
             needle=not no_needle,
             needle_variants=chosen,
+            needle_contexts=needle_at,
             checkpoint=checkpoint,
             output=output,
             command=command,
@@ -595,6 +605,11 @@ def eval_cmd(
     needle_variants: str | None = typer.Option(
         None, "--needle-variants", help="--context: variants that run the needle task, e.g. dense,fit (default: all)"
     ),
+    needle_contexts: str | None = typer.Option(
+        None,
+        "--needle-contexts",
+        help="--context: the lengths of --context that run the needle task, e.g. 8192 (default: all)",
+    ),
     checkpoint: Path | None = typer.Option(
         None, "--checkpoint", help="--context: JSON file rewritten after every stage with what is measured so far"
     ),
@@ -614,6 +629,7 @@ def eval_cmd(
             needle_trials=needle_trials,
             no_needle=no_needle,
             needle_variants=needle_variants,
+            needle_contexts=needle_contexts,
             checkpoint=checkpoint,
         )
         return

@@ -73,6 +73,7 @@ def test_long_context_eval_report(short_calibrated):
         cross_data="builtin:licenses",
         windows=1,
         needle_depths=(0.5,),
+        needle_contexts=(4 * CALIB,),
         output=short_calibrated / "eval",
     )
     rows = json.loads((short_calibrated / "eval" / "long-context.json").read_text())
@@ -83,10 +84,12 @@ def test_long_context_eval_report(short_calibrated):
         assert r["k_growth"] is None and r["dense_layers"] == 1  # the setting travels with each row
         assert math.isfinite(r["ppl_dense"]) and math.isfinite(r["ppl_toptheta"])
         assert r["v_rows_reduction"] > 1.0 and 0 < r["kept_per_row"] < r["context"]
-        if r["domain"] == "in_domain":
+        if r["domain"] == "in_domain" and r["context"] == 4 * CALIB:
             assert r["needle_dense"] in (0.0, 1.0) and r["needle_toptheta"] in (0.0, 1.0)
-        else:
-            assert r["needle_dense"] is None
+            assert r["needle_items"] == 1
+        else:  # cross-domain text, or a context left out of needle_contexts
+            assert r["needle_dense"] is None and r["needle_toptheta"] is None and r["needle_items"] == 0
+    assert set(rep["measured"]["dense"]["96"]) == {"in_domain", "cross_domain"}  # no needle run at 2 x CALIB
     by = {(r["context"], r["theta_extrapolation"], r["domain"]): r for r in rows}
     for c in (2 * CALIB, 4 * CALIB):
         fit, last = by[(c, "fit", "in_domain")], by[(c, "last-row", "in_domain")]
@@ -119,4 +122,11 @@ def test_long_context_cli_errors(short_calibrated, capsys):
     assert "unknown --theta-extrapolation" in capsys.readouterr().err
     assert main(["eval", str(out), "-o", str(short_calibrated / "e2"), "--context", "4096"]) == 2
     assert "positions" in capsys.readouterr().err
+    args = ["eval", str(out), "-o", str(short_calibrated / "e2"), "--context", "96,192", "--needle-contexts", "384"]
+    assert main(args) == 2
+    assert "--needle-contexts 384 names lengths not in --context 96,192" in capsys.readouterr().err
+    from topthetaexport.eval.long_context import evaluate_long_context
+
+    with pytest.raises(TopThetaError, match=r"needle contexts \[384\] are not among"):
+        evaluate_long_context(out, contexts=[96], needle_contexts=(384,))
     assert not (short_calibrated / "e2").exists()

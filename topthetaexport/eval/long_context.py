@@ -151,11 +151,14 @@ def evaluate_long_context(
     command: str | None = None,
     checkpoint=None,
     needle_variants: tuple[str, ...] | None = None,
+    needle_contexts: tuple[int, ...] | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Measure ``out_dir/model.onnx`` at each context of ``contexts`` (see the module doc). ``checkpoint``: a
     JSON file rewritten (atomically) after every stage with what is measured so far. ``needle_variants``: the
-    variants ("dense", "toptheta/fit", "toptheta/last-row") that run the needle task (default: all)."""
+    variants ("dense", "toptheta/fit", "toptheta/last-row") that run the needle task (default: all).
+    ``needle_contexts``: the contexts of ``contexts`` that run it (default: all; every needle is a forward of
+    that length, while the perplexity of a shorter context is free, read from the longest window's prefix)."""
     from .._io import write_json
     from ..models import load_model
     from ..onnx.variants import write_variant
@@ -173,6 +176,9 @@ def evaluate_long_context(
         raise TopThetaError(f"unknown θ extrapolation {bad}: use fit, last-row or both (fit,last-row)")
     if not contexts or min(contexts) < 2 or windows < 1 or needle_trials < 1:
         raise TopThetaError("need contexts >= 2 tokens, windows >= 1 and needle trials >= 1")
+    if needle_contexts is not None and not set(needle_contexts) <= set(contexts):
+        extra = sorted(set(needle_contexts) - set(contexts))
+        raise TopThetaError(f"needle contexts {extra} are not among --context {list(contexts)}: pick from those")
     if any(not 0.0 <= d <= 1.0 for d in needle_depths):
         raise TopThetaError(f"needle depths must lie in [0, 1], got {list(needle_depths)}: e.g. 0.1,0.5,0.9")
     th = Thresholds.load(out_dir)
@@ -201,7 +207,8 @@ def evaluate_long_context(
         texts["cross_domain"] = _book_windows(tok, cross_data, c_max, windows)
     used = set(texts["in_domain"][1])
     hay = _haystack(tok, data, used) if needle else []
-    needles = {c: needle_items(tok, hay, c, list(needle_depths), needle_trials) for c in contexts} if needle else {}
+    needle_at = sorted(contexts if needle_contexts is None else needle_contexts) if needle else []
+    needles = {c: needle_items(tok, hay, c, list(needle_depths), needle_trials) for c in needle_at}
 
     variants = [("dense", None)] + [(f"toptheta/{e}", e) for e in extrapolations]
     sessions = {}
@@ -220,7 +227,7 @@ def evaluate_long_context(
     bands = [m for m in (1, 2, 4, 8, 16, 32, 64) if m * calib_rows <= max(contexts)]
     # the most telling measurements first: in-domain text, the other text, then needles by context
     stages: list[tuple[str, int]] = [(dom, 0) for dom in texts]
-    stages += [("needle", c) for c in sorted(contexts)] if needle else []
+    stages += [("needle", c) for c in needle_at]
     n_steps, done = len(stages) * len(variants), 0
     for what, c_needle in stages:
         for name, _ in variants:
