@@ -47,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float16", help="with --shape: float16 (default), float32 or bfloat16")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--exports", help="with --shape: keep (and reuse) the dense export and its rewrite in this folder")
+    p.add_argument(
+        "--no-fuse",
+        dest="fuse",
+        action="store_false",
+        help="leave the four graphs unfused (default: onnx.fusions.FuseForOrt on all of them alike)",
+    )
     r = sub.add_parser("run", help="time the prepared graphs (GPU); writes OUT/e2e-<device>-<date>.{json,md}")
     r.add_argument("--graphs", nargs="+", required=True, help="folders written by prepare")
     r.add_argument("--out", required=True, help="results folder")
@@ -65,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "prepare":
             if args.shape:
-                e2e.prepare_shape(args.shape, args.out, dtype=args.dtype, exports_dir=args.exports)
+                e2e.prepare_shape(args.shape, args.out, dtype=args.dtype, exports_dir=args.exports, fuse=args.fuse)
             else:
-                e2e.prepare_output(args.source, args.out, dense=args.dense)
+                e2e.prepare_output(args.source, args.out, dense=args.dense, fuse=args.fuse)
             return 0
         res = e2e.run_e2e(
             args.graphs,

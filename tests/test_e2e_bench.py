@@ -76,6 +76,8 @@ def test_prepare_writes_graphs_without_weights(prepared):
     embed = [w for w in man["weights"] if w["gather_only"]]
     assert len(embed) == 1 and embed[0]["shape"] == [1000, 64]  # the embedding: B rows read per step
     assert man["streamed_weight_bytes"] == sum(w["nbytes"] for w in man["weights"] if not w["gather_only"])
+    for fusions in man["fusions"].values():  # FuseForOrt on every graph alike (float32: rotary is ONNX's op already)
+        assert fusions == {"simplified_layer_norm": 5, "skip_simplified_layer_norm": 4, "rotary_embedding": 0}
     stored = {w["name"]: w for w in man["weights"]}
     assert min(w["nbytes"] for w in man["weights"]) >= 10000
     for gname, fname in man["graphs"].items():
