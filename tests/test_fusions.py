@@ -24,6 +24,7 @@ from topthetaexport.onnx.exporter import export_onnx
 from topthetaexport.onnx.fusions import FuseForOrt, fused, rotary_caches
 from topthetaexport.onnx.rewriter import rewrite
 from topthetaexport.onnx.variants import op_nodes
+from topthetaexport.options import resolve_fusions
 from topthetaexport.ort.device_generation import DeviceSession
 
 STEPS = 4
@@ -44,15 +45,21 @@ def graphs(request, tiny_models_dir, tmp_path_factory):
     dense = export_onnx(loaded, root / "dense.onnx", dtype=dtype)
     g = torch.Generator().manual_seed(5)
     th = thresholds_for(loaded, torch.randn(loaded.num_layers, loaded.num_heads, 8, generator=g) * 0.3)
-    rewrite(dense, th, root / "shared.onnx", kv_cache="shared")
-    plain = ir.load(root / "shared.onnx")
-    LastTokenLogits()(plain)
-    GreedyNextToken()(plain)
-    ir.save(plain, root / "plain.onnx")
-    model = ir.load(root / "plain.onnx")
-    FuseForOrt(TINY_POSITIONS)(model)
-    ir.save(model, root / "fused.onnx")
-    return {"plain": root / "plain.onnx", "fused": root / "fused.onnx", "layers": loaded.num_layers, "dtype": dtype}
+    th.meta["max_positions"] = TINY_POSITIONS  # as the pipeline records it: the rotary caches' rows
+    for kind, fusions in (("plain", "off"), ("fused", "on")):
+        rewrite(dense, th, root / f"{kind}.onnx", kv_cache="shared", fusions=fusions)
+        model = ir.load(root / f"{kind}.onnx")
+        LastTokenLogits()(model)
+        GreedyNextToken()(model)
+        ir.save(model, root / f"{kind}.onnx")
+    return {
+        "plain": root / "plain.onnx",
+        "fused": root / "fused.onnx",
+        "layers": loaded.num_layers,
+        "dtype": dtype,
+        "dense": dense,
+        "thresholds": th,
+    }
 
 
 def _ops(path) -> Counter:
@@ -64,14 +71,15 @@ def test_every_layer_loses_the_fused_nodes(graphs):
     per_layer, once, rotary = SAVED[graphs["dtype"]]
     assert sum(plain.values()) - sum(fused_ops.values()) == per_layer * layers + once
     assert fused_ops["RotaryEmbedding"] == 2 * layers and fused_ops["SkipSimplifiedLayerNormalization"] == 2 * layers
-    assert fused_ops["SimplifiedLayerNormalization"] == 1  # layer 0's input norm has no residual before it
-    assert fused_ops["RMSNormalization"] == fused_ops["Neg"] == 0
+    assert fused_ops["RMSNormalization"] == 1  # layer 0's input norm has no residual before it: left as it was
+    assert fused_ops["SimplifiedLayerNormalization"] == fused_ops["Neg"] == 0
     assert fused_ops["Cos"] == (0 if rotary else plain["Cos"])  # float32: ONNX RotaryEmbedding reads cos/sin
     assert fused_ops["TopThetaAttention"] == plain["TopThetaAttention"] == layers
     assert fused(ir.load(graphs["fused"])) == {
         "simplified_layer_norm": 2 * layers + 1,
         "skip_simplified_layer_norm": 2 * layers,
         "rotary_embedding": rotary * layers,
+        "rotary_before_transpose": rotary * layers,
     }
 
 
@@ -86,8 +94,12 @@ def test_toptheta_nodes_survive_untouched(graphs):
     assert [(a[:4], {k: v.value for k, v in a[4].items()}) for a in after] == [
         (b[:4], {k: v.value for k, v in b[4].items()}) for b in before
     ]
-    query_producers = {node.inputs[0].producer().op_type for _, node in op_nodes(ir.load(graphs["fused"]).graph)}
-    assert query_producers == {"RotaryEmbedding"}
+    for _, node in op_nodes(ir.load(graphs["fused"]).graph):  # Q and K: rotated, then at most split into heads
+        for value in node.inputs[:2]:
+            producer = value.producer()
+            while producer.op_type in ("Transpose", "Reshape"):
+                producer = producer.inputs[0].producer()
+            assert producer.op_type == "RotaryEmbedding", node.name
 
 
 def test_fused_graph_gives_the_same_logits_on_the_cpu(graphs):
@@ -139,3 +151,26 @@ def test_weightless_bench_graphs_compute_the_rotary_caches_again(graphs, tmp_pat
     again = ir.load(work / e2e.GRAPHS["toptheta"])
     for name, table in expected.items():
         np.testing.assert_array_equal(again.graph.initializers[name].const_value.numpy(), table)
+
+
+def test_auto_fuses_float16_and_bfloat16_on_cuda_only():
+    assert [resolve_fusions("auto", d, cuda=True) for d in ("float32", "float16", "bfloat16")] == ["off", "on", "on"]
+    assert resolve_fusions("auto", "float16", cuda=False) == "off"
+    assert (
+        resolve_fusions("on", "float32", cuda=False) == "on" and resolve_fusions("off", "float16", cuda=True) == "off"
+    )
+    with pytest.raises(TopThetaError, match="unknown fusions mode 'yes' \\(--fusions\\): use auto, on or off"):
+        resolve_fusions("yes", "float16", cuda=True)
+
+
+def test_rewrite_with_fusions_needs_the_rotary_length(graphs, tmp_path):
+    th = graphs["thresholds"]
+    del th.meta["max_positions"]
+    try:
+        with pytest.raises(TopThetaError, match="need the model's maximum position .* --max-context N") as err:
+            rewrite(graphs["dense"], th, tmp_path / "m.onnx", fusions="on")
+        assert "\n" not in str(err.value)
+        with pytest.raises(TopThetaError, match="unknown fusions mode 'auto' \\(--fusions\\): use on or off"):
+            rewrite(graphs["dense"], th, tmp_path / "m.onnx", fusions="auto")
+    finally:
+        th.meta["max_positions"] = TINY_POSITIONS

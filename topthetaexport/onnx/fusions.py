@@ -5,14 +5,16 @@
 * ``RmsNormToSimplified``: ONNX ``RMSNormalization`` (opset 23) -> onnxruntime's ``SimplifiedLayerNormalization``
   (the same function; onnxruntime runs both with one kernel, but only the latter has a residual-add fusion), then
   onnxscript's ``SkipSimplifiedLayerNormalization`` fusion: ``Add(residual, x)`` + the next norm become one node
-  that returns both the normalised value and the sum;
+  that returns both the normalised value and the sum (``SimplifiedToRmsNorm`` turns a norm left without one back);
 * rotary embedding: onnxscript's ``RotaryEmbedding`` fusion finds ``x·cos + rotate_half(x)·sin`` on
   ``[B, H, S, D]`` (Slice, Slice, Neg, Concat, Mul, Mul, Add: 7 nodes, 6 kernels per Q and per K) and
   ``RotaryCosSinCache`` turns it into ``com.microsoft.RotaryEmbedding(x, position_ids, cos_cache, sin_cache)``
   with the caches ``[max_positions, D/2]`` computed here from the graph's constant inverse frequencies, the way
   the export computes the angles (float32 ``position · inv_freq``). onnxscript's own cos/sin-cache rule matches
   transformers' ``MatMul`` + ``Transpose`` form; torch's exporter writes that product as a broadcast ``Mul``,
-  which is the form matched here.
+  which is the form matched here. ``RotaryBeforeTranspose`` then applies it to ``[B, S, H·D]`` ahead of the
+  Reshape/Transpose into heads, so that a consumer reading ``[B, S, H·D]`` (GroupQueryAttention) needs no
+  Transpose at all.
 
 TopThetaAttention nodes are not touched (same inputs from ``value`` on, attributes and count, checked after the
 rewrite); their query and new key now come from ``RotaryEmbedding``. The pass suits every graph of the end-to-end
@@ -41,7 +43,9 @@ __all__ = [
     "ROTARY_CACHE_PREFIX",
     "FuseForOrt",
     "RmsNormToSimplified",
+    "RotaryBeforeTranspose",
     "RotaryCosSinCache",
+    "SimplifiedToRmsNorm",
     "fused",
     "rotary_caches",
 ]
@@ -99,6 +103,25 @@ class RmsNormToSimplified(pattern.RewriteRuleClassBase):
             axis=attrs.get_int("axis", -1),
             epsilon=attrs.get_float("epsilon", 1e-5),
             stash_type=int(ir.DataType.FLOAT),
+        )
+
+
+class SimplifiedToRmsNorm(pattern.RewriteRuleClassBase):
+    """A ``SimplifiedLayerNormalization`` no residual Add was fused into (the first layer's input norm) -> ONNX
+    ``RMSNormalization`` again: the same kernel in onnxruntime, and a graph onnx.checker accepts (onnxruntime
+    registers ``SimplifiedLayerNormalization`` in the ONNX domain, which ONNX does not know)."""
+
+    def pattern(self, op, x, scale):
+        return op.SimplifiedLayerNormalization(x, scale, _allow_other_attributes=True, _outputs=["normalized"])
+
+    def rewrite(self, op, x, scale, normalized, **_):
+        attrs = normalized.producer().attributes
+        return op.RMSNormalization(
+            x,
+            scale,
+            axis=attrs.get_int("axis", -1),
+            epsilon=attrs.get_float("epsilon", 1e-5),
+            stash_type=attrs.get_int("stash_type", int(ir.DataType.FLOAT)),
         )
 
 
@@ -165,6 +188,36 @@ class RotaryCosSinCache(pattern.RewriteRuleClassBase):
         return op.RotaryEmbedding(x, position_ids, cos_cache, sin_cache, interleaved=0, _domain=ORT_DOMAIN)
 
 
+class RotaryBeforeTranspose(pattern.RewriteRuleClassBase):
+    """``RotaryEmbedding(Transpose(Reshape(x, [B, S, H, D]), [0, 2, 1, 3]), ...)`` -> the same rotary on ``x``
+    ``[B, S, H·D]`` (onnxruntime's op takes both layouts), then the Reshape and Transpose: the layout change then
+    sits next to the consumer's, and where that is the opposite Transpose (GroupQueryAttention reads ``[B, S, H·D]``)
+    onnxruntime's optimizer cancels the pair."""
+
+    def pattern(self, op, x, shape, position_ids, cos_cache, sin_cache):
+        heads = op.Transpose(op.Reshape(x, shape, _outputs=["split_heads"]), perm=[0, 2, 1, 3])
+        return op.RotaryEmbedding(
+            heads, position_ids, cos_cache, sin_cache, _domain=ORT_DOMAIN, _allow_other_attributes=True
+        )
+
+    def check(self, context, x, split_heads, cos_cache, **_) -> MatchResult:
+        result = MatchResult()
+        xs, hs = x.shape, split_heads.shape
+        if xs is None or len(xs) != 3 or hs is None or len(hs) != 4:
+            return result.fail("not a [B, S, H·D] -> [B, S, H, D] reshape", x)
+        if not isinstance(hs[2], int) or not isinstance(hs[3], int) or not isinstance(xs[2], int):
+            return result.fail("the head count or size is not static", split_heads)
+        if xs[2] != hs[2] * hs[3] or cos_cache.shape is None or cos_cache.shape[1] * 2 != hs[3]:
+            return result.fail("the rotary does not span whole heads", x)
+        return result
+
+    def rewrite(self, op, x, shape, position_ids, cos_cache, sin_cache, split_heads, **_):
+        rotated = op.RotaryEmbedding(
+            x, position_ids, cos_cache, sin_cache, interleaved=0, num_heads=split_heads.shape[2], _domain=ORT_DOMAIN
+        )
+        return op.Transpose(op.Reshape(rotated, shape), perm=[0, 2, 1, 3])
+
+
 def cos_sin_cache(inv_freq: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
     """float32 ``cos``/``sin`` of ``position · inv_freq`` for positions ``0 .. rows - 1``, ``[rows, D/2]``; the angles
     in float32, as the exported graph computes them."""
@@ -209,6 +262,7 @@ class FuseForOrt(InPlacePass):
         before = _op_signature(model)
         counts = {"simplified_layer_norm": pattern.RewriteRuleSet([RmsNormToSimplified.rule()]).apply_to_model(model)}
         counts["skip_simplified_layer_norm"] = fuse_skip_rms_normalization(model)
+        pattern.RewriteRuleSet([SimplifiedToRmsNorm.rule()]).apply_to_model(model)
         found = fuse_rotary_embedding(model)
         inv_freqs: dict[str, str] = {}
         rules = [
@@ -221,6 +275,7 @@ class FuseForOrt(InPlacePass):
             for c in (True, False)
         ]
         counts["rotary_embedding"] = pattern.RewriteRuleSet(rules).apply_to_model(model)
+        counts["rotary_before_transpose"] = pattern.RewriteRuleSet([RotaryBeforeTranspose.rule()]).apply_to_model(model)
         model.metadata_props.update(inv_freqs)
         if counts["rotary_embedding"] != found:  # a form the cache rule does not know: back to the plain nodes
             InlinePass()(model)

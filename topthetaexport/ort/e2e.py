@@ -38,7 +38,7 @@ import numpy as np
 from .._errors import TopThetaError
 from ..onnx import names
 
-__all__ = ["SHAPES", "prepare_output", "prepare_shape", "render_markdown", "run_e2e"]
+__all__ = ["SHAPES", "fuse_prepared", "prepare_output", "prepare_shape", "render_markdown", "run_e2e"]
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.data"
@@ -274,6 +274,57 @@ def prepare_output(
         }
         manifest = _write_graphs(models, work_dir, info, keep_data=True)
     return manifest
+
+
+def fuse_prepared(graph_dir: str | Path, out_dir: str | Path | None = None, *, log: Callable = _log) -> Path:
+    """``FuseForOrt`` on the four graphs of a folder ``prepare --shape`` wrote unfused (weights not needed: the
+    fusions read no weight), written to ``out_dir`` (default: in place) with the rotary caches added to the
+    manifest (kind ``rotary_cos``/``rotary_sin``, computed again by ``materialize``); returns the manifest."""
+    import onnx_ir as ir
+
+    from ..onnx.fusions import FuseForOrt, rotary_caches
+
+    graph_dir = Path(graph_dir)
+    out_dir = Path(out_dir) if out_dir else graph_dir
+    path = graph_dir / MANIFEST
+    if not path.is_file():
+        raise TopThetaError(f"{graph_dir} has no {MANIFEST}: pass a folder written by 'bench/e2e.py prepare'")
+    man = json.loads(path.read_text())
+    if any((man.get("fusions") or {}).values()):
+        raise TopThetaError(f"{graph_dir} is fused already (manifest 'fusions'): nothing to do")
+    if any(e["kind"] == "data" for e in man["weights"]):
+        raise TopThetaError(f"{graph_dir} carries its weights: make it again with 'bench/e2e.py prepare --from'")
+    rows = _cache_rows(man.get("max_positions"), True)
+    if rows is None:
+        raise TopThetaError(f"{graph_dir}'s manifest has no max_positions: make it again with 'bench/e2e.py prepare'")
+    models = {key: ir.load(graph_dir / fname) for key, fname in man["graphs"].items()}
+    caches: dict[str, tuple[Any, np.ndarray]] = {}
+    for model in models.values():
+        FuseForOrt(rows)(model)
+        for name, inv_freq in rotary_caches(model).items():
+            caches.setdefault(name, (model.graph.initializers[name].const_value, inv_freq))
+    offset = int(man["weights_bytes"])
+    for name in sorted(caches):
+        t, inv_freq = caches[name]
+        kind = "rotary_" + name.rsplit(".", 1)[1].split("_")[0]
+        entry: dict[str, Any] = {"name": name, "dtype": _FLOAT_TYPES[t.dtype.name], "shape": [int(d) for d in t.shape]}
+        entry.update(nbytes=int(t.nbytes), offset=offset, gather_only=True, kind=kind, inv_freq=inv_freq.tolist())
+        man["weights"].append(entry)
+        offset += -(-entry["nbytes"] // _ALIGN) * _ALIGN
+        for model in models.values():
+            value = model.graph.initializers.get(name)
+            if value is not None:
+                value.const_value = ir.ExternalTensor(
+                    WEIGHTS, entry["offset"], entry["nbytes"], t.dtype, shape=ir.Shape(entry["shape"]), name=name
+                )
+    man["weights_bytes"] = offset
+    man["fusions"] = _fusions(models)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for key, model in models.items():
+        ir.save(model, out_dir / man["graphs"][key])
+    (out_dir / MANIFEST).write_text(json.dumps(man, indent=1))
+    log(f"fused {out_dir}: {man['fusions']['toptheta']}")
+    return out_dir / MANIFEST
 
 
 def _max_positions(out: Path, loaded) -> int | None:
