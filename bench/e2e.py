@@ -7,6 +7,8 @@ Two halves (topthetaexport.ort.e2e; docs/benchmarks.md, "End to end"):
     python bench/e2e.py prepare --shape smollm2-135m --out .gpubuild/e2e-smollm2-135m
     # a pipeline output folder (real weights, calibrated θ): the weights travel in DIR/weights.data
     python bench/e2e.py prepare --from out/smollm2-135m --out .gpubuild/e2e-smollm2-real
+    # folders made unfused (--no-fuse, or before the fusions existed): fused in place, no export needed
+    python bench/e2e.py fuse --graphs .gpubuild/e2e-qwen2.5-1.5b .gpubuild/e2e-smollm2-135m
 
     # on the GPU machine (bench/gpu_session.sh e2e): weights regenerated there, θ set, everything timed
     python bench/e2e.py run --graphs .gpubuild/e2e-smollm2-135m .gpubuild/e2e-qwen2.5-1.5b --out bench/results
@@ -47,6 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float16", help="with --shape: float16 (default), float32 or bfloat16")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--exports", help="with --shape: keep (and reuse) the dense export and its rewrite in this folder")
+    p.add_argument(
+        "--no-fuse",
+        dest="fuse",
+        action="store_false",
+        help="leave the four graphs unfused (default: onnx.fusions.FuseForOrt on all of them alike)",
+    )
+    f = sub.add_parser("fuse", help="fuse the graphs of folders 'prepare --shape' wrote unfused (CPU, seconds)")
+    f.add_argument("--graphs", nargs="+", required=True, help="folders written by prepare (fused in place)")
     r = sub.add_parser("run", help="time the prepared graphs (GPU); writes OUT/e2e-<device>-<date>.{json,md}")
     r.add_argument("--graphs", nargs="+", required=True, help="folders written by prepare")
     r.add_argument("--out", required=True, help="results folder")
@@ -65,9 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "prepare":
             if args.shape:
-                e2e.prepare_shape(args.shape, args.out, dtype=args.dtype, exports_dir=args.exports)
+                e2e.prepare_shape(args.shape, args.out, dtype=args.dtype, exports_dir=args.exports, fuse=args.fuse)
             else:
-                e2e.prepare_output(args.source, args.out, dense=args.dense)
+                e2e.prepare_output(args.source, args.out, dense=args.dense, fuse=args.fuse)
+            return 0
+        if args.cmd == "fuse":
+            for gdir in args.graphs:
+                e2e.fuse_prepared(gdir)
             return 0
         res = e2e.run_e2e(
             args.graphs,

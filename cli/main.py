@@ -19,7 +19,7 @@ from topthetaexport import __version__
 from topthetaexport._errors import TopThetaError
 from topthetaexport._io import check_writable_dir, output_parents, staged_files
 from topthetaexport.onnx.names import KEPT_PREFIX
-from topthetaexport.options import check_options, resolve_dtype, resolve_kv_cache
+from topthetaexport.options import check_options, resolve_dtype, resolve_fusions, resolve_kv_cache
 from topthetaexport.ort.library import runs_on_cuda
 
 console = Console(stderr=True)
@@ -78,6 +78,12 @@ DTYPE_OPT = typer.Option(
     "--dtype",
     help="dtype the exported model runs in: auto (float16 on CUDA, float32 on CPU), float32, float16 or "
     "bfloat16 (CUDA only); calibration always runs in float32",
+)
+FUSIONS_OPT = typer.Option(
+    "auto",
+    "--fusions",
+    help="onnxruntime's fused kernels outside attention (SkipSimplifiedLayerNormalization, RotaryEmbedding; "
+    "docs/graph.md): auto (on for a float16/bfloat16 graph on CUDA, off otherwise), on or off",
 )
 
 KV_CACHE_OPT = typer.Option(
@@ -208,6 +214,7 @@ def pipeline_cmd(
     device: str = DEVICE_OPT,
     dtype: str = DTYPE_OPT,
     kv_cache: str = KV_CACHE_OPT,
+    fusions: str = FUSIONS_OPT,
     threads: int | None = THREADS_OPT,
     theta_extrapolation: str = typer.Option(
         "last-row", "--theta-extrapolation", help="θ past --seq-len: fit (materialised to --max-context) or last-row"
@@ -227,6 +234,7 @@ def pipeline_cmd(
         device=device,
         dtype=dtype,
         kv_cache=kv_cache,
+        fusions=fusions,
         threads=threads,
         theta_extrapolation=theta_extrapolation,
         max_context=max_context,
@@ -252,6 +260,7 @@ def pipeline_cmd(
             device=device,
             dtype=dtype,
             kv_cache=kv_cache,
+            fusions=fusions,
             threads=threads,
             theta_extrapolation=theta_extrapolation,
             max_context=max_context,
@@ -368,7 +377,10 @@ def rewrite_cmd(
     out: Path = typer.Option(..., "-o", "--out", help="output .onnx file"),
     comp_mode: int = COMP_OPT,
     kv_cache: str = KV_CACHE_OPT,
-    device: str = typer.Option("cpu", "--device", help="device the model will run on (picks --kv-cache auto)"),
+    fusions: str = FUSIONS_OPT,
+    device: str = typer.Option(
+        "cpu", "--device", help="device the model will run on (picks --kv-cache auto and --fusions auto)"
+    ),
     theta_extrapolation: str = typer.Option(
         "last-row",
         "--theta-extrapolation",
@@ -382,6 +394,7 @@ def rewrite_cmd(
     check_options(
         comp_mode=comp_mode,
         kv_cache=kv_cache,
+        fusions=fusions,
         device=device,
         theta_extrapolation=theta_extrapolation,
         max_context=max_context,
@@ -394,6 +407,10 @@ def rewrite_cmd(
         from topthetaexport.thresholds import Thresholds
 
         th = Thresholds.load(thresholds)
+        if fusions == "auto":
+            from topthetaexport.onnx.summary import graph_dtype
+
+            fusions = resolve_fusions(fusions, graph_dtype(dense) or "float32", cuda=runs_on_cuda(device))
         rep = rewrite(
             dense,
             th,
@@ -402,9 +419,11 @@ def rewrite_cmd(
             kv_cache=kv_cache,
             theta_extrapolation=theta_extrapolation,
             max_context=max_context,
+            fusions=fusions,
         )
     n = len(rep.get("layers", []))
     form = f" ({rep['kv_cache']} KV cache)" if rep.get("kv_cache") else ""
+    form += "; fused " + ", ".join(f"{k} {v}" for k, v in rep["fusions"].items()) if rep.get("fusions") else ""
     out_console.print(f"rewrote {n} attention blocks into TopThetaAttention{form}; wrote {out}", soft_wrap=True)
 
 

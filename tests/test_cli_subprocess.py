@@ -298,6 +298,7 @@ BAD_OPTIONS = [
     (["rewrite", "dense.onnx", "--thresholds", "th", "-o", "a/b/m.onnx", "--comp-mode", "3"], "--comp-mode"),
     (["rewrite", "dense.onnx", "--thresholds", "th", "-o", "a/b/m.onnx", "--kv-cache", "ring"], "--kv-cache"),
     (["{model}", "--calib", "{calib}", "-o", "a/b/out", "--kv-cache", "ring"], "--kv-cache"),
+    (["rewrite", "dense.onnx", "--thresholds", "th", "-o", "a/b/m.onnx", "--fusions", "all"], "--fusions"),
     (["validate", "{out}", "--windows", "0"], "--windows"),
     (["validate", "{out}", "--device", "tpu"], "--device"),
     (["eval", "{out}", "-o", "a/b/ev", "--windows", "1"], "--windows"),

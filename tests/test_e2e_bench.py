@@ -18,6 +18,7 @@ import onnx
 import pytest
 from conftest import tiny_bpe_tokenizer
 
+from topthetaexport._errors import TopThetaError
 from topthetaexport.onnx import names
 from topthetaexport.ort import e2e
 
@@ -76,6 +77,13 @@ def test_prepare_writes_graphs_without_weights(prepared):
     embed = [w for w in man["weights"] if w["gather_only"]]
     assert len(embed) == 1 and embed[0]["shape"] == [1000, 64]  # the embedding: B rows read per step
     assert man["streamed_weight_bytes"] == sum(w["nbytes"] for w in man["weights"] if not w["gather_only"])
+    for fusions in man["fusions"].values():  # FuseForOrt on every graph alike (float32: rotary is ONNX's op already)
+        assert fusions == {
+            "simplified_layer_norm": 5,
+            "skip_simplified_layer_norm": 4,
+            "rotary_embedding": 0,
+            "rotary_before_transpose": 0,
+        }
     stored = {w["name"]: w for w in man["weights"]}
     assert min(w["nbytes"] for w in man["weights"]) >= 10000
     for gname, fname in man["graphs"].items():
@@ -100,6 +108,27 @@ def test_prepare_writes_graphs_without_weights(prepared):
         if gname == "toptheta_measure":
             assert {names.kept_name(0), names.io_name(0, "q")} <= set(outputs)
             assert names.io_name(0, "k") not in outputs
+
+
+def test_unfused_folder_fused_afterwards_equals_a_fused_prepare(prepared, root):
+    """prepare --no-fuse (reusing the export) then fuse (bench/e2e.py fuse): a fused prepare's graphs and manifest."""
+    out = root / "tiny-unfused"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(e2e, "STRIP_BYTES", 10000)
+        e2e.prepare_shape("tiny", out, dtype="float32", exports_dir=root / "exports", fuse=False, log=lambda m: None)
+    assert set(json.loads((out / e2e.MANIFEST).read_text())["fusions"].values()) == {None}
+    e2e.fuse_prepared(out, log=lambda m: None)
+    fused, made = (json.loads((d / e2e.MANIFEST).read_text()) for d in (out, prepared))
+    assert fused["fusions"] == made["fusions"] and fused["weights_bytes"] == made["weights_bytes"]
+    for fname in e2e.GRAPHS.values():
+        ops = [
+            sorted(n.op_type for n in onnx.load(str(d / fname), load_external_data=False).graph.node)
+            for d in (out, prepared)
+        ]
+        assert ops[0] == ops[1], fname
+    with pytest.raises(TopThetaError, match="is fused already .*: nothing to do") as err:
+        e2e.fuse_prepared(out, log=lambda m: None)
+    assert "\n" not in str(err.value)
 
 
 def test_run_on_cpu_writes_the_rows(prepared, tmp_path):

@@ -8,6 +8,7 @@ COMP_MODES = {0: "none", 1: "SDC", 2: "SDC + V-mean"}
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 KV_CACHES = ("auto", "concat", "shared")
+FUSIONS = ("auto", "on", "off")
 AGGREGATIONS = ("mean", "mean+sigma")
 EXTRAPOLATIONS = ("fit", "last-row")
 
@@ -69,6 +70,9 @@ def check_options(**options) -> None:
         elif name == "kv_cache":
             if value not in KV_CACHES:
                 raise TopThetaError(f"unknown KV-cache form {value!r} (--kv-cache): use auto, concat or shared")
+        elif name == "fusions":
+            if value not in FUSIONS:
+                raise TopThetaError(f"unknown fusions mode {value!r} (--fusions): use auto, on or off")
         elif name == "aggregation":
             if value not in AGGREGATIONS:
                 raise TopThetaError(f"unknown aggregation {value!r} (--aggregation): use mean or mean+sigma")
@@ -122,3 +126,13 @@ def resolve_kv_cache(kv_cache: str, device: str, *, cuda: bool, has_cache: bool 
             "use --kv-cache concat (or auto)"
         )
     return kv_cache
+
+
+def resolve_fusions(fusions: str, dtype: str, *, cuda: bool) -> str:
+    """Whether the rewritten graph gets onnxruntime's fused kernels outside attention (``onnx.fusions``): ``auto``
+    is ``on`` for a float16/bfloat16 graph on CUDA (``cuda`` as for ``resolve_dtype``; ``dtype`` resolved), where
+    the decode step is many small kernels, else ``off``, so the CPU path stays exactly as it was."""
+    check_options(fusions=fusions)
+    if fusions == "auto":
+        return "on" if cuda and dtype in ("float16", "bfloat16") else "off"
+    return fusions

@@ -13,7 +13,7 @@ from ._errors import TopThetaError
 from ._io import staged_files, staged_output_dir, write_json
 from .data import describe_data
 from .deploy import write_deploy_files
-from .options import check_options, resolve_dtype, resolve_kv_cache
+from .options import check_options, resolve_dtype, resolve_fusions, resolve_kv_cache
 from .ort.library import library_info, library_path, runs_on_cuda
 from .progress import Progress
 
@@ -52,6 +52,7 @@ def export(
     kv_cache: str = "auto",
     theta_extrapolation: str = "last-row",
     max_context: int | None = None,
+    fusions: str = "auto",
     progress: Progress | None = None,
 ) -> Path:
     """Export ``model`` to ONNX and rewrite its attention into TopThetaAttention: ``out_dir/model.onnx``.
@@ -59,7 +60,9 @@ def export(
     ``dtype`` (auto, float32, float16, bfloat16; auto = float16 if ``device`` resolves to CUDA, else
     float32) is what the graph runs in; a float32 ``model`` is exported from a cast copy and left as it is.
     ``kv_cache`` (auto, concat, shared; auto = shared if ``device`` resolves to CUDA and the model has a KV
-    cache, else concat) is the graph's KV-cache form (docs/graph.md).
+    cache, else concat) is the graph's KV-cache form (docs/graph.md). ``fusions`` (auto, on, off; auto = on for a
+    float16/bfloat16 graph on CUDA, else off): onnxruntime's fused kernels outside attention (docs/graph.md,
+    "Fusions").
 
     Also saves the thresholds, ``library.json`` and the model's config, tokenizer and generation config
     next to it (all moved into ``out_dir`` together at the end). Returns the model path.
@@ -72,9 +75,14 @@ def export(
     from .thresholds import Thresholds
 
     check_options(
-        comp_mode=comp_mode, kv_cache=kv_cache, theta_extrapolation=theta_extrapolation, max_context=max_context
+        comp_mode=comp_mode,
+        kv_cache=kv_cache,
+        theta_extrapolation=theta_extrapolation,
+        max_context=max_context,
+        fusions=fusions,
     )
     dtype = resolve_dtype(dtype, device, cuda=runs_on_cuda(device))
+    fusions = resolve_fusions(fusions, dtype, cuda=runs_on_cuda(device))
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     kv_cache = resolve_kv_cache(kv_cache, device, cuda=runs_on_cuda(device), has_cache=_has_cache(loaded))
     th = thresholds if isinstance(thresholds, Thresholds) else Thresholds.load(thresholds)
@@ -85,12 +93,23 @@ def export(
     with staged_files(out_dir) as stage:
         with tempfile.TemporaryDirectory(prefix="toptheta-dense-", dir=stage) as tmp:
             dense = export_onnx(loaded, Path(tmp) / "dense.onnx", dtype=dtype, progress=progress)
-            rewrite(dense, th, stage / "model.onnx", comp_mode=comp_mode, kv_cache=kv_cache)
+            rewrite(dense, th, stage / "model.onnx", comp_mode=comp_mode, kv_cache=kv_cache, fusions=fusions)
         th.save(stage)
         write_json(stage / "library.json", library_info())
         save_model_files(loaded, stage)
         write_deploy_files(loaded, stage, library_path())
     return out_dir / "model.onnx"
+
+
+def _graph_fusions(path: Path) -> dict[str, int] | None:
+    """What ``onnx.fusions.FuseForOrt`` fused in the graph at ``path`` (None: unfused), from its metadata."""
+    import onnx
+
+    from .onnx.fusions import FUSIONS_META
+
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    text = meta.get(FUSIONS_META)
+    return {k: int(v) for k, v in (item.split("=") for item in text.split(",") if item)} if text else None
 
 
 def _has_cache(loaded) -> bool:
@@ -130,6 +149,7 @@ def run_pipeline(
     threads: int | None = None,
     theta_extrapolation: str = "last-row",
     max_context: int | None = None,
+    fusions: str = "auto",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """calibrate → export → rewrite → validate into ``out``; returns the report (also ``out/report.json``).
@@ -138,7 +158,7 @@ def run_pipeline(
 
     Calibration runs the model in float32 PyTorch; the export runs in ``dtype`` (see ``export``), from a
     cast copy of the same loaded model, and validation compares it with the float32 model. ``kv_cache``: the
-    graph's KV-cache form (see ``export``).
+    graph's KV-cache form, ``fusions`` its fused kernels outside attention (see ``export``).
     """
     from .models import load_model
     from .onnx.summary import graph_dtype, graph_kv_cache
@@ -158,6 +178,7 @@ def run_pipeline(
         kv_cache=kv_cache,
         theta_extrapolation=theta_extrapolation,
         max_context=max_context,
+        fusions=fusions,
     )
     dtype = resolve_dtype(dtype, device, cuda=runs_on_cuda(device))  # bfloat16 on CPU fails here, before any work
     prog = progress or (lambda stage, message, fraction: None)
@@ -201,6 +222,7 @@ def run_pipeline(
             kv_cache=kv_cache,
             theta_extrapolation=theta_extrapolation,
             max_context=max_context,
+            fusions=fusions,
             progress=progress,
         )
         timings["export_s"] = time.perf_counter() - t
@@ -212,6 +234,7 @@ def run_pipeline(
             "model": loaded.name,
             "dtype": graph_dtype(stage / "model.onnx"),
             "kv_cache": graph_kv_cache(stage / "model.onnx"),
+            "fusions": _graph_fusions(stage / "model.onnx"),
             "calibration": {
                 "data": describe_data(calib),
                 "k": k,

@@ -134,6 +134,7 @@ def rewrite(
     kv_cache: str = "concat",
     theta_extrapolation: str = "last-row",
     max_context: int | None = None,
+    fusions: str = "off",
 ) -> dict[str, Any]:
     """Rewrite ``onnx_in`` (a dense export) into ``onnx_out`` with one TopThetaAttention per layer.
 
@@ -144,6 +145,9 @@ def rewrite(
     ``theta_extrapolation`` "fit": θ materialised up to ``max_context`` rows (default: the model's maximum
     position, from the calibration metadata) with the per-head log fit of ``Thresholds.extended``;
     "last-row": the calibrated rows only, the operator reuses the last one past them (docs/op.md).
+    ``fusions`` "on": onnxruntime's fused kernels outside attention (``onnx.fusions.FuseForOrt``: skip + RMS norm,
+    rotary with cos/sin caches of ``max_context`` or the model's maximum position); "off": as matched. Graphs made
+    elsewhere are written with their own nodes either way.
     """
     import onnx_ir as ir
     from onnx_ir.passes.common import RemoveUnusedNodesPass
@@ -155,6 +159,8 @@ def rewrite(
         raise TopThetaError(f"comp_mode must be 0 (none), 1 (SDC) or 2 (SDC + V-mean), got {comp_mode}")
     if kv_cache not in names.KV_CACHE_FORMS:
         raise TopThetaError(f"unknown KV-cache form {kv_cache!r} (--kv-cache): use concat or shared")
+    if fusions not in ("on", "off"):
+        raise TopThetaError(f"unknown fusions mode {fusions!r} (--fusions): use on or off")
     onnx_in, onnx_out = Path(onnx_in), Path(onnx_out)
     if onnx_out.suffix != ".onnx" or onnx_out.is_dir():
         raise TopThetaError(f"output path {onnx_out} must be a file ending in .onnx: pass e.g. model.onnx")
@@ -202,6 +208,16 @@ def rewrite(
     RemoveUnusedNodesPass()(model)
     if kv_cache == "shared":
         ShareKvBuffer()(model)  # after the dead-node pass: the 4-D mask subgraph no longer reads the cache
+    if fusions == "on":
+        from .fusions import FuseForOrt
+
+        rows = max_context or th.meta.get("max_positions")
+        if not rows:
+            raise TopThetaError(
+                "the fusions need the model's maximum position for the rotary caches: pass --max-context N "
+                "(these thresholds do not record it), or --fusions off"
+            )
+        FuseForOrt(int(rows))(model)
     model.opset_imports[DOMAIN] = OP_VERSION
     model.metadata_props.update(_metadata(th, th_source, comp_mode))
     form = kv_cache_form(graph)

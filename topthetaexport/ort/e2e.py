@@ -38,7 +38,7 @@ import numpy as np
 from .._errors import TopThetaError
 from ..onnx import names
 
-__all__ = ["SHAPES", "prepare_output", "prepare_shape", "render_markdown", "run_e2e"]
+__all__ = ["SHAPES", "fuse_prepared", "prepare_output", "prepare_shape", "render_markdown", "run_e2e"]
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.data"
@@ -53,6 +53,7 @@ _ALIGN = 4096
 _FLOAT_TYPES = {"FLOAT": "float32", "FLOAT16": "float16", "BFLOAT16": "bfloat16"}
 V_ROWS_LIMIT = 1 / 3  # the issue's bound on the V rows read per decode step
 V_ROWS_TARGET = 0.30  # what the θ search aims at (a margin below the bound)
+ROTARY_MARGIN = 16  # rotary cache rows past the model's positions: a row's buffer holds its context + 2 tokens
 
 # name -> (architecture, config keywords); head dims and GQA ratios of the models the issue names
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -174,9 +175,13 @@ def prepare_shape(
     *,
     dtype: str = "float16",
     exports_dir: str | Path | None = None,
+    fuse: bool = True,
     log: Callable = _log,
 ) -> Path:
     """Export a random-weight model of ``shape``, make the graphs, write them without weights; returns the manifest.
+
+    ``fuse``: apply ``onnx.fusions.FuseForOrt`` to all four graphs alike (rotary caches as long as the model's
+    positions; recorded in the manifest as ``fusions``).
 
     ``exports_dir``: keep the dense export and its rewrite there (with their weights) and reuse them when they are
     already there for this shape and dtype, so the graphs can be remade in minutes (the 1.5B export takes ~10 min
@@ -208,7 +213,8 @@ def prepare_shape(
             rewrite(dense, th, tt)
             log(f"rewritten in {time.perf_counter() - t0:.0f} s")
             stamp.write_text(json.dumps(info))
-        models = graph_set(dense, tt, theta_input=True)
+        models = graph_set(dense, tt, theta_input=True, fuse_positions=_cache_rows(info["max_positions"], fuse))
+        info["fusions"] = _fusions(models)
         info["theta"] = {"mode": "search", "target_v_rows": V_ROWS_TARGET, "limit_v_rows": V_ROWS_LIMIT}
         manifest = _write_graphs(models, out_dir, info, keep_data=False)
     log(f"wrote {out_dir} ({_dir_mb(out_dir):.1f} MB) in {time.perf_counter() - t0:.0f} s")
@@ -216,12 +222,18 @@ def prepare_shape(
 
 
 def prepare_output(
-    out: str | Path, work_dir: str | Path, *, dense: str | Path | None = None, log: Callable = _log
+    out: str | Path,
+    work_dir: str | Path,
+    *,
+    dense: str | Path | None = None,
+    fuse: bool = True,
+    log: Callable = _log,
 ) -> Path:
     """The three graphs of a pipeline output folder ``out`` (its model.onnx, its calibrated θ), with weights.
 
     (b) is ``dense`` when given, else re-exported from the model named in the folder's metadata in the graph's
-    dtype (the weights are the same: the rewrite does not touch them).
+    dtype (the weights are the same: the rewrite does not touch them). ``fuse``: as in ``prepare_shape`` (when the
+    folder names the model's maximum position; a graph fused already stays as it is).
     """
     from ..models import load_model
     from ..onnx.exporter import export_onnx
@@ -246,7 +258,8 @@ def prepare_output(
             log(f"re-exported the dense model {name} ({dtype})")
         else:
             loaded = None
-        models = graph_set(Path(dense), tt, theta_input=False)
+        max_positions = _max_positions(out, loaded)
+        models = graph_set(Path(dense), tt, theta_input=False, fuse_positions=_cache_rows(max_positions, fuse))
         info = {
             "name": meta.get(names.META_PREFIX + "model", tt.parent.name),
             "shape": None,
@@ -255,11 +268,63 @@ def prepare_output(
             "num_heads": int(meta.get(names.META_PREFIX + "num_heads", 0)),
             "num_kv_heads": int(meta.get(names.META_PREFIX + "num_kv_heads", 0)),
             "head_dim": int(meta.get(names.META_PREFIX + "head_dim", 0)),
-            "max_positions": _max_positions(out, loaded),
+            "max_positions": max_positions,
+            "fusions": _fusions(models),
             "theta": {"mode": "calibrated", "source": str(out)},
         }
         manifest = _write_graphs(models, work_dir, info, keep_data=True)
     return manifest
+
+
+def fuse_prepared(graph_dir: str | Path, out_dir: str | Path | None = None, *, log: Callable = _log) -> Path:
+    """``FuseForOrt`` on the four graphs of a folder ``prepare --shape`` wrote unfused (weights not needed: the
+    fusions read no weight), written to ``out_dir`` (default: in place) with the rotary caches added to the
+    manifest (kind ``rotary_cos``/``rotary_sin``, computed again by ``materialize``); returns the manifest."""
+    import onnx_ir as ir
+
+    from ..onnx.fusions import FuseForOrt, rotary_caches
+
+    graph_dir = Path(graph_dir)
+    out_dir = Path(out_dir) if out_dir else graph_dir
+    path = graph_dir / MANIFEST
+    if not path.is_file():
+        raise TopThetaError(f"{graph_dir} has no {MANIFEST}: pass a folder written by 'bench/e2e.py prepare'")
+    man = json.loads(path.read_text())
+    if any((man.get("fusions") or {}).values()):
+        raise TopThetaError(f"{graph_dir} is fused already (manifest 'fusions'): nothing to do")
+    if any(e["kind"] == "data" for e in man["weights"]):
+        raise TopThetaError(f"{graph_dir} carries its weights: make it again with 'bench/e2e.py prepare --from'")
+    rows = _cache_rows(man.get("max_positions"), True)
+    if rows is None:
+        raise TopThetaError(f"{graph_dir}'s manifest has no max_positions: make it again with 'bench/e2e.py prepare'")
+    models = {key: ir.load(graph_dir / fname) for key, fname in man["graphs"].items()}
+    caches: dict[str, tuple[Any, np.ndarray]] = {}
+    for model in models.values():
+        FuseForOrt(rows)(model)
+        for name, inv_freq in rotary_caches(model).items():
+            caches.setdefault(name, (model.graph.initializers[name].const_value, inv_freq))
+    offset = int(man["weights_bytes"])
+    for name in sorted(caches):
+        t, inv_freq = caches[name]
+        kind = "rotary_" + name.rsplit(".", 1)[1].split("_")[0]
+        entry: dict[str, Any] = {"name": name, "dtype": _FLOAT_TYPES[t.dtype.name], "shape": [int(d) for d in t.shape]}
+        entry.update(nbytes=int(t.nbytes), offset=offset, gather_only=True, kind=kind, inv_freq=inv_freq.tolist())
+        man["weights"].append(entry)
+        offset += -(-entry["nbytes"] // _ALIGN) * _ALIGN
+        for model in models.values():
+            value = model.graph.initializers.get(name)
+            if value is not None:
+                value.const_value = ir.ExternalTensor(
+                    WEIGHTS, entry["offset"], entry["nbytes"], t.dtype, shape=ir.Shape(entry["shape"]), name=name
+                )
+    man["weights_bytes"] = offset
+    man["fusions"] = _fusions(models)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for key, model in models.items():
+        ir.save(model, out_dir / man["graphs"][key])
+    (out_dir / MANIFEST).write_text(json.dumps(man, indent=1))
+    log(f"fused {out_dir}: {man['fusions']['toptheta']}")
+    return out_dir / MANIFEST
 
 
 def _max_positions(out: Path, loaded) -> int | None:
@@ -287,8 +352,23 @@ def _model_info(loaded, shape: str, dtype: str) -> dict[str, Any]:
     }
 
 
-def graph_set(dense_path: Path, toptheta_path: Path, *, theta_input: bool) -> dict[str, Any]:
-    """The four onnx-ir models of the bench from a dense export and its Top-θ rewrite (concat or shared form)."""
+def _cache_rows(max_positions: int | None, fuse: bool) -> int | None:
+    return int(max_positions) + ROTARY_MARGIN if fuse and max_positions else None
+
+
+def _fusions(models: dict[str, Any]) -> dict[str, Any]:
+    from ..onnx.fusions import fused
+
+    return {key: fused(model) for key, model in models.items()}
+
+
+def graph_set(
+    dense_path: Path, toptheta_path: Path, *, theta_input: bool, fuse_positions: int | None = None
+) -> dict[str, Any]:
+    """The four onnx-ir models of the bench from a dense export and its Top-θ rewrite (concat or shared form).
+
+    ``fuse_positions``: apply ``FuseForOrt`` with rotary caches of that many positions to every graph (None: the
+    graphs stay unfused; a graph fused already is left as it is)."""
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
     from ..onnx.decoding import GreedyNextToken, LastTokenLogits, ThetaInput
@@ -322,12 +402,18 @@ def graph_set(dense_path: Path, toptheta_path: Path, *, theta_input: bool) -> di
     if theta_input:
         ThetaInput()(toptheta)
         ThetaInput()(measure)
-    return {
+    models = {
         "toptheta": decoding(toptheta),
         "toptheta_measure": decoding(measure),
         "dense": dense,
         "dense_gqa": decoding(gqa),
     }
+    if fuse_positions:
+        from ..onnx.fusions import FuseForOrt
+
+        for model in models.values():
+            FuseForOrt(int(fuse_positions))(model)
+    return models
 
 
 def _op_scale(model) -> float | None:
@@ -347,9 +433,13 @@ def _write_graphs(models: dict[str, Any], out_dir: Path, info: dict[str, Any], *
     ``keep_data``) and the manifest that describes them."""
     import onnx_ir as ir
 
+    from ..onnx.fusions import rotary_caches
+
     entries: dict[str, dict[str, Any]] = {}
     tensors: dict[str, Any] = {}
+    rotary: dict[str, np.ndarray] = {}
     for model in models.values():
+        rotary.update(rotary_caches(model))
         for value in model.graph.initializers.values():
             t = value.const_value
             if t is None or t.dtype.name not in _FLOAT_TYPES or t.nbytes < STRIP_BYTES:
@@ -377,6 +467,8 @@ def _write_graphs(models: dict[str, Any], out_dir: Path, info: dict[str, Any], *
                 f.seek(e["offset"])
                 f.write(np.ascontiguousarray(array).tobytes())
                 e["kind"] = "data"
+            elif name in rotary:  # cos/sin of position · inv_freq: computed again, not drawn at random
+                e.update(kind="rotary_" + name.rsplit(".", 1)[1].split("_")[0], inv_freq=rotary[name].tolist())
             else:
                 e.update(_kind(array))
     for gname, model in models.items():
@@ -436,11 +528,16 @@ def _kind(array: np.ndarray) -> dict[str, Any]:
 
 
 def _gather_only(models: dict[str, Any], wanted: set[str]) -> set[str]:
-    """Initializers read only as the table of a Gather (the embedding: a decode step reads B of its rows)."""
+    """Initializers read only row by row: the table of a Gather (the embedding: a decode step reads B of its rows)
+    or the cos/sin cache of a RotaryEmbedding (B x S rows)."""
     out = set(wanted)
+
+    def by_rows(node, index: int) -> bool:
+        return (node.op_type == "Gather" and index == 0) or (node.op_type == "RotaryEmbedding" and index in (2, 3))
+
     for model in models.values():
         for value in model.graph.initializers.values():
-            if value.name in out and any(not (node.op_type == "Gather" and index == 0) for node, index in value.uses()):
+            if value.name in out and not all(by_rows(node, index) for node, index in value.uses()):
                 out.discard(value.name)
     return out
 
@@ -486,7 +583,14 @@ def materialize(graph_dir: Path, work_dir: Path, *, device: str, seed: int = 123
         f.truncate(int(manifest["weights_bytes"]))
         for i, e in enumerate(manifest["weights"]):
             dt = dtypes[e["dtype"]]
-            if e["kind"] == "ones":
+            if e["kind"] in ("rotary_cos", "rotary_sin"):
+                from ..onnx.fusions import cos_sin_cache
+
+                table = cos_sin_cache(np.array(e["inv_freq"], np.float32), int(e["shape"][0]))[
+                    e["kind"] == "rotary_sin"
+                ]
+                t = torch.from_numpy(table).to(dev).to(dt)
+            elif e["kind"] == "ones":
                 t = torch.ones(e["shape"], dtype=dt, device=dev)
             elif e["kind"] == "zeros":
                 t = torch.zeros(e["shape"], dtype=dt, device=dev)

@@ -1,0 +1,176 @@
+"""The onnxruntime fusions outside attention (topthetaexport.onnx.fusions.FuseForOrt) on a tiny Qwen2 decoder.
+
+Real export (float32 and float16), real rewrite (shared-buffer KV cache, θ keeping about half the keys), real
+onnxruntime CPU sessions (which run RotaryEmbedding and SkipSimplifiedLayerNormalization in float16 too): the
+fused graph gives the unfused graph's logits over a prefill and decode steps, the TopThetaAttention nodes are the
+same, and every layer loses the nodes the fusions claim (docs/graph.md, "Fusions"). In float32 torch's exporter
+already writes rotary as ONNX RotaryEmbedding; in float16 the Casts of cos/sin hide it, and FuseForOrt finds it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from conftest import TINY_POSITIONS, make_tokens, save_tiny_model
+from test_export_rewrite import thresholds_for
+
+from topthetaexport._errors import TopThetaError
+from topthetaexport.models import load_model
+from topthetaexport.onnx.decoding import GreedyNextToken, LastTokenLogits
+from topthetaexport.onnx.exporter import export_onnx
+from topthetaexport.onnx.fusions import FuseForOrt, fused, rotary_caches
+from topthetaexport.onnx.rewriter import rewrite
+from topthetaexport.onnx.variants import op_nodes
+from topthetaexport.options import resolve_fusions
+from topthetaexport.ort.device_generation import DeviceSession
+
+STEPS = 4
+# (nodes saved per layer, once, rotary fusions per layer) by dtype. Per layer: the two residual Adds go into
+# SkipSimplifiedLayerNormalization; float16: rotary of Q and of K, 7 nodes each (Slice, Slice, Neg, Concat, Mul,
+# Mul, Add) -> 1, and once the cos/sin computation (Unsqueeze, Cast, Mul, Concat, Cos, Sin, 2 Casts, 2 Unsqueezes).
+SAVED = {"float32": (2, 0, 0), "float16": (2 + 2 * 6, 10, 2)}
+TOLERANCE = {"float32": 2e-5, "float16": 2e-3}  # of the largest logit
+
+
+@pytest.fixture(scope="module", params=["float32", "float16"])
+def graphs(request, tiny_models_dir, tmp_path_factory):
+    import torch
+
+    dtype = request.param
+    loaded = load_model(save_tiny_model("qwen2", tiny_models_dir))
+    root = tmp_path_factory.mktemp(f"fusions-{dtype}")
+    dense = export_onnx(loaded, root / "dense.onnx", dtype=dtype)
+    g = torch.Generator().manual_seed(5)
+    th = thresholds_for(loaded, torch.randn(loaded.num_layers, loaded.num_heads, 8, generator=g) * 0.3)
+    th.meta["max_positions"] = TINY_POSITIONS  # as the pipeline records it: the rotary caches' rows
+    for kind, fusions in (("plain", "off"), ("fused", "on")):
+        rewrite(dense, th, root / f"{kind}.onnx", kv_cache="shared", fusions=fusions)
+        model = ir.load(root / f"{kind}.onnx")
+        LastTokenLogits()(model)
+        GreedyNextToken()(model)
+        ir.save(model, root / f"{kind}.onnx")
+    return {
+        "plain": root / "plain.onnx",
+        "fused": root / "fused.onnx",
+        "layers": loaded.num_layers,
+        "dtype": dtype,
+        "dense": dense,
+        "thresholds": th,
+    }
+
+
+def _ops(path) -> Counter:
+    return Counter(node.op_type for node in ir.load(path).graph)
+
+
+def test_every_layer_loses_the_fused_nodes(graphs):
+    plain, fused_ops, layers = _ops(graphs["plain"]), _ops(graphs["fused"]), graphs["layers"]
+    per_layer, once, rotary = SAVED[graphs["dtype"]]
+    assert sum(plain.values()) - sum(fused_ops.values()) == per_layer * layers + once
+    assert fused_ops["RotaryEmbedding"] == 2 * layers and fused_ops["SkipSimplifiedLayerNormalization"] == 2 * layers
+    assert fused_ops["RMSNormalization"] == 1  # layer 0's input norm has no residual before it: left as it was
+    assert fused_ops["SimplifiedLayerNormalization"] == fused_ops["Neg"] == 0
+    assert fused_ops["Cos"] == (0 if rotary else plain["Cos"])  # float32: ONNX RotaryEmbedding reads cos/sin
+    assert fused_ops["TopThetaAttention"] == plain["TopThetaAttention"] == layers
+    assert fused(ir.load(graphs["fused"])) == {
+        "simplified_layer_norm": 2 * layers + 1,
+        "skip_simplified_layer_norm": 2 * layers,
+        "rotary_embedding": rotary * layers,
+        "rotary_before_transpose": rotary * layers,
+    }
+
+
+def test_toptheta_nodes_survive_untouched(graphs):
+    def ops(path):
+        return [
+            (layer, node.name, node.domain, [v.name for v in node.inputs[2:] if v is not None], dict(node.attributes))
+            for layer, node in op_nodes(ir.load(path).graph)
+        ]
+
+    before, after = ops(graphs["plain"]), ops(graphs["fused"])
+    assert [(a[:4], {k: v.value for k, v in a[4].items()}) for a in after] == [
+        (b[:4], {k: v.value for k, v in b[4].items()}) for b in before
+    ]
+    for _, node in op_nodes(ir.load(graphs["fused"]).graph):  # Q and K: rotated, then at most split into heads
+        for value in node.inputs[:2]:
+            producer = value.producer()
+            while producer.op_type in ("Transpose", "Reshape"):
+                producer = producer.inputs[0].producer()
+            assert producer.op_type == "RotaryEmbedding", node.name
+
+
+def test_fused_graph_gives_the_same_logits_on_the_cpu(graphs):
+    ids = make_tokens(2, 9, seed=3).numpy()
+    results = {}
+    for kind in ("plain", "fused"):
+        gen = DeviceSession(graphs[kind], device="cpu").generator(2, ids.shape[1] + STEPS)
+        step = gen.prefill(ids)
+        logits, tokens = [gen.logits.read().astype(np.float32)], [step.tokens.copy()]
+        for _ in range(STEPS - 1):
+            step = gen.decode(step.tokens)
+            logits.append(gen.logits.read().astype(np.float32))
+            tokens.append(step.tokens.copy())
+        results[kind] = (np.stack(logits), np.stack(tokens))
+    np.testing.assert_array_equal(results["fused"][1], results["plain"][1])
+    scale = float(np.abs(results["plain"][0]).max())
+    assert scale > 0.1
+    np.testing.assert_allclose(
+        results["fused"][0], results["plain"][0], atol=TOLERANCE[graphs["dtype"]] * scale, rtol=0
+    )
+
+
+def test_fuse_runs_once_and_checks_its_argument(graphs):
+    model = ir.load(graphs["fused"])
+    assert not FuseForOrt(TINY_POSITIONS)(model).modified
+    with pytest.raises(TopThetaError, match="max_positions 0 is not positive"):
+        FuseForOrt(0)
+
+
+def test_weightless_bench_graphs_compute_the_rotary_caches_again(graphs, tmp_path):
+    """The e2e bench writes graphs without weights; the rotary caches come back from their inverse frequencies."""
+    from topthetaexport.ort import e2e
+
+    model = ir.load(graphs["fused"])
+    caches = rotary_caches(model)
+    if graphs["dtype"] == "float32":  # the exporter's own RotaryEmbedding computes cos/sin in the graph
+        assert caches == {}
+        return
+    assert sorted(caches) == ["toptheta.rotary.0.cos_cache", "toptheta.rotary.0.sin_cache"]
+    expected = {name: model.graph.initializers[name].const_value.numpy().copy() for name in caches}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(e2e, "STRIP_BYTES", 1024)  # the tiny caches are [256, 8] float16
+        e2e._write_graphs({k: ir.load(graphs["fused"]) for k in e2e.GRAPHS}, tmp_path, {"name": "t"}, keep_data=False)
+    work = tmp_path / "work"
+    manifest = e2e.materialize(tmp_path, work, device="cpu", log=lambda m: None)
+    entries = {e["name"]: e for e in manifest["weights"]}
+    assert {entries[n]["kind"] for n in caches} == {"rotary_cos", "rotary_sin"}
+    assert all(entries[n]["gather_only"] for n in caches)  # read row by row: not streamed weight bytes
+    again = ir.load(work / e2e.GRAPHS["toptheta"])
+    for name, table in expected.items():
+        np.testing.assert_array_equal(again.graph.initializers[name].const_value.numpy(), table)
+
+
+def test_auto_fuses_float16_and_bfloat16_on_cuda_only():
+    assert [resolve_fusions("auto", d, cuda=True) for d in ("float32", "float16", "bfloat16")] == ["off", "on", "on"]
+    assert resolve_fusions("auto", "float16", cuda=False) == "off"
+    assert (
+        resolve_fusions("on", "float32", cuda=False) == "on" and resolve_fusions("off", "float16", cuda=True) == "off"
+    )
+    with pytest.raises(TopThetaError, match="unknown fusions mode 'yes' \\(--fusions\\): use auto, on or off"):
+        resolve_fusions("yes", "float16", cuda=True)
+
+
+def test_rewrite_with_fusions_needs_the_rotary_length(graphs, tmp_path):
+    th = graphs["thresholds"]
+    del th.meta["max_positions"]
+    try:
+        with pytest.raises(TopThetaError, match="need the model's maximum position .* --max-context N") as err:
+            rewrite(graphs["dense"], th, tmp_path / "m.onnx", fusions="on")
+        assert "\n" not in str(err.value)
+        with pytest.raises(TopThetaError, match="unknown fusions mode 'auto' \\(--fusions\\): use on or off"):
+            rewrite(graphs["dense"], th, tmp_path / "m.onnx", fusions="auto")
+    finally:
+        th.meta["max_positions"] = TINY_POSITIONS
