@@ -274,7 +274,7 @@ def test_api_checks_options_before_loading_anything(bad, flag, tmp_path):
 def test_parse_task_spec(spec, kind, source):
     from topthetaexport.eval.tasks import parse_task_spec
 
-    assert tuple(parse_task_spec(spec)) == (kind, source)
+    assert tuple(parse_task_spec(spec)) == (kind, source, "")  # name: standard tasks only
 
 
 @pytest.mark.parametrize(

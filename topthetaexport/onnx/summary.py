@@ -30,8 +30,12 @@ def _dtype_of(elem_types) -> str | None:
 def graph_dtype(path) -> str | None:
     """What the model at ``path`` runs in, read from its graph inputs/outputs (weights are not loaded)."""
     import onnx
+    from google.protobuf.message import DecodeError
 
-    graph = onnx.load(str(path), load_external_data=False).graph
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except DecodeError:  # not ONNX: the stage that loads it says so in its own words
+        return None
     return _dtype_of(v.type.tensor_type.elem_type for v in [*graph.input, *graph.output])
 
 
