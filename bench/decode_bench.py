@@ -68,6 +68,39 @@ def copy_ceiling() -> float:
     return 2 * 2**31 / statistics.median(ts) / 1e9
 
 
+def sdpa_time(sets, scale=None) -> float:
+    """Seconds per call of torch SDPA (flash / efficient / cuDNN, GQA) over the input sets, CUDA-graph timed."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa(i):
+        q, k, v = sets[i]
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True, scale=scale)
+
+    return time_graph(sdpa, len(sets))
+
+
+def open_run(library: str):
+    """(kernels, onnxruntime or None, run info with the copy ceiling measured now) of a decode benchmark run."""
+    kern = Kernels(library)
+    if not kern.available:
+        sys.exit(f"{library} has no CUDA kernels")
+    try:
+        ort = Ort(library)
+    except Exception as e:
+        print("onnxruntime unavailable:", e)
+        ort = None
+    info = {
+        "device": torch.cuda.get_device_properties(0).name,
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "onnxruntime": getattr(ort, "version", None),
+        "copy_GBps": copy_ceiling(),
+    }
+    print(json.dumps(info), flush=True)
+    return kern, ort, info
+
+
 def scores(q, k, hkv):
     """scale * q k^T: [B, Hq, L] fp32."""
     b, hq = q.shape[0], q.shape[1]
@@ -124,14 +157,7 @@ def bench(kern, ort, hq, hkv, B, L, quick):
     s0 = scores(sets[0][0], sets[0][1], hkv)
     pad = torch.ones(B, L, device="cuda", dtype=torch.bool)
 
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    def sdpa(i):
-        q, k, v = sets[i]
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-
-    t_sdpa = time_graph(sdpa, ns)
+    t_sdpa = sdpa_time(sets)
     t_gqa, gqa_names = (float("nan"), {})
     if ort is not None and ort.ok:
         t_gqa, gqa_names = gqa_time(ort, sets, hq, hkv)
@@ -206,24 +232,9 @@ def main():
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    kern = Kernels(args.library)
-    if not kern.available:
-        sys.exit(f"{args.library} has no CUDA kernels")
-    try:
-        ort = Ort(args.library)
-    except Exception as e:
-        print("onnxruntime unavailable:", e)
-        ort = None
     t0 = time.time()
-    copy = copy_ceiling()
-    info = {
-        "device": torch.cuda.get_device_properties(0).name,
-        "date": datetime.date.today().isoformat(),
-        "torch": torch.__version__,
-        "onnxruntime": getattr(ort, "version", None),
-        "copy_GBps": copy,
-    }
-    print(json.dumps(info), flush=True)
+    kern, ort, info = open_run(args.library)
+    copy = info["copy_GBps"]
     shapes = [(B, L) for B in (1, 8, 16) for L in (16384, 32768, 65536, 131072)]
     if args.quick:
         shapes = [(B, L) for B in (1, 8) for L in (16384, 32768)]

@@ -23,7 +23,6 @@ Writes DIR/shadow-decode.json (issue 16's decode keys plus shadow ones) and DIR/
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import time
@@ -32,9 +31,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention_bench import Ort, n_sets, time_graph  # noqa: E402
-from decode_bench import copy_ceiling, gqa_time, theta_for_vrows  # noqa: E402
-from toptheta_cuda import SHADOW_BLOCK, Kernels, shadow_k  # noqa: E402
+from attention_bench import n_sets, time_graph  # noqa: E402
+from decode_bench import gqa_time, open_run, sdpa_time, theta_for_vrows  # noqa: E402
+from toptheta_cuda import SHADOW_BLOCK, shadow_k  # noqa: E402
 
 DT = torch.float16
 
@@ -94,14 +93,7 @@ def measure(kern, ort, sets, th, scale, hq, hkv, theta_kind, extra=None):
     t_plain = time_graph(plain, ns)
     t_shadow = time_graph(shadow, ns)
 
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    def sdpa(i):
-        q, k, v = sets[i]
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True, scale=scale)
-
-    t_sdpa = time_graph(sdpa, ns)
+    t_sdpa = sdpa_time(sets, scale)
     t_gqa = gqa_time(ort, sets, hq, hkv)[0] if ort is not None and ort.ok else float("nan")
     kb = B * hkv * L * d * 2  # all K (or all V) bytes
     shadow_bytes = B * hkv * L * d // 2 + B * hkv * ((L + SHADOW_BLOCK - 1) // SHADOW_BLOCK) * 2 * d * 2
@@ -208,25 +200,10 @@ def main():
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    kern = Kernels(args.library)
-    if not kern.available:
-        sys.exit(f"{args.library} has no CUDA kernels")
-    try:
-        ort = Ort(args.library)
-    except Exception as e:
-        print("onnxruntime unavailable:", e)
-        ort = None
-    t0 = time.time()
     global COPY_GBPS
-    copy = COPY_GBPS = copy_ceiling()
-    info = {
-        "device": torch.cuda.get_device_properties(0).name,
-        "date": datetime.date.today().isoformat(),
-        "torch": torch.__version__,
-        "onnxruntime": getattr(ort, "version", None),
-        "copy_GBps": copy,
-    }
-    print(json.dumps(info), flush=True)
+    t0 = time.time()
+    kern, ort, info = open_run(args.library)
+    copy = COPY_GBPS = info["copy_GBps"]
     rows = []
     if args.real:
         data = torch.load(args.real, map_location="cpu")
