@@ -39,6 +39,7 @@ class _AttnParams(ctypes.Structure):
         ("Sk", ctypes.c_int64),
         ("shadow_k", ctypes.c_void_p),  # uint8 [B, Hkv, M, D / 2] (shadow_k() below), null: none
         ("shadow_range", ctypes.c_void_p),  # K's dtype [B, Hkv, ceil(M / 64), 2, D]
+        ("packed", ctypes.c_bool),  # query/output [B, S, H·D] (this module passes heads first: False)
     ]
 
 

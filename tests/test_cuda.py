@@ -679,6 +679,59 @@ def test_onnxruntime_cuda_matches_cpu_kernel(ort_cuda, dtype, shape):
     assert np.linalg.norm(a - b) / np.linalg.norm(b) <= tol
 
 
+PACKED_CUDA_FORMS = {
+    # name: (model keywords, Sq, P (concat) or past lengths (shared), M)
+    "prefill_no_cache": (dict(), 70, 0, None),
+    "concat_decode": (dict(past=True, present=True), 1, 2500, None),
+    "shared_decode": (dict(past=True, present=True, past_lens=True), 1, [3, 1700], 2048),
+    "shared_chunk": (dict(past=True, present=True, past_lens=True), 40, [0, 900], 1024),
+}
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("form", list(PACKED_CUDA_FORMS))
+def test_onnxruntime_cuda_packed_layout_equals_heads_first(ort_cuda, form, dtype, D):
+    """Packed query/key/value ([B, S, H·D], docs/op.md "Layouts") run the same kernels as heads first: the packed
+    output of the heads-first call bit for bit, the same kept counts and present K/V (float32: the generic kernel;
+    float16: the prefill, decode and append kernels)."""
+    from _onnx_single import make_model, run
+
+    kw, Sq, past, M = PACKED_CUDA_FORMS[form]
+    B, Hq, Hkv = 2, 12, 2
+    npdt = np.dtype(dtype)
+    g = np.random.default_rng(list(PACKED_CUDA_FORMS).index(form) * 10 + D)
+    shared = M is not None
+    P = M if shared else past
+    feeds = {
+        "query": g.standard_normal((B, Hq, Sq, D)).astype(npdt),
+        "key": g.standard_normal((B, Hkv, Sq, D)).astype(npdt),
+        "value": g.standard_normal((B, Hkv, Sq, D)).astype(npdt),
+        "thresholds": g.uniform(0.5, 2.0, (Hq, 64)).astype(np.float32),
+        "sdc": g.uniform(0.1, 0.9, (Hq, 64)).astype(np.float32),
+    }
+    if P:
+        feeds["past_key"] = g.standard_normal((B, Hkv, P, D)).astype(npdt)
+        feeds["past_value"] = g.standard_normal((B, Hkv, P, D)).astype(npdt)
+    if shared:
+        feeds["past_sequence_length"] = np.asarray(past, np.int32)
+    model = make_model(dtype, sdc=True, kept=True, causal=1, comp_mode=1, num_heads=Hq, num_kv_heads=Hkv, **kw)
+    _, gpu = _sessions(ort_cuda, model, cpu=False)
+    heads_first = run(gpu, **feeds)
+
+    def pack(x):
+        return np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(x.shape[0], x.shape[2], -1))
+
+    packed = run(gpu, **{**feeds, **{n: pack(feeds[n]) for n in ("query", "key", "value")}})
+    assert packed["output"].shape == (B, Sq, Hq * D)
+    np.testing.assert_array_equal(packed["output"], pack(heads_first["output"]))
+    np.testing.assert_array_equal(packed["kept"], heads_first["kept"])
+    for n in ("present_key", "present_value"):
+        if n in heads_first:
+            np.testing.assert_array_equal(packed[n], heads_first[n])
+    assert 0 < heads_first["kept"].sum()
+
+
 def _bf16_model(**kw):
     """The single-node bf16 model behind float32 graph inputs/outputs (Cast nodes run on CUDA too)."""
     from _onnx_single import make_model

@@ -22,6 +22,7 @@ from topthetaexport.models import load_model
 from topthetaexport.onnx.decoding import GreedyNextToken, LastTokenLogits
 from topthetaexport.onnx.exporter import export_onnx
 from topthetaexport.onnx.fusions import FuseForOrt, fused, rotary_caches
+from topthetaexport.onnx.layout import PackAttentionLayout, UnpackAttentionLayout, is_packed
 from topthetaexport.onnx.rewriter import rewrite
 from topthetaexport.onnx.variants import op_nodes
 from topthetaexport.options import resolve_fusions
@@ -31,7 +32,10 @@ STEPS = 4
 # (nodes saved per layer, once, rotary fusions per layer) by dtype. Per layer: the two residual Adds go into
 # SkipSimplifiedLayerNormalization; float16: rotary of Q and of K, 7 nodes each (Slice, Slice, Neg, Concat, Mul,
 # Mul, Add) -> 1, and once the cos/sin computation (Unsqueeze, Cast, Mul, Concat, Cos, Sin, 2 Casts, 2 Unsqueezes).
-SAVED = {"float32": (2, 0, 0), "float16": (2 + 2 * 6, 10, 2)}
+# float16 also packs the op (layout.PackAttentionLayout): Reshape + Transpose of Q, K and V, Transpose + Reshape of
+# the output, 8 nodes per layer, and once the 2 nodes that compute their target shapes. float32 keeps ONNX
+# RotaryEmbedding on [B, H, S, D] between the split and the op.
+SAVED = {"float32": (2, 0, 0), "float16": (2 + 2 * 6 + 8, 10 + 2, 2)}
 TOLERANCE = {"float32": 2e-5, "float16": 2e-3}  # of the largest logit
 
 
@@ -80,19 +84,21 @@ def test_every_layer_loses_the_fused_nodes(graphs):
         "skip_simplified_layer_norm": 2 * layers,
         "rotary_embedding": rotary * layers,
         "rotary_before_transpose": rotary * layers,
+        "packed_attention": (layers if rotary else 0),
     }
 
 
 def test_toptheta_nodes_survive_untouched(graphs):
     def ops(path):
         return [
-            (layer, node.name, node.domain, [v.name for v in node.inputs[2:] if v is not None], dict(node.attributes))
+            (layer, node.name, node.domain, [v.name for v in node.inputs[3:] if v is not None], dict(node.attributes))
             for layer, node in op_nodes(ir.load(path).graph)
         ]
 
+    heads = ("num_heads", "num_kv_heads")
     before, after = ops(graphs["plain"]), ops(graphs["fused"])
-    assert [(a[:4], {k: v.value for k, v in a[4].items()}) for a in after] == [
-        (b[:4], {k: v.value for k, v in b[4].items()}) for b in before
+    assert [(a[:4], {k: v.value for k, v in a[4].items() if k not in heads}) for a in after] == [
+        (b[:4], {k: v.value for k, v in b[4].items() if k not in heads}) for b in before
     ]
     for _, node in op_nodes(ir.load(graphs["fused"]).graph):  # Q and K: rotated, then at most split into heads
         for value in node.inputs[:2]:
@@ -120,6 +126,44 @@ def test_fused_graph_gives_the_same_logits_on_the_cpu(graphs):
     np.testing.assert_allclose(
         results["fused"][0], results["plain"][0], atol=TOLERANCE[graphs["dtype"]] * scale, rtol=0
     )
+
+
+def test_float16_op_reads_and_writes_the_projections_packed(graphs):
+    """Packed layout (docs/op.md, "Layouts"): Q and K straight from RotaryEmbedding, V from its projection, the
+    output straight into o_proj, all [B, S, H·D]; no Transpose is left in the graph."""
+    if graphs["dtype"] != "float16":
+        pytest.skip("float32 keeps ONNX RotaryEmbedding on [B, H, S, D]: the op stays heads first")
+    model = ir.load(graphs["fused"])
+    loaded_heads = graphs["thresholds"].theta.shape[1]
+    for _, node in op_nodes(model.graph):
+        assert is_packed(node) and node.attributes.get_int("num_heads") == loaded_heads
+        assert [v.producer().op_type for v in node.inputs[:2]] == ["RotaryEmbedding", "RotaryEmbedding"]
+        assert node.inputs[2].producer().op_type in ("MatMul", "Add")
+        assert [use.node.op_type for use in node.outputs[0].uses()] == ["MatMul"]
+    assert _ops(graphs["fused"])["Transpose"] == 0
+
+
+def test_unpacking_gives_the_heads_first_graph_and_the_same_logits(graphs, tmp_path):
+    """UnpackAttentionLayout (what the top-k baseline and the exposed-IO passes run first) is the inverse: heads
+    first again, bit-identical logits on the CPU."""
+    if graphs["dtype"] != "float16":
+        pytest.skip("nothing packed in float32")
+    model = ir.load(graphs["fused"])
+    assert UnpackAttentionLayout()(model).modified
+    assert not any(is_packed(node) for _, node in op_nodes(model.graph))
+    ir.save(model, tmp_path / "unpacked.onnx")
+    ids = make_tokens(2, 9, seed=4).numpy()
+    outs = []
+    for path in (graphs["fused"], tmp_path / "unpacked.onnx"):
+        gen = DeviceSession(path, device="cpu").generator(2, ids.shape[1] + 2)
+        step = gen.prefill(ids)
+        step = gen.decode(step.tokens)
+        outs.append(gen.logits.read())
+    np.testing.assert_array_equal(outs[1], outs[0])
+    again = ir.load(tmp_path / "unpacked.onnx")
+    layout = PackAttentionLayout()
+    layout(again)
+    assert layout.packed == graphs["layers"]
 
 
 def test_fuse_runs_once_and_checks_its_argument(graphs):

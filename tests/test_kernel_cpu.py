@@ -309,7 +309,8 @@ def _base(rng):
     [
         ({"thresholds": np.zeros((3, 3), np.float32)}, {}, "thresholds must be float32 [Hq, R] = [4, R>=1]"),
         ({"thresholds": np.zeros((4, 0), np.float32)}, {}, "thresholds must be float32 [Hq, R]"),
-        ({"query": np.zeros((4, 5, 8), np.float32)}, {}, "query must be [B, Hq, Sq, D]"),
+        ({"query": np.zeros((4, 5, 8), np.float32)}, {}, "rank 3) needs the attributes num_heads and num_kv_heads"),
+        ({"query": np.zeros((1, 2, 4, 5, 8), np.float32)}, {}, "query must be [B, Hq, Sq, D] (or packed [B, Sq, Hq·D])"),
         (
             {"key": np.zeros((1, 3, 5, 8), np.float32), "value": np.zeros((1, 3, 5, 8), np.float32)},
             {},
@@ -822,6 +823,77 @@ def test_shared_form_bad_inputs_give_clear_errors(change, model_kw, message):
         S.run(sess(**model_kw), **feeds)
     assert message in str(e.value)
     assert "TopThetaAttention node 'tt0'" in str(e.value)
+
+
+# -- packed layout: query [B, Sq, Hq·D], key/value [B, Sk, Hkv·D], output [B, Sq, Hq·Dv] (docs/op.md, "Layouts") --
+
+
+def pack(x):
+    """[B, H, S, D] -> [B, S, H·D] (what the graph has before it splits heads)."""
+    B, H, S, D = x.shape
+    return np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(B, S, H * D))
+
+
+PACKED_FORMS = {
+    # name: model keywords, case (Sq, P or shared lens, M)
+    "prefill_no_cache": dict(kw=dict(), Sq=11, P=0),
+    "concat_decode": dict(kw=dict(past=True, present=True), Sq=1, P=29),
+    "concat_chunk_no_present": dict(kw=dict(past=True), Sq=4, P=9),
+    "shared_decode": dict(kw=dict(past=True, present=True, past_lens=True), Sq=1, lens=[3, 17, 30], M=31),
+    "shared_chunk": dict(kw=dict(past=True, present=True, past_lens=True), Sq=5, lens=[0, 7, 27], M=32),
+}
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("form", list(PACKED_FORMS))
+def test_packed_layout_equals_heads_first(form, dtype, isa, monkeypatch):
+    """The same call with packed query/key/value gives the packed output of the heads-first call, bit for bit, the
+    same kept counts and the same present K/V (which stay [B, Hkv, *, D])."""
+    monkeypatch.setenv("TOPTHETA_CPU_ISA", isa)
+    c = PACKED_FORMS[form]
+    B, Hq, Hkv, D, R = 3, 6, 2, 16, 40
+    rng = np.random.default_rng(500 + list(PACKED_FORMS).index(form))
+    if "lens" in c:
+        f, _ = shared_case(rng, B, Hq, Hkv, c["Sq"], c["lens"], c["M"], D, R, np.dtype(dtype))
+    else:
+        f = make_case(rng, B, Hq, Hkv, c["Sq"], c["P"], D, D, R, dtype=np.dtype(dtype), dense_rows=2)
+        f["thresholds"] = untie(f, causal=True)
+    attrs = dict(causal=1, comp_mode=2, num_heads=Hq, num_kv_heads=Hkv)
+    s = sess(dtype, sdc=True, **c["kw"], **attrs)
+    heads_first = S.run(s, **{n: (v.copy() if isinstance(v, np.ndarray) else v) for n, v in f.items()})
+    packed = S.run(s, **{**f, **{n: pack(f[n]) for n in ("query", "key", "value")}})
+    assert packed["output"].shape == (B, c["Sq"], Hq * D)
+    np.testing.assert_array_equal(packed["output"], pack(heads_first["output"]))
+    np.testing.assert_array_equal(packed["kept"], heads_first["kept"])
+    for n in ("present_key", "present_value"):
+        if n in heads_first:
+            np.testing.assert_array_equal(packed[n], heads_first[n])
+    assert 0 < heads_first["kept"].sum()
+
+
+@pytest.mark.parametrize(
+    "change,attrs,message",
+    [
+        ({}, dict(num_kv_heads=2), "a packed query [B, Sq, Hq·D] (rank 3) needs the attributes num_heads and"),
+        ({"key": np.zeros((2, 2, 3, 8), np.float32)}, dict(num_heads=4, num_kv_heads=2), "key must be [B, Sk, Hkv·D]"),
+        ({}, dict(num_heads=3, num_kv_heads=2), "must split into num_heads=3 / num_kv_heads=2 heads: fix the"),
+        ({"key": np.zeros((2, 3, 12), np.float32)}, dict(num_heads=4, num_kv_heads=2), "(B and D must agree)"),
+        ({"value": np.zeros((2, 4, 16), np.float32)}, dict(num_heads=4, num_kv_heads=2), "in B, Sk"),
+    ],
+)
+def test_packed_layout_bad_inputs_give_clear_errors(change, attrs, message):
+    rng = np.random.default_rng(43)
+    feeds = {
+        "query": randn(rng, (2, 3, 32)),
+        "key": randn(rng, (2, 3, 16)),
+        "value": randn(rng, (2, 3, 16)),
+        "thresholds": np.zeros((4, 3), np.float32),
+        **change,
+    }
+    with pytest.raises(Exception) as e:
+        S.run(sess(**attrs), **feeds)
+    assert message in str(e.value)
 
 
 # -- softcap (Gemma 2): scores capped to c · tanh(s / c) before the threshold, the mask and the softmax ------------

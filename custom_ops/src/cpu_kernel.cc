@@ -128,7 +128,7 @@ template <typename T>
 void FinishRowT(const AttnParams& p, int64_t b, int64_t h, int64_t i, const RowState& st) {
   const int64_t g = h / (p.Hq / p.Hkv);
   const T* V = static_cast<const T*>(p.v) + (b * p.Hkv + g) * p.kv_capacity * p.Dv;
-  T* out = static_cast<T*>(p.out) + ((b * p.Hq + h) * p.Sq + i) * p.Dv;
+  T* out = static_cast<T*>(p.out) + OutputOffset(p, b, h, i);
   const int64_t klen = KeyLen(p, b);
   const int64_t r = RowPosition(p, klen, i);
   const int64_t rr = std::max<int64_t>(0, ThresholdRow(p, klen, i));

@@ -141,7 +141,7 @@ void RunTask(const TaskPlan& plan, size_t task, unsigned char* scratch) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t x = hl * rb + (i - i0);
       float* q = qf + x * D;
-      const int64_t off = ((b * p.Hq + h) * p.Sq + i) * D;
+      const int64_t off = QueryOffset(p, b, h, i);
       if (f16) {
         HalfRowToFloat(static_cast<const uint16_t*>(p.q) + off, q, D);
       } else {

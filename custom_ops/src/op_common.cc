@@ -202,7 +202,18 @@ std::vector<Copy2D> PreparedCall::KVCopies(int t, void* dst) const {
     out.push_back(cp);
   };
   if (past[t]) add(d, past[t], past_len);
-  add(d + static_cast<size_t>(past_len) * row, fresh[t], new_len);
+  if (!params.packed) {
+    add(d + static_cast<size_t>(past_len) * row, fresh[t], new_len);
+    return out;
+  }
+  // Packed new rows [B, Sk, Hkv, *]: one copy per (batch, kv head), Sk rows Hkv rows apart.
+  if (new_len <= 0 || row == 0) return out;
+  for (int64_t bg = 0; bg < params.B * params.Hkv; ++bg) {
+    const int64_t b = bg / params.Hkv, g = bg % params.Hkv;
+    const char* from = static_cast<const char*>(fresh[t]) + static_cast<size_t>(b * new_len * params.Hkv + g) * row;
+    out.push_back(Copy2D{d + static_cast<size_t>(bg) * dpitch + static_cast<size_t>(past_len) * row, row, from,
+                         static_cast<size_t>(params.Hkv) * row, row, static_cast<size_t>(new_len)});
+  }
   return out;
 }
 
@@ -213,6 +224,14 @@ std::vector<Copy2D> PreparedCall::AppendCopies(int t, void* dst) const {
   if (!Shared() || p.Sk == 0 || p.Hkv == 0 || row == 0) return out;
   for (int64_t b = 0; b < p.B; ++b) {
     const int64_t P = KeyLen(p, b) - p.Sk;  // checked by CheckPastLengthsOnHost on the CPU
+    if (p.packed) {                         // [B, Sk, Hkv, *]: per kv head, Sk rows Hkv rows apart
+      for (int64_t g = 0; g < p.Hkv; ++g) {
+        char* to = static_cast<char*>(dst) + static_cast<size_t>((b * p.Hkv + g) * p.kv_capacity + P) * row;
+        const char* from = static_cast<const char*>(fresh[t]) + static_cast<size_t>(b * p.Sk * p.Hkv + g) * row;
+        out.push_back(Copy2D{to, row, from, static_cast<size_t>(p.Hkv) * row, row, static_cast<size_t>(p.Sk)});
+      }
+      continue;
+    }
     char* to = static_cast<char*>(dst) + static_cast<size_t>(b * p.Hkv * p.kv_capacity + P) * row;
     const char* from = static_cast<const char*>(fresh[t]) + static_cast<size_t>(b * p.Hkv * p.Sk) * row;
     out.push_back(Copy2D{to, static_cast<size_t>(p.kv_capacity) * row, from, static_cast<size_t>(p.Sk) * row,
@@ -253,9 +272,19 @@ PreparedCall PrepareCall(const Ort::KernelContext& ctx, const OpAttributes& attr
   const bool shared = lens.present;
   c.Check(q.present && k.present && v.present && th.present, "query, key, value and thresholds are required");
 
-  CheckRank(c, q, "query", 4, "[B, Hq, Sq, D]");
-  CheckRank(c, k, "key", 4, "[B, Hkv, Sk, D]");
-  CheckRank(c, v, "value", 4, "[B, Hkv, Sk, Dv]");
+  // Heads first ([B, H, S, *], rank 4) or packed ([B, S, H·*], rank 3, heads from the attributes): docs/op.md.
+  const bool packed = q.shape.size() == 3;
+  if (packed) {
+    c.Check(attrs.num_heads > 0 && attrs.num_kv_heads > 0,
+            "a packed query [B, Sq, Hq·D] (rank 3) needs the attributes num_heads and num_kv_heads: set them, or "
+            "pass query as [B, Hq, Sq, D]");
+    CheckRank(c, k, "key", 3, "[B, Sk, Hkv·D] when query is packed [B, Sq, Hq·D]");
+    CheckRank(c, v, "value", 3, "[B, Sk, Hkv·Dv] when query is packed [B, Sq, Hq·D]");
+  } else {
+    CheckRank(c, q, "query", 4, "[B, Hq, Sq, D] (or packed [B, Sq, Hq·D])");
+    CheckRank(c, k, "key", 4, "[B, Hkv, Sk, D]");
+    CheckRank(c, v, "value", 4, "[B, Hkv, Sk, Dv]");
+  }
   CheckType(c, q, "query", T);
   CheckType(c, k, "key", T);
   CheckType(c, v, "value", T);
@@ -264,19 +293,39 @@ PreparedCall PrepareCall(const Ort::KernelContext& ctx, const OpAttributes& attr
   call.node_name = &attrs.node_name;
   AttnParams& p = call.params;
   p.dtype = dtype;
+  p.packed = packed;
   call.elem_bytes = ElementBytes(dtype);
   p.B = q.shape[0];
-  p.Hq = q.shape[1];
-  p.Sq = q.shape[2];
-  p.D = q.shape[3];
-  p.Hkv = k.shape[1];
-  p.Dv = v.shape[3];
-  call.new_len = k.shape[2];
-  c.Check(p.D > 0 && p.Hq > 0, "query " + ShapeStr(q.shape) + " must have Hq > 0 and D > 0");
-  c.Check(k.shape[0] == p.B && k.shape[3] == p.D,
-          "key shape " + ShapeStr(k.shape) + " does not match query " + ShapeStr(q.shape) + " (B and D must agree)");
-  c.Check(v.shape[0] == p.B && v.shape[1] == p.Hkv && v.shape[2] == call.new_len,
-          "value shape " + ShapeStr(v.shape) + " does not match key " + ShapeStr(k.shape) + " in B, Hkv, Sk");
+  if (packed) {
+    const int64_t hq = attrs.num_heads, hkv = attrs.num_kv_heads;
+    c.Check(q.shape[2] % hq == 0 && k.shape[2] % hkv == 0 && v.shape[2] % hkv == 0,
+            "packed query " + ShapeStr(q.shape) + ", key " + ShapeStr(k.shape) + " and value " + ShapeStr(v.shape) +
+                " must split into num_heads=" + std::to_string(hq) + " / num_kv_heads=" + std::to_string(hkv) +
+                " heads: fix the attributes");
+    p.Sq = q.shape[1];
+    p.Hq = hq;
+    p.D = q.shape[2] / hq;
+    p.Hkv = hkv;
+    p.Dv = v.shape[2] / hkv;
+    call.new_len = k.shape[1];
+    c.Check(p.D > 0, "query " + ShapeStr(q.shape) + " must have D > 0");
+    c.Check(k.shape[0] == p.B && k.shape[2] / hkv == p.D,
+            "key shape " + ShapeStr(k.shape) + " does not match query " + ShapeStr(q.shape) + " (B and D must agree)");
+    c.Check(v.shape[0] == p.B && v.shape[1] == call.new_len,
+            "value shape " + ShapeStr(v.shape) + " does not match key " + ShapeStr(k.shape) + " in B, Sk");
+  } else {
+    p.Hq = q.shape[1];
+    p.Sq = q.shape[2];
+    p.D = q.shape[3];
+    p.Hkv = k.shape[1];
+    p.Dv = v.shape[3];
+    call.new_len = k.shape[2];
+    c.Check(p.D > 0 && p.Hq > 0, "query " + ShapeStr(q.shape) + " must have Hq > 0 and D > 0");
+    c.Check(k.shape[0] == p.B && k.shape[3] == p.D,
+            "key shape " + ShapeStr(k.shape) + " does not match query " + ShapeStr(q.shape) + " (B and D must agree)");
+    c.Check(v.shape[0] == p.B && v.shape[1] == p.Hkv && v.shape[2] == call.new_len,
+            "value shape " + ShapeStr(v.shape) + " does not match key " + ShapeStr(k.shape) + " in B, Hkv, Sk");
+  }
   c.Check(p.Hkv > 0 && p.Hq % p.Hkv == 0, "query heads Hq=" + std::to_string(p.Hq) +
                                               " must be a multiple of key/value heads Hkv=" + std::to_string(p.Hkv));
   c.Check(attrs.num_heads == 0 || attrs.num_heads == p.Hq,
@@ -358,7 +407,7 @@ PreparedCall PrepareCall(const Ort::KernelContext& ctx, const OpAttributes& attr
   p.k = k.data;
   p.v = v.data;
 
-  p.out = AllocOutput(ctx, kOut, {p.B, p.Hq, p.Sq, p.Dv}, true);
+  p.out = AllocOutput(ctx, kOut, packed ? Shape{p.B, p.Sq, p.Hq * p.Dv} : Shape{p.B, p.Hq, p.Sq, p.Dv}, true);
   bool has_present[2];
   call.present[0] = AllocOutput(ctx, kPresentKey, {p.B, p.Hkv, p.Ktot, p.D}, false, &has_present[0]);
   call.present[1] = AllocOutput(ctx, kPresentValue, {p.B, p.Hkv, p.Ktot, p.Dv}, false, &has_present[1]);

@@ -71,7 +71,8 @@ struct Copy2D {
 // present[t] when that output was requested, else a scratch buffer of KVBytes(t) the caller allocates
 // (in the op's memory space). The caller runs KVCopies(t, dst) (memcpy / cudaMemcpy2DAsync), in the
 // shared form then appends the new rows at P_b (AppendCopies on the host; a device kernel on CUDA), and
-// then SetKV(t, dst). Without NeedsKV(t), params already point at the `key` / `value` inputs.
+// then SetKV(t, dst). Without NeedsKV(t), params already point at the `key` / `value` inputs (never in the
+// packed layout: the kernels read K/V heads first).
 //
 // Shared form (params.past_lens set): past and present are the [B, Hkv, M, *] cache buffer, present is
 // always requested, and KVCopies copies past into present only when they are different memory.
@@ -87,7 +88,7 @@ struct PreparedCall {
   float softcap = 0.f;                     // attribute softcap (kept out of AttnParams: the CUDA ABI has none)
 
   bool Shared() const { return params.past_lens != nullptr; }
-  bool NeedsKV(int t) const { return Shared() || past[t] != nullptr || present[t] != nullptr; }
+  bool NeedsKV(int t) const { return Shared() || params.packed || past[t] != nullptr || present[t] != nullptr; }
   size_t RowBytes(int t) const;  // D or Dv elements
   size_t KVBytes(int t) const;   // B * Hkv * kv_capacity rows
   // Concat form: the copies that fill dst ([B, Hkv, Ktot, *]) with [past ; new] per (batch, kv head).

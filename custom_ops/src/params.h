@@ -65,6 +65,12 @@ struct AttnParams {
   // no shadow.
   const uint8_t* shadow_k = nullptr;
   const void* shadow_range = nullptr;
+
+  // Layout of query, output and the new key/value (docs/op.md, "Layouts"). false: heads first, [B, H, S, *];
+  // true: packed, [B, S, H·*] (onnxruntime GroupQueryAttention's), which the graph produces without a Transpose.
+  // The cache the kernels read (k, v above) is [B, Hkv, kv_capacity, *] in both: the op copies or appends the
+  // new rows into it (a packed call always goes through a buffer).
+  bool packed = false;
 };
 
 constexpr int kShadowBlock = 64;
@@ -87,6 +93,17 @@ TOPTHETA_HD inline int64_t ThresholdRow(const AttnParams& p, int64_t klen, int64
   int64_t r = RowPosition(p, klen, i);
   return r < p.R - 1 ? r : p.R - 1;
 }
+
+// Element offset of query row (b, h, i), and the stride in elements from row i to row i + 1 of one head.
+TOPTHETA_HD inline int64_t QueryOffset(const AttnParams& p, int64_t b, int64_t h, int64_t i) {
+  return (p.packed ? (b * p.Sq + i) * p.Hq + h : (b * p.Hq + h) * p.Sq + i) * p.D;
+}
+TOPTHETA_HD inline int64_t QueryRowStride(const AttnParams& p) { return p.packed ? p.Hq * p.D : p.D; }
+// The same for the output (Dv elements per row).
+TOPTHETA_HD inline int64_t OutputOffset(const AttnParams& p, int64_t b, int64_t h, int64_t i) {
+  return (p.packed ? (b * p.Sq + i) * p.Hq + h : (b * p.Hq + h) * p.Sq + i) * p.Dv;
+}
+TOPTHETA_HD inline int64_t OutputRowStride(const AttnParams& p) { return p.packed ? p.Hq * p.Dv : p.Dv; }
 
 // Additive mask values at or below these exclude a key (see docs/op.md).
 constexpr float kMaskedF32 = -1e30f;

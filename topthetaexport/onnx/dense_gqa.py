@@ -34,6 +34,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from .._errors import TopThetaError
 from . import names
+from .layout import UnpackAttentionLayout
 from .variants import PAST_LENGTH_INPUT, is_shared_kv, op_nodes
 
 __all__ = ["GQA_DOMAIN", "DenseGqa"]
@@ -90,6 +91,7 @@ class DenseGqa(InPlacePass):
     same buffers (module docstring); θ/ρ initializers and the key-padding mask cast go with the nodes."""
 
     def call(self, model: ir.Model) -> PassResult:
+        UnpackAttentionLayout()(model)  # the pairs of Transposes it adds cancel in onnxruntime
         graph = model.graph
         ops = op_nodes(graph)
         if not ops:

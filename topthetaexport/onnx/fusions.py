@@ -15,10 +15,12 @@
   which is the form matched here. ``RotaryBeforeTranspose`` then applies it to ``[B, S, H·D]`` ahead of the
   Reshape/Transpose into heads, so that a consumer reading ``[B, S, H·D]`` (GroupQueryAttention) needs no
   Transpose at all.
+* ``layout.PackAttentionLayout``: TopThetaAttention reads Q, K, V and writes its output packed, ``[B, S, H·D]``,
+  so the four Transposes around it per layer go (docs/op.md, "Layouts").
 
-TopThetaAttention nodes are not touched (same inputs from ``value`` on, attributes and count, checked after the
-rewrite); their query and new key now come from ``RotaryEmbedding``. The pass suits every graph of the end-to-end
-bench alike (Top-θ, the dense export, the GroupQueryAttention twin). It changes float rounding only (fused kernels,
+TopThetaAttention nodes keep their θ, cache and mask inputs, attributes (the head counts added) and count, checked
+after the rewrite; their query and new key now come from ``RotaryEmbedding``, packed. The pass suits every graph of
+the end-to-end bench alike (Top-θ, the dense export, the GroupQueryAttention twin). It changes float rounding only (fused kernels,
 fp32 accumulation in the norm), not the function.
 """
 
@@ -35,6 +37,7 @@ from onnxscript.rewriter.pattern import MatchResult  # in a rule class, its own 
 
 from .._errors import TopThetaError
 from . import names
+from .layout import PackAttentionLayout
 from .variants import op_nodes
 
 __all__ = [
@@ -231,12 +234,14 @@ def _ints(value: ir.Value | None) -> list[int] | None:
 
 
 def _op_signature(model: ir.Model) -> list[tuple[Any, ...]]:
-    """Every TopThetaAttention node as (layer, name, inputs 2.. by name, attributes): what must survive (Q and
-    the new K now come from RotaryEmbedding)."""
+    """Every TopThetaAttention node as (layer, name, inputs 3.. by name, attributes but the head counts): what must
+    survive (Q and the new K now come from RotaryEmbedding, all three packed ones from the projections)."""
     out = []
     for layer, node in op_nodes(model.graph):
-        attrs = tuple(sorted((k, repr(a.value)) for k, a in node.attributes.items()))
-        out.append((layer, node.name, tuple(v.name if v is not None else None for v in node.inputs[2:]), attrs))
+        attrs = tuple(
+            sorted((k, repr(a.value)) for k, a in node.attributes.items() if k not in ("num_heads", "num_kv_heads"))
+        )
+        out.append((layer, node.name, tuple(v.name if v is not None else None for v in node.inputs[3:]), attrs))
     return out
 
 
@@ -276,6 +281,9 @@ class FuseForOrt(InPlacePass):
         ]
         counts["rotary_embedding"] = pattern.RewriteRuleSet(rules).apply_to_model(model)
         counts["rotary_before_transpose"] = pattern.RewriteRuleSet([RotaryBeforeTranspose.rule()]).apply_to_model(model)
+        layout = PackAttentionLayout()
+        layout(model)
+        counts["packed_attention"] = layout.packed
         model.metadata_props.update(inv_freqs)
         if counts["rotary_embedding"] != found:  # a form the cache rule does not know: back to the plain nodes
             InlinePass()(model)

@@ -34,6 +34,7 @@ from onnx_ir.passes import InPlacePass, PassResult
 from .._errors import TopThetaError
 from ..thresholds import Thresholds
 from . import names
+from .layout import UnpackAttentionLayout
 
 __all__ = [
     "KEPT_PREFIX",
@@ -131,6 +132,7 @@ class ExposeAttentionIO(InPlacePass):
     """
 
     def call(self, model: ir.Model) -> PassResult:
+        UnpackAttentionLayout()(model)  # these read the op's tensors heads first
         graph = model.graph
         ops = op_nodes(graph)
         for layer, node in ops:
@@ -373,6 +375,7 @@ class ReplaceWithTopK(InPlacePass):
         self.replaced: list[int] = []
 
     def call(self, model: ir.Model) -> PassResult:
+        UnpackAttentionLayout()(model)  # these read the op's tensors heads first
         graph = model.graph
         self.replaced = []
         for layer, node in _require_ops(model):

@@ -1,7 +1,7 @@
-// Shared-buffer KV cache (docs/op.md): writes the Sk new K and V rows of every (batch, kv head) to rows
-// [P_b, P_b + Sk) of the [B, Hkv, M, *] cache buffers. P_b is read here, on the device (KeyLen clamps it to
-// [0, M - Sk]), so that the op needs no host synchronisation and CUDA graphs replay it with the lengths current
-// at replay time.
+// Shared-buffer KV cache (docs/op.md): writes the Sk new K and V rows of every (batch, kv head), given heads first
+// or packed, to rows [P_b, P_b + Sk) of the [B, Hkv, M, *] cache buffers. P_b is read here, on the device (KeyLen
+// clamps it to [0, M - Sk]), so that the op needs no host synchronisation and CUDA graphs replay it with the lengths
+// current at replay time.
 #include "common.cuh"
 
 namespace toptheta {
@@ -27,8 +27,10 @@ __global__ void __launch_bounds__(256) AppendKernel(const AppendArgs a) {
        u += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t row = u / per_row, off = u % per_row;  // row = (b * Hkv + g) * Sk + s
     const int64_t s = row % a.p.Sk, bg = row / a.p.Sk;
-    const int64_t P = KeyLen(a.p, bg / a.p.Hkv) - a.p.Sk;
-    dst[(bg * a.p.kv_capacity + P + s) * per_row + off] = src[u];
+    const int64_t b = bg / a.p.Hkv, g = bg % a.p.Hkv;
+    const int64_t P = KeyLen(a.p, b) - a.p.Sk;
+    const int64_t from = a.p.packed ? (b * a.p.Sk + s) * a.p.Hkv + g : row;  // packed new rows: [B, Sk, Hkv, *]
+    dst[(bg * a.p.kv_capacity + P + s) * per_row + off] = src[from * per_row + off];
   }
 }
 

@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2) DecodeKernel(const 
   for (int ks = 0; ks < KS; ++ks) {
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      const T* p = static_cast<const T*>(a.p.q) + ((b * a.p.Hq + hq[e]) * a.p.Sq + qi[e]) * D + ks * 16 + 2 * t;
+      const T* p = static_cast<const T*>(a.p.q) + QueryOffset(a.p, b, hq[e], qi[e]) + ks * 16 + 2 * t;
       qf[ks][e] = row_ok[e] ? *reinterpret_cast<const uint32_t*>(p) : 0u;
       qf[ks][2 + e] = row_ok[e] ? *reinterpret_cast<const uint32_t*>(p + 8) : 0u;
     }
@@ -551,7 +551,7 @@ __global__ void __launch_bounds__(kThreads) ShadowScanKernel(const KernelArgs a)
     theta[e] = ok ? RowConstants(a, klen, hq, qi).theta : INFINITY;
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
-      const T* p = static_cast<const T*>(a.p.q) + ((b * a.p.Hq + hq) * a.p.Sq + qi) * D + ks * 16 + 2 * t;
+      const T* p = static_cast<const T*>(a.p.q) + QueryOffset(a.p, b, hq, qi) + ks * 16 + 2 * t;
       qf[ks][e] = ok ? *reinterpret_cast<const uint32_t*>(p) : 0u;
       qf[ks][2 + e] = ok ? *reinterpret_cast<const uint32_t*>(p + 8) : 0u;
     }
@@ -713,10 +713,11 @@ __global__ void CombineKernel(const KernelArgs a) {
   const RowFinal f = FinishRow(a, dk, M, rc.theta, rc.rho, nk, nv);
   float out = n * f.inv;
   if (f.dp_inv != 0.f) out = fmaf(f.dp_inv, a.vbar[row * D + d], out);
+  const int64_t o = OutputOffset(a.p, row / (a.p.Hq * a.p.Sq), (row / a.p.Sq) % a.p.Hq, row % a.p.Sq) + d;
   if (a.p.dtype == DType::kBF16) {
-    static_cast<__nv_bfloat16*>(a.p.out)[row * D + d] = __float2bfloat16_rn(out);
+    static_cast<__nv_bfloat16*>(a.p.out)[o] = __float2bfloat16_rn(out);
   } else {
-    static_cast<__half*>(a.p.out)[row * D + d] = __float2half_rn(out);
+    static_cast<__half*>(a.p.out)[o] = __float2half_rn(out);
   }
   if (a.p.kept && d == 0) a.p.kept[row] = nk;
 }

@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(kThreads) GenericKernel(const KernelArgs a) {
   const int64_t i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int64_t g = h / a.G;
   const int64_t row = (b * a.p.Hq + h) * a.p.Sq + i;
-  const T* q = static_cast<const T*>(a.p.q) + row * a.p.D;
+  const T* q = static_cast<const T*>(a.p.q) + QueryOffset(a.p, b, h, i);
   const int64_t klen = KeyLen(a.p, b);  // keys of this batch row; the buffer has kv_capacity rows
   const T* K = static_cast<const T*>(a.p.k) + (b * a.p.Hkv + g) * a.p.kv_capacity * a.p.D;
   const T* V = static_cast<const T*>(a.p.v) + (b * a.p.Hkv + g) * a.p.kv_capacity * a.p.Dv;
@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(kThreads) GenericKernel(const KernelArgs a) {
 
   const RowFinal f = FinishRow(a, dk, m, rc.theta, rc.rho, n_kept, n_valid);
   const float vscale = n_valid > 0 ? f.dp_inv / static_cast<float>(n_valid) : 0.f;
-  T* out = static_cast<T*>(a.p.out) + row * a.p.Dv;
+  T* out = static_cast<T*>(a.p.out) + OutputOffset(a.p, b, h, i);
   for (int64_t d = tid; d < a.p.Dv; d += kThreads) {
     out[d] = Elem<T>::FromF(acc[d] * f.inv + vscale * vsum[d]);
   }

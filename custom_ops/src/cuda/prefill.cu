@@ -83,7 +83,8 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
   const bool mean = a.mean_pass != 0;
   const float inv_scale = 1.f / a.p.scale;
   const float c2 = a.p.scale * kLog2e;  // raw score -> log2 units
-  const T* Qg = static_cast<const T*>(a.p.q) + (b * a.p.Hq + h) * a.p.Sq * D;
+  const T* Qg = static_cast<const T*>(a.p.q) + QueryOffset(a.p, b, h, 0);
+  const int64_t qstride = QueryRowStride(a.p);  // D, or Hq·D when packed
   const T* Kg = static_cast<const T*>(a.p.k) + (b * a.p.Hkv + kvh) * a.p.kv_capacity * D;
   const T* Vg = static_cast<const T*>(a.p.v) + (b * a.p.Hkv + kvh) * a.p.kv_capacity * D;
   const uint32_t qbase = SmemAddr(smem), sbase = qbase + kQBytes;
@@ -126,7 +127,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int i = w0 + g + 8 * e;
-        const T* p = Qg + static_cast<int64_t>(i < Sq ? i : 0) * D + ks * 16 + 2 * t;
+        const T* p = Qg + static_cast<int64_t>(i < Sq ? i : 0) * qstride + ks * 16 + 2 * t;
         qf[ks][e] = i < Sq ? *reinterpret_cast<const uint32_t*>(p) : 0u;
         qf[ks][2 + e] = i < Sq ? *reinterpret_cast<const uint32_t*>(p + 8) : 0u;
       }
@@ -135,7 +136,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
     for (int c = threadIdx.x; c < kBM * CH; c += THREADS) {
       const int r = c / CH, ch = c % CH;
       const bool ok = i0 + r < Sq;
-      CpAsync16(qbase + Swz<CH>(r, ch), Qg + static_cast<int64_t>(ok ? i0 + r : 0) * D + ch * 8, ok);
+      CpAsync16(qbase + Swz<CH>(r, ch), Qg + static_cast<int64_t>(ok ? i0 + r : 0) * qstride + ch * 8, ok);
     }
   }
 
@@ -422,7 +423,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
     const int n_valid = MASK ? nv[r] : static_cast<int>(a.p.causal ? min(rc.pos + 1, klen) : klen);
     const RowFinal f = FinishRow(a, lsum[r], m[r] * a.p.scale, rc.theta, rc.rho, nk[r], n_valid);
     const float* vbar = f.dp_inv != 0.f ? a.vbar + row * D : nullptr;
-    T* out = static_cast<T*>(a.p.out) + row * D;
+    T* out = static_cast<T*>(a.p.out) + OutputOffset(a.p, b, h, i);
 #pragma unroll
     for (int n = 0; n < NO; ++n) {
       const int c = n * 8 + 2 * t;

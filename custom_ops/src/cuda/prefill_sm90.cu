@@ -48,27 +48,28 @@ __device__ __forceinline__ uint32_t TileOff(int r, int ch) {
   return static_cast<uint32_t>((ch >> 3) * ROWS * 128 + r * 128 + (((ch & 7) ^ (r & 7)) << 4));
 }
 
-// Copies rows [r0, r0 + ROWS) of a [n, D] matrix into a swizzled tile (rows >= n are zero-filled). Thread
-// tid copies chunk tid % CH of rows tid / CH + i * RPI: one shared and one global base address per thread,
-// every copy at a constant offset from them (only the last tile of a matrix needs the bounds test).
+// Copies rows [r0, r0 + ROWS) of an [n, D] matrix (rows `stride` elements apart) into a swizzled tile (rows >= n are
+// zero-filled). Thread tid copies chunk tid % CH of rows tid / CH + i * RPI: one shared and one global base address per
+// thread, every copy at a constant offset from them (only the last tile of a matrix needs the bounds test).
 template <int ROWS, int D>
-__device__ __forceinline__ void LoadRows(uint32_t dst, const void* src, int r0, int n) {
+__device__ __forceinline__ void LoadRows(uint32_t dst, const void* src, int r0, int n, int64_t stride = D) {
   constexpr int CH = D / 8;
   constexpr int RPI = kThreads / CH;  // rows per pass (16 or 32: the swizzle of a thread's rows is fixed)
   static_assert(ROWS % RPI == 0 && RPI % 8 == 0, "tile copy layout");
   const int r = threadIdx.x / CH, ch = threadIdx.x % CH;
   const uint32_t s0 = dst + TileOff<ROWS>(r, ch);
-  const char* g0 = static_cast<const char*>(src) + (static_cast<int64_t>(r0 + r) * D + ch * 8) * 2;
+  const char* g0 = static_cast<const char*>(src) + (static_cast<int64_t>(r0 + r) * stride + ch * 8) * 2;
   if (r0 + ROWS <= n) {
 #pragma unroll
     for (int i = 0; i < ROWS / RPI; ++i) {
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s0 + i * RPI * 128), "l"(g0 + i * RPI * D * 2));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s0 + i * RPI * 128),
+                   "l"(g0 + i * RPI * stride * 2));
     }
   } else {
 #pragma unroll
     for (int i = 0; i < ROWS / RPI; ++i) {
       const bool ok = r0 + r + i * RPI < n;
-      CpAsync16(s0 + i * RPI * 128, ok ? g0 + static_cast<int64_t>(i) * RPI * D * 2 : src, ok);
+      CpAsync16(s0 + i * RPI * 128, ok ? g0 + static_cast<int64_t>(i) * RPI * stride * 2 : src, ok);
     }
   }
 }
@@ -151,7 +152,7 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
   const int64_t kvh = h / a.G;
   const float inv_scale = 1.f / a.p.scale;
   const float c2 = a.p.scale * kLog2e;
-  const T* Qg = static_cast<const T*>(a.p.q) + (b * a.p.Hq + h) * a.p.Sq * D;
+  const T* Qg = static_cast<const T*>(a.p.q) + QueryOffset(a.p, b, h, 0);
   const T* Kg = static_cast<const T*>(a.p.k) + (b * a.p.Hkv + kvh) * a.p.kv_capacity * D;
   const T* Vg = static_cast<const T*>(a.p.v) + (b * a.p.Hkv + kvh) * a.p.kv_capacity * D;
   // Ktot: this batch row's keys (KeyLen; the buffer has kv_capacity rows), read from memory in the shared form and
@@ -197,7 +198,7 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
   uint32_t pv_mask = 0;  // its 16-key chunks to multiply (same in the whole warpgroup); 0 = none pending
   int pv_stage = 0;
 
-  LoadRows<kBM, D>(qbase, Qg, i0, Sq);
+  LoadRows<kBM, D>(qbase, Qg, i0, Sq, QueryRowStride(a.p));
   if (ntiles > 0) {
     LoadRows<kBN, D>(kvbase, Kg, 0, Ktot);
     LoadRows<kBN, D>(kvbase + kTile, Vg, 0, Ktot);
@@ -401,7 +402,7 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(const KernelArg
     const RowConst rc = RowConstants(a, Ktot, h, i);
     const int n_valid = static_cast<int>(a.p.causal ? min(rc.pos + 1, int64_t{Ktot}) : Ktot);
     const RowFinal f = FinishRow(a, ls, m[r] * a.p.scale, rc.theta, rc.rho, 0, n_valid);
-    T* out = static_cast<T*>(a.p.out) + ((b * a.p.Hq + h) * a.p.Sq + i) * D;
+    T* out = static_cast<T*>(a.p.out) + OutputOffset(a.p, b, h, i);
 #pragma unroll
     for (int n = 0; n < NO; ++n) {
       *reinterpret_cast<uint32_t*>(out + n * 8 + 2 * t) =
