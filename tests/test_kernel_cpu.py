@@ -310,7 +310,7 @@ def _base(rng):
         ({"thresholds": np.zeros((3, 3), np.float32)}, {}, "thresholds must be float32 [Hq, R] = [4, R>=1]"),
         ({"thresholds": np.zeros((4, 0), np.float32)}, {}, "thresholds must be float32 [Hq, R]"),
         ({"query": np.zeros((4, 5, 8), np.float32)}, {}, "rank 3) needs the attributes num_heads and num_kv_heads"),
-        ({"query": np.zeros((1, 2, 4, 5, 8), np.float32)}, {}, "query must be [B, Hq, Sq, D] (or packed [B, Sq, Hq·D])"),
+        ({"query": np.zeros((1, 2, 4, 5, 8), np.float32)}, {}, "query must be [B, Hq, Sq, D] (or packed [B, Sq, Hq·D]"),
         (
             {"key": np.zeros((1, 3, 5, 8), np.float32), "value": np.zeros((1, 3, 5, 8), np.float32)},
             {},

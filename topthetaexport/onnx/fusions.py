@@ -20,8 +20,8 @@
 
 TopThetaAttention nodes keep their θ, cache and mask inputs, attributes (the head counts added) and count, checked
 after the rewrite; their query and new key now come from ``RotaryEmbedding``, packed. The pass suits every graph of
-the end-to-end bench alike (Top-θ, the dense export, the GroupQueryAttention twin). It changes float rounding only (fused kernels,
-fp32 accumulation in the norm), not the function.
+the end-to-end bench alike (Top-θ, the dense export, the GroupQueryAttention twin). It changes float rounding only
+(fused kernels, fp32 accumulation in the norm), not the function.
 """
 
 from __future__ import annotations

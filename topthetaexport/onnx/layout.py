@@ -28,7 +28,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from .._errors import TopThetaError
 from . import names
 
-__all__ = ["LAYOUT_META", "PackAttentionLayout", "UnpackAttentionLayout", "is_packed"]
+__all__ = ["LAYOUT_META", "PackAttentionLayout", "UnpackAttentionLayout", "head_dims", "is_packed"]
 
 LAYOUT_META = names.META_PREFIX + "layout"
 _HEADS_PERM = [0, 2, 1, 3]
@@ -51,7 +51,7 @@ def _static_dim(value: ir.Value | None, axis: int) -> int | None:
     return dim if isinstance(dim, int) else None
 
 
-def _heads(node: ir.Node) -> tuple[int, int, int, int] | None:
+def head_dims(node: ir.Node) -> tuple[int, int, int, int] | None:
     """(Hq, Hkv, D, Dv) from the node's attributes, θ ``[Hq, R]`` and cache ``[B, Hkv, *, D]``; None if unknown."""
     hq = node.attributes.get_int("num_heads", 0) or _static_dim(node.inputs[_THETA_INPUT], 0)
     inputs = list(node.inputs) + [None] * 8
@@ -145,7 +145,7 @@ class PackAttentionLayout(InPlacePass):
     def call(self, model: ir.Model) -> PassResult:
         self.packed = 0
         for node in _op_nodes(model.graph):
-            heads = _heads(node)
+            heads = head_dims(node)
             if is_packed(node) or heads is None:
                 continue
             hq, hkv, d, dv = heads

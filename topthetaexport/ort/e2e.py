@@ -417,14 +417,15 @@ def graph_set(
 
 
 def _op_scale(model) -> float | None:
+    from ..onnx.layout import head_dims
     from ..onnx.variants import op_nodes
 
     for _, node in op_nodes(model.graph):
         a = node.attributes.get("scale")
-        d = node.inputs[0].shape[3] if node.inputs[0].shape is not None else None
         if a is not None and float(a.value) != 0.0:
             return float(a.value)
-        return 1.0 / math.sqrt(int(d)) if isinstance(d, int) else None
+        dims = head_dims(node)  # D from the cache: the query may be packed, [B, S, Hq·D]
+        return 1.0 / math.sqrt(dims[2]) if dims is not None else None
     return None
 
 
