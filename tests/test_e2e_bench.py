@@ -12,8 +12,10 @@ import math
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from conftest import tiny_bpe_tokenizer
@@ -84,6 +86,7 @@ def test_prepare_writes_graphs_without_weights(prepared):
             "rotary_embedding": 0,
             "rotary_before_transpose": 0,
             "packed_attention": 0,  # float32: ONNX RotaryEmbedding sits between the head split and the op
+            "concat_projections": 4,  # Q/K/V and gate/up of the 2 layers
         }
     stored = {w["name"]: w for w in man["weights"]}
     assert min(w["nbytes"] for w in man["weights"]) >= 10000
@@ -91,8 +94,8 @@ def test_prepare_writes_graphs_without_weights(prepared):
         model = onnx.load(str(prepared / fname), load_external_data=False)
         external = {t.name: t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
         assert external and set(external) <= set(stored), gname  # nothing still points at the export's data
-        inline = [t for t in model.graph.initializer if t.name not in external and len(t.dims) == 2]
-        assert any(list(t.dims) == [64, 32] and t.raw_data for t in inline), gname  # moved inline
+        inline = [t for t in model.graph.initializer if t.name not in external and t.dims and int(np.prod(t.dims)) > 8]
+        assert inline and all(t.raw_data for t in inline), gname  # the small ones (norms, biases) stay, with data
         for name, t in external.items():
             info = {e.key: e.value for e in t.external_data}
             assert info["location"] == e2e.WEIGHTS and int(info["offset"]) == stored[name]["offset"], name
@@ -120,13 +123,17 @@ def test_unfused_folder_fused_afterwards_equals_a_fused_prepare(prepared, root):
     assert set(json.loads((out / e2e.MANIFEST).read_text())["fusions"].values()) == {None}
     e2e.fuse_prepared(out, log=lambda m: None)
     fused, made = (json.loads((d / e2e.MANIFEST).read_text()) for d in (out, prepared))
-    assert fused["fusions"] == made["fusions"] and fused["weights_bytes"] == made["weights_bytes"]
+    # The same but ConcatProjections, which needs the weights' values and the folder has none (docs/benchmarks.md).
+    for g in e2e.GRAPHS:
+        assert fused["fusions"][g] == {**made["fusions"][g], "concat_projections": 0}
+    # (concatenated, the small K and V weights of both layers, inline on their own, cross the strip size)
+    assert made["weights_bytes"] - fused["weights_bytes"] == 2 * 2 * 64 * 32 * 4
     for fname in e2e.GRAPHS.values():
         ops = [
-            sorted(n.op_type for n in onnx.load(str(d / fname), load_external_data=False).graph.node)
+            Counter(n.op_type for n in onnx.load(str(d / fname), load_external_data=False).graph.node)
             for d in (out, prepared)
         ]
-        assert ops[0] == ops[1], fname
+        assert ops[0] - Counter({"MatMul": 2 * 3}) == ops[1] - Counter({"Split": 2 * 2}), fname  # 5 GEMMs -> 2 a layer
     with pytest.raises(TopThetaError, match="is fused already .*: nothing to do") as err:
         e2e.fuse_prepared(out, log=lambda m: None)
     assert "\n" not in str(err.value)

@@ -35,7 +35,8 @@ STEPS = 4
 # float16 also packs the op (layout.PackAttentionLayout): Reshape + Transpose of Q, K and V, Transpose + Reshape of
 # the output, 8 nodes per layer, and once the 2 nodes that compute their target shapes. float32 keeps ONNX
 # RotaryEmbedding on [B, H, S, D] between the split and the op.
-SAVED = {"float32": (2, 0, 0), "float16": (2 + 2 * 6 + 8, 10 + 2, 2)}
+# Both: Q/K/V (MatMul + bias Add each) -> one MatMul, one Add and a Split (3 fewer), gate/up -> MatMul + Split.
+SAVED = {"float32": (2 + 3, 0, 0), "float16": (2 + 2 * 6 + 8 + 3, 10 + 2, 2)}
 TOLERANCE = {"float32": 2e-5, "float16": 2e-3}  # of the largest logit
 
 
@@ -85,6 +86,7 @@ def test_every_layer_loses_the_fused_nodes(graphs):
         "rotary_embedding": rotary * layers,
         "rotary_before_transpose": rotary * layers,
         "packed_attention": (layers if rotary else 0),
+        "concat_projections": 2 * layers,
     }
 
 
@@ -138,7 +140,7 @@ def test_float16_op_reads_and_writes_the_projections_packed(graphs):
     for _, node in op_nodes(model.graph):
         assert is_packed(node) and node.attributes.get_int("num_heads") == loaded_heads
         assert [v.producer().op_type for v in node.inputs[:2]] == ["RotaryEmbedding", "RotaryEmbedding"]
-        assert node.inputs[2].producer().op_type in ("MatMul", "Add")
+        assert node.inputs[2].producer().op_type == "Split"  # of the Q/K/V GEMM (ConcatProjections)
         assert [use.node.op_type for use in node.outputs[0].uses()] == ["MatMul"]
     assert _ops(graphs["fused"])["Transpose"] == 0
 
@@ -218,3 +220,48 @@ def test_rewrite_with_fusions_needs_the_rotary_length(graphs, tmp_path):
             rewrite(graphs["dense"], th, tmp_path / "m.onnx", fusions="auto")
     finally:
         th.meta["max_positions"] = TINY_POSITIONS
+
+
+def _projections_model(bias: bool) -> ir.Model:
+    """x [2, 3, 8] -> MatMul by W_q [8, 8], W_k [8, 4], W_v [8, 4] (+ biases): three graph outputs through Relu."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(9)
+    inits, nodes, outputs = [], [], []
+    for name, n in (("q", 8), ("k", 4), ("v", 4)):
+        inits.append(numpy_helper.from_array(rng.standard_normal((8, n)).astype(np.float32), f"W_{name}"))
+        nodes.append(helper.make_node("MatMul", ["x", f"W_{name}"], [f"{name}_mm"]))
+        last = f"{name}_mm"
+        if bias:
+            inits.append(numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), f"b_{name}"))
+            nodes.append(helper.make_node("Add", [last, f"b_{name}"], [f"{name}_b"]))
+            last = f"{name}_b"
+        nodes.append(helper.make_node("Relu", [last], [name]))
+        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8])
+    graph = helper.make_graph(nodes, "projections", [x], outputs, inits)
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_concat_projections_gives_the_same_outputs(bias):
+    """Q/K/V-like MatMuls on one input become one MatMul (+ one Add) and a Split; the outputs are those of the three
+    GEMMs (the same columns), and the old weights are gone."""
+    import onnxruntime as ort
+
+    from topthetaexport.onnx.projections import ConcatProjections
+
+    def run(model):
+        sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+        return sess.run(None, {"x": np.random.default_rng(1).standard_normal((2, 3, 8)).astype(np.float32)})
+
+    want = run(_projections_model(bias))
+    model = _projections_model(bias)
+    fuse = ConcatProjections()
+    assert fuse(model).modified and fuse.groups == 1
+    ops = Counter(n.op_type for n in model.graph)
+    assert ops == Counter({"MatMul": 1, "Split": 1, "Relu": 3, **({"Add": 1} if bias else {})})
+    made = {"W_q.concat", "W_q.concat.split"} | ({"W_q.concat.bias"} if bias else set())
+    assert set(model.graph.initializers) == made  # the three weights (and biases) are gone
+    for got, expected in zip(run(model), want):
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)

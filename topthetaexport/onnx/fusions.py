@@ -17,6 +17,8 @@
   Transpose at all.
 * ``layout.PackAttentionLayout``: TopThetaAttention reads Q, K, V and writes its output packed, ``[B, S, H·D]``,
   so the four Transposes around it per layer go (docs/op.md, "Layouts").
+* ``projections.ConcatProjections``: the GEMMs that read one activation (Q/K/V, gate/up) become one GEMM and a
+  ``Split``, as onnxruntime-genai's model builder packs them.
 
 TopThetaAttention nodes keep their θ, cache and mask inputs, attributes (the head counts added) and count, checked
 after the rewrite; their query and new key now come from ``RotaryEmbedding``, packed. The pass suits every graph of
@@ -38,6 +40,7 @@ from onnxscript.rewriter.pattern import MatchResult  # in a rule class, its own 
 from .._errors import TopThetaError
 from . import names
 from .layout import PackAttentionLayout
+from .projections import ConcatProjections
 from .variants import op_nodes
 
 __all__ = [
@@ -284,6 +287,9 @@ class FuseForOrt(InPlacePass):
         layout = PackAttentionLayout()
         layout(model)
         counts["packed_attention"] = layout.packed
+        projections = ConcatProjections()
+        projections(model)
+        counts["concat_projections"] = projections.groups
         model.metadata_props.update(inv_freqs)
         if counts["rotary_embedding"] != found:  # a form the cache rule does not know: back to the plain nodes
             InlinePass()(model)
