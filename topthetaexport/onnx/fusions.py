@@ -17,8 +17,8 @@
   Transpose at all.
 * ``layout.PackAttentionLayout``: TopThetaAttention reads Q, K, V and writes its output packed, ``[B, S, H·D]``,
   so the four Transposes around it per layer go (docs/op.md, "Layouts").
-* ``projections.ConcatProjections``: the GEMMs that read one activation (Q/K/V, gate/up) become one GEMM and a
-  ``Split``, as onnxruntime-genai's model builder packs them.
+* ``projections.ConcatProjections``: the Q/K/V GEMMs, which read one activation, become one GEMM and a ``Split``,
+  as onnxruntime-genai's model builder packs them.
 
 TopThetaAttention nodes keep their θ, cache and mask inputs, attributes (the head counts added) and count, checked
 after the rewrite; their query and new key now come from ``RotaryEmbedding``, packed. The pass suits every graph of
