@@ -143,6 +143,11 @@ def test_float16_op_reads_and_writes_the_projections_packed(graphs):
         assert node.inputs[2].producer().op_type == "Split"  # of the Q/K/V GEMM (ConcatProjections)
         assert [use.node.op_type for use in node.outputs[0].uses()] == ["MatMul"]
     assert _ops(graphs["fused"])["Transpose"] == 0
+    from topthetaexport.onnx.summary import format_summary, summarize
+
+    summary = summarize(graphs["fused"])
+    assert {n["layout"] for n in summary["toptheta_nodes"]} == {"packed"}  # what `inspect` prints per layer
+    assert ", packed, θ" in format_summary(summary)
 
 
 def test_unpacking_gives_the_heads_first_graph_and_the_same_logits(graphs, tmp_path):

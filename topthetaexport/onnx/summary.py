@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .layout import is_packed
 from .names import DOMAIN, LAYER_META, META_PREFIX, OP_TYPE, kv_cache_form
 from .rewriter import layer_of, load_onnx
 
@@ -98,6 +99,7 @@ def _attention_node(node) -> dict[str, Any]:
         "comp_mode": int(attrs.get("comp_mode", 0)),
         "causal": int(attrs.get("causal", 0)),
         "scale": float(attrs.get("scale", 0.0)),
+        "layout": "packed" if is_packed(node) else "heads_first",  # docs/op.md, "Layouts"
         "mask": None if mask is None else ("key_padding" if mask.shape is not None and len(mask.shape) == 2 else "4d"),
         "thresholds": theta.name if theta is not None else None,
     }
@@ -241,7 +243,7 @@ def format_summary(s: dict[str, Any], *, max_ops: int = 12) -> str:
         lines.append(
             f"  layer {n['layer']:>3} {n['name']}: heads {n['num_heads']}, kv heads {n['num_kv_heads']}, "
             f"R {n.get('rows')}, comp_mode {n['comp_mode']}, causal {n['causal']}, mask {n['mask']}, "
-            f"{theta}"
+            f"{n.get('layout', 'heads_first').replace('_', ' ')}, {theta}"
         )
     meta = {k: v for k, v in s["metadata"].items() if k.startswith(META_PREFIX)}
     if meta:
