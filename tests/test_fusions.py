@@ -272,3 +272,20 @@ def test_concat_projections_gives_the_same_outputs(bias):
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
     wide = _projections_model(bias)  # 16 columns from 8: wider than 1.5 x C, left as it is
     assert not ConcatProjections(max_width_ratio=1.5)(wide).modified
+
+
+def test_concat_form_fused_then_shared_packs_on_a_second_pass(graphs, tmp_path):
+    """A graph fused in the concat form (the op reads the Concat of past and new K/V: nothing to pack) and given the
+    shared cache afterwards (bench/e2e.py prepare --from a CPU output folder) packs when FuseForOrt runs again."""
+    if graphs["dtype"] != "float16":
+        pytest.skip("nothing packed in float32")
+    from topthetaexport.onnx.kv_cache import ShareKvBuffer
+
+    rewrite(graphs["dense"], graphs["thresholds"], tmp_path / "concat.onnx", kv_cache="concat", fusions="on")
+    model = ir.load(tmp_path / "concat.onnx")
+    assert fused(model)["packed_attention"] == 0
+    ShareKvBuffer()(model)
+    assert FuseForOrt(TINY_POSITIONS)(model).modified
+    assert fused(model)["packed_attention"] == graphs["layers"]
+    assert all(is_packed(node) for _, node in op_nodes(model.graph))
+    assert not FuseForOrt(TINY_POSITIONS)(model).modified

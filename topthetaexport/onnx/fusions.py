@@ -265,8 +265,14 @@ class FuseForOrt(InPlacePass):
         from onnxscript.rewriter.ort_fusions.rotary_embedding import fuse_rotary_embedding
         from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
 
-        if fused(model) is not None:
-            return PassResult(model, False)
+        done = fused(model)
+        if done is not None:  # fused before; a concat-form graph given the shared cache since can pack now
+            layout = PackAttentionLayout()
+            if not layout(model).modified:
+                return PassResult(model, False)
+            done["packed_attention"] = done.get("packed_attention", 0) + layout.packed
+            model.metadata_props[FUSIONS_META] = ",".join(f"{k}={v}" for k, v in done.items())
+            return PassResult(model, True)
         before = _op_signature(model)
         counts = {"simplified_layer_norm": pattern.RewriteRuleSet([RmsNormToSimplified.rule()]).apply_to_model(model)}
         counts["skip_simplified_layer_norm"] = fuse_skip_rms_normalization(model)

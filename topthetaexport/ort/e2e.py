@@ -409,10 +409,15 @@ def graph_set(
         "dense_gqa": decoding(gqa),
     }
     if fuse_positions:
-        from ..onnx.fusions import FuseForOrt
+        from ..onnx.fusions import FuseForOrt, rotary_caches
 
+        # A graph fused already (a pipeline output fused for CUDA) fixes the rotary caches' rows: the others get
+        # the same initializers, which the graphs share in weights.data.
+        rows = [
+            int(m.graph.initializers[name].const_value.shape[0]) for m in models.values() for name in rotary_caches(m)
+        ]
         for model in models.values():
-            FuseForOrt(int(fuse_positions))(model)
+            FuseForOrt(rows[0] if rows else int(fuse_positions))(model)
     return models
 
 
