@@ -82,8 +82,9 @@ DTYPE_OPT = typer.Option(
 FUSIONS_OPT = typer.Option(
     "auto",
     "--fusions",
-    help="onnxruntime's fused kernels outside attention (SkipSimplifiedLayerNormalization, RotaryEmbedding; "
-    "docs/graph.md): auto (on for a float16/bfloat16 graph on CUDA, off otherwise), on or off",
+    help="onnxruntime's fused kernels outside attention (SkipSimplifiedLayerNormalization, RotaryEmbedding, one "
+    "Q/K/V GEMM) and the op's packed layout (no Transposes; docs/graph.md): auto (on for a float16/bfloat16 graph "
+    "on CUDA, off otherwise), on or off",
 )
 
 KV_CACHE_OPT = typer.Option(
