@@ -3,6 +3,9 @@ finished ``long-context-details.json`` or the ``--checkpoint`` file of a run sto
 what was measured; needle fields of variants not yet run are null).
 
 Usage: python bench/long_context_table.py CHECKPOINT_OR_DETAILS --thresholds OUT [--out docs/results/long-context.json]
+
+``--out`` merges: a row of the file with the same model, context, calibration length, k, extrapolation, text, dense
+layers and compensation as a new row is replaced, the others are kept.
 """
 
 from __future__ import annotations
@@ -18,6 +21,21 @@ from topthetaexport.thresholds import Thresholds
 
 def _f(x, spec):
     return "n/a" if x is None else format(x, spec)
+
+
+_ROW_KEY = ("model", "context", "calib_len", "k", "theta_extrapolation", "data", "dense_layers", "comp_mode")
+
+
+def merged_rows(path: str, rows: list[dict]) -> list[dict]:
+    """The rows of the JSON list at ``path`` (none if it does not exist), those of ``rows`` replacing the ones with
+    the same ``_ROW_KEY``, new ones appended."""
+    try:
+        old = json.loads(open(path).read())
+    except FileNotFoundError:
+        old = []
+    new = {tuple(r.get(f) for f in _ROW_KEY): r for r in rows}
+    kept = [r for r in old if tuple(r.get(f) for f in _ROW_KEY) not in new]
+    return kept + list(new.values())
 
 
 def main() -> None:
@@ -42,7 +60,7 @@ def main() -> None:
             if r["domain"] == "in_domain" and not measured[var].get(r["context"], {}).get("needle"):
                 r[key] = None
     if a.out:
-        write_json(a.out, rows)
+        write_json(a.out, merged_rows(a.out, rows))
     print(
         "| context | θ past R | text | ppl dense | ppl Top-θ | Δ | kept/row (sparse, last 512 rows) | "
         "V rows / decode step (dense → Top-θ) | reduction | needle dense | needle Top-θ |"
@@ -51,7 +69,7 @@ def main() -> None:
     for r in rows:
         print(
             f"| {r['context']} | {r['theta_extrapolation']} | {r['data']} | {r['ppl_dense']:.2f} | "
-            f"{r['ppl_toptheta']:.2f} | {100 * r['ppl_relative_change']:+.1f}% | {_f(r['kept_per_row'], '.0f')} | "
+            f"{r['ppl_toptheta']:.2f} | {100 * r['ppl_relative_change']:+.2f}% | {_f(r['kept_per_row'], '.0f')} | "
             f"{_f(r['v_rows_per_step_dense'], '.0f')} → {_f(r['v_rows_per_step_toptheta'], '.0f')} | "
             f"{_f(r['v_rows_reduction'], '.2f')}x | {_f(r['needle_dense'], '.2f')} | "
             f"{_f(r['needle_toptheta'], '.2f')} |"

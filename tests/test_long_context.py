@@ -130,3 +130,32 @@ def test_long_context_cli_errors(short_calibrated, capsys):
     with pytest.raises(TopThetaError, match=r"needle contexts \[384\] are not among"):
         evaluate_long_context(out, contexts=[96], needle_contexts=(384,))
     assert not (short_calibrated / "e2").exists()
+
+
+def test_long_context_table_merges_rows_into_its_json(tmp_path):
+    """bench/long_context_table.py --out replaces the rows of the same setting and keeps the others."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from long_context_table import merged_rows
+
+    path = tmp_path / "long-context.json"
+    base = {"model": "m", "calib_len": 2048, "k": 560, "data": "austen:sense", "dense_layers": 1, "comp_mode": 0}
+    old = [
+        {**base, "context": 8192, "theta_extrapolation": "fit", "ppl_toptheta": 1.0},
+        {**base, "context": 4096, "theta_extrapolation": "fit", "ppl_toptheta": 2.0},
+    ]
+    path.write_text(json.dumps(old))
+    new = [
+        {**base, "context": 8192, "theta_extrapolation": "fit", "ppl_toptheta": 3.0},
+        {**base, "context": 8192, "theta_extrapolation": "last-row", "ppl_toptheta": 4.0},
+    ]
+    rows = merged_rows(str(path), new)
+    assert sorted((r["context"], r["theta_extrapolation"], r["ppl_toptheta"]) for r in rows) == [
+        (4096, "fit", 2.0),
+        (8192, "fit", 3.0),
+        (8192, "last-row", 4.0),
+    ]
+    assert merged_rows(str(tmp_path / "missing.json"), new) == new
