@@ -20,10 +20,12 @@ number, the command and the machine.
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -211,8 +213,22 @@ def evaluate_long_context(
     needles = {c: needle_items(tok, hay, c, list(needle_depths), needle_trials) for c in needle_at}
 
     variants = [("dense", None)] + [(f"toptheta/{e}", e) for e in extrapolations]
-    sessions = {}
-    for name, ext in variants:
+    model_name = loaded.name
+    del loaded  # the PyTorch weights are not needed past here: free their RAM
+    gc.collect()
+    # Every variant's session holds the weights: open them all (fast switching) only where that fits in a third of
+    # the RAM, else one at a time, in an order that reuses the open one across stages (Qwen2.5-1.5B in float32:
+    # 6 GB per session and 5 GB of 8k-token logits, on a 24 GB machine).
+    one_at_a_time = len(variants) * _weights_bytes(model_path) > _ram_bytes() / 3
+    sessions: dict[str, Any] = {}
+
+    def session(name: str) -> Any:
+        if name in sessions:
+            return sessions[name]
+        if one_at_a_time:
+            sessions.clear()
+            gc.collect()
+        ext = dict(variants)[name]
         step(f"{name}: opening session", 0.02)
         path = (
             write_variant(model_path, kind="dense")
@@ -223,17 +239,19 @@ def evaluate_long_context(
             sessions[name] = OnnxModel(path, device=device, threads=threads)
         finally:
             path.unlink(missing_ok=True)
+        return sessions[name]
+
     measured: dict[str, dict[int, dict[str, Any]]] = {name: {c: {} for c in contexts} for name, _ in variants}
     bands = [m for m in (1, 2, 4, 8, 16, 32, 64) if m * calib_rows <= max(contexts)]
     # the most telling measurements first: in-domain text, the other text, then needles by context
     stages: list[tuple[str, int]] = [(dom, 0) for dom in texts]
     stages += [("needle", c) for c in needle_at]
     n_steps, done = len(stages) * len(variants), 0
-    for what, c_needle in stages:
-        for name, _ in variants:
+    for stage, (what, c_needle) in enumerate(stages):
+        for name, _ in variants if stage % 2 == 0 else variants[::-1]:  # the last session is the next first
             if what == "needle" and needle_variants is not None and name not in needle_variants:
                 continue
-            om = sessions[name]
+            om = session(name)
             step(f"{name}: {what}{f' at {c_needle}' if c_needle else ''}", 0.03 + 0.95 * done / n_steps)
             t0 = time.perf_counter()
             if what == "needle":
@@ -260,16 +278,16 @@ def evaluate_long_context(
             done += 1
             if checkpoint is not None:
                 write_json(checkpoint, {"done": f"{what} {name}", "measured": _jsonable(measured)})
-    del sessions
+    sessions.clear()
 
-    rows = _rows(loaded, th, calib_rows, contexts, extrapolations, measured, needle)
+    rows = _rows(SimpleNamespace(name=model_name), th, calib_rows, contexts, extrapolations, measured, needle)
     report = {
         "toptheta_export_version": _version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": command,
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "device": device},
         "threads": threads,
-        "model": loaded.name,
+        "model": model_name,
         "calibration": {
             k: meta.get(k) for k in ("calib_source", "k", "seq_len", "num_samples", "dense_layers", "aggregation")
         },
@@ -353,6 +371,19 @@ def _version() -> str:
 
 def _pass_rate(items: list[dict] | None) -> float | None:
     return None if not items else sum(i["pass"] for i in items) / len(items)
+
+
+def _weights_bytes(model_path: Path) -> int:
+    """Bytes of the graph and its external data file(s) next to it."""
+    files = [model_path, *model_path.parent.glob(model_path.name + ".data*")]
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
+def _ram_bytes() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40  # unknown: assume plenty
 
 
 def _rows(loaded, th, calib_rows, contexts, extrapolations, measured, needle) -> list[dict[str, Any]]:
