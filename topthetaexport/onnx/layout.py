@@ -27,6 +27,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from .._errors import TopThetaError
 from . import names
+from .rules import const_ints
 
 __all__ = ["LAYOUT_META", "PackAttentionLayout", "UnpackAttentionLayout", "head_dims", "is_packed"]
 
@@ -70,15 +71,10 @@ def _perm(node: ir.Node | None) -> list[int] | None:
     return list(attr.as_ints()) if attr is not None else None
 
 
-def _const_ints(value: ir.Value | None) -> list[int] | None:
-    tensor = None if value is None else ir.convenience.get_const_tensor(value)
-    return None if tensor is None else [int(v) for v in np.asarray(tensor.numpy()).reshape(-1)]
-
-
 def _shape_tail(value: ir.Value | None) -> list[int]:
     """The constant trailing entries of a Reshape target: all of a constant, or the constant inputs that end a
     ``Concat`` (torch's exporter builds ``[B, S, H, D]`` from the runtime B and S and constant H and D)."""
-    whole = _const_ints(value)
+    whole = const_ints(value)
     if whole is not None:
         return whole
     concat = value.producer() if value is not None else None
@@ -86,7 +82,7 @@ def _shape_tail(value: ir.Value | None) -> list[int]:
         return []
     tail: list[int] = []
     for part in reversed(list(concat.inputs)):
-        ints = _const_ints(part)
+        ints = const_ints(part)
         if ints is None:
             break
         tail = ints + tail

@@ -31,6 +31,7 @@ __all__ = [
     "MhaAttention",
     "RuleContext",
     "attention_rules",
+    "const_ints",
     "unsupported_reason",
 ]
 
@@ -140,7 +141,8 @@ def unsupported_reason(node: ir.Node) -> str | None:
     return None
 
 
-def _const_ints(value: ir.Value | None) -> list[int] | None:
+def const_ints(value: ir.Value | None) -> list[int] | None:
+    """The values of a constant integer tensor, flattened; None when ``value`` is not a constant."""
     tensor = None if value is None else ir.convenience.get_const_tensor(value)
     return None if tensor is None else [int(x) for x in np.asarray(tensor.numpy()).reshape(-1)]
 
@@ -162,8 +164,8 @@ def _gqa_problem(
     which: str, source: ir.Value, axes: ir.Value, grouped: ir.Value, expanded: ir.Value, num_heads: int
 ) -> str | None:
     """Why ``Reshape(Expand(Unsqueeze(source, axes)))`` is not the repeat of ``source``'s heads over groups."""
-    if _const_ints(axes) not in ([2], [-3]):
-        return f"its {which} is unsqueezed on axes {_const_ints(axes)}, not on axis 2 (the query-group axis)"
+    if const_ints(axes) not in ([2], [-3]):
+        return f"its {which} is unsqueezed on axes {const_ints(axes)}, not on axis 2 (the query-group axis)"
     hkv = _static_heads(source)
     if hkv is None or hkv <= 0 or num_heads % hkv:
         return f"its {which} source shape {source.shape} has no static head count dividing {num_heads}"
