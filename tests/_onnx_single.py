@@ -110,6 +110,28 @@ def run(sess, **feeds):
     return dict(zip(names, res))
 
 
+def pack(x: np.ndarray) -> np.ndarray:
+    """[B, H, S, D] -> [B, S, H·D], the op's packed layout (what the graph has before it splits heads)."""
+    B, H, S, D = x.shape
+    return np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(B, S, H * D))
+
+
+def assert_packed_equals_heads_first(sess, feeds: dict) -> dict:
+    """Runs ``sess`` on ``feeds`` (query/key/value heads first) and again with them packed: the packed output is the
+    heads-first one packed, bit for bit, and the kept counts and present K/V are the same. Returns the heads-first
+    outputs."""
+    heads_first = run(sess, **{n: (v.copy() if isinstance(v, np.ndarray) else v) for n, v in feeds.items()})
+    packed = run(sess, **{**feeds, **{n: pack(feeds[n]) for n in ("query", "key", "value")}})
+    B, Hq, Sq, Dv = heads_first["output"].shape
+    assert packed["output"].shape == (B, Sq, Hq * Dv)
+    np.testing.assert_array_equal(packed["output"], pack(heads_first["output"]))
+    np.testing.assert_array_equal(packed["kept"], heads_first["kept"])
+    for n in ("present_key", "present_value"):
+        if n in heads_first:
+            np.testing.assert_array_equal(packed[n], heads_first[n])
+    return heads_first
+
+
 # ---------------------------------------------------------------------------------------------
 # float64 reference of docs/op.md
 

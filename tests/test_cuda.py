@@ -695,7 +695,7 @@ def test_onnxruntime_cuda_packed_layout_equals_heads_first(ort_cuda, form, dtype
     """Packed query/key/value ([B, S, H·D], docs/op.md "Layouts") run the same kernels as heads first: the packed
     output of the heads-first call bit for bit, the same kept counts and present K/V (float32: the generic kernel;
     float16: the prefill, decode and append kernels)."""
-    from _onnx_single import make_model, run
+    from _onnx_single import assert_packed_equals_heads_first, make_model
 
     kw, Sq, past, M = PACKED_CUDA_FORMS[form]
     B, Hq, Hkv = 2, 12, 2
@@ -717,18 +717,8 @@ def test_onnxruntime_cuda_packed_layout_equals_heads_first(ort_cuda, form, dtype
         feeds["past_sequence_length"] = np.asarray(past, np.int32)
     model = make_model(dtype, sdc=True, kept=True, causal=1, comp_mode=1, num_heads=Hq, num_kv_heads=Hkv, **kw)
     _, gpu = _sessions(ort_cuda, model, cpu=False)
-    heads_first = run(gpu, **feeds)
-
-    def pack(x):
-        return np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(x.shape[0], x.shape[2], -1))
-
-    packed = run(gpu, **{**feeds, **{n: pack(feeds[n]) for n in ("query", "key", "value")}})
-    assert packed["output"].shape == (B, Sq, Hq * D)
-    np.testing.assert_array_equal(packed["output"], pack(heads_first["output"]))
-    np.testing.assert_array_equal(packed["kept"], heads_first["kept"])
-    for n in ("present_key", "present_value"):
-        if n in heads_first:
-            np.testing.assert_array_equal(packed[n], heads_first[n])
+    heads_first = assert_packed_equals_heads_first(gpu, feeds)
+    assert heads_first["output"].shape == (B, Hq, Sq, D)
     assert 0 < heads_first["kept"].sum()
 
 

@@ -828,12 +828,6 @@ def test_shared_form_bad_inputs_give_clear_errors(change, model_kw, message):
 # -- packed layout: query [B, Sq, Hq·D], key/value [B, Sk, Hkv·D], output [B, Sq, Hq·Dv] (docs/op.md, "Layouts") --
 
 
-def pack(x):
-    """[B, H, S, D] -> [B, S, H·D] (what the graph has before it splits heads)."""
-    B, H, S, D = x.shape
-    return np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(B, S, H * D))
-
-
 PACKED_FORMS = {
     # name: model keywords, case (Sq, P or shared lens, M)
     "prefill_no_cache": dict(kw=dict(), Sq=11, P=0),
@@ -861,14 +855,8 @@ def test_packed_layout_equals_heads_first(form, dtype, isa, monkeypatch):
         f["thresholds"] = untie(f, causal=True)
     attrs = dict(causal=1, comp_mode=2, num_heads=Hq, num_kv_heads=Hkv)
     s = sess(dtype, sdc=True, **c["kw"], **attrs)
-    heads_first = S.run(s, **{n: (v.copy() if isinstance(v, np.ndarray) else v) for n, v in f.items()})
-    packed = S.run(s, **{**f, **{n: pack(f[n]) for n in ("query", "key", "value")}})
-    assert packed["output"].shape == (B, c["Sq"], Hq * D)
-    np.testing.assert_array_equal(packed["output"], pack(heads_first["output"]))
-    np.testing.assert_array_equal(packed["kept"], heads_first["kept"])
-    for n in ("present_key", "present_value"):
-        if n in heads_first:
-            np.testing.assert_array_equal(packed[n], heads_first[n])
+    heads_first = S.assert_packed_equals_heads_first(s, f)
+    assert heads_first["output"].shape == (B, Hq, c["Sq"], D)
     assert 0 < heads_first["kept"].sum()
 
 
