@@ -289,3 +289,67 @@ def test_concat_form_fused_then_shared_packs_on_a_second_pass(graphs, tmp_path):
     assert fused(model)["packed_attention"] == graphs["layers"]
     assert all(is_packed(node) for _, node in op_nodes(model.graph))
     assert not FuseForOrt(TINY_POSITIONS)(model).modified
+
+
+def _angles_as_matmul(model: ir.Model) -> int:
+    """Rewrite the rotary angles ``Mul(Cast(Unsqueeze(position_ids, 2)), inv_freq)`` of torch's export into the
+    form transformers before 5.2x writes: ``Transpose(MatMul(Expand(inv_freq [1, D/2, 1]), Cast(Unsqueeze(pos,
+    1))), [0, 2, 1])``. Returns how many products were rewritten."""
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "Mul" or node.inputs[1].const_value is None or node.inputs[1].const_value.numpy().ndim != 1:
+            continue
+        cast = node.inputs[0].producer()
+        if cast is None or cast.op_type != "Cast" or cast.inputs[0].producer().op_type != "Unsqueeze":
+            continue
+        positions = cast.inputs[0].producer().inputs[0]
+        freqs = node.inputs[1].const_value.numpy().astype(np.float32)
+        column = ir.Value(name=f"inv_freq_column_{count}", const_value=ir.tensor(freqs.reshape(1, -1, 1)))
+        column.shape, column.dtype = ir.Shape([1, freqs.size, 1]), ir.DataType.FLOAT
+        model.graph.register_initializer(column)
+        ones = ir.Value(name=f"expand_ones_{count}", const_value=ir.tensor(np.ones(3, np.int64)))
+        ones.shape, ones.dtype = ir.Shape([3]), ir.DataType.INT64
+        model.graph.register_initializer(ones)
+        axis = ir.Value(name=f"axis_one_{count}", const_value=ir.tensor(np.array([1], np.int64)))
+        axis.shape, axis.dtype = ir.Shape([1]), ir.DataType.INT64
+        model.graph.register_initializer(axis)
+        expand = ir.node("Expand", [column, ones])
+        unsq = ir.node("Unsqueeze", [positions, axis])
+        to_float = ir.node("Cast", [unsq.outputs[0]], attributes={"to": ir.DataType.FLOAT})
+        matmul = ir.node("MatMul", [expand.outputs[0], to_float.outputs[0]])
+        transpose = ir.node("Transpose", [matmul.outputs[0]], attributes={"perm": [0, 2, 1]})
+        model.graph.insert_before(node, [expand, unsq, to_float, matmul, transpose])
+        node.outputs[0].replace_all_uses_with(transpose.outputs[0])
+        model.graph.remove(node, safe=True)
+        count += 1
+    return count
+
+
+def test_rotary_angles_as_matmul_fuse_too(graphs, tmp_path):
+    """transformers 5.17's rotary (a MatMul of the inverse frequencies and the positions, then a Transpose) fuses
+    like 5.2x's broadcast Mul (RotaryCosSinCacheMatMul), and the fused graph gives the unfused one's logits."""
+    if graphs["dtype"] != "float16":
+        pytest.skip("float32 exports write ONNX RotaryEmbedding already")
+    model = ir.load(graphs["dense"])
+    assert _angles_as_matmul(model) == 1  # one angle computation, shared by the layers
+    assert not any(n.op_type == "Mul" and n.inputs[1].const_value is not None for n in model.graph if n.inputs[1:])
+    dense = tmp_path / "dense-matmul.onnx"
+    ir.save(model, dense)
+    layers = graphs["layers"]
+    for kind, fusions in (("plain", "off"), ("fused", "on")):
+        rewrite(dense, graphs["thresholds"], tmp_path / f"{kind}.onnx", kv_cache="shared", fusions=fusions)
+        out = ir.load(tmp_path / f"{kind}.onnx")
+        LastTokenLogits()(out)
+        ir.save(out, tmp_path / f"{kind}.onnx")
+    counts = fused(ir.load(tmp_path / "fused.onnx"))
+    assert counts is not None and counts["rotary_embedding"] == 2 * layers and counts["packed_attention"] == layers
+    ids = make_tokens(2, 9, seed=4).numpy()
+    logits = {}
+    for kind in ("plain", "fused"):
+        gen = DeviceSession(tmp_path / f"{kind}.onnx", device="cpu").generator(2, ids.shape[1] + 2)
+        step = gen.prefill(ids)
+        first = gen.logits.read().astype(np.float32)
+        gen.decode(step.tokens)
+        logits[kind] = np.stack([first, gen.logits.read().astype(np.float32)])
+    scale = float(np.abs(logits["plain"]).max())
+    np.testing.assert_allclose(logits["fused"], logits["plain"], atol=TOLERANCE["float16"] * scale, rtol=0)

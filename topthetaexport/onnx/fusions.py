@@ -10,9 +10,9 @@
   ``[B, H, S, D]`` (Slice, Slice, Neg, Concat, Mul, Mul, Add: 7 nodes, 6 kernels per Q and per K) and
   ``RotaryCosSinCache`` turns it into ``com.microsoft.RotaryEmbedding(x, position_ids, cos_cache, sin_cache)``
   with the caches ``[max_positions, D/2]`` computed here from the graph's constant inverse frequencies, the way
-  the export computes the angles (float32 ``position · inv_freq``). onnxscript's own cos/sin-cache rule matches
-  transformers' ``MatMul`` + ``Transpose`` form; torch's exporter writes that product as a broadcast ``Mul``,
-  which is the form matched here. ``RotaryBeforeTranspose`` then applies it to ``[B, S, H·D]`` ahead of the
+  the export computes the angles (float32 ``position · inv_freq``), in either form transformers writes them:
+  a broadcast ``Mul`` (transformers 5.2x) or, ``RotaryCosSinCacheMatMul``, ``Transpose(MatMul(Expand(inv_freq),
+  positions))`` (earlier 5.x, e.g. 5.17). ``RotaryBeforeTranspose`` then applies it to ``[B, S, H·D]`` ahead of the
   Reshape/Transpose into heads, so that a consumer reading ``[B, S, H·D]`` (GroupQueryAttention) needs no
   Transpose at all.
 * ``layout.PackAttentionLayout``: TopThetaAttention reads Q, K, V and writes its output packed, ``[B, S, H·D]``,
@@ -51,6 +51,7 @@ __all__ = [
     "RmsNormToSimplified",
     "RotaryBeforeTranspose",
     "RotaryCosSinCache",
+    "RotaryCosSinCacheMatMul",
     "SimplifiedToRmsNorm",
     "fused",
     "rotary_caches",
@@ -182,7 +183,7 @@ class RotaryCosSinCache(pattern.RewriteRuleClassBase):
         target = ir.DataType(dtype.as_int()) if self._cast and dtype is not None else x.dtype
         key = (id(inv_freq), int(target))
         if key not in self._caches:
-            freqs = np.asarray(inv_freq.const_value.numpy(), np.float32)
+            freqs = np.asarray(inv_freq.const_value.numpy(), np.float32).reshape(-1)
             index = len(self.inv_freqs)
             self.inv_freqs[_INV_FREQ_META.format(index)] = ",".join(repr(float(f)) for f in freqs)
             cache = []
@@ -192,6 +193,50 @@ class RotaryCosSinCache(pattern.RewriteRuleClassBase):
             self._caches[key] = (cache[0], cache[1])
         cos_cache, sin_cache = self._caches[key]
         return op.RotaryEmbedding(x, position_ids, cos_cache, sin_cache, interleaved=0, _domain=ORT_DOMAIN)
+
+
+class RotaryCosSinCacheMatMul(RotaryCosSinCache):
+    """``RotaryCosSinCache`` for the angles as transformers' rotary module wrote them before 5.2x:
+    ``Transpose(MatMul(Cast?(Expand(inv_freq [1, D/2, 1], [B, 1, 1])), Cast(Unsqueeze(position_ids, 1))))``."""
+
+    def __init__(self, name: str, *, cast: bool, cast_freq: bool, max_positions: int, inv_freqs: dict[str, str]):
+        super().__init__(name, cast=cast, max_positions=max_positions, inv_freqs=inv_freqs)
+        self._cast_freq = cast_freq
+
+    def pattern(self, op, x, position_ids, axis, inv_freq, expand_shape, unsq_axis, dtype, interleaved, num_heads):
+        column = op.Expand(inv_freq, expand_shape)
+        if self._cast_freq:
+            column = op.Cast(column, to=ir.DataType.FLOAT)
+        positions = op.Cast(op.Unsqueeze(position_ids, axis), to=ir.DataType.FLOAT)
+        freqs = op.Transpose(op.MatMul(column, positions), perm=[0, 2, 1])
+        emb = op.Concat(freqs, freqs, axis=-1)
+        cos, sin = op.Cos(emb), op.Sin(emb)
+        if self._cast:
+            cos, sin = op.Cast(cos, to=dtype), op.Cast(sin, to=dtype)
+        return op.RotaryEmbedding(
+            x,
+            op.Unsqueeze(cos, unsq_axis),
+            op.Unsqueeze(sin, unsq_axis),
+            interleaved=interleaved,
+            num_heads=num_heads,
+            _domain=_FUSION_DOMAIN,
+        )
+
+    def check(self, context, x, position_ids, axis, inv_freq, unsq_axis, interleaved, **_) -> MatchResult:
+        result = MatchResult()
+        if _ints(axis) != [1] or _ints(unsq_axis) != [1]:
+            return result.fail("the positions or the caches are unsqueezed on other axes", axis)
+        if position_ids.shape is None or len(position_ids.shape) != 2:
+            return result.fail("position_ids is not [B, S]", position_ids)
+        freqs = inv_freq.const_value
+        if freqs is None or len(freqs.shape) != 3 or freqs.shape[0] != 1 or freqs.shape[2] != 1:
+            return result.fail("the inverse frequencies are not a constant [1, D/2, 1] column", inv_freq)
+        half = int(freqs.shape[1])
+        if x.shape is None or len(x.shape) != 4 or x.shape[3] != 2 * half:
+            return result.fail(f"the rotated tensor is not [B, H, S, {2 * half}]", x)
+        if interleaved.as_int() != 0:
+            return result.fail("interleaved rotary", x)
+        return result
 
 
 class RotaryBeforeTranspose(pattern.RewriteRuleClassBase):
@@ -287,6 +332,16 @@ class FuseForOrt(InPlacePass):
                 inv_freqs=inv_freqs,
             )
             for c in (True, False)
+        ] + [
+            RotaryCosSinCacheMatMul.rule(
+                f"RotaryCosSinCacheMatMul{'_cast' if c else ''}{'_castfreq' if cf else ''}",
+                cast=c,
+                cast_freq=cf,
+                max_positions=self.max_positions,
+                inv_freqs=inv_freqs,
+            )
+            for c in (True, False)
+            for cf in (True, False)
         ]
         counts["rotary_embedding"] = pattern.RewriteRuleSet(rules).apply_to_model(model)
         counts["rotary_before_transpose"] = pattern.RewriteRuleSet([RotaryBeforeTranspose.rule()]).apply_to_model(model)
