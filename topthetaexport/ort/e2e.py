@@ -698,13 +698,15 @@ class _Timer:
         self.gpu.append(start.elapsed_time(end))
 
 
-def kernel_intervals(prof) -> list[tuple[str, int, int]]:
-    """(name, start_ns, end_ns) of every GPU kernel in a torch.profiler run (memcpy/memset left out)."""
+def kernel_intervals(prof, *, copies: bool = False) -> list[tuple[str, int, int]]:
+    """(name, start_ns, end_ns) of every GPU kernel in a torch.profiler run (memcpy/memset too with ``copies``)."""
     import torch
 
     out = []
     for e in prof.profiler.kineto_results.events():
-        if e.device_type() != torch.autograd.DeviceType.CUDA or e.name().startswith(("Memcpy", "Memset")):
+        if e.device_type() != torch.autograd.DeviceType.CUDA:
+            continue
+        if not copies and e.name().startswith(("Memcpy", "Memset")):
             continue
         start = e.start_ns() if hasattr(e, "start_ns") else e.start_us() * 1000
         dur = e.duration_ns() if hasattr(e, "duration_ns") else e.duration_us() * 1000
@@ -741,8 +743,37 @@ def _profiled(fn: Callable[[], Any], calls: int, cuda: bool) -> tuple[float | No
     return busy / 1e6 / calls, kernels
 
 
+def timeline(fn: Callable[[], Any], cuda: bool) -> dict[str, Any] | None:
+    """What the GPU did in one call of ``fn``: every kernel, memcpy and memset (short name, start and length in µs
+    from the first), and the gaps between them, largest first with the activity before each (``--trace``)."""
+    if not cuda:
+        return None
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    iv = sorted(kernel_intervals(prof, copies=True), key=lambda x: x[1])
+    if not iv:
+        return None
+    t0 = iv[0][1]
+    events = [[short_kernel(n), round((s - t0) / 1e3, 2), round((e - s) / 1e3, 2)] for n, s, e in iv]
+    gaps: list[tuple[float, str, str]] = []
+    end = iv[0][2]
+    for (n0, _, _), (n1, s1, e1) in zip(iv, iv[1:]):
+        if s1 > end:
+            gaps.append((round((s1 - end) / 1e3, 2), short_kernel(n0), short_kernel(n1)))
+        end = max(end, e1)
+    gaps.sort(key=lambda g: -g[0])
+    idle = round(sum(g[0] for g in gaps), 1)
+    return {"span_us": round((end - t0) / 1e3, 1), "idle_us": idle, "events": events, "gaps": gaps[:40]}
+
+
 def short_kernel(name: str) -> str:
     """``void toptheta::(anonymous namespace)::DecodeKernel<...>(...)`` -> ``toptheta::DecodeKernel``."""
+    if name.startswith(("Memcpy", "Memset")):
+        return name.split("(")[0].strip()
     base = name.replace("(anonymous namespace)::", "").split("<")[0].split("(")[0].strip()
     base = base.split()[-1] if base.split() else base
     parts = base.split("::")
@@ -779,7 +810,14 @@ def _timings(a: dict, b: dict | None, c: dict | None, **extra: Any) -> dict:
         dense_gqa_kernels=_top_kernels(c["kernels"]) if c else [],
         toptheta_top_kernels=_top_kernels(a["kernels"], 6),
         generic_kernel=any("GenericKernel" in n for n in a["kernels"]),
+        **_timelines(a, b, c),
     )
+
+
+def _timelines(a: dict, b: dict | None, c: dict | None) -> dict[str, Any]:
+    """``timeline`` {graph: one call's GPU activities} where ``--trace`` recorded them."""
+    got = {k: r["timeline"] for k, r in (("toptheta", a), ("dense", b), ("dense_gqa", c)) if r and r.get("timeline")}
+    return {"timeline": got} if got else {}
 
 
 def _median(xs: list[float]) -> float | None:
@@ -810,9 +848,11 @@ def run_e2e(
     max_dense_scores_gb: float = 20.0,
     budget_s: float = 420.0,
     date: str | None = None,
+    trace: bool = False,
     log: Callable = _log,
 ) -> dict[str, Any]:
-    """Time every (context, batch) of every prepared graph folder; write ``e2e-<device>-<date>.{json,md}``."""
+    """Time every (context, batch) of every prepared graph folder; write ``e2e-<device>-<date>.{json,md}``.
+    ``trace``: each decode row also keeps one call's GPU timeline per graph (``timeline``)."""
     import torch
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -830,6 +870,7 @@ def run_e2e(
         for gdir in graph_dirs:
             gdir = Path(gdir)
             bench = _ModelBench(gdir, work / gdir.name, device, stream, library, decode_steps, max_dense_scores_gb)
+            bench.trace = trace
             try:
                 models.append(bench.info)
                 rows += bench.run(contexts, batches, budget, log)
@@ -927,6 +968,7 @@ class _ModelBench:
         }
         self.rng = np.random.default_rng(0)
         self._table: list[np.ndarray] | None = None
+        self.trace = False
 
     def close(self) -> None:
         self.sessions.clear()
@@ -1081,6 +1123,7 @@ class _ModelBench:
         for _ in range(2):  # the first one captures the CUDA graph
             gen.decode(tokens, advance=False)
         busy, kernels = _profiled(lambda: gen.decode(tokens, advance=False), 3, self.cuda)
+        trace = timeline(lambda: gen.decode(tokens, advance=False), self.cuda) if self.trace else None
         timer = _Timer(self.stream)
         gen.run_hook = timer
         try:
@@ -1094,6 +1137,7 @@ class _ModelBench:
             "busy_ms": busy,
             "kernels": kernels,
             "cuda_graph": gen.graph_id is not None,
+            "timeline": trace,
         }
 
     def _scores_gb(self, batch: int, context: int) -> float:
