@@ -284,7 +284,9 @@ def shadow_k(k: torch.Tensor, valid: int | None = None) -> tuple[torch.Tensor, t
         lo, hi = blocks.amin(3), blocks.amax(3)
         lo_t = lo.to(k.dtype)  # exact: lo is a value of K
         rel = 2.0**-9 if k.dtype == torch.float16 else 2.0**-7
-        step = (hi - lo_t.float()) / SHADOW_LEVELS
+        # a tensor divisor: torch on CUDA multiplies by the reciprocal of a Python scalar divisor, which rounds
+        # differently from the true division of the CPU, the op's quantisers and docs/op.md
+        step = (hi - lo_t.float()) / torch.full_like(hi, SHADOW_LEVELS)
         tiny = torch.where(step > 0, 2.0**-24, 0.0)  # fp16 subnormals are 2^-24 apart
         step_t = (step * (1 + rel) + tiny).to(k.dtype)
         bump = step_t.float() < step  # rounded below the exact step: take the next value up
@@ -293,6 +295,7 @@ def shadow_k(k: torch.Tensor, valid: int | None = None) -> tuple[torch.Tensor, t
             raise ArithmeticError("shadow_k: a grid step rounded below (max - min) / 15")
         s = step_t.float().unsqueeze(3)
         c = torch.where(s > 0, torch.round((blocks - lo_t.float().unsqueeze(3)) / torch.where(s > 0, s, 1.0)), 0.0)
+        c = torch.nan_to_num(c, nan=0.0)  # non-finite keys: code 0, as the op's quantisers (docs/op.md)
         codes[:, :, : full * SHADOW_BLOCK] = c.clamp(0, SHADOW_LEVELS).to(torch.uint8).view(B, H, -1, D)
         rng[:, :, :full, 0] = lo_t
         rng[:, :, :full, 1] = step_t
