@@ -105,6 +105,9 @@ class Kernels:
             app = self.lib.toptheta_cuda_append_kv
             app.argtypes = [ctypes.POINTER(_AttnParams)] + [ctypes.c_void_p] * 5 + [ctypes.c_char_p, ctypes.c_int]
             app.restype = ctypes.c_int
+            upd = self.lib.toptheta_cuda_shadow_update
+            upd.argtypes = [ctypes.POINTER(_AttnParams)] + [ctypes.c_void_p] * 4 + [ctypes.c_char_p, ctypes.c_int]
+            upd.restype = ctypes.c_int
             self.lib.toptheta_cuda_options_from_env.argtypes = [ctypes.POINTER(_KernelOptions)]
             self.lib.toptheta_cuda_options_from_env.restype = None
         self.last_path = None
@@ -233,6 +236,34 @@ class Kernels:
         s = stream if stream is not None else torch.cuda.current_stream(key.device).cuda_stream
         ptrs = (k_buf.data_ptr(), v_buf.data_ptr(), key.data_ptr(), value.data_ptr(), s)
         if self.lib.toptheta_cuda_append_kv(ctypes.byref(a), *map(ctypes.c_void_p, ptrs), err, 256) != 0:
+            raise RuntimeError(err.value.decode())
+
+    def shadow_update(self, k_buf, codes, rng, past_lens, new_len, stream=None):
+        """The op's shadow-K maintenance of the shared-buffer form (docs/op.md, "Shadow K"): after an append of
+        ``new_len`` keys at P_b, quantises the blocks of 64 keys that completes from the [B, Hkv, M, D] cache
+        ``k_buf`` into ``codes`` / ``rng`` (the buffers of ``shadow_k``'s shapes)."""
+        B, Hkv, M, D = k_buf.shape
+        for name, t in (("k_buf", k_buf), ("codes", codes), ("rng", rng)):
+            if not (t.is_cuda and t.is_contiguous()):
+                raise ValueError(f"{name} must be a contiguous CUDA tensor")
+        lens = _lengths(past_lens, B)
+        a = _AttnParams(
+            B=B,
+            Hkv=Hkv,
+            D=D,
+            Dv=D,
+            Ktot=M,
+            kv_capacity=M,
+            Sk=int(new_len),
+            dtype=_DTYPES[k_buf.dtype],
+            k=k_buf.data_ptr(),
+            past_lens=lens.data_ptr(),
+            past_lens_sb=0 if lens.numel() == 1 else 1,
+        )
+        err = ctypes.create_string_buffer(256)
+        s = stream if stream is not None else torch.cuda.current_stream(k_buf.device).cuda_stream
+        ptrs = (codes.data_ptr(), rng.data_ptr(), s)
+        if self.lib.toptheta_cuda_shadow_update(ctypes.byref(a), *map(ctypes.c_void_p, ptrs), err, 256) != 0:
             raise RuntimeError(err.value.decode())
 
 

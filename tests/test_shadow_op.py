@@ -90,6 +90,11 @@ class Cache:
     def buffer(self, name):
         return self.vals[name].numpy()
 
+    def assert_shadow(self, lens):
+        """The shadow buffers equal shadow_k of the K buffer, batch row b with lens[b] keys."""
+        b = self.buffer
+        assert_shadow_equal(b("past_shadow_key"), b("past_shadow_range"), b("past_key"), lens)
+
 
 def new_rows(rng, B, Hq, Hkv, S_, D, scale=1.0):
     def r(h):
@@ -108,7 +113,7 @@ def test_prefill_writes_the_reference_shadow(D):
     k = (k.astype(np.float32) * np.linspace(0.01, 20, D, dtype=np.float32)).astype(np.float16)
     k[0, 0, :64, 5] = 1.5
     c.step(np.zeros(B, np.int32), q, k, v)
-    assert_shadow_equal(c.buffer("past_shadow_key"), c.buffer("past_shadow_range"), c.buffer("past_key"), [200] * B)
+    c.assert_shadow([200] * B)
     assert c.buffer("past_shadow_range")[0, 0, 0, 1, 5] == 0  # the constant channel
     assert not c.buffer("past_shadow_key")[:, :, 192:].any() and not c.buffer("past_shadow_range")[:, :, 3:].any()
 
@@ -120,7 +125,7 @@ def test_prefill_over_scales_equals_reference(scale):
     c = Cache(B, Hq, Hkv, M, D, shadow=True, seed=7)
     q, k, v = new_rows(c.rng, B, Hq, Hkv, M, D, scale=scale)
     c.step(np.zeros(B, np.int32), q, k, v)
-    assert_shadow_equal(c.buffer("past_shadow_key"), c.buffer("past_shadow_range"), c.buffer("past_key"), [M])
+    c.assert_shadow([M])
 
 
 def test_decode_across_block_boundaries_equals_reference_and_plain_op():
@@ -134,7 +139,7 @@ def test_decode_across_block_boundaries_equals_reference_and_plain_op():
     # prefill: row 1 takes only its first 120 keys (the rest of its chunk lands past them, then is overwritten)
     for c in (with_s, without):
         c.step(np.zeros(B, np.int32), q, k, v)
-    assert_shadow_equal(with_s.buffer("past_shadow_key"), with_s.buffer("past_shadow_range"), with_s.buffer("past_key"), [190, 190])
+    with_s.assert_shadow([190, 190])
     for step in range(70):
         P = lens + np.int32(step)
         q, k, v = new_rows(rng, B, Hq, Hkv, 1, D)
@@ -146,9 +151,7 @@ def test_decode_across_block_boundaries_equals_reference_and_plain_op():
         # row 1 wrote keys 120.. over the prefill's 120..189, so its blocks 1-2 are rewritten as they complete again
         if P[0] % SHADOW_BLOCK in (63, 0) or step in (0, 69):
             have = [int(n) + 1 for n in P]
-            assert_shadow_equal(
-                with_s.buffer("past_shadow_key"), with_s.buffer("past_shadow_range"), with_s.buffer("past_key"), have
-            )
+            with_s.assert_shadow(have)
     assert 0 < int(got_kept.min()) and int(got_kept.max()) < 190  # it prunes, and keeps
 
 

@@ -144,9 +144,10 @@ bool CheckShadowInputs(const Checker& c, const InputInfo& codes, const InputInfo
   c.Check(p.dtype != DType::kF32,
           "past_shadow_key / past_shadow_range (shadow K) need float16 or bfloat16 keys, got float32: drop the "
           "shadow inputs");
-  c.Check(p.D % 32 == 0, "past_shadow_key / past_shadow_range (shadow K) need a head size D that is a multiple of 32 "
-                         "(the codes' lane order), got D=" +
-                             std::to_string(p.D) + ": drop the shadow inputs");
+  c.Check(p.D % 32 == 0,
+          "past_shadow_key / past_shadow_range (shadow K) need a head size D that is a multiple of 32 "
+          "(the codes' lane order), got D=" +
+              std::to_string(p.D) + ": drop the shadow inputs");
   const int64_t M = p.kv_capacity, nb = (M + kShadowBlock - 1) / kShadowBlock;
   const Shape want_codes{p.B, p.Hkv, M, p.D / 2}, want_range{p.B, p.Hkv, nb, 2, p.D};
   CheckType(c, codes, "past_shadow_key", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);

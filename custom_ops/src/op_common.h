@@ -28,7 +28,7 @@ enum Input : size_t {
   kPastKey,
   kPastValue,
   kSdc,
-  kPastLens,  // past_sequence_length: the shared-buffer KV-cache form
+  kPastLens,         // past_sequence_length: the shared-buffer KV-cache form
   kPastShadowKey,    // shadow K codes (shared form, fp16/bf16): docs/op.md, "Shadow K"
   kPastShadowRange,  // its per-block (min, step)
   kNumInputs

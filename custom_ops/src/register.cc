@@ -30,7 +30,8 @@ void RunCopies(const std::vector<Copy2D>& copies) {
 }
 
 // The CPU execution provider's kernel (op shell: op_shell.h): [past ; new] K/V by memcpy (shared form: the new
-// rows into the cache buffer at P_b; with a shadow K, its newly completed blocks), then TopThetaCpu on onnxruntime's intra-op thread pool.
+// rows into the cache buffer at P_b; with a shadow K, its newly completed blocks), then TopThetaCpu on onnxruntime's
+// intra-op thread pool.
 struct CpuKernel {
   static constexpr const char* kExecutionProvider = "CPUExecutionProvider";
 
