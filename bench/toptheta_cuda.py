@@ -106,7 +106,7 @@ class Kernels:
             app.argtypes = [ctypes.POINTER(_AttnParams)] + [ctypes.c_void_p] * 5 + [ctypes.c_char_p, ctypes.c_int]
             app.restype = ctypes.c_int
             upd = self.lib.toptheta_cuda_shadow_update
-            upd.argtypes = [ctypes.POINTER(_AttnParams)] + [ctypes.c_void_p] * 4 + [ctypes.c_char_p, ctypes.c_int]
+            upd.argtypes = [ctypes.POINTER(_AttnParams)] + [ctypes.c_void_p] * 3 + [ctypes.c_char_p, ctypes.c_int]
             upd.restype = ctypes.c_int
             self.lib.toptheta_cuda_options_from_env.argtypes = [ctypes.POINTER(_KernelOptions)]
             self.lib.toptheta_cuda_options_from_env.restype = None
@@ -312,7 +312,7 @@ def shadow_k(k: torch.Tensor, valid: int | None = None) -> tuple[torch.Tensor, t
     rng = torch.zeros(B, H, nb, 2, D, dtype=k.dtype, device=k.device)
     if full:
         blocks = k[:, :, : full * SHADOW_BLOCK].float().view(B, H, full, SHADOW_BLOCK, D)
-        lo, hi = blocks.amin(3), blocks.amax(3)
+        lo, hi = blocks.amin(3) + 0.0, blocks.amax(3)  # + 0: -0 -> +0 (which zero a min returns varies)
         lo_t = lo.to(k.dtype)  # exact: lo is a value of K
         rel = 2.0**-9 if k.dtype == torch.float16 else 2.0**-7
         # a tensor divisor: torch on CUDA multiplies by the reciprocal of a Python scalar divisor, which rounds

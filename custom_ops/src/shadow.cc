@@ -57,6 +57,7 @@ void UpdateShadowOnHost(const AttnParams& p, uint8_t* codes, void* range) {
             mx = v > mx ? v : mx;
           }
           if (nan) mn = mx = NAN;  // torch's amin / amax propagate NaN
+          mn = mn + 0.f;           // -0 -> +0: which zero a min returns differs between implementations
           const float s = (mx - mn) / static_cast<float>(kShadowLevels);
           const float tiny = s > 0.f ? kShadowTiny : 0.f;
           uint16_t st = to_t(s * (1.f + rel) + tiny);

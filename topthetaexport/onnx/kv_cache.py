@@ -311,7 +311,7 @@ class AddShadowK(InPlacePass):
                 f"multiple of 32, and {past.name} is {past.dtype} {shape}: export in float16 / bfloat16, or leave "
                 "the shadow K out"
             )
-        batch, heads = shape[0], shape[1]  # type: ignore[index]
+        batch, heads = shape[0], shape[1]
         shapes = {
             "key": (ir.DataType.UINT8, ir.Shape([batch, heads, names.MAX_SEQUENCE, dim // 2])),
             "range": (past.dtype, ir.Shape([batch, heads, names.SHADOW_BLOCKS, 2, dim])),
