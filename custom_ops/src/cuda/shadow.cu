@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(kThreadsQ) ShadowUpdateKernel(const ShadowArgs
       mx = v > mx ? v : mx;
     }
     if (nan) mn = mx = __int_as_float(0x7fffffff);  // torch's amin / amax propagate NaN
-    mn = __fadd_rn(mn, 0.f);                        // -0 -> +0: which zero a min returns differs between implementations
+    mn = __fadd_rn(mn, 0.f);  // -0 -> +0: which zero a min returns differs between implementations
     const float s = __fdiv_rn(__fsub_rn(mx, mn), static_cast<float>(kShadowLevels));
     const float tiny = s > 0.f ? kShadowTiny : 0.f;
     T st = Elem<T>::FromF(__fadd_rn(__fmul_rn(s, 1.f + rel), tiny));
