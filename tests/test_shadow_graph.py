@@ -113,3 +113,20 @@ def test_generation_with_the_shadow_equals_without(graphs):
         want = (codes if name.endswith(".key") else rng).numpy()
         np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))  # zeros past block 0 too
         assert got.any()
+
+
+def test_rewrite_cli_shadow_k(graphs, tmp_path, capsys):
+    """--shadow-k on rewrite (with --kv-cache shared) gives the pass's graph; off by default."""
+    try:
+        from topthetaexport.cli.main import main as cli_main
+    except ImportError:  # running from a source checkout without installing
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from cli.main import main as cli_main
+
+    graphs["th"].save(tmp_path / "th")
+    base = ["rewrite", str(graphs["dense"]), "--thresholds", str(tmp_path / "th"), "--kv-cache", "shared", "-o"]
+    assert cli_main([*base, str(tmp_path / "s.onnx"), "--shadow-k"]) == 0
+    assert [i.name for i in onnx.load(str(tmp_path / "s.onnx")).graph.input][-1] == "past_shadow.2.range"
+    assert cli_main([*base, str(tmp_path / "p.onnx")]) == 0
+    assert not any("shadow" in i.name for i in onnx.load(str(tmp_path / "p.onnx")).graph.input)
+    capsys.readouterr()
