@@ -105,6 +105,9 @@ class Kernels:
             app = self.lib.toptheta_cuda_append_kv
             app.argtypes = [ctypes.POINTER(_AttnParams)] + [ctypes.c_void_p] * 5 + [ctypes.c_char_p, ctypes.c_int]
             app.restype = ctypes.c_int
+            upd = self.lib.toptheta_cuda_shadow_update
+            upd.argtypes = [ctypes.POINTER(_AttnParams)] + [ctypes.c_void_p] * 3 + [ctypes.c_char_p, ctypes.c_int]
+            upd.restype = ctypes.c_int
             self.lib.toptheta_cuda_options_from_env.argtypes = [ctypes.POINTER(_KernelOptions)]
             self.lib.toptheta_cuda_options_from_env.restype = None
         self.last_path = None
@@ -235,6 +238,34 @@ class Kernels:
         if self.lib.toptheta_cuda_append_kv(ctypes.byref(a), *map(ctypes.c_void_p, ptrs), err, 256) != 0:
             raise RuntimeError(err.value.decode())
 
+    def shadow_update(self, k_buf, codes, rng, past_lens, new_len, stream=None):
+        """The op's shadow-K maintenance of the shared-buffer form (docs/op.md, "Shadow K"): after an append of
+        ``new_len`` keys at P_b, quantises the blocks of 64 keys that completes from the [B, Hkv, M, D] cache
+        ``k_buf`` into ``codes`` / ``rng`` (the buffers of ``shadow_k``'s shapes)."""
+        B, Hkv, M, D = k_buf.shape
+        for name, t in (("k_buf", k_buf), ("codes", codes), ("rng", rng)):
+            if not (t.is_cuda and t.is_contiguous()):
+                raise ValueError(f"{name} must be a contiguous CUDA tensor")
+        lens = _lengths(past_lens, B)
+        a = _AttnParams(
+            B=B,
+            Hkv=Hkv,
+            D=D,
+            Dv=D,
+            Ktot=M,
+            kv_capacity=M,
+            Sk=int(new_len),
+            dtype=_DTYPES[k_buf.dtype],
+            k=k_buf.data_ptr(),
+            past_lens=lens.data_ptr(),
+            past_lens_sb=0 if lens.numel() == 1 else 1,
+        )
+        err = ctypes.create_string_buffer(256)
+        s = stream if stream is not None else torch.cuda.current_stream(k_buf.device).cuda_stream
+        ptrs = (codes.data_ptr(), rng.data_ptr(), s)
+        if self.lib.toptheta_cuda_shadow_update(ctypes.byref(a), *map(ctypes.c_void_p, ptrs), err, 256) != 0:
+            raise RuntimeError(err.value.decode())
+
 
 def _lengths(past_lens, B):
     if not (past_lens.is_cuda and past_lens.dtype == torch.int32 and past_lens.is_contiguous()):
@@ -281,10 +312,12 @@ def shadow_k(k: torch.Tensor, valid: int | None = None) -> tuple[torch.Tensor, t
     rng = torch.zeros(B, H, nb, 2, D, dtype=k.dtype, device=k.device)
     if full:
         blocks = k[:, :, : full * SHADOW_BLOCK].float().view(B, H, full, SHADOW_BLOCK, D)
-        lo, hi = blocks.amin(3), blocks.amax(3)
+        lo, hi = blocks.amin(3) + 0.0, blocks.amax(3)  # + 0: -0 -> +0 (which zero a min returns varies)
         lo_t = lo.to(k.dtype)  # exact: lo is a value of K
         rel = 2.0**-9 if k.dtype == torch.float16 else 2.0**-7
-        step = (hi - lo_t.float()) / SHADOW_LEVELS
+        # a tensor divisor: torch on CUDA multiplies by the reciprocal of a Python scalar divisor, which rounds
+        # differently from the true division of the CPU, the op's quantisers and docs/op.md
+        step = (hi - lo_t.float()) / torch.full_like(hi, SHADOW_LEVELS)
         tiny = torch.where(step > 0, 2.0**-24, 0.0)  # fp16 subnormals are 2^-24 apart
         step_t = (step * (1 + rel) + tiny).to(k.dtype)
         bump = step_t.float() < step  # rounded below the exact step: take the next value up
@@ -293,6 +326,7 @@ def shadow_k(k: torch.Tensor, valid: int | None = None) -> tuple[torch.Tensor, t
             raise ArithmeticError("shadow_k: a grid step rounded below (max - min) / 15")
         s = step_t.float().unsqueeze(3)
         c = torch.where(s > 0, torch.round((blocks - lo_t.float().unsqueeze(3)) / torch.where(s > 0, s, 1.0)), 0.0)
+        c = torch.nan_to_num(c, nan=0.0)  # non-finite keys: code 0, as the op's quantisers (docs/op.md)
         codes[:, :, : full * SHADOW_BLOCK] = c.clamp(0, SHADOW_LEVELS).to(torch.uint8).view(B, H, -1, D)
         rng[:, :, :full, 0] = lo_t
         rng[:, :, :full, 1] = step_t

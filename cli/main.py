@@ -391,6 +391,12 @@ def rewrite_cmd(
     max_context: int | None = typer.Option(
         None, "--max-context", help="rows of θ to materialise (default: the model's maximum position)"
     ),
+    shadow_k: bool = typer.Option(
+        False,
+        "--shadow-k",
+        help='add the 4-bit shadow K cache per layer (shared KV cache, float16/bfloat16; docs/op.md "Shadow K"), '
+        "which the CUDA decode kernel reads to skip K rows",
+    ),
 ):
     check_options(
         comp_mode=comp_mode,
@@ -421,6 +427,7 @@ def rewrite_cmd(
             theta_extrapolation=theta_extrapolation,
             max_context=max_context,
             fusions=fusions,
+            shadow_k=shadow_k,
         )
     n = len(rep.get("layers", []))
     form = f" ({rep['kv_cache']} KV cache)" if rep.get("kv_cache") else ""

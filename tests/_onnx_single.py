@@ -18,10 +18,24 @@ _ONNX_TYPES = {
     "float16": TensorProto.FLOAT16,
     "bfloat16": TensorProto.BFLOAT16,
     "bool": TensorProto.BOOL,
+    "uint8": TensorProto.UINT8,
+    "int8": TensorProto.INT8,
 }
 
-INPUTS = ("query", "key", "value", "thresholds", "attn_mask", "past_key", "past_value", "sdc", "past_sequence_length")
-OUTPUTS = ("output", "present_key", "present_value", "kept")
+INPUTS = (
+    "query",
+    "key",
+    "value",
+    "thresholds",
+    "attn_mask",
+    "past_key",
+    "past_value",
+    "sdc",
+    "past_sequence_length",
+    "past_shadow_key",
+    "past_shadow_range",
+)
+OUTPUTS = ("output", "present_key", "present_value", "kept", "present_shadow_key", "present_shadow_range")
 
 
 def make_model(
@@ -33,6 +47,7 @@ def make_model(
     present: bool = False,
     kept: bool = True,
     past_lens: bool = False,
+    shadow: bool | tuple[str, str] = False,
     **attrs,
 ) -> onnx.ModelProto:
     """A model with one TopThetaAttention node. Inputs/outputs carry no shapes, so one model serves any
@@ -42,6 +57,8 @@ def make_model(
     (scale, causal, num_heads, num_kv_heads, comp_mode). Omitted optional inputs/outputs that sit
     before a used one are passed as '' (the ONNX convention). ``past_lens``: input 8
     ``past_sequence_length`` (int32), the shared-buffer KV-cache form (with ``past`` and ``present``).
+    ``shadow``: inputs 9-10 ``past_shadow_key`` (uint8) / ``past_shadow_range`` (T) and outputs 4-5, the shadow K
+    (a pair of type names instead of True: the inputs' declared types, to reach the op's type checks).
     """
     t = _ONNX_TYPES[dtype]
 
@@ -63,12 +80,19 @@ def make_model(
         used_in["sdc"] = vi("sdc", TensorProto.FLOAT)
     if past_lens:
         used_in["past_sequence_length"] = vi("past_sequence_length", TensorProto.INT32)
+    if shadow:
+        codes_t, range_t = shadow if isinstance(shadow, tuple) else ("uint8", dtype)
+        used_in["past_shadow_key"] = vi("past_shadow_key", _ONNX_TYPES[codes_t])
+        used_in["past_shadow_range"] = vi("past_shadow_range", _ONNX_TYPES[range_t])
     used_out = {"output": vi("output", t)}
     if present:
         used_out["present_key"] = vi("present_key", t)
         used_out["present_value"] = vi("present_value", t)
     if kept:
         used_out["kept"] = vi("kept", TensorProto.INT32)
+    if shadow:
+        used_out["present_shadow_key"] = vi("present_shadow_key", TensorProto.UINT8)
+        used_out["present_shadow_range"] = vi("present_shadow_range", t)
 
     node = helper.make_node(
         OP,

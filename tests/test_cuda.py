@@ -452,6 +452,167 @@ def test_shadow_k_ignored_where_it_does_not_apply(kernels, env):
     assert not kernels.last_shadow
 
 
+# -- the op-maintained shadow (docs/op.md, "Shadow K"): the quantiser run after each append equals shadow_k and the
+# CPU op bit for bit, and the decode kernel reading it keeps exactly the plain kernel's keys ----------------------
+
+
+def _maintained_shadow(kernels, k, prefill, steps=0):
+    """The shadow the op maintains for cache k [B, Hkv, M, D]: a prefill of ``prefill`` keys, then ``steps`` decode
+    appends of one key (the rows are already in k, so only the shadow update runs; toptheta_cuda_shadow_update)."""
+    from toptheta_cuda import SHADOW_BLOCK
+
+    B, H, M, D = k.shape
+    codes = torch.zeros(B, H, M, D // 2, dtype=torch.uint8, device="cuda")
+    rng = torch.zeros(B, H, (M + SHADOW_BLOCK - 1) // SHADOW_BLOCK, 2, D, dtype=k.dtype, device="cuda")
+    kernels.shadow_update(k, codes, rng, torch.zeros(1, dtype=torch.int32, device="cuda"), prefill)
+    for s in range(steps):
+        kernels.shadow_update(k, codes, rng, torch.full((1,), prefill + s, dtype=torch.int32, device="cuda"), 1)
+    torch.cuda.synchronize()
+    return codes, rng
+
+
+def _assert_valid_blocks_equal(got, want, n_keys):
+    from toptheta_cuda import SHADOW_BLOCK
+
+    full = n_keys // SHADOW_BLOCK
+    assert torch.equal(got[0][:, :, : full * SHADOW_BLOCK].cpu(), want[0][:, :, : full * SHADOW_BLOCK].cpu())
+    assert torch.equal(got[1][:, :, :full].cpu().view(torch.int16), want[1][:, :, :full].cpu().view(torch.int16))
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_shadow_update_equals_reference_and_cpu_op(kernels, dtype, D):
+    """Prefill of 200 keys, and 190 keys then 70 decode appends (to 260): the CUDA quantiser's codes and ranges equal
+    shadow_k's on the GPU and on the CPU (which the CPU op equals: test_shadow_op.py) bit for bit, every scale."""
+    from toptheta_cuda import shadow_k
+
+    g = torch.Generator().manual_seed(81)
+    M = 300
+    for scale in (3e-7, 1.0, 300.0):
+        k = (torch.randn(2, 3, M, D, generator=g) * scale * torch.linspace(0.01, 3, D)).to("cuda", DT[dtype])
+        k[0, 0, :64, 5] = 1.5  # a constant channel: step 0
+        for prefill, steps in ((200, 0), (190, 70)):
+            got = _maintained_shadow(kernels, k, prefill, steps)
+            n = prefill + steps
+            _assert_valid_blocks_equal(got, shadow_k(k, valid=n), n)
+            _assert_valid_blocks_equal(got, shadow_k(k.cpu(), valid=n), n)
+    if dtype == "f16":  # and the CPU op itself, on its own cache
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from test_shadow_op import Cache
+
+        c = Cache(2, 6, 3, M, D, shadow=True, seed=3)
+        q = np.zeros((2, 6, 200, D), np.float16)
+        kk = k[:, :, :200].cpu().numpy()
+        c.step(np.zeros(2, np.int32), q, kk, kk)
+        cpu = (torch.from_numpy(c.buffer("past_shadow_key")), torch.from_numpy(c.buffer("past_shadow_range")))
+        _assert_valid_blocks_equal(_maintained_shadow(kernels, k, 200), cpu, 200)
+
+
+@pytest.mark.parametrize("cfg", SHADOW, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_maintained_shadow_decode_equals_plain_kernel(kernels, cfg):
+    """The decode kernel on the shadow the op maintains (prefill, then 70 appends) keeps the plain kernel's keys."""
+    case = make_case(**cfg, seed=62)
+    K = case["k"].shape[2]
+    pre = max(0, K - 70)
+    maintained = _maintained_shadow(kernels, case["k"], pre, K - pre)
+    plain, plain_kept = run_kernel(kernels, case)
+    out, kept = run_kernel(kernels, case, shadow=maintained)
+    assert kernels.last_path == "decode" and kernels.last_shadow
+    assert torch.equal(kept, plain_kept)
+    assert rel_err(out, plain) <= (8e-3 if case["q"].dtype == torch.bfloat16 else 2e-3)
+
+
+@pytest.mark.parametrize("ulps", [-1, 0, 1])
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_maintained_shadow_keys_right_at_the_threshold(kernels, dtype, ulps):
+    """test_shadow_k_keys_right_at_the_threshold's adversarial keys (scores at θ ± 1 ulp), on the maintained shadow."""
+    g = torch.Generator().manual_seed(72)
+    B, Hq, Hkv, K, D = 2, 12, 2, 3000, 128
+    dt = DT[dtype]
+    q = torch.randn(B, Hq, 1, D, generator=g).to("cuda", dt)
+    k = torch.randn(B, Hkv, K, D, generator=g)
+    k[:, :, ::4] = k[:, :, 100:101]
+    k = k.to("cuda", dt)
+    v = torch.randn(B, Hkv, K, D, generator=g).to("cuda", dt)
+    kg = k.float().repeat_interleave(Hq // Hkv, dim=1)
+    at = (q.float() @ kg[:, :, 100:101].transpose(-1, -2))[0, :, 0, 0] / D**0.5
+    for _ in range(abs(ulps)):
+        at = torch.nextafter(at, torch.full_like(at, float("inf") if ulps > 0 else float("-inf")))
+    theta = torch.full((Hq, K), float("-inf"), device="cuda")
+    theta[:, K - 1] = at
+    case = dict(q=q, k=k, v=v, thresholds=theta, attn_mask=None, sdc=None, causal=True, comp_mode=0)
+    plain, plain_kept = run_kernel(kernels, case)
+    out, kept = run_kernel(kernels, case, shadow=_maintained_shadow(kernels, k, K - 70, 70))
+    assert kernels.last_shadow and torch.equal(kept, plain_kept)
+    assert int(kept[0].min()) >= 1 or ulps > 0
+
+
+def test_onnxruntime_cuda_shadow_pair(ort_cuda):
+    """The op on CUDAExecutionProvider with the shadow pair bound in place (IOBinding, device buffers): a prefill and
+    decode steps across block boundaries keep the keys of the same op without the pair (kept equal, output within
+    summation order), and leave the codes and ranges of the CPU op."""
+    from _onnx_single import make_model
+    from test_shadow_op import Cache
+
+    B, Hq, Hkv, D, M = 2, 8, 2, 128, 1400
+    rng = np.random.default_rng(11)
+    model_kw = dict(past=True, present=True, past_lens=True, causal=1)
+    _, gpu_s = _sessions(ort_cuda, make_model("float16", shadow=True, **model_kw), cpu=False)
+    _, gpu_p = _sessions(ort_cuda, make_model("float16", **model_kw), cpu=False)
+    cpu = Cache(B, Hq, Hkv, M, D, shadow=True)
+    th = cpu.thresholds
+    nb = (M + 63) // 64
+
+    def buffers(shadow):
+        z = {"past_key": np.zeros((B, Hkv, M, D), np.float16), "past_value": np.zeros((B, Hkv, M, D), np.float16)}
+        if shadow:
+            z["past_shadow_key"] = np.zeros((B, Hkv, M, D // 2), np.uint8)
+            z["past_shadow_range"] = np.zeros((B, Hkv, nb, 2, D), np.float16)
+        return {n: ort_cuda.OrtValue.ortvalue_from_numpy(x, "cuda", 0) for n, x in z.items()}
+
+    bufs = {True: buffers(True), False: buffers(False)}
+
+    def step(sess, vals, lens, q, k, v):
+        io = sess.io_binding()
+        for n, x in dict(query=q, key=k, value=v, thresholds=th, past_sequence_length=lens).items():
+            io.bind_cpu_input(n, x)
+        for past, val in vals.items():
+            io.bind_ortvalue_input(past, val)
+            io.bind_ortvalue_output(past.replace("past_", "present_"), val)
+        out = ort_cuda.OrtValue.ortvalue_from_shape_and_type((B, Hq, q.shape[2], D), np.float16, "cuda", 0)
+        kept = ort_cuda.OrtValue.ortvalue_from_shape_and_type((B, Hq, q.shape[2]), np.int32, "cuda", 0)
+        io.bind_ortvalue_output("output", out)
+        io.bind_ortvalue_output("kept", kept)
+        sess.run_with_iobinding(io)
+        return out.numpy(), kept.numpy()
+
+    def rows(n):
+        return [(rng.standard_normal((B, h, n, D)) * 0.7).astype(np.float16) for h in (Hq, Hkv, Hkv)]
+
+    lens = np.zeros(B, np.int32)
+    q, k, v = rows(1250)
+    step(gpu_s, bufs[True], lens, q, k, v)
+    step(gpu_p, bufs[False], lens, q, k, v)
+    cpu.step(lens, q, k, v)
+    for s in range(90):  # 1250 -> 1340: blocks 19 and 20 complete on the way
+        lens = np.full(B, 1250 + s, np.int32)
+        q, k, v = rows(1)
+        got, got_kept = step(gpu_s, bufs[True], lens, q, k, v)
+        want, want_kept = step(gpu_p, bufs[False], lens, q, k, v)
+        cpu.step(lens, q, k, v)
+        np.testing.assert_array_equal(got_kept, want_kept)
+        a, b = got.astype(np.float64), want.astype(np.float64)
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) <= 2e-3
+    blocks = 1340 // 64  # valid blocks after the last step
+    np.testing.assert_array_equal(
+        bufs[True]["past_shadow_key"].numpy()[:, :, : blocks * 64], cpu.buffer("past_shadow_key")[:, :, : blocks * 64]
+    )
+    np.testing.assert_array_equal(
+        bufs[True]["past_shadow_range"].numpy()[:, :, :blocks].view(np.uint16),
+        cpu.buffer("past_shadow_range")[:, :, :blocks].view(np.uint16),
+    )
+
+
 GENERIC = [
     dict(dtype="f32", B=2, Hq=4, Hkv=2, Sq=50, Ktot=120, D=128, causal=True, mask="pad", comp_mode=2),
     dict(dtype="f16", B=1, Hq=3, Hkv=1, Sq=33, Ktot=70, D=96, Dv=80, causal=False, mask="addT", comp_mode=1),

@@ -27,6 +27,8 @@ const char* TypeName(ONNXTensorElementDataType t) {
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "float64";
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
     default: return "unsupported type";
   }
 }
@@ -121,6 +123,43 @@ void ParseMask(const Checker& c, const InputInfo& m, DType dtype, AttnParams& p,
     c.Fail("attn_mask must be " + want + ", got rank-" + std::to_string(s.size()) + " shape " + ShapeStr(s));
   }
   p.mask = m.data;
+}
+
+// The shadow K pair, inputs 9 (codes) and 10 (ranges) (docs/op.md, "Shadow K"): both or neither, only in the shared
+// form with fp16/bf16 K and D a multiple of 32 (the lane order), of the cache buffer's shape. Fills
+// call.past_shadow; returns whether the call has a shadow (its outputs are allocated with the others).
+bool CheckShadowInputs(const Checker& c, const InputInfo& codes, const InputInfo& range, size_t num_outputs,
+                       PreparedCall& call) {
+  const AttnParams& p = call.params;
+  if (!codes.present && !range.present) {
+    c.Check(num_outputs <= kPresentShadowKey,
+            "present_shadow_key / present_shadow_range need the past_shadow_key and past_shadow_range inputs: add "
+            "them (the same buffers) or drop those outputs");
+    return false;
+  }
+  c.Check(codes.present && range.present, "past_shadow_key and past_shadow_range must be given together");
+  c.Check(call.Shared(),
+          "past_shadow_key / past_shadow_range (shadow K) need the shared KV buffer form: add past_sequence_length "
+          "(input 8) with the cache buffers, or drop the shadow inputs");
+  c.Check(p.dtype != DType::kF32,
+          "past_shadow_key / past_shadow_range (shadow K) need float16 or bfloat16 keys, got float32: drop the "
+          "shadow inputs");
+  c.Check(p.D % 32 == 0,
+          "past_shadow_key / past_shadow_range (shadow K) need a head size D that is a multiple of 32 "
+          "(the codes' lane order), got D=" +
+              std::to_string(p.D) + ": drop the shadow inputs");
+  const int64_t M = p.kv_capacity, nb = (M + kShadowBlock - 1) / kShadowBlock;
+  const Shape want_codes{p.B, p.Hkv, M, p.D / 2}, want_range{p.B, p.Hkv, nb, 2, p.D};
+  CheckType(c, codes, "past_shadow_key", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
+  c.Check(codes.shape == want_codes, "past_shadow_key must be uint8 [B, Hkv, M, D/2] = " + ShapeStr(want_codes) +
+                                         ", got " + ShapeStr(codes.shape));
+  CheckType(c, range, "past_shadow_range", OnnxType(p.dtype));
+  c.Check(range.shape == want_range, std::string("past_shadow_range must be ") + TypeName(OnnxType(p.dtype)) +
+                                         " [B, Hkv, ceil(M/64), 2, D] = " + ShapeStr(want_range) + ", got " +
+                                         ShapeStr(range.shape));
+  call.past_shadow[0] = codes.data;
+  call.past_shadow[1] = range.data;
+  return true;
 }
 
 // Reads an optional attribute through the C API (absent: keeps *out).
@@ -254,6 +293,25 @@ void CheckPastLengthsOnHost(const PreparedCall& call) {
   }
 }
 
+size_t PreparedCall::ShadowBytes(int s) const {
+  const AttnParams& p = params;
+  const size_t heads = static_cast<size_t>(p.B * p.Hkv);
+  if (s == 0) return heads * static_cast<size_t>(p.kv_capacity * (p.D / 2));
+  const int64_t nb = (p.kv_capacity + kShadowBlock - 1) / kShadowBlock;
+  return heads * static_cast<size_t>(nb * 2 * p.D) * elem_bytes;
+}
+
+std::vector<Copy2D> PreparedCall::ShadowCopies() const {
+  std::vector<Copy2D> out;
+  for (int s = 0; s < 2; ++s) {
+    const size_t bytes = ShadowBytes(s);
+    if (past_shadow[s] && present_shadow[s] && past_shadow[s] != present_shadow[s] && bytes > 0) {
+      out.push_back(Copy2D{present_shadow[s], bytes, past_shadow[s], bytes, bytes, 1});
+    }
+  }
+  return out;
+}
+
 void PreparedCall::SetKV(int t, const void* buf) {
   if (t == 0) {
     params.k = buf;
@@ -269,6 +327,7 @@ PreparedCall PrepareCall(const Ort::KernelContext& ctx, const OpAttributes& attr
   const InputInfo th = GetInput(ctx, kThresholds), mask = GetInput(ctx, kMask);
   const InputInfo pk = GetInput(ctx, kPastKey), pv = GetInput(ctx, kPastValue), sdc = GetInput(ctx, kSdc);
   const InputInfo lens = GetInput(ctx, kPastLens);
+  const InputInfo shadow_codes = GetInput(ctx, kPastShadowKey), shadow_range = GetInput(ctx, kPastShadowRange);
   const bool shared = lens.present;
   c.Check(q.present && k.present && v.present && th.present, "query, key, value and thresholds are required");
 
@@ -395,6 +454,8 @@ PreparedCall PrepareCall(const Ort::KernelContext& ctx, const OpAttributes& attr
   c.Check(p.Ktot < (int64_t{1} << 31),
           "key length " + std::to_string(p.Ktot) + " must be below 2^31 (split the cache into several calls)");
 
+  const bool shadow = CheckShadowInputs(c, shadow_codes, shadow_range, ctx.GetOutputCount(), call);
+
   ParseMask(c, mask, dtype, p, shared ? "M" : "Ktot");
 
   p.scale = attrs.scale != 0.f ? attrs.scale : 1.0f / std::sqrt(static_cast<float>(p.D));
@@ -415,6 +476,17 @@ PreparedCall PrepareCall(const Ort::KernelContext& ctx, const OpAttributes& attr
           "past_sequence_length (shared KV buffer form) needs the present_key and present_value outputs: add them "
           "to the node and bind them to the past_key/past_value buffers");
   p.kept = static_cast<int32_t*>(AllocOutput(ctx, kKept, {p.B, p.Hq, p.Sq}, false));
+  if (shadow) {  // the kernels read the shadow the op maintains: present (past copied in when other memory)
+    const int64_t nb = (p.kv_capacity + kShadowBlock - 1) / kShadowBlock;
+    bool has[2];
+    call.present_shadow[0] = AllocOutput(ctx, kPresentShadowKey, {p.B, p.Hkv, p.kv_capacity, p.D / 2}, false, &has[0]);
+    call.present_shadow[1] = AllocOutput(ctx, kPresentShadowRange, {p.B, p.Hkv, nb, 2, p.D}, false, &has[1]);
+    c.Check(has[0] && has[1],
+            "past_shadow_key / past_shadow_range need the present_shadow_key and present_shadow_range outputs: add "
+            "them to the node and bind them to the same buffers");
+    p.shadow_k = static_cast<const uint8_t*>(call.present_shadow[0]);
+    p.shadow_range = call.present_shadow[1];
+  }
   return call;
 }
 

@@ -28,10 +28,20 @@ enum Input : size_t {
   kPastKey,
   kPastValue,
   kSdc,
-  kPastLens,  // past_sequence_length: the shared-buffer KV-cache form
+  kPastLens,         // past_sequence_length: the shared-buffer KV-cache form
+  kPastShadowKey,    // shadow K codes (shared form, fp16/bf16): docs/op.md, "Shadow K"
+  kPastShadowRange,  // its per-block (min, step)
   kNumInputs
 };
-enum Output : size_t { kOut = 0, kPresentKey, kPresentValue, kKept, kNumOutputs };
+enum Output : size_t {
+  kOut = 0,
+  kPresentKey,
+  kPresentValue,
+  kKept,
+  kPresentShadowKey,
+  kPresentShadowRange,
+  kNumOutputs
+};
 
 // A user-facing error of one op call (bad shapes, types or attributes).
 struct OpError : std::runtime_error {
@@ -84,6 +94,10 @@ struct PreparedCall {
   const void* past[2] = {nullptr, nullptr};
   const void* fresh[2] = {nullptr, nullptr};
   void* present[2] = {nullptr, nullptr};
+  // Shadow K (shared form only): s = 0 the codes, s = 1 the ranges; present is what the op writes (and what
+  // params.shadow_k / shadow_range point at), past its input, copied into present first when other memory.
+  const void* past_shadow[2] = {nullptr, nullptr};
+  void* present_shadow[2] = {nullptr, nullptr};
   const std::string* node_name = nullptr;  // for errors raised after PrepareCall (owned by the kernel)
   float softcap = 0.f;                     // attribute softcap (kept out of AttnParams: the CUDA ABI has none)
 
@@ -97,6 +111,11 @@ struct PreparedCall {
   // Shared form, lengths readable on the host: the copies of the new rows to [P_b, P_b + Sk) of dst.
   std::vector<Copy2D> AppendCopies(int t, void* dst) const;
   void SetKV(int t, const void* buf);
+
+  bool HasShadow() const { return present_shadow[0] != nullptr; }
+  size_t ShadowBytes(int s) const;  // codes [B, Hkv, M, D/2] bytes; ranges [B, Hkv, ceil(M/64), 2, D] elements
+  // The copy of past's shadow into present when they are different memory (nothing when shared, or no shadow).
+  std::vector<Copy2D> ShadowCopies() const;
 };
 
 // Shared form on the host (CPU op): checks 0 <= P_b and P_b + Sk <= M for every batch row; throws OpError.

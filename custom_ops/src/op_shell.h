@@ -64,7 +64,8 @@ struct TopThetaOp : Ort::CustomOpBase<TopThetaOp<Kernel, DT>, OpKernel<Kernel>, 
   size_t GetInputTypeCount() const { return kNumInputs; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     if (i == kThresholds || i == kSdc) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-    if (i == kMask) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    // attn_mask: bool, T or float32; the shadow pair: checked in PrepareCall, so a wrong type gets its message
+    if (i == kMask || i == kPastShadowKey || i == kPastShadowRange) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
     if (i == kPastLens) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
     return OnnxType(DT);
   }
@@ -74,7 +75,9 @@ struct TopThetaOp : Ort::CustomOpBase<TopThetaOp<Kernel, DT>, OpKernel<Kernel>, 
 
   size_t GetOutputTypeCount() const { return kNumOutputs; }
   ONNXTensorElementDataType GetOutputType(size_t i) const {
-    return i == kKept ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : OnnxType(DT);
+    if (i == kKept) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+    if (i == kPresentShadowKey) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+    return OnnxType(DT);
   }
   OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
     return i == kOut ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;

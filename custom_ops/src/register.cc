@@ -8,6 +8,7 @@
 #include "onnxruntime_cxx_api.h"
 #include "op_common.h"
 #include "op_shell.h"
+#include "shadow.h"
 #ifdef TOPTHETA_WITH_CUDA
 #include "cuda/register_cuda.h"
 #endif
@@ -29,7 +30,8 @@ void RunCopies(const std::vector<Copy2D>& copies) {
 }
 
 // The CPU execution provider's kernel (op shell: op_shell.h): [past ; new] K/V by memcpy (shared form: the new
-// rows into the cache buffer at P_b), then TopThetaCpu on onnxruntime's intra-op thread pool.
+// rows into the cache buffer at P_b; with a shadow K, its newly completed blocks), then TopThetaCpu on onnxruntime's
+// intra-op thread pool.
 struct CpuKernel {
   static constexpr const char* kExecutionProvider = "CPUExecutionProvider";
 
@@ -48,6 +50,10 @@ struct CpuKernel {
       RunCopies(call.KVCopies(t, dst));
       RunCopies(call.AppendCopies(t, dst));
       call.SetKV(t, dst);
+    }
+    if (call.HasShadow()) {  // the blocks this call completes, from the K rows now in the cache
+      RunCopies(call.ShadowCopies());
+      UpdateShadowOnHost(call.params, static_cast<uint8_t*>(call.present_shadow[0]), call.present_shadow[1]);
     }
     TopThetaCpu(call.params, &OrtParallelFor, const_cast<void*>(static_cast<const void*>(&ctx)), call.softcap);
   }

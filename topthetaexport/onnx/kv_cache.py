@@ -5,7 +5,8 @@ K/V into ``present.{i}.*``, so the whole cache is copied each step. Shared form 
 preallocates one buffer ``[B, Hkv, M, D]`` per layer and kind and binds it both as ``past_key_values.{i}.*`` and as
 ``present.{i}.*`` (onnxruntime IOBinding); TopThetaAttention writes the new rows in place at
 ``[past_sequence_length[b], past_sequence_length[b] + S)`` (docs/op.md, input 8) and nothing else is copied.
-docs/graph.md has both signatures.
+docs/graph.md has both signatures. ``AddShadowK`` (opt-in, on a shared-form graph) adds the 4-bit shadow K pair
+of docs/op.md ("Shadow K") per layer, a cache the op maintains and the CUDA decode kernel reads.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from .._errors import TopThetaError
 from . import names
 from .variants import PAST_LENGTH_INPUT, op_nodes
 
-__all__ = ["ShareKvBuffer", "kv_cache_form"]
+__all__ = ["AddShadowK", "ShareKvBuffer", "kv_cache_form"]
 
 _KEY_INPUT = {"key": 1, "value": 2}
 _PAST_INPUT = {"key": 5, "value": 6}
 _PRESENT_OUTPUT = {"key": 1, "value": 2}
+_SHADOW_INPUT = {"key": 9, "range": 10}
+_SHADOW_OUTPUT = {"key": 4, "range": 5}
+_SHADOW_TYPES = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 _MASK_INPUT = 4
 _POSITIONS_NAME = "toptheta.past_length"  # int64 [1]: max(past_sequence_length), where Shape(past)[2] was
 _CONCAT_FIX = "keep the concat form (kv_cache='concat', --kv-cache concat)"
@@ -269,3 +273,59 @@ class ShareKvBuffer(InPlacePass):
                 graph.outputs[k] = present
             graph.remove(concat, safe=True)
         op.replace_input_with(PAST_LENGTH_INPUT, past_len)
+
+
+class AddShadowK(InPlacePass):
+    """Add the shadow K pair (docs/op.md, "Shadow K") to every layer of a shared-buffer graph: graph inputs
+    ``past_shadow.{i}.key`` (uint8 ``[batch, Hkv, max_sequence, D/2]``) and ``past_shadow.{i}.range`` (the cache's
+    type, ``[batch, Hkv, shadow_blocks, 2, D]``) as the op's inputs 9 and 10, its outputs 4 and 5 as the graph outputs
+    ``present_shadow.{i}.*``. The caller binds each pair to one zero-filled buffer, as the K/V cache. It changes no
+    result: the op keeps the same keys with or without it. Run again, it does nothing."""
+
+    def call(self, model: ir.Model) -> PassResult:
+        if model.metadata_props.get(names.SHADOW_META) == "1":
+            return PassResult(model, False)
+        graph = model.graph
+        ops = op_nodes(graph)
+        if not ops:
+            raise TopThetaError("the model has no TopThetaAttention node: run 'topθ-export rewrite' on it first")
+        if kv_cache_form(graph) != "shared":
+            raise TopThetaError(
+                "the shadow K lives in the shared-buffer KV cache, and this graph has the concat form (or no cache): "
+                "rewrite with kv_cache='shared' (--kv-cache shared)"
+            )
+        for layer, node in ops:
+            self._add(graph, layer, node)
+        model.metadata_props[names.SHADOW_META] = "1"
+        return PassResult(model, True)
+
+    def _add(self, graph: ir.Graph, layer: int, op: ir.Node) -> None:
+        past = op.inputs[_PAST_INPUT["key"]] if len(op.inputs) > PAST_LENGTH_INPUT else None
+        if past is None or op.inputs[PAST_LENGTH_INPUT] is None:
+            raise TopThetaError(f"layer {layer}: {_node_label(op)} is not in the shared-buffer form: {_CONCAT_FIX}")
+        shape = past.shape
+        dim = shape[3] if shape is not None and len(shape) == 4 else None
+        if past.dtype not in _SHADOW_TYPES or not isinstance(dim, int) or dim % 32:
+            raise TopThetaError(
+                f"layer {layer}: the shadow K needs a float16 or bfloat16 cache with a static head size that is a "
+                f"multiple of 32, and {past.name} is {past.dtype} {shape}: export in float16 / bfloat16, or leave "
+                "the shadow K out"
+            )
+        batch, heads = shape[0], shape[1]
+        shapes = {
+            "key": (ir.DataType.UINT8, ir.Shape([batch, heads, names.MAX_SEQUENCE, dim // 2])),
+            "range": (past.dtype, ir.Shape([batch, heads, names.SHADOW_BLOCKS, 2, dim])),
+        }
+        op.resize_inputs(max(len(op.inputs), _SHADOW_INPUT["range"] + 1))
+        op.resize_outputs(max(len(op.outputs), _SHADOW_OUTPUT["range"] + 1))
+        for out in op.outputs[: _SHADOW_OUTPUT["key"]]:
+            if out.name is None and not out.uses():
+                out.name = ""  # an optional output left out (kept), written as ONNX's empty name
+        for kind in names.SHADOW_KINDS:
+            dtype, vshape = shapes[kind]
+            value = ir.Value(name=names.past_shadow_name(layer, kind), type=ir.TensorType(dtype), shape=vshape)
+            graph.inputs.append(value)
+            op.replace_input_with(_SHADOW_INPUT[kind], value)
+            out = op.outputs[_SHADOW_OUTPUT[kind]]
+            out.name, out.dtype, out.shape = names.present_shadow_name(layer, kind), dtype, vshape
+            graph.outputs.append(out)

@@ -41,6 +41,14 @@ KV_CACHE_META = META_PREFIX + "kv_cache"  # "concat" | "shared" (docs/graph.md)
 KV_CACHE_FORMS = ("concat", "shared")
 NEXT_TOKEN = "toptheta.next_token"  # int64 [batch, 1]: greedy next token (onnx/decoding.py GreedyNextToken)
 THETA_INPUT = "toptheta.theta"  # float32 [Hq, R]: θ of every layer as one graph input (onnx/decoding.py ThetaInput)
+# Shadow K of the shared cache (onnx/kv_cache.py AddShadowK, docs/op.md "Shadow K"): past_shadow.{i}.key (uint8 codes
+# [batch, Hkv, max_sequence, D/2]) and .range (the cache's type, [batch, Hkv, shadow_blocks, 2, D]), and present_*.
+PAST_SHADOW_PREFIX = "past_shadow."
+PRESENT_SHADOW_PREFIX = "present_shadow."
+SHADOW_KINDS = ("key", "range")
+PAST_SHADOW_RE = re.compile(r"^past_shadow\.(\d+)\.(key|range)$")
+SHADOW_BLOCKS = "shadow_blocks"  # ceil(max_sequence / 64)
+SHADOW_META = META_PREFIX + "shadow_k"
 
 
 def kv_cache_form(input_names) -> str | None:
@@ -58,6 +66,14 @@ def past_name(layer: int, kind: str) -> str:
 
 def present_name(layer: int, kind: str) -> str:
     return f"{PRESENT_PREFIX}{layer}.{kind}"
+
+
+def past_shadow_name(layer: int, kind: str) -> str:
+    return f"{PAST_SHADOW_PREFIX}{layer}.{kind}"
+
+
+def present_shadow_name(layer: int, kind: str) -> str:
+    return f"{PRESENT_SHADOW_PREFIX}{layer}.{kind}"
 
 
 def theta_name(layer: int) -> str:

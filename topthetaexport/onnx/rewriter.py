@@ -135,6 +135,7 @@ def rewrite(
     theta_extrapolation: str = "last-row",
     max_context: int | None = None,
     fusions: str = "off",
+    shadow_k: bool = False,
 ) -> dict[str, Any]:
     """Rewrite ``onnx_in`` (a dense export) into ``onnx_out`` with one TopThetaAttention per layer.
 
@@ -147,7 +148,8 @@ def rewrite(
     "last-row": the calibrated rows only, the operator reuses the last one past them (docs/op.md).
     ``fusions`` "on": onnxruntime's fused kernels outside attention (``onnx.fusions.FuseForOrt``: skip + RMS norm,
     rotary with cos/sin caches of ``max_context`` or the model's maximum position); "off": as matched. Graphs made
-    elsewhere are written with their own nodes either way.
+    elsewhere are written with their own nodes either way. ``shadow_k`` (shared form, float16/bfloat16): the 4-bit
+    shadow K pair per layer (``kv_cache.AddShadowK``; docs/op.md, "Shadow K"), which the CUDA decode kernel reads.
     """
     import onnx_ir as ir
     from onnx_ir.passes.common import RemoveUnusedNodesPass
@@ -176,7 +178,16 @@ def rewrite(
         from .foreign_rules import foreign_sites
 
         if foreign_sites(graph):  # a graph made elsewhere (optimum, onnxruntime-genai): docs/graph.md
+            if shadow_k:
+                raise TopThetaError(
+                    f"{onnx_in} is a graph made elsewhere, whose inputs and outputs stay as exported: --shadow-k adds "
+                    "cache inputs, so it takes graphs of topthetaexport's export only"
+                )
             return _rewrite_foreign(model, th, th_source, onnx_in, onnx_out, comp_mode, expose_kept, kv_cache)
+    if shadow_k and kv_cache != "shared":
+        raise TopThetaError(
+            "the shadow K (--shadow-k) lives in the shared-buffer KV cache: add --kv-cache shared, or drop --shadow-k"
+        )
     if kv_cache == "shared" and kv_cache_form(graph) is None:
         raise TopThetaError(
             f"{onnx_in} has no KV cache (no past_key_values.* inputs), so there is no buffer to share: "
@@ -218,6 +229,10 @@ def rewrite(
                 "(these thresholds do not record it), or --fusions off"
             )
         FuseForOrt(int(rows))(model)
+    if shadow_k:  # after the fusions, which edit the op's first inputs and outputs only
+        from .kv_cache import AddShadowK
+
+        AddShadowK()(model)
     model.opset_imports[DOMAIN] = OP_VERSION
     model.metadata_props.update(_metadata(th, th_source, comp_mode))
     form = kv_cache_form(graph)
@@ -228,7 +243,8 @@ def rewrite(
         ir.external_data.load_to_model(model)
     write_onnx(model, onnx_out, external)
     matched = [context.matched[layer] for layer in sorted(context.matched)]
-    return _report(matched, th, comp_mode, expose_kept, onnx_in, onnx_out, th_source) | {"kv_cache": form}
+    report = _report(matched, th, comp_mode, expose_kept, onnx_in, onnx_out, th_source) | {"kv_cache": form}
+    return report | ({"shadow_k": True} if shadow_k else {})
 
 
 def _rewrite_foreign(model, th, th_source, onnx_in, onnx_out, comp_mode, expose_kept, kv_cache) -> dict[str, Any]:

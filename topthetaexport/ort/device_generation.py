@@ -9,9 +9,11 @@ one batch's buffers and runs prefill and decode steps:
   kind, bound as ``past_key_values.{i}.*`` and as ``present.{i}.*``, written in place by the attention op; the mask
   ``[B, M]`` is written once per prompt (1 on the prompt's real tokens and on every slot after it: slots past the
   valid length are not read), the one-token input and ``past_sequence_length`` are updated in place each step
-  (``OrtValue.update_inplace``). Decode steps run as an ORT CUDA graph (run config ``gpu_graph_id``: -1 for the
-  prefill, one fixed id per generator for decode); when onnxruntime refuses to capture the graph the session is
-  opened without CUDA graphs and ``DeviceSession.note`` says why.
+  (``OrtValue.update_inplace``). A graph with the shadow K pair (``onnx.kv_cache.AddShadowK``) gets its buffers the
+  same way, zero-filled once, bound as ``past_shadow.{i}.*`` and ``present_shadow.{i}.*``. Decode steps run as an ORT
+  CUDA graph (run config ``gpu_graph_id``: -1 for the prefill, one fixed id per generator for decode); when
+  onnxruntime refuses to capture the graph the session is opened without CUDA graphs and ``DeviceSession.note`` says
+  why.
 * concat form (the export as is): past and present are device OrtValues handed from one step to the next (no copy to
   the host); the cache still grows by a Concat each step, and the shapes change, so there is no CUDA graph.
 
@@ -54,6 +56,7 @@ _ORT_TYPES = {
     "tensor(int64)": (np.int64, 7),
     "tensor(int32)": (np.int32, 6),
     "tensor(bool)": (np.bool_, 9),
+    "tensor(uint8)": (np.uint8, 2),
 }
 
 
@@ -125,6 +128,11 @@ class _Signature:
     extra_inputs: list[str]  # inputs the generator does not feed itself
     extra_outputs: list[str]  # outputs it does not bind to its own buffers (kept counts, exposed attention io)
     has_next_token: bool
+    # shadow K pair of the shared cache (onnx.kv_cache.AddShadowK): past_shadow.{i}.key/range, present_shadow.*, and
+    # the index in ``past`` of layer i's key (whose heads and head size give the buffers' shapes)
+    shadow_past: list[str] = field(default_factory=list)
+    shadow_present: list[str] = field(default_factory=list)
+    shadow_key_of: list[int] = field(default_factory=list)
 
 
 class DeviceSession:
@@ -268,8 +276,24 @@ class DeviceSession:
             kv_shapes.append((int(shape[1]), int(shape[3])))
         logits_shape = outs[names.LOGITS].shape
         vocab = logits_shape[-1] if logits_shape and isinstance(logits_shape[-1], int) else None
-        own_in = {names.INPUT_IDS, names.ATTENTION_MASK, names.PAST_SEQUENCE_LENGTH, *past}
-        own_out = {names.LOGITS, names.NEXT_TOKEN, *present}
+        shadow_past = sorted(
+            (n for n in ins if names.PAST_SHADOW_RE.match(n)),
+            key=lambda n: (int(names.PAST_SHADOW_RE.match(n).group(1)), n),  # type: ignore[union-attr]
+        )
+        shadow_present = [names.PRESENT_SHADOW_PREFIX + n[len(names.PAST_SHADOW_PREFIX) :] for n in shadow_past]
+        if shadow_past and form != "shared":
+            raise TopThetaError(f"{self.path} has shadow K inputs without the shared-buffer cache: re-export it")
+        missing = [n for n in shadow_present if n not in outs]
+        if missing:
+            raise TopThetaError(f"{self.path} has no output {missing[0]} for its shadow K: re-export the model")
+        shadow_key_of = []
+        for n in shadow_past:
+            key = names.past_name(int(names.PAST_SHADOW_RE.match(n).group(1)), "key")  # type: ignore[union-attr]
+            if key not in past:
+                raise TopThetaError(f"{self.path} has {n} but no {key}: re-export the model")
+            shadow_key_of.append(past.index(key))
+        own_in = {names.INPUT_IDS, names.ATTENTION_MASK, names.PAST_SEQUENCE_LENGTH, *past, *shadow_past}
+        own_out = {names.LOGITS, names.NEXT_TOKEN, *present, *shadow_present}
         return _Signature(
             form=form,
             past=past,
@@ -280,6 +304,9 @@ class DeviceSession:
             extra_inputs=[n for n in ins if n not in own_in],
             extra_outputs=[n for n in outs if n not in own_out],
             has_next_token=names.NEXT_TOKEN in outs,
+            shadow_past=shadow_past,
+            shadow_present=shadow_present,
+            shadow_key_of=shadow_key_of,
         )
 
     # -- generators ------------------------------------------------------------------------------------------------
@@ -375,6 +402,7 @@ class DeviceGenerator:
         self.next = self.buffers.empty([b, 1], "tensor(int64)") if sig.has_next_token else None
         self.logits = self.buffers.empty([b, 1, sig.vocab], sig.cache_type) if sig.vocab else None
         self.cache: list[Any] = []
+        self.shadow: list[Any] = []  # the shadow K pair's buffers, in sig.shadow_past order
         self.mask: Any = None
         self.past_len: Any = None
         self.step_ids: Any = None
@@ -383,10 +411,11 @@ class DeviceGenerator:
                 share.sig.form != "shared"
                 or (share.batch, share.max_length) != (b, m)
                 or [tuple(c.shape) for c in share.cache] != [self._kv_shape(i) for i in range(len(sig.past))]
+                or share.sig.shadow_past != sig.shadow_past
             ):
                 raise TopThetaError(
-                    "the generator to share buffers with has another cache shape (form, batch, length, heads): "
-                    "share only between graphs of one model at the same batch and length"
+                    "the generator to share buffers with has another cache shape (form, batch, length, heads, shadow "
+                    "K): share only between graphs of one model at the same batch and length"
                 )
             self.cache, self.mask, self.past_len, self.step_ids = (
                 share.cache,
@@ -395,8 +424,10 @@ class DeviceGenerator:
                 share.step_ids,
             )
             self.position, self.mask_host = share.position, share.mask_host
+            self.shadow = share.shadow
         elif sig.form == "shared":
             self.cache = [self.buffers.empty(self._kv_shape(i), sig.cache_type) for i in range(len(sig.past))]
+            self.shadow = [self._zeros(*self._shadow_shape(n, i)) for n, i in zip(sig.shadow_past, sig.shadow_key_of)]
             self.mask = self.buffers.empty([b, m], "tensor(int64)")
             self.past_len = self.buffers.empty([b], "tensor(int32)")
             self.step_ids = self.buffers.empty([b, 1], "tensor(int64)")
@@ -417,6 +448,19 @@ class DeviceGenerator:
     def _kv_shape(self, i: int) -> tuple[int, int, int, int]:
         heads, dim = self.sig.kv_shapes[i]
         return (self.batch, heads, self.max_length, dim)
+
+    def _shadow_shape(self, name: str, key: int) -> tuple[tuple[int, ...], str]:
+        """Shape and type of a shadow K buffer (docs/op.md): codes uint8 [B, Hkv, M, D/2], ranges [B, Hkv, nb, 2, D]."""
+        heads, dim = self.sig.kv_shapes[key]
+        if name.endswith(".key"):
+            return (self.batch, heads, self.max_length, dim // 2), "tensor(uint8)"
+        return (self.batch, heads, -(-self.max_length // 64), 2, dim), self.sig.cache_type
+
+    def _zeros(self, shape: tuple[int, ...], ort_type: str) -> Any:
+        """A zero-filled buffer (bfloat16 written as its uint16 bits)."""
+        buf = self.buffers.empty(shape, ort_type)
+        buf.write(np.zeros(shape, _ORT_TYPES[ort_type][0] or np.uint16))
+        return buf
 
     def _as_buffer(self, value: Any) -> Any:
         return self.buffers.from_numpy(np.asarray(value)) if isinstance(value, np.ndarray) else value
@@ -454,6 +498,9 @@ class DeviceGenerator:
         for past, present, buf in zip(self.sig.past, self.sig.present, self.cache):
             buf.bind_input(binding, past)
             buf.bind_output(binding, present)
+        for past, present, buf in zip(self.sig.shadow_past, self.sig.shadow_present, self.shadow):
+            buf.bind_input(binding, past)
+            buf.bind_output(binding, present)
         self._bind_common(binding)
 
     def _tokens(self, binding: Any) -> tuple[np.ndarray, dict[str, Any]]:
@@ -474,7 +521,7 @@ class DeviceGenerator:
 
     def _bound_output_order(self) -> list[str]:
         """Output names in the order they were bound (what IOBinding.get_outputs returns)."""
-        order = list(self.sig.present) if self.sig.form == "shared" else []
+        order = list(self.sig.present) + list(self.sig.shadow_present) if self.sig.form == "shared" else []
         order += [names.LOGITS]
         order += [names.NEXT_TOKEN] if self.next is not None else []
         order += list(self.sig.extra_outputs)
@@ -510,6 +557,11 @@ class DeviceGenerator:
             raise TopThetaError("start_at is for the shared-form cache; the concat form takes set_past")
         if not 0 < position <= self.max_length:
             raise TopThetaError(f"position {position} is outside the cache of {self.max_length} tokens")
+        if self.sig.shadow_past:  # the op quantises blocks as it appends them; rows written elsewhere have no shadow
+            raise TopThetaError(
+                f"{self.session.path} has the shadow K, which start_at cannot fill for a cache written elsewhere: "
+                "prefill through this generator, or use a graph without the shadow K"
+            )
         mask = np.ones((self.batch, position), np.int64) if attention_mask is None else attention_mask
         full = np.ones((self.batch, self.max_length), np.int64)
         full[:, :position] = mask

@@ -138,4 +138,24 @@ __attribute__((visibility("default"))) int toptheta_cuda_append_kv(const AttnPar
   return e == cudaSuccess ? 0 : fail(cudaGetErrorString(e));
 }
 
+// The shared-buffer form's shadow-K maintenance (what the op runs after the append): quantises into codes / range the
+// blocks of 64 keys that the call described by params (Sk new keys at P_b, k = the cache buffer after the append)
+// completes (docs/op.md, "Shadow K"). Returns 0, or -1 with a message in err.
+__attribute__((visibility("default"))) int toptheta_cuda_shadow_update(const AttnParams* params, void* codes,
+                                                                       void* range, void* stream, char* err,
+                                                                       int err_len) {
+  const AttnParams& p = *params;
+  auto fail = [&](const char* why) {
+    if (err && err_len > 0) std::snprintf(err, err_len, "shadow update: %s", why);
+    return -1;
+  };
+  if (!p.past_lens || !p.k || p.kv_capacity != p.Ktot || p.Sk > p.kv_capacity || p.Sk < 0 ||
+      (p.dtype != toptheta::DType::kF16 && p.dtype != toptheta::DType::kBF16) || p.D % 32 != 0) {
+    return fail("need past_lens, k, kv_capacity = Ktot = M >= Sk, fp16/bf16 and D % 32 == 0");
+  }
+  const cudaError_t e =
+      toptheta::cuda::LaunchShadowUpdate(p, static_cast<uint8_t*>(codes), range, static_cast<cudaStream_t>(stream));
+  return e == cudaSuccess ? 0 : fail(cudaGetErrorString(e));
+}
+
 }  // extern "C"

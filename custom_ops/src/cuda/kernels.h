@@ -58,6 +58,9 @@ cudaError_t LaunchShadowScan(const KernelArgs& a, cudaStream_t stream);
 // [B, Hkv, kv_capacity, *] buffers k_buf / v_buf, P_b read on the device (KeyLen). Nothing without p.past_lens.
 cudaError_t LaunchAppendKV(const AttnParams& p, void* k_buf, void* v_buf, const void* key, const void* value,
                            cudaStream_t stream);
+// Shadow K of the shared form (shadow.cu): quantises the blocks of 64 keys the call completes (P_b read on the device)
+// from the cache rows p.k into codes / range (docs/op.md, "Shadow K"). Nothing without p.past_lens.
+cudaError_t LaunchShadowUpdate(const AttnParams& p, uint8_t* codes, void* range, cudaStream_t stream);
 // Decode blocks that fit on one SM at once (head dim 64 or 128, 3 or 4 K stages).
 int DecodeBlocksPerSm(int D, int kstages);
 

@@ -128,6 +128,14 @@ class CudaKernel {
     if (call.Shared()) {
       Check(LaunchAppendKV(p, call.present[0], call.present[1], call.fresh[0], call.fresh[1], stream), "K/V append");
     }
+    // Shadow K: the blocks this call completes, from the appended cache, before the kernels that read them.
+    if (call.HasShadow()) {
+      for (const Copy2D& c : call.ShadowCopies()) {
+        Check(cudaMemcpyAsync(c.dst, c.src, c.width, cudaMemcpyDeviceToDevice, stream), "shadow copy");
+      }
+      Check(LaunchShadowUpdate(p, static_cast<uint8_t*>(call.present_shadow[0]), call.present_shadow[1], stream),
+            "shadow K update");
+    }
     Check(Launch(p, plan, plan.workspace ? scratch.data() + ws_off : nullptr, stream), "kernel launch");
   }
 
