@@ -207,9 +207,10 @@ def candidates(th: Thresholds, rows: int) -> dict[str, torch.Tensor]:
     k = int(th.meta["k"])
     base = th.theta
     big = th.num_rows
-    out = {"last-row": th.extended(rows, "last-row").theta.double()}
-    out["last-row"] = torch.cat([base.double(), base[..., -1:].double().expand(-1, -1, rows - big)], -1)
-    out["current: gauss, last 1/2"] = th.extended(rows, "fit").theta.double()
+    out = {"last-row": torch.cat([base.double(), base[..., -1:].double().expand(-1, -1, rows - big)], -1)}
+    # the fit before this study: gauss on the last half of the calibrated rows (and rows with more than k keys)
+    out["current: gauss, last 1/2"] = poly_fit(base, max(big // 2, k + 1), k, "gauss", 1, rows)
+    out["fit_range='all' (Thresholds.extended)"] = th.extended(rows, "fit", fit_range="all").theta.double()
     starts = {"all rows > k": k + 1, "last 1/2": big // 2, "last 1/4": 3 * big // 4, "last 1/8": 7 * big // 8}
     for label, r0 in starts.items():
         r0 = max(min(r0, big - 16), k + 1)
