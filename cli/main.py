@@ -385,7 +385,8 @@ def rewrite_cmd(
     theta_extrapolation: str = typer.Option(
         "last-row",
         "--theta-extrapolation",
-        help="θ past the calibrated rows: fit (per-head a + b·Φ⁻¹(1 − k/(r+1)), materialised up to --max-context) or "
+        help="θ past the calibrated rows: fit (per-head a + b·Φ⁻¹(1 − k/(r+1)) least squares on the last half of the "
+        "calibrated rows, materialised up to --max-context) or "
         "last-row (the operator reuses the last calibrated row)",
     ),
     max_context: int | None = typer.Option(

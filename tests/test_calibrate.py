@@ -332,3 +332,31 @@ def test_k_growth_calibration(tiny_llama, tiny_tokens):
             check_k_growth(bad)
     assert check_k_growth("power:0.5@512") == "power:0.5@512" and check_k_growth("none") is None
     assert k_rows(torch.tensor([1023, 2047]), 64, "power:0.5@512").tolist() == [91, 128]
+
+
+def test_fit_range_all_uses_every_row_with_more_than_k_keys():
+    """extended(..., "fit", fit_range="all") fits θ = a + b·Φ⁻¹(1 - k/(r+1)) by least squares on every calibrated
+    row with more than k keys, the default ("half") on the last half (docs/accuracy.md "θ past R: which fit").
+    Rows with at most k keys (θ = -inf) and dense layers are left alone; an unknown range fails in one line."""
+    k, rows, new = 4, 40, 64
+    r = torch.arange(rows, dtype=torch.float64)
+    x = math.sqrt(2.0) * torch.erfinv(2.0 * (1.0 - k / (r + 1.0)).clamp(1e-9, 1 - 1e-12) - 1.0)
+    wiggle = torch.where(r < rows // 2, 0.3, -0.1) * torch.sin(r)  # not on the line: the fitted rows matter
+    theta = (1.0 + 0.5 * x + wiggle).expand(2, 3, rows).clone()
+    theta[..., : k + 1] = float("-inf")  # rows with at most k keys are dense
+    theta[0] = float("-inf")
+    th = Thresholds(theta.float(), torch.zeros(2, 3, rows), {"k": k, "dense_layers": [0]})
+    rn = torch.arange(rows, new, dtype=torch.float64)
+    xn = math.sqrt(2.0) * torch.erfinv(2.0 * (1.0 - k / (rn + 1.0)) - 1.0)
+    for fit_range, r0 in (("all", k + 1), ("half", rows // 2)):
+        ext = th.extended(new, "fit", fit_range=fit_range)
+        design = torch.stack([torch.ones(rows - r0, dtype=torch.float64), x[r0:]], -1)
+        a, b = torch.linalg.lstsq(design, th.theta[1, 0, r0:].double()[:, None]).solution[:, 0]
+        torch.testing.assert_close(ext.theta[1, :, rows:].double(), (a + b * xn).expand(3, -1), rtol=0, atol=1e-4)
+        assert ext.meta["theta_fit"]["rows_fitted_from"] == r0 and ext.meta["theta_fit"]["fit_range"] == fit_range
+        assert torch.equal(ext.theta[..., :rows], th.theta) and bool(torch.isneginf(ext.theta[0]).all())
+    default = th.extended(new, "fit")
+    assert torch.equal(default.theta, th.extended(new, "fit", fit_range="half").theta)
+    assert (th.extended(new, "fit", fit_range="all").theta[1, :, rows:] - default.theta[1, :, rows:]).abs().max() > 1e-2
+    with pytest.raises(TopThetaError, match="unknown θ fit range"):
+        th.extended(new, "fit", fit_range="quarter")

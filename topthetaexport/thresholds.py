@@ -15,12 +15,14 @@ from ._io import atomic_path, write_json
 
 __all__ = [
     "EXTRAPOLATIONS",
+    "FIT_RANGES",
     "FORMAT_VERSION",
     "META_FILE",
     "TENSORS_FILE",
     "Thresholds",
     "check_k_growth",
     "fit_rows",
+    "fit_start",
     "k_rows",
 ]
 
@@ -29,6 +31,12 @@ FIT_MODELS = ("gauss", "log")
 # Rows fitted by "fit": the last FIT_FRACTION of the calibrated rows (the short rows near the start, with a few
 # dozen keys, follow another curve and would bend the line; the extrapolation is for rows far past R).
 FIT_FRACTION = 0.5
+# Which calibrated rows "fit" uses (``Thresholds.extended(..., fit_range=)``): "half", the last FIT_FRACTION (the
+# default); "all", every row with more than k keys (the longest span of x(r), so the slope b is least sensitive
+# to the calibration text's row-to-row swings, which every head sees at the same rows). Measured at 8k
+# (docs/accuracy.md "θ past R: which fit"): "all" brings Qwen2.5-Coder-1.5B from 1.42 k to 1.19 k kept per row
+# at 4x R and SmolLM2-135M from 0.94 k to 0.76 k, the edge of the ±25% band, so it is an option, not the default.
+FIT_RANGES = ("half", "all")
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "thresholds.safetensors"
@@ -79,11 +87,12 @@ class Thresholds:
             raise TopThetaError(f"layer {i} is out of range: the thresholds have {self.num_layers} layers")
         return self.theta[i], self.sdc[i]
 
-    def extended(self, rows: int, method: str = "fit", *, model: str = "gauss") -> Thresholds:
+    def extended(self, rows: int, method: str = "fit", *, model: str = "gauss", fit_range: str = "half") -> Thresholds:
         """Thresholds materialised for ``rows`` rows (>= the calibrated ones, which are kept as they are).
 
         ``method`` "fit": for every (layer, head), θ(r) = a + b·x(r) fitted by least squares on the finite θ
-        of the last ``FIT_FRACTION`` of the calibrated rows and evaluated for the new rows, with (``model``)
+        of the last ``FIT_FRACTION`` of the calibrated rows (``fit_range`` "half", the default; "all": every
+        calibrated row with more than k keys, ``FIT_RANGES``) and evaluated for the new rows, with (``model``)
         "gauss": x(r) = Φ⁻¹(1 - k/(r + 1)), the k-th largest of r + 1 normal scores (the default: it
         extrapolates best on SmolLM2, docs/accuracy.md "Long context"), or "log": x(r) = ln(r + 1). ρ of the
         new rows is ρ of the last calibrated row. "last-row": every new row repeats the last calibrated row,
@@ -95,6 +104,8 @@ class Thresholds:
             raise TopThetaError(f"unknown θ extrapolation '{method}': use one of {', '.join(EXTRAPOLATIONS)}")
         if model not in FIT_MODELS:
             raise TopThetaError(f"unknown θ fit model '{model}': use one of {', '.join(FIT_MODELS)}")
+        if fit_range not in FIT_RANGES:
+            raise TopThetaError(f"unknown θ fit range '{fit_range}': use one of {', '.join(FIT_RANGES)}")
         if rows < self.num_rows:
             raise TopThetaError(f"cannot extend {self.num_rows} calibrated rows to {rows}: pass at least that many")
         meta = dict(self.meta)
@@ -106,14 +117,19 @@ class Thresholds:
         growth = self.meta.get("k_growth")
         if model == "gauss" and k < 1:
             raise TopThetaError("the gauss θ fit needs the thresholds' k (meta 'k'): recalibrate, or use model 'log'")
-        a, b, ok = fit_rows(self.theta, FIT_FRACTION, model=model, k=k, growth=growth)
+        fraction = FIT_FRACTION if fit_range == "half" else 1.0
+        a, b, ok = fit_rows(self.theta, fraction, model=model, k=k, growth=growth)
         r = torch.arange(self.num_rows, rows, dtype=torch.float64)
         ext = a[..., None] + b[..., None] * _fit_x(r, model, k, growth)  # [L, H, rows - R]
         last = self.theta[..., -1:].double().expand_as(ext)
         ext = torch.where(ok[..., None], ext, last).float()
         sdc = self.sdc[..., -1:].expand(-1, -1, rows - self.num_rows)
         formula = "a + b*PhiInv(1 - k/(r+1))" if model == "gauss" else "a + b*ln(r+1)"
-        meta["theta_fit"] = {"model": formula, "rows_fitted_from": int(self.num_rows * (1 - FIT_FRACTION))}
+        meta["theta_fit"] = {
+            "model": formula,
+            "rows_fitted_from": fit_start(self.num_rows, fraction, model, k),
+            "fit_range": fit_range,
+        }
         return Thresholds(torch.cat([self.theta, ext], -1), torch.cat([self.sdc, sdc], -1), meta)
 
     # -- io ----------------------------------------------------------------------------------------
@@ -288,6 +304,13 @@ def _fit_x(r: torch.Tensor, model: str, k: int, growth: str | None = None) -> to
     return math.sqrt(2.0) * torch.erfinv(2.0 * p - 1.0)  # Φ⁻¹(p)
 
 
+def fit_start(rows: int, fraction: float, model: str = "gauss", k: int = 0) -> int:
+    """First row fitted by ``fit_rows``: the last ``fraction`` of ``rows``, and for the gauss model no row
+    with at most k keys (every model skips non-finite θ, which such rows have)."""
+    r0 = min(int(rows * (1 - fraction)), rows - 1)
+    return max(r0, min(k + 1, rows - 1)) if model == "gauss" else r0
+
+
 def fit_rows(
     theta: torch.Tensor, fraction: float = FIT_FRACTION, *, model: str = "gauss", k: int = 0, growth: str | None = None
 ):
@@ -299,9 +322,7 @@ def fit_rows(
     Returns (a, b, ok), each [L, H] (float64; ``ok``: at least two finite rows were fitted).
     """
     rows = theta.shape[-1]
-    r0 = min(int(rows * (1 - fraction)), rows - 1)
-    if model == "gauss":
-        r0 = max(r0, min(k + 1, rows - 1))
+    r0 = fit_start(rows, fraction, model, k)
     y = theta[..., r0:].double()
     x = _fit_x(torch.arange(r0, rows, dtype=torch.float64), model, k, growth).expand_as(y)
     w = torch.isfinite(y).double()
