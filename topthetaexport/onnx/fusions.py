@@ -150,7 +150,10 @@ class RotaryCosSinCache(pattern.RewriteRuleClassBase):
 
     def pattern(self, op, x, position_ids, axis, inv_freq, unsq_axis, dtype, interleaved, num_heads):
         positions = op.Cast(op.Unsqueeze(position_ids, axis), to=ir.DataType.FLOAT)
-        freqs = op.Mul(positions, inv_freq)
+        return self._rotary(op, x, op.Mul(positions, inv_freq), unsq_axis, dtype, interleaved, num_heads)
+
+    def _rotary(self, op, x, freqs, unsq_axis, dtype, interleaved, num_heads):
+        """The intermediate RotaryEmbedding on the cos/sin of the angles ``freqs`` [B, S, D/2] (both forms)."""
         emb = op.Concat(freqs, freqs, axis=-1)
         cos, sin = op.Cos(emb), op.Sin(emb)
         if self._cast:
@@ -168,16 +171,9 @@ class RotaryCosSinCache(pattern.RewriteRuleClassBase):
         result = MatchResult()
         if _ints(axis) not in ([2], [-1]) or _ints(unsq_axis) != [1]:
             return result.fail("the positions or the caches are unsqueezed on other axes", axis)
-        if position_ids.shape is None or len(position_ids.shape) != 2:
-            return result.fail("position_ids is not [B, S]", position_ids)
         if inv_freq.const_value is None or inv_freq.const_value.numpy().ndim != 1:
             return result.fail("the inverse frequencies are not a constant vector", inv_freq)
-        half = inv_freq.const_value.numpy().size
-        if x.shape is None or len(x.shape) != 4 or x.shape[3] != 2 * half:
-            return result.fail(f"the rotated tensor is not [B, H, S, {2 * half}]", x)
-        if interleaved.as_int() != 0:
-            return result.fail("interleaved rotary", x)
-        return result
+        return _check_rotated(result, x, position_ids, inv_freq.const_value.numpy().size, interleaved)
 
     def rewrite(self, op, x, position_ids, inv_freq, dtype=None, **_):
         target = ir.DataType(dtype.as_int()) if self._cast and dtype is not None else x.dtype
@@ -209,34 +205,27 @@ class RotaryCosSinCacheMatMul(RotaryCosSinCache):
             column = op.Cast(column, to=ir.DataType.FLOAT)
         positions = op.Cast(op.Unsqueeze(position_ids, axis), to=ir.DataType.FLOAT)
         freqs = op.Transpose(op.MatMul(column, positions), perm=[0, 2, 1])
-        emb = op.Concat(freqs, freqs, axis=-1)
-        cos, sin = op.Cos(emb), op.Sin(emb)
-        if self._cast:
-            cos, sin = op.Cast(cos, to=dtype), op.Cast(sin, to=dtype)
-        return op.RotaryEmbedding(
-            x,
-            op.Unsqueeze(cos, unsq_axis),
-            op.Unsqueeze(sin, unsq_axis),
-            interleaved=interleaved,
-            num_heads=num_heads,
-            _domain=_FUSION_DOMAIN,
-        )
+        return self._rotary(op, x, freqs, unsq_axis, dtype, interleaved, num_heads)
 
     def check(self, context, x, position_ids, axis, inv_freq, unsq_axis, interleaved, **_) -> MatchResult:
         result = MatchResult()
         if _ints(axis) != [1] or _ints(unsq_axis) != [1]:
             return result.fail("the positions or the caches are unsqueezed on other axes", axis)
-        if position_ids.shape is None or len(position_ids.shape) != 2:
-            return result.fail("position_ids is not [B, S]", position_ids)
         freqs = inv_freq.const_value
         if freqs is None or len(freqs.shape) != 3 or freqs.shape[0] != 1 or freqs.shape[2] != 1:
             return result.fail("the inverse frequencies are not a constant [1, D/2, 1] column", inv_freq)
-        half = int(freqs.shape[1])
-        if x.shape is None or len(x.shape) != 4 or x.shape[3] != 2 * half:
-            return result.fail(f"the rotated tensor is not [B, H, S, {2 * half}]", x)
-        if interleaved.as_int() != 0:
-            return result.fail("interleaved rotary", x)
-        return result
+        return _check_rotated(result, x, position_ids, int(freqs.shape[1]), interleaved)
+
+
+def _check_rotated(result: MatchResult, x, position_ids, half: int, interleaved) -> MatchResult:
+    """The checks both cos/sin-cache rules share: [B, S] positions, whole [B, H, S, 2·half] heads, not interleaved."""
+    if position_ids.shape is None or len(position_ids.shape) != 2:
+        return result.fail("position_ids is not [B, S]", position_ids)
+    if x.shape is None or len(x.shape) != 4 or x.shape[3] != 2 * half:
+        return result.fail(f"the rotated tensor is not [B, H, S, {2 * half}]", x)
+    if interleaved.as_int() != 0:
+        return result.fail("interleaved rotary", x)
+    return result
 
 
 class RotaryBeforeTranspose(pattern.RewriteRuleClassBase):
