@@ -1124,13 +1124,7 @@ class _ModelBench:
             gen.decode(tokens, advance=False)
         busy, kernels = _profiled(lambda: gen.decode(tokens, advance=False), 3, self.cuda)
         trace = timeline(lambda: gen.decode(tokens, advance=False), self.cuda) if self.trace else None
-        timer = _Timer(self.stream)
-        gen.run_hook = timer
-        try:
-            for _ in range(self.steps):
-                gen.decode(tokens, advance=False)
-        finally:
-            gen.run_hook = None
+        timer = self._timed_steps(gen, tokens)
         return {
             "gpu_ms": _median(timer.gpu),
             "wall_ms": _median(timer.wall),
@@ -1142,11 +1136,8 @@ class _ModelBench:
             "_wall": timer.wall,
         }
 
-    def _time_again(self, first: dict[str, Any] | None, gen, tokens: np.ndarray) -> dict[str, Any] | None:
-        """``first`` with a second round of timed steps pooled in (its medians over both rounds): (a) and (c) are
-        timed a, c, a, c, so that a drift of the clocks between the rounds falls on both graphs alike."""
-        if first is None:
-            return None
+    def _timed_steps(self, gen, tokens: np.ndarray) -> _Timer:
+        """``self.steps`` decode steps at the same position, each timed (GPU events and host clock)."""
         timer = _Timer(self.stream)
         gen.run_hook = timer
         try:
@@ -1154,6 +1145,14 @@ class _ModelBench:
                 gen.decode(tokens, advance=False)
         finally:
             gen.run_hook = None
+        return timer
+
+    def _time_again(self, first: dict[str, Any] | None, gen, tokens: np.ndarray) -> dict[str, Any] | None:
+        """``first`` with a second round of timed steps pooled in (its medians over both rounds): (a) and (c) are
+        timed a, c, a, c, so that a drift of the clocks between the rounds falls on both graphs alike."""
+        if first is None:
+            return None
+        timer = self._timed_steps(gen, tokens)
         gpu, wall = first["_gpu"] + timer.gpu, first["_wall"] + timer.wall
         return {**first, "gpu_ms": _median(gpu), "wall_ms": _median(wall), "_gpu": gpu, "_wall": wall}
 
