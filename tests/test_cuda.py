@@ -412,12 +412,10 @@ def test_shadow_k_decode_equals_plain_kernel(kernels, cfg):
     assert rel_err(out, ref_out) <= REL_TOL
 
 
-@pytest.mark.parametrize("ulps", [-1, 0, 1])
-@pytest.mark.parametrize("dtype", ["f16", "bf16"])
-def test_shadow_k_keys_right_at_the_threshold(kernels, dtype, ulps):
-    """A quarter of the keys are copies of one key, and θ is that key's float32 score (± ulps): hundreds of scores
-    sit at θ, where the bound's slack is all that keeps the scan from pruning a key the plain kernel keeps."""
-    g = torch.Generator().manual_seed(71)
+def _repeated_key_inputs(seed: int, dtype: str):
+    """q [2, 12, 1, 128], k/v [2, 2, 3000, 128] on CUDA with every 4th key a copy of key 100, and k in float32 per
+    query head (kg [B, Hq, K, D]): the adversarial inputs of the at-threshold shadow tests."""
+    g = torch.Generator().manual_seed(seed)
     B, Hq, Hkv, K, D = 2, 12, 2, 3000, 128
     dt = DT[dtype]
     q = torch.randn(B, Hq, 1, D, generator=g).to("cuda", dt)
@@ -425,14 +423,28 @@ def test_shadow_k_keys_right_at_the_threshold(kernels, dtype, ulps):
     k[:, :, ::4] = k[:, :, 100:101]
     k = k.to("cuda", dt)
     v = torch.randn(B, Hkv, K, D, generator=g).to("cuda", dt)
-    scale = 1.0 / D**0.5
-    kg = k.float().repeat_interleave(Hq // Hkv, dim=1)  # [B, Hq, K, D]
-    at = (q.float() @ kg[:, :, 100:101].transpose(-1, -2))[0, :, 0, 0] * scale  # [Hq], batch row 0
+    return q, k, v, k.float().repeat_interleave(Hq // Hkv, dim=1)
+
+
+def _threshold_case(q, k, v, at, ulps: int) -> dict:
+    """A decode case whose last row's θ per head is ``at`` moved by ``ulps`` float32 ulps."""
     for _ in range(abs(ulps)):
         at = torch.nextafter(at, torch.full_like(at, float("inf") if ulps > 0 else float("-inf")))
+    Hq, K = q.shape[1], k.shape[2]
     theta = torch.full((Hq, K), float("-inf"), device="cuda")
     theta[:, K - 1] = at
-    case = dict(q=q, k=k, v=v, thresholds=theta, attn_mask=None, sdc=None, causal=True, comp_mode=0)
+    return dict(q=q, k=k, v=v, thresholds=theta, attn_mask=None, sdc=None, causal=True, comp_mode=0)
+
+
+@pytest.mark.parametrize("ulps", [-1, 0, 1])
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_shadow_k_keys_right_at_the_threshold(kernels, dtype, ulps):
+    """A quarter of the keys are copies of one key, and θ is that key's float32 score (± ulps): hundreds of scores
+    sit at θ, where the bound's slack is all that keeps the scan from pruning a key the plain kernel keeps."""
+    q, k, v, kg = _repeated_key_inputs(71, dtype)
+    scale = 1.0 / k.shape[-1] ** 0.5
+    at = (q.float() @ kg[:, :, 100:101].transpose(-1, -2))[0, :, 0, 0] * scale  # [Hq], batch row 0
+    case = _threshold_case(q, k, v, at, ulps)
     _, kept = _check_shadow_equals_plain(kernels, case)
     assert int(kept[0].min()) >= 1 or ulps > 0  # row 0 keeps its copies of key 100 unless θ is above them
 
@@ -526,21 +538,10 @@ def test_maintained_shadow_decode_equals_plain_kernel(kernels, cfg):
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
 def test_maintained_shadow_keys_right_at_the_threshold(kernels, dtype, ulps):
     """test_shadow_k_keys_right_at_the_threshold's adversarial keys (scores at θ ± 1 ulp), on the maintained shadow."""
-    g = torch.Generator().manual_seed(72)
-    B, Hq, Hkv, K, D = 2, 12, 2, 3000, 128
-    dt = DT[dtype]
-    q = torch.randn(B, Hq, 1, D, generator=g).to("cuda", dt)
-    k = torch.randn(B, Hkv, K, D, generator=g)
-    k[:, :, ::4] = k[:, :, 100:101]
-    k = k.to("cuda", dt)
-    v = torch.randn(B, Hkv, K, D, generator=g).to("cuda", dt)
-    kg = k.float().repeat_interleave(Hq // Hkv, dim=1)
-    at = (q.float() @ kg[:, :, 100:101].transpose(-1, -2))[0, :, 0, 0] / D**0.5
-    for _ in range(abs(ulps)):
-        at = torch.nextafter(at, torch.full_like(at, float("inf") if ulps > 0 else float("-inf")))
-    theta = torch.full((Hq, K), float("-inf"), device="cuda")
-    theta[:, K - 1] = at
-    case = dict(q=q, k=k, v=v, thresholds=theta, attn_mask=None, sdc=None, causal=True, comp_mode=0)
+    q, k, v, kg = _repeated_key_inputs(72, dtype)
+    K = k.shape[2]
+    at = (q.float() @ kg[:, :, 100:101].transpose(-1, -2))[0, :, 0, 0] / k.shape[-1] ** 0.5
+    case = _threshold_case(q, k, v, at, ulps)
     plain, plain_kept = run_kernel(kernels, case)
     out, kept = run_kernel(kernels, case, shadow=_maintained_shadow(kernels, k, K - 70, 70))
     assert kernels.last_shadow and torch.equal(kept, plain_kept)
