@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from topthetaexport.thresholds import Thresholds  # noqa: E402
+from topthetaexport.thresholds import Thresholds, _fit_x  # noqa: E402
 
 BUDGET = 1 << 23
 BAND_ROWS = 256  # as eval --context: kept per row at m·R is the mean of the 256 rows before m·R
@@ -163,16 +163,10 @@ def cmd_capture(a) -> int:
 
 
 # -- candidate extrapolations ----------------------------------------------------------------------------
-def _phi_inv(p: torch.Tensor) -> torch.Tensor:
-    return math.sqrt(2.0) * torch.erfinv(2.0 * p.clamp(1e-9, 1 - 1e-12) - 1.0)
-
-
 def _x(r: torch.Tensor, k: int, kind: str) -> torch.Tensor:
+    if kind in ("gauss", "log"):  # the project's own fit models
+        return _fit_x(r.double(), kind, k)
     r1 = r.double() + 1.0
-    if kind == "gauss":
-        return _phi_inv(1.0 - k / r1)
-    if kind == "log":
-        return torch.log(r1)
     if kind == "loglog":  # ln ln((r+1)/k): the Gumbel-type growth of the k-th largest
         return torch.log(torch.log(r1 / k).clamp(min=1e-6))
     if kind == "sqrtlog":  # sqrt(2 ln((r+1)/k)): the large-n Gaussian asymptote
