@@ -79,13 +79,20 @@ DT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
 def make_mask(kind, B, Hq, Sq, Ktot, dtype, g):
-    """None, 'pad' (bool [B, Ktot]), 'bool4' ([B,1,Sq,Ktot]), 'add32' (f32 [B,1,1,Ktot]), 'addT' (T [B,Hq,Sq,Ktot])."""
+    """None, 'pad' (bool [B, Ktot]), 'pad_holes' (the same, fixed), 'bool4' ([B,1,Sq,Ktot]),
+    'add32' (f32 [B,1,1,Ktot]), 'addT' (T [B,Hq,Sq,Ktot])."""
     if kind is None:
         return None
     if kind == "pad":
         m = torch.ones(B, Ktot, dtype=torch.bool)
         for b in range(B):
             m[b, : int(torch.randint(0, max(1, Ktot // 4), (1,), generator=g))] = False
+        return m
+    if kind == "pad_holes":  # left padding within one block and across many, one masked key, a row with none
+        m = torch.ones(B, Ktot, dtype=torch.bool)
+        m[0, :37] = False
+        m[1 % B, : Ktot // 2] = False
+        m[2 % B, Ktot * 2 // 3 + 1] = False
         return m
     if kind == "bool4":
         return torch.rand(B, 1, Sq, Ktot, generator=g) > 0.3
@@ -367,6 +374,24 @@ def test_decode_splits_agree(kernels, env, splits):
     case = make_case(dtype="f16", B=2, Hq=8, Hkv=2, Sq=2, Ktot=3001, D=128, comp_mode=2, seed=3)
     check(kernels, case, "decode")
     assert kernels.last_splits == min(int(splits), (3001 + 15) // 16)
+
+
+@pytest.mark.parametrize("splits", ["1", "5", "64"])
+@pytest.mark.parametrize("want_kept", [True, False], ids=["kept", "no-kept"])
+def test_decode_key_padding_checked_once_per_block(kernels, env, splits, want_kept):
+    """A block whose key range the padding row allows entirely reads no mask bytes in its key loop; the blocks
+    that hold left padding or a masked key test each step. The output is the op's either way."""
+    env("TOPTHETA_DECODE_SPLITS", splits)
+    case = make_case(dtype="f16", B=4, Hq=12, Hkv=2, Sq=1, Ktot=3001, D=128, mask="pad_holes", keep=0.1, seed=72)
+    if want_kept:
+        check(kernels, case, "decode")
+        return
+    out, _ = kernels.attention(
+        case["q"], case["k"], case["v"], case["thresholds"], causal=True, attn_mask=case["attn_mask"], want_kept=False
+    )
+    torch.cuda.synchronize()
+    assert kernels.last_path == "decode"
+    assert rel_err(out, ref_of(case)[0]) <= REL_TOL
 
 
 @pytest.mark.parametrize("kstages", ["3", "4"])

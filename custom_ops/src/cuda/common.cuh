@@ -237,6 +237,28 @@ __device__ __forceinline__ bool KeysAllAllowed(const uint8_t* kp, int64_t k0, in
   return __all_sync(kFull, ok);
 }
 
+// True (in every thread of the block) when the key-padding row kp allows every key of [lo, hi). The threads read
+// the range in 16-byte words (bytes outside the aligned words one at a time), so a few loads per thread cover
+// the thousands of keys of a decode block; call it from every thread of the block.
+__device__ __forceinline__ bool BlockKeysAllowed(const uint8_t* kp, int lo, int hi) {
+  const auto lo_a = static_cast<int>((16 - reinterpret_cast<uintptr_t>(kp + lo) % 16) % 16) + lo;
+  const int words = hi > lo_a ? (hi - lo_a) / 16 : 0;
+  const int hi_a = min(lo_a, hi) + words * 16;  // bytes [lo, min(lo_a, hi)) and [hi_a, hi) go one by one
+  bool ok = true;
+  for (int j = lo + static_cast<int>(threadIdx.x); j < min(lo_a, hi); j += blockDim.x) ok = ok && kp[j] != 0;
+  for (int j = hi_a + static_cast<int>(threadIdx.x); j < hi; j += blockDim.x) ok = ok && kp[j] != 0;
+  const uint4* w = reinterpret_cast<const uint4*>(kp + lo_a);
+#pragma unroll 4
+  for (int i = static_cast<int>(threadIdx.x); i < words; i += blockDim.x) {
+    const uint4 x = __ldg(w + i);
+    // A zero byte in a word: (x - 0x01..) & ~x & 0x80.. is nonzero.
+    const uint32_t z = ((x.x - 0x01010101u) & ~x.x) | ((x.y - 0x01010101u) & ~x.y) | ((x.z - 0x01010101u) & ~x.z) |
+                       ((x.w - 0x01010101u) & ~x.w);
+    ok = ok && (z & 0x80808080u) == 0;
+  }
+  return __syncthreads_and(ok) != 0;
+}
+
 // The (batch, query head, first row) of a prefill block; 1-D grid of B * Hq * ceil(Sq / bm) blocks: query
 // heads fastest (consecutive blocks share the K/V of a KV head in L2), then row blocks longest first (causal
 // load balance), then batch. (Issuing the blocks KV head by KV head measured no faster on an H100.)

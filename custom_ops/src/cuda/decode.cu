@@ -229,14 +229,17 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2) DecodeKernel(const 
   // row constants before waiting for this whole grid.
   TriggerDependents();
 
+  // A key-padding row that allows every key of the block's range (every block but the one that holds a batch
+  // row's left padding) is checked once here; the key loop then reads no mask bytes and runs like an unmasked
+  // one. The K copies of the prologue below are already in flight while the block checks.
+  bool pad_all = false;
   // Key-padding bytes of a step (lanes < kSub; 1 where nothing is masked), read one step ahead of their use:
   // the mask row is small and L2-resident, so one step hides the load.
   auto pad_of = [&](int step) -> int {
-    if (!MASK || LIST || kpad == nullptr || step >= steps || lane >= kSub) return 1;
+    if (!MASK || LIST || kpad == nullptr || pad_all || step >= steps || lane >= kSub) return 1;
     const int j = key0(step) + lane;
     return j < klen ? __ldg(kpad + j) : 0;
   };
-  int pad_next = pad_of(0);
 
   // Prologue: groups in the order the loop expects, (V of step i - kAhead, K of step i) for i < kAhead; the V
   // ones empty. The loop commits (V(t), K(t + kAhead)) in step t.
@@ -252,6 +255,8 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2) DecodeKernel(const 
     }
     CpAsyncCommit();
   }
+  if (MASK && !LIST && kpad != nullptr) pad_all = BlockKeysAllowed(kpad, s_begin * kSub, min(s_end * kSub, klen));
+  int pad_next = pad_of(0);
 
   for (int step = 0; step < steps; ++step) {
     const int k0 = key0(step);
@@ -281,7 +286,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2) DecodeKernel(const 
       full = !MASK && __all_sync(kFull, jl >= 0 && (!a.p.causal || jl <= min_pos));
     } else {
       full = k0 + kSub <= klen && (!a.p.causal || k0 + kSub - 1 <= min_pos);
-      if (MASK) full = full && kpad != nullptr && __all_sync(kFull, pad != 0);
+      if (MASK) full = full && kpad != nullptr && (pad_all || __all_sync(kFull, pad != 0));
     }
     uint32_t keys = 0;
     float tmax[2] = {-INFINITY, -INFINITY};
