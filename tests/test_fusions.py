@@ -19,6 +19,7 @@ from test_export_rewrite import thresholds_for
 
 from topthetaexport._errors import TopThetaError
 from topthetaexport.models import load_model
+from topthetaexport.onnx import names
 from topthetaexport.onnx.decoding import GreedyNextToken, LastTokenLogits
 from topthetaexport.onnx.exporter import export_onnx
 from topthetaexport.onnx.fusions import FuseForOrt, fused, rotary_caches
@@ -171,6 +172,24 @@ def test_unpacking_gives_the_heads_first_graph_and_the_same_logits(graphs, tmp_p
     layout = PackAttentionLayout()
     layout(again)
     assert layout.packed == graphs["layers"]
+
+
+def test_exposed_io_of_a_packed_graph_is_typed(graphs, tmp_path):
+    """ExposeAttentionIO on a packed graph (a pipeline output fused for CUDA): Q, K, V and the output come back
+    heads first with the op's dtype, also where a fusion's Split made the value untyped, so the graph saves."""
+    if graphs["dtype"] != "float16":
+        pytest.skip("nothing packed in float32")
+    from topthetaexport.onnx.variants import ExposeAttentionIO
+
+    model = ir.load(graphs["fused"])
+    for _, node in op_nodes(model.graph):
+        for value in (node.inputs[0], node.inputs[2]):
+            value.type, value.shape = None, None  # as ConcatProjections' Split leaves them
+    ExposeAttentionIO()(model)
+    exposed = [v for v in model.graph.outputs if (v.name or "").startswith(names.IO_PREFIX)]
+    assert len(exposed) == 5 * graphs["layers"]
+    assert {v.dtype for v in exposed if not v.name.endswith(".mask")} == {ir.DataType.FLOAT16}
+    ir.save(model, tmp_path / "exposed.onnx")  # an untyped graph output does not serialise
 
 
 def test_fuse_runs_once_and_checks_its_argument(graphs):

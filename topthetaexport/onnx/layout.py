@@ -185,6 +185,8 @@ class UnpackAttentionLayout(InPlacePass):
                 )
             tag = node.name or "toptheta"
             added: list[ir.Node] = []
+            # Q, K, V and the output share the op's type T; values a fusion made (a Split's outputs) may carry none.
+            dtype = next((v.dtype for v in (*node.inputs[:3], *node.outputs[:3]) if v is not None and v.dtype), None)
 
             def const(name: str, values: list[int], tag: str = tag) -> ir.Value:
                 value = ir.Value(name=f"{tag}/unpack.{name}", const_value=ir.tensor(np.array(values, np.int64)))
@@ -200,6 +202,7 @@ class UnpackAttentionLayout(InPlacePass):
                 )
                 trans = ir.Node("", "Transpose", [split.outputs[0]], attributes=[ir.AttrInt64s("perm", _HEADS_PERM)])
                 trans.name = f"{tag}/unpack.{slot}_heads"
+                split.outputs[0].dtype = trans.outputs[0].dtype = x.dtype or dtype
                 added += [split, trans]
                 node.replace_input_with(index, trans.outputs[0])
             graph.insert_before(node, added)
@@ -212,7 +215,8 @@ class UnpackAttentionLayout(InPlacePass):
                 "", "Reshape", [back.outputs[0], const("y_shape", [0, 0, -1])], name=f"{tag}/unpack.y_merge"
             )
             merged = merge.outputs[0]
-            merged.dtype, merged.shape = y.dtype, y.shape
+            back.outputs[0].dtype = y.dtype or dtype
+            merged.dtype, merged.shape = y.dtype or dtype, y.shape
             for user, index in uses:
                 user.replace_input_with(index, merged)
             for i, out in enumerate(graph.outputs):
