@@ -192,6 +192,24 @@ def test_exposed_io_of_a_packed_graph_is_typed(graphs, tmp_path):
     ir.save(model, tmp_path / "exposed.onnx")  # an untyped graph output does not serialise
 
 
+def test_rotary_caches_cover_the_model_positions_and_the_generator_stays_inside(graphs):
+    """The caches have the model's positions plus a margin (a full context decodes a token or two more); the rows are
+    in the metadata, and a generator that would read past them (onnxruntime does not check) is refused."""
+    if graphs["dtype"] == "float32":
+        pytest.skip("float32 keeps ONNX RotaryEmbedding, which computes cos/sin in the graph")
+    from topthetaexport.onnx.fusions import ROTARY_MARGIN, ROTARY_ROWS_META
+
+    model = ir.load(graphs["fused"])
+    rows = TINY_POSITIONS + ROTARY_MARGIN
+    assert model.metadata_props[ROTARY_ROWS_META] == str(rows)
+    assert {model.graph.initializers[n].const_value.shape[0] for n in rotary_caches(model)} == {rows}
+    session = DeviceSession(graphs["fused"], device="cpu")
+    assert session.max_positions == rows
+    session.generator(1, rows)
+    with pytest.raises(TopThetaError, match=f"max length {rows + 1} is past the {rows} positions .* --max-context"):
+        session.generator(1, rows + 1)
+
+
 def test_fuse_runs_once_and_checks_its_argument(graphs):
     model = ir.load(graphs["fused"])
     assert not FuseForOrt(TINY_POSITIONS)(model).modified

@@ -58,6 +58,12 @@ __all__ = [
 ]
 
 FUSIONS_META = names.META_PREFIX + "fusions"
+# metadata: rows of the rotary caches; onnxruntime reads row position_ids[b, s] unchecked, so a generator refuses
+# to reach past them (ort.device_generation)
+ROTARY_ROWS_META = names.META_PREFIX + "rotary_rows"
+# rows past the model's maximum position: a buffer of a full context holds a token or two more (the e2e bench
+# decodes at position = context)
+ROTARY_MARGIN = 16
 FUSION_MODES = ("auto", "on", "off")
 ORT_DOMAIN = "com.microsoft"
 _FUSION_DOMAIN = "ai.onnxruntime._fusion"  # onnxscript's intermediate RotaryEmbedding (a function until rewritten)
@@ -341,6 +347,8 @@ class FuseForOrt(InPlacePass):
         projections(model)
         counts["concat_projections"] = projections.groups
         model.metadata_props.update(inv_freqs)
+        if counts["rotary_embedding"]:
+            model.metadata_props[ROTARY_ROWS_META] = str(self.max_positions)
         if counts["rotary_embedding"] != found:  # a form the cache rule does not know: back to the plain nodes
             InlinePass()(model)
         model.functions.clear()

@@ -182,6 +182,10 @@ class DeviceSession:
         self.providers = self.sess.get_providers()
         self.signature = self._signature()
         self._graph_ids = 0
+        from ..onnx.fusions import ROTARY_ROWS_META
+
+        rows = self.sess.get_modelmeta().custom_metadata_map.get(ROTARY_ROWS_META)
+        self.max_positions = int(rows) if rows else None  # the fused rotary caches' rows, if any
 
     # -- opening -------------------------------------------------------------------------------------------------
 
@@ -390,6 +394,11 @@ class DeviceGenerator:
         missing = [n for n in sig.extra_inputs if n not in extra_inputs]
         if missing:
             raise TopThetaError(f"{session.path} has inputs {missing} the generator does not feed: pass extra_inputs")
+        if session.max_positions is not None and max_length > session.max_positions:
+            raise TopThetaError(
+                f"max length {max_length} is past the {session.max_positions} positions of {session.path.name}'s "
+                "rotary caches: open the generator with a smaller max_length, or rewrite with a larger --max-context"
+            )
         self.session, self.sig = session, sig
         self.sess = session.sess
         self.batch, self.max_length = int(batch_size), int(max_length)

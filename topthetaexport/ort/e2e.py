@@ -53,7 +53,6 @@ _ALIGN = 4096
 _FLOAT_TYPES = {"FLOAT": "float32", "FLOAT16": "float16", "BFLOAT16": "bfloat16"}
 V_ROWS_LIMIT = 1 / 3  # the issue's bound on the V rows read per decode step
 V_ROWS_TARGET = 0.30  # what the θ search aims at (a margin below the bound)
-ROTARY_MARGIN = 16  # rotary cache rows past the model's positions: a row's buffer holds its context + 2 tokens
 
 # name -> (architecture, config keywords); head dims and GQA ratios of the models the issue names
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -353,6 +352,8 @@ def _model_info(loaded, shape: str, dtype: str) -> dict[str, Any]:
 
 
 def _cache_rows(max_positions: int | None, fuse: bool) -> int | None:
+    from ..onnx.fusions import ROTARY_MARGIN
+
     return int(max_positions) + ROTARY_MARGIN if fuse and max_positions else None
 
 
