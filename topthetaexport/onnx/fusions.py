@@ -54,6 +54,7 @@ __all__ = [
     "RotaryCosSinCacheMatMul",
     "SimplifiedToRmsNorm",
     "fused",
+    "rotary_cache_rows",
     "rotary_caches",
 ]
 
@@ -83,6 +84,11 @@ def rotary_caches(model: ir.Model) -> dict[str, np.ndarray]:
             if text:
                 out[name] = np.array([float(x) for x in text.split(",")], np.float32)
     return out
+
+
+def rotary_cache_rows(max_positions: int) -> int:
+    """Rows of the rotary caches for a model of ``max_positions`` positions (what ``FuseForOrt`` is given)."""
+    return int(max_positions) + ROTARY_MARGIN
 
 
 def fused(model: ir.Model) -> dict[str, int] | None:

@@ -220,7 +220,7 @@ def rewrite(
     if kv_cache == "shared":
         ShareKvBuffer()(model)  # after the dead-node pass: the 4-D mask subgraph no longer reads the cache
     if fusions == "on":
-        from .fusions import ROTARY_MARGIN, FuseForOrt
+        from .fusions import FuseForOrt, rotary_cache_rows
 
         rows = max_context or th.meta.get("max_positions")
         if not rows:
@@ -228,7 +228,7 @@ def rewrite(
                 "the fusions need the model's maximum position for the rotary caches: pass --max-context N "
                 "(these thresholds do not record it), or --fusions off"
             )
-        FuseForOrt(int(rows) + ROTARY_MARGIN)(model)
+        FuseForOrt(rotary_cache_rows(rows))(model)
     if shadow_k:  # after the fusions, which edit the op's first inputs and outputs only
         from .kv_cache import AddShadowK
 

@@ -352,9 +352,9 @@ def _model_info(loaded, shape: str, dtype: str) -> dict[str, Any]:
 
 
 def _cache_rows(max_positions: int | None, fuse: bool) -> int | None:
-    from ..onnx.fusions import ROTARY_MARGIN
+    from ..onnx.fusions import rotary_cache_rows
 
-    return int(max_positions) + ROTARY_MARGIN if fuse and max_positions else None
+    return rotary_cache_rows(max_positions) if fuse and max_positions else None
 
 
 def _fusions(models: dict[str, Any]) -> dict[str, Any]:
