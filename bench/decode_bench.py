@@ -15,7 +15,12 @@ one (``toptheta_k3_us``, TOPTHETA_DECODE_KSTAGES=3), and the default with an all
 mask (``toptheta_masked_us``), which is what a rewritten decoder passes the op. Every Top-θ call is the one a
 rewritten model makes: no ``kept`` output, no compensation (so the kernel keeps no counts).
 
-Usage: python bench/decode_bench.py --library LIB --out DIR [--quick]
+A/B of two builds in one run: ``--baseline LIB2`` also times LIB2's kernel on the same inputs, alternating with
+LIB's (two rounds each, the faster of each kept): ``base_us`` / ``base_masked_us``. ``--splits 16,32,..`` times
+the masked call at each forced split count (TOPTHETA_DECODE_SPLITS): ``splits_us``.
+
+Usage: python bench/decode_bench.py --library LIB --out DIR [--quick] [--baseline LIB2] [--splits N,..]
+       [--configs 12/2,32/8] [--batches 1,8,16] [--lengths 16384,32768] [--vrows 0.333]
 Writes DIR/decode.json (a list of rows with the keys of issue 16) and DIR/decode.md.
 """
 
@@ -141,7 +146,17 @@ def gqa_time(ort, sets, hq, hkv):
     return t, names
 
 
-def bench(kern, ort, hq, hkv, B, L, quick):
+def ab_times(calls, rounds: int = 2) -> list[float]:
+    """Seconds per call of each of `calls` (functions of the input set i, with their set count), timed in
+    alternation `rounds` times; the fastest round of each."""
+    best = [math.inf] * len(calls)
+    for _ in range(rounds):
+        for j, (fn, ns) in enumerate(calls):
+            best[j] = min(best[j], time_graph(fn, ns))
+    return best
+
+
+def bench(kern, ort, hq, hkv, B, L, quick, targets=None, base=None, split_counts=()):
     g = torch.Generator(device="cuda").manual_seed(B * 1000003 + L + hq)
     kv_bytes = 2 * B * hkv * L * D * 2
     ns = n_sets(kv_bytes)
@@ -163,7 +178,9 @@ def bench(kern, ort, hq, hkv, B, L, quick):
         t_gqa, gqa_names = gqa_time(ort, sets, hq, hkv)
     dense_floor = 2 * B * hkv * L * D * 2 + 2 * B * hq * D * 2
     rows = []
-    for target in (1 / 3,) if quick else (1 / 3, 0.07):
+    if targets is None:
+        targets = (1 / 3,) if quick else (1 / 3, 0.07)
+    for target in targets:
         th = theta_for_vrows(s0, target, hkv)
         kern.attention(*sets[0], th, causal=True, out=out, want_kept=False)
         torch.cuda.synchronize()
@@ -177,6 +194,27 @@ def bench(kern, ort, hq, hkv, B, L, quick):
             lambda i, th=th: kern.attention(*sets[i], th, causal=True, attn_mask=pad, out=out, want_kept=False), ns
         )
         floor = B * hkv * L * D * 2 * (1 + fv) + 2 * B * hq * D * 2
+        extra = {}
+        if base is not None:
+
+            def call(kk, mask, th=th):
+                return lambda i: kk.attention(*sets[i], th, causal=True, attn_mask=mask, out=out, want_kept=False)
+
+            t_new, t_base, t_new_m, t_base_m = ab_times(
+                [(call(kern, None), ns), (call(base, None), ns), (call(kern, pad), ns), (call(base, pad), ns)]
+            )
+            t, t_mask = t_new, t_new_m
+            extra.update(base_us=t_base * 1e6, base_masked_us=t_base_m * 1e6)
+        if split_counts:
+            sweep = {}
+            for n in split_counts:
+                os.environ["TOPTHETA_DECODE_SPLITS"] = str(n)
+                sweep[str(n)] = 1e6 * time_graph(
+                    lambda i, th=th: kern.attention(*sets[i], th, causal=True, attn_mask=pad, out=out, want_kept=False),
+                    ns,
+                )
+                del os.environ["TOPTHETA_DECODE_SPLITS"]
+            extra["splits_us"] = sweep
         rows.append(
             dict(
                 B=B,
@@ -200,6 +238,7 @@ def bench(kern, ort, hq, hkv, B, L, quick):
                 ceiling=dense_floor / floor,
                 splits=splits,
                 gqa_kernels=kernel_note(gqa_names),
+                **extra,
             )
         )
     sets.clear()
@@ -224,11 +263,46 @@ def fmt(rows):
     return "\n".join(lines)
 
 
+def fmt_ab(rows):
+    """The A/B and split-count columns, where the run has them."""
+    sweep = sorted({int(n) for r in rows for n in r.get("splits_us", {})})
+    if not any("base_us" in r for r in rows) and not sweep:
+        return ""
+    head = "| hq/hkv | B | L | splits | Top-θ µs | baseline µs | masked µs | baseline masked µs | new/base (masked) |"
+    head += "".join(f" {n} splits µs |" for n in sweep)
+    lines = [head, "|" + "---|" * (9 + len(sweep))]
+    for r in rows:
+        bm = r.get("base_masked_us")
+        cells = [
+            f"{r['hq']}/{r['hkv']}",
+            str(r["B"]),
+            f"{r['L'] // 1024}k",
+            str(r["splits"]),
+            f"{r['toptheta_us']:.1f}",
+            f"{r.get('base_us', float('nan')):.1f}",
+            f"{r['toptheta_masked_us']:.1f}",
+            f"{bm if bm is not None else float('nan'):.1f}",
+            f"{r['toptheta_masked_us'] / bm:.3f}" if bm else "-",
+        ] + [f"{r.get('splits_us', {}).get(str(n), float('nan')):.1f}" for n in sweep]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--library", required=True)
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--quick", action="store_true", help="B 1 and 8 at 16k/32k, V rows 1/3 only")
+    ap.add_argument("--baseline", help="a second library, timed against --library on the same inputs")
+    ap.add_argument("--splits", type=ints, default=[], help="forced split counts to time (masked call)")
+    ap.add_argument("--configs", help="hq/hkv pairs, e.g. 12/2,32/8")
+    ap.add_argument("--batches", type=ints)
+    ap.add_argument("--lengths", type=ints)
+    ap.add_argument("--vrows", type=float, help="one V-row fraction instead of 1/3 and 7%%")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -238,12 +312,22 @@ def main():
     shapes = [(B, L) for B in (1, 8, 16) for L in (16384, 32768, 65536, 131072)]
     if args.quick:
         shapes = [(B, L) for B in (1, 8) for L in (16384, 32768)]
+    if args.batches or args.lengths:
+        shapes = [(B, L) for B in args.batches or (1, 8, 16) for L in args.lengths or (16384, 32768, 65536, 131072)]
+    configs = CONFIGS
+    if args.configs:
+        configs = [tuple(int(x) for x in c.split("/")) for c in args.configs.split(",")]
+    base = None
+    if args.baseline:
+        base = Kernels(args.baseline)
+        info["baseline"] = args.baseline
+    targets = (args.vrows,) if args.vrows else None
     rows = []
-    for hq, hkv in CONFIGS:
+    for hq, hkv in configs:
         for B, L in shapes:
             if B * hkv * L * D * 2 * 2 > 24 * 2**30:  # the cache of one input set
                 continue
-            new = bench(kern, ort, hq, hkv, B, L, args.quick)
+            new = bench(kern, ort, hq, hkv, B, L, args.quick, targets, base, args.splits)
             for r in new:
                 r["copy_GBps"] = copy
                 r["dense_floor_us"] = (2 * B * hkv * L * D * 2) / (copy * 1e9) * 1e6
@@ -256,6 +340,8 @@ def main():
         f"copy ceiling (plain launch, event-timed, 2 GiB) {copy:.0f} GB/s; {info['seconds']:.0f} s",
         "",
         fmt(rows),
+        "",
+        fmt_ab(rows),
         "",
     ]
     (out_dir / "decode.md").write_text("\n".join(md))

@@ -10,6 +10,8 @@
 // With a shadow K (plan.shadow; docs/cuda-notes.md, "Shadow K"), ShadowScanKernel first streams the 4-bit codes and
 // lists the keys whose score bound reaches θ; DecodeKernel<LIST> then takes its 16-key steps from those lists, so
 // it reads the K rows of candidates only. Scores, and so the kept keys, are those of the plain kernel.
+#include <algorithm>
+
 #include "common.cuh"
 
 namespace toptheta {
@@ -120,6 +122,59 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2) DecodeKernel(const 
   const uint32_t vbase = wbase + kKStages * kTileBytes;
   const TileOffsets<D> off(lane);
 
+  // This warp's key steps: block range [s_begin, s_end) of 16-key steps, warp w takes s_begin + w + 4i. The
+  // splits divide this batch row's keys (the grid is sized for Ktot = M): a split may be empty, its partial
+  // then holds no keys.
+  // LIST: the split's four lists (one per scan warp), read as one in order; "keys" below are list positions.
+  const int32_t* lists = nullptr;
+  int lp1 = 0, lp2 = 0, lp3 = 0, nlist = 0;
+  if (LIST) {
+    const int64_t li = (head * a.plan.splits + split) * kWarps;
+    lists = a.cand + li * a.cand_cap;
+    lp1 = a.cand_n[li];
+    lp2 = lp1 + a.cand_n[li + 1];
+    lp3 = lp2 + a.cand_n[li + 2];
+    nlist = lp3 + a.cand_n[li + 3];
+  }
+  const int nsub = LIST ? (nlist + kSub - 1) / kSub : (klen + kSub - 1) / kSub;
+  const int per = LIST ? nsub : (nsub + a.plan.splits - 1) / a.plan.splits;
+  const int s_begin = LIST ? 0 : split * per, s_end = min(nsub, s_begin + per);
+  const int first = s_begin + warp;
+  const int steps = first < s_end ? (s_end - first + kWarps - 1) / kWarps : 0;
+  const int min_pos = klen - static_cast<int>(a.p.Sq);  // smallest row position of the block
+  const float scale = a.p.scale;
+  const uint32_t key_bit =
+      Pinned(1u << (2 * t));  // bit of key c = n * 8 + 2t + (e & 1) is key_bit << (n * 8 + (e & 1))
+
+  auto key0 = [&](int step) { return (first + step * kWarps) * kSub; };
+  // LIST: the key of list position key0(step) + lane % 16 (-1 past the lists), in a ring jr[i] = step + i that is
+  // read one step before the K copy of its step is issued.
+  auto listed = [&](int step) -> int {
+    const int p = key0(step) + (lane & 15);
+    if (!LIST || p >= nlist) return -1;
+    const int u = (p >= lp1) + (p >= lp2) + (p >= lp3);
+    const int from = u == 0 ? 0 : (u == 1 ? lp1 : (u == 2 ? lp2 : lp3));
+    return __ldg(lists + u * a.cand_cap + (p - from));
+  };
+  int jr[kAhead + 1];
+#pragma unroll
+  for (int i = 0; i <= kAhead; ++i) jr[i] = LIST ? listed(i) : 0;
+  // Prologue, before the Q rows and row constants are read (it needs the key range only, and at B = 1 a block has
+  // just a few steps, so the latency of those reads would add to the K copies'): groups in the order the loop
+  // expects, (V of step i - kAhead, K of step i) for i < kAhead; the V ones empty. The loop commits
+  // (V(t), K(t + kAhead)) in step t.
+#pragma unroll
+  for (int i = 0; i < kAhead; ++i) {
+    CpAsyncCommit();
+    if (steps > i && !mean) {
+      if (LIST) {
+        LoadListedRows<T, D>(Kg, jr[i], wbase + i * kTileBytes, 0xffffu, off, lane);
+      } else {
+        LoadRows<T, D>(Kg, key0(i), klen, wbase + i * kTileBytes, 0xffffu, off, lane);
+      }
+    }
+    CpAsyncCommit();
+  }
   // Rows of this thread: local rows g and g + 8 (local row = head-in-group * Sq + query index).
   int pos[2];
   int64_t hq[2], qi[2];
@@ -151,30 +206,6 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2) DecodeKernel(const 
     }
   }
 
-  // This warp's key steps: block range [s_begin, s_end) of 16-key steps, warp w takes s_begin + w + 4i. The
-  // splits divide this batch row's keys (the grid is sized for Ktot = M): a split may be empty, its partial
-  // then holds no keys.
-  // LIST: the split's four lists (one per scan warp), read as one in order; "keys" below are list positions.
-  const int32_t* lists = nullptr;
-  int lp1 = 0, lp2 = 0, lp3 = 0, nlist = 0;
-  if (LIST) {
-    const int64_t li = (head * a.plan.splits + split) * kWarps;
-    lists = a.cand + li * a.cand_cap;
-    lp1 = a.cand_n[li];
-    lp2 = lp1 + a.cand_n[li + 1];
-    lp3 = lp2 + a.cand_n[li + 2];
-    nlist = lp3 + a.cand_n[li + 3];
-  }
-  const int nsub = LIST ? (nlist + kSub - 1) / kSub : (klen + kSub - 1) / kSub;
-  const int per = LIST ? nsub : (nsub + a.plan.splits - 1) / a.plan.splits;
-  const int s_begin = LIST ? 0 : split * per, s_end = min(nsub, s_begin + per);
-  const int first = s_begin + warp;
-  const int steps = first < s_end ? (s_end - first + kWarps - 1) / kWarps : 0;
-  const int min_pos = klen - static_cast<int>(a.p.Sq);  // smallest row position of the block
-  const float scale = a.p.scale;
-  const uint32_t key_bit =
-      Pinned(1u << (2 * t));  // bit of key c = n * 8 + 2t + (e & 1) is key_bit << (n * 8 + (e & 1))
-
   float o[NO][4];
 #pragma unroll
   for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
@@ -187,19 +218,6 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2) DecodeKernel(const 
   float mp[2][2] = {{m[0], m[1]}, {m[0], m[1]}};  // reference max of each pending P
   bool pending[2] = {false, false};
 
-  auto key0 = [&](int step) { return (first + step * kWarps) * kSub; };
-  // LIST: the key of list position key0(step) + lane % 16 (-1 past the lists), in a ring jr[i] = step + i that is
-  // read one step before the K copy of its step is issued.
-  auto listed = [&](int step) -> int {
-    const int p = key0(step) + (lane & 15);
-    if (!LIST || p >= nlist) return -1;
-    const int u = (p >= lp1) + (p >= lp2) + (p >= lp3);
-    const int from = u == 0 ? 0 : (u == 1 ? lp1 : (u == 2 ? lp2 : lp3));
-    return __ldg(lists + u * a.cand_cap + (p - from));
-  };
-  int jr[kAhead + 1];
-#pragma unroll
-  for (int i = 0; i <= kAhead; ++i) jr[i] = LIST ? listed(i) : 0;
   auto pv = [&](int step, const uint32_t* pa, const float* mref) {
     if (!mean) {  // bring o to this step's reference max (skipped by the warp when no row's max moved)
       const float al0 = Rescale(mo[0], mref[0]), al1 = Rescale(mo[1], mref[1]);
@@ -231,7 +249,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2) DecodeKernel(const 
 
   // A key-padding row that allows every key of the block's range (every block but the one that holds a batch
   // row's left padding) is checked once here; the key loop then reads no mask bytes and runs like an unmasked
-  // one. The K copies of the prologue below are already in flight while the block checks.
+  // one. The K copies of the prologue are already in flight while the block checks.
   bool pad_all = false;
   // Key-padding bytes of a step (lanes < kSub; 1 where nothing is masked), read one step ahead of their use:
   // the mask row is small and L2-resident, so one step hides the load.
@@ -241,20 +259,6 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2) DecodeKernel(const 
     return j < klen ? __ldg(kpad + j) : 0;
   };
 
-  // Prologue: groups in the order the loop expects, (V of step i - kAhead, K of step i) for i < kAhead; the V
-  // ones empty. The loop commits (V(t), K(t + kAhead)) in step t.
-#pragma unroll
-  for (int i = 0; i < kAhead; ++i) {
-    CpAsyncCommit();
-    if (steps > i && !mean) {
-      if (LIST) {
-        LoadListedRows<T, D>(Kg, jr[i], wbase + i * kTileBytes, 0xffffu, off, lane);
-      } else {
-        LoadRows<T, D>(Kg, key0(i), klen, wbase + i * kTileBytes, 0xffffu, off, lane);
-      }
-    }
-    CpAsyncCommit();
-  }
   if (MASK && !LIST && kpad != nullptr) pad_all = BlockKeysAllowed(kpad, s_begin * kSub, min(s_end * kSub, klen));
   int pad_next = pad_of(0);
 
@@ -659,57 +663,86 @@ __global__ void __launch_bounds__(kThreads) ShadowScanKernel(const KernelArgs a)
 // One block of Dv threads per output row: merges the row's partials (and applies the compensation).
 // Launched as a programmatic dependent of DecodeKernel (sm_90): the row constants are read before
 // griddepcontrol.wait, which returns once DecodeKernel has completed and its writes are visible.
-// Partials come in chunks of kChunk: every thread issues all its partial-O loads of a chunk at once (a register
-// array), while each warp reduces the part statistics across its lanes (shuffles, no shared memory, no block
-// barrier). The common case (splits <= kChunk) is one round of loads long; more splits add one round per chunk.
-constexpr int kChunk = 64;
+// One block per (row, 32 channels of Dv), up to kCombineWarps warps: warp w merges partials w, w + W, ... and lane
+// c holds channel c, so each thread has at most kCombineLoads partial-O loads in flight per round (one round for
+// up to W * 32 partials). Every partial is weighed against the row's max over all partials (found first, while the
+// loads are in flight); the warps' sums are then added in shared memory. At B = 1 a row has 64-128 partials, and
+// one block of Dv threads per row had to take them 64 loads at a time.
+constexpr int kCombineWarps = 8;
+constexpr int kCombineLoads = 32;  // partials per lane and round (one per lane of a warp)
 
-__global__ void CombineKernel(const KernelArgs a) {
+__global__ void __launch_bounds__(kCombineWarps * 32, 1) CombineKernel(const KernelArgs a) {
   const int64_t row = blockIdx.x;
   const int64_t D = a.p.Dv;
-  const int d = threadIdx.x, lane = threadIdx.x & 31;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
+  const int64_t d = blockIdx.y * 32 + lane;
   const bool final_pass = !a.mean_pass;
   RowConst rc = {0, 0.f, 0.f};
   if (final_pass) rc = RowConstants(a, KeyLen(a.p, row / (a.p.Hq * a.p.Sq)), (row / a.p.Sq) % a.p.Hq, row % a.p.Sq);
   GridDependencyWait();
 
   const int parts = a.plan.splits;
+  const int per_round = nwarps * kCombineLoads;
   const float4* st = a.part_stats + row * parts;
   const float* po = a.part_o + row * parts * D + d;
-  float x[kChunk];  // partial O of the chunk being merged
-  auto load_chunk = [&](int c0) {
+  // Round r: warp w, slot i holds partial w + nwarps * (r * kCombineLoads + i); lane i also holds its statistics.
+  auto part_of = [&](int r, int i) { return warp + nwarps * (r * kCombineLoads + i); };
+  float x[kCombineLoads];
+  auto load_round = [&](int r) {
 #pragma unroll
-    for (int p = 0; p < kChunk; ++p) x[p] = c0 + p < parts ? po[(c0 + p) * D] : 0.f;
+    for (int i = 0; i < kCombineLoads; ++i) {
+      const int p = part_of(r, i);
+      x[i] = p < parts ? po[static_cast<int64_t>(p) * D] : 0.f;
+    }
   };
-  load_chunk(0);
-  float M = -INFINITY;  // over all partials first, so that every chunk is weighed against the same max
-  for (int p = lane; p < parts; p += 32) M = fmaxf(M, st[p].x);
-  for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(kFull, M, o));
-  const bool fin = isfinite(M);
   const float4 none = make_float4(-INFINITY, 0.f, __int_as_float(0), __int_as_float(0));
+  auto stats_of = [&](int r) { return part_of(r, lane) < parts ? st[part_of(r, lane)] : none; };
+  load_round(0);
+  float4 v = stats_of(0);
+
+  __shared__ float red_m[kCombineWarps];
+  __shared__ float4 red_s[kCombineWarps];  // (dk, -, n_kept, n_valid) per warp
+  __shared__ float red_n[kCombineWarps][32];
+  const int rounds = (parts + per_round - 1) / per_round;
+  float M = v.x;
+  for (int r = 1; r < rounds; ++r) M = fmaxf(M, stats_of(r).x);
+  for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(kFull, M, o));
+  if (lane == 0) red_m[warp] = M;
+  __syncthreads();
+  for (int w = 0; w < nwarps; ++w) M = fmaxf(M, red_m[w]);
+  const bool fin = isfinite(M);
+
   float dk = 0.f, n = 0.f;
   int nk = 0, nv = 0;
-  for (int c0 = 0;;) {
-    const float4 v0 = c0 + lane < parts ? st[c0 + lane] : none;
-    const float4 v1 = c0 + lane + 32 < parts ? st[c0 + lane + 32] : none;
-    const float w0 = c0 + lane < parts ? (fin ? Exp2((v0.x - M) * kLog2e) : 1.f) : 0.f;
-    const float w1 = c0 + lane + 32 < parts ? (fin ? Exp2((v1.x - M) * kLog2e) : 1.f) : 0.f;
-    dk += w0 * v0.y + w1 * v1.y;
-    nk += __float_as_int(v0.z) + __float_as_int(v1.z);
-    nv += __float_as_int(v0.w) + __float_as_int(v1.w);
+  for (int r = 0;;) {
+    const bool mine = part_of(r, lane) < parts;
+    const float wt = mine ? (fin ? Exp2((v.x - M) * kLog2e) : 1.f) : 0.f;
+    dk += wt * v.y;
+    nk += __float_as_int(v.z);
+    nv += __float_as_int(v.w);
 #pragma unroll
-    for (int p = 0; p < kChunk; ++p) {
-      const float w = __shfl_sync(kFull, p < 32 ? w0 : w1, p & 31);
-      n = fmaf(w, x[p], n);
-    }
-    c0 += kChunk;
-    if (c0 >= parts) break;
-    load_chunk(c0);
+    for (int i = 0; i < kCombineLoads; ++i) n = fmaf(__shfl_sync(kFull, wt, i), x[i], n);
+    if (++r >= rounds) break;
+    load_round(r);
+    v = stats_of(r);
   }
   for (int o = 16; o > 0; o >>= 1) {
     dk += __shfl_xor_sync(kFull, dk, o);
     nk += __shfl_xor_sync(kFull, nk, o);
     nv += __shfl_xor_sync(kFull, nv, o);
+  }
+  red_n[warp][lane] = n;
+  if (lane == 0) red_s[warp] = make_float4(dk, 0.f, __int_as_float(nk), __int_as_float(nv));
+  __syncthreads();
+  if (warp != 0) return;
+  n = 0.f;
+  dk = 0.f;
+  nk = nv = 0;
+  for (int w = 0; w < nwarps; ++w) {
+    n += red_n[w][lane];
+    dk += red_s[w].x;
+    nk += __float_as_int(red_s[w].z);
+    nv += __float_as_int(red_s[w].w);
   }
   if (!final_pass) {
     a.vbar[row * D + d] = dk > 0.f ? n / dk : 0.f;
@@ -803,8 +836,10 @@ cudaError_t LaunchShadowScan(const KernelArgs& a, cudaStream_t stream) {
 cudaError_t LaunchDecodeCombine(const KernelArgs& a, cudaStream_t stream) {
   const int64_t rows = a.p.B * a.p.Hq * a.p.Sq;
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(rows));
-  cfg.blockDim = dim3(static_cast<unsigned>(a.p.Dv));
+  // Warps per block: enough that a lane has at most 16 partials of a row (one round of loads), at most 8.
+  const int warps = static_cast<int>(std::min<int64_t>(kCombineWarps, std::max<int64_t>(1, (a.plan.splits + 15) / 16)));
+  cfg.gridDim = dim3(static_cast<unsigned>(rows), static_cast<unsigned>(a.p.Dv / 32));
+  cfg.blockDim = dim3(static_cast<unsigned>(warps * 32));
   cfg.dynamicSmemBytes = 0;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
