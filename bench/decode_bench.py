@@ -17,9 +17,11 @@ rewritten model makes: no ``kept`` output, no compensation (so the kernel keeps 
 
 A/B of two builds in one run: ``--baseline LIB2`` also times LIB2's kernel on the same inputs, alternating with
 LIB's (two rounds each, the faster of each kept): ``base_us`` / ``base_masked_us``. ``--splits 16,32,..`` times
-the masked call at each forced split count (TOPTHETA_DECODE_SPLITS): ``splits_us``.
+the masked call at each forced split count (TOPTHETA_DECODE_SPLITS): ``splits_us``. ``--baseline-env VAR=VALUE``
+makes the baseline LIB itself (or LIB2) with VAR set for its calls, e.g. TOPTHETA_SHADOW=0.
 
-Usage: python bench/decode_bench.py --library LIB --out DIR [--quick] [--baseline LIB2] [--splits N,..]
+Usage: python bench/decode_bench.py --library LIB --out DIR [--quick] [--baseline LIB2] [--baseline-env VAR=VALUE]
+       [--splits N,..]
        [--configs 12/2,32/8] [--batches 1,8,16] [--lengths 16384,32768] [--vrows 0.333]
 Writes DIR/decode.json (a list of rows with the keys of issue 16) and DIR/decode.md.
 """
@@ -156,7 +158,27 @@ def ab_times(calls, rounds: int = 2) -> list[float]:
     return best
 
 
-def bench(kern, ort, hq, hkv, B, L, quick, targets=None, base=None, split_counts=()):
+def with_env(fn, setting: str | None):
+    """fn with the environment variable of `setting` ("VAR=VALUE") set for each of its calls."""
+    if not setting:
+        return fn
+    var, value = setting.split("=", 1)
+
+    def call(i):
+        old = os.environ.get(var)
+        os.environ[var] = value
+        try:
+            return fn(i)
+        finally:
+            if old is None:
+                del os.environ[var]
+            else:
+                os.environ[var] = old
+
+    return call
+
+
+def bench(kern, ort, hq, hkv, B, L, quick, targets=None, base=None, split_counts=(), base_env=None):
     g = torch.Generator(device="cuda").manual_seed(B * 1000003 + L + hq)
     kv_bytes = 2 * B * hkv * L * D * 2
     ns = n_sets(kv_bytes)
@@ -197,11 +219,17 @@ def bench(kern, ort, hq, hkv, B, L, quick, targets=None, base=None, split_counts
         extra = {}
         if base is not None:
 
-            def call(kk, mask, th=th):
-                return lambda i: kk.attention(*sets[i], th, causal=True, attn_mask=mask, out=out, want_kept=False)
+            def call(kk, mask, setting=None, th=th):
+                fn = lambda i: kk.attention(*sets[i], th, causal=True, attn_mask=mask, out=out, want_kept=False)  # noqa: E731
+                return with_env(fn, setting)
 
             t_new, t_base, t_new_m, t_base_m = ab_times(
-                [(call(kern, None), ns), (call(base, None), ns), (call(kern, pad), ns), (call(base, pad), ns)]
+                [
+                    (call(kern, None), ns),
+                    (call(base, None, base_env), ns),
+                    (call(kern, pad), ns),
+                    (call(base, pad, base_env), ns),
+                ]
             )
             t, t_mask = t_new, t_new_m
             extra.update(base_us=t_base * 1e6, base_masked_us=t_base_m * 1e6)
@@ -298,6 +326,7 @@ def main():
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--quick", action="store_true", help="B 1 and 8 at 16k/32k, V rows 1/3 only")
     ap.add_argument("--baseline", help="a second library, timed against --library on the same inputs")
+    ap.add_argument("--baseline-env", help="VAR=VALUE set for the baseline's calls (baseline: --library if not given)")
     ap.add_argument("--splits", type=ints, default=[], help="forced split counts to time (masked call)")
     ap.add_argument("--configs", help="hq/hkv pairs, e.g. 12/2,32/8")
     ap.add_argument("--batches", type=ints)
@@ -318,16 +347,17 @@ def main():
     if args.configs:
         configs = [tuple(int(x) for x in c.split("/")) for c in args.configs.split(",")]
     base = None
-    if args.baseline:
-        base = Kernels(args.baseline)
-        info["baseline"] = args.baseline
+    if args.baseline or args.baseline_env:
+        base = Kernels(args.baseline) if args.baseline else kern
+        info["baseline"] = args.baseline or args.library
+        info["baseline_env"] = args.baseline_env
     targets = (args.vrows,) if args.vrows else None
     rows = []
     for hq, hkv in configs:
         for B, L in shapes:
             if B * hkv * L * D * 2 * 2 > 24 * 2**30:  # the cache of one input set
                 continue
-            new = bench(kern, ort, hq, hkv, B, L, args.quick, targets, base, args.splits)
+            new = bench(kern, ort, hq, hkv, B, L, args.quick, targets, base, args.splits, args.baseline_env)
             for r in new:
                 r["copy_GBps"] = copy
                 r["dense_floor_us"] = (2 * B * hkv * L * D * 2) / (copy * 1e9) * 1e6
