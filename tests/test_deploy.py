@@ -200,5 +200,42 @@ def test_genai_config_refuses_the_shared_cache(moved_out, tiny_llama_bpe, tmp_pa
     model = ir.load(str(moved_out / "model.onnx"))
     ShareKvBuffer()(model)
     ir.save(model, str(tmp_path / "model.onnx"))
-    with pytest.raises(topthetaexport.TopThetaError, match="shared-buffer KV cache.*--kv-cache concat"):
+    with pytest.raises(
+        topthetaexport.TopThetaError, match="shared-buffer KV cache.*model.genai.onnx.*--kv-cache concat"
+    ):
         genai_config(load_model(tiny_llama_bpe), tmp_path / "model.onnx", "libtoptheta_ops.so")
+
+
+@pytest.fixture(scope="module")
+def shared_out(tmp_path_factory, tiny_llama_bpe) -> Path:
+    """The pipeline's output with the shared-buffer cache (the CUDA default), made on the CPU, then moved."""
+    from topthetaexport.pipeline import run_pipeline
+
+    root = tmp_path_factory.mktemp("deploy-shared")
+    run_pipeline(
+        str(tiny_llama_bpe), "builtin:pydoc", root / "out", k=6, seq_len=48, num_samples=3, dense_layers=1,
+        do_validate=False, kv_cache="shared",
+    )  # fmt: skip
+    shutil.move(root / "out", root / "moved")
+    return root / "moved"
+
+
+@pytest.mark.slow
+def test_genai_shared_buffer_greedy_tokens_equal_run(og, shared_out, prompt_ids):
+    """genai binds one buffer per layer and kind as past and present (past_present_share_buffer) and runs
+    model.genai.onnx, the shared form with genai's inputs, which reads model.onnx's weights."""
+    cfg = json.loads((shared_out / "genai_config.json").read_text())
+    assert cfg["search"]["past_present_share_buffer"] is True
+    assert cfg["model"]["decoder"]["filename"] == "model.genai.onnx"
+    assert {"model.onnx", "model.onnx.data", "model.genai.onnx"} <= {p.name for p in shared_out.iterdir()}
+    want = [int(t) for t in topthetaexport.generate(shared_out, prompt_ids, NEW_TOKENS, device="cpu").tokens[0]]
+    model = og.Model(str(shared_out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + NEW_TOKENS, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.asarray(prompt_ids, dtype=np.int32))
+    tokens = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    _same_greedy_run(tokens, want, eos=2)

@@ -8,6 +8,7 @@ of the concat form, and never reallocates its buffers.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,10 +20,11 @@ from conftest import make_tokens, save_tiny_model
 from test_export_rewrite import assert_one_line_error, random_thresholds
 
 from topthetaexport._errors import TopThetaError
+from topthetaexport.deploy import write_genai_graph
 from topthetaexport.models import load_model
 from topthetaexport.onnx import names
 from topthetaexport.onnx.exporter import export_onnx
-from topthetaexport.onnx.kv_cache import ShareKvBuffer
+from topthetaexport.onnx.kv_cache import GenaiSharedInputs, ShareKvBuffer
 from topthetaexport.onnx.rewriter import rewrite
 from topthetaexport.onnx.summary import format_summary, graph_kv_cache, summarize
 from topthetaexport.onnx.variants import ReplaceWithTopK
@@ -440,3 +442,66 @@ def test_smollm2_shared_form_generates_like_the_concat_form(smollm2, tmp_path):
     assert len(logits["shared"]) == STEPS
     for a, b in zip(logits["concat"], logits["shared"]):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+
+
+# -- onnxruntime-genai's inputs (GenaiSharedInputs) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ("llama", "gpt2"))
+def test_genai_inputs_decode_like_the_concat_form(rewritten, kind, tmp_path):
+    """The shared form with the inputs onnxruntime-genai feeds (the mask of the tokens so far, no past lengths),
+    its buffers bound as past and present as genai binds them: the concat form's logits at every step, batch 2 with
+    left padding; the genai graph reads the weights of model.onnx (external data, written once)."""
+    import onnxruntime as ort
+
+    from topthetaexport import session_options
+
+    rw = rewritten(kind)
+    shutil.copy(rw.shared, tmp_path / "model.onnx")
+    genai = write_genai_graph(tmp_path / "model.onnx")
+    assert genai == tmp_path / names.GENAI_MODEL and (tmp_path / "model.onnx.data").is_file()
+    proto = onnx.load(str(genai), load_external_data=False)
+    inputs = {i.name: i for i in proto.graph.input}
+    assert names.PAST_SEQUENCE_LENGTH not in inputs
+    assert _dims(inputs["attention_mask"]) == ["batch", "total_sequence_length"]
+    assert {p.key: p.value for p in proto.metadata_props}[names.GENAI_INPUTS_META] == "1"
+    assert {t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+
+    loaded = rw.loaded
+    capacity = 8 + STEPS
+    buffers = [
+        np.zeros((2, loaded.num_kv_heads, capacity, loaded.head_dim), np.float32) for _ in range(2 * loaded.num_layers)
+    ]
+    sess = ort.InferenceSession(str(genai), sess_options=session_options(1), providers=["CPUExecutionProvider"])
+    concat = OnnxModel(rw.concat, threads=1)
+    ids, mask = _padded()
+    a = concat.run(ids, mask)
+    for step in range(STEPS + 1):
+        io = sess.io_binding()
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", mask)
+        io.bind_output("logits")  # first: copy_outputs_to_cpu keeps the binding order
+        for i, buf in enumerate(buffers):
+            layer, kind_ = divmod(i, 2)
+            value = ort.OrtValue.ortvalue_from_numpy(buf)
+            io.bind_ortvalue_input(names.past_name(layer, names.KV_KINDS[kind_]), value)
+            io.bind_ortvalue_output(names.present_name(layer, names.KV_KINDS[kind_]), value)
+        sess.run_with_iobinding(io)
+        logits = io.copy_outputs_to_cpu()[0]
+        np.testing.assert_allclose(logits, a.output, rtol=RTOL, atol=ATOL, err_msg=f"step {step}")
+        if step == STEPS:
+            break
+        ids = a.output[:, -1].argmax(-1)[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        a = concat.run(ids, mask, a.cache)
+    assert not any(buf[:, :, 8 + STEPS :].any() for buf in buffers)  # the op wrote the valid rows only
+
+
+def test_genai_inputs_refuse_the_concat_form_and_run_once(rewritten):
+    rw = rewritten("llama")
+    with pytest.raises(TopThetaError) as ei:
+        GenaiSharedInputs()(ir.load(str(rw.concat)))
+    assert_one_line_error(ei, "shared-buffer KV-cache form", "--kv-cache shared")
+    model = ir.load(str(rw.shared))
+    assert GenaiSharedInputs()(model).modified
+    assert not GenaiSharedInputs()(model).modified  # already in genai's form: nothing to do

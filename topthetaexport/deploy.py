@@ -10,7 +10,7 @@ from typing import Any
 
 from ._errors import TopThetaError
 from ._io import atomic_path, write_json
-from .onnx.names import kv_cache_form
+from .onnx.names import GENAI_INPUTS_META, GENAI_MODEL, kv_cache_form
 from .ort.library import LIBRARY_NAME
 
 GENAI_CONFIG = "genai_config.json"
@@ -38,10 +38,11 @@ def _token_id(value) -> int | list[int] | None:
 def genai_config(loaded, model_file: str | os.PathLike, library_name: str, max_length: int | None = None) -> dict:
     """The ``genai_config.json`` content for the rewritten decoder ``model_file`` of ``loaded``.
 
-    The graph's KV-cache form (its ``toptheta.kv_cache``, from its input names) decides: the concat
-    form (``past_key_values.*`` in, ``present.*`` out, a fresh tensor each step) is
-    ``past_present_share_buffer: false``. The shared form is refused: genai 0.18 binds shared buffers but feeds
-    a decoder graph no ``past_sequence_length`` (measured: "Missing Input: past_sequence_length")."""
+    The graph decides the cache: the concat form (``past_key_values.*`` in, ``present.*`` out, a fresh tensor each
+    step) is ``past_present_share_buffer: false``; the shared form with genai's inputs (``write_genai_graph``: the
+    mask of the tokens so far, past lengths from it) is ``true``, genai binding one buffer per layer and kind as past
+    and present. A shared-form graph without those inputs is refused: genai 0.18 feeds it no
+    ``past_sequence_length`` (measured: "Missing Input: past_sequence_length")."""
     import onnx
 
     genai_type = GENAI_TYPES.get(loaded.model_type)
@@ -53,12 +54,14 @@ def genai_config(loaded, model_file: str | os.PathLike, library_name: str, max_l
     proto = onnx.load(str(model_file), load_external_data=False)
     input_names = [v.name for v in proto.graph.input]
     form = kv_cache_form(input_names)  # what the rewrite records as toptheta.kv_cache, read from the graph itself
+    shared = {p.key: p.value for p in proto.metadata_props}.get(GENAI_INPUTS_META) == "1"
     if form is None:
         raise TopThetaError(f"{model_file} has no KV cache: export it with the cache (the default) for genai")
     if form != "concat":
         raise TopThetaError(
             f"{model_file} has the shared-buffer KV cache, whose past_sequence_length input onnxruntime-genai "
-            "0.18 does not feed: export with --kv-cache concat for genai (docs/deploy.md)"
+            f"0.18 does not feed: give genai the graph write_genai_graph makes ({GENAI_MODEL}), or export with "
+            "--kv-cache concat (docs/deploy.md)"
         )
     cfg = loaded.config
     context = int(loaded.max_positions or max_length or 2048)
@@ -108,7 +111,7 @@ def genai_config(loaded, model_file: str | os.PathLike, library_name: str, max_l
             "num_beams": 1,
             "max_length": int(max_length or context),
             "min_length": 0,
-            "past_present_share_buffer": False,  # the concat form: genai feeds past, takes present
+            "past_present_share_buffer": shared,  # concat form: genai feeds past, takes present
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,
@@ -117,15 +120,47 @@ def genai_config(loaded, model_file: str | os.PathLike, library_name: str, max_l
     }
 
 
+def write_genai_graph(model_file: str | os.PathLike, to: str | os.PathLike | None = None) -> Path:
+    """``model.genai.onnx`` beside the shared-form ``model_file`` (or ``to``): the same graph with the inputs genai
+    feeds (``onnx.kv_cache.GenaiSharedInputs``), reading ``model_file``'s external data, so the weights are not
+    written twice: a ``model_file`` that holds its weights itself is saved again with them in ``<name>.data``.
+    Returns the file."""
+    import onnx
+    import onnx_ir as ir
+    from onnx.external_data_helper import uses_external_data
+
+    from .onnx.exporter import write_onnx
+    from .onnx.kv_cache import GenaiSharedInputs
+
+    model_file = Path(model_file)
+    target = Path(to) if to is not None else model_file.with_name(GENAI_MODEL)
+    if target.parent.resolve() != model_file.parent.resolve():
+        raise TopThetaError(f"{target} must lie beside {model_file}, whose external data it reads")
+    proto = onnx.load(str(model_file), load_external_data=False)
+    if not any(uses_external_data(t) for t in proto.graph.initializer):
+        write_onnx(ir.from_proto(proto), model_file, external=True, check=False)
+        proto = onnx.load(str(model_file), load_external_data=False)
+    model = ir.from_proto(proto)
+    GenaiSharedInputs()(model)
+    with atomic_path(target) as tmp:
+        onnx.save(ir.to_proto(model), str(tmp))
+    return target
+
+
 def write_deploy_files(loaded, folder: str | os.PathLike, library: str | os.PathLike) -> list[Path]:
-    """Into ``folder`` (which holds ``model.onnx``): the library copy and, for decoder LMs of a type genai
-    runs with the concat-form cache, ``genai_config.json``. Returns the files written."""
+    """Into ``folder`` (which holds ``model.onnx``): the library copy and, for decoder LMs of a type genai runs,
+    ``genai_config.json``; for the shared-buffer cache also ``model.genai.onnx`` (genai's inputs), which the config
+    names. Returns the files written."""
     from .onnx.summary import graph_kv_cache
 
     folder = Path(folder)
     written = [bundle_library(library, folder)]
     genai_runs = loaded.causal and loaded.is_lm and loaded.model_type in GENAI_TYPES
-    if genai_runs and graph_kv_cache(folder / "model.onnx") == "concat":
-        cfg = genai_config(loaded, folder / "model.onnx", written[0].name)
+    form = graph_kv_cache(folder / "model.onnx") if genai_runs else None
+    if form in ("concat", "shared"):
+        graph = folder / "model.onnx" if form == "concat" else write_genai_graph(folder / "model.onnx")
+        if form == "shared":
+            written.append(graph)
+        cfg = genai_config(loaded, graph, written[0].name)
         written.append(write_json(folder / GENAI_CONFIG, cfg))
     return written

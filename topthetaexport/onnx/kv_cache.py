@@ -5,7 +5,9 @@ K/V into ``present.{i}.*``, so the whole cache is copied each step. Shared form 
 preallocates one buffer ``[B, Hkv, M, D]`` per layer and kind and binds it both as ``past_key_values.{i}.*`` and as
 ``present.{i}.*`` (onnxruntime IOBinding); TopThetaAttention writes the new rows in place at
 ``[past_sequence_length[b], past_sequence_length[b] + S)`` (docs/op.md, input 8) and nothing else is copied.
-docs/graph.md has both signatures. ``AddShadowK`` (opt-in, on a shared-form graph) adds the 4-bit shadow K pair
+docs/graph.md has both signatures. ``GenaiSharedInputs`` gives a shared-form graph the inputs onnxruntime-genai
+feeds with ``past_present_share_buffer`` (the mask of the tokens so far, no past lengths). ``AddShadowK`` (opt-in,
+on a shared-form graph) adds the 4-bit shadow K pair
 of docs/op.md ("Shadow K") per layer, a cache the op maintains and the CUDA decode kernel reads.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
@@ -20,7 +23,7 @@ from .._errors import TopThetaError
 from . import names
 from .variants import PAST_LENGTH_INPUT, op_nodes
 
-__all__ = ["AddShadowK", "ShareKvBuffer", "kv_cache_form"]
+__all__ = ["AddShadowK", "GenaiSharedInputs", "ShareKvBuffer", "kv_cache_form"]
 
 _KEY_INPUT = {"key": 1, "value": 2}
 _PAST_INPUT = {"key": 5, "value": 6}
@@ -329,3 +332,75 @@ class AddShadowK(InPlacePass):
             out = op.outputs[_SHADOW_OUTPUT[kind]]
             out.name, out.dtype, out.shape = names.present_shadow_name(layer, kind), dtype, vshape
             graph.outputs.append(out)
+
+
+class GenaiSharedInputs(InPlacePass):
+    """Give a shared-buffer graph the inputs onnxruntime-genai feeds it with ``past_present_share_buffer: true``
+    (measured with genai 0.18: the buffers ``[batch, Hkv, max_length, D]`` bound as past and present, and
+    ``attention_mask`` ``[batch, T]`` over the T tokens so far, the new S included; no past lengths).
+
+    ``attention_mask`` becomes that ``[batch, total_sequence_length]`` input, zero-padded in the graph to the
+    buffer's capacity (``Shape(past_key_values.0.key)[2]``) for the op, and ``past_sequence_length`` is no longer an
+    input: every row's is ``T - S`` (genai keeps the rows of a batch at one length; a left-padded row's padding is
+    masked). The rest of the graph is unchanged; the file is written beside the model as ``model.genai.onnx``."""
+
+    def call(self, model: ir.Model) -> PassResult:
+        graph = model.graph
+        if model.metadata_props.get(names.GENAI_INPUTS_META) == "1":
+            return PassResult(model, False)
+        if kv_cache_form(graph) != "shared":
+            raise TopThetaError(
+                "onnxruntime-genai's shared buffer needs a graph in the shared-buffer KV-cache form, and this one has "
+                "the concat form (or no cache): rewrite with kv_cache='shared' (--kv-cache shared), or use the "
+                "concat form with past_present_share_buffer false"
+            )
+        inputs = {v.name: v for v in graph.inputs}
+        mask, past_len, ids = (
+            inputs.get(n) for n in (names.ATTENTION_MASK, names.PAST_SEQUENCE_LENGTH, names.INPUT_IDS)
+        )
+        first_past = inputs.get(names.past_name(0, "key"))
+        if mask is None or ids is None or first_past is None:
+            raise TopThetaError(
+                "the shared-form graph has no attention_mask, input_ids or past_key_values.0.key input, which "
+                "onnxruntime-genai feeds: re-export the decoder with topthetaexport.export_onnx"
+            )
+        batch = mask.shape[0] if mask.shape is not None else "batch"
+        total = ir.Value(name=names.ATTENTION_MASK, type=mask.type, shape=ir.Shape([batch, "total_sequence_length"]))
+        mask.name = "toptheta.attention_mask_full"
+        nodes: list[ir.Node] = []
+
+        def add(op: str, args: list[ir.Value | None], out: str, dtype: ir.DataType, shape: list, **attrs) -> ir.Value:
+            attributes = [ir.AttrInt64(k, v) for k, v in attrs.items()]
+            node = ir.Node("", op, args, attributes=attributes, num_outputs=1, name=f"toptheta/genai/{out}")
+            value = node.outputs[0]
+            value.name, value.dtype, value.shape = f"toptheta.genai.{out}", dtype, ir.Shape(shape)
+            nodes.append(node)
+            return value
+
+        def const(name: str, array: np.ndarray) -> ir.Value:
+            value = ir.Value(name=f"toptheta.genai.{name}", const_value=ir.tensor(array, name=f"toptheta.genai.{name}"))
+            graph.register_initializer(value)
+            return value
+
+        i64 = ir.DataType.INT64
+        capacity = add("Shape", [first_past], "capacity", i64, [1], start=2, end=3)
+        so_far = add("Shape", [total], "total_length", i64, [1], start=1, end=2)
+        new = add("Shape", [ids], "new_length", i64, [1], start=1, end=2)
+        rows = add("Shape", [ids], "batch", i64, [1], start=0, end=1)
+        pad_end = add("Sub", [capacity, so_far], "pad_end", i64, [1])
+        pads = add("Concat", [const("pads_begin", np.zeros(3, np.int64)), pad_end], "pads", i64, [4], axis=0)
+        zero = const("mask_zero", np.zeros((), dtype=mask.dtype.numpy()))
+        full = add("Pad", [total, pads, zero], "attention_mask_full", mask.dtype, [batch, names.MAX_SEQUENCE])
+        past = add("Sub", [so_far, new], "past_length", i64, [1])
+        past_rows = add("Expand", [past, rows], "past_lengths", i64, [batch])
+        lengths = add("Cast", [past_rows], "past_sequence_length", ir.DataType.INT32, [batch], to=ir.DataType.INT32)
+
+        mask.replace_all_uses_with(full)
+        past_len.replace_all_uses_with(lengths)
+        at = graph.inputs.index(mask)
+        graph.inputs.remove(mask)
+        graph.inputs.insert(at, total)
+        graph.inputs.remove(past_len)
+        graph.insert_before(graph.node(0), nodes)
+        model.metadata_props[names.GENAI_INPUTS_META] = "1"
+        return PassResult(model, True)

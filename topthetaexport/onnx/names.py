@@ -49,6 +49,10 @@ SHADOW_KINDS = ("key", "range")
 PAST_SHADOW_RE = re.compile(r"^past_shadow\.(\d+)\.(key|range)$")
 SHADOW_BLOCKS = "shadow_blocks"  # ceil(max_sequence / 64)
 SHADOW_META = META_PREFIX + "shadow_k"
+GENAI_INPUTS_META = (
+    META_PREFIX + "genai_inputs"
+)  # "1": the shared form with genai's inputs (kv_cache.GenaiSharedInputs)
+GENAI_MODEL = "model.genai.onnx"  # that graph, beside model.onnx and reading its external data
 
 
 def kv_cache_form(input_names) -> str | None:
