@@ -359,7 +359,7 @@ class GenaiSharedInputs(InPlacePass):
             inputs.get(n) for n in (names.ATTENTION_MASK, names.PAST_SEQUENCE_LENGTH, names.INPUT_IDS)
         )
         first_past = inputs.get(names.past_name(0, "key"))
-        if mask is None or ids is None or first_past is None:
+        if mask is None or ids is None or first_past is None or past_len is None:
             raise TopThetaError(
                 "the shared-form graph has no attention_mask, input_ids or past_key_values.0.key input, which "
                 "onnxruntime-genai feeds: re-export the decoder with topthetaexport.export_onnx"
