@@ -54,6 +54,19 @@ def _same_greedy_run(tokens: list[int], reference: list[int], eos: int) -> None:
     assert len(tokens) == len(reference) or tokens[-1] == eos, (tokens, reference)
 
 
+def _genai_greedy(og, model, prompt_ids: list[int]) -> list[int]:
+    """NEW_TOKENS greedy tokens of an onnxruntime-genai model after ``prompt_ids``."""
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + NEW_TOKENS, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.asarray(prompt_ids, dtype=np.int32))
+    tokens = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    return tokens
+
+
 @pytest.mark.slow  # exports a model through torch.onnx
 def test_out_holds_library_copy_and_genai_config(moved_out):
     names = {p.name for p in moved_out.iterdir()}
@@ -97,15 +110,7 @@ def optimum_python() -> Path:
 def test_genai_greedy_tokens_equal_run(og, moved_out, prompt_ids, run_tokens):
     model = og.Model(str(moved_out))  # genai_config.json registers OUT/libtoptheta_ops.so
     assert list(og.Tokenizer(model).encode(PROMPT)) == prompt_ids  # genai reads the tokenizer saved in OUT/
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt_ids) + NEW_TOKENS, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.asarray(prompt_ids, dtype=np.int32))
-    tokens = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        tokens.append(int(gen.get_next_tokens()[0]))
-    _same_greedy_run(tokens, run_tokens, eos=2)
+    _same_greedy_run(_genai_greedy(og, model, prompt_ids), run_tokens, eos=2)
 
 
 @pytest.mark.slow
@@ -229,13 +234,4 @@ def test_genai_shared_buffer_greedy_tokens_equal_run(og, shared_out, prompt_ids)
     assert cfg["model"]["decoder"]["filename"] == "model.genai.onnx"
     assert {"model.onnx", "model.onnx.data", "model.genai.onnx"} <= {p.name for p in shared_out.iterdir()}
     want = [int(t) for t in topthetaexport.generate(shared_out, prompt_ids, NEW_TOKENS, device="cpu").tokens[0]]
-    model = og.Model(str(shared_out))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt_ids) + NEW_TOKENS, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.asarray(prompt_ids, dtype=np.int32))
-    tokens = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        tokens.append(int(gen.get_next_tokens()[0]))
-    _same_greedy_run(tokens, want, eos=2)
+    _same_greedy_run(_genai_greedy(og, og.Model(str(shared_out)), prompt_ids), want, eos=2)
