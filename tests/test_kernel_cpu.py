@@ -210,6 +210,13 @@ def test_all_pruned_rows(comp_mode):
     # sdc of zero: denominator 0 -> zeros
     zero = S.run(sess(sdc=True, causal=1, comp_mode=comp_mode), **{**f, "sdc": np.zeros_like(f["sdc"])})
     assert (zero["output"] == 0).all()
+    # a denormal ρ (calibration gives them, e.g. Qwen2.5-1.5B layer 1): Dp below FLT_MIN, whose 1 / Dp overflows
+    tiny = S.run(sess(sdc=True, causal=1, comp_mode=comp_mode), **{**f, "sdc": np.full_like(f["sdc"], 2.3e-42)})
+    assert not np.isnan(tiny["output"]).any()
+    if comp_mode < 2:
+        assert (tiny["output"] == 0).all()
+    else:
+        assert np.abs(tiny["output"] - vbar).max() <= F32_TOL
 
 
 def _masks(rng, B, Hq, Sq, Ktot):

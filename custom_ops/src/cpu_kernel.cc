@@ -4,6 +4,7 @@
 #include "cpu_kernel.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -160,12 +161,13 @@ void FinishRowT(const AttnParams& p, int64_t b, int64_t h, int64_t i, const RowS
       for (int64_t d = 0; d < p.Dv; ++d) vbar[d] += v[d];
     }
   }
-  const float w = vbar.empty() ? 0.f : dp / static_cast<float>(st.n_valid);
   const float denom = st.dk + dp;
-  const float inv = !(denom <= 0.f) ? 1.f / denom : 0.f;  // 0 -> zeros; NaN stays NaN
+  // 0 -> zeros; NaN stays NaN. Clamped to FLT_MIN: 1 / denom overflows for a row that keeps nothing (Dk = 0, so N = 0)
+  // whose Dp is denormal (a tiny calibrated ρ), and 0 * inf would make the row NaN.
+  const float inv = !(denom <= 0.f) ? 1.f / (denom < FLT_MIN ? FLT_MIN : denom) : 0.f;
+  const float w = vbar.empty() ? 0.f : (dp / denom) / static_cast<float>(st.n_valid);  // VMC: Dp / (Dk + Dp) / n
   for (int64_t d = 0; d < p.Dv; ++d) {
-    const float num = st.acc[d] + (vbar.empty() ? 0.f : w * vbar[d]);
-    Store(out, d, num * inv);
+    Store(out, d, st.acc[d] * inv + (vbar.empty() ? 0.f : w * vbar[d]));
   }
   if (p.kept) p.kept[(b * p.Hq + h) * p.Sq + i] = static_cast<int32_t>(st.n_kept);
 }

@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cfloat>
 #include <cstdint>
 
 #include "kernels.h"
@@ -311,8 +312,10 @@ __device__ __forceinline__ RowFinal FinishRow(const KernelArgs& a, float dk, flo
   }
   const float den = dk + dp;
   RowFinal f;
-  f.inv = !(den <= 0.f) ? 1.f / den : 0.f;  // a NaN denominator (a NaN score was kept) keeps the row NaN
-  f.dp_inv = (a.p.comp_mode == 2 && dp > 0.f) ? dp * f.inv : 0.f;
+  // A NaN denominator (a NaN score was kept) keeps the row NaN. Clamped to FLT_MIN: 1 / den overflows for a row that
+  // keeps nothing (Dk = 0, so N = 0) whose Dp is denormal (a tiny calibrated ρ), and 0 * inf would make it NaN.
+  f.inv = !(den <= 0.f) ? 1.f / (den < FLT_MIN ? FLT_MIN : den) : 0.f;
+  f.dp_inv = (a.p.comp_mode == 2 && dp > 0.f) ? dp / den : 0.f;
   return f;
 }
 
