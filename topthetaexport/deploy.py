@@ -111,7 +111,7 @@ def genai_config(loaded, model_file: str | os.PathLike, library_name: str, max_l
             "num_beams": 1,
             "max_length": int(max_length or context),
             "min_length": 0,
-            "past_present_share_buffer": shared,  # concat form: genai feeds past, takes present
+            "past_present_share_buffer": shared,  # false: genai feeds past and takes present (concat form)
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,
@@ -120,8 +120,8 @@ def genai_config(loaded, model_file: str | os.PathLike, library_name: str, max_l
     }
 
 
-def write_genai_graph(model_file: str | os.PathLike, to: str | os.PathLike | None = None) -> Path:
-    """``model.genai.onnx`` beside the shared-form ``model_file`` (or ``to``): the same graph with the inputs genai
+def write_genai_graph(model_file: str | os.PathLike) -> Path:
+    """``model.genai.onnx`` beside the shared-form ``model_file``: the same graph with the inputs genai
     feeds (``onnx.kv_cache.GenaiSharedInputs``), reading ``model_file``'s external data, so the weights are not
     written twice: a ``model_file`` that holds its weights itself is saved again with them in ``<name>.data``.
     Returns the file."""
@@ -133,9 +133,7 @@ def write_genai_graph(model_file: str | os.PathLike, to: str | os.PathLike | Non
     from .onnx.kv_cache import GenaiSharedInputs
 
     model_file = Path(model_file)
-    target = Path(to) if to is not None else model_file.with_name(GENAI_MODEL)
-    if target.parent.resolve() != model_file.parent.resolve():
-        raise TopThetaError(f"{target} must lie beside {model_file}, whose external data it reads")
+    target = model_file.with_name(GENAI_MODEL)
     proto = onnx.load(str(model_file), load_external_data=False)
     if not any(uses_external_data(t) for t in proto.graph.initializer):
         write_onnx(ir.from_proto(proto), model_file, external=True, check=False)
@@ -157,10 +155,9 @@ def write_deploy_files(loaded, folder: str | os.PathLike, library: str | os.Path
     written = [bundle_library(library, folder)]
     genai_runs = loaded.causal and loaded.is_lm and loaded.model_type in GENAI_TYPES
     form = graph_kv_cache(folder / "model.onnx") if genai_runs else None
+    if form == "shared":
+        written.append(write_genai_graph(folder / "model.onnx"))
     if form in ("concat", "shared"):
-        graph = folder / "model.onnx" if form == "concat" else write_genai_graph(folder / "model.onnx")
-        if form == "shared":
-            written.append(graph)
-        cfg = genai_config(loaded, graph, written[0].name)
+        cfg = genai_config(loaded, written[-1] if form == "shared" else folder / "model.onnx", written[0].name)
         written.append(write_json(folder / GENAI_CONFIG, cfg))
     return written
