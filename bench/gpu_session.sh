@@ -16,7 +16,13 @@
 #             into .gpubuild/e2e-smollm2-135m-real),
 #        e2e (bench/e2e.py run on the carried graph folders .gpubuild/e2e-*, made here by bench/e2e.py prepare;
 #             E2E_ARGS adds options, e.g. "--contexts 8192 --batches 8"; E2E_BUDGET seconds, default 400)
+#        tasks (issue 12: the pipeline for TASKS_MODEL, default gemma-3-270m, fetched into the bundle's cache, in
+#             float32 on CUDA, then one 'eval --tasks T' per task started in the background: TASKS_LIST, TASKS_ITEMS,
+#             TASKS_K, TASKS_SWEEP, TASKS_COMP, TASKS_SWEEP_COMP), taskswait (waits up to TASKS_WAIT_S for those
+#             evals, in this call or a later one, and brings back tasks.json and tasks-eval.tgz)
 #        (default tests,bench; "all" = tests,bench; "ktests" = the kernel tests only, no onnxruntime-gpu needed)
+# A bundle (bench/gpu_bundle.sh: models, task data, wheels, the library) travels as pieces, one per call, into
+# /root/xfer; the call that runs this script carries the last one and unpacks them all (sha256 in BUNDLE_SHA256).
 set -uo pipefail
 ORTGPU_SHA256=${ORTGPU_SHA256:-05d548956197b9d01f59b625de740e0d6be3593f874e241a12dc0362650ecdf7}
 what=${1:-all}
@@ -28,6 +34,18 @@ mkdir -p "$OUT"
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 export PYTHONUNBUFFERED=1
+if { compgen -G ".gpubuild/xfer/p*/piece.*" || compgen -G "/root/xfer/piece.*"; } >/dev/null && [ ! -f /root/xfer/.unpacked ]; then
+  mkdir -p /root/xfer && cp .gpubuild/xfer/p*/piece.* /root/xfer/ 2>/dev/null
+  cat $(ls /root/xfer/piece.* | sort -V) > /tmp/bundle.tar
+  got=$(sha256sum /tmp/bundle.tar | cut -d' ' -f1)
+  if [ -n "${BUNDLE_SHA256:-}" ] && [ "$got" != "$BUNDLE_SHA256" ]; then
+    echo "bundle: pieces incomplete or wrong (sha256 $got)" >&2
+  else
+    tar -xf /tmp/bundle.tar -C /root && touch /root/xfer/.unpacked && echo "bundle unpacked ($(ls /root/xfer/piece.* | wc -l) pieces)"
+    [ -f /root/ttlib/libtoptheta_ops.so.xz ] && xz -df /root/ttlib/libtoptheta_ops.so.xz
+  fi
+  rm -f /tmp/bundle.tar
+fi
 # The library: .gpubuild/libtoptheta_ops.so, or its xz copy (small enough to travel beside a wheel part);
 # kept in /root/ttlib for later calls of the same machine that do not carry it.
 mkdir -p /root/ttlib
@@ -41,7 +59,7 @@ sha256sum "$LIB" | cut -c1-16
 # $OUT brings back at most 8 files: device, versions and SASS counts share env.txt.
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/env.txt"
 
-if [ ! -d /root/ortgpu/onnxruntime ] && ls /root/ortgpu-parts/part.* .ortgpu/p*/part.* >/dev/null 2>&1; then
+if [ ! -d /root/ortgpu/onnxruntime ] && { compgen -G "/root/ortgpu-parts/part.*" || compgen -G ".ortgpu/p*/part.*"; } >/dev/null; then
   whl=/tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
   mkdir -p /root/ortgpu-parts
   cp .ortgpu/p*/part.* /root/ortgpu-parts/ 2>/dev/null
@@ -54,8 +72,10 @@ if [ ! -d /root/ortgpu/onnxruntime ] && ls /root/ortgpu-parts/part.* .ortgpu/p*/
   fi
 fi
 # Pure-Python wheels carried in .gpubuild/whl (versions the image lacks, e.g. onnx-ir) go before the image's own.
-if ls .gpubuild/whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /root/ttsite .gpubuild/whl/*.whl
+WHEELS=$(ls .gpubuild/whl/*.whl /root/ttwhl/*.whl 2>/dev/null | awk -F/ '!seen[$NF]++')
+if [ -n "$WHEELS" ] && [ ! -f /root/ttsite/.installed ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /root/ttsite $WHEELS \
+    && touch /root/ttsite/.installed
 fi
 export PYTHONPATH="/root/ortgpu:/root/ttsite:$ROOT"
 if ! python3 -c "import pytest" 2>/dev/null; then
@@ -157,6 +177,32 @@ if has e2e; then  # end to end: Top-θ (shared buffer) vs the dense export vs Gr
     timeout ${E2E_TIMEOUT:-560} python3 bench/e2e.py run --graphs $E2E_DIRS --out "$OUT" --library "$LIB" \
       --budget-s ${E2E_BUDGET:-400} ${E2E_ARGS:-} 2>&1 | grep -v "plugin EP" | tee "$OUT/e2e.log"
   fi
+fi
+TASKS_MODEL_DIR=/root/tasks-model TASKS_EVAL_DIR=/root/tasks-eval
+if has tasks; then  # issue 12: standard tasks through onnxruntime on CUDA, float32 like the CPU path
+  export TOPTHETA_CACHE=/root/ttcache
+  mkdir -p "$TASKS_EVAL_DIR"
+  pkill -f "cli.main eval $TASKS_MODEL_DIR" && sleep 2  # evals of an earlier call of this machine
+  [ -f "$TASKS_MODEL_DIR/model.onnx" ] || timeout ${TASKS_PIPELINE_TIMEOUT:-360} python3 -m cli.main "${TASKS_MODEL:-gemma-3-270m}" --calib builtin:pydoc \
+    --k ${TASKS_K:-32} --device cuda --dtype float32 --kv-cache concat --no-validate -o "$TASKS_MODEL_DIR" 2>&1 \
+    | grep -v "it/s]" | tail -30 | tee "$OUT/tasks-pipeline.log"
+  for t in ${TASKS_LIST:-hellaswag lambada piqa arc_easy arc_challenge}; do
+    # a new process session each: they run on after this call returns, until taskswait collects them
+    OMP_NUM_THREADS=3 setsid nohup python3 -m cli.main eval "$TASKS_MODEL_DIR" -o "$TASKS_EVAL_DIR/$t" --device cuda \
+      --tasks $t --task-items ${TASKS_ITEMS:-2400} --sweep ${TASKS_SWEEP:-16} --comp-modes ${TASKS_COMP:-0,2} \
+      --sweep-comp-modes ${TASKS_SWEEP_COMP:-2} --no-topk --no-cloze --windows 2 \
+      > "$TASKS_EVAL_DIR/$t.log" 2>&1 < /dev/null &
+  done
+  echo "task evals started: ${TASKS_LIST:-hellaswag lambada piqa arc_easy arc_challenge}"
+fi
+if has taskswait; then
+  end=$((SECONDS + ${TASKS_WAIT_S:-300}))
+  while pgrep -f "cli.main eval $TASKS_MODEL_DIR" >/dev/null && [ $SECONDS -lt $end ]; do sleep 5; done
+  pgrep -fa "cli.main eval $TASKS_MODEL_DIR" | sed 's/^/still running: /'
+  done_dirs=$(ls -d "$TASKS_EVAL_DIR"/*/ 2>/dev/null | while read -r d; do [ -f "$d/tasks.json" ] && echo "$d"; done)
+  [ -n "$done_dirs" ] && python3 bench/tasks_table.py $done_dirs -o "$OUT/tasks.json" | tee "$OUT/tasks.md"
+  for f in "$TASKS_EVAL_DIR"/*.log; do echo "== $f"; tr '\r' '\n' < "$f" | grep -v "it/s]" | tail -4; done
+  tar -czf "$OUT/tasks-eval.tgz" -C "$TASKS_EVAL_DIR" --exclude='*.png' . 2>/dev/null
 fi
 echo "== summary =="
 [ -f "$OUT/pytest.log" ] && tail -1 "$OUT/pytest.log"
