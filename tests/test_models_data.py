@@ -165,6 +165,25 @@ def test_token_windows(word_tokenizer):
         token_batches(None, docs, seq_len=4, num_samples=1)
 
 
+def test_token_windows_start_with_bos_where_the_tokenizer_adds_it(word_tokenizer):
+    """A tokenizer that starts every text with BOS (Gemma's, Llama's) gets windows [BOS] + seq_len - 1 tokens of
+    the stream, as the model runs at deployment; one that adds none (the word tokenizer above) gets none."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from topthetaexport.data import leading_bos
+
+    words = "<unk> <eos> <bos> the quick brown fox jumps over lazy dog".split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    bos_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", bos_token="<bos>")
+    assert leading_bos(bos_tok) == 2 and leading_bos(word_tokenizer) is None
+    stream = [3, 4, 5, 6, 1, 7, 8, 3, 9, 10, 1]  # the documents joined with EOS, without BOS inside
+    w = token_batches(bos_tok, ["the quick brown fox", "jumps over the lazy dog"], seq_len=4, num_samples=3)
+    assert w.tolist() == [[2, *stream[0:3]], [2, *stream[3:6]], [2, *stream[6:9]]]
+
+
 def test_as_token_tensor(word_tokenizer):
     t = torch.randint(0, 10, (2, 5))
     assert as_token_tensor(t, None, seq_len=99, num_samples=7) is t

@@ -142,7 +142,9 @@ def token_batches(tokenizer, source_or_texts, *, seq_len: int, num_samples: int,
     """Non-overlapping token windows [N, seq_len] (LongTensor) cut from the concatenated documents.
 
     Documents are joined with EOS (or SEP). For encoder tokenizers with CLS/SEP (BERT) every window is
-    ``[CLS] ... [SEP]``. The first ``skip`` windows are skipped (held-out evaluation after calibration).
+    ``[CLS] ... [SEP]``; where the tokenizer starts every text with BOS (``leading_bos``), every window is
+    ``[BOS] ...``, as the model runs at deployment (calibrating Gemma without it skews θ). The first ``skip``
+    windows are skipped (held-out evaluation after calibration).
     """
     if seq_len < 2 or num_samples < 1 or skip < 0:
         raise TopThetaError(f"need seq_len >= 2, num_samples >= 1 and skip >= 0 (got {seq_len}, {num_samples}, {skip})")
@@ -155,7 +157,8 @@ def token_batches(tokenizer, source_or_texts, *, seq_len: int, num_samples: int,
     stream = _token_stream(tokenizer, texts)
     cls, sep = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
     wrap = isinstance(cls, int) and isinstance(sep, int) and getattr(tokenizer, "eos_token_id", None) is None
-    body = seq_len - 2 if wrap else seq_len
+    bos = None if wrap else leading_bos(tokenizer)
+    body = seq_len - 2 if wrap else seq_len - (bos is not None)
     available = len(stream) // body
     n = min(num_samples, available - skip)
     if n < 1:
@@ -174,7 +177,19 @@ def token_batches(tokenizer, source_or_texts, *, seq_len: int, num_samples: int,
     if wrap:
         assert isinstance(cls, int) and isinstance(sep, int)
         windows = torch.cat([torch.full((n, 1), cls), windows, torch.full((n, 1), sep)], dim=1)
+    elif bos is not None:
+        windows = torch.cat([torch.full((n, 1), bos), windows], dim=1)
     return windows
+
+
+def leading_bos(tokenizer) -> int | None:
+    """BOS where the tokenizer puts it before every text it encodes (Gemma, Llama): the model is only ever run
+    after it, so windows start with it too; None for tokenizers that add no BOS (SmolLM2, Qwen2, GPT-2)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if not isinstance(bos, int):
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == bos else None
 
 
 def as_token_tensor(data, tokenizer, *, seq_len: int, num_samples: int, skip: int = 0) -> torch.Tensor:
