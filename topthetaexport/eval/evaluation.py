@@ -124,7 +124,7 @@ def score_continuations(
     last, present = prefix
     device = getattr(om, "kv_device", "cpu")
     n, le, lc = len(endings), max(len(e) for e in endings), int(present[0].shape[2])
-    scores, greedy = _token_scores(last[None], np.zeros(n), [e[0] for e in endings], device)
+    scores, greedy = _token_scores(last[None], np.zeros(n, np.int64), [e[0] for e in endings], device)
     if le == 1:
         return scores, greedy
     ids = np.full((n, le), pad_id, np.int64)
