@@ -179,6 +179,7 @@ if has e2e; then  # end to end: Top-θ (shared buffer) vs the dense export vs Gr
   fi
 fi
 TASKS_MODEL_DIR=/root/tasks-model TASKS_EVAL_DIR=/root/tasks-eval
+TASKS_LIST=${TASKS_LIST:-hellaswag lambada piqa arc_easy arc_challenge}
 if has tasks; then  # issue 12: standard tasks through onnxruntime on CUDA, float32 like the CPU path
   export TOPTHETA_CACHE=/root/ttcache
   mkdir -p "$TASKS_EVAL_DIR"
@@ -186,14 +187,14 @@ if has tasks; then  # issue 12: standard tasks through onnxruntime on CUDA, floa
   [ -f "$TASKS_MODEL_DIR/model.onnx" ] || timeout ${TASKS_PIPELINE_TIMEOUT:-360} python3 -m cli.main "${TASKS_MODEL:-gemma-3-270m}" --calib builtin:pydoc \
     --k ${TASKS_K:-32} --device cuda --dtype float32 --kv-cache concat --no-validate -o "$TASKS_MODEL_DIR" 2>&1 \
     | grep -v "it/s]" | tail -30 | tee "$OUT/tasks-pipeline.log"
-  for t in ${TASKS_LIST:-hellaswag lambada piqa arc_easy arc_challenge}; do
+  for t in $TASKS_LIST; do
     # a new process session each: they run on after this call returns, until taskswait collects them
     OMP_NUM_THREADS=3 setsid nohup python3 -m cli.main eval "$TASKS_MODEL_DIR" -o "$TASKS_EVAL_DIR/$t" --device cuda \
       --tasks $t --task-items ${TASKS_ITEMS:-2400} --sweep ${TASKS_SWEEP:-16} --comp-modes ${TASKS_COMP:-0,2} \
       --sweep-comp-modes ${TASKS_SWEEP_COMP:-2} --no-topk --no-cloze --windows 2 \
       > "$TASKS_EVAL_DIR/$t.log" 2>&1 < /dev/null &
   done
-  echo "task evals started: ${TASKS_LIST:-hellaswag lambada piqa arc_easy arc_challenge}"
+  echo "task evals started: $TASKS_LIST"
 fi
 if has taskswait; then
   end=$((SECONDS + ${TASKS_WAIT_S:-300}))
