@@ -404,6 +404,77 @@ def test_decode_kernel_k_stages(kernels, env, cfg, kstages):
     assert kernels.last_kstages == int(kstages)
 
 
+# -- head dim 256 (gemma-3): the mma.sync prefill kernel with Q in shared memory (8 warps x 16 rows, reported as
+# variant 0 whatever is asked) and the decode kernel with 3 K stages; no Hopper kernel, no shadow scan -------------
+
+HEAD_DIM_256_PREFILL = [
+    dict(dtype="f16", B=1, Hq=4, Hkv=1, Sq=300, Ktot=300, D=256, causal=True),  # gemma-3-270m's heads
+    dict(dtype="bf16", B=2, Hq=4, Hkv=1, Sq=129, Ktot=200, D=256, causal=True, mask="bool4", comp_mode=1),
+    dict(dtype="f16", B=2, Hq=2, Hkv=2, Sq=77, Ktot=77, D=256, causal=True, mask="pad", comp_mode=2, R=40),
+    dict(dtype="bf16", B=1, Hq=4, Hkv=2, Sq=65, Ktot=190, D=256, causal=False, mask="addT", keep=0.1),
+]
+HEAD_DIM_256_DECODE = [
+    dict(dtype="f16", B=2, Hq=4, Hkv=1, Sq=1, Ktot=3000, D=256, causal=True, keep=1 / 3),
+    dict(dtype="bf16", B=3, Hq=8, Hkv=2, Sq=2, Ktot=1025, D=256, causal=True, mask="pad", comp_mode=2),
+    dict(dtype="f16", B=1, Hq=4, Hkv=1, Sq=1, Ktot=700, D=256, causal=True, mask="bool4", comp_mode=1),
+    dict(dtype="bf16", B=1, Hq=16, Hkv=1, Sq=1, Ktot=37, D=256, causal=False, mask="add32", keep=0.05),
+    dict(dtype="f16", B=3, Hq=4, Hkv=1, Sq=1, Ktot=2049, D=256, causal=True, mask="pad_holes", keep=0.1),
+]
+
+
+@pytest.mark.parametrize("variant", ["-1", "2", "3"])
+@pytest.mark.parametrize("cfg", HEAD_DIM_256_PREFILL, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_head_dim_256_prefill_matches_reference(kernels, env, cfg, variant):
+    env("TOPTHETA_PREFILL_VARIANT", variant)
+    case = make_case(**cfg, seed=31)
+    check(kernels, case, "prefill")
+    assert kernels.last_variant == 0
+    out, none = kernels.attention(  # without the `kept` output (the kernel without counts)
+        case["q"],
+        case["k"],
+        case["v"],
+        case["thresholds"],
+        causal=case["causal"],
+        attn_mask=case["attn_mask"],
+        sdc=case["sdc"],
+        comp_mode=case["comp_mode"],
+        want_kept=False,
+    )
+    torch.cuda.synchronize()
+    assert none is None and (kernels.last_path, kernels.last_variant) == ("prefill", 0)
+    assert rel_err(out, ref_of(case)[0]) <= REL_TOL
+
+
+@pytest.mark.parametrize("splits", ["0", "1", "5"])
+@pytest.mark.parametrize("cfg", HEAD_DIM_256_DECODE, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_head_dim_256_decode_matches_reference(kernels, env, cfg, splits):
+    from toptheta_cuda import shadow_k
+
+    if splits != "0":
+        env("TOPTHETA_DECODE_SPLITS", splits)
+    env("TOPTHETA_DECODE_KSTAGES", "4")  # not available at D = 256: 3 runs
+    case = make_case(**cfg, seed=32)
+    check(kernels, case, "decode")
+    assert kernels.last_kstages == 3
+    if case["comp_mode"] == 0:  # without the `kept` output: the kernel without counts
+        out, none = kernels.attention(
+            case["q"],
+            case["k"],
+            case["v"],
+            case["thresholds"],
+            causal=case["causal"],
+            attn_mask=case["attn_mask"],
+            want_kept=False,
+        )
+        torch.cuda.synchronize()
+        assert none is None and kernels.last_path == "decode"
+        assert rel_err(out, ref_of(case)[0]) <= REL_TOL
+    if case["comp_mode"] == 0 and case["attn_mask"] is None:  # a shadow K is ignored (no scan at D = 256)
+        out, kept = run_kernel(kernels, case, shadow=shadow_k(case["k"]))
+        assert kernels.last_path == "decode" and not kernels.last_shadow
+        assert rel_err(out, ref_of(case)[0]) <= REL_TOL
+
+
 # -- shadow K: the scan prunes only keys whose bound is below θ, so it keeps exactly the plain kernel's keys ----
 
 SHADOW = [
@@ -1005,8 +1076,9 @@ def _thresholds(loaded, model, ids, mask):
     theta = torch.stack(
         [
             torch.quantile(scores[i], 0.4)
-            + torch.rand(HEADS, ROWS, generator=g) * (torch.quantile(scores[i], 0.9) - torch.quantile(scores[i], 0.4))
-            for i in range(LAYERS)
+            + torch.rand(loaded.num_heads, ROWS, generator=g)
+            * (torch.quantile(scores[i], 0.9) - torch.quantile(scores[i], 0.4))
+            for i in range(loaded.num_layers)
         ]
     )
     meta = {
@@ -1014,9 +1086,9 @@ def _thresholds(loaded, model, ids, mask):
         "model_type": loaded.model_type,
         "causal": True,
         "k": 8,
-        "num_layers": LAYERS,
-        "num_heads": HEADS,
-        "num_kv_heads": KV_HEADS,
+        "num_layers": loaded.num_layers,
+        "num_heads": loaded.num_heads,
+        "num_kv_heads": loaded.num_kv_heads,
         "head_dim": loaded.head_dim,
         "dense_layers": [],
         "calib_source": "test",
@@ -1094,6 +1166,93 @@ def test_exported_model_on_cuda_matches_pytorch(ort_cuda, llama64, tmp_path, dty
         err = np.linalg.norm(got - want) / np.linalg.norm(want)
         assert err <= tol, (step, err)
     assert _node_providers(sess) == {"CUDAExecutionProvider"}
+
+
+@pytest.fixture(scope="module")
+def gemma3_256(tmp_path_factory):
+    """The tiny gemma3 text config of conftest: head dim 256 (gemma-3's), sliding and global layers, GQA 2/1."""
+    from conftest import save_tiny_model
+
+    return save_tiny_model("gemma3", tmp_path_factory.mktemp("gemma3-256"))
+
+
+@pytest.mark.parametrize("arch", ["llama64", "gemma3_256"])
+def test_rewritten_fp16_model_runs_tensor_core_kernels_only(ort_cuda, request, env, tmp_path, arch):
+    """An exported fp16 model rewritten with the defaults (comp_mode 0, no kept output), prefill (one left-padded
+    row) and decode steps on CUDAExecutionProvider: CUPTI (torch.profiler) sees the library's prefill and decode
+    kernels, never GenericKernel; the logits equal those of the same graph with the generic kernel forced
+    (TOPTHETA_CUDA_PATH=generic: the op's exact semantics in fp32 on the same fp16 inputs) and match the PyTorch
+    model with Top-θ attention. gemma3_256 covers head dim 256 and the 4-D masks of its sliding layers."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from topthetaexport.models import load_model
+    from topthetaexport.onnx.exporter import export_onnx
+    from topthetaexport.onnx.rewriter import rewrite
+    from topthetaexport.ort.e2e import kernel_intervals, short_kernel
+    from topthetaexport.torch.attention import attention_mode
+
+    path = request.getfixturevalue(arch)
+    loaded = load_model(path, dtype=torch.float16)
+    ref_model = load_model(path, dtype=torch.float16).model.float()
+    vocab = loaded.config.vocab_size
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, vocab, (2, 40), generator=g)
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :3] = 0
+    th = _thresholds(loaded, ref_model, ids, mask)
+    dense = export_onnx(loaded, tmp_path / "dense.onnx")
+    rewrite(dense, th, tmp_path / "model.onnx")
+
+    def session():  # the op reads TOPTHETA_CUDA_PATH when onnxruntime creates its kernels
+        return ort_cuda.InferenceSession(
+            str(tmp_path / "model.onnx"),
+            sess_options=runtime.session_options(),
+            providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+        )
+
+    fast = session()
+    env("TOPTHETA_CUDA_PATH", "generic")
+    generic = session()
+    past0 = {
+        i.name: np.zeros((2, loaded.num_kv_heads, 0, loaded.head_dim), np.float16)
+        for i in fast.get_inputs()
+        if i.name.startswith("past_key_values.")
+    }
+    names = [o.name for o in fast.get_outputs()]
+    past = {"fast": past0, "generic": past0}
+    cache, seen = None, set()
+    for step in range(4):
+        tok = ids if step == 0 else torch.randint(3, vocab, (2, 1), generator=g)
+        if step:
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        with torch.no_grad(), attention_mode(ref_model, "toptheta", thresholds=th):
+            ref = ref_model(input_ids=tok, attention_mask=mask, past_key_values=cache, use_cache=True)
+        cache = ref.past_key_values
+        logits = {}
+        for kind, sess in (("fast", fast), ("generic", generic)):
+            feed = {"input_ids": tok.numpy(), "attention_mask": mask.numpy(), **past[kind]}
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                outs = dict(zip(names, sess.run(names, feed)))
+                torch.cuda.synchronize()
+            if kind == "fast":
+                seen |= {short_kernel(n) for n, _, _ in kernel_intervals(prof) if "toptheta" in n}
+            past[kind] = {
+                n.replace("present.", "past_key_values."): v for n, v in outs.items() if n.startswith("present.")
+            }
+            logits[kind] = outs["logits"].astype(np.float64)
+        want = ref.logits.double().numpy()
+        if step == 0:
+            logits = {k: v[mask.bool().numpy()] for k, v in logits.items()}
+            want = want[mask.bool().numpy()]
+        same = np.linalg.norm(logits["fast"] - logits["generic"]) / np.linalg.norm(logits["generic"])
+        assert same <= 5e-3, (step, same)
+        # vs PyTorch: the CUDA EP's own fp16 ops round differently from the fp32 reference, which moves a few
+        # scores of these random θ across the threshold (llama64 measured 2.1e-2 at one decode step; 1.4e-3 on the
+        # CPU EP, whose fp16 ops compute in fp32)
+        err = np.linalg.norm(logits["fast"] - want) / np.linalg.norm(want)
+        assert err <= 3e-2, (step, err)
+    assert "toptheta::GenericKernel" not in seen, seen
+    assert "toptheta::DecodeKernel" in seen and seen & {"toptheta::PrefillKernel", "toptheta::PrefillSm90Kernel"}, seen
 
 
 # -- shared-buffer KV cache (past_sequence_length, docs/op.md) -------------------------------------------------------

@@ -37,23 +37,39 @@ __device__ __forceinline__ uint32_t Pinned(uint32_t x) {
 
 // Per-lane shared-memory offsets of a warp's 16-row tile, computed once per kernel: the swizzle of the rows a
 // lane copies and of the ldmatrix reads of Q·Kᵀ (K rows) and P·V (V rows, transposed). Keeping them in registers
-// takes the index arithmetic out of the key loop, which otherwise re-derives them every step.
+// takes the index arithmetic out of the key loop, which otherwise re-derives them every step. Head dim 256 keeps
+// one base offset of each kind and derives the others with one XOR: its full tables would take 48 registers,
+// which its accumulators need (a row is 512 bytes, so offset(row, chunk 2 s + x) = offset(row, x) ^ (s << 5)).
 template <int D>
 struct TileOffsets {
   static constexpr int CH = D / 8;             // 16-byte chunks per row
   static constexpr int RSTEP = 32 / CH;        // rows one warp-wide copy pass covers
   static constexpr int PASSES = kSub / RSTEP;  // copy passes per 16-row tile
-  uint32_t copy[PASSES];                       // chunk (lane % CH) of row lane / CH + i * RSTEP
-  uint32_t k_ld[D / 16];                       // Q·Kᵀ B fragments, per 16 of D
-  uint32_t v_ld[D / 16];                       // P·V B fragments (transposed), per 16 of Dv
+  static constexpr bool kTables = D <= 128;
+  uint32_t copy_[kTables ? PASSES : 1];  // chunk (lane % CH) of row lane / CH + i * RSTEP
+  uint32_t k_ld_[kTables ? D / 16 : 1];  // Q·Kᵀ B fragments, per 16 of D
+  uint32_t v_ld_[kTables ? D / 16 : 1];  // P·V B fragments (transposed), per 16 of Dv
   __device__ __forceinline__ explicit TileOffsets(int lane) {
 #pragma unroll
-    for (int i = 0; i < PASSES; ++i) copy[i] = Pinned(Swz<CH>(lane / CH + i * RSTEP, lane % CH));
+    for (int i = 0; i < (kTables ? PASSES : 1); ++i) copy_[i] = Pinned(Swz<CH>(lane / CH + i * RSTEP, lane % CH));
 #pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      k_ld[ks] = Pinned(Swz<CH>((lane >> 4) * 8 + (lane & 7), ks * 2 + ((lane >> 3) & 1)));
-      v_ld[ks] = Pinned(Swz<CH>(((lane >> 3) & 1) * 8 + (lane & 7), ks * 2 + (lane >> 4)));
+    for (int ks = 0; ks < (kTables ? D / 16 : 1); ++ks) {
+      k_ld_[ks] = Pinned(Swz<CH>((lane >> 4) * 8 + (lane & 7), ks * 2 + ((lane >> 3) & 1)));
+      v_ld_[ks] = Pinned(Swz<CH>(((lane >> 3) & 1) * 8 + (lane & 7), ks * 2 + (lane >> 4)));
     }
+  }
+  // D = 256: one row per pass (row i, chunk lane), swizzled by i & 7.
+  __device__ __forceinline__ uint32_t copy(int i) const {
+    if constexpr (kTables) return copy_[i];
+    return (copy_[0] ^ static_cast<uint32_t>((i & 7) << 4)) + static_cast<uint32_t>(i * RSTEP * CH * 16);
+  }
+  __device__ __forceinline__ uint32_t k_ld(int ks) const {
+    if constexpr (kTables) return k_ld_[ks];
+    return k_ld_[0] ^ static_cast<uint32_t>(ks << 5);
+  }
+  __device__ __forceinline__ uint32_t v_ld(int ks) const {
+    if constexpr (kTables) return v_ld_[ks];
+    return v_ld_[0] ^ static_cast<uint32_t>(ks << 5);
   }
 };
 
@@ -68,14 +84,14 @@ __device__ __forceinline__ void LoadRows(const T* base, int k0, int klen, uint32
   if (k0 + kSub <= klen) {  // every row exists: no bounds test, no pointer select
 #pragma unroll
     for (int i = 0; i < O::PASSES; ++i) {
-      CpAsync16(dst + off.copy[i], src + i * O::RSTEP * D, (rows >> (r0 + i * O::RSTEP)) & 1u);
+      CpAsync16(dst + off.copy(i), src + i * O::RSTEP * D, (rows >> (r0 + i * O::RSTEP)) & 1u);
     }
   } else {
 #pragma unroll
     for (int i = 0; i < O::PASSES; ++i) {
       const int r = r0 + i * O::RSTEP;
       const bool ok = ((rows >> r) & 1u) && k0 + r < klen;
-      CpAsync16(dst + off.copy[i], ok ? src + i * O::RSTEP * D : base, ok);
+      CpAsync16(dst + off.copy(i), ok ? src + i * O::RSTEP * D : base, ok);
     }
   }
 }
@@ -92,7 +108,7 @@ __device__ __forceinline__ void LoadListedRows(const T* base, int jlane, uint32_
     const int r = r0 + i * O::RSTEP;
     const int j = __shfl_sync(kFull, jlane, r);
     const bool ok = ((rows >> r) & 1u) && j >= 0;
-    CpAsync16(dst + off.copy[i], ok ? base + static_cast<int64_t>(j) * D + (lane % O::CH) * 8 : base, ok);
+    CpAsync16(dst + off.copy(i), ok ? base + static_cast<int64_t>(j) * D + (lane % O::CH) * 8 : base, ok);
   }
 }
 
@@ -103,11 +119,14 @@ __device__ __forceinline__ void LoadListedRows(const T* base, int jlane, uint32_
 // LIST: keys from the shadow scan's candidate lists (plan.shadow; never with the mean pass or the valid counts of
 // the compensation, see ShadowCovers).
 template <typename T, int D, bool MASK, bool COUNT, int KST, bool LIST>
-__global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2) DecodeKernel(const KernelArgs a) {
+__global__ void __launch_bounds__(kThreads, D == 64 ? 4 : (D == 128 ? 2 : 1)) DecodeKernel(const KernelArgs a) {
   static_assert(KST == 3 || KST == 4, "K stages");
   constexpr int kKStages = KST, kAhead = KST - 1;
   constexpr int KS = D / 16, NO = D / 8;
   constexpr uint32_t kTileBytes = kSub * D * 2;
+  // Head dim 256: the 16 Q rows sit in shared memory (read with ldmatrix at each step, the warps share them), so
+  // that the O accumulators (128 registers) fit beside the rest.
+  constexpr bool kQShared = D > 128;
   extern __shared__ __align__(128) unsigned char smem[];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
@@ -195,14 +214,33 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2) DecodeKernel(const 
     mrow[e] = (MASK && row_ok[e]) ? MaskRow(a, b, hq[e], qi[e]) : nullptr;
   }
 
-  uint32_t qf[KS][4];
+  uint32_t qf[kQShared ? 1 : KS][4];
+  const uint32_t qbase = SmemAddr(smem) + kWarps * (kKStages + kVStages) * kTileBytes;  // kQShared: [16][D], swizzled
+  uint32_t lane_q = 0;
+  if constexpr (kQShared) {
+    constexpr int CH = D / 8;
+    for (int c = threadIdx.x; c < kSub * CH; c += kThreads) {
+      const int rl = c / CH, ch = c % CH;
+      uint4 x = make_uint4(0u, 0u, 0u, 0u);
+      if (rl < nrows) {
+        const int64_t hr = kvh * a.G + rl / a.p.Sq, qr = rl % a.p.Sq;
+        x = *reinterpret_cast<const uint4*>(static_cast<const T*>(a.p.q) + QueryOffset(a.p, b, hr, qr) + ch * 8);
+      }
+      asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(qbase + Swz<CH>(rl, ch)), "r"(x.x), "r"(x.y),
+                   "r"(x.z), "r"(x.w));
+    }
+    const int r7 = lane & 7;
+    lane_q = Pinned(((((lane >> 3) & 1) * 8 + r7) * CH * 16) | ((((lane >> 4) ^ r7)) << 4));
+    __syncthreads();
+  } else {
 #pragma unroll
-  for (int ks = 0; ks < KS; ++ks) {
+    for (int ks = 0; ks < KS; ++ks) {
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const T* p = static_cast<const T*>(a.p.q) + QueryOffset(a.p, b, hq[e], qi[e]) + ks * 16 + 2 * t;
-      qf[ks][e] = row_ok[e] ? *reinterpret_cast<const uint32_t*>(p) : 0u;
-      qf[ks][2 + e] = row_ok[e] ? *reinterpret_cast<const uint32_t*>(p + 8) : 0u;
+      for (int e = 0; e < 2; ++e) {
+        const T* p = static_cast<const T*>(a.p.q) + QueryOffset(a.p, b, hq[e], qi[e]) + ks * 16 + 2 * t;
+        qf[ks][e] = row_ok[e] ? *reinterpret_cast<const uint32_t*>(p) : 0u;
+        qf[ks][2 + e] = row_ok[e] ? *reinterpret_cast<const uint32_t*>(p + 8) : 0u;
+      }
     }
   }
 
@@ -237,7 +275,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2) DecodeKernel(const 
 #pragma unroll
     for (int np = 0; np < NO / 2; ++np) {
       uint32_t bf[4];
-      LdMatrixX4Trans(bf, vb + off.v_ld[np]);
+      LdMatrixX4Trans(bf, vb + off.v_ld(np));
       Mma16816<T>(o[2 * np], pa, bf);
       Mma16816<T>(o[2 * np + 1], pa, bf + 2);
     }
@@ -275,10 +313,16 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2) DecodeKernel(const 
       const uint32_t kb = wbase + (step % kKStages) * kTileBytes;
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks) {
-        uint32_t bf[4];
-        LdMatrixX4(bf, kb + off.k_ld[ks]);
-        Mma16816<T>(s[0], qf[ks], bf);
-        Mma16816<T>(s[1], qf[ks], bf + 2);
+        uint32_t bf[4], qa[4];
+        if constexpr (kQShared) {
+          LdMatrixX4(qa, qbase + (lane_q ^ static_cast<uint32_t>(ks << 5)));
+        } else {
+#pragma unroll
+          for (int x = 0; x < 4; ++x) qa[x] = qf[ks][x];
+        }
+        LdMatrixX4(bf, kb + off.k_ld(ks));
+        Mma16816<T>(s[0], qa, bf);
+        Mma16816<T>(s[1], qa, bf + 2);
       }
     }
 
@@ -762,7 +806,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32, 1) CombineKernel(const Ker
 
 template <int D, int KST>
 constexpr int DecodeSmem() {
-  return kWarps * (KST + kVStages) * kSub * D * 2;
+  return kWarps * (KST + kVStages) * kSub * D * 2 + (D > 128 ? kSub * D * 2 : 0);
 }
 
 template <typename T, int D, bool MASK, bool COUNT, int KST, bool LIST>
@@ -775,12 +819,17 @@ cudaError_t Run(const KernelArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The shadow path has the default K stages only.
+// The shadow path has the default K stages only; head dim 256 has 3 K stages and no shadow path (4 stages would not
+// fit in shared memory; ShadowCovers).
 template <typename T, int D, bool MASK, bool COUNT>
 cudaError_t RunK(const KernelArgs& a, cudaStream_t stream) {
-  if (a.plan.shadow) return Run<T, D, MASK, COUNT, kDecodeKStagesDefault, true>(a, stream);
-  return a.plan.decode_kstages == 3 ? Run<T, D, MASK, COUNT, 3, false>(a, stream)
-                                    : Run<T, D, MASK, COUNT, 4, false>(a, stream);
+  if constexpr (D == 256) {
+    return Run<T, D, MASK, COUNT, 3, false>(a, stream);
+  } else {
+    if (a.plan.shadow) return Run<T, D, MASK, COUNT, kDecodeKStagesDefault, true>(a, stream);
+    return a.plan.decode_kstages == 3 ? Run<T, D, MASK, COUNT, 3, false>(a, stream)
+                                      : Run<T, D, MASK, COUNT, 4, false>(a, stream);
+  }
 }
 
 // Counts are needed for the `kept` output and the compensation (both read n_kept / n_valid), not otherwise.
@@ -794,16 +843,19 @@ cudaError_t RunD(const KernelArgs& a, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t RunT(const KernelArgs& a, cudaStream_t stream) {
+  if (a.p.D == 256) return RunD<T, 256>(a, stream);
   return a.p.D == 64 ? RunD<T, 64>(a, stream) : RunD<T, 128>(a, stream);
 }
 
 }  // namespace
 
 int DecodeBlocksPerSm(int D, int kstages) {
-  static int cached[2][2] = {{0, 0}, {0, 0}};  // [D = 64, 128][3, 4 K stages] (the largest variant)
-  int& c = cached[D == 64 ? 0 : 1][kstages == 3 ? 0 : 1];
+  static int cached[3][2] = {{0, 0}, {0, 0}, {0, 0}};  // [D = 64, 128, 256][3, 4 K stages] (the largest variant)
+  int& c = cached[D == 64 ? 0 : (D == 128 ? 1 : 2)][kstages == 3 ? 0 : 1];
   if (c <= 0) {
-    if (kstages == 3) {
+    if (D == 256) {  // 3 K stages only
+      c = BlocksPerSm<DecodeKernel<__half, 256, true, true, 3, false>>(kThreads, DecodeSmem<256, 3>());
+    } else if (kstages == 3) {
       c = D == 64 ? BlocksPerSm<DecodeKernel<__half, 64, true, true, 3, false>>(kThreads, DecodeSmem<64, 3>())
                   : BlocksPerSm<DecodeKernel<__half, 128, true, true, 3, false>>(kThreads, DecodeSmem<128, 3>());
     } else {

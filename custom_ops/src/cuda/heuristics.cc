@@ -26,7 +26,9 @@ int EnvInt(const char* name, int fallback) {
 int DecodeSplits(const AttnParams& p, const DeviceProps& dev, const KernelOptions& opt) {
   const int64_t nsub = (p.Ktot + kDecodeSubKeys - 1) / kDecodeSubKeys;
   const int64_t pairs = std::max<int64_t>(1, p.B * p.Hkv);
-  const int per_sm = p.D == 64 ? dev.decode_blocks_per_sm_d64 : dev.decode_blocks_per_sm_d128;
+  const int per_sm = p.D == 64    ? dev.decode_blocks_per_sm_d64
+                     : p.D == 128 ? dev.decode_blocks_per_sm_d128
+                                  : dev.decode_blocks_per_sm_d256;
   const int64_t slots = static_cast<int64_t>(dev.sm_count) * per_sm;
   int64_t s = std::max<int64_t>(1, slots / pairs);
   s = std::min(s, std::max<int64_t>(1, nsub / 16));
@@ -60,7 +62,7 @@ KernelOptions KernelOptionsFromEnv() {
 Plan MakePlan(const AttnParams& p, const DeviceProps& device, const KernelOptions& options) {
   Plan plan;
   const bool fast =
-      p.dtype != DType::kF32 && p.D == p.Dv && (p.D == 64 || p.D == 128) && p.Ktot > 0 && !options.force_generic;
+      p.dtype != DType::kF32 && p.D == p.Dv && TensorCoreHeadDim(p.D) && p.Ktot > 0 && !options.force_generic;
   if (fast) {
     plan.path = (p.Hq / p.Hkv) * p.Sq <= kDecodeRows ? Path::kDecode : Path::kPrefill;
   }
@@ -68,6 +70,7 @@ Plan MakePlan(const AttnParams& p, const DeviceProps& device, const KernelOption
     plan.splits = DecodeSplits(p, device, options);
     plan.decode_kstages =
         options.decode_kstages == 3 || options.decode_kstages == 4 ? options.decode_kstages : kDecodeKStagesDefault;
+    if (p.D == 256) plan.decode_kstages = 3;  // 4 stages of 512-byte rows do not fit in shared memory
     plan.shadow = ShadowCovers(p) && !options.no_shadow ? 1 : 0;
   }
   if (plan.path == Path::kPrefill) {
@@ -76,6 +79,7 @@ Plan MakePlan(const AttnParams& p, const DeviceProps& device, const KernelOption
     // The Hopper kernel (3) by default where it applies; asked for where it does not, the default runs.
     const bool sm90 = (v == -1 || v == 3) && Sm90Covers(p) && device.prefill_sm90;
     plan.prefill_variant = sm90 ? 3 : (v == 3 ? kPrefillDefault : v);
+    if (p.D == 256) plan.prefill_variant = 0;  // 8 warps x 16 rows, Q in shared memory: the one kernel for D = 256
   }
   plan.workspace = MakeLayout(p, plan).total;
   return plan;

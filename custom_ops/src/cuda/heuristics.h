@@ -14,7 +14,7 @@ namespace cuda {
 // Which kernel family runs a call.
 enum class Path : int {
   kGeneric = 0,  // any dtype / head dim: one block per query row, scalar fp32 (slow, exact semantics)
-  kPrefill = 1,  // fp16/bf16, D = Dv in {64, 128}: flash-style tiles on tensor cores
+  kPrefill = 1,  // fp16/bf16, D = Dv in {64, 128, 256}: flash-style tiles on tensor cores
   kDecode = 2,   // same types, (Hq/Hkv) * Sq <= 16: split-K over keys, V rows gathered only when kept
 };
 
@@ -40,6 +40,7 @@ struct DeviceProps {
   int sm_count = 100;
   int decode_blocks_per_sm_d64 = 1;   // resident decode blocks per SM, head dim 64 (kDecodeKStagesDefault)
   int decode_blocks_per_sm_d128 = 1;  // and 128
+  int decode_blocks_per_sm_d256 = 1;  // and 256 (3 K stages)
   bool prefill_sm90 = false;          // this build has the Hopper prefill kernel and the GPU is sm_90
 };
 
@@ -66,13 +67,16 @@ struct WorkspaceLayout {
 Plan MakePlan(const AttnParams& p, const DeviceProps& device, const KernelOptions& options);
 WorkspaceLayout MakeLayout(const AttnParams& p, const Plan& plan);
 
+// Head dims of the tensor-core kernels (mma.sync prefill and decode; the Hopper prefill kernel: 64 and 128 only).
+constexpr bool TensorCoreHeadDim(int64_t D) { return D == 64 || D == 128 || D == 256; }
+
 // Whether the call needs the V mean (comp_mode 2 with sdc).
 inline bool NeedsVMean(const AttnParams& p) { return p.comp_mode == 2 && p.sdc != nullptr; }
 
 // Whether a decode call can use its shadow K: the bound is for scores alone, so no additive mask (a bool mask only
 // removes keys), and no compensation (it counts every valid key, which the candidate lists do not hold).
 inline bool ShadowCovers(const AttnParams& p) {
-  return p.shadow_k != nullptr && p.shadow_range != nullptr && p.dtype != DType::kF32 &&
+  return p.shadow_k != nullptr && p.shadow_range != nullptr && p.dtype != DType::kF32 && p.D <= 128 &&
          (p.mask == nullptr || p.mask_kind == MaskKind::kNone || p.mask_kind == MaskKind::kBool) &&
          !(p.comp_mode >= 1 && p.sdc != nullptr);
 }

@@ -25,6 +25,7 @@ const DeviceProps& DevicePropsOf(int device) {
     }
     p.decode_blocks_per_sm_d64 = DecodeBlocksPerSm(64, kDecodeKStagesDefault);
     p.decode_blocks_per_sm_d128 = DecodeBlocksPerSm(128, kDecodeKStagesDefault);
+    p.decode_blocks_per_sm_d256 = DecodeBlocksPerSm(256, 3);
     p.prefill_sm90 = PrefillSm90Available(device);
     known[d].store(true, std::memory_order_release);
   }

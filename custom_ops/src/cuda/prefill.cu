@@ -43,17 +43,23 @@ constexpr int RowsPerBlock() {
   return 16 * MT * WARPS;
 }
 
-template <int D, int MT, int WARPS>
-constexpr int SmemBytes() {
-  return (MT == 2 ? RowsPerBlock<MT, WARPS>() * D * 2 : 0) + 4 * kBN * D * 2;
+// Q in shared memory: MT = 2, and head dim 256 (whose O accumulators leave no registers for Q fragments).
+template <int D, int MT>
+constexpr bool QInSmem() {
+  return MT == 2 || D > 128;
 }
 
-// MT m-tiles of 16 rows per warp; thread rows r = 2 * mt + e are w0 + 16 * mt + g + 8 * e.
-// Scores are kept in raw units (q.k, before the scale): theta and the running max m are divided by the
-// (positive) scale once, so the threshold test is one compare and exp(s - m) one FFMA + EX2.
-// COUNT = false (no `kept` output, comp_mode 0: the rewrite's default) drops the per-score kept bits and
-// counts; the P·V chunks to skip are then found from the packed probabilities (a chunk whose P is all
-// zero adds nothing, whether its scores were pruned or underflowed).
+template <int D, int MT, int WARPS>
+constexpr int SmemBytes() {
+  return (QInSmem<D, MT>() ? RowsPerBlock<MT, WARPS>() * D * 2 : 0) + 4 * kBN * D * 2;
+}
+
+// MT m-tiles of 16 rows per warp (D = 256: MT = 1 with Q in shared memory, WARPS = 8); thread rows r = 2 * mt + e are
+// w0 + 16 * mt + g + 8 * e. Scores are kept in raw units (q.k, before the scale): theta and the running max m are
+// divided by the (positive) scale once, so the threshold test is one compare and exp(s - m) one FFMA + EX2. COUNT =
+// false (no `kept` output, comp_mode 0: the rewrite's default) drops the per-score kept bits and counts; the P·V chunks
+// to skip are then found from the packed probabilities (a chunk whose P is all zero adds nothing, whether its scores
+// were pruned or underflowed).
 template <typename T, int D, bool MASK, int MT, int WARPS, bool COUNT>
 __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs a) {
   constexpr int THREADS = WARPS * 32;
@@ -66,7 +72,8 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
   constexpr int NA = MT == 1 ? 2 : 1;  // independent max / sum chains per row (MT = 2 has ILP already)
   constexpr uint32_t kRowBytes = CH * 16;
   constexpr uint32_t kTileBytes = kBN * kRowBytes;
-  constexpr uint32_t kQBytes = MT == 2 ? kBM * kRowBytes : 0;
+  constexpr bool kQSmem = QInSmem<D, MT>();
+  constexpr uint32_t kQBytes = kQSmem ? kBM * kRowBytes : 0;
   extern __shared__ __align__(128) unsigned char smem[];
 
   // Register pressure (variant 2, D = 128 sits at 255): the broadcasts from lane 0 below tell ptxas that a value is
@@ -119,9 +126,9 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
     }
   }
 
-  // Q: fragments in registers (MT = 1), or a swizzled shared-memory tile (MT = 2, loaded with tile 0).
-  uint32_t qf[MT == 1 ? KS : 1][4];
-  if constexpr (MT == 1) {
+  // Q: fragments in registers (MT = 1), or a swizzled shared-memory tile (kQSmem, loaded with tile 0).
+  uint32_t qf[kQSmem ? 1 : KS][4];
+  if constexpr (!kQSmem) {
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
 #pragma unroll
@@ -189,7 +196,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
 #pragma unroll
         for (int ks = 0; ks < KS; ++ks) {
           uint32_t qa[MT][4];
-          if constexpr (MT == 1) {
+          if constexpr (!kQSmem) {
 #pragma unroll
             for (int x = 0; x < 4; ++x) qa[0][x] = qf[ks][x];
           } else {
@@ -460,6 +467,13 @@ cudaError_t RunV(const KernelArgs& a, cudaStream_t stream) {
   return mask ? Run<T, 128, true, MT, WARPS, COUNT>(a, stream) : Run<T, 128, false, MT, WARPS, COUNT>(a, stream);
 }
 
+// Head dim 256 has one kernel, 8 warps x 16 rows with Q in shared memory (MakePlan reports it as variant 0).
+template <typename T, bool COUNT>
+cudaError_t RunD256(const KernelArgs& a, cudaStream_t stream) {
+  const bool mask = a.p.mask_kind != MaskKind::kNone;
+  return mask ? Run<T, 256, true, 1, 8, COUNT>(a, stream) : Run<T, 256, false, 1, 8, COUNT>(a, stream);
+}
+
 // Variants (KernelArgs::prefill_variant): 0 = 8 warps x 16 rows, 1 = 4 warps x 16 rows,
 // 2 = 4 warps x 32 rows.
 template <typename T>
@@ -469,6 +483,7 @@ cudaError_t RunT(const KernelArgs& a, cudaStream_t stream) {
   const int v = a.plan.prefill_variant >= 0 ? a.plan.prefill_variant : 2;
   // Kept counts are needed for the `kept` output and for the compensation's pruned count.
   const bool count = a.p.kept != nullptr || a.p.comp_mode >= 1 || a.mean_pass != 0;
+  if (a.p.D == 256) return count ? RunD256<T, true>(a, stream) : RunD256<T, false>(a, stream);
   switch (v) {
     case 1: return RunV<T, 1, 4, true>(a, stream);
     case 2: return count ? RunV<T, 2, 4, true>(a, stream) : RunV<T, 2, 4, false>(a, stream);
