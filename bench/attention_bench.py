@@ -183,18 +183,18 @@ def theta_for_vrows(s, target: float) -> torch.Tensor:
 # -- onnxruntime models ----------------------------------------------------------------------------------------
 
 
-def ort_gqa_model(past: bool, hq: int = HQ, hkv: int = HKV):
+def ort_gqa_model(past: bool, hq: int = HQ, hkv: int = HKV, d: int = D):
     from onnx import TensorProto, helper
 
     f16 = TensorProto.FLOAT16
     ins = [
-        helper.make_tensor_value_info("query", f16, ["b", "s", hq * D]),
-        helper.make_tensor_value_info("key", f16, ["b", "s", hkv * D]),
-        helper.make_tensor_value_info("value", f16, ["b", "s", hkv * D]),
+        helper.make_tensor_value_info("query", f16, ["b", "s", hq * d]),
+        helper.make_tensor_value_info("key", f16, ["b", "s", hkv * d]),
+        helper.make_tensor_value_info("value", f16, ["b", "s", hkv * d]),
     ]
     names = ["query", "key", "value"]
     if past:
-        ins += [helper.make_tensor_value_info(n, f16, ["b", hkv, "m", D]) for n in ("past_key", "past_value")]
+        ins += [helper.make_tensor_value_info(n, f16, ["b", hkv, "m", d]) for n in ("past_key", "past_value")]
         names += ["past_key", "past_value"]
     else:
         names += ["", ""]
@@ -204,9 +204,9 @@ def ort_gqa_model(past: bool, hq: int = HQ, hkv: int = HKV):
     ]
     names += ["seqlens_k", "total_sequence_length"]
     outs = [
-        helper.make_tensor_value_info("output", f16, ["b", "s", hq * D]),
-        helper.make_tensor_value_info("present_key", f16, ["b", hkv, "t", D]),
-        helper.make_tensor_value_info("present_value", f16, ["b", hkv, "t", D]),
+        helper.make_tensor_value_info("output", f16, ["b", "s", hq * d]),
+        helper.make_tensor_value_info("present_key", f16, ["b", hkv, "t", d]),
+        helper.make_tensor_value_info("present_value", f16, ["b", hkv, "t", d]),
     ]
     node = helper.make_node(
         "GroupQueryAttention", names, [o.name for o in outs], domain="com.microsoft", num_heads=hq, kv_num_heads=hkv

