@@ -1,5 +1,6 @@
 """--dtype: a float16 export of a tiny llama runs in onnxruntime (CPU, our library) close to the PyTorch Top-θ
-reference, greedy-decodes the same tokens, says float16 in inspect and report.json, and validates."""
+reference, greedy-decodes the same tokens, says float16 in inspect and report.json, and validates; a float16 export
+of a tiny gemma3 (norms computed in float32) passes onnx.checker and matches its float32 run."""
 
 from __future__ import annotations
 
@@ -153,3 +154,41 @@ def test_api_checks_dtype(tmp_path, tiny_llama):
     with pytest.raises(TopThetaError, match="unknown export dtype"):
         export_onnx(load_model(tiny_llama), tmp_path / "m.onnx", dtype="fp16")
     assert not (tmp_path / "o").exists()
+
+
+def test_float16_gemma3_export_checks_and_matches_float32_reference(tmp_path, tiny_gemma3):
+    """Gemma's RMSNorm scales in float32 and casts back afterwards: the float16 export passes onnx.checker (every
+    RMSNormalization reads input and scale of one type, the float32 the norm computes in) and gives the logits of
+    its float16 weights run in float32, over a padded prefill past the sliding window and a decode step."""
+    import onnx
+
+    from topthetaexport.onnx.exporter import export_onnx
+
+    path = export_onnx(load_model(tiny_gemma3, dtype=torch.float16), tmp_path / "model.onnx")
+    m = onnx.load(str(path))
+    onnx.checker.check_model(m, full_check=True)
+    m = onnx.shape_inference.infer_shapes(m, strict_mode=True)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*m.graph.value_info, *m.graph.input, *m.graph.output]}
+    types.update({t.name: t.data_type for t in m.graph.initializer})
+    norms = [n for n in m.graph.node if n.op_type == "RMSNormalization"]
+    assert norms and all(types[n.input[0]] == types[n.input[1]] == onnx.TensorProto.FLOAT for n in norms)
+
+    om = OnnxModel(path, device="cpu", threads=1)
+    assert om.dtype == np.float16
+    reference = load_model(tiny_gemma3, dtype=torch.float16).model.float()
+    ids, mask = make_tokens(2, 10, seed=5), torch.ones(2, 10, dtype=torch.long)
+    mask[1, :2] = 0
+    step = om.run(ids.numpy(), mask.numpy())
+    with torch.no_grad():
+        ref = reference(input_ids=ids, attention_mask=mask, use_cache=True)
+    rows = mask.bool().numpy()
+    tok, mask = make_tokens(2, 1, seed=6), torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+    pairs = [(step.output[rows], ref.logits.numpy()[rows])]
+    step = om.run(tok.numpy(), mask.numpy(), past=step.cache)
+    with torch.no_grad():
+        ref = reference(input_ids=tok, attention_mask=mask, past_key_values=ref.past_key_values, use_cache=True)
+    pairs.append((step.output, ref.logits.numpy()))
+    for got, want in pairs:
+        assert got.dtype == np.float16
+        rel = float(np.abs(got.astype(np.float32) - want).max() / np.abs(want).max())
+        assert rel <= 1e-2, rel

@@ -316,13 +316,17 @@ def optimize_graph(model) -> None:
     """
     from onnx_ir.passes import common
     from onnxscript import optimizer, rewriter
-    from onnxscript.rewriter import onnx_fusions
+    from onnxscript.rewriter import onnx_fusions, pattern
+
+    from .fusions import RmsNormInputCast
 
     rules = _cleanup_rules()
     for _ in range(2):
         optimizer.fold_constants(model)
         rewriter.rewrite(model, pattern_rewrite_rules=rules)
     onnx_fusions.fuse(model)
+    # a norm scaled in float32 fuses with its float16/bfloat16 input uncast, which neither onnx nor onnxruntime take
+    pattern.RewriteRuleSet([RmsNormInputCast.rule()]).apply_to_model(model)
     for p in (
         common.RemoveUnusedNodesPass(),
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),

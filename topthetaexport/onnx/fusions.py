@@ -48,6 +48,7 @@ __all__ = [
     "FUSION_MODES",
     "ROTARY_CACHE_PREFIX",
     "FuseForOrt",
+    "RmsNormInputCast",
     "RmsNormToSimplified",
     "RotaryBeforeTranspose",
     "RotaryCosSinCache",
@@ -97,6 +98,41 @@ def fused(model: ir.Model) -> dict[str, int] | None:
     if not text:
         return None
     return {k: int(v) for k, v in (item.split("=") for item in text.split(",") if item)}
+
+
+class RmsNormInputCast(pattern.RewriteRuleClassBase):
+    """``RMSNormalization(x, scale)`` with ``x`` in another float type than ``scale`` -> the same norm of
+    ``Cast(x, to=scale's type)``: run by the dense export right after onnxscript's RMSNormalization fusion.
+
+    That fusion takes ``x`` from before the norm's cast to float32, so a norm that scales in float32 and casts back
+    afterwards (Gemma's ``x.float() · (1 + w.float())``, then ``type_as``) fuses into float16 ``x`` with a float32
+    scale. The opset-23 schema allows the mix, but onnx's type inference gives Y the type of X (onnx.checker fails)
+    and onnxruntime's function body multiplies by the scale in X's type (the session fails): the cast goes back in
+    front. Exact, since the norm is computed in float32 (stash_type) either way.
+    """
+
+    def pattern(self, op, x, scale):
+        return op.RMSNormalization(x, scale, _allow_other_attributes=True, _outputs=["normalized"])
+
+    def check(self, context, x, scale, **_) -> MatchResult:
+        result = MatchResult()
+        if x.dtype not in _FLOAT_TYPES or scale.dtype not in _FLOAT_TYPES:
+            return result.fail("the norm's input or scale is not a float tensor of known type", x)
+        if x.dtype == scale.dtype:
+            return result.fail("the norm's input and scale are of one type", x)
+        return result
+
+    def rewrite(self, op, x, scale, normalized, **_):
+        attrs = normalized.producer().attributes
+        cast = op.Cast(x, to=scale.dtype)
+        cast.dtype, cast.shape = scale.dtype, x.shape  # typed, for the rules that check it (RmsNormToSimplified)
+        return op.RMSNormalization(
+            cast,
+            scale,
+            axis=attrs.get_int("axis", -1),
+            epsilon=attrs.get_float("epsilon", 1e-5),
+            stash_type=attrs.get_int("stash_type", int(ir.DataType.FLOAT)),
+        )
 
 
 class RmsNormToSimplified(pattern.RewriteRuleClassBase):
