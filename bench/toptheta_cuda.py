@@ -40,6 +40,7 @@ class _AttnParams(ctypes.Structure):
         ("shadow_k", ctypes.c_void_p),  # uint8 [B, Hkv, M, D / 2] (shadow_k() below), null: none
         ("shadow_range", ctypes.c_void_p),  # K's dtype [B, Hkv, ceil(M / 64), 2, D]
         ("packed", ctypes.c_bool),  # query/output [B, S, H·D] (this module passes heads first: False)
+        ("softcap", ctypes.c_float),  # > 0: scores capped to softcap · tanh(score / softcap) (Gemma 2)
     ]
 
 
@@ -140,13 +141,15 @@ class Kernels:
         past_lens=None,
         new_len=None,
         shadow=None,
+        softcap=0.0,
     ):
         """Top-θ attention on the current CUDA stream; returns (out, kept). ``want_kept=False`` leaves the
         `kept` output out (as in a rewritten model without exposed counts; kept is then None). ``options``:
         kernel-choice overrides (``options_from_env()``, which is what None uses, read at each call).
         ``past_lens`` (int32 CUDA tensor [B] or [1]) with ``new_len`` (Sk): the shared-buffer form, k/v being the
         [B, Hkv, M, *] buffers whose rows [P_b, P_b + Sk) hold the new keys; the attn_mask is then [B, M].
-        ``shadow``: (codes, range) of ``shadow_k(k)``, for the decode kernel's shadow-K scan."""
+        ``shadow``: (codes, range) of ``shadow_k(k)``, for the decode kernel's shadow-K scan. ``softcap`` (> 0): the
+        op's attribute, scores capped before the mask is added."""
         B, Hq, Sq, D = q.shape
         Hkv, Ktot, Dv = k.shape[1], k.shape[2], v.shape[3]
         for name, t in (("q", q), ("k", k), ("v", v)):
@@ -183,6 +186,7 @@ class Kernels:
             kept=kept.data_ptr() if want_kept else None,
             kv_capacity=Ktot,
             Sk=Ktot if lens is None else int(new_len),
+            softcap=float(softcap),
         )
         if shadow is not None:
             codes, rng = shadow

@@ -462,6 +462,7 @@ PreparedCall PrepareCall(const Ort::KernelContext& ctx, const OpAttributes& attr
   p.causal = attrs.causal;
   p.comp_mode = attrs.comp_mode;
   call.softcap = attrs.softcap;
+  p.softcap = attrs.softcap;
   p.q = q.data;
   call.fresh[0] = k.data;
   call.fresh[1] = v.data;

@@ -54,7 +54,7 @@ struct OpAttributes {
   int64_t num_heads = 0;
   int64_t num_kv_heads = 0;
   int comp_mode = 0;
-  float softcap = 0.f;    // > 0: scores are softcap * tanh(score / softcap) (Gemma 2); CPU kernel only
+  float softcap = 0.f;    // > 0: scores are softcap * tanh(score / softcap) (Gemma 2)
   std::string node_name;  // for error messages
 };
 
@@ -99,7 +99,7 @@ struct PreparedCall {
   const void* past_shadow[2] = {nullptr, nullptr};
   void* present_shadow[2] = {nullptr, nullptr};
   const std::string* node_name = nullptr;  // for errors raised after PrepareCall (owned by the kernel)
-  float softcap = 0.f;                     // attribute softcap (kept out of AttnParams: the CUDA ABI has none)
+  float softcap = 0.f;                     // attribute softcap (also in params.softcap, which the CUDA kernels read)
 
   bool Shared() const { return params.past_lens != nullptr; }
   bool NeedsKV(int t) const { return Shared() || params.packed || past[t] != nullptr || present[t] != nullptr; }

@@ -22,14 +22,7 @@ namespace toptheta {
 template <typename Kernel>
 class OpKernel {
  public:
-  OpKernel(const OrtKernelInfo* info, DType dtype) : attrs_(ReadAttributes(info)), dtype_(dtype), kernel_(info) {
-    // Only the CPU kernel caps scores; any other provider would silently compute uncapped attention.
-    if (attrs_.softcap != 0.f && std::strcmp(Kernel::kExecutionProvider, "CPUExecutionProvider") != 0) {
-      throw OpError("TopThetaAttention '" + attrs_.node_name + "': attribute softcap is implemented by the CPU " +
-                    "kernel only, not by " + Kernel::kExecutionProvider + ": run this model on the CPU " +
-                    "execution provider");
-    }
-  }
+  OpKernel(const OrtKernelInfo* info, DType dtype) : attrs_(ReadAttributes(info)), dtype_(dtype), kernel_(info) {}
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return StatusFrom([&] {

@@ -71,6 +71,9 @@ struct AttnParams {
   // The cache the kernels read (k, v above) is [B, Hkv, kv_capacity, *] in both: the op copies or appends the
   // new rows into it (a packed call always goes through a buffer).
   bool packed = false;
+
+  // > 0: every score is capped to softcap * tanh(score / softcap) before the mask is added (Gemma 2; docs/op.md).
+  float softcap = 0.f;
 };
 
 constexpr int kShadowBlock = 64;

@@ -30,7 +30,7 @@ static_assert(sizeof(Plan) == 32, "Plan changed: update bench/toptheta_cuda.py")
 #define TOPTHETA_ATTN_PARAMS_FIELDS(X)                                                          \
   X(B) X(Hq) X(Hkv) X(Sq) X(Ktot) X(D) X(Dv) X(R) X(scale) X(causal) X(comp_mode) X(dtype)    \
   X(q) X(k) X(v) X(theta) X(sdc) X(mask_kind) X(mask) X(mask_sb) X(mask_sh) X(mask_sq) X(out) \
-  X(kept) X(past_lens) X(past_lens_sb) X(kv_capacity) X(Sk) X(shadow_k) X(shadow_range) X(packed)
+  X(kept) X(past_lens) X(past_lens_sb) X(kv_capacity) X(Sk) X(shadow_k) X(shadow_range) X(packed) X(softcap)
 // clang-format on
 #define TOPTHETA_KERNEL_OPTIONS_FIELDS(X) \
   X(force_generic) X(decode_splits) X(prefill_variant) X(decode_kstages) X(no_shadow)

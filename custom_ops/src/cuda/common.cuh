@@ -124,6 +124,11 @@ __device__ __forceinline__ uint32_t Swz(int row, int chunk) {
   return static_cast<uint32_t>((row * CHUNKS + (chunk ^ (row & 7))) * 16);
 }
 
+// Scores in raw units (q·k, before the scale) capped as the op defines it for softcap = c > 0 (docs/op.md): the
+// scaled score becomes c · tanh(scale · s / c), returned in raw units again so that the kernels' threshold test and
+// softmax stay as they are. tanhf, not tanh.approx: the keep decision compares the capped score with θ.
+__device__ __forceinline__ float SoftcapRaw(float s, float scale, float c) { return c * tanhf(s * scale / c) / scale; }
+
 // Raises a kernel's dynamic shared-memory limit once per device (not a stream operation, so it is also
 // safe while a CUDA graph is being captured after the first call).
 template <auto kKernel>

@@ -118,7 +118,8 @@ __device__ __forceinline__ void LoadListedRows(const T* base, int jlane, uint32_
 // Key indices are 32-bit (the op checks M < 2^31); pointers are 64-bit.
 // LIST: keys from the shadow scan's candidate lists (plan.shadow; never with the mean pass or the valid counts of
 // the compensation, see ShadowCovers).
-template <typename T, int D, bool MASK, bool COUNT, int KST, bool LIST>
+// CAP: softcap > 0 (Gemma 2), scores capped right after Q·Kᵀ (its own instantiations: 3 K stages, counts, no list).
+template <typename T, int D, bool MASK, bool COUNT, int KST, bool LIST, bool CAP = false>
 __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : (D == 128 ? 2 : 1)) DecodeKernel(const KernelArgs a) {
   static_assert(KST == 3 || KST == 4, "K stages");
   constexpr int kKStages = KST, kAhead = KST - 1;
@@ -161,7 +162,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : (D == 128 ? 2 : 1)) De
   const int first = s_begin + warp;
   const int steps = first < s_end ? (s_end - first + kWarps - 1) / kWarps : 0;
   const int min_pos = klen - static_cast<int>(a.p.Sq);  // smallest row position of the block
-  const float scale = a.p.scale;
+  const float scale = a.p.scale, softcap = a.p.softcap;
   const uint32_t key_bit =
       Pinned(1u << (2 * t));  // bit of key c = n * 8 + 2t + (e & 1) is key_bit << (n * 8 + (e & 1))
 
@@ -323,6 +324,13 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : (D == 128 ? 2 : 1)) De
         LdMatrixX4(bf, kb + off.k_ld(ks));
         Mma16816<T>(s[0], qa, bf);
         Mma16816<T>(s[1], qa, bf + 2);
+      }
+      if constexpr (CAP) {
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[n][e] = SoftcapRaw(s[n][e], scale, softcap);
+        }
       }
     }
 
@@ -809,13 +817,13 @@ constexpr int DecodeSmem() {
   return kWarps * (KST + kVStages) * kSub * D * 2 + (D > 128 ? kSub * D * 2 : 0);
 }
 
-template <typename T, int D, bool MASK, bool COUNT, int KST, bool LIST>
+template <typename T, int D, bool MASK, bool COUNT, int KST, bool LIST, bool CAP = false>
 cudaError_t Run(const KernelArgs& a, cudaStream_t stream) {
   constexpr int smem = DecodeSmem<D, KST>();
-  cudaError_t e = AllowSmem<DecodeKernel<T, D, MASK, COUNT, KST, LIST>>(smem);
+  cudaError_t e = AllowSmem<DecodeKernel<T, D, MASK, COUNT, KST, LIST, CAP>>(smem);
   if (e != cudaSuccess) return e;
   dim3 grid(static_cast<unsigned>(a.plan.splits), static_cast<unsigned>(a.p.Hkv), static_cast<unsigned>(a.p.B));
-  DecodeKernel<T, D, MASK, COUNT, KST, LIST><<<grid, kThreads, smem, stream>>>(a);
+  DecodeKernel<T, D, MASK, COUNT, KST, LIST, CAP><<<grid, kThreads, smem, stream>>>(a);
   return cudaGetLastError();
 }
 
@@ -841,8 +849,18 @@ cudaError_t RunD(const KernelArgs& a, cudaStream_t stream) {
   return count ? RunK<T, D, false, true>(a, stream) : RunK<T, D, false, false>(a, stream);
 }
 
+template <typename T, int D>
+cudaError_t RunCapD(const KernelArgs& a, cudaStream_t stream) {
+  const bool mask = a.p.mask_kind != MaskKind::kNone;
+  return mask ? Run<T, D, true, true, 3, false, true>(a, stream) : Run<T, D, false, true, 3, false, true>(a, stream);
+}
+
 template <typename T>
 cudaError_t RunT(const KernelArgs& a, cudaStream_t stream) {
+  if (a.p.softcap > 0.f) {
+    return a.p.D == 64 ? RunCapD<T, 64>(a, stream)
+                       : (a.p.D == 128 ? RunCapD<T, 128>(a, stream) : RunCapD<T, 256>(a, stream));
+  }
   if (a.p.D == 256) return RunD<T, 256>(a, stream);
   return a.p.D == 64 ? RunD<T, 64>(a, stream) : RunD<T, 128>(a, stream);
 }

@@ -51,6 +51,12 @@ __device__ __forceinline__ float Score(const KernelArgs& a, const float* qs, con
   return acc;
 }
 
+// The scaled score, capped when the op has a softcap (before the mask is added).
+__device__ __forceinline__ float Scaled(const KernelArgs& a, float raw) {
+  const float s = a.p.scale * raw;
+  return a.p.softcap > 0.f ? a.p.softcap * tanhf(s / a.p.softcap) : s;
+}
+
 // Validity of key j for a row at position `pos` (causal, mask); sets the additive mask value.
 __device__ __forceinline__ bool Valid(const KernelArgs& a, const char* mrow, int64_t pos, int64_t j, float* add) {
   *add = 0.f;
@@ -90,7 +96,7 @@ __global__ void __launch_bounds__(kThreads) GenericKernel(const KernelArgs a) {
     float add;
     if (!Valid(a, mrow, rc.pos, j, &add)) continue;
     nv += 1.f;
-    const float s = a.p.scale * Score(a, qs, K + j * a.p.D) + add;
+    const float s = Scaled(a, Score(a, qs, K + j * a.p.D)) + add;
     if (!(s < rc.theta)) {  // NaN is kept: it makes the row NaN (docs/op.md, "NaN")
       nk += 1.f;
       mx = fmaxf(mx, s);
@@ -108,7 +114,7 @@ __global__ void __launch_bounds__(kThreads) GenericKernel(const KernelArgs a) {
     float w = 0.f, u = 0.f, add;
     if (j < klen && Valid(a, mrow, rc.pos, j, &add)) {
       u = 1.f;
-      const float s = a.p.scale * Score(a, qs, K + j * a.p.D) + add;
+      const float s = Scaled(a, Score(a, qs, K + j * a.p.D)) + add;
       if (!(s < rc.theta)) w = expf(s - m);
     }
     dk += w;

@@ -38,11 +38,11 @@ int DecodeSplits(const AttnParams& p, const DeviceProps& dev, const KernelOption
 
 // Calls the Hopper prefill kernel covers: no mask or a [B, Ktot] bool key-padding mask (what a rewritten
 // decoder passes), no `kept` output and no compensation (so neither kept counts nor the V mean are needed: the
-// rewrite's default), fp16/bf16, D = Dv in {64, 128}.
+// rewrite's default), fp16/bf16, D = Dv in {64, 128}, no softcap.
 bool Sm90Covers(const AttnParams& p) {
   const bool key_padding = p.mask_kind == MaskKind::kBool && p.mask_sh == 0 && p.mask_sq == 0;
   return (p.mask == nullptr || key_padding) && p.kept == nullptr && (p.comp_mode == 0 || p.sdc == nullptr) &&
-         p.dtype != DType::kF32 && p.D == p.Dv && (p.D == 64 || p.D == 128);
+         p.dtype != DType::kF32 && p.D == p.Dv && (p.D == 64 || p.D == 128) && p.softcap == 0.f;
 }
 
 }  // namespace
@@ -70,7 +70,8 @@ Plan MakePlan(const AttnParams& p, const DeviceProps& device, const KernelOption
     plan.splits = DecodeSplits(p, device, options);
     plan.decode_kstages =
         options.decode_kstages == 3 || options.decode_kstages == 4 ? options.decode_kstages : kDecodeKStagesDefault;
-    if (p.D == 256) plan.decode_kstages = 3;  // 4 stages of 512-byte rows do not fit in shared memory
+    // D = 256: 4 stages of 512-byte rows do not fit in shared memory; softcap: its kernels have 3 stages only
+    if (p.D == 256 || p.softcap > 0.f) plan.decode_kstages = 3;
     plan.shadow = ShadowCovers(p) && !options.no_shadow ? 1 : 0;
   }
   if (plan.path == Path::kPrefill) {
@@ -79,7 +80,8 @@ Plan MakePlan(const AttnParams& p, const DeviceProps& device, const KernelOption
     // The Hopper kernel (3) by default where it applies; asked for where it does not, the default runs.
     const bool sm90 = (v == -1 || v == 3) && Sm90Covers(p) && device.prefill_sm90;
     plan.prefill_variant = sm90 ? 3 : (v == 3 ? kPrefillDefault : v);
-    if (p.D == 256) plan.prefill_variant = 0;  // 8 warps x 16 rows, Q in shared memory: the one kernel for D = 256
+    // 8 warps x 16 rows: the one kernel for D = 256 (Q in shared memory) and for a softcap
+    if (p.D == 256 || p.softcap > 0.f) plan.prefill_variant = 0;
   }
   plan.workspace = MakeLayout(p, plan).total;
   return plan;

@@ -74,10 +74,11 @@ constexpr bool TensorCoreHeadDim(int64_t D) { return D == 64 || D == 128 || D ==
 inline bool NeedsVMean(const AttnParams& p) { return p.comp_mode == 2 && p.sdc != nullptr; }
 
 // Whether a decode call can use its shadow K: the bound is for scores alone, so no additive mask (a bool mask only
-// removes keys), and no compensation (it counts every valid key, which the candidate lists do not hold).
+// removes keys), no softcap (the bound is for uncapped scores), and no compensation (it counts every valid key,
+// which the candidate lists do not hold).
 inline bool ShadowCovers(const AttnParams& p) {
   return p.shadow_k != nullptr && p.shadow_range != nullptr && p.dtype != DType::kF32 && p.D <= 128 &&
-         (p.mask == nullptr || p.mask_kind == MaskKind::kNone || p.mask_kind == MaskKind::kBool) &&
+         p.softcap == 0.f && (p.mask == nullptr || p.mask_kind == MaskKind::kNone || p.mask_kind == MaskKind::kBool) &&
          !(p.comp_mode >= 1 && p.sdc != nullptr);
 }
 

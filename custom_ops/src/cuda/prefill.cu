@@ -60,7 +60,9 @@ constexpr int SmemBytes() {
 // false (no `kept` output, comp_mode 0: the rewrite's default) drops the per-score kept bits and counts; the P·V chunks
 // to skip are then found from the packed probabilities (a chunk whose P is all zero adds nothing, whether its scores
 // were pruned or underflowed).
-template <typename T, int D, bool MASK, int MT, int WARPS, bool COUNT>
+// CAP: softcap > 0 (Gemma 2): the raw scores are capped right after Q·Kᵀ (an instantiation of its own, so that the
+// other kernels keep their registers).
+template <typename T, int D, bool MASK, int MT, int WARPS, bool COUNT, bool CAP = false>
 __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs a) {
   constexpr int THREADS = WARPS * 32;
   constexpr int kBM = RowsPerBlock<MT, WARPS>();
@@ -213,6 +215,16 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
             for (int mt = 0; mt < MT; ++mt) {
               Mma16816<T>(s[mt][2 * np], qa[mt], bf);
               Mma16816<T>(s[mt][2 * np + 1], qa[mt], bf + 2);
+            }
+          }
+        }
+        if constexpr (CAP) {
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int n = 0; n < NS; ++n) {
+#pragma unroll
+              for (int e = 0; e < 4; ++e) s[mt][n][e] = SoftcapRaw(s[mt][n][e], a.p.scale, a.p.softcap);
             }
           }
         }
@@ -445,16 +457,16 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
   }
 }
 
-template <typename T, int D, bool MASK, int MT, int WARPS, bool COUNT>
+template <typename T, int D, bool MASK, int MT, int WARPS, bool COUNT, bool CAP = false>
 cudaError_t Run(const KernelArgs& a, cudaStream_t stream) {
   constexpr int smem = SmemBytes<D, MT, WARPS>();
   constexpr int bm = RowsPerBlock<MT, WARPS>();
   static_assert(smem <= 227 * 1024, "shared memory");
-  cudaError_t e = AllowSmem<PrefillKernel<T, D, MASK, MT, WARPS, COUNT>>(smem);
+  cudaError_t e = AllowSmem<PrefillKernel<T, D, MASK, MT, WARPS, COUNT, CAP>>(smem);
   if (e != cudaSuccess) return e;
   const int64_t ntq = (a.p.Sq + bm - 1) / bm;
   const dim3 grid(static_cast<unsigned>(a.p.B * a.p.Hq * ntq));
-  PrefillKernel<T, D, MASK, MT, WARPS, COUNT><<<grid, WARPS * 32, smem, stream>>>(a);
+  PrefillKernel<T, D, MASK, MT, WARPS, COUNT, CAP><<<grid, WARPS * 32, smem, stream>>>(a);
   return cudaGetLastError();
 }
 
@@ -474,6 +486,14 @@ cudaError_t RunD256(const KernelArgs& a, cudaStream_t stream) {
   return mask ? Run<T, 256, true, 1, 8, COUNT>(a, stream) : Run<T, 256, false, 1, 8, COUNT>(a, stream);
 }
 
+// A softcap has one kernel per head dim: 8 warps x 16 rows (with Q in shared memory at D = 256), with counts
+// (MakePlan reports it as variant 0).
+template <typename T, int D>
+cudaError_t RunCapD(const KernelArgs& a, cudaStream_t stream) {
+  const bool mask = a.p.mask_kind != MaskKind::kNone;
+  return mask ? Run<T, D, true, 1, 8, true, true>(a, stream) : Run<T, D, false, 1, 8, true, true>(a, stream);
+}
+
 // Variants (KernelArgs::prefill_variant): 0 = 8 warps x 16 rows, 1 = 4 warps x 16 rows,
 // 2 = 4 warps x 32 rows.
 template <typename T>
@@ -483,6 +503,10 @@ cudaError_t RunT(const KernelArgs& a, cudaStream_t stream) {
   const int v = a.plan.prefill_variant >= 0 ? a.plan.prefill_variant : 2;
   // Kept counts are needed for the `kept` output and for the compensation's pruned count.
   const bool count = a.p.kept != nullptr || a.p.comp_mode >= 1 || a.mean_pass != 0;
+  if (a.p.softcap > 0.f) {
+    return a.p.D == 64 ? RunCapD<T, 64>(a, stream)
+                       : (a.p.D == 128 ? RunCapD<T, 128>(a, stream) : RunCapD<T, 256>(a, stream));
+  }
   if (a.p.D == 256) return count ? RunD256<T, true>(a, stream) : RunD256<T, false>(a, stream);
   switch (v) {
     case 1: return RunV<T, 1, 4, true>(a, stream);
