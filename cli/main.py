@@ -90,7 +90,8 @@ FUSIONS_OPT = typer.Option(
 KV_CACHE_OPT = typer.Option(
     "auto",
     "--kv-cache",
-    help="KV-cache form of the graph: auto (shared on CUDA, concat on CPU), concat (the graph concatenates past "
+    help="KV-cache form of the graph: auto (shared on CUDA, concat on CPU and with sliding-window layers), concat "
+    "(the graph concatenates past "
     "and new K/V each step) or shared (one preallocated buffer per layer and kind, written in place; "
     "docs/graph.md)",
 )
@@ -365,6 +366,19 @@ def _dense_has_cache(path: Path) -> bool:
         return False
 
 
+def _dense_sliding_window(path: Path) -> bool:
+    """Whether the dense export at ``path`` says it has sliding-window layers (its metadata; False if unreadable)."""
+    import onnx
+
+    from topthetaexport.onnx.exporter import META_PREFIX
+
+    try:
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception:  # noqa: BLE001 - a missing or corrupt file is rewrite's one-line error
+        return False
+    return meta.get(META_PREFIX + "sliding_window", "0") not in ("", "0")
+
+
 @app.command(
     "rewrite",
     help="Replace every attention block of a dense export by TopThetaAttention; also takes graphs made by "
@@ -409,7 +423,13 @@ def rewrite_cmd(
     )
     if kv_cache == "auto":  # an explicit shared for a graph without a cache is refused by rewrite itself
         cuda = runs_on_cuda(device)
-        kv_cache = resolve_kv_cache(kv_cache, device, cuda=cuda, has_cache=cuda and _dense_has_cache(dense))
+        kv_cache = resolve_kv_cache(
+            kv_cache,
+            device,
+            cuda=cuda,
+            has_cache=cuda and _dense_has_cache(dense),
+            sliding_window=cuda and _dense_sliding_window(dense),
+        )
     with output_parents(out):
         from topthetaexport.onnx.rewriter import rewrite
         from topthetaexport.thresholds import Thresholds

@@ -85,6 +85,20 @@ def test_dense_export_matches_pytorch(exported, kind):
     assert max(diffs) <= TOL, diffs
 
 
+@pytest.mark.parametrize("kind", NEW_KINDS)
+def test_auto_kv_cache_on_cuda_is_concat_for_windowed_models(exported, kind):
+    """`--device cuda` picks the shared cache, which needs every layer on the key-padding mask: a model with
+    sliding-window layers (4-D masks kept) gets the concat form, from the loaded model and from its dense export."""
+    from cli.main import _dense_sliding_window
+    from topthetaexport.pipeline import _kv_cache_form
+
+    ex = exported(kind)
+    windowed = "sliding" in KINDS_OF_LAYERS[kind]
+    assert _dense_sliding_window(ex.path) == windowed
+    assert bool(ex.loaded.architecture.sliding_window(ex.loaded.config)) == windowed
+    assert _kv_cache_form("auto", "cpu", ex.loaded) == "concat"
+
+
 @pytest.mark.parametrize("comp_mode", (0, 2))
 @pytest.mark.parametrize("kind", NEW_KINDS)
 def test_rewrite_toptheta_matches_reference(exported, tmp_path, kind, comp_mode):

@@ -259,6 +259,7 @@ def test_resolve_kv_cache():
     assert resolve_kv_cache("auto", "cpu", cuda=False) == "concat"
     assert resolve_kv_cache("auto", "auto", cuda=True) == "shared"
     assert resolve_kv_cache("auto", "cuda", cuda=True, has_cache=False) == "concat"
+    assert resolve_kv_cache("auto", "cuda", cuda=True, sliding_window=True) == "concat"  # Gemma, Mistral, Phi-3
     assert resolve_kv_cache("shared", "cpu", cuda=False) == "shared"
     assert resolve_kv_cache("concat", "cuda", cuda=True) == "concat"
     with pytest.raises(TopThetaError, match="--kv-cache shared needs a decoder exported with its KV cache"):

@@ -110,16 +110,19 @@ def resolve_dtype(dtype: str, device: str, *, cuda: bool) -> str:
     return dtype
 
 
-def resolve_kv_cache(kv_cache: str, device: str, *, cuda: bool, has_cache: bool = True) -> str:
+def resolve_kv_cache(
+    kv_cache: str, device: str, *, cuda: bool, has_cache: bool = True, sliding_window: bool = False
+) -> str:
     """The KV-cache form of the rewritten graph: ``auto`` is ``shared`` (one preallocated buffer per layer and kind,
     written in place) when the device resolves to CUDA (``cuda``, as for ``resolve_dtype``) and the model has a
-    cache, else ``concat`` (the graph concatenates past and new K/V each step).
+    cache without sliding-window layers, else ``concat`` (the graph concatenates past and new K/V each step).
 
-    ``shared`` for a model without a KV cache (an encoder, an export without the cache) is refused.
+    ``shared`` for a model without a KV cache (an encoder, an export without the cache) is refused; for one with a
+    sliding window (Gemma 2/3, Mistral, Phi-3 windows: their layers keep 4-D masks) the rewrite refuses it.
     """
     check_options(kv_cache=kv_cache, device=device)
     if kv_cache == "auto":
-        return "shared" if cuda and has_cache else "concat"
+        return "shared" if cuda and has_cache and not sliding_window else "concat"
     if kv_cache == "shared" and not has_cache:
         raise TopThetaError(
             "--kv-cache shared needs a decoder exported with its KV cache, and this model has none: "

@@ -84,7 +84,7 @@ def export(
     dtype = resolve_dtype(dtype, device, cuda=runs_on_cuda(device))
     fusions = resolve_fusions(fusions, dtype, cuda=runs_on_cuda(device))
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    kv_cache = resolve_kv_cache(kv_cache, device, cuda=runs_on_cuda(device), has_cache=_has_cache(loaded))
+    kv_cache = _kv_cache_form(kv_cache, device, loaded)
     th = thresholds if isinstance(thresholds, Thresholds) else Thresholds.load(thresholds)
     th.check_compatible(loaded)
     th.meta.setdefault("max_positions", loaded.max_positions)
@@ -115,6 +115,14 @@ def _graph_fusions(path: Path) -> dict[str, int] | None:
 def _has_cache(loaded) -> bool:
     """Whether the export of ``loaded`` has a KV cache (decoder LMs; see ``export_onnx``)."""
     return bool(loaded.causal and loaded.is_lm)
+
+
+def _kv_cache_form(kv_cache: str, device: str, loaded) -> str:
+    """``resolve_kv_cache`` for ``loaded``: its cache, and whether it has sliding-window layers."""
+    windowed = bool(loaded.architecture.sliding_window(loaded.config))
+    return resolve_kv_cache(
+        kv_cache, device, cuda=runs_on_cuda(device), has_cache=_has_cache(loaded), sliding_window=windowed
+    )
 
 
 def _check_data(data, what: str) -> None:
@@ -194,7 +202,7 @@ def run_pipeline(
         prog("load", loaded.name, 1.0)
         timings["load_s"] = time.perf_counter() - t
         # a shared cache for a model without one fails here, before minutes of calibration
-        kv_cache = resolve_kv_cache(kv_cache, device, cuda=runs_on_cuda(device), has_cache=_has_cache(loaded))
+        kv_cache = _kv_cache_form(kv_cache, device, loaded)
 
         t = time.perf_counter()
         th = calibrate(
