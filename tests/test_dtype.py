@@ -192,3 +192,20 @@ def test_float16_gemma3_export_checks_and_matches_float32_reference(tmp_path, ti
         assert got.dtype == np.float16
         rel = float(np.abs(got.astype(np.float32) - want).max() / np.abs(want).max())
         assert rel <= 1e-2, rel
+
+
+def test_bfloat16_validation_is_refused_before_work(tmp_path, capsys, monkeypatch):
+    """On a CUDA machine --dtype bfloat16 resolves, but validation feeds numpy arrays (no bfloat16): one line naming
+    --no-validate and float16, before anything is loaded or written. (The CUDA check is forced here.)"""
+    import cli.main
+    import topthetaexport.pipeline as pipeline
+
+    for module in (cli.main, pipeline):
+        monkeypatch.setattr(module, "runs_on_cuda", lambda device: True)
+    out = tmp_path / "out"
+    argv = ["pipeline", str(tmp_path / "no-model"), "--calib", "builtin:pydoc", "-o", str(out)]
+    rc = cli_main([*argv, "--dtype", "bfloat16", "--device", "cuda"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert all(w in err for w in ("bfloat16", "--no-validate", "float16")), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

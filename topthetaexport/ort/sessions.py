@@ -180,7 +180,13 @@ class OnnxModel:
         if self.past_inputs:
             shape = self.past_inputs[0].shape
             self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
-            self.dtype = np.float16 if "float16" in self.past_inputs[0].type else np.float32
+            kind = self.past_inputs[0].type
+            if "bfloat16" in kind:
+                raise TopThetaError(
+                    f"{self.path} is a bfloat16 graph, and this runner feeds numpy arrays, which have no bfloat16: "
+                    "export with --dtype float16 to validate, evaluate or run it here"
+                )
+            self.dtype = np.float16 if "float16" in kind else np.float32
         outs = [o.name for o in self.sess.get_outputs()]
         self.output_name = outs[0]
         self.present_names = [o for o in outs if o.startswith(PRESENT_PREFIX)]
