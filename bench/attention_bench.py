@@ -242,6 +242,31 @@ def gqa_decode_binding(sess, q, k, v):
     return binding, out, ins
 
 
+def gqa_prefill_binding(sess, q, k, v):
+    """IOBinding of one causal GroupQueryAttention prefill (``ort_gqa_model(past=False)``) on q [B, Hq, S, D] and
+    k/v [B, Hkv, S, D] (heads first, repacked to GQA's [B, S, H·D]). Returns (binding, output [B, Hq, S, D] (a view
+    of GQA's output), inputs); the tensors must outlive the binding."""
+    b, hq, s, d = q.shape
+    hkv = k.shape[1]
+    qs, ks, vs = (x.transpose(1, 2).reshape(b, s, -1).contiguous() for x in (q, k, v))
+    out = torch.empty_like(qs)
+    pk = torch.empty(b, hkv, s, d, device=q.device, dtype=q.dtype)
+    pv = torch.empty_like(pk)
+    ins = {
+        "query": qs,
+        "key": ks,
+        "value": vs,
+        "seqlens_k": torch.full((b,), s - 1, device=q.device, dtype=torch.int32),
+    }
+    binding = Ort.bind(
+        sess,
+        ins,
+        {"output": out, "present_key": pk, "present_value": pv},
+        {"total_sequence_length": np.array([s], np.int32)},
+    )
+    return binding, out.view(b, s, hq, d).transpose(1, 2), (ins, pk, pv)
+
+
 def ort_toptheta_model():
     from onnx import TensorProto, helper
 
@@ -602,23 +627,11 @@ def bench_prefill(kern: Kernels, ort: Ort | None, B: int, S: int, structured: bo
         )
     if ort is not None and ort.ok and not structured:
         gqa = ort.session(ort_gqa_model(past=False), custom=False)
-        qs = q.transpose(1, 2).reshape(B, S, HQ * D).contiguous()
-        ks = k.transpose(1, 2).reshape(B, S, HKV * D).contiguous()
-        vs = v.transpose(1, 2).reshape(B, S, HKV * D).contiguous()
-        o = torch.empty_like(qs)
-        pk = torch.empty(B, HKV, S, D, device="cuda", dtype=DT)
-        pv = torch.empty_like(pk)
-        seq = torch.full((B,), S - 1, device="cuda", dtype=torch.int32)
-        bd = Ort.bind(
-            gqa,
-            {"query": qs, "key": ks, "value": vs, "seqlens_k": seq},
-            {"output": o, "present_key": pk, "present_value": pv},
-            {"total_sequence_length": np.array([S], np.int32)},
-        )
+        bd, o, _ = gqa_prefill_binding(gqa, q, k, v)
         t, names = time_kernels(lambda i: gqa.run_with_iobinding(bd), 1, runs=5 if S > 4096 else 20, groups=3)
         row("ORT GroupQueryAttention (dense)", t, note=f"CUPTI busy time; {kernel_note(names, 2)}")
         ref = sdpa(0)
-        err = float((o.view(B, S, HQ, D).transpose(1, 2).float() - ref.float()).norm() / ref.float().norm())
+        err = float((o.float() - ref.float()).norm() / ref.float().norm())
         rows[-1]["note"] += f"; rel. diff to SDPA {err:.1e}"
     return rows
 

@@ -9,7 +9,8 @@ Baselines: torch SDPA (its own backend choice), onnxruntime's GroupQueryAttentio
 present sharing one buffer), our kernel at θ = -inf (dense), and the generic kernel (TOPTHETA_CUDA_PATH=generic)
 at the smaller shapes. Timing as bench/attention_bench.py: CUDA graphs between events for torch and the direct
 kernel calls, CUPTI busy time for onnxruntime sessions. Floors: decode reads K plus the V rows it keeps at the copy
-bandwidth measured here (event-timed, no graph); prefill's dense causal FLOP at the bf16 GEMM rate measured here.
+bandwidth measured here (decode_bench.copy_ceiling: event-timed, no graph; the 2026-12-03 results took a 1 GiB
+copy, median of 10); prefill's dense causal FLOP at the bf16 GEMM rate measured here.
 
 Usage: python bench/head_dim_256_bench.py --library path/to/libtoptheta_ops.so --out DIR
 """
@@ -24,32 +25,24 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention_bench import Ort, gqa_decode_binding, ort_gqa_model, time_graph, time_kernels  # noqa: E402
+from attention_bench import (  # noqa: E402
+    Ort,
+    gqa_decode_binding,
+    gqa_prefill_binding,
+    ort_gqa_model,
+    time_graph,
+    time_kernels,
+)
+from decode_bench import copy_ceiling  # noqa: E402
 from toptheta_cuda import Kernels  # noqa: E402
 
 D = 256
 DT = torch.float16
 HEADS = {"gemma-3-270m": (4, 1), "gemma-3-4b": (8, 4)}
 L2_BYTES = 50 * 2**20
-
-
-def copy_gbps() -> float:
-    """Device-to-device copy of 1 GiB, event-timed outside a graph, median of 10: read + write bytes per second."""
-    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    times = []
-    for _ in range(12):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        y.copy_(x)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return 2 * 2**30 / sorted(times[2:])[5] / 1e9
 
 
 def gemm_tflops() -> float:
@@ -83,6 +76,13 @@ def theta_for_vrows(s, hkv: int, target: float) -> torch.Tensor:
     return theta(lo), vrows(theta(lo))
 
 
+def result(phase, model, B, L, method, seconds, floor_us, note, **extra) -> dict:
+    """One row of the results (a time in seconds, its floor in µs)."""
+    hq, hkv = HEADS[model]
+    row = dict(phase=phase, model=model, Hq=hq, Hkv=hkv, B=B, L=L, method=method, time_us=seconds * 1e6)
+    return row | extra | dict(floor_us=floor_us, note=note)
+
+
 def with_env(name: str, value: str, fn):
     os.environ[name] = value
     try:
@@ -106,22 +106,8 @@ def bench_decode(kern, ort, model, B, L, floor_bw, generic: bool) -> list[dict]:
     rows = []
 
     def row(method, t, v_rows, note=""):
-        floor = B * hkv * L * D * 2 * (1 + v_rows)
-        rows.append(
-            dict(
-                phase="decode",
-                model=model,
-                Hq=hq,
-                Hkv=hkv,
-                B=B,
-                L=L,
-                method=method,
-                time_us=t * 1e6,
-                v_rows=v_rows,
-                floor_us=floor / floor_bw / 1e3,
-                note=note,
-            )
-        )
+        floor_us = B * hkv * L * D * 2 * (1 + v_rows) / floor_bw / 1e3
+        rows.append(result("decode", model, B, L, method, t, floor_us, note, v_rows=v_rows))
 
     def top(theta):
         return lambda i: kern.attention(*sets[i], theta, causal=True, out=out, want_kept=False)
@@ -162,22 +148,8 @@ def bench_prefill(kern, ort, model, B, S, flop_rate, generic: bool) -> list[dict
     rows = []
 
     def row(method, t, frac, note=""):
-        rows.append(
-            dict(
-                phase="prefill",
-                model=model,
-                Hq=hq,
-                Hkv=hkv,
-                B=B,
-                L=S,
-                method=method,
-                time_us=t * 1e6,
-                kept=frac,
-                floor_us=flops / flop_rate / 1e6,
-                TFLOPs=flops / t / 1e12,
-                note=note,
-            )
-        )
+        floor_us = flops / flop_rate / 1e6
+        rows.append(result("prefill", model, B, S, method, t, floor_us, note, kept=frac, TFLOPs=flops / t / 1e12))
 
     def top(theta):
         return lambda i: kern.attention(q, k, v, theta, causal=True, out=out, want_kept=False)
@@ -203,20 +175,10 @@ def bench_prefill(kern, ort, model, B, S, flop_rate, generic: bool) -> list[dict
             row(f"Top-θ generic kernel (before), {name}", t, frac, f"path={kern.last_path}")
     if ort is not None and ort.ok:
         gqa = ort.session(ort_gqa_model(past=False, hq=hq, hkv=hkv, d=D), custom=False)
-        qs, ks, vs = (x.transpose(1, 2).reshape(B, S, -1).contiguous() for x in (q, k, v))
-        o = torch.empty_like(qs)
-        pk = torch.empty(B, hkv, S, D, device="cuda", dtype=DT)
-        pv = torch.empty_like(pk)
-        seq = torch.full((B,), S - 1, device="cuda", dtype=torch.int32)
-        bd = Ort.bind(
-            gqa,
-            {"query": qs, "key": ks, "value": vs, "seqlens_k": seq},
-            {"output": o, "present_key": pk, "present_value": pv},
-            {"total_sequence_length": np.array([S], np.int32)},
-        )
+        bd, o, _ = gqa_prefill_binding(gqa, q, k, v)
         t, _ = time_kernels(lambda i: gqa.run_with_iobinding(bd), 1, runs=5, groups=3)
         ref = sdpa(0)
-        err = float((o.view(B, S, hq, D).transpose(1, 2).float() - ref.float()).norm() / ref.float().norm())
+        err = float((o.float() - ref.float()).norm() / ref.float().norm())
         row("ORT GroupQueryAttention (dense)", t, 1.0, f"CUPTI busy time; rel. diff to SDPA {err:.1e}")
     return rows
 
@@ -259,7 +221,7 @@ def main():
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
         "onnxruntime": getattr(ort, "version", None),
-        "copy_GBps": copy_gbps(),
+        "copy_GBps": copy_ceiling(),
         "bf16_mm_TFLOPs": gemm_tflops(),
     }
     print(json.dumps(info), flush=True)

@@ -182,11 +182,8 @@ def ref_of(case):
     )
 
 
-def run_kernel(kernels, case, **extra):
-    B, Hq, Sq, _ = case["q"].shape
-    out = torch.full((B, Hq, Sq, case["v"].shape[3]), float("nan"), device="cuda", dtype=case["q"].dtype)
-    kept = torch.full((B, Hq, Sq), -1, device="cuda", dtype=torch.int32)
-    kernels.attention(
+def _attention(kernels, case, **extra):
+    out = kernels.attention(
         case["q"],
         case["k"],
         case["v"],
@@ -195,13 +192,26 @@ def run_kernel(kernels, case, **extra):
         attn_mask=case["attn_mask"],
         sdc=case["sdc"],
         comp_mode=case["comp_mode"],
-        out=out,
-        kept=kept,
         softcap=case.get("softcap", 0.0),
         **extra,
     )
     torch.cuda.synchronize()
-    return out, kept
+    return out
+
+
+def run_kernel(kernels, case, **extra):
+    B, Hq, Sq, _ = case["q"].shape
+    out = torch.full((B, Hq, Sq, case["v"].shape[3]), float("nan"), device="cuda", dtype=case["q"].dtype)
+    kept = torch.full((B, Hq, Sq), -1, device="cuda", dtype=torch.int32)
+    return _attention(kernels, case, out=out, kept=kept, **extra)
+
+
+def run_without_kept(kernels, case):
+    """The kernel's output on a case without the `kept` output (the kernels without counts; on sm_90 the Hopper
+    kernel for a prefill it covers)."""
+    out, none = _attention(kernels, case, want_kept=False)
+    assert none is None
+    return out
 
 
 def rel_err(x, ref):
@@ -433,19 +443,8 @@ def test_head_dim_256_prefill_matches_reference(kernels, env, cfg, variant):
     case = make_case(**cfg, seed=31)
     check(kernels, case, "prefill")
     assert kernels.last_variant == 0
-    out, none = kernels.attention(  # without the `kept` output (the kernel without counts)
-        case["q"],
-        case["k"],
-        case["v"],
-        case["thresholds"],
-        causal=case["causal"],
-        attn_mask=case["attn_mask"],
-        sdc=case["sdc"],
-        comp_mode=case["comp_mode"],
-        want_kept=False,
-    )
-    torch.cuda.synchronize()
-    assert none is None and (kernels.last_path, kernels.last_variant) == ("prefill", 0)
+    out = run_without_kept(kernels, case)
+    assert (kernels.last_path, kernels.last_variant) == ("prefill", 0)
     assert rel_err(out, ref_of(case)[0]) <= REL_TOL
 
 
@@ -461,17 +460,8 @@ def test_head_dim_256_decode_matches_reference(kernels, env, cfg, splits):
     check(kernels, case, "decode")
     assert kernels.last_kstages == 3
     if case["comp_mode"] == 0:  # without the `kept` output: the kernel without counts
-        out, none = kernels.attention(
-            case["q"],
-            case["k"],
-            case["v"],
-            case["thresholds"],
-            causal=case["causal"],
-            attn_mask=case["attn_mask"],
-            want_kept=False,
-        )
-        torch.cuda.synchronize()
-        assert none is None and kernels.last_path == "decode"
+        out = run_without_kept(kernels, case)
+        assert kernels.last_path == "decode"
         assert rel_err(out, ref_of(case)[0]) <= REL_TOL
     if case["comp_mode"] == 0 and case["attn_mask"] is None:  # a shadow K is ignored (no scan at D = 256)
         out, kept = run_kernel(kernels, case, shadow=shadow_k(case["k"]))
@@ -805,19 +795,7 @@ def _run_nan(kernels, case, want_kept):
     for prefill)."""
     if want_kept:
         return run_kernel(kernels, case)
-    out, _ = kernels.attention(
-        case["q"],
-        case["k"],
-        case["v"],
-        case["thresholds"],
-        causal=case["causal"],
-        attn_mask=case["attn_mask"],
-        sdc=case["sdc"],
-        comp_mode=case["comp_mode"],
-        want_kept=False,
-    )
-    torch.cuda.synchronize()
-    return out, None
+    return run_without_kept(kernels, case), None
 
 
 def _check_nan_rows(kernels, case, nan_rows, want_kept):
