@@ -89,7 +89,10 @@ def test_dense_export_matches_pytorch(exported, kind):
 def test_auto_kv_cache_on_cuda_is_concat_for_windowed_models(exported, kind):
     """`--device cuda` picks the shared cache, which needs every layer on the key-padding mask: a model with
     sliding-window layers (4-D masks kept) gets the concat form, from the loaded model and from its dense export."""
-    from cli.main import _dense_sliding_window
+    try:
+        from topthetaexport.cli.main import _dense_sliding_window
+    except ImportError:  # a source checkout without installing
+        from cli.main import _dense_sliding_window
     from topthetaexport.pipeline import _kv_cache_form
 
     ex = exported(kind)

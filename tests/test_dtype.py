@@ -197,10 +197,9 @@ def test_float16_gemma3_export_checks_and_matches_float32_reference(tmp_path, ti
 def test_bfloat16_validation_is_refused_before_work(tmp_path, capsys, monkeypatch):
     """On a CUDA machine --dtype bfloat16 resolves, but validation feeds numpy arrays (no bfloat16): one line naming
     --no-validate and float16, before anything is loaded or written. (The CUDA check is forced here.)"""
-    import cli.main
     import topthetaexport.pipeline as pipeline
 
-    for module in (cli.main, pipeline):
+    for module in (sys.modules[cli_main.__module__], pipeline):
         monkeypatch.setattr(module, "runs_on_cuda", lambda device: True)
     out = tmp_path / "out"
     argv = ["pipeline", str(tmp_path / "no-model"), "--calib", "builtin:pydoc", "-o", str(out)]
