@@ -272,12 +272,12 @@ size_t ScratchBytes(const AttnParams& p, int64_t rows) { return ScratchLayout(p,
 
 }  // namespace cpu
 
-void TopThetaCpu(const AttnParams& p, ParallelForFn parallel_for, void* runner, float softcap) {
+void TopThetaCpu(const AttnParams& p, ParallelForFn parallel_for, void* runner) {
   using namespace cpu;
   if (p.B == 0 || p.Hq == 0 || p.Sq == 0) return;
   TaskPlan plan;
   plan.p = &p;
-  plan.softcap = softcap;
+  plan.softcap = p.softcap;
   plan.group = p.Hq / p.Hkv;
   // 32 rows per head and block: enough rows to reuse each K/V tile from L1, enough blocks to balance causal work.
   plan.rows_per_block = std::min<int64_t>(p.Sq, 32);

@@ -11,7 +11,7 @@ namespace toptheta {
 using ParallelForFn = void (*)(void* runner, void (*fn)(void*, size_t), size_t total, void* data);
 
 // Computes p.out (and p.kept when non-null). K/V in p are the full [B, Hkv, Ktot, *] tensors.
-// softcap > 0 caps every score s to softcap * tanh(s / softcap) before the mask is added (docs/op.md).
-void TopThetaCpu(const AttnParams& p, ParallelForFn parallel_for, void* runner, float softcap = 0.f);
+// p.softcap > 0 caps every score s to softcap * tanh(s / softcap) before the mask is added (docs/op.md).
+void TopThetaCpu(const AttnParams& p, ParallelForFn parallel_for, void* runner);
 
 }  // namespace toptheta

@@ -461,7 +461,6 @@ PreparedCall PrepareCall(const Ort::KernelContext& ctx, const OpAttributes& attr
   p.scale = attrs.scale != 0.f ? attrs.scale : 1.0f / std::sqrt(static_cast<float>(p.D));
   p.causal = attrs.causal;
   p.comp_mode = attrs.comp_mode;
-  call.softcap = attrs.softcap;
   p.softcap = attrs.softcap;
   p.q = q.data;
   call.fresh[0] = k.data;

@@ -99,7 +99,6 @@ struct PreparedCall {
   const void* past_shadow[2] = {nullptr, nullptr};
   void* present_shadow[2] = {nullptr, nullptr};
   const std::string* node_name = nullptr;  // for errors raised after PrepareCall (owned by the kernel)
-  float softcap = 0.f;                     // attribute softcap (also in params.softcap, which the CUDA kernels read)
 
   bool Shared() const { return params.past_lens != nullptr; }
   bool NeedsKV(int t) const { return Shared() || params.packed || past[t] != nullptr || present[t] != nullptr; }

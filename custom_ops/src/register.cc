@@ -55,7 +55,7 @@ struct CpuKernel {
       RunCopies(call.ShadowCopies());
       UpdateShadowOnHost(call.params, static_cast<uint8_t*>(call.present_shadow[0]), call.present_shadow[1]);
     }
-    TopThetaCpu(call.params, &OrtParallelFor, const_cast<void*>(static_cast<const void*>(&ctx)), call.softcap);
+    TopThetaCpu(call.params, &OrtParallelFor, const_cast<void*>(static_cast<const void*>(&ctx)));
   }
 };
 

@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : (D == 128 ? 2 : 1)) De
   const int first = s_begin + warp;
   const int steps = first < s_end ? (s_end - first + kWarps - 1) / kWarps : 0;
   const int min_pos = klen - static_cast<int>(a.p.Sq);  // smallest row position of the block
-  const float scale = a.p.scale, softcap = a.p.softcap;
+  const float scale = a.p.scale;
   const uint32_t key_bit =
       Pinned(1u << (2 * t));  // bit of key c = n * 8 + 2t + (e & 1) is key_bit << (n * 8 + (e & 1))
 
@@ -329,7 +329,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : (D == 128 ? 2 : 1)) De
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) s[n][e] = SoftcapRaw(s[n][e], scale, softcap);
+          for (int e = 0; e < 4; ++e) s[n][e] = SoftcapRaw(s[n][e], scale, a.p.softcap);
         }
       }
     }
