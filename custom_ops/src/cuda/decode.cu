@@ -74,30 +74,32 @@ struct TileOffsets {
 };
 
 // Warp-level copy of 16 K or V rows (keys k0..k0+15) into a swizzled tile; rows whose bit in `rows`
-// is clear (or past the batch row's klen keys) are zero-filled without reading memory.
+// is clear (or past the batch row's klen keys) are zero-filled without reading memory. `dm`: the rows' head dim in
+// memory, D but for the padded head dims (TileHeadDim), whose chunks past dm / 8 are zero-filled the same way.
 template <typename T, int D>
 __device__ __forceinline__ void LoadRows(const T* base, int k0, int klen, uint32_t dst, uint32_t rows,
-                                         const TileOffsets<D>& off, int lane) {
+                                         const TileOffsets<D>& off, int lane, int dm = D) {
   using O = TileOffsets<D>;
-  const int r0 = lane / O::CH;
-  const T* src = base + static_cast<int64_t>(k0 + r0) * D + (lane % O::CH) * 8;
+  const int r0 = lane / O::CH, ch = lane % O::CH;
+  const bool chunk_ok = dm == D || ch * 8 < dm;
+  const T* src = base + static_cast<int64_t>(k0 + r0) * dm + (chunk_ok ? ch * 8 : 0);
   if (k0 + kSub <= klen) {  // every row exists: no bounds test, no pointer select
 #pragma unroll
     for (int i = 0; i < O::PASSES; ++i) {
-      CpAsync16(dst + off.copy(i), src + i * O::RSTEP * D, (rows >> (r0 + i * O::RSTEP)) & 1u);
+      CpAsync16(dst + off.copy(i), src + i * O::RSTEP * dm, chunk_ok && ((rows >> (r0 + i * O::RSTEP)) & 1u));
     }
   } else {
 #pragma unroll
     for (int i = 0; i < O::PASSES; ++i) {
       const int r = r0 + i * O::RSTEP;
-      const bool ok = ((rows >> r) & 1u) && k0 + r < klen;
-      CpAsync16(dst + off.copy(i), ok ? src + i * O::RSTEP * D : base, ok);
+      const bool ok = chunk_ok && ((rows >> r) & 1u) && k0 + r < klen;
+      CpAsync16(dst + off.copy(i), ok ? src + i * O::RSTEP * dm : base, ok);
     }
   }
 }
 
 // LIST: the warp-level copy of 16 rows whose keys come from a candidate list: lane c (mod 16) holds the key of row c
-// in `jlane` (-1: no row; zero-filled like a row whose bit in `rows` is clear).
+// in `jlane` (-1: no row; zero-filled like a row whose bit in `rows` is clear). Never with padded head dims.
 template <typename T, int D>
 __device__ __forceinline__ void LoadListedRows(const T* base, int jlane, uint32_t dst, uint32_t rows,
                                                const TileOffsets<D>& off, int lane) {
@@ -119,9 +121,12 @@ __device__ __forceinline__ void LoadListedRows(const T* base, int jlane, uint32_
 // LIST: keys from the shadow scan's candidate lists (plan.shadow; never with the mean pass or the valid counts of
 // the compensation, see ShadowCovers).
 // CAP: softcap > 0 (Gemma 2), scores capped right after Q·Kᵀ (its own instantiations: 3 K stages, counts, no list).
-template <typename T, int D, bool MASK, bool COUNT, int KST, bool LIST, bool CAP = false>
+// PAD: the rows in memory have a.p.D < D channels (80 or 96 in tiles of 128, TileHeadDim): Q, K and V are
+// zero-padded to D in registers and shared memory, and only a.p.D channels are written.
+template <typename T, int D, bool MASK, bool COUNT, int KST, bool LIST, bool CAP = false, bool PAD = false>
 __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : (D == 128 ? 2 : 1)) DecodeKernel(const KernelArgs a) {
   static_assert(KST == 3 || KST == 4, "K stages");
+  static_assert(!PAD || (D == 128 && !LIST), "padded head dims: tiles of 128, no candidate lists");
   constexpr int kKStages = KST, kAhead = KST - 1;
   constexpr int KS = D / 16, NO = D / 8;
   constexpr uint32_t kTileBytes = kSub * D * 2;
@@ -136,8 +141,9 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : (D == 128 ? 2 : 1)) De
   const int nrows = static_cast<int>(a.G * a.p.Sq);
   const int klen = static_cast<int>(KeyLen(a.p, b));  // keys of this batch row; the buffer has kv_capacity rows
   const int64_t head = static_cast<int64_t>(b) * a.p.Hkv + kvh;
-  const T* Kg = static_cast<const T*>(a.p.k) + head * a.p.kv_capacity * D;
-  const T* Vg = static_cast<const T*>(a.p.v) + head * a.p.kv_capacity * D;
+  const int dm = PAD ? static_cast<int>(a.p.D) : D;  // channels of a row in memory
+  const T* Kg = static_cast<const T*>(a.p.k) + head * a.p.kv_capacity * dm;
+  const T* Vg = static_cast<const T*>(a.p.v) + head * a.p.kv_capacity * dm;
   const uint32_t wbase = SmemAddr(smem) + warp * (kKStages + kVStages) * kTileBytes;
   const uint32_t vbase = wbase + kKStages * kTileBytes;
   const TileOffsets<D> off(lane);
@@ -190,7 +196,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : (D == 128 ? 2 : 1)) De
       if (LIST) {
         LoadListedRows<T, D>(Kg, jr[i], wbase + i * kTileBytes, 0xffffu, off, lane);
       } else {
-        LoadRows<T, D>(Kg, key0(i), klen, wbase + i * kTileBytes, 0xffffu, off, lane);
+        LoadRows<T, D>(Kg, key0(i), klen, wbase + i * kTileBytes, 0xffffu, off, lane, dm);
       }
     }
     CpAsyncCommit();
@@ -238,9 +244,10 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : (D == 128 ? 2 : 1)) De
     for (int ks = 0; ks < KS; ++ks) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
+        const bool ok = row_ok[e] && (!PAD || ks * 16 < dm);  // dm is a multiple of 16
         const T* p = static_cast<const T*>(a.p.q) + QueryOffset(a.p, b, hq[e], qi[e]) + ks * 16 + 2 * t;
-        qf[ks][e] = row_ok[e] ? *reinterpret_cast<const uint32_t*>(p) : 0u;
-        qf[ks][2 + e] = row_ok[e] ? *reinterpret_cast<const uint32_t*>(p + 8) : 0u;
+        qf[ks][e] = ok ? *reinterpret_cast<const uint32_t*>(p) : 0u;
+        qf[ks][2 + e] = ok ? *reinterpret_cast<const uint32_t*>(p + 8) : 0u;
       }
     }
   }
@@ -425,7 +432,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : (D == 128 ? 2 : 1)) De
       if (LIST) {
         LoadListedRows<T, D>(Vg, jl, vbase + (step % kVStages) * kTileBytes, keys, off, lane);
       } else {
-        LoadRows<T, D>(Vg, k0, klen, vbase + (step % kVStages) * kTileBytes, keys, off, lane);
+        LoadRows<T, D>(Vg, k0, klen, vbase + (step % kVStages) * kTileBytes, keys, off, lane, dm);
       }
     }
     CpAsyncCommit();
@@ -434,7 +441,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : (D == 128 ? 2 : 1)) De
       if (LIST) {
         LoadListedRows<T, D>(Kg, jr[kAhead], kdst, 0xffffu, off, lane);
       } else {
-        LoadRows<T, D>(Kg, key0(step + kAhead), klen, kdst, 0xffffu, off, lane);
+        LoadRows<T, D>(Kg, key0(step + kAhead), klen, kdst, 0xffffu, off, lane, dm);
       }
     }
     CpAsyncCommit();
@@ -488,8 +495,8 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : (D == 128 ? 2 : 1)) De
     if (t == 0) sst[warp * 16 + rl] = make_float4(m[r], l[r], __int_as_float(nk[r]), __int_as_float(nv[r]));
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < nrows * D; idx += kThreads) {
-    const int rl = idx / D, d = idx % D;
+  for (int idx = threadIdx.x; idx < nrows * dm; idx += kThreads) {
+    const int rl = idx / dm, d = idx % dm;
     float M = -INFINITY;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) M = fmaxf(M, sst[w * 16 + rl].x);
@@ -506,7 +513,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : (D == 128 ? 2 : 1)) De
     }
     const int64_t hqr = kvh * a.G + rl / a.p.Sq, qir = rl % a.p.Sq;
     const int64_t part = ((b * a.p.Hq + hqr) * a.p.Sq + qir) * a.plan.splits + split;
-    a.part_o[part * D + d] = acc;
+    a.part_o[part * dm + d] = acc;
     if (d == 0) a.part_stats[part] = make_float4(M, lsum, __int_as_float(ksum), __int_as_float(vsum));
   }
 }
@@ -727,7 +734,9 @@ __global__ void __launch_bounds__(kCombineWarps * 32, 1) CombineKernel(const Ker
   const int64_t row = blockIdx.x;
   const int64_t D = a.p.Dv;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
-  const int64_t d = blockIdx.y * 32 + lane;
+  // Dv = 80: the last block's lanes past Dv load and write nothing, but take part in the reductions.
+  const bool channel = blockIdx.y * 32 + lane < D;
+  const int64_t d = channel ? blockIdx.y * 32 + lane : 0;
   const bool final_pass = !a.mean_pass;
   RowConst rc = {0, 0.f, 0.f};
   if (final_pass) rc = RowConstants(a, KeyLen(a.p, row / (a.p.Hq * a.p.Sq)), (row / a.p.Sq) % a.p.Hq, row % a.p.Sq);
@@ -796,6 +805,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32, 1) CombineKernel(const Ker
     nk += __float_as_int(red_s[w].z);
     nv += __float_as_int(red_s[w].w);
   }
+  if (!channel) return;
   if (!final_pass) {
     a.vbar[row * D + d] = dk > 0.f ? n / dk : 0.f;
     return;
@@ -817,22 +827,24 @@ constexpr int DecodeSmem() {
   return kWarps * (KST + kVStages) * kSub * D * 2 + (D > 128 ? kSub * D * 2 : 0);
 }
 
-template <typename T, int D, bool MASK, bool COUNT, int KST, bool LIST, bool CAP = false>
+template <typename T, int D, bool MASK, bool COUNT, int KST, bool LIST, bool CAP = false, bool PAD = false>
 cudaError_t Run(const KernelArgs& a, cudaStream_t stream) {
   constexpr int smem = DecodeSmem<D, KST>();
-  cudaError_t e = AllowSmem<DecodeKernel<T, D, MASK, COUNT, KST, LIST, CAP>>(smem);
+  cudaError_t e = AllowSmem<DecodeKernel<T, D, MASK, COUNT, KST, LIST, CAP, PAD>>(smem);
   if (e != cudaSuccess) return e;
   dim3 grid(static_cast<unsigned>(a.plan.splits), static_cast<unsigned>(a.p.Hkv), static_cast<unsigned>(a.p.B));
-  DecodeKernel<T, D, MASK, COUNT, KST, LIST, CAP><<<grid, kThreads, smem, stream>>>(a);
+  DecodeKernel<T, D, MASK, COUNT, KST, LIST, CAP, PAD><<<grid, kThreads, smem, stream>>>(a);
   return cudaGetLastError();
 }
 
 // The shadow path has the default K stages only; head dim 256 has 3 K stages and no shadow path (4 stages would not
-// fit in shared memory; ShadowCovers).
-template <typename T, int D, bool MASK, bool COUNT>
+// fit in shared memory; ShadowCovers); the padded head dims have the default K stages and no shadow path.
+template <typename T, int D, bool MASK, bool COUNT, bool PAD = false>
 cudaError_t RunK(const KernelArgs& a, cudaStream_t stream) {
   if constexpr (D == 256) {
     return Run<T, D, MASK, COUNT, 3, false>(a, stream);
+  } else if constexpr (PAD) {
+    return Run<T, D, MASK, COUNT, kDecodeKStagesDefault, false, false, true>(a, stream);
   } else {
     if (a.plan.shadow) return Run<T, D, MASK, COUNT, kDecodeKStagesDefault, true>(a, stream);
     return a.plan.decode_kstages == 3 ? Run<T, D, MASK, COUNT, 3, false>(a, stream)
@@ -841,26 +853,30 @@ cudaError_t RunK(const KernelArgs& a, cudaStream_t stream) {
 }
 
 // Counts are needed for the `kept` output and the compensation (both read n_kept / n_valid), not otherwise.
-template <typename T, int D>
+template <typename T, int D, bool PAD = false>
 cudaError_t RunD(const KernelArgs& a, cudaStream_t stream) {
   const bool mask = a.p.mask_kind != MaskKind::kNone;
   const bool count = a.p.kept != nullptr || (a.p.comp_mode >= 1 && a.p.sdc != nullptr);
-  if (mask) return count ? RunK<T, D, true, true>(a, stream) : RunK<T, D, true, false>(a, stream);
-  return count ? RunK<T, D, false, true>(a, stream) : RunK<T, D, false, false>(a, stream);
+  if (mask) return count ? RunK<T, D, true, true, PAD>(a, stream) : RunK<T, D, true, false, PAD>(a, stream);
+  return count ? RunK<T, D, false, true, PAD>(a, stream) : RunK<T, D, false, false, PAD>(a, stream);
 }
 
-template <typename T, int D>
+template <typename T, int D, bool PAD = false>
 cudaError_t RunCapD(const KernelArgs& a, cudaStream_t stream) {
   const bool mask = a.p.mask_kind != MaskKind::kNone;
-  return mask ? Run<T, D, true, true, 3, false, true>(a, stream) : Run<T, D, false, true, 3, false, true>(a, stream);
+  return mask ? Run<T, D, true, true, 3, false, true, PAD>(a, stream)
+              : Run<T, D, false, true, 3, false, true, PAD>(a, stream);
 }
 
 template <typename T>
 cudaError_t RunT(const KernelArgs& a, cudaStream_t stream) {
+  const bool pad = PaddedHeadDim(a.p.D);
   if (a.p.softcap > 0.f) {
+    if (pad) return RunCapD<T, 128, true>(a, stream);
     return a.p.D == 64 ? RunCapD<T, 64>(a, stream)
                        : (a.p.D == 128 ? RunCapD<T, 128>(a, stream) : RunCapD<T, 256>(a, stream));
   }
+  if (pad) return RunD<T, 128, true>(a, stream);
   if (a.p.D == 256) return RunD<T, 256>(a, stream);
   return a.p.D == 64 ? RunD<T, 64>(a, stream) : RunD<T, 128>(a, stream);
 }
@@ -908,7 +924,7 @@ cudaError_t LaunchDecodeCombine(const KernelArgs& a, cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
   // Warps per block: enough that a lane has at most 16 partials of a row (one round of loads), at most 8.
   const int warps = static_cast<int>(std::min<int64_t>(kCombineWarps, std::max<int64_t>(1, (a.plan.splits + 15) / 16)));
-  cfg.gridDim = dim3(static_cast<unsigned>(rows), static_cast<unsigned>(a.p.Dv / 32));
+  cfg.gridDim = dim3(static_cast<unsigned>(rows), static_cast<unsigned>((a.p.Dv + 31) / 32));
   cfg.blockDim = dim3(static_cast<unsigned>(warps * 32));
   cfg.dynamicSmemBytes = 0;
   cfg.stream = stream;

@@ -26,9 +26,10 @@ int EnvInt(const char* name, int fallback) {
 int DecodeSplits(const AttnParams& p, const DeviceProps& dev, const KernelOptions& opt) {
   const int64_t nsub = (p.Ktot + kDecodeSubKeys - 1) / kDecodeSubKeys;
   const int64_t pairs = std::max<int64_t>(1, p.B * p.Hkv);
-  const int per_sm = p.D == 64    ? dev.decode_blocks_per_sm_d64
-                     : p.D == 128 ? dev.decode_blocks_per_sm_d128
-                                  : dev.decode_blocks_per_sm_d256;
+  const int64_t tile_d = TileHeadDim(p.D);
+  const int per_sm = tile_d == 64    ? dev.decode_blocks_per_sm_d64
+                     : tile_d == 128 ? dev.decode_blocks_per_sm_d128
+                                     : dev.decode_blocks_per_sm_d256;
   const int64_t slots = static_cast<int64_t>(dev.sm_count) * per_sm;
   int64_t s = std::max<int64_t>(1, slots / pairs);
   s = std::min(s, std::max<int64_t>(1, nsub / 16));
@@ -70,7 +71,9 @@ Plan MakePlan(const AttnParams& p, const DeviceProps& device, const KernelOption
     plan.splits = DecodeSplits(p, device, options);
     plan.decode_kstages =
         options.decode_kstages == 3 || options.decode_kstages == 4 ? options.decode_kstages : kDecodeKStagesDefault;
-    // D = 256: 4 stages of 512-byte rows do not fit in shared memory; softcap: its kernels have 3 stages only
+    // D = 256: 4 stages of 512-byte rows do not fit in shared memory; softcap: its kernels have 3 stages only;
+    // padded head dims: the default stages only
+    if (PaddedHeadDim(p.D)) plan.decode_kstages = kDecodeKStagesDefault;
     if (p.D == 256 || p.softcap > 0.f) plan.decode_kstages = 3;
     plan.shadow = ShadowCovers(p) && !options.no_shadow ? 1 : 0;
   }
@@ -80,8 +83,8 @@ Plan MakePlan(const AttnParams& p, const DeviceProps& device, const KernelOption
     // The Hopper kernel (3) by default where it applies; asked for where it does not, the default runs.
     const bool sm90 = (v == -1 || v == 3) && Sm90Covers(p) && device.prefill_sm90;
     plan.prefill_variant = sm90 ? 3 : (v == 3 ? kPrefillDefault : v);
-    // 8 warps x 16 rows: the one kernel for D = 256 (Q in shared memory) and for a softcap
-    if (p.D == 256 || p.softcap > 0.f) plan.prefill_variant = 0;
+    // 8 warps x 16 rows: the one kernel for D = 256 (Q in shared memory), for the padded head dims and for a softcap
+    if (p.D == 256 || PaddedHeadDim(p.D) || p.softcap > 0.f) plan.prefill_variant = 0;
   }
   plan.workspace = MakeLayout(p, plan).total;
   return plan;

@@ -18,20 +18,22 @@ constexpr int kBN = 64;  // keys per tile
 // Block-wide copy of the K (when with_k) and V rows [k0, k0 + kBN) into swizzled tiles (rows >= klen, the
 // batch row's keys, zero-filled without reading memory). Thread tid
 // always copies chunk tid % CH of rows tid / CH + i * RPI; RPI is a multiple of 8, so the swizzle of
-// its rows is one per-thread constant and every copy is a fixed offset from the first.
+// its rows is one per-thread constant and every copy is a fixed offset from the first. `dm`: the rows' head dim in
+// memory, D but for the padded head dims (TileHeadDim), whose chunks past dm / 8 are zero-filled the same way.
 template <typename T, int D, int THREADS>
 __device__ __forceinline__ void LoadTile(const T* Kg, const T* Vg, int k0, int klen, uint32_t ks, uint32_t vs,
-                                         bool with_k) {
+                                         bool with_k, int dm = D) {
   constexpr int CH = D / 8;
   constexpr int RPI = THREADS / CH;  // rows per pass
   static_assert(RPI % 8 == 0 && kBN % RPI == 0, "tile copy layout");
   const int r0 = threadIdx.x / CH, ch = threadIdx.x % CH;
+  const bool chunk_ok = dm == D || ch * 8 < dm;
   const uint32_t soff = Swz<CH>(r0, ch);
-  const int64_t goff = static_cast<int64_t>(k0 + r0) * D + ch * 8;
+  const int64_t goff = static_cast<int64_t>(k0 + r0) * dm + ch * 8;
 #pragma unroll
   for (int i = 0; i < kBN / RPI; ++i) {
-    const bool ok = k0 + r0 + i * RPI < klen;
-    const int64_t g = ok ? goff + i * RPI * D : 0;
+    const bool ok = chunk_ok && k0 + r0 + i * RPI < klen;
+    const int64_t g = ok ? goff + i * RPI * dm : 0;
     const uint32_t so = soff + i * RPI * CH * 16;
     if (with_k) CpAsync16(ks + so, Kg + g, ok);
     CpAsync16(vs + so, Vg + g, ok);
@@ -62,8 +64,11 @@ constexpr int SmemBytes() {
 // were pruned or underflowed).
 // CAP: softcap > 0 (Gemma 2): the raw scores are capped right after Q·Kᵀ (an instantiation of its own, so that the
 // other kernels keep their registers).
-template <typename T, int D, bool MASK, int MT, int WARPS, bool COUNT, bool CAP = false>
+// PAD: the rows in memory have a.p.D < D channels (80 or 96 in tiles of 128, TileHeadDim): Q, K and V are
+// zero-padded to D in registers and shared memory, and only a.p.D channels are written.
+template <typename T, int D, bool MASK, int MT, int WARPS, bool COUNT, bool CAP = false, bool PAD = false>
 __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs a) {
+  static_assert(!PAD || D == 128, "padded head dims: tiles of 128");
   constexpr int THREADS = WARPS * 32;
   constexpr int kBM = RowsPerBlock<MT, WARPS>();
   constexpr int CH = D / 8;            // 16-byte chunks per K/V row
@@ -93,9 +98,10 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
   const float inv_scale = 1.f / a.p.scale;
   const float c2 = a.p.scale * kLog2e;  // raw score -> log2 units
   const T* Qg = static_cast<const T*>(a.p.q) + QueryOffset(a.p, b, h, 0);
-  const int64_t qstride = QueryRowStride(a.p);  // D, or Hq·D when packed
-  const T* Kg = static_cast<const T*>(a.p.k) + (b * a.p.Hkv + kvh) * a.p.kv_capacity * D;
-  const T* Vg = static_cast<const T*>(a.p.v) + (b * a.p.Hkv + kvh) * a.p.kv_capacity * D;
+  const int64_t qstride = QueryRowStride(a.p);       // D, or Hq·D when packed
+  const int dm = PAD ? static_cast<int>(a.p.D) : D;  // channels of a row in memory
+  const T* Kg = static_cast<const T*>(a.p.k) + (b * a.p.Hkv + kvh) * a.p.kv_capacity * dm;
+  const T* Vg = static_cast<const T*>(a.p.v) + (b * a.p.Hkv + kvh) * a.p.kv_capacity * dm;
   const uint32_t qbase = SmemAddr(smem), sbase = qbase + kQBytes;
 
   // Per-lane ldmatrix offsets in a swizzled tile (Swz): physical chunk = chunk ^ (row & 7), and since a
@@ -136,16 +142,18 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int i = w0 + g + 8 * e;
+        const bool ok = i < Sq && (!PAD || ks * 16 < dm);  // dm is a multiple of 16
         const T* p = Qg + static_cast<int64_t>(i < Sq ? i : 0) * qstride + ks * 16 + 2 * t;
-        qf[ks][e] = i < Sq ? *reinterpret_cast<const uint32_t*>(p) : 0u;
-        qf[ks][2 + e] = i < Sq ? *reinterpret_cast<const uint32_t*>(p + 8) : 0u;
+        qf[ks][e] = ok ? *reinterpret_cast<const uint32_t*>(p) : 0u;
+        qf[ks][2 + e] = ok ? *reinterpret_cast<const uint32_t*>(p + 8) : 0u;
       }
     }
   } else if (!mean) {
     for (int c = threadIdx.x; c < kBM * CH; c += THREADS) {
       const int r = c / CH, ch = c % CH;
-      const bool ok = i0 + r < Sq;
-      CpAsync16(qbase + Swz<CH>(r, ch), Qg + static_cast<int64_t>(ok ? i0 + r : 0) * qstride + ch * 8, ok);
+      const bool ok = i0 + r < Sq && (!PAD || ch * 8 < dm);
+      CpAsync16(qbase + Swz<CH>(r, ch),
+                Qg + static_cast<int64_t>(ok ? i0 + r : 0) * qstride + (PAD && !ok ? 0 : ch * 8), ok);
     }
   }
 
@@ -173,13 +181,13 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
     nk[r] = nv[r] = 0;
   }
 
-  if (ntiles > 0) LoadTile<T, D, THREADS>(Kg, Vg, 0, Ktot, sbase, sbase + 2 * kTileBytes, !mean);
+  if (ntiles > 0) LoadTile<T, D, THREADS>(Kg, Vg, 0, Ktot, sbase, sbase + 2 * kTileBytes, !mean, dm);
   CpAsyncCommit();
   for (int tile = 0; tile < ntiles; ++tile) {
     const int buf = tile & 1;
     if (tile + 1 < ntiles) {
       LoadTile<T, D, THREADS>(Kg, Vg, (tile + 1) * kBN, Ktot, sbase + (buf ^ 1) * kTileBytes,
-                              sbase + (2 + (buf ^ 1)) * kTileBytes, !mean);
+                              sbase + (2 + (buf ^ 1)) * kTileBytes, !mean, dm);
     }
     CpAsyncCommit();
     CpAsyncWait<1>();
@@ -430,9 +438,10 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
     const int64_t row = (b * a.p.Hq + h) * a.p.Sq + i;
     if (mean) {
       const float inv = lsum[r] > 0.f ? 1.f / lsum[r] : 0.f;
-      float* vb = a.vbar + row * D;
+      float* vb = a.vbar + row * dm;
 #pragma unroll
       for (int n = 0; n < NO; ++n) {
+        if (PAD && n * 8 >= dm) break;
         *reinterpret_cast<float2*>(vb + n * 8 + 2 * t) = make_float2(o[mt][n][e2] * inv, o[mt][n][e2 + 1] * inv);
       }
       continue;
@@ -441,10 +450,11 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
     const RowConst rc = RowConstants(a, klen, h, i);
     const int n_valid = MASK ? nv[r] : static_cast<int>(a.p.causal ? min(rc.pos + 1, klen) : klen);
     const RowFinal f = FinishRow(a, lsum[r], m[r] * a.p.scale, rc.theta, rc.rho, nk[r], n_valid);
-    const float* vbar = f.dp_inv != 0.f ? a.vbar + row * D : nullptr;
+    const float* vbar = f.dp_inv != 0.f ? a.vbar + row * dm : nullptr;
     T* out = static_cast<T*>(a.p.out) + OutputOffset(a.p, b, h, i);
 #pragma unroll
     for (int n = 0; n < NO; ++n) {
+      if (PAD && n * 8 >= dm) break;
       const int c = n * 8 + 2 * t;
       float x0 = o[mt][n][e2] * f.inv, x1 = o[mt][n][e2 + 1] * f.inv;
       if (vbar) {
@@ -457,16 +467,16 @@ __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs 
   }
 }
 
-template <typename T, int D, bool MASK, int MT, int WARPS, bool COUNT, bool CAP = false>
+template <typename T, int D, bool MASK, int MT, int WARPS, bool COUNT, bool CAP = false, bool PAD = false>
 cudaError_t Run(const KernelArgs& a, cudaStream_t stream) {
   constexpr int smem = SmemBytes<D, MT, WARPS>();
   constexpr int bm = RowsPerBlock<MT, WARPS>();
   static_assert(smem <= 227 * 1024, "shared memory");
-  cudaError_t e = AllowSmem<PrefillKernel<T, D, MASK, MT, WARPS, COUNT, CAP>>(smem);
+  cudaError_t e = AllowSmem<PrefillKernel<T, D, MASK, MT, WARPS, COUNT, CAP, PAD>>(smem);
   if (e != cudaSuccess) return e;
   const int64_t ntq = (a.p.Sq + bm - 1) / bm;
   const dim3 grid(static_cast<unsigned>(a.p.B * a.p.Hq * ntq));
-  PrefillKernel<T, D, MASK, MT, WARPS, COUNT, CAP><<<grid, WARPS * 32, smem, stream>>>(a);
+  PrefillKernel<T, D, MASK, MT, WARPS, COUNT, CAP, PAD><<<grid, WARPS * 32, smem, stream>>>(a);
   return cudaGetLastError();
 }
 
@@ -486,12 +496,20 @@ cudaError_t RunD256(const KernelArgs& a, cudaStream_t stream) {
   return mask ? Run<T, 256, true, 1, 8, COUNT>(a, stream) : Run<T, 256, false, 1, 8, COUNT>(a, stream);
 }
 
+// The padded head dims (80, 96 in tiles of 128) have one kernel too, 8 warps x 16 rows (variant 0 in MakePlan).
+template <typename T, bool COUNT>
+cudaError_t RunPadded(const KernelArgs& a, cudaStream_t stream) {
+  const bool mask = a.p.mask_kind != MaskKind::kNone;
+  return mask ? Run<T, 128, true, 1, 8, COUNT, false, true>(a, stream)
+              : Run<T, 128, false, 1, 8, COUNT, false, true>(a, stream);
+}
+
 // A softcap has one kernel per head dim: 8 warps x 16 rows (with Q in shared memory at D = 256), with counts
 // (MakePlan reports it as variant 0).
-template <typename T, int D>
+template <typename T, int D, bool PAD = false>
 cudaError_t RunCapD(const KernelArgs& a, cudaStream_t stream) {
   const bool mask = a.p.mask_kind != MaskKind::kNone;
-  return mask ? Run<T, D, true, 1, 8, true, true>(a, stream) : Run<T, D, false, 1, 8, true, true>(a, stream);
+  return mask ? Run<T, D, true, 1, 8, true, true, PAD>(a, stream) : Run<T, D, false, 1, 8, true, true, PAD>(a, stream);
 }
 
 // Variants (KernelArgs::prefill_variant): 0 = 8 warps x 16 rows, 1 = 4 warps x 16 rows,
@@ -503,10 +521,13 @@ cudaError_t RunT(const KernelArgs& a, cudaStream_t stream) {
   const int v = a.plan.prefill_variant >= 0 ? a.plan.prefill_variant : 2;
   // Kept counts are needed for the `kept` output and for the compensation's pruned count.
   const bool count = a.p.kept != nullptr || a.p.comp_mode >= 1 || a.mean_pass != 0;
+  const bool pad = PaddedHeadDim(a.p.D);
   if (a.p.softcap > 0.f) {
+    if (pad) return RunCapD<T, 128, true>(a, stream);
     return a.p.D == 64 ? RunCapD<T, 64>(a, stream)
                        : (a.p.D == 128 ? RunCapD<T, 128>(a, stream) : RunCapD<T, 256>(a, stream));
   }
+  if (pad) return count ? RunPadded<T, true>(a, stream) : RunPadded<T, false>(a, stream);
   if (a.p.D == 256) return count ? RunD256<T, true>(a, stream) : RunD256<T, false>(a, stream);
   switch (v) {
     case 1: return RunV<T, 1, 4, true>(a, stream);
