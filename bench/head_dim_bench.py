@@ -1,7 +1,9 @@
-"""GPU benchmark: TopThetaAttention at head dim 256 (gemma-3), the tensor-core kernels against the generic kernel
-that ran before they covered it, and against dense attention at the same shapes.
+"""GPU benchmark: TopThetaAttention at the head dims the first kernels did not cover: 256 (gemma-3), and 80 / 96
+(GPT-NeoX, Phi-3), which run the head dim 128 tiles zero-padded. The tensor-core kernels against the generic kernel
+that ran before they covered them, and against dense attention at the same shapes.
 
-Shapes: gemma-3-270m's attention (4 query heads, 1 KV head) and gemma-3-4b's (8 / 4), head dim 256, fp16.
+Shapes (--head-dim): 256: gemma-3-270m's attention (4 query heads, 1 KV head) and gemma-3-4b's (8 / 4); 96:
+phi-3-mini's (32 / 32); 80: pythia-2.8b's (32 / 32); fp16.
 * decode: one query token against L = 8k and 32k keys, B = 1 and 8; θ per head set so that the union over each GQA
   group reads ~1/3 of the V rows (random q/k/v: the per-head quantile of the step's own scores);
 * causal prefill over S = 2k and 8k tokens, B = 1; θ per head keeps 1/3 or 1/8 of the causal scores.
@@ -10,9 +12,9 @@ present sharing one buffer), our kernel at θ = -inf (dense), and the generic ke
 at the smaller shapes. Timing as bench/attention_bench.py: CUDA graphs between events for torch and the direct
 kernel calls, CUPTI busy time for onnxruntime sessions. Floors: decode reads K plus the V rows it keeps at the copy
 bandwidth measured here (decode_bench.copy_ceiling: event-timed, no graph; the 2026-12-03 results took a 1 GiB
-copy, median of 10); prefill's dense causal FLOP at the bf16 GEMM rate measured here.
+copy, median of 10); prefill's dense causal FLOP at the bf16 GEMM rate measured here (at D, not at the padded tile).
 
-Usage: python bench/head_dim_256_bench.py --library path/to/libtoptheta_ops.so --out DIR
+Usage: python bench/head_dim_bench.py --library path/to/libtoptheta_ops.so --out DIR [--head-dim 256|96|80]
 """
 
 from __future__ import annotations
@@ -39,9 +41,14 @@ from attention_bench import (  # noqa: E402
 from decode_bench import copy_ceiling  # noqa: E402
 from toptheta_cuda import Kernels  # noqa: E402
 
-D = 256
 DT = torch.float16
-HEADS = {"gemma-3-270m": (4, 1), "gemma-3-4b": (8, 4)}
+SHAPES = {  # head dim -> {model: (query heads, KV heads)}
+    256: {"gemma-3-270m": (4, 1), "gemma-3-4b": (8, 4)},
+    96: {"phi-3-mini": (32, 32)},
+    80: {"pythia-2.8b": (32, 32)},
+}
+D = 256  # set by main
+HEADS = SHAPES[D]
 L2_BYTES = 50 * 2**20
 
 
@@ -206,7 +213,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--library", required=True)
     ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--head-dim", type=int, default=256, choices=sorted(SHAPES))
     args = ap.parse_args()
+    global D, HEADS
+    D, HEADS = args.head_dim, SHAPES[args.head_dim]
     kern = Kernels(args.library)
     if not kern.available:
         sys.exit(f"{args.library} has no CUDA kernels")
@@ -219,6 +229,7 @@ def main():
     info = {
         "device": prop.name,
         "date": datetime.date.today().isoformat(),
+        "head_dim": D,
         "torch": torch.__version__,
         "onnxruntime": getattr(ort, "version", None),
         "copy_GBps": copy_ceiling(),
@@ -236,9 +247,9 @@ def main():
             print(f"prefill {model} S={S} done", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "head-dim-256.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+    (out / f"head-dim-{D}.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
     md = f"{json.dumps(info)}\n\n{table(rows)}\n"
-    (out / "head-dim-256.md").write_text(md)
+    (out / f"head-dim-{D}.md").write_text(md)
     print(md)
 
 
