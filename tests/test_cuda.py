@@ -1283,7 +1283,10 @@ def gpt_neox_80(tmp_path_factory):
 
 
 # Known and not explained, 2026-12-03 on the H200: gpt_neox_80's prefill logits are 5.9e-2 from PyTorch on CUDA, while
-# the fast and the forced-generic kernels agree within 2e-2 there and the same graph on the CPU EP is within 6e-4.
+# the fast and the forced-generic kernels agree within 2e-2 there and the same graph on the CPU EP is within 6e-4. The
+# same PyTorch model in fp16 on the build machine's CPU (torch 2.13) is 5.9e-2 from its fp32 run too (1e-3 on the
+# H200 host's CPU, torch 2.11), which points at scores that sit on these random θ and flip with the rounding, not at
+# the kernels.
 UNEXPLAINED_ON_CUDA = {
     "gpt_neox_80": "gpt_neox_80 prefill logits 5.9e-2 from PyTorch on the CUDA EP (6e-4 on the CPU EP): not explained"
 }
