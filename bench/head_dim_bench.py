@@ -182,7 +182,7 @@ def bench_prefill(kern, ort, model, B, S, flop_rate, generic: bool) -> list[dict
             row(f"Top-θ generic kernel (before), {name}", t, frac, f"path={kern.last_path}")
     if ort is not None and ort.ok:
         gqa = ort.session(ort_gqa_model(past=False, hq=hq, hkv=hkv, d=D), custom=False)
-        bd, o, _ = gqa_prefill_binding(gqa, q, k, v)
+        bd, o, keep = gqa_prefill_binding(gqa, q, k, v)  # keep: the bound inputs, alive while bd runs
         t, _ = time_kernels(lambda i: gqa.run_with_iobinding(bd), 1, runs=5, groups=3)
         ref = sdpa(0)
         err = float((o.float() - ref.float()).norm() / ref.float().norm())
