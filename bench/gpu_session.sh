@@ -21,6 +21,10 @@
 #             TASKS_K, TASKS_SWEEP, TASKS_COMP, TASKS_SWEEP_COMP; TASKS_BACKGROUND=1: the pipeline too in the
 #             background, for a model whose export outlasts one call), taskswait (waits up to TASKS_WAIT_S for those
 #             evals, in this call or a later one, and brings back tasks.json and tasks-eval.tgz)
+#        lcsweep (issue 15: bench/long_context_sweep.py on CUDA, model from the bundle's cache; LCSWEEP_ARGS, its
+#             options; writes $OUT/long-context-sweep.json and its log), lcconfirm (the sweep's best setting losing
+#             <= LC_MAX_DELTA %: the pipeline for LC_MODEL with it, then 'eval --context 8192' with needles, both
+#             float32 on CUDA, in the background), lcwait (waits up to LC_WAIT_S for them, brings back the results)
 #        (default tests,bench; "all" = tests,bench; "ktests" = the kernel tests only, no onnxruntime-gpu needed)
 # A bundle (bench/gpu_bundle.sh: models, task data, wheels, the library) travels as pieces, one per call, into
 # /root/xfer; the call that runs this script carries the last one and unpacks them all (sha256 in BUNDLE_SHA256).
@@ -213,6 +217,37 @@ RUN
     bash /root/tasks-run.sh
     tee "$OUT/tasks-pipeline.log" < "$TASKS_EVAL_DIR/pipeline.log"
   fi
+fi
+if has lcsweep; then  # issue 15: which k / dense layers / per-layer k bring a long-context loss down (PyTorch, CUDA)
+  TOPTHETA_CACHE=/root/ttcache timeout ${LCSWEEP_TIMEOUT:-540} python3 bench/long_context_sweep.py --device cuda \
+    --out "$OUT/long-context-sweep.json" ${LCSWEEP_ARGS:-} 2>&1 | tr '\r' '\n' | grep -v "it/s]" | tee "$OUT/lcsweep.log"
+  cp "$OUT/long-context-sweep.json" /root/lcsweep-last.json
+fi
+if has lcconfirm; then  # issue 15: the sweep's pick through onnxruntime (pipeline + eval --context), in the background
+  export TOPTHETA_CACHE=/root/ttcache
+  pkill -f lc-run.sh; rm -rf /root/lc-model /root/lc-eval /root/lc-*.log /root/lc-eval.ckpt.json
+  LC_OPTS=$(python3 bench/long_context_sweep.py --pick --out /root/lcsweep-last.json --max-delta ${LC_MAX_DELTA:-0.6})
+  echo "lcconfirm: $LC_OPTS" | tee "$OUT/lcconfirm.log"
+  cat > /root/lc-run.sh <<RUN
+python3 -m cli.main ${LC_MODEL:-qwen2.5-coder-1.5b} --calib austen:emma --seq-len 2048 --samples 4 $LC_OPTS \\
+  --max-context 8192 --no-validate --device cuda --dtype float32 --kv-cache concat -o /root/lc-model 2>&1 \\
+  | tr '\\r' '\\n' | grep -v "it/s]" > /root/lc-pipeline.log
+python3 -m cli.main eval /root/lc-model -o /root/lc-eval --context 8192 --windows 1 --theta-extrapolation fit,last-row \\
+  --needle-depths 0.1,0.5,0.9 --needle-contexts 8192 --device cuda --checkpoint /root/lc-eval.ckpt.json 2>&1 \\
+  | tr '\\r' '\\n' | grep -v "it/s]" > /root/lc-eval.log
+echo "exit=\${PIPESTATUS[0]}" >> /root/lc-eval.log
+RUN
+  setsid nohup bash /root/lc-run.sh > /dev/null 2>&1 < /dev/null &
+fi
+if has lcwait; then
+  end=$((SECONDS + ${LC_WAIT_S:-300}))
+  while pgrep -f lc-run.sh >/dev/null && [ $SECONDS -lt $end ]; do sleep 5; done
+  pgrep -fa lc-run.sh | sed 's/^/still running: /'
+  for f in /root/lc-pipeline.log /root/lc-eval.log; do [ -f $f ] && { echo "== $f"; tail -25 $f; cp $f "$OUT/"; }; done
+  [ -f /root/lc-eval.ckpt.json ] && cp /root/lc-eval.ckpt.json "$OUT/"
+  [ -f /root/lc-eval/long-context-details.json ] && cp /root/lc-eval/long-context-details.json "$OUT/"
+  [ -f /root/lc-eval/long-context.json ] && cp /root/lc-eval/long-context.json "$OUT/"
+  [ -f /root/lc-model/thresholds.json ] && cp /root/lc-model/thresholds.json "$OUT/lc-thresholds.json"
 fi
 if has taskswait; then
   end=$((SECONDS + ${TASKS_WAIT_S:-300}))
