@@ -23,7 +23,22 @@ def _f(x, spec):
     return "n/a" if x is None else format(x, spec)
 
 
-_ROW_KEY = ("model", "context", "calib_len", "k", "theta_extrapolation", "data", "dense_layers", "comp_mode")
+_ROW_KEY = (
+    "model",
+    "context",
+    "calib_len",
+    "k",
+    "theta_extrapolation",
+    "data",
+    "dense_layers",
+    "comp_mode",
+    "layer_k",
+    "dense_heads",
+)
+
+
+def _key(row: dict) -> tuple:
+    return tuple(json.dumps(row.get(f) or None, sort_keys=True) for f in _ROW_KEY)
 
 
 def merged_rows(path: str, rows: list[dict]) -> list[dict]:
@@ -33,8 +48,8 @@ def merged_rows(path: str, rows: list[dict]) -> list[dict]:
         old = json.loads(open(path).read())
     except FileNotFoundError:
         old = []
-    new = {tuple(r.get(f) for f in _ROW_KEY): r for r in rows}
-    kept = [r for r in old if tuple(r.get(f) for f in _ROW_KEY) not in new]
+    new = {_key(r): r for r in rows}
+    kept = [r for r in old if _key(r) not in new]
     return kept + list(new.values())
 
 

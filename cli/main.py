@@ -62,6 +62,15 @@ K_GROWTH_OPT = typer.Option(
     help="k per row growing with the row: none, fraction:F (k(r) = max(k, F·(r+1))) or power:A@R "
     "(max(k, k·((r+1)/R)^A)); docs/accuracy.md, Long context",
 )
+LAYER_K_OPT = typer.Option(
+    "",
+    "--layer-k",
+    help="k of single sparse layers instead of --k: LAYERS=K[,...], LAYERS as 2+4+15 or 3-9, e.g. 2+4+15=384 "
+    "(docs/accuracy.md, Long context)",
+)
+DENSE_HEADS_OPT = typer.Option(
+    "", "--dense-heads", help="heads of sparse layers kept dense: LAYER:HEADS[,...], e.g. 1:3+7 (HEADS as 3+7 or 0-2)"
+)
 COMP_OPT = typer.Option(0, "--comp-mode", help="compensation: 0 none, 1 softmax denominator (SDC), 2 SDC + V-mean")
 THREADS_OPT = typer.Option(
     None,
@@ -209,6 +218,8 @@ def pipeline_cmd(
     samples: int = SAMPLES_OPT,
     dense_layers: int = DENSE_OPT,
     k_growth: str = K_GROWTH_OPT,
+    layer_k: str = LAYER_K_OPT,
+    dense_heads: str = DENSE_HEADS_OPT,
     comp_mode: int = COMP_OPT,
     eval_data: str | None = typer.Option(None, "--eval-data", help="held-out text (default: later windows of --calib)"),
     eval_windows: int = typer.Option(4, "--eval-windows", help="number of held-out windows to validate on"),
@@ -231,6 +242,8 @@ def pipeline_cmd(
         num_samples=samples,
         dense_layers=dense_layers,
         k_growth=k_growth,
+        layer_k=layer_k,
+        dense_heads=dense_heads,
         comp_mode=comp_mode,
         eval_windows=eval_windows,
         device=device,
@@ -255,6 +268,8 @@ def pipeline_cmd(
             num_samples=samples,
             dense_layers=dense_layers,
             k_growth=k_growth,
+            layer_k=layer_k,
+            dense_heads=dense_heads,
             comp_mode=comp_mode,
             eval_data=eval_data,
             eval_windows=eval_windows,
@@ -294,6 +309,8 @@ def calibrate_cmd(
         False, "--calib-topk", help="apply top-k during calibration (later layers see sparsified attention)"
     ),
     k_growth: str = K_GROWTH_OPT,
+    layer_k: str = LAYER_K_OPT,
+    dense_heads: str = DENSE_HEADS_OPT,
 ):
     check_options(
         k=k,
@@ -303,6 +320,8 @@ def calibrate_cmd(
         aggregation=aggregation,
         sigma_c=sigma_c,
         k_growth=k_growth,
+        layer_k=layer_k,
+        dense_heads=dense_heads,
     )
     from topthetaexport.models import load_model
     from topthetaexport.pipeline import path_reference
@@ -322,6 +341,8 @@ def calibrate_cmd(
                 sigma_c=sigma_c,
                 calib_topk=calib_topk,
                 k_growth=k_growth,
+                layer_k=layer_k,
+                dense_heads=dense_heads,
                 progress=_StageBars(p, ["calibrate"]),
             )
         th.meta["model_path"] = path_reference(model)

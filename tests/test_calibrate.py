@@ -9,7 +9,7 @@ import torch
 
 from topthetaexport._errors import TopThetaError
 from topthetaexport.models import load_model
-from topthetaexport.thresholds import Thresholds, check_k_growth, k_rows
+from topthetaexport.thresholds import Thresholds, check_k_growth, k_rows, parse_dense_heads, parse_layer_k
 from topthetaexport.torch.attention import KeptRecorder, attention_mode
 from topthetaexport.torch.calibration import calibrate
 
@@ -360,3 +360,66 @@ def test_fit_range_all_uses_every_row_with_more_than_k_keys():
     assert (th.extended(new, "fit", fit_range="all").theta[1, :, rows:] - default.theta[1, :, rows:]).abs().max() > 1e-2
     with pytest.raises(TopThetaError, match="unknown θ fit range"):
         th.extended(new, "fit", fit_range="quarter")
+
+
+def test_layer_k_calibrates_those_layers_for_their_own_k(tiny_llama, tiny_tokens):
+    """--layer-k: the named layers get the θ (and ρ) of a calibration at their k, the others that of --k; the fit
+    past the calibrated rows uses each layer's own k; layers that do not exist or are dense fail in one line."""
+    lm = load_model(tiny_llama)
+    toks = tiny_tokens(3, 40, seed=8)
+    base = calibrate(lm, toks, k=4, dense_layers=1, progress=None)
+    wide = calibrate(lm, toks, k=9, dense_layers=1, progress=None)
+    mixed = calibrate(lm, toks, k=4, dense_layers=1, layer_k="2=9", progress=None)
+    assert mixed.meta["layer_k"] == {"2": 9} and mixed.layer_k == {2: 9} and mixed.k_of(2) == 9 and mixed.k_of(1) == 4
+    assert torch.equal(mixed.theta[:2], base.theta[:2]) and torch.equal(mixed.theta[2], wide.theta[2])
+    torch.testing.assert_close(mixed.sdc[2], wide.sdc[2])  # ρ is measured against that layer's own θ
+    ext, ext_base, ext_wide = (t.extended(64, "fit") for t in (mixed, base, wide))
+    assert torch.equal(ext.theta[1], ext_base.theta[1]) and torch.equal(ext.theta[2], ext_wide.theta[2])
+    assert mixed.stats()["layer_k"] == {"2": 9} and "layer_k" not in base.meta
+    with pytest.raises(TopThetaError, match="layer 0, which is dense"):
+        calibrate(lm, toks, k=4, dense_layers=1, layer_k="0=9", progress=None)
+    with pytest.raises(TopThetaError, match=f"has layers 0..{lm.num_layers - 1}"):
+        calibrate(lm, toks, k=4, dense_layers=1, layer_k={lm.num_layers: 9}, progress=None)
+
+
+def test_dense_heads_keep_every_key(tiny_llama, tiny_tokens):
+    """--dense-heads: θ = -inf for those heads in every calibrated and fitted row (they keep every key), the other
+    heads as without the option; heads or layers out of range, or already dense, fail in one line."""
+    lm = load_model(tiny_llama)
+    toks = tiny_tokens(3, 40, seed=9)
+    base = calibrate(lm, toks, k=4, dense_layers=1, progress=None)
+    th = calibrate(lm, toks, k=4, dense_layers=1, dense_heads="1:0+2", progress=None)
+    assert th.meta["dense_heads"] == {"1": [0, 2]}
+    assert bool(torch.isneginf(th.theta[1, [0, 2]]).all()) and bool((th.sdc[1, [0, 2]] == 0).all())
+    others = [h for h in range(lm.num_heads) if h not in (0, 2)]
+    assert torch.equal(th.theta[1, others], base.theta[1, others]) and torch.equal(th.theta[2:], base.theta[2:])
+    ext = th.extended(64, "fit")
+    assert bool(torch.isneginf(ext.theta[1, [0, 2]]).all()) and bool(torch.isfinite(ext.theta[1, others, -1]).all())
+    with pytest.raises(TopThetaError, match="dense already"):
+        calibrate(lm, toks, k=4, dense_layers=1, dense_heads="0:1", progress=None)
+    with pytest.raises(TopThetaError, match=f"heads are 0..{lm.num_heads - 1}"):
+        calibrate(lm, toks, k=4, dense_layers=1, dense_heads={1: [lm.num_heads]}, progress=None)
+
+
+def test_layer_k_and_dense_heads_specs():
+    """The --layer-k and --dense-heads grammars: lists, ranges, dicts; each malformed spec fails in one line."""
+    assert parse_layer_k("2+4+15=384,7-9=256") == {2: 384, 4: 384, 15: 384, 7: 256, 8: 256, 9: 256}
+    assert parse_layer_k({"3": 8}) == {3: 8} and parse_layer_k("") == {} and parse_layer_k(None) == {}
+    assert parse_dense_heads("1:5+7,3:0-2") == {1: [5, 7], 3: [0, 1, 2]} and parse_dense_heads({2: [1]}) == {2: [1]}
+    for bad, message in (
+        ("2+4", "no LAYERS=K"),
+        ("a=3", "not integers"),
+        ("2=x", "not two integers"),
+        ("2=0", "k >= 1"),
+        ("2=8,2=9", "two k"),
+    ):
+        with pytest.raises(TopThetaError, match=message):
+            parse_layer_k(bad)
+    for bad, message in (
+        ("1", "no LAYER:HEADS"),
+        ("1:x", "not integers"),
+        ("y:1", "not an integer"),
+        ({1: [-2]}, ">= 0"),
+    ):
+        with pytest.raises(TopThetaError, match=message):
+            parse_dense_heads(bad)

@@ -247,6 +247,10 @@ def test_default_model_pipeline_and_run(tmp_path, capsys, smollm2):
         ({"kv_cache": "ring"}, "--kv-cache"),
         ({"theta_extrapolation": "spline"}, "--theta-extrapolation"),
         ({"max_context": 1}, "--max-context"),
+        ({"layer_k": "2+4"}, "--layer-k"),
+        ({"layer_k": "2=0"}, "--layer-k"),
+        ({"dense_heads": "1"}, "--dense-heads"),
+        ({"dense_heads": "1:a"}, "--dense-heads"),
     ],
 )
 def test_api_checks_options_before_loading_anything(bad, flag, tmp_path):

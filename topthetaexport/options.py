@@ -86,6 +86,14 @@ def check_options(**options) -> None:
             from .thresholds import check_k_growth
 
             check_k_growth(value)
+        elif name == "layer_k":
+            from .thresholds import parse_layer_k
+
+            parse_layer_k(value)
+        elif name == "dense_heads":
+            from .thresholds import parse_dense_heads
+
+            parse_dense_heads(value)
         elif name == "keep":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
                 raise TopThetaError(f"--keep must be a fraction in (0, 1], got {value!r}: pass e.g. --keep 0.125")

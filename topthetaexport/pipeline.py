@@ -148,6 +148,8 @@ def run_pipeline(
     comp_mode: int = 0,
     eval_data=None,
     k_growth: str | None = None,
+    layer_k: str | dict[int, int] | None = None,
+    dense_heads: str | dict[int, list[int]] | None = None,
     eval_windows: int = 4,
     decode_steps: int = 16,
     do_validate: bool = True,
@@ -162,7 +164,8 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """calibrate → export → rewrite → validate into ``out``; returns the report (also ``out/report.json``).
     ``theta_extrapolation`` / ``max_context``: θ for rows past ``seq_len`` (``export``). ``k_growth``: k per
-    row growing with the row (``calibrate``).
+    row growing with the row, ``layer_k`` per-layer k, ``dense_heads`` dense heads of sparse layers (all
+    ``calibrate``).
 
     Calibration runs the model in float32 PyTorch; the export runs in ``dtype`` (see ``export``), from a
     cast copy of the same loaded model, and validation compares it with the float32 model. ``kv_cache``: the
@@ -178,6 +181,8 @@ def run_pipeline(
         num_samples=num_samples,
         dense_layers=dense_layers,
         k_growth=k_growth,
+        layer_k=layer_k,
+        dense_heads=dense_heads,
         comp_mode=comp_mode,
         eval_windows=eval_windows,
         decode_steps=decode_steps,
@@ -218,6 +223,8 @@ def run_pipeline(
             num_samples=num_samples,
             dense_layers=dense_layers,
             k_growth=k_growth,
+            layer_k=layer_k,
+            dense_heads=dense_heads,
             progress=progress,
         )
         th.meta["model_path"] = path_reference(model)
@@ -251,6 +258,8 @@ def run_pipeline(
             "calibration": {
                 "data": describe_data(calib),
                 "k": k,
+                "layer_k": th.meta.get("layer_k") or {},
+                "dense_heads": th.meta.get("dense_heads") or {},
                 "seq_len": seq_len,
                 "num_samples": num_samples,
                 "dense_layers": th.dense_layers,

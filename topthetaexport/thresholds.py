@@ -21,6 +21,8 @@ __all__ = [
     "TENSORS_FILE",
     "Thresholds",
     "check_k_growth",
+    "parse_dense_heads",
+    "parse_layer_k",
     "fit_rows",
     "fit_start",
     "k_rows",
@@ -81,6 +83,15 @@ class Thresholds:
     def dense_layers(self) -> list[int]:
         return [int(i) for i in self.meta.get("dense_layers", [])]
 
+    @property
+    def layer_k(self) -> dict[int, int]:
+        """Per-layer k that replaced the thresholds' k at calibration (``calibrate(layer_k=)``); {} if none."""
+        return {int(i): int(k) for i, k in (self.meta.get("layer_k") or {}).items()}
+
+    def k_of(self, layer: int) -> int:
+        """The k layer ``layer`` was calibrated for (0 if the thresholds do not say)."""
+        return self.layer_k.get(layer, int(self.meta.get("k") or 0))
+
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(θ [Hq, R], ρ [Hq, R]) of layer ``i``."""
         if not 0 <= i < self.num_layers:
@@ -118,9 +129,14 @@ class Thresholds:
         if model == "gauss" and k < 1:
             raise TopThetaError("the gauss θ fit needs the thresholds' k (meta 'k'): recalibrate, or use model 'log'")
         fraction = FIT_FRACTION if fit_range == "half" else 1.0
-        a, b, ok = fit_rows(self.theta, fraction, model=model, k=k, growth=growth)
         r = torch.arange(self.num_rows, rows, dtype=torch.float64)
+        a, b, ok = fit_rows(self.theta, fraction, model=model, k=k, growth=growth)
         ext = a[..., None] + b[..., None] * _fit_x(r, model, k, growth)  # [L, H, rows - R]
+        for layer_k in sorted(set(self.layer_k.values())):  # layers calibrated for another k: x(r) uses theirs
+            ls = [i for i, v in sorted(self.layer_k.items()) if v == layer_k]
+            a_l, b_l, ok_l = fit_rows(self.theta[ls], fraction, model=model, k=layer_k, growth=growth)
+            ext[ls] = a_l[..., None] + b_l[..., None] * _fit_x(r, model, layer_k, growth)
+            ok[ls] = ok_l
         last = self.theta[..., -1:].double().expand_as(ext)
         ext = torch.where(ok[..., None], ext, last).float()
         sdc = self.sdc[..., -1:].expand(-1, -1, rows - self.num_rows)
@@ -236,6 +252,8 @@ class Thresholds:
             "num_heads": self.num_heads,
             "num_rows": self.num_rows,
             "k": self.meta.get("k"),
+            "layer_k": self.meta.get("layer_k") or {},
+            "dense_heads": self.meta.get("dense_heads") or {},
             "dense_layers": self.dense_layers,
             "finite_fraction": float(finite.float().mean()) if th.numel() else 0.0,
             "theta_min": float(fin_vals.min()) if fin_vals.numel() else None,
@@ -274,6 +292,81 @@ def check_k_growth(growth: str | None) -> str | None:
         f"k growth '{growth}' is not understood: use none, fraction:F (0 < F <= 1, k(r) = max(k, F·(r+1))) "
         "or power:A@R (0 < A <= 1, k(r) = max(k, k·((r+1)/R)^A)), e.g. fraction:0.03125"
     )
+
+
+_LAYER_K_FIX = "use LAYERS=K[,LAYERS=K...], LAYERS as 2+4+15 or 3-9, e.g. --layer-k 2+4+15=384"
+
+
+def parse_layer_k(spec: str | dict | None) -> dict[int, int]:
+    """Per-layer k (``--layer-k``): "2+4+15=384,7-9=256", or a dict {layer: k}, to {layer: k}; None or "" -> {}."""
+    if spec is None or spec == "" or spec == {}:
+        return {}
+    if isinstance(spec, dict):
+        items = list(spec.items())
+    elif isinstance(spec, str):
+        items = []
+        for part in spec.split(","):
+            layers, eq, k = part.partition("=")
+            if not eq or not layers.strip():
+                raise TopThetaError(f"--layer-k part '{part}' has no LAYERS=K: {_LAYER_K_FIX}")
+            for chunk in layers.split("+"):
+                lo, dash, hi = chunk.strip().partition("-")
+                try:
+                    span = range(int(lo), int(hi) + 1) if dash else [int(lo)]
+                except ValueError:
+                    raise TopThetaError(f"--layer-k layers '{layers}' are not integers: {_LAYER_K_FIX}") from None
+                items += [(i, k) for i in span]
+    else:
+        raise TopThetaError(f"layer_k must be a string or a dict, got {type(spec).__name__}: {_LAYER_K_FIX}")
+    out: dict[int, int] = {}
+    for layer, k in items:
+        try:
+            i, kk = int(layer), int(str(k).strip())
+        except ValueError:
+            raise TopThetaError(f"--layer-k entry {layer}={k} is not two integers: {_LAYER_K_FIX}") from None
+        if i < 0 or kk < 1:
+            raise TopThetaError(f"--layer-k entry {i}={kk} needs a layer >= 0 and k >= 1: {_LAYER_K_FIX}")
+        if out.get(i, kk) != kk:
+            raise TopThetaError(f"--layer-k gives layer {i} two k ({out[i]} and {kk}): name each layer once")
+        out[i] = kk
+    return out
+
+
+_DENSE_HEADS_FIX = "use LAYER:HEADS[,LAYER:HEADS...], HEADS as 3+7 or 0-2, e.g. --dense-heads 1:3+7"
+
+
+def parse_dense_heads(spec: str | dict | None) -> dict[int, list[int]]:
+    """Dense heads of sparse layers (``--dense-heads``): "1:3+7,5:0-2", or a dict {layer: [heads]}, to
+    {layer: sorted heads}; None or "" -> {}."""
+    if spec is None or spec == "" or spec == {}:
+        return {}
+    if isinstance(spec, dict):
+        items = [(layer, h) for layer, hs in spec.items() for h in hs]
+    elif isinstance(spec, str):
+        items = []
+        for part in spec.split(","):
+            layer, colon, heads = part.partition(":")
+            if not colon or not heads.strip():
+                raise TopThetaError(f"--dense-heads part '{part}' has no LAYER:HEADS: {_DENSE_HEADS_FIX}")
+            for chunk in heads.split("+"):
+                lo, dash, hi = chunk.strip().partition("-")
+                try:
+                    span = range(int(lo), int(hi) + 1) if dash else [int(lo)]
+                except ValueError:
+                    raise TopThetaError(f"--dense-heads heads '{heads}' are not integers: {_DENSE_HEADS_FIX}") from None
+                items += [(layer, h) for h in span]
+    else:
+        raise TopThetaError(f"dense_heads must be a string or a dict, got {type(spec).__name__}: {_DENSE_HEADS_FIX}")
+    out: dict[int, set[int]] = {}
+    for layer, h in items:
+        try:
+            i, j = int(str(layer).strip()), int(h)
+        except ValueError:
+            raise TopThetaError(f"--dense-heads layer '{layer}' is not an integer: {_DENSE_HEADS_FIX}") from None
+        if i < 0 or j < 0:
+            raise TopThetaError(f"--dense-heads entry {i}:{j} needs a layer and a head >= 0: {_DENSE_HEADS_FIX}")
+        out.setdefault(i, set()).add(j)
+    return {i: sorted(hs) for i, hs in sorted(out.items())}
 
 
 def _k_real(r: torch.Tensor, k: int, growth: str | None) -> torch.Tensor:

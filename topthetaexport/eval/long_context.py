@@ -420,6 +420,8 @@ def _rows(loaded, th, calib_rows, contexts, extrapolations, measured, needle) ->
                         "kept_per_row_by_band": t.get("kept_per_row_sparse_by_band"),
                         "k_growth": th.meta.get("k_growth"),
                         "dense_layers": len(th.dense_layers),
+                        "layer_k": th.meta.get("layer_k") or {},
+                        "dense_heads": th.meta.get("dense_heads") or {},
                     }
                 )
     return rows

@@ -13,7 +13,7 @@ from ..data import as_token_tensor
 from ..models import LoadedModel, load_model
 from ..options import AGGREGATIONS
 from ..progress import Progress, emitter
-from ..thresholds import FORMAT_VERSION, Thresholds, check_k_growth, k_rows
+from ..thresholds import FORMAT_VERSION, Thresholds, check_k_growth, k_rows, parse_dense_heads, parse_layer_k
 from .attention import attention_mode
 
 __all__ = ["calibrate"]
@@ -97,9 +97,18 @@ class _ChunkedPass:
     top-k of each row, so that later layers see sparsified activations). Row r's k is k(r) (``k_rows``: ``k``,
     or grown by ``growth``)."""
 
-    def __init__(self, collect, dense: set[int], k: int, topk: bool, budget: int, growth: str | None = None):
+    def __init__(
+        self,
+        collect,
+        dense: set[int],
+        k: int,
+        topk: bool,
+        budget: int,
+        growth: str | None = None,
+        layer_k: dict[int, int] | None = None,
+    ):
         self.collect, self.dense, self.k, self.topk, self.budget = collect, dense, k, topk, budget
-        self.growth = growth
+        self.growth, self.layer_k = growth, layer_k or {}
 
     def __call__(self, layer, q, k, v, mask, scale, causal, softcap=None):
         from .reference import _expand_kv
@@ -111,7 +120,8 @@ class _ChunkedPass:
             s, valid, kend = _chunk_scores(q, k, mask, scale, causal, r0, r1, softcap)
             masked = s.masked_fill(~valid, float("-inf"))
             n_valid = valid.sum(-1)
-            kr = k_rows(torch.arange(offset + r0, offset + r1), self.k, self.growth).to(q.device)  # [C]
+            k_layer = self.layer_k.get(layer, self.k)
+            kr = k_rows(torch.arange(offset + r0, offset + r1), k_layer, self.growth).to(q.device)  # [C]
             sparse = layer not in self.dense and kend > int(kr.min())
             kth = None
             if sparse:
@@ -198,6 +208,8 @@ def calibrate(
     sigma_c: float = DEFAULT_SIGMA_C,
     calib_topk: bool = False,
     k_growth: str | None = None,
+    layer_k: str | dict[int, int] | None = None,
+    dense_heads: str | dict[int, list[int]] | None = None,
     device: str = "auto",
     chunk_elements: int = CHUNK_ELEMENTS,
     progress: Progress | None = None,
@@ -211,7 +223,11 @@ def calibrate(
     instead of dense. ``k_growth``: k per row grows with the row ("fraction:F": k(r) = max(k, ⌈F·(r+1)⌉),
     "power:A@R": max(k, k·((r+1)/R)^A); ``thresholds.k_rows``), so θ of row r is its k(r)-th largest score
     and the fit past the calibrated rows follows the same k(r) (``Thresholds.extended``). ρ is averaged over
-    the samples in which the row pruned something (0 if it never did).
+    the samples in which the row pruned something (0 if it never did). ``layer_k``: k of single sparse layers
+    instead of ``k`` ({layer: k} or "2+4+15=384,7=256", ``thresholds.parse_layer_k``): a model whose loss sits
+    in a few layers keeps more keys there and fewer in the rest (docs/accuracy.md, Long context).
+    ``dense_heads``: heads of sparse layers that stay dense (θ = -inf), {layer: [heads]} or "1:3+7"
+    (``thresholds.parse_dense_heads``).
     Memory is bounded: each attention call is computed in chunks of query rows of at most ``chunk_elements``
     scores (no [S, S] matrix per layer); ``device`` "auto" runs on CUDA when torch has it.
     """
@@ -220,6 +236,8 @@ def calibrate(
     if chunk_elements < 1:
         raise TopThetaError(f"chunk_elements must be >= 1 (got {chunk_elements})")
     growth = check_k_growth(k_growth)
+    per_layer = _check_layer_k(parse_layer_k(layer_k), loaded.num_layers, dense_layers)
+    heads_dense = _check_dense_heads(parse_dense_heads(dense_heads), loaded.num_layers, loaded.num_heads, dense_layers)
     dev = _device(device)
     tokens = as_token_tensor(data, loaded.tokenizer, seq_len=seq_len, num_samples=num_samples)
     n, rows = tokens.shape
@@ -236,13 +254,15 @@ def calibrate(
     model_device = next(loaded.model.parameters()).device
     try:
         loaded.model.to(dev)
-        kth_pass = _ChunkedPass(_kth_collector(acc), dense, k, calib_topk, chunk_elements, growth)
+        kth_pass = _ChunkedPass(_kth_collector(acc), dense, k, calib_topk, chunk_elements, growth, per_layer)
         _run(loaded.model, tokens, batch_size, kth_pass, step, "θ pass", dev)
         neg = float("-inf")
         theta = acc.mean(neg) if aggregation == "mean" else acc.mean_plus_sigma(float(sigma_c), neg)
         theta[list(dense)] = neg
+        for layer, hs in heads_dense.items():
+            theta[layer, hs] = neg
         acc2 = _Accumulator(layers, heads, rows)
-        sdc_pass = _ChunkedPass(_sdc_collector(acc2, theta), dense, k, calib_topk, chunk_elements, growth)
+        sdc_pass = _ChunkedPass(_sdc_collector(acc2, theta), dense, k, calib_topk, chunk_elements, growth, per_layer)
         _run(loaded.model, tokens, batch_size, sdc_pass, step, "ρ pass", dev)
     finally:
         loaded.model.to(model_device)
@@ -252,8 +272,37 @@ def calibrate(
     meta["aggregation"] = aggregation if aggregation == "mean" else f"mean+{float(sigma_c):g}sigma"
     meta["calib_topk"] = bool(calib_topk)
     meta["k_growth"] = growth
+    if per_layer:
+        meta["layer_k"] = {str(i): kk for i, kk in sorted(per_layer.items())}
+    if heads_dense:
+        meta["dense_heads"] = {str(i): hs for i, hs in heads_dense.items()}
     meta["calib_device"] = dev.type
     return Thresholds(theta, sdc, meta)
+
+
+def _check_layer_k(layer_k: dict[int, int], layers: int, dense_layers: int) -> dict[int, int]:
+    for i in sorted(layer_k):
+        if i >= layers:
+            raise TopThetaError(f"--layer-k names layer {i}, but the model has layers 0..{layers - 1}: drop it")
+        if i < dense_layers:
+            raise TopThetaError(
+                f"--layer-k names layer {i}, which is dense (--dense-layers {dense_layers}): drop it, or lower "
+                "--dense-layers"
+            )
+    return layer_k
+
+
+def _check_dense_heads(dense_heads: dict[int, list[int]], layers: int, heads: int, dense_layers: int):
+    for i, hs in dense_heads.items():
+        if i >= layers:
+            raise TopThetaError(f"--dense-heads names layer {i}, but the model has layers 0..{layers - 1}: drop it")
+        if i < dense_layers:
+            raise TopThetaError(
+                f"--dense-heads names layer {i}, which is dense already (--dense-layers {dense_layers}): drop it"
+            )
+        if hs[-1] >= heads:
+            raise TopThetaError(f"--dense-heads names head {hs[-1]} of layer {i}, but heads are 0..{heads - 1}")
+    return dense_heads
 
 
 def _device(device: str) -> torch.device:
