@@ -376,6 +376,7 @@ def test_layer_k_calibrates_those_layers_for_their_own_k(tiny_llama, tiny_tokens
     ext, ext_base, ext_wide = (t.extended(64, "fit") for t in (mixed, base, wide))
     assert torch.equal(ext.theta[1], ext_base.theta[1]) and torch.equal(ext.theta[2], ext_wide.theta[2])
     assert mixed.stats()["layer_k"] == {"2": 9} and "layer_k" not in base.meta
+    assert mixed.layer_k_at(8) == {2: 18} and mixed.layer_k_at(1) == {2: 2} and base.layer_k_at(8) == {}
     with pytest.raises(TopThetaError, match="layer 0, which is dense"):
         calibrate(lm, toks, k=4, dense_layers=1, layer_k="0=9", progress=None)
     with pytest.raises(TopThetaError, match=f"has layers 0..{lm.num_layers - 1}"):

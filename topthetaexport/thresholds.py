@@ -88,6 +88,12 @@ class Thresholds:
         """Per-layer k that replaced the thresholds' k at calibration (``calibrate(layer_k=)``); {} if none."""
         return {int(i): int(k) for i, k in (self.meta.get("layer_k") or {}).items()}
 
+    def layer_k_at(self, k: int) -> dict[int, int]:
+        """The per-layer k of a calibration at ``k`` instead of the thresholds' k: each in the same proportion
+        (what ``eval --sweep`` calibrates for each of its k)."""
+        k0 = int(self.meta.get("k") or 0)
+        return {i: max(1, round(kk * k / k0)) for i, kk in self.layer_k.items()} if k0 else {}
+
     def k_of(self, layer: int) -> int:
         """The k layer ``layer`` was calibrated for (0 if the thresholds do not say)."""
         return self.layer_k.get(layer, int(self.meta.get("k") or 0))

@@ -407,6 +407,9 @@ def evaluate(
                 seq_len=calib_len,
                 num_samples=n_calib or 16,
                 dense_layers=len(dense_layers),
+                # a k of the sweep keeps the graph's per-layer k in proportion and its dense heads
+                layer_k=th.layer_k_at(k),
+                dense_heads=meta.get("dense_heads") or None,
                 progress=None,
             )
         thresholds_by_k[k] = thk
