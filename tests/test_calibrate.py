@@ -409,7 +409,7 @@ def test_layer_k_and_dense_heads_specs():
     assert parse_dense_heads("1:5+7,3:0-2") == {1: [5, 7], 3: [0, 1, 2]} and parse_dense_heads({2: [1]}) == {2: [1]}
     for bad, message in (
         ("2+4", "no LAYERS=K"),
-        ("a=3", "not integers"),
+        ("a=3", "is not integers"),
         ("2=x", "not two integers"),
         ("2=0", "k >= 1"),
         ("2=8,2=9", "two k"),
@@ -418,8 +418,8 @@ def test_layer_k_and_dense_heads_specs():
             parse_layer_k(bad)
     for bad, message in (
         ("1", "no LAYER:HEADS"),
-        ("1:x", "not integers"),
-        ("y:1", "not an integer"),
+        ("1:x", "is not integers"),
+        ("y:1", "not two integers"),
         ({1: [-2]}, ">= 0"),
     ):
         with pytest.raises(TopThetaError, match=message):

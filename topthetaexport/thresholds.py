@@ -301,35 +301,46 @@ def check_k_growth(growth: str | None) -> str | None:
 
 
 _LAYER_K_FIX = "use LAYERS=K[,LAYERS=K...], LAYERS as 2+4+15 or 3-9, e.g. --layer-k 2+4+15=384"
+_DENSE_HEADS_FIX = "use LAYER:HEADS[,LAYER:HEADS...], HEADS as 3+7 or 0-2, e.g. --dense-heads 1:3+7"
+
+
+def _spec_pairs(spec: str, sep: str, flag: str, fix: str, list_side: int) -> list[tuple[str, str]]:
+    """The (left, right) pairs of "A<sep>B,..." with side ``list_side`` (0 or 1) a list such as 2+4 or 3-9,
+    expanded to one pair per element (``parse_layer_k``, ``parse_dense_heads``)."""
+    pairs = []
+    for part in spec.split(","):
+        left, found, right = part.partition(sep)
+        if not found or not left.strip() or not right.strip():
+            what = "LAYERS=K" if sep == "=" else "LAYER:HEADS"
+            raise TopThetaError(f"{flag} part '{part}' has no {what}: {fix}")
+        listed = (left, right)[list_side]
+        for chunk in listed.split("+"):
+            lo, dash, hi = chunk.strip().partition("-")
+            try:
+                span = range(int(lo), int(hi) + 1) if dash else [int(lo)]
+            except ValueError:
+                raise TopThetaError(f"{flag} list '{listed}' is not integers: {fix}") from None
+            pairs += [(str(x), right) if list_side == 0 else (left, str(x)) for x in span]
+    return pairs
+
+
+def _int_pair(a, b, flag: str, fix: str) -> tuple[int, int]:
+    try:
+        return int(str(a).strip()), int(str(b).strip())
+    except ValueError:
+        raise TopThetaError(f"{flag} entry {a}, {b} is not two integers: {fix}") from None
 
 
 def parse_layer_k(spec: str | dict | None) -> dict[int, int]:
     """Per-layer k (``--layer-k``): "2+4+15=384,7-9=256", or a dict {layer: k}, to {layer: k}; None or "" -> {}."""
     if spec is None or spec == "" or spec == {}:
         return {}
-    if isinstance(spec, dict):
-        items = list(spec.items())
-    elif isinstance(spec, str):
-        items = []
-        for part in spec.split(","):
-            layers, eq, k = part.partition("=")
-            if not eq or not layers.strip():
-                raise TopThetaError(f"--layer-k part '{part}' has no LAYERS=K: {_LAYER_K_FIX}")
-            for chunk in layers.split("+"):
-                lo, dash, hi = chunk.strip().partition("-")
-                try:
-                    span = range(int(lo), int(hi) + 1) if dash else [int(lo)]
-                except ValueError:
-                    raise TopThetaError(f"--layer-k layers '{layers}' are not integers: {_LAYER_K_FIX}") from None
-                items += [(i, k) for i in span]
-    else:
+    if not isinstance(spec, (str, dict)):
         raise TopThetaError(f"layer_k must be a string or a dict, got {type(spec).__name__}: {_LAYER_K_FIX}")
+    items = list(spec.items()) if isinstance(spec, dict) else _spec_pairs(spec, "=", "--layer-k", _LAYER_K_FIX, 0)
     out: dict[int, int] = {}
     for layer, k in items:
-        try:
-            i, kk = int(layer), int(str(k).strip())
-        except ValueError:
-            raise TopThetaError(f"--layer-k entry {layer}={k} is not two integers: {_LAYER_K_FIX}") from None
+        i, kk = _int_pair(layer, k, "--layer-k", _LAYER_K_FIX)
         if i < 0 or kk < 1:
             raise TopThetaError(f"--layer-k entry {i}={kk} needs a layer >= 0 and k >= 1: {_LAYER_K_FIX}")
         if out.get(i, kk) != kk:
@@ -338,37 +349,20 @@ def parse_layer_k(spec: str | dict | None) -> dict[int, int]:
     return out
 
 
-_DENSE_HEADS_FIX = "use LAYER:HEADS[,LAYER:HEADS...], HEADS as 3+7 or 0-2, e.g. --dense-heads 1:3+7"
-
-
 def parse_dense_heads(spec: str | dict | None) -> dict[int, list[int]]:
     """Dense heads of sparse layers (``--dense-heads``): "1:3+7,5:0-2", or a dict {layer: [heads]}, to
     {layer: sorted heads}; None or "" -> {}."""
     if spec is None or spec == "" or spec == {}:
         return {}
+    if not isinstance(spec, (str, dict)):
+        raise TopThetaError(f"dense_heads must be a string or a dict, got {type(spec).__name__}: {_DENSE_HEADS_FIX}")
     if isinstance(spec, dict):
         items = [(layer, h) for layer, hs in spec.items() for h in hs]
-    elif isinstance(spec, str):
-        items = []
-        for part in spec.split(","):
-            layer, colon, heads = part.partition(":")
-            if not colon or not heads.strip():
-                raise TopThetaError(f"--dense-heads part '{part}' has no LAYER:HEADS: {_DENSE_HEADS_FIX}")
-            for chunk in heads.split("+"):
-                lo, dash, hi = chunk.strip().partition("-")
-                try:
-                    span = range(int(lo), int(hi) + 1) if dash else [int(lo)]
-                except ValueError:
-                    raise TopThetaError(f"--dense-heads heads '{heads}' are not integers: {_DENSE_HEADS_FIX}") from None
-                items += [(layer, h) for h in span]
     else:
-        raise TopThetaError(f"dense_heads must be a string or a dict, got {type(spec).__name__}: {_DENSE_HEADS_FIX}")
+        items = _spec_pairs(spec, ":", "--dense-heads", _DENSE_HEADS_FIX, 1)
     out: dict[int, set[int]] = {}
     for layer, h in items:
-        try:
-            i, j = int(str(layer).strip()), int(h)
-        except ValueError:
-            raise TopThetaError(f"--dense-heads layer '{layer}' is not an integer: {_DENSE_HEADS_FIX}") from None
+        i, j = _int_pair(layer, h, "--dense-heads", _DENSE_HEADS_FIX)
         if i < 0 or j < 0:
             raise TopThetaError(f"--dense-heads entry {i}:{j} needs a layer and a head >= 0: {_DENSE_HEADS_FIX}")
         out.setdefault(i, set()).add(j)
