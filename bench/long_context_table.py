@@ -34,11 +34,13 @@ _ROW_KEY = (
     "comp_mode",
     "layer_k",
     "dense_heads",
+    "device",
 )
 
 
 def _key(row: dict) -> tuple:
-    return tuple(json.dumps(row.get(f) or None, sort_keys=True) for f in _ROW_KEY)
+    """A row's identity; rows written before a field existed read as its default (device "cpu", no layer_k)."""
+    return tuple(json.dumps(row.get(f) or ("cpu" if f == "device" else None), sort_keys=True) for f in _ROW_KEY)
 
 
 def merged_rows(path: str, rows: list[dict]) -> list[dict]:
@@ -70,6 +72,8 @@ def main() -> None:
         for c in contexts:
             complete[v].setdefault(c, {})
     rows = _rows(SimpleNamespace(name=th.meta.get("model")), th, calib_rows, contexts, exts, complete, True)
+    for r in rows:  # where it ran: a checkpoint file does not say, the finished details do
+        r["device"] = (src.get("machine") or {}).get("device", "cpu")
     for r in rows:  # needles: null where that variant's needles were not run
         for key, var in (("needle_dense", "dense"), ("needle_toptheta", f"toptheta/{r['theta_extrapolation']}")):
             if r["domain"] == "in_domain" and not measured[var].get(r["context"], {}).get("needle"):

@@ -281,6 +281,8 @@ def evaluate_long_context(
     sessions.clear()
 
     rows = _rows(SimpleNamespace(name=model_name), th, calib_rows, contexts, extrapolations, measured, needle)
+    for r in rows:
+        r["device"] = device
     report = {
         "toptheta_export_version": _version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
