@@ -233,7 +233,7 @@ python3 -m cli.main ${LC_MODEL:-qwen2.5-coder-1.5b} --calib austen:emma --seq-le
   --max-context 8192 --no-validate --device cuda --dtype float32 --kv-cache concat -o /root/lc-model 2>&1 \\
   | tr '\\r' '\\n' | grep -v "it/s]" > /root/lc-pipeline.log
 python3 -m cli.main eval /root/lc-model -o /root/lc-eval --context 8192 --windows 1 --theta-extrapolation fit,last-row \\
-  --needle-depths 0.1,0.5,0.9 --needle-contexts 8192 --device cuda --checkpoint /root/lc-eval.ckpt.json 2>&1 \\
+  --needle-depths 0.1,0.5,0.9 --needle-contexts 8192 --needle-variants dense,fit --device cuda --checkpoint /root/lc-eval.ckpt.json 2>&1 \\
   | tr '\\r' '\\n' | grep -v "it/s]" > /root/lc-eval.log
 echo "exit=\${PIPESTATUS[0]}" >> /root/lc-eval.log
 RUN

@@ -135,8 +135,8 @@ class Thresholds:
         if model == "gauss" and k < 1:
             raise TopThetaError("the gauss θ fit needs the thresholds' k (meta 'k'): recalibrate, or use model 'log'")
         fraction = FIT_FRACTION if fit_range == "half" else 1.0
-        r = torch.arange(self.num_rows, rows, dtype=torch.float64)
         a, b, ok = fit_rows(self.theta, fraction, model=model, k=k, growth=growth)
+        r = torch.arange(self.num_rows, rows, dtype=torch.float64)
         ext = a[..., None] + b[..., None] * _fit_x(r, model, k, growth)  # [L, H, rows - R]
         for layer_k in sorted(set(self.layer_k.values())):  # layers calibrated for another k: x(r) uses theirs
             ls = [i for i, v in sorted(self.layer_k.items()) if v == layer_k]
