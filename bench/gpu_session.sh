@@ -23,7 +23,8 @@
 #             evals, in this call or a later one, and brings back tasks.json and tasks-eval.tgz)
 #        lcsweep (issue 15: bench/long_context_sweep.py on CUDA, model from the bundle's cache; LCSWEEP_ARGS, its
 #             options; writes $OUT/long-context-sweep.json and its log), lcconfirm (the sweep's best setting losing
-#             <= LC_MAX_DELTA %: the pipeline for LC_MODEL with it, then 'eval --context 8192' with needles, both
+#             <= LC_MAX_DELTA % by LC_PICK_BY (pooled | worst | a text): the pipeline for LC_MODEL with it, calibrated
+#             on LC_CALIB x LC_SAMPLES, then 'eval --context 8192' with needles (and LC_CROSS as --cross-data), both
 #             float32 on CUDA, in the background), lcwait (waits up to LC_WAIT_S for them, brings back the results)
 #        (default tests,bench; "all" = tests,bench; "ktests" = the kernel tests only, no onnxruntime-gpu needed)
 # A bundle (bench/gpu_bundle.sh: models, task data, wheels, the library) travels as pieces, one per call, into
@@ -226,13 +227,15 @@ fi
 if has lcconfirm; then  # issue 15: the sweep's pick through onnxruntime (pipeline + eval --context), in the background
   export TOPTHETA_CACHE=/root/ttcache
   pkill -f lc-run.sh; rm -rf /root/lc-model /root/lc-eval /root/lc-*.log /root/lc-eval.ckpt.json
-  LC_OPTS=$(python3 bench/long_context_sweep.py --pick --out /root/lcsweep-last.json --max-delta ${LC_MAX_DELTA:-0.6})
-  echo "lcconfirm: $LC_OPTS" | tee "$OUT/lcconfirm.log"
+  LC_OPTS=$(python3 bench/long_context_sweep.py --pick --out /root/lcsweep-last.json --max-delta ${LC_MAX_DELTA:-0.6} \
+    --pick-by ${LC_PICK_BY:-pooled})
+  LC_CROSS_OPT=${LC_CROSS:+--cross-data $LC_CROSS}
+  echo "lcconfirm: $LC_OPTS (calibration ${LC_CALIB:-austen:emma} x ${LC_SAMPLES:-4}; $LC_CROSS_OPT)" | tee "$OUT/lcconfirm.log"
   cat > /root/lc-run.sh <<RUN
-python3 -m cli.main ${LC_MODEL:-qwen2.5-coder-1.5b} --calib austen:emma --seq-len 2048 --samples 4 $LC_OPTS \\
+python3 -m cli.main ${LC_MODEL:-qwen2.5-coder-1.5b} --calib ${LC_CALIB:-austen:emma} --seq-len 2048 --samples ${LC_SAMPLES:-4} $LC_OPTS \\
   --max-context 8192 --no-validate --device cuda --dtype float32 --kv-cache concat -o /root/lc-model 2>&1 \\
   | tr '\\r' '\\n' | grep -v "it/s]" > /root/lc-pipeline.log
-python3 -m cli.main eval /root/lc-model -o /root/lc-eval --context 8192 --windows 1 --theta-extrapolation fit,last-row \\
+python3 -m cli.main eval /root/lc-model -o /root/lc-eval --context 8192 --windows 1 --theta-extrapolation fit,last-row $LC_CROSS_OPT \\
   --needle-depths 0.1,0.5,0.9 --needle-contexts 8192 --needle-variants dense,fit --device cuda --checkpoint /root/lc-eval.ckpt.json 2>&1 \\
   | tr '\\r' '\\n' | grep -v "it/s]" > /root/lc-eval.log
 echo "exit=\${PIPESTATUS[0]}" >> /root/lc-eval.log

@@ -7,7 +7,9 @@ comp 0, θ past the calibrated rows by the schedule-aware fit or the last row), 
 Perplexity at every length in ``--lengths`` is read from the prefix of the one forward (causal). Writes one
 JSON with every row and the command; ``--checkpoint`` after each setting. ``--ablate NAME`` adds one setting per
 layer with only that layer sparse (schedule NAME), to find which layers carry the loss; ``--device cuda`` runs
-it all on a GPU (float32, larger chunks).
+it all on a GPU (float32, larger chunks). Every row also gives each eval text's loss (``by_eval``);
+``--rank-by``/``--pick-by worst`` rank and pick by the worst of them, and ``--monitor`` texts are measured in
+every row but never rank or pick (the held-out check of a tuning across domains).
 
     nice -n 10 python bench/long_context_sweep.py --out docs/results/long-context-sweep.json
 """
@@ -169,15 +171,43 @@ def pipeline_args(setting: str, layers: int) -> str:
     return " ".join(out)
 
 
-def pick(report: dict, max_delta: float) -> dict:
-    """The row at the longest context with the largest V-row reduction among those losing <= max_delta %."""
+def eval_window(tok, spec: str, context: int) -> torch.Tensor:
+    """One window [1, context] of ``spec``; ``SPEC@N`` skips N windows (a later window of the same text)."""
+    text, at, skip = spec.rpartition("@")
+    if not (at and skip.isdigit()):
+        text, skip = spec, "0"
+    return token_batches(tok, text, seq_len=context, num_samples=1, skip=int(skip))
+
+
+def loss_of(row: dict, by: str, monitored: list[str] | None = None) -> float:
+    """A row's perplexity loss in %: over all eval windows ("pooled"), its worst eval text ("worst", the
+    ``monitored`` texts left out), or one eval text by its spec."""
+    if by == "pooled":
+        return row["delta_pct"]
+    by_eval = row.get("by_eval") or {}
+    if by == "worst":
+        tuned = [e["delta_pct"] for spec, e in by_eval.items() if spec not in (monitored or [])]
+        return max(tuned, default=row["delta_pct"])
+    if by not in by_eval:
+        raise SystemExit(f"--rank-by/--pick-by {by!r} is not an eval text of this sweep: use one of {sorted(by_eval)}")
+    return by_eval[by]["delta_pct"]
+
+
+def pick(report: dict, max_delta: float, by: str = "pooled") -> dict:
+    """The row at the longest context with the largest V-row reduction among those losing <= max_delta %
+    (``by``: see ``loss_of``; the sweep's monitored texts never decide)."""
     c = max(r["context"] for r in report["rows"])
+    mon = report.get("monitor") or []
+    if by in mon:
+        raise SystemExit(f"--pick-by {by}: a monitored text does not pick; use worst, pooled or a tuning text")
     rows = [
-        r for r in report["rows"] if r["context"] == c and r["delta_pct"] <= max_delta and "/only" not in r["setting"]
+        r
+        for r in report["rows"]
+        if r["context"] == c and loss_of(r, by, mon) <= max_delta and "/only" not in r["setting"]
     ]
     if not rows:
-        raise SystemExit(f"no setting loses <= {max_delta}% at {c}")
-    return max(rows, key=lambda r: (r["v_rows_reduction"], -r["delta_pct"]))
+        raise SystemExit(f"no setting loses <= {max_delta}% ({by}) at {c}")
+    return max(rows, key=lambda r: (r["v_rows_reduction"], -loss_of(r, by, mon)))
 
 
 def schedule(name: str) -> tuple[int, str | None]:
@@ -224,10 +254,15 @@ def write_out_dir(theta_file: str, setting: str, template: str, to: str, calib_m
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--calib", default="austen:emma")
+    ap.add_argument("--calib", default="austen:emma", help="calibration text (A,B: windows in turn from each)")
     ap.add_argument("--calib-len", type=int, default=2048)
     ap.add_argument("--calib-windows", type=int, default=8)
-    ap.add_argument("--eval", default="austen:persuasion,austen:sensesensibility")
+    ap.add_argument(
+        "--eval",
+        default="austen:persuasion,austen:sensesensibility",
+        help="eval texts, a comma list (one window of --context each, SPEC@N: window N; rows give each text's loss "
+        "in by_eval)",
+    )
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--lengths", default="2048,4096")
     ap.add_argument(
@@ -263,6 +298,18 @@ def main(argv=None) -> int:
         "--pick", action="store_true", help="read the sweep --out and print its best setting's pipeline options"
     )
     ap.add_argument("--max-delta", type=float, default=0.6, help="--pick: the largest perplexity loss in %%")
+    ap.add_argument(
+        "--rank-by",
+        default="pooled",
+        help="loss that ranks layers/heads for --allocate(-heads): pooled (all eval windows), worst (the worst eval "
+        "text), or one --eval spec",
+    )
+    ap.add_argument("--pick-by", default="pooled", help="--pick: the loss it bounds (as --rank-by)")
+    ap.add_argument(
+        "--monitor",
+        help="eval texts (comma list, SPEC@N for window N) measured and reported in every row's by_eval but never "
+        "used to rank or pick: the held-out check of a tuning",
+    )
     ap.add_argument("--out", required=True)
     ap.add_argument("--calibrate-only", action="store_true", help="stop after --save-theta (no evaluation)")
     ap.add_argument("--save-theta", help="also save the calibrated θ of every schedule (torch.save, name -> [L, H, R])")
@@ -275,14 +322,20 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.pick:  # print the pipeline options of the best setting of a finished sweep (--out is that sweep)
         report = json.loads(Path(args.out).read_text())
-        row = pick(report, args.max_delta)
+        row = pick(report, args.max_delta, args.pick_by)
         print(pipeline_args(row["setting"], int(report.get("num_layers") or 0) or 64))
-        print(f"picked {row['setting']}: {row['delta_pct']:+.2f}% at {row['v_rows_reduction']:.2f}x", file=sys.stderr)
+        loss = loss_of(row, args.pick_by, report.get("monitor"))
+        print(
+            f"picked {row['setting']}: {loss:+.2f}% ({args.pick_by}) at {row['v_rows_reduction']:.2f}x", file=sys.stderr
+        )
         return 0
     if args.write_out:
         cal = {"calib_source": args.calib, "num_samples": args.calib_windows}
         write_out_dir(*args.write_out, args.out, cal)
         return 0
+    tuning = [spec for spec in args.eval.split(",") if spec]
+    if args.rank_by not in ("pooled", "worst", *tuning):
+        raise SystemExit(f"--rank-by {args.rank_by!r}: use pooled, worst or one of the --eval texts {tuning}")
     if args.device == "cpu":
         torch.set_num_threads(2)
     t0 = time.perf_counter()
@@ -315,9 +368,9 @@ def main(argv=None) -> int:
         return 0
     t_cal = time.perf_counter() - t0
     lengths = [int(x) for x in args.lengths.split(",")]
-    evals = [
-        token_batches(tok, spec, seq_len=args.context, num_samples=1).to(args.device) for spec in args.eval.split(",")
-    ]
+    monitored = [spec for spec in (args.monitor or "").split(",") if spec]
+    eval_specs = [spec for spec in args.eval.split(",") if spec] + monitored
+    evals = [eval_window(tok, spec, args.context).to(args.device) for spec in eval_specs]
     report = {
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "model": loaded.name,
@@ -325,6 +378,7 @@ def main(argv=None) -> int:
         "calib_len": args.calib_len,
         "calib_windows": calib.shape[0],
         "eval": args.eval,
+        "monitor": monitored,
         "context": args.context,
         "num_layers": layers,
         "comp_mode": 0,
@@ -350,11 +404,15 @@ def main(argv=None) -> int:
         """The --allocate settings, from the ablation rows at the longest length (most sensitive first)."""
         c = max(lengths)
         loss = {
-            int(r["setting"].rsplit("only", 1)[1]): r["delta_pct"]
+            int(r["setting"].rsplit("only", 1)[1]): loss_of(r, args.rank_by, monitored)
             for r in report["rows"]
             if r["context"] == c and r["setting"].startswith(f"{args.ablate}/only")
         }
-        report["layer_sensitivity"] = {"context": c, "delta_pct": {str(i): v for i, v in sorted(loss.items())}}
+        report["layer_sensitivity"] = {
+            "context": c,
+            "rank_by": args.rank_by,
+            "delta_pct": {str(i): v for i, v in sorted(loss.items())},
+        }
         out = []
         for base, ovr, ms in allocations:
             bp = parse_setting(base, layers)
@@ -379,7 +437,7 @@ def main(argv=None) -> int:
             tag = f"{hbase}/h{hl}={'+'.join(str(j) for j in range(heads) if j != h)}"
             for r in report["rows"]:
                 if r["context"] == c and r["setting"] == tag:
-                    loss[h] = r["delta_pct"]
+                    loss[h] = loss_of(r, args.rank_by, monitored)
         ranked = sorted(loss, key=lambda h: -loss[h])
         report["head_sensitivity"] = {"layer": int(hl), "context": c, "delta_pct": {str(h): loss[h] for h in ranked}}
         print(f"heads of layer {hl} by ablation loss:", ranked, flush=True)
@@ -405,21 +463,30 @@ def main(argv=None) -> int:
         t1 = time.perf_counter()
         sparse = [i for i in range(layers) if i not in p["dense"]]
         acc = {c: {"nll": 0.0, "n": 0, "nll_d": 0.0, "kept": [], "dec": [], "dec_d": []} for c in lengths}
-        for ids, dn in zip(evals, dense_nll):
+        per_eval: dict[str, dict[int, dict]] = {spec: {} for spec in eval_specs}
+        for spec, ids, dn in zip(eval_specs, evals, dense_nll):
             logits, kept = run_window(model, ids, table, p["dense"])
             tn = nll_prefix(logits, ids, lengths)
             for c in lengths:
-                a = acc[c]
-                a["nll"] += tn[c][0]
-                a["nll_d"] += dn[c][0]
-                a["n"] += tn[c][1]
                 last, dec, dec_d = kept_stats(kept, c, sparse)
-                a["kept"].append(last)
-                a["dec"].append(dec)
-                a["dec_d"].append(dec_d)
+                if spec not in monitored:  # the pooled figures are the tuning texts'
+                    a = acc[c]
+                    a["nll"] += tn[c][0]
+                    a["nll_d"] += dn[c][0]
+                    a["n"] += tn[c][1]
+                    a["kept"].append(last)
+                    a["dec"].append(dec)
+                    a["dec_d"].append(dec_d)
+                per_eval[spec][c] = {
+                    "ppl_dense": math.exp(dn[c][0] / dn[c][1]),
+                    "ppl_toptheta": math.exp(tn[c][0] / tn[c][1]),
+                    "delta_pct": 100 * (math.exp((tn[c][0] - dn[c][0]) / tn[c][1]) - 1),
+                    "v_rows_reduction": dec_d / dec,
+                }
         for c in lengths:
             a = acc[c]
             pd, pt = math.exp(a["nll_d"] / a["n"]), math.exp(a["nll"] / a["n"])
+            by_eval = {spec: per_eval[spec][c] for spec in eval_specs}
             row = {
                 "setting": setting,
                 "k": k,
@@ -438,11 +505,15 @@ def main(argv=None) -> int:
                 "v_rows_per_step_toptheta": sum(a["dec"]) / len(a["dec"]),
                 "v_rows_per_step_dense": sum(a["dec_d"]) / len(a["dec_d"]),
                 "v_rows_reduction": sum(a["dec_d"]) / sum(a["dec"]),
+                "worst_delta_pct": loss_of({"delta_pct": 100 * (pt / pd - 1), "by_eval": by_eval}, "worst", monitored),
+                "by_eval": by_eval,
                 "seconds": time.perf_counter() - t1,
             }
             report["rows"].append(row)
+            worst = f" worst {row['worst_delta_pct']:+6.2f}%" if len(eval_specs) > 1 else ""
+            worst += "".join(f" {m} {by_eval[m]['delta_pct']:+6.2f}%" for m in monitored)
             print(
-                f"{setting:24s} C={c:5d} ppl {pd:7.3f} -> {pt:7.3f} ({row['delta_pct']:+6.2f}%) "
+                f"{setting:24s} C={c:5d} ppl {pd:7.3f} -> {pt:7.3f} ({row['delta_pct']:+6.2f}%){worst} "
                 f"kept/row {row['kept_per_row']:6.1f}  V rows {row['v_rows_reduction']:5.2f}x",
                 flush=True,
             )

@@ -129,7 +129,21 @@ def test_long_context_cli_errors(short_calibrated, capsys):
 
     with pytest.raises(TopThetaError, match=r"needle contexts \[384\] are not among"):
         evaluate_long_context(out, contexts=[96], needle_contexts=(384,))
+    with pytest.raises(TopThetaError, match="builtin:pydoc is part of the calibration data"):
+        evaluate_long_context(out, contexts=[96], cross_data="builtin:pydoc")
     assert not (short_calibrated / "e2").exists()
+
+
+def test_held_out_novels_leave_out_every_calibrated_one():
+    from topthetaexport.eval.long_context import _default_data
+
+    assert (
+        _default_data("austen:emma")
+        == "austen:sensesensibility+prideprejudice+mansfieldpark+northangerabbey+persuasion"
+    )
+    assert _default_data("austen:emma,builtin:licenses") == _default_data("austen:emma")
+    assert _default_data("builtin:pydoc,austen:emma+persuasion").endswith("northangerabbey")
+    assert _default_data("builtin:pydoc") == "austen:all"
 
 
 def test_long_context_table_merges_rows_into_its_json(tmp_path):

@@ -184,6 +184,31 @@ def test_token_windows_start_with_bos_where_the_tokenizer_adds_it(word_tokenizer
     assert w.tolist() == [[2, *stream[0:3]], [2, *stream[3:6]], [2, *stream[6:9]]]
 
 
+def test_mixed_data_takes_windows_in_turn_from_each_text(word_tokenizer, tmp_path):
+    """``A,B``: window j from text j mod 2 (its window j div 2); skip holds out the same windows of each."""
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog the quick brown fox")
+    (tmp_path / "b.txt").write_text("a b c d e a b c d e a b c d e")
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    wa = token_batches(word_tokenizer, a, seq_len=3, num_samples=4)
+    wb = token_batches(word_tokenizer, b, seq_len=3, num_samples=4)
+    mix = f"{a},{b}"
+    assert load_texts(mix) == load_texts(a) + load_texts(b)
+    w = token_batches(word_tokenizer, mix, seq_len=3, num_samples=4)
+    assert w.tolist() == [wa[0].tolist(), wb[0].tolist(), wa[1].tolist(), wb[1].tolist()]
+    held = token_batches(word_tokenizer, mix, seq_len=3, num_samples=3, skip=3)
+    assert held.tolist() == [wb[1].tolist(), wa[2].tolist(), wb[2].tolist()]
+    with pytest.warns(RuntimeWarning) as short:  # a's 14 tokens give 4 windows, b's 15 give 5
+        assert token_batches(word_tokenizer, mix, seq_len=3, num_samples=12).shape == (9, 3)
+    assert sorted(str(w.message)[:14] for w in short) == ["only 4 windows", "only 5 windows"]
+    with pytest.raises(TopThetaError, match=r"part 2 of the mixed data\): data path .*nope.txt does not exist"):
+        token_batches(word_tokenizer, f"{a},{tmp_path / 'nope.txt'}", seq_len=3, num_samples=2)
+    with pytest.raises(TopThetaError, match="has an empty part"):
+        load_texts(f"{a},")
+    odd = tmp_path / "x,y.txt"  # a file whose name has a comma is one text, not two
+    odd.write_text("the dog")
+    assert load_texts(odd) == ["the dog"]
+
+
 def test_as_token_tensor(word_tokenizer):
     t = torch.randint(0, 10, (2, 5))
     assert as_token_tensor(t, None, seq_len=99, num_samples=7) is t

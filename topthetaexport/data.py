@@ -11,13 +11,24 @@ import torch
 
 from ._errors import TopThetaError
 
-__all__ = ["BUILTIN_PYDOC", "BUILTIN_LICENSES", "load_texts", "token_batches", "as_token_tensor"]
+__all__ = ["BUILTIN_PYDOC", "BUILTIN_LICENSES", "load_texts", "mixed_sources", "token_batches", "as_token_tensor"]
 
 BUILTIN_PYDOC = "builtin:pydoc"
 BUILTIN_LICENSES = "builtin:licenses"  # /usr/share/common-licenses (base-files, on every Debian/Ubuntu)
 AUSTEN_PREFIX = "austen:"  # Jane Austen's novels from Debian's r-cran-janeaustenr (topthetaexport.austen)
 LICENSES_DIR = Path("/usr/share/common-licenses")
 _DOC_SPLIT = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")  # two or more blank lines separate documents
+MIX_SEPARATOR = ","  # "austen:emma,builtin:licenses": windows taken in turn from each text
+
+
+def mixed_sources(source) -> list[str] | None:
+    """The texts of a mixed source ``A,B[,...]``, or None for a single one (a path that exists is never split)."""
+    if not isinstance(source, str) or MIX_SEPARATOR not in source or Path(source).expanduser().exists():
+        return None
+    parts = [p.strip() for p in source.split(MIX_SEPARATOR)]
+    if any(not p for p in parts):
+        raise TopThetaError(f"data spec {source!r} has an empty part: write A,B with a text on each side of the comma")
+    return parts
 
 
 def load_texts(source) -> list[str]:
@@ -28,8 +39,12 @@ def load_texts(source) -> list[str]:
     (documents separated by two or more blank lines; a file without such gaps is one document), a ``.jsonl``
     file (a ``"text"`` field per line), ``"austen:NAME"`` (a Jane Austen novel, one document per book;
     ``austen:emma+persuasion``, ``austen:all``, ``austen:all-but-emma``; see topthetaexport.austen),
-    a directory of ``.txt``/``.jsonl`` files, or a list of strings.
+    a directory of ``.txt``/``.jsonl`` files, or a list of strings. ``A,B``: the documents of both (for windows
+    taken in turn from each, see ``token_batches``).
     """
+    mixed = mixed_sources(source)
+    if mixed:
+        return [t for part in mixed for t in load_texts(part)]
     if isinstance(source, (list, tuple)):
         texts = [str(t) for t in source]
         where = "the given list of texts"
@@ -144,10 +159,15 @@ def token_batches(tokenizer, source_or_texts, *, seq_len: int, num_samples: int,
     Documents are joined with EOS (or SEP). For encoder tokenizers with CLS/SEP (BERT) every window is
     ``[CLS] ... [SEP]``; where the tokenizer starts every text with BOS (``leading_bos``), every window is
     ``[BOS] ...``, as the model runs at deployment (calibrating Gemma without it skews θ). The first ``skip``
-    windows are skipped (held-out evaluation after calibration).
+    windows are skipped (held-out evaluation after calibration). A mixed source ``A,B`` takes its windows in turn
+    from each text (window j from text j mod 2), so the calibration sees both domains and ``skip`` holds out the
+    same windows of each.
     """
     if seq_len < 2 or num_samples < 1 or skip < 0:
         raise TopThetaError(f"need seq_len >= 2, num_samples >= 1 and skip >= 0 (got {seq_len}, {num_samples}, {skip})")
+    mixed = mixed_sources(source_or_texts)
+    if mixed:
+        return _mixed_batches(tokenizer, mixed, seq_len=seq_len, num_samples=num_samples, skip=skip)
     texts = load_texts(source_or_texts)
     if tokenizer is None:
         raise TopThetaError(
@@ -180,6 +200,25 @@ def token_batches(tokenizer, source_or_texts, *, seq_len: int, num_samples: int,
     elif bos is not None:
         windows = torch.cat([torch.full((n, 1), bos), windows], dim=1)
     return windows
+
+
+def _mixed_batches(tokenizer, sources: list[str], *, seq_len: int, num_samples: int, skip: int) -> torch.Tensor:
+    """Windows skip .. skip + num_samples - 1 of the round robin over ``sources`` (window j: source j mod m, its
+    window j div m); a text that runs out gives fewer windows, with token_batches' warning."""
+    m = len(sources)
+    order = [(j % m, j // m) for j in range(skip, skip + num_samples)]
+    windows: dict[int, tuple[int, torch.Tensor]] = {}  # source -> (its first window index, its windows)
+    for i, src in enumerate(sources):
+        turns = [n for s, n in order if s == i]
+        if not turns:
+            continue
+        try:
+            got = token_batches(tokenizer, src, seq_len=seq_len, num_samples=len(turns), skip=turns[0])
+        except TopThetaError as e:
+            raise TopThetaError(f"{src} (part {i + 1} of the mixed data): {e}") from None
+        windows[i] = (turns[0], got)
+    rows = [windows[i][1][n - windows[i][0]] for i, n in order if n - windows[i][0] < windows[i][1].shape[0]]
+    return torch.stack(rows)
 
 
 def leading_bos(tokenizer) -> int | None:

@@ -87,11 +87,28 @@ def _passes(logits: np.ndarray, ids: np.ndarray, positions: list[int]) -> bool:
     return all(int(np.argmax(logits[0, p - 1])) == int(ids[0, p]) for p in positions)
 
 
+def _check_cross_data(cross_data: str | None, calib_source: str | None) -> None:
+    """The cross-domain rows must come from a text the calibration did not see."""
+    from ..data import mixed_sources
+
+    if not cross_data or not calib_source:
+        return
+    calib_parts = set(mixed_sources(calib_source) or [str(calib_source)])
+    if set(mixed_sources(cross_data) or [str(cross_data)]) & calib_parts:
+        raise TopThetaError(
+            f"--cross-data {cross_data} is part of the calibration data ({calib_source}), so its rows would not be "
+            "cross-domain: pass a text the calibration did not use"
+        )
+
+
 def _default_data(calib_source: str | None) -> str:
     from ..austen import BOOKS, PREFIX, parse_spec
+    from ..data import mixed_sources
 
-    if calib_source and str(calib_source).startswith(PREFIX):
-        used = parse_spec(str(calib_source))
+    parts = (mixed_sources(calib_source) or [str(calib_source)]) if calib_source else []
+    novels = [p for p in parts if p.startswith(PREFIX)]
+    if novels:
+        used = [b for p in novels for b in parse_spec(p)]
         rest = [b for b in BOOKS if b not in used]
         if rest:
             return PREFIX + "+".join(rest)
@@ -187,6 +204,7 @@ def evaluate_long_context(
     meta = th.meta
     calib_rows = int(meta.get("calibrated_rows") or meta.get("seq_len") or th.num_rows)
     base = Thresholds(th.theta[:, :, :calib_rows], th.sdc[:, :, :calib_rows], dict(meta))
+    _check_cross_data(cross_data, meta.get("calib_source"))
     step(f"loading {meta.get('model_path') or meta.get('model')}", 0.0)
     loaded = load_model(meta.get("model_path") or meta.get("model"))
     if not (loaded.is_lm and loaded.causal):
