@@ -2,10 +2,12 @@
 finished ``long-context-details.json`` or the ``--checkpoint`` file of a run stopped part-way (then the rows hold
 what was measured; needle fields of variants not yet run are null).
 
-Usage: python bench/long_context_table.py CHECKPOINT_OR_DETAILS --thresholds OUT [--out docs/results/long-context.json]
+Usage: python bench/long_context_table.py SOURCE [--thresholds OUT] [--out docs/results/long-context.json]
+(SOURCE: a checkpoint or the details; --thresholds: the evaluated OUT folder, needed for a checkpoint.)
 
 ``--out`` merges: a row of the file with the same model, context, calibration length, k, extrapolation, text, dense
-layers and compensation as a new row is replaced, the others are kept.
+layers, compensation, per-layer k, dense heads, calibration text and device as a new row is replaced, the others
+are kept (a row written before a field existed reads as its default).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ _ROW_KEY = (
     "context",
     "calib_len",
     "k",
+    "calib_source",
     "theta_extrapolation",
     "data",
     "dense_layers",
@@ -58,12 +61,24 @@ def merged_rows(path: str, rows: list[dict]) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("source")
-    ap.add_argument("--thresholds", required=True)
+    ap.add_argument("--thresholds", help="the evaluated OUT folder (needed for a checkpoint file)")
     ap.add_argument("--out")
     a = ap.parse_args()
     src = json.loads(open(a.source).read())
+    if a.thresholds is None and "results" not in src:
+        raise SystemExit(f"{a.source} is a checkpoint: pass --thresholds OUT (the folder it evaluated)")
+    rows = src["results"] if a.thresholds is None else _checkpoint_rows(src, a.thresholds)
+    for r in rows:  # rows written before they named it: the calibration of the details
+        r.setdefault("calib_source", (src.get("calibration") or {}).get("calib_source"))
+    if a.out:
+        write_json(a.out, merged_rows(a.out, rows))
+    _print_table(rows)
+
+
+def _checkpoint_rows(src: dict, thresholds: str) -> list[dict]:
+    """The rows of an ``eval --context`` checkpoint (or details) with the θ of ``thresholds``."""
     measured = {v: {int(c): m for c, m in by_c.items()} for v, by_c in src["measured"].items()}
-    th = Thresholds.load(a.thresholds)
+    th = Thresholds.load(thresholds)
     calib_rows = int(th.meta.get("calibrated_rows") or th.meta.get("seq_len") or th.num_rows)
     contexts = sorted(next(iter(measured.values())))
     exts = tuple(v.split("/", 1)[1] for v in measured if v.startswith("toptheta/"))
@@ -78,8 +93,10 @@ def main() -> None:
         for key, var in (("needle_dense", "dense"), ("needle_toptheta", f"toptheta/{r['theta_extrapolation']}")):
             if r["domain"] == "in_domain" and not measured[var].get(r["context"], {}).get("needle"):
                 r[key] = None
-    if a.out:
-        write_json(a.out, merged_rows(a.out, rows))
+    return rows
+
+
+def _print_table(rows: list[dict]) -> None:
     print(
         "| context | θ past R | text | ppl dense | ppl Top-θ | Δ | kept/row (sparse, last 512 rows) | "
         "V rows / decode step (dense → Top-θ) | reduction | needle dense | needle Top-θ |"

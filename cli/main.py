@@ -211,7 +211,12 @@ def summary_table(report: dict) -> Table:
 @app.command("pipeline", help="calibrate → export → rewrite → validate into OUT/ (the default command).")
 def pipeline_cmd(
     model: str = typer.Argument(..., help="HF model folder or alias (smollm2-135m, all-minilm-l6-v2)"),
-    calib: str = typer.Option(..., "--calib", help="calibration text: .txt, .jsonl, folder, or builtin:pydoc"),
+    calib: str = typer.Option(
+        ...,
+        "--calib",
+        help="calibration text: .txt, .jsonl, folder, builtin:pydoc, builtin:licenses, austen:NAME; A,B mixes texts "
+        "(windows in turn from each)",
+    ),
     out: Path = typer.Option(..., "-o", "--out", help="output folder"),
     k: int = K_OPT,
     seq_len: int = SEQ_OPT,
@@ -295,7 +300,7 @@ def pipeline_cmd(
 @app.command("calibrate", help="Calibrate Top-θ thresholds in PyTorch; writes OUT/thresholds.{safetensors,json}.")
 def calibrate_cmd(
     model: str = typer.Argument(..., help="HF model folder or alias"),
-    calib: str = typer.Option(..., "--calib", help="calibration text"),
+    calib: str = typer.Option(..., "--calib", help="calibration text (as the pipeline's --calib; A,B mixes texts)"),
     out: Path = typer.Option(..., "-o", "--out", help="output folder for the thresholds"),
     k: int = K_OPT,
     seq_len: int = SEQ_OPT,

@@ -173,3 +173,5 @@ def test_long_context_table_merges_rows_into_its_json(tmp_path):
         (8192, "last-row", 4.0),
     ]
     assert merged_rows(str(tmp_path / "missing.json"), new) == new
+    other_calibration = [{**new[0], "calib_source": "austen:emma,builtin:licenses", "ppl_toptheta": 5.0}]
+    assert len(merged_rows(str(path), other_calibration)) == 3  # another calibration is another row

@@ -422,6 +422,7 @@ def _rows(loaded, th, calib_rows, contexts, extrapolations, measured, needle) ->
                         "model": loaded.name,
                         "context": c,
                         "calib_len": calib_rows,
+                        "calib_source": th.meta.get("calib_source"),
                         "k": th.meta.get("k"),
                         "ppl_dense": d["perplexity"],
                         "ppl_toptheta": t["perplexity"],
