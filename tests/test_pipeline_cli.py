@@ -130,6 +130,49 @@ def test_cli_empty_calibration_data(tmp_path, tiny_llama, capsys):
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
+@pytest.mark.slow  # over 10 s: exports a model through torch.onnx
+def test_pipeline_calibrates_on_mixed_text(tmp_path, tiny_llama_bpe, capsys):
+    """--calib A,B: the calibration takes windows in turn from both texts, the report names the mix, and a part
+    that cannot be read fails in one line before any work."""
+    from topthetaexport.data import token_batches
+    from topthetaexport.models import load_model
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    mix = f"builtin:pydoc,{notes}"
+    out = tmp_path / "out"
+    rc, _, err = _run_cli(
+        capsys,
+        tiny_llama_bpe,
+        "--calib",
+        mix,
+        "-o",
+        out,
+        "--k",
+        "6",
+        "--seq-len",
+        "32",
+        "--samples",
+        "4",
+        "--dense-layers",
+        "1",
+        "--eval-windows",
+        "2",
+    )
+    assert rc == 0, err
+    meta = json.loads((out / "thresholds.json").read_text())
+    assert meta["calib_source"] == mix and meta["num_samples"] == 4
+    report = json.loads((out / "report.json").read_text())
+    assert report["validation"]["perplexity"]["toptheta_onnx"] > 0
+    tok = load_model(str(tiny_llama_bpe)).tokenizer
+    windows = token_batches(tok, mix, seq_len=32, num_samples=4)
+    assert windows[1].tolist() == token_batches(tok, notes, seq_len=32, num_samples=1)[0].tolist()
+    missing = tmp_path / "missing.txt"
+    rc, _, err = _run_cli(capsys, tiny_llama_bpe, "--calib", f"builtin:pydoc,{missing}", "-o", tmp_path / "o2")
+    assert rc == 2 and "missing.txt does not exist" in _one_error_line(err)
+    assert not (tmp_path / "o2").exists()
+
+
 def test_cli_corrupt_onnx(tmp_path, capsys):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"this is not a protobuf" * 10)
