@@ -134,6 +134,24 @@ def test_long_context_cli_errors(short_calibrated, capsys):
     assert not (short_calibrated / "e2").exists()
 
 
+def test_mixed_text_gives_windows_in_turn_and_one_haystack(short_calibrated, tmp_path):
+    from transformers import AutoTokenizer
+
+    from topthetaexport.data import token_batches
+    from topthetaexport.eval.long_context import _book_windows, _haystack
+
+    tok = AutoTokenizer.from_pretrained(str(short_calibrated / "model"))
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("the cat sat on the mat. " * 40)
+    b.write_text("a dog ran in the park. " * 40)
+    spec = f"{a},{b}"
+    w, names = _book_windows(tok, spec, 16, 3)
+    assert names == [spec] * 3
+    assert w[1].tolist() == token_batches(tok, b, seq_len=16, num_samples=1)[0].tolist()
+    assert w[2].tolist() == token_batches(tok, a, seq_len=16, num_samples=1, skip=1)[0].tolist()
+    assert len(_haystack(tok, spec, set())) > len(_haystack(tok, str(a), set()))
+
+
 def test_held_out_novels_leave_out_every_calibrated_one():
     from topthetaexport.eval.long_context import _default_data
 

@@ -119,9 +119,9 @@ def _book_windows(tok, spec: str, context: int, n: int) -> tuple[np.ndarray, lis
     """``n`` windows of ``context`` tokens: the first window of each text of ``spec`` in turn (austen: one per
     novel, then the second window of each, ...), or consecutive windows of another text."""
     from ..austen import PREFIX, parse_spec
-    from ..data import token_batches
+    from ..data import mixed_sources, token_batches
 
-    if not str(spec).startswith(PREFIX):
+    if mixed_sources(spec) or not str(spec).startswith(PREFIX):  # a mixed text: its windows in turn
         w = token_batches(tok, spec, seq_len=context, num_samples=n).numpy()
         return w, [str(spec)] * w.shape[0]
     books = parse_spec(spec)
@@ -143,9 +143,9 @@ def _book_windows(tok, spec: str, context: int, n: int) -> tuple[np.ndarray, lis
 def _haystack(tok, spec: str, skip_books: set[str]) -> list[int]:
     """Token stream of the needle haystack: the last book of ``spec`` not used for perplexity windows."""
     from ..austen import PREFIX, parse_spec
-    from ..data import load_texts
+    from ..data import load_texts, mixed_sources
 
-    if str(spec).startswith(PREFIX):
+    if str(spec).startswith(PREFIX) and not mixed_sources(spec):
         books = [b for b in parse_spec(spec) if PREFIX + b not in skip_books] or parse_spec(spec)
         texts = load_texts(PREFIX + books[-1])
     else:
