@@ -164,6 +164,21 @@ def test_held_out_novels_leave_out_every_calibrated_one():
     assert _default_data("builtin:pydoc") == "austen:all"
 
 
+def test_cross_data_must_be_a_text_the_calibration_did_not_read():
+    from topthetaexport.eval.long_context import _check_cross_data
+
+    _check_cross_data("builtin:pydoc", "austen:emma,builtin:licenses")
+    _check_cross_data("austen:persuasion", "austen:emma")
+    for cross, calib in (
+        ("builtin:pydoc", "builtin:pydoc"),
+        ("builtin:licenses", "austen:emma,builtin:licenses"),
+        ("austen:emma+persuasion", "austen:emma"),
+        ("austen:persuasion", "austen:all-but-emma"),
+    ):
+        with pytest.raises(TopThetaError, match="part of the calibration data"):
+            _check_cross_data(cross, calib)
+
+
 def test_long_context_table_merges_rows_into_its_json(tmp_path):
     """bench/long_context_table.py --out replaces the rows of the same setting and keeps the others."""
     import json

@@ -87,14 +87,22 @@ def _passes(logits: np.ndarray, ids: np.ndarray, positions: list[int]) -> bool:
     return all(int(np.argmax(logits[0, p - 1])) == int(ids[0, p]) for p in positions)
 
 
-def _check_cross_data(cross_data: str | None, calib_source: str | None) -> None:
-    """The cross-domain rows must come from a text the calibration did not see."""
+def _texts_of(spec: str) -> set[str]:
+    """The texts a data spec reads: each part of a mixed spec, each novel of an austen: part."""
+    from ..austen import PREFIX, parse_spec
     from ..data import mixed_sources
 
+    parts = mixed_sources(spec) or [str(spec)]
+    return {PREFIX + b for p in parts if p.startswith(PREFIX) for b in parse_spec(p)} | {
+        p for p in parts if not p.startswith(PREFIX)
+    }
+
+
+def _check_cross_data(cross_data: str | None, calib_source: str | None) -> None:
+    """The cross-domain rows must come from a text the calibration did not see."""
     if not cross_data or not calib_source:
         return
-    calib_parts = set(mixed_sources(calib_source) or [str(calib_source)])
-    if set(mixed_sources(cross_data) or [str(cross_data)]) & calib_parts:
+    if _texts_of(cross_data) & _texts_of(calib_source):
         raise TopThetaError(
             f"--cross-data {cross_data} is part of the calibration data ({calib_source}), so its rows would not be "
             "cross-domain: pass a text the calibration did not use"
