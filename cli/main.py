@@ -191,7 +191,7 @@ def summary_table(report: dict) -> Table:
             t.add_row(
                 "parity: operator max |Δ| vs fp64 reference",
                 f"{par['operator_max_abs_diff_vs_fp64_reference']:.2e}"
-                + (" ok" if par["operator_pass"] else f" > {par['tolerance']:.0e}"),
+                + (" ok" if par["operator_pass"] else f" > {par.get('operator_tolerance', par['tolerance']):.0e}"),
             )
         t.add_row("model max |Δ| vs PyTorch dense", f"{par['max_abs_diff_vs_torch_dense']:.2e}")
     ppl = v.get("perplexity")

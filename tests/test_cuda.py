@@ -1227,6 +1227,95 @@ def test_exported_model_on_cuda_matches_pytorch(ort_cuda, llama64, tmp_path, dty
     assert _node_providers(sess) == {"CUDAExecutionProvider"}
 
 
+# -- bfloat16 (and float16) exports through OnnxModel: validate, eval and generate on CUDA ---------------------
+
+
+@pytest.mark.parametrize("form", ["shared", "concat"])
+def test_bfloat16_pipeline_validates_and_decodes_on_cuda(ort_cuda, llama64, tmp_path, form):
+    """--dtype bfloat16 --device cuda end to end, validation included: OnnxModel runs the graph behind a float32
+    interface (Float32Interface; the shared cache stays in bfloat16 device buffers), the model is within its own
+    dense floor of the PyTorch Top-θ reference pinned to onnxruntime's decisions, and one decode step through the
+    bfloat16 cache gives the logits of a full prefill of the same tokens."""
+    from topthetaexport.ort.sessions import OnnxModel
+    from topthetaexport.pipeline import run_pipeline
+
+    g = torch.Generator().manual_seed(4)
+    calib, held_out = torch.randint(3, 128, (3, 48), generator=g), torch.randint(3, 128, (1, 48), generator=g)
+    out = tmp_path / "out"
+    report = run_pipeline(
+        str(llama64), calib, out, k=8, seq_len=48, num_samples=3, dense_layers=0, eval_data=held_out,
+        eval_windows=1, decode_steps=4, dtype="bfloat16", device="cuda", kv_cache=form, threads=1,
+    )  # fmt: skip
+    v, par = report["validation"], report["validation"]["parity"]
+    assert report["dtype"] == v["dtype"] == "bfloat16" and v["kv_cache"] == form
+    assert v["providers"][0] == "CUDAExecutionProvider"
+    assert par["pinned_rows_differing_from_ort"] == 0  # fp64 re-decisions from the bf16 Q/K reproduce ORT's
+    assert par["pass"] and par["operator_pass"], par
+    assert par["max_abs_diff_vs_torch_toptheta_pinned"] > 1e-3  # bfloat16 rounding really happened
+    assert v["decode"]["steps"] == 4
+
+    om = OnnxModel(out, device="cuda", max_length=48)
+    assert om.dtype == ("bfloat16" if form == "shared" else np.float32)  # concat: float32 at the edge
+    ids = held_out.numpy()
+    full = om.run(ids).output
+    step = om.run(ids[:, :-1])
+    last = om.run(ids[:, -1:], past=step.cache).output
+    assert full.dtype == last.dtype == np.float32
+    rel = float(np.linalg.norm(last[0, -1] - full[0, -1]) / np.linalg.norm(full[0, -1]))
+    assert rel <= 2e-2, rel  # decode vs prefill kernels, both rounding to bfloat16
+
+
+# The float16 / bfloat16 logits of the real SmolLM2 (|logit| up to ~34) move against float32 by up to 0.06 / 0.57 in
+# PyTorch (dense, same rounded weights, measured 2026-12-04), more than the top-2 margin of some greedy steps
+# (0.06-0.3 in 32 steps of this prompt): ORT's token must be one the float32 reference holds within that bound.
+GREEDY_BOUND = {"float16": 0.15, "bfloat16": 0.6}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_smollm2_reduced_precision_on_cuda_matches_pytorch(ort_cuda, smollm2, tmp_path, dtype):
+    """The real SmolLM2-135M from the pipeline (calibrated, exported in ``dtype``, shared cache and fusions, as
+    ``--device cuda`` makes it), validated; then the prompt's logits (rel. error <= 1e-2 against the PyTorch Top-θ
+    reference in float32 on the same rounded weights) and 32 greedy steps teacher-forced through the device KV
+    cache: at every step onnxruntime's argmax is the reference's, or within GREEDY_BOUND of it on a near-tie."""
+    from topthetaexport.models import load_model
+    from topthetaexport.ort.sessions import OnnxModel
+    from topthetaexport.pipeline import run_pipeline
+    from topthetaexport.thresholds import Thresholds
+    from topthetaexport.torch.attention import attention_mode
+
+    out = tmp_path / "out"
+    report = run_pipeline(
+        "smollm2-135m", "builtin:pydoc", out, k=64, seq_len=256, num_samples=4, eval_windows=1,
+        decode_steps=8, dtype=dtype, device="cuda",
+    )  # fmt: skip
+    par = report["validation"]["parity"]
+    assert report["dtype"] == dtype and report["kv_cache"] == "shared"
+    assert par["pass"] and par["operator_pass"], par
+    th = Thresholds.load(out)
+    ref = load_model("smollm2-135m", dtype=getattr(torch, dtype)).model.float().cuda()
+    prompt = smollm2.tokenizer("def fibonacci(n):")["input_ids"]
+    om = OnnxModel(out, device="cuda", max_length=len(prompt) + 33)
+
+    def ref_logits(seq: list[int]) -> np.ndarray:
+        with torch.no_grad(), attention_mode(ref, "toptheta", thresholds=th):
+            return ref(input_ids=torch.tensor([seq], device="cuda")).logits[0].float().cpu().numpy()
+
+    want = ref_logits(prompt)
+    step = om.run(np.array([prompt]))
+    got = step.output[0]
+    rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    assert rel <= 1e-2, rel
+    seq, gaps = list(prompt), []
+    for _ in range(32):
+        ref_last = ref_logits(seq)[-1]
+        token, ours = int(ref_last.argmax()), int(step.output[0, -1].argmax())
+        gaps.append(float(ref_last[token] - ref_last[ours]))  # 0 where both agree
+        seq.append(token)
+        step = om.run(np.array([[token]]), past=step.cache)
+    assert max(gaps) <= GREEDY_BOUND[dtype], gaps
+    assert sum(gap == 0.0 for gap in gaps) >= 29, gaps
+
+
 @pytest.fixture(scope="module")
 def gemma3_256(tmp_path_factory):
     """The tiny gemma3 text config of conftest: head dim 256 (gemma-3's), sliding and global layers, GQA 2/1."""

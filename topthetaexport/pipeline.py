@@ -194,11 +194,6 @@ def run_pipeline(
         fusions=fusions,
     )
     dtype = resolve_dtype(dtype, device, cuda=runs_on_cuda(device))  # bfloat16 on CPU fails here, before any work
-    if dtype == "bfloat16" and do_validate:
-        raise TopThetaError(
-            "validation feeds the graph numpy arrays, and numpy has no bfloat16 (nor does onnxruntime's Python "
-            "API take one): pass --no-validate with --dtype bfloat16, or validate a --dtype float16 export"
-        )
     prog = progress or (lambda stage, message, fraction: None)
     library_path()  # fail early, before minutes of calibration, if the library is missing
     timings: dict[str, float] = {}

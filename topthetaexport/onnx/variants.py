@@ -7,6 +7,8 @@
   from a ``Thresholds`` or one θ value everywhere.
 * ``DenseTwin``: every θ = ``-inf`` and ρ = 0, dense attention through the same operator.
 * ``SetCompMode``: the ``comp_mode`` attribute of every node.
+* ``Float32Interface``: bfloat16 graph inputs and outputs become float32 behind Cast nodes (numpy, and so the
+  numpy runner, has no bfloat16), every value inside keeping its dtype.
 * ``ReplaceWithTopK``: every TopThetaAttention node of a sparse layer is replaced by standard ONNX ops
   computing exact per-row top-k attention (the baseline Top-θ approximates): scores ``s = scale·q·kᵀ``, valid
   keys (causal, bottom-right aligned, and the mask), ``τ = k-th largest valid score of the row`` (``TopK``),
@@ -41,6 +43,7 @@ __all__ = [
     "DenseTwin",
     "ExposeAttentionIO",
     "ExposeKept",
+    "Float32Interface",
     "ReplaceWithTopK",
     "SetCompMode",
     "SetThresholds",
@@ -166,11 +169,17 @@ def _valid_rows(layer: int, node: ir.Node, mask: ir.Value | None) -> tuple[_TopK
     zero = n.ints("zero", 0)
     k = n("Slice", node.outputs[1], zero, ktot, n.ints("axis2", 2))
     v = n("Slice", node.outputs[2], zero, ktot, n.ints("axis2v", 2))
+    valid = "toptheta_valid_rows"  # max(P) + Sq; a stated shape keeps the exposed outputs checker-clean
     for value, like in ((k, node.outputs[1]), (v, node.outputs[2])):
         value.dtype = like.dtype
+        if like.shape is not None and len(like.shape) == 4:
+            value.shape = ir.Shape([like.shape[0], like.shape[1], valid, like.shape[3]])
     if mask is not None:
         cut = n("Slice", mask, zero, ktot, n.ints("axis1", 1))
-        cut.dtype, mask = mask.dtype, cut
+        cut.dtype = mask.dtype
+        if mask.shape is not None and len(mask.shape) == 2:
+            cut.shape = ir.Shape([mask.shape[0], valid])
+        mask = cut
     return n, k, v, mask
 
 
@@ -242,6 +251,49 @@ class SetCompMode(InPlacePass):
         for _, node in ops:
             node.attributes["comp_mode"] = ir.AttrInt64("comp_mode", self.comp_mode)
         return PassResult(model, True)
+
+
+class Float32Interface(InPlacePass):
+    """Every bfloat16 graph input and output, except those named in ``keep``, becomes float32 at the graph's
+    edge: an input feeds a Cast to bfloat16 that takes over its uses, an output is a Cast to float32 of the value
+    that was the output. The graph computes exactly what it did (bfloat16 to float32 and back is lossless), and a
+    caller can feed and read it with numpy. ``keep``: names that stay bfloat16, e.g. the shared-buffer KV cache,
+    whose past input and present output are one device buffer."""
+
+    def __init__(self, keep: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.keep = set(keep)
+
+    def _is_edge(self, value: ir.Value) -> bool:
+        return value.dtype == ir.DataType.BFLOAT16 and value.name not in self.keep
+
+    def call(self, model: ir.Model) -> PassResult:
+        graph = model.graph
+        inputs = [v for v in graph.inputs if self._is_edge(v) and not v.is_graph_output()]
+        casts: list[ir.Node] = []
+        for value in inputs:
+            uses = list(value.uses())
+            cast = ir.Node("", "Cast", [value], attributes=[ir.AttrInt64("to", ir.DataType.BFLOAT16)], num_outputs=1)
+            cast.name = f"toptheta/float32_interface/{value.name}"
+            inner = cast.outputs[0]
+            inner.name, inner.dtype, inner.shape = f"{value.name}/bfloat16", ir.DataType.BFLOAT16, value.shape
+            for user, index in uses:
+                user.replace_input_with(index, inner)
+            value.dtype = ir.DataType.FLOAT
+            casts.append(cast)
+        if casts:
+            graph.insert_before(graph.node(0), casts)
+        outputs = [(i, v) for i, v in enumerate(graph.outputs) if self._is_edge(v)]
+        for index, value in outputs:
+            name = value.name
+            value.name = f"{name}/bfloat16"
+            cast = ir.Node("", "Cast", [value], attributes=[ir.AttrInt64("to", ir.DataType.FLOAT)], num_outputs=1)
+            cast.name = f"toptheta/float32_interface/{name}"
+            edge = cast.outputs[0]
+            edge.name, edge.dtype, edge.shape = name, ir.DataType.FLOAT, value.shape
+            graph.append(cast)
+            graph.outputs[index] = edge
+        return PassResult(model, bool(inputs or outputs))
 
 
 # -- top-k ---------------------------------------------------------------------------------------------
@@ -497,12 +549,14 @@ def prepare_variant(
     expose_io: bool = False,
     theta_fill: float | None = None,
     comp_mode: int | None = None,
+    float32_interface: bool = False,
 ) -> Path:
     """A modified copy of a Top-θ model for a session, saved next to it (the caller deletes it).
 
     ``expose_kept``: ``ExposeKept``. ``expose_io``: ``ExposeAttentionIO``. ``theta_fill``: every threshold
     replaced by this value (``-inf`` gives dense attention through the same operator). ``comp_mode``: overrides
-    the compensation mode of every node.
+    the compensation mode of every node. ``float32_interface``: ``Float32Interface`` last, so exposed values are
+    float32 too; a shared-buffer KV cache (and its shadow K) keeps its dtype, its buffers being bound directly.
     """
     passes: list[InPlacePass] = []
     if theta_fill is not None:
@@ -516,9 +570,20 @@ def prepare_variant(
     path = Path(model_path)
     model = _load(path)
     _require_ops_in(model, path)
+    if float32_interface:
+        passes.append(Float32Interface(keep=_shared_cache_names(model.graph)))
     for p in passes:
         p(model)
     return _save_next_to(model, path)
+
+
+def _shared_cache_names(graph: ir.Graph) -> set[str]:
+    """The past inputs and present outputs (KV and shadow K) of a shared-buffer graph; empty for other forms."""
+    inputs = [v.name or "" for v in graph.inputs]
+    if names.kv_cache_form(inputs) != "shared":
+        return set()
+    cache = (names.PAST_PREFIX, names.PAST_SHADOW_PREFIX, names.PRESENT_PREFIX, names.PRESENT_SHADOW_PREFIX)
+    return {n for n in [*inputs, *(v.name or "" for v in graph.outputs)] if n.startswith(cache)}
 
 
 def topk_attention_numpy(

@@ -30,6 +30,7 @@ from ..onnx.names import (
     PRESENT_PREFIX,
     kv_cache_form,
 )
+from ..onnx.summary import graph_dtype
 from . import library as runtime
 
 
@@ -45,6 +46,8 @@ class StepResult:
 
 
 OP_IO_PREFIX = IO_PREFIX  # the name callers know
+BFLOAT16 = "bfloat16"  # a KvCache dtype numpy lacks: device buffers of onnxruntime's bfloat16 (element type 16)
+_BFLOAT16_ELEMENT = 16
 
 
 @dataclass
@@ -83,8 +86,15 @@ class KvCache:
         if capacity < 1 or batch < 1:
             raise TopThetaError(f"a KV cache needs batch >= 1 and max_length >= 1, got {batch} and {capacity}")
         shapes = [(batch, heads, capacity, dim) for _, heads, dim in specs]
-        if device == "cpu":
-            arrays: list[np.ndarray] | None = [np.zeros(shape, dtype) for shape in shapes]
+        if dtype == BFLOAT16:  # zeros written as their uint16 bits; no numpy view, even on the CPU
+            arrays: list[np.ndarray] | None = None
+            buffers = []
+            for sh in shapes:
+                buf = ort.OrtValue.ortvalue_from_shape_and_type(list(sh), _BFLOAT16_ELEMENT, device, device_id)
+                buf.update_inplace(np.zeros(sh, np.uint16))
+                buffers.append(buf)
+        elif device == "cpu":
+            arrays = [np.zeros(shape, dtype) for shape in shapes]
             buffers = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays or []]
         else:  # zeros uploaded once; later steps never copy the buffers again
             arrays = None
@@ -149,11 +159,23 @@ class OnnxModel:
         if not self.path.is_file():
             raise TopThetaError(f"ONNX model {self.path} does not exist: run 'topθ-export export' first")
         load_path = self.path
-        if with_kept or expose_io or theta_fill is not None or comp_mode is not None:
+        # numpy has no bfloat16: such a graph is run behind float32 inputs and outputs (Float32Interface, lossless)
+        bfloat16 = graph_dtype(self.path) == "bfloat16"
+        if bfloat16 and not runtime.runs_on_cuda(device):
+            raise TopThetaError(
+                f"{self.path} is a bfloat16 graph, and TopThetaAttention's CPU kernel has float32 and float16 only: "
+                "run it with device='cuda' (--device cuda, onnxruntime-gpu), or export with --dtype float16"
+            )
+        if with_kept or expose_io or theta_fill is not None or comp_mode is not None or bfloat16:
             from ..onnx.variants import prepare_variant  # graph passes: onnx_ir is only loaded when needed
 
             load_path = prepare_variant(
-                self.path, expose_kept=with_kept, expose_io=expose_io, theta_fill=theta_fill, comp_mode=comp_mode
+                self.path,
+                expose_kept=with_kept,
+                expose_io=expose_io,
+                theta_fill=theta_fill,
+                comp_mode=comp_mode,
+                float32_interface=bfloat16,
             )
         try:
             self.sess = runtime.session(load_path, device=device, threads=threads)
@@ -180,13 +202,8 @@ class OnnxModel:
         if self.past_inputs:
             shape = self.past_inputs[0].shape
             self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
-            kind = self.past_inputs[0].type
-            if "bfloat16" in kind:
-                raise TopThetaError(
-                    f"{self.path} is a bfloat16 graph, and this runner feeds numpy arrays, which have no bfloat16: "
-                    "export with --dtype float16 to validate, evaluate or run it here"
-                )
-            self.dtype = np.float16 if "float16" in kind else np.float32
+            kind = self.past_inputs[0].type  # bfloat16 only for a shared-form cache (device buffers)
+            self.dtype = BFLOAT16 if "bfloat16" in kind else np.float16 if "float16" in kind else np.float32
         outs = [o.name for o in self.sess.get_outputs()]
         self.output_name = outs[0]
         self.present_names = [o for o in outs if o.startswith(PRESENT_PREFIX)]
