@@ -53,7 +53,6 @@ class _KernelOptions(ctypes.Structure):
         ("prefill_variant", ctypes.c_int32),
         ("decode_kstages", ctypes.c_int32),
         ("no_shadow", ctypes.c_int32),
-        ("no_decode_overlap", ctypes.c_int32),
     ]
 
 

@@ -1743,55 +1743,6 @@ def test_onnxruntime_cuda_shared_buffer_in_place(ort_cuda, dtype):
         assert np.linalg.norm(a - b) / np.linalg.norm(b) <= (1e-4 if dtype == "f32" else REL_TOL)
 
 
-@pytest.mark.parametrize("overlap", ["on", "off"])
-def test_onnxruntime_cuda_decode_reads_the_rows_its_own_call_appends(ort_cuda, monkeypatch, overlap):
-    """The shared form's DecodeKernel starts while the call's AppendKernel still runs (a programmatic dependent;
-    TOPTHETA_DECODE_OVERLAP=0 turns it off) and waits for it only before the steps that hold the new rows. Each of
-    120 decode steps appends a key that dominates every head's scores and a value of its own, over cache rows that
-    hold a different value: a step that read its row before the append would give the old value."""
-    if overlap == "off":
-        monkeypatch.setenv("TOPTHETA_DECODE_OVERLAP", "0")
-    ort = ort_cuda
-    B, Hq, Hkv, D, M, P0, steps = 2, 8, 2, 128, 4096, 3000, 120
-    g = np.random.default_rng(7)
-    direction = np.zeros(D, np.float32)
-    direction[:8] = 1.0
-    kbuf = (0.1 * g.standard_normal((B, Hkv, M, D))).astype(np.float16)
-    vbuf = np.full((B, Hkv, M, D), -3.0, np.float16)  # what a row read before its append holds
-    query = np.broadcast_to(6.0 * direction, (B, Hq, 1, D)).astype(np.float16)
-    gpu = _sessions(ort, make_model_f16_shared())[1]
-    kv = {"past_key": _ov(ort, kbuf), "past_value": _ov(ort, vbuf)}
-    out = _ov(ort, np.zeros((B, Hq, 1, D), np.float16))
-    thresholds = np.full((Hq, 1), -1e4, np.float32)  # every key kept: the new one dominates the softmax
-    for step in range(steps):
-        value = np.full((B, Hkv, 1, D), 1.0 + step % 7, np.float16)
-        feeds = {
-            "query": query,
-            "key": np.broadcast_to(6.0 * direction, (B, Hkv, 1, D)).astype(np.float16),
-            "value": value,
-            "thresholds": thresholds,
-            "past_sequence_length": np.full(B, P0 + step, np.int32),
-        }
-        io = gpu.io_binding()
-        inputs = {n: _ov(ort, x) for n, x in feeds.items()}
-        for n, v in inputs.items():
-            io.bind_ortvalue_input(n, v)
-        for past, present in (("past_key", "present_key"), ("past_value", "present_value")):
-            io.bind_ortvalue_input(past, kv[past])
-            io.bind_ortvalue_output(present, kv[past])
-        io.bind_ortvalue_output("output", out)
-        gpu.run_with_iobinding(io)
-        got = out.numpy().astype(np.float32)
-        # the new key's score 6 * 6 * 8 / sqrt(128) = 25.5 against ~0 for the others: its weight is 1 - 3e-8
-        np.testing.assert_allclose(got, 1.0 + step % 7, rtol=1e-2, err_msg=f"step {step}")
-
-
-def make_model_f16_shared():
-    from _onnx_single import make_model
-
-    return make_model("float16", past=True, present=True, past_lens=True, kept=False, causal=1)
-
-
 def test_onnxruntime_cuda_graph_replays_read_the_current_lengths(ort_cuda):
     """Decode steps under an ORT CUDA graph (enable_cuda_graph): every input at a fixed device address, updated in
     place between runs. The graph is captured once; replays must read the lengths (and the buffer) of their own

@@ -18,7 +18,6 @@ struct AppendArgs {
 // blockIdx.y: 0 key, 1 value. Threads stride over every unit of every new row.
 template <typename U>
 __global__ void __launch_bounds__(256) AppendKernel(const AppendArgs a) {
-  TriggerDependents();  // DecodeKernel may start: it waits for this grid before it reads the rows written here
   const int t = blockIdx.y;
   const int64_t per_row = a.row_units[t];
   const int64_t total = a.p.B * a.p.Hkv * a.p.Sk * per_row;

@@ -22,7 +22,7 @@ using toptheta::cuda::Plan;
 static_assert(std::is_standard_layout_v<AttnParams> && std::is_trivially_copyable_v<AttnParams>,
               "AttnParams crosses the C entry point");
 static_assert(sizeof(AttnParams) == 232, "AttnParams changed: update bench/toptheta_cuda.py (_AttnParams)");
-static_assert(sizeof(KernelOptions) == 24, "KernelOptions changed: update bench/toptheta_cuda.py");
+static_assert(sizeof(KernelOptions) == 20, "KernelOptions changed: update bench/toptheta_cuda.py");
 static_assert(sizeof(Plan) == 32, "Plan changed: update bench/toptheta_cuda.py");
 
 // The fields of each struct in declaration order (what bench/toptheta_cuda.py's mirrors must list).
@@ -33,7 +33,7 @@ static_assert(sizeof(Plan) == 32, "Plan changed: update bench/toptheta_cuda.py")
   X(kept) X(past_lens) X(past_lens_sb) X(kv_capacity) X(Sk) X(shadow_k) X(shadow_range) X(packed) X(softcap)
 // clang-format on
 #define TOPTHETA_KERNEL_OPTIONS_FIELDS(X) \
-  X(force_generic) X(decode_splits) X(prefill_variant) X(decode_kstages) X(no_shadow) X(no_decode_overlap)
+  X(force_generic) X(decode_splits) X(prefill_variant) X(decode_kstages) X(no_shadow)
 #define TOPTHETA_PLAN_FIELDS(X) X(path) X(splits) X(prefill_variant) X(decode_kstages) X(shadow) X(workspace)
 
 // "Name size: field@offset ...; ..." of the three structs.

@@ -173,18 +173,6 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : (D == 128 ? 2 : 1)) De
       Pinned(1u << (2 * t));  // bit of key c = n * 8 + 2t + (e & 1) is key_bit << (n * 8 + (e & 1))
 
   auto key0 = [&](int step) { return (first + step * kWarps) * kSub; };
-  // Keys from `fresh` on are the rows this call's AppendKernel writes (shared form). Launched as its programmatic
-  // dependent (after_append), a warp waits for that grid before its first copy of a step holding one; otherwise the
-  // wait returns at once. LIST: list positions say nothing of key positions, so its warps wait first.
-  const int fresh = klen - static_cast<int>(a.p.past_lens != nullptr ? a.p.Sk : 0);
-  bool appended = LIST;
-  if constexpr (LIST) GridDependencyWait();
-  auto await_append = [&](int step) {
-    if (!appended && key0(step) + kSub > fresh) {
-      GridDependencyWait();
-      appended = true;
-    }
-  };
   // LIST: the key of list position key0(step) + lane % 16 (-1 past the lists), in a ring jr[i] = step + i that is
   // read one step before the K copy of its step is issued.
   auto listed = [&](int step) -> int {
@@ -208,7 +196,6 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : (D == 128 ? 2 : 1)) De
       if (LIST) {
         LoadListedRows<T, D>(Kg, jr[i], wbase + i * kTileBytes, 0xffffu, off, lane);
       } else {
-        await_append(i);
         LoadRows<T, D>(Kg, key0(i), klen, wbase + i * kTileBytes, 0xffffu, off, lane, dm);
       }
     }
@@ -445,7 +432,6 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : (D == 128 ? 2 : 1)) De
       if (LIST) {
         LoadListedRows<T, D>(Vg, jl, vbase + (step % kVStages) * kTileBytes, keys, off, lane);
       } else {
-        await_append(step);  // the mean pass reads V without K
         LoadRows<T, D>(Vg, k0, klen, vbase + (step % kVStages) * kTileBytes, keys, off, lane, dm);
       }
     }
@@ -455,7 +441,6 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : (D == 128 ? 2 : 1)) De
       if (LIST) {
         LoadListedRows<T, D>(Kg, jr[kAhead], kdst, 0xffffu, off, lane);
       } else {
-        await_append(step + kAhead);
         LoadRows<T, D>(Kg, key0(step + kAhead), klen, kdst, 0xffffu, off, lane, dm);
       }
     }
@@ -847,18 +832,9 @@ cudaError_t Run(const KernelArgs& a, cudaStream_t stream) {
   constexpr int smem = DecodeSmem<D, KST>();
   cudaError_t e = AllowSmem<DecodeKernel<T, D, MASK, COUNT, KST, LIST, CAP, PAD>>(smem);
   if (e != cudaSuccess) return e;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim =
-      dim3(static_cast<unsigned>(a.plan.splits), static_cast<unsigned>(a.p.Hkv), static_cast<unsigned>(a.p.B));
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = a.after_append && HasProgrammaticLaunch() ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, DecodeKernel<T, D, MASK, COUNT, KST, LIST, CAP, PAD>, a);
+  dim3 grid(static_cast<unsigned>(a.plan.splits), static_cast<unsigned>(a.p.Hkv), static_cast<unsigned>(a.p.B));
+  DecodeKernel<T, D, MASK, COUNT, KST, LIST, CAP, PAD><<<grid, kThreads, smem, stream>>>(a);
+  return cudaGetLastError();
 }
 
 // The shadow path has the default K stages only; head dim 256 has 3 K stages and no shadow path (4 stages would not

@@ -57,8 +57,6 @@ KernelOptions KernelOptionsFromEnv() {
   o.decode_kstages = EnvInt("TOPTHETA_DECODE_KSTAGES", 0);
   const char* shadow = std::getenv("TOPTHETA_SHADOW");
   o.no_shadow = shadow && std::strcmp(shadow, "0") == 0 ? 1 : 0;
-  const char* overlap = std::getenv("TOPTHETA_DECODE_OVERLAP");
-  o.no_decode_overlap = overlap && std::strcmp(overlap, "0") == 0 ? 1 : 0;
   return o;
 }
 

@@ -30,7 +30,6 @@ struct KernelOptions {
   int32_t prefill_variant = kPrefillDefault;  // TOPTHETA_PREFILL_VARIANT=0|1|2|3
   int32_t decode_kstages = 0;                 // TOPTHETA_DECODE_KSTAGES=3|4 (0 = kDecodeKStagesDefault)
   int32_t no_shadow = 0;                      // TOPTHETA_SHADOW=0: 1 (ignore a shadow K that the call passes)
-  int32_t no_decode_overlap = 0;              // TOPTHETA_DECODE_OVERLAP=0: 1 (decode waits for the append, Launch)
 };
 
 // The TOPTHETA_* environment variables above (unset or invalid: the default).

@@ -29,8 +29,6 @@ struct KernelArgs {
   int32_t* cand = nullptr;
   int32_t* cand_n = nullptr;
   int32_t cand_cap = 0;  // ShadowListCap
-  // DecodeKernel is launched as a programmatic dependent of the call's AppendKernel (Launch's after_append).
-  bool after_append = false;
 
   KernelArgs(const AttnParams& params, const Plan& plan_) : p(params), plan(plan_), G(params.Hq / params.Hkv) {
     if (p.mask == nullptr) p.mask_kind = MaskKind::kNone;  // the kernels branch on the kind only
@@ -42,12 +40,8 @@ struct KernelArgs {
 const DeviceProps& DevicePropsOf(int device);
 
 // Enqueues the kernels of one call on `stream` (no host synchronisation). `workspace` must hold
-// plan.workspace bytes (may be null when that is 0). `after_append`: the last work on `stream` is this call's
-// AppendKernel (the shared form), so a decode without a V-mean pass or shadow scan may start while it runs
-// (programmatic dependent launch): its blocks wait for it only before reading the appended rows. Returns the first
-// CUDA error.
-cudaError_t Launch(const AttnParams& p, const Plan& plan, void* workspace, cudaStream_t stream,
-                   bool after_append = false);
+// plan.workspace bytes (may be null when that is 0). Returns the first CUDA error.
+cudaError_t Launch(const AttnParams& p, const Plan& plan, void* workspace, cudaStream_t stream);
 
 // Kernel launchers (one .cu file each).
 cudaError_t LaunchGeneric(const KernelArgs& a, cudaStream_t stream);

@@ -32,7 +32,7 @@ const DeviceProps& DevicePropsOf(int device) {
   return props[d];
 }
 
-cudaError_t Launch(const AttnParams& p, const Plan& plan, void* workspace, cudaStream_t stream, bool after_append) {
+cudaError_t Launch(const AttnParams& p, const Plan& plan, void* workspace, cudaStream_t stream) {
   if (p.B == 0 || p.Hq == 0 || p.Sq == 0) return cudaSuccess;
   KernelArgs a(p, plan);
   if (plan.path == Path::kGeneric) return LaunchGeneric(a, stream);
@@ -49,8 +49,6 @@ cudaError_t Launch(const AttnParams& p, const Plan& plan, void* workspace, cudaS
       a.cand_cap = static_cast<int32_t>(ShadowListCap(p.kv_capacity, plan.splits));
     }
   }
-  // With a V-mean pass or a shadow scan, other kernels of the call run between the append and DecodeKernel.
-  a.after_append = after_append && plan.path == Path::kDecode && !plan.shadow && !NeedsVMean(p);
   for (int pass = NeedsVMean(p) ? 1 : 0; pass >= 0; --pass) {
     a.mean_pass = pass;
     cudaError_t e;

@@ -136,8 +136,7 @@ class CudaKernel {
       Check(LaunchShadowUpdate(p, static_cast<uint8_t*>(call.present_shadow[0]), call.present_shadow[1], stream),
             "shadow K update");
     }
-    const bool after_append = call.Shared() && !call.HasShadow() && !options_.no_decode_overlap;
-    Check(Launch(p, plan, plan.workspace ? scratch.data() + ws_off : nullptr, stream, after_append), "kernel launch");
+    Check(Launch(p, plan, plan.workspace ? scratch.data() + ws_off : nullptr, stream), "kernel launch");
   }
 
  private:
