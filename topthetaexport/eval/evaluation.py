@@ -265,7 +265,7 @@ def evaluate(
     sweep: list[int] | None = None,
     comp_modes=(0, 1, 2),
     sweep_comp_modes=None,
-    topk: bool = True,
+    topk: bool | None = None,
     decode_rows: int = 16,
     decode_check: bool = True,
     builtin_cloze: bool = True,
@@ -285,7 +285,9 @@ def evaluate(
     (``tasks.parse_task_spec``; decoders): HellaSwag-style .jsonl files (their first ``task_items`` items),
     standard tasks and NAME=PATH files (a subsample of ``task_items`` items with ``task_seed``, scored in
     lm-eval's conventions, with their prompts' kept elements). ``sweep``: further k values (thresholds
-    calibrated like the model's). ``comp_modes``: the Top-θ compensation modes at the model's k (0, 1, 2,
+    calibrated like the model's). ``topk``: the exact top-k baseline; None (the default) includes it unless the
+    graph has the shared-buffer KV cache, which the replacement cannot hold (``topk_baseline`` in the result says
+    which), True with such a graph is refused in one line. ``comp_modes``: the Top-θ compensation modes at the model's k (0, 1, 2,
     and 1:rho1, 2:rho1 for SDC with ρ = 1); ``sweep_comp_modes`` those at the other k (default: the same).
     """
     from ..data import token_batches
@@ -305,7 +307,14 @@ def evaluate(
             f"{out_dir} holds no model.onnx: pass a folder written by 'topθ-export MODEL --calib DATA -o OUT'"
         )
     specs = [parse_task_spec(t) for t in tasks or []]
-    if topk and graph_kv_cache(model_path) == "shared":
+    shared = graph_kv_cache(model_path) == "shared"
+    # the top-k baseline replaces the operator, which owns a shared cache: by default it is left out there
+    topk_note = "skipped: the shared-buffer KV cache (rewrite with --kv-cache concat for it)" if shared else None
+    if topk is None:
+        topk = not shared
+    elif not topk:
+        topk_note = "skipped (--no-topk)"
+    if topk and shared:
         raise TopThetaError(
             f"{model_path} has the shared-buffer KV cache, and the top-k baseline replaces the operator, which "
             "holds that cache: pass --no-topk (topk=False), or evaluate the rewrite with --kv-cache concat"
@@ -512,6 +521,7 @@ def evaluate(
         loaded, th, out_dir, domains, seq_len, held_out, task_sets, results, ks, k0, decode_checked, device, command
     )
     report["tasks_skipped"] = skipped
+    report["topk_baseline"] = "included" if topk else topk_note
     report["timings"] = {"total_s": time.perf_counter() - t_start, "variants_s": time.perf_counter() - t_variants}
     if output is not None:
         step("writing results", 0.97)
