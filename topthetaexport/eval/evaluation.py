@@ -287,8 +287,9 @@ def evaluate(
     lm-eval's conventions, with their prompts' kept elements). ``sweep``: further k values (thresholds
     calibrated like the model's). ``topk``: the exact top-k baseline; None (the default) includes it unless the
     graph has the shared-buffer KV cache, which the replacement cannot hold (``topk_baseline`` in the result says
-    which), True with such a graph is refused in one line. ``comp_modes``: the Top-θ compensation modes at the model's k (0, 1, 2,
-    and 1:rho1, 2:rho1 for SDC with ρ = 1); ``sweep_comp_modes`` those at the other k (default: the same).
+    which), True with such a graph is refused in one line. ``comp_modes``: the Top-θ compensation modes at the
+    model's k (0, 1, 2, and 1:rho1, 2:rho1 for SDC with ρ = 1); ``sweep_comp_modes`` those at the other k (default:
+    the same).
     """
     from ..data import token_batches
     from ..models import load_model
