@@ -470,7 +470,8 @@ def test_head_dim_256_decode_matches_reference(kernels, env, cfg, splits):
 
 
 # -- head dims 80 and 96 (GPT-NeoX, Phi-3): the head dim 128 tiles with the channels past D zero-filled, in the 8 warps
-# x 16 rows prefill kernel (variant 0 whatever is asked) and the decode kernel with 4 K stages; no shadow scan --------
+# x 16 rows prefill kernel (variant 0 whatever is asked) and the decode kernel with 4 K stages; no shadow scan. Head
+# dim 32 (all-MiniLM-L6-v2): the head dim 64 tiles of the same prefill kernel, also for decode-sized calls ----------
 
 PADDED_HEAD_DIM_PREFILL = [
     dict(dtype="f16", B=1, Hq=32, Hkv=32, Sq=300, Ktot=300, D=96, causal=True),  # phi-3-mini's heads
@@ -478,6 +479,11 @@ PADDED_HEAD_DIM_PREFILL = [
     dict(dtype="f16", B=2, Hq=2, Hkv=2, Sq=77, Ktot=77, D=80, causal=True, mask="pad", comp_mode=2, R=40),
     dict(dtype="bf16", B=1, Hq=4, Hkv=2, Sq=65, Ktot=190, D=96, causal=False, mask="addT", keep=0.1),
     dict(dtype="f16", B=1, Hq=4, Hkv=2, Sq=100, Ktot=100, D=96, causal=True, mask="pad", softcap=2.0),
+    dict(dtype="f16", B=2, Hq=12, Hkv=12, Sq=128, Ktot=128, D=32, causal=False, mask="pad"),  # MiniLM's heads
+    dict(dtype="bf16", B=1, Hq=4, Hkv=2, Sq=200, Ktot=333, D=32, causal=True, mask="bool4", comp_mode=1),
+    dict(dtype="f16", B=2, Hq=4, Hkv=4, Sq=77, Ktot=77, D=32, causal=False, mask="addT", comp_mode=2, R=40),
+    dict(dtype="bf16", B=3, Hq=8, Hkv=2, Sq=1, Ktot=1025, D=32, causal=True, mask="pad", keep=0.1),  # decode-sized
+    dict(dtype="f16", B=1, Hq=4, Hkv=1, Sq=2, Ktot=300, D=32, causal=True, softcap=1.5),
 ]
 PADDED_HEAD_DIM_DECODE = [
     dict(dtype="f16", B=2, Hq=32, Hkv=32, Sq=1, Ktot=3000, D=96, causal=True, keep=1 / 3),
@@ -784,7 +790,7 @@ def test_onnxruntime_cuda_shadow_pair(ort_cuda):
 GENERIC = [
     dict(dtype="f32", B=2, Hq=4, Hkv=2, Sq=50, Ktot=120, D=128, causal=True, mask="pad", comp_mode=2),
     dict(dtype="f16", B=1, Hq=3, Hkv=1, Sq=33, Ktot=70, D=96, Dv=80, causal=False, mask="addT", comp_mode=1),
-    dict(dtype="bf16", B=1, Hq=2, Hkv=2, Sq=1, Ktot=300, D=32, causal=True, comp_mode=2),
+    dict(dtype="bf16", B=1, Hq=2, Hkv=2, Sq=1, Ktot=300, D=48, causal=True, comp_mode=2),
     dict(dtype="f32", B=1, Hq=8, Hkv=2, Sq=1, Ktot=1000, D=64, causal=True, mask="bool4"),
 ]
 
@@ -1462,6 +1468,67 @@ def test_rewritten_fp16_model_runs_tensor_core_kernels_only(ort_cuda, request, e
     if arch in UNEXPLAINED_ON_CUDA and max(errors) > 5e-2:
         pytest.xfail(UNEXPLAINED_ON_CUDA[arch] + f" (this run: {max(errors):.2e})")
     assert max(errors) <= 5e-2, errors
+
+
+@pytest.fixture(scope="module")
+def bert_32(tmp_path_factory):
+    """conftest's tiny bert with all-MiniLM-L6-v2's head dim 32 (hidden 128, 4 heads)."""
+    from conftest import _tiny_config
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    cfg = _tiny_config("bert")
+    cfg.hidden_size = 128
+    out = tmp_path_factory.mktemp("bert-32") / "model"
+    AutoModel.from_config(cfg).eval().save_pretrained(str(out))
+    return out
+
+
+def test_rewritten_fp16_encoder_runs_tensor_core_kernels_only(ort_cuda, bert_32, env, tmp_path):
+    """An encoder with head dim 32 (all-MiniLM-L6-v2's), exported in fp16 and rewritten with the defaults, on
+    CUDAExecutionProvider (one right-padded row): CUPTI sees PrefillKernel (head dim 64 tiles, channels past 32
+    zero-filled), never GenericKernel; the hidden states equal those of the same graph with the generic kernel forced
+    and match the PyTorch model with Top-θ attention."""
+    from test_export_rewrite import random_thresholds
+    from torch.profiler import ProfilerActivity, profile
+
+    from topthetaexport.models import load_model
+    from topthetaexport.onnx.exporter import export_onnx
+    from topthetaexport.onnx.rewriter import rewrite
+    from topthetaexport.ort.e2e import kernel_intervals, short_kernel
+    from topthetaexport.torch.attention import attention_mode
+
+    loaded = load_model(bert_32, dtype=torch.float16)
+    assert loaded.head_dim == 32 and not loaded.causal
+    ref_model = load_model(bert_32, dtype=torch.float16).model.float()
+    th = random_thresholds(load_model(bert_32), seed=5)
+    rewrite(export_onnx(loaded, tmp_path / "dense.onnx"), th, tmp_path / "model.onnx")
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(3, loaded.config.vocab_size, (2, 48), generator=g)
+    mask = torch.ones(2, 48, dtype=torch.long)
+    mask[1, -7:] = 0
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+
+    def session():  # the op reads TOPTHETA_CUDA_PATH when onnxruntime creates its kernels
+        so = runtime.session_options()
+        return ort_cuda.InferenceSession(
+            str(tmp_path / "model.onnx"), sess_options=so, providers=["CUDAExecutionProvider"]
+        )
+
+    fast = session()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        got = fast.run(["last_hidden_state"], feed)[0].astype(np.float64)
+        torch.cuda.synchronize()
+    seen = {short_kernel(n) for n, _, _ in kernel_intervals(prof) if "toptheta" in n}
+    assert seen == {"toptheta::PrefillKernel"}, seen
+    env("TOPTHETA_CUDA_PATH", "generic")
+    generic = session().run(["last_hidden_state"], feed)[0].astype(np.float64)
+    rows = mask.bool().numpy()
+    assert np.linalg.norm(got[rows] - generic[rows]) / np.linalg.norm(generic[rows]) <= 2e-2
+    with torch.no_grad(), attention_mode(ref_model, "toptheta", thresholds=th):
+        want = ref_model(input_ids=ids, attention_mask=mask).last_hidden_state.double().numpy()
+    err = np.linalg.norm(got[rows] - want[rows]) / np.linalg.norm(want[rows])
+    assert err <= 5e-2, err
 
 
 # -- shared-buffer KV cache (past_sequence_length, docs/op.md) -------------------------------------------------------

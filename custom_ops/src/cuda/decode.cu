@@ -870,6 +870,7 @@ cudaError_t RunCapD(const KernelArgs& a, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t RunT(const KernelArgs& a, cudaStream_t stream) {
+  if (!DecodeHeadDim(a.p.D)) return cudaErrorInvalidValue;  // MakePlan sends these to the prefill kernel
   const bool pad = PaddedHeadDim(a.p.D);
   if (a.p.softcap > 0.f) {
     if (pad) return RunCapD<T, 128, true>(a, stream);

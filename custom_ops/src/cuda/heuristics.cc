@@ -65,7 +65,7 @@ Plan MakePlan(const AttnParams& p, const DeviceProps& device, const KernelOption
   const bool fast =
       p.dtype != DType::kF32 && p.D == p.Dv && TensorCoreHeadDim(p.D) && p.Ktot > 0 && !options.force_generic;
   if (fast) {
-    plan.path = (p.Hq / p.Hkv) * p.Sq <= kDecodeRows ? Path::kDecode : Path::kPrefill;
+    plan.path = (p.Hq / p.Hkv) * p.Sq <= kDecodeRows && DecodeHeadDim(p.D) ? Path::kDecode : Path::kPrefill;
   }
   if (plan.path == Path::kDecode) {
     plan.splits = DecodeSplits(p, device, options);

@@ -70,10 +70,15 @@ WorkspaceLayout MakeLayout(const AttnParams& p, const Plan& plan);
 // Head dims of the tensor-core kernels (mma.sync prefill and decode; the Hopper prefill kernel: 64 and 128 only).
 // 80 and 96 (Phi-3, some GPT-NeoX) run the head dim 128 tiles with the channels past D zero-filled in shared
 // memory: 25-60 % more tensor-core work and shared memory per row than needed, no more bytes read from memory.
-constexpr bool TensorCoreHeadDim(int64_t D) { return D == 64 || D == 80 || D == 96 || D == 128 || D == 256; }
+// 32 (all-MiniLM-L6-v2, an encoder) runs the prefill kernel's head dim 64 tiles the same way, twice the work.
+constexpr bool TensorCoreHeadDim(int64_t D) { return D == 32 || D == 64 || D == 80 || D == 96 || D == 128 || D == 256; }
 
 // The head dim of the tiles that run a tensor-core head dim.
-constexpr int64_t TileHeadDim(int64_t D) { return D == 80 || D == 96 ? 128 : D; }
+constexpr int64_t TileHeadDim(int64_t D) { return D == 32 ? 64 : (D == 80 || D == 96 ? 128 : D); }
+
+// Head dims of the decode kernel: all but 32, whose few query rows (an encoder's are never few) run in the prefill
+// kernel.
+constexpr bool DecodeHeadDim(int64_t D) { return TensorCoreHeadDim(D) && D != 32; }
 
 // Whether a head dim runs zero-padded tiles (TileHeadDim(D) > D).
 constexpr bool PaddedHeadDim(int64_t D) { return TileHeadDim(D) != D; }

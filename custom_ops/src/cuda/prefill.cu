@@ -64,11 +64,11 @@ constexpr int SmemBytes() {
 // were pruned or underflowed).
 // CAP: softcap > 0 (Gemma 2): the raw scores are capped right after Q·Kᵀ (an instantiation of its own, so that the
 // other kernels keep their registers).
-// PAD: the rows in memory have a.p.D < D channels (80 or 96 in tiles of 128, TileHeadDim): Q, K and V are
-// zero-padded to D in registers and shared memory, and only a.p.D channels are written.
+// PAD: the rows in memory have a.p.D < D channels (80 or 96 in tiles of 128, 32 in tiles of 64: TileHeadDim): Q, K and
+// V are zero-padded to D in registers and shared memory, and only a.p.D channels are written.
 template <typename T, int D, bool MASK, int MT, int WARPS, bool COUNT, bool CAP = false, bool PAD = false>
 __global__ void __launch_bounds__(WARPS * 32, 1) PrefillKernel(const KernelArgs a) {
-  static_assert(!PAD || D == 128, "padded head dims: tiles of 128");
+  static_assert(!PAD || D == 128 || D == 64, "padded head dims: tiles of 128 or 64");
   constexpr int THREADS = WARPS * 32;
   constexpr int kBM = RowsPerBlock<MT, WARPS>();
   constexpr int CH = D / 8;            // 16-byte chunks per K/V row
@@ -496,12 +496,13 @@ cudaError_t RunD256(const KernelArgs& a, cudaStream_t stream) {
   return mask ? Run<T, 256, true, 1, 8, COUNT>(a, stream) : Run<T, 256, false, 1, 8, COUNT>(a, stream);
 }
 
-// The padded head dims (80, 96 in tiles of 128) have one kernel too, 8 warps x 16 rows (variant 0 in MakePlan).
-template <typename T, bool COUNT>
+// The padded head dims (80, 96 in tiles of 128, 32 in tiles of 64) have one kernel too, 8 warps x 16 rows (variant
+// 0 in MakePlan).
+template <typename T, int D, bool COUNT>
 cudaError_t RunPadded(const KernelArgs& a, cudaStream_t stream) {
   const bool mask = a.p.mask_kind != MaskKind::kNone;
-  return mask ? Run<T, 128, true, 1, 8, COUNT, false, true>(a, stream)
-              : Run<T, 128, false, 1, 8, COUNT, false, true>(a, stream);
+  return mask ? Run<T, D, true, 1, 8, COUNT, false, true>(a, stream)
+              : Run<T, D, false, 1, 8, COUNT, false, true>(a, stream);
 }
 
 // A softcap has one kernel per head dim: 8 warps x 16 rows (with Q in shared memory at D = 256), with counts
@@ -521,13 +522,14 @@ cudaError_t RunT(const KernelArgs& a, cudaStream_t stream) {
   const int v = a.plan.prefill_variant >= 0 ? a.plan.prefill_variant : 2;
   // Kept counts are needed for the `kept` output and for the compensation's pruned count.
   const bool count = a.p.kept != nullptr || a.p.comp_mode >= 1 || a.mean_pass != 0;
-  const bool pad = PaddedHeadDim(a.p.D);
+  const bool pad = PaddedHeadDim(a.p.D), pad64 = pad && TileHeadDim(a.p.D) == 64;
   if (a.p.softcap > 0.f) {
-    if (pad) return RunCapD<T, 128, true>(a, stream);
+    if (pad) return pad64 ? RunCapD<T, 64, true>(a, stream) : RunCapD<T, 128, true>(a, stream);
     return a.p.D == 64 ? RunCapD<T, 64>(a, stream)
                        : (a.p.D == 128 ? RunCapD<T, 128>(a, stream) : RunCapD<T, 256>(a, stream));
   }
-  if (pad) return count ? RunPadded<T, true>(a, stream) : RunPadded<T, false>(a, stream);
+  if (pad64) return count ? RunPadded<T, 64, true>(a, stream) : RunPadded<T, 64, false>(a, stream);
+  if (pad) return count ? RunPadded<T, 128, true>(a, stream) : RunPadded<T, 128, false>(a, stream);
   if (a.p.D == 256) return count ? RunD256<T, true>(a, stream) : RunD256<T, false>(a, stream);
   switch (v) {
     case 1: return RunV<T, 1, 4, true>(a, stream);
