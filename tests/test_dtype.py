@@ -241,6 +241,23 @@ def test_float32_interface_of_a_bfloat16_export(bf16_graphs, form):
         path.unlink()
 
 
+def test_float32_interface_of_a_dense_bfloat16_export(bf16_graphs):
+    """A dense export has no TopThetaAttention node: the float32 interface alone still applies (OnnxModel runs
+    dense bfloat16 graphs too), the other passes still need the operator."""
+    import onnx_ir as ir
+
+    from topthetaexport.onnx.variants import prepare_variant
+
+    path = prepare_variant(bf16_graphs["dense"], expose_kept=False, float32_interface=True)
+    try:
+        model = ir.load(path)
+        assert {v.dtype for v in model.graph.outputs} == {ir.DataType.FLOAT}
+    finally:
+        path.unlink()
+    with pytest.raises(TopThetaError, match="no TopThetaAttention node"):
+        prepare_variant(bf16_graphs["dense"], expose_kept=True, float32_interface=True)
+
+
 def test_float32_interface_computes_the_same_values():
     """On the CPU provider, which runs Concat for bfloat16: the float32 edge of a past + new -> present graph gives
     the bfloat16-rounded inputs back, bit for bit, and a graph without bfloat16 I/O is left alone."""

@@ -283,7 +283,8 @@ class Float32Interface(InPlacePass):
             casts.append(cast)
         if casts:
             graph.insert_before(graph.node(0), casts)
-        outputs = [(i, v) for i, v in enumerate(graph.outputs) if self._is_edge(v)]
+        # an output that is also an input keeps its name (it would rename the input)
+        outputs = [(i, v) for i, v in enumerate(graph.outputs) if self._is_edge(v) and not v.is_graph_input()]
         for index, value in outputs:
             name = value.name
             value.name = f"{name}/bfloat16"
@@ -569,7 +570,8 @@ def prepare_variant(
         passes.append(ExposeAttentionIO())
     path = Path(model_path)
     model = _load(path)
-    _require_ops_in(model, path)
+    if passes:  # they act on the TopThetaAttention nodes; a dense graph may still want the float32 interface
+        _require_ops_in(model, path)
     if float32_interface:
         passes.append(Float32Interface(keep=_shared_cache_names(model.graph)))
     for p in passes:
