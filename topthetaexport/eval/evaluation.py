@@ -252,6 +252,9 @@ def _same_text(a, b) -> bool:
     return str(a) == str(b)
 
 
+SHARED_CACHE_NO_TOPK = "skipped: the shared-buffer KV cache (rewrite with --kv-cache concat for it)"
+
+
 def evaluate(
     out_dir,
     *,
@@ -310,11 +313,9 @@ def evaluate(
     specs = [parse_task_spec(t) for t in tasks or []]
     shared = graph_kv_cache(model_path) == "shared"
     # the top-k baseline replaces the operator, which owns a shared cache: by default it is left out there
-    topk_note = "skipped: the shared-buffer KV cache (rewrite with --kv-cache concat for it)" if shared else None
-    if topk is None:
-        topk = not shared
-    elif not topk:
-        topk_note = "skipped (--no-topk)"
+    asked = topk is not None
+    topk = (not shared) if topk is None else topk
+    topk_baseline = "included" if topk else "skipped (--no-topk)" if asked else SHARED_CACHE_NO_TOPK
     if topk and shared:
         raise TopThetaError(
             f"{model_path} has the shared-buffer KV cache, and the top-k baseline replaces the operator, which "
@@ -522,7 +523,7 @@ def evaluate(
         loaded, th, out_dir, domains, seq_len, held_out, task_sets, results, ks, k0, decode_checked, device, command
     )
     report["tasks_skipped"] = skipped
-    report["topk_baseline"] = "included" if topk else topk_note
+    report["topk_baseline"] = topk_baseline
     report["timings"] = {"total_s": time.perf_counter() - t_start, "variants_s": time.perf_counter() - t_variants}
     if output is not None:
         step("writing results", 0.97)

@@ -273,12 +273,9 @@ class Float32Interface(InPlacePass):
         casts: list[ir.Node] = []
         for value in inputs:
             uses = list(value.uses())
-            cast = ir.Node("", "Cast", [value], attributes=[ir.AttrInt64("to", ir.DataType.BFLOAT16)], num_outputs=1)
-            cast.name = f"toptheta/float32_interface/{value.name}"
-            inner = cast.outputs[0]
-            inner.name, inner.dtype, inner.shape = f"{value.name}/bfloat16", ir.DataType.BFLOAT16, value.shape
+            cast = _cast(value, ir.DataType.BFLOAT16, f"{value.name}/bfloat16", node_name=value.name)
             for user, index in uses:
-                user.replace_input_with(index, inner)
+                user.replace_input_with(index, cast.outputs[0])
             value.dtype = ir.DataType.FLOAT
             casts.append(cast)
         if casts:
@@ -286,15 +283,21 @@ class Float32Interface(InPlacePass):
         # an output that is also an input keeps its name (it would rename the input)
         outputs = [(i, v) for i, v in enumerate(graph.outputs) if self._is_edge(v) and not v.is_graph_input()]
         for index, value in outputs:
-            name = value.name
+            name = value.name or ""
             value.name = f"{name}/bfloat16"
-            cast = ir.Node("", "Cast", [value], attributes=[ir.AttrInt64("to", ir.DataType.FLOAT)], num_outputs=1)
-            cast.name = f"toptheta/float32_interface/{name}"
-            edge = cast.outputs[0]
-            edge.name, edge.dtype, edge.shape = name, ir.DataType.FLOAT, value.shape
+            cast = _cast(value, ir.DataType.FLOAT, name, node_name=name)
             graph.append(cast)
-            graph.outputs[index] = edge
+            graph.outputs[index] = cast.outputs[0]
         return PassResult(model, bool(inputs or outputs))
+
+
+def _cast(value: ir.Value, to: ir.DataType, out_name: str, *, node_name: str | None) -> ir.Node:
+    """A Cast of ``value`` to ``to`` whose output ``out_name`` keeps the value's shape (not yet in a graph)."""
+    cast = ir.Node("", "Cast", [value], attributes=[ir.AttrInt64("to", to)], num_outputs=1)
+    cast.name = f"toptheta/float32_interface/{node_name}"
+    out = cast.outputs[0]
+    out.name, out.dtype, out.shape = out_name, to, value.shape
+    return cast
 
 
 # -- top-k ---------------------------------------------------------------------------------------------
